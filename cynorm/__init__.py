@@ -1,0 +1,22 @@
+"""cynorm: normalization layers for NumPy on the CPU, as Cython/OpenMP kernels.
+
+Forward and backward of GroupNorm, InstanceNorm, LayerNorm, BatchNorm and RMSNorm on
+float32/float64 arrays; bitwise reproducible for any thread count.
+"""
+from cynorm._api import (
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+)
+from cynorm._kernels.runtime import get_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "get_num_threads",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+]

@@ -1,0 +1,256 @@
+# Inline helpers shared by the three kernel families: how a normalisation set is cut into
+# fixed pieces, the moments of a piece and of a set, and the affine applies.
+#
+# Determinism: a set's statistics are always the left fold, in piece order, of per-piece
+# results, and pieces depend only on the array's shape (never on the thread count). A
+# kernel may hand whole sets or single pieces to threads; the bits are the same.
+#
+# Vectorisation without -ffast-math: the reductions keep LANES independent float64
+# accumulators that the compiler maps onto SIMD registers, combined in a fixed tree at the
+# end. Their result does not depend on the instruction set or on the data's alignment.
+
+cimport cython
+cimport numpy as cnp
+from cython cimport floating
+from libc.math cimport sqrt
+
+# Elements per piece: 4096 float64 = 32 KiB, so a piece's second pass hits L1.
+cdef enum:
+    CHUNK = 4096
+
+ctypedef struct SetLayout:
+    Py_ssize_t n_runs          # contiguous runs in one set
+    Py_ssize_t run_len         # elements per run
+    Py_ssize_t run_stride      # elements between the starts of consecutive runs
+    Py_ssize_t pieces_per_run  # > 1 when a run is longer than CHUNK
+    Py_ssize_t runs_per_piece  # > 1 when short runs are grouped into one piece
+    Py_ssize_t n_pieces        # pieces in one set
+    Py_ssize_t size            # elements in one set
+
+
+cdef inline SetLayout make_layout(Py_ssize_t n_runs, Py_ssize_t run_len,
+                                  Py_ssize_t run_stride) noexcept nogil:
+    cdef SetLayout L
+    if n_runs > 1 and run_stride == run_len:
+        # adjacent runs are one run
+        run_len = n_runs * run_len
+        n_runs = 1
+    L.n_runs = n_runs
+    L.run_len = run_len
+    L.run_stride = run_stride
+    L.size = n_runs * run_len
+    if L.size == 0:
+        L.pieces_per_run = 1
+        L.runs_per_piece = 1
+        L.n_pieces = 0
+    elif run_len >= CHUNK:
+        L.pieces_per_run = (run_len + CHUNK - 1) // CHUNK
+        L.runs_per_piece = 1
+        L.n_pieces = n_runs * L.pieces_per_run
+    else:
+        L.pieces_per_run = 1
+        L.runs_per_piece = CHUNK // run_len
+        L.n_pieces = (n_runs + L.runs_per_piece - 1) // L.runs_per_piece
+    return L
+
+
+cdef inline void piece_bounds(const SetLayout* L, Py_ssize_t p, Py_ssize_t* run0,
+                              Py_ssize_t* nruns, Py_ssize_t* e0,
+                              Py_ssize_t* elen) noexcept nogil:
+    """Piece p of a set: runs [run0, run0 + nruns), elements [e0, e0 + elen) of each."""
+    cdef Py_ssize_t k
+    if L.pieces_per_run > 1:
+        run0[0] = p // L.pieces_per_run
+        k = p - run0[0] * L.pieces_per_run
+        nruns[0] = 1
+        e0[0] = k * CHUNK
+        elen[0] = L.run_len - e0[0]
+        if elen[0] > CHUNK:
+            elen[0] = CHUNK
+    else:
+        run0[0] = p * L.runs_per_piece
+        nruns[0] = L.n_runs - run0[0]
+        if nruns[0] > L.runs_per_piece:
+            nruns[0] = L.runs_per_piece
+        e0[0] = 0
+        elen[0] = L.run_len
+
+
+# ---- reductions over one contiguous run, LANES = 8 float64 accumulators -------------
+
+cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        a0 += x[i]; a1 += x[i + 1]; a2 += x[i + 2]; a3 += x[i + 3]
+        a4 += x[i + 4]; a5 += x[i + 5]; a6 += x[i + 6]; a7 += x[i + 7]
+        i += 8
+    while i < n:
+        a0 += x[i]
+        i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m) noexcept nogil:
+    """sum((x - m)**2); with m = 0, the sum of squares."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef double d0, d1, d2, d3, d4, d5, d6, d7
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        d0 = x[i] - m; d1 = x[i + 1] - m; d2 = x[i + 2] - m; d3 = x[i + 3] - m
+        d4 = x[i + 4] - m; d5 = x[i + 5] - m; d6 = x[i + 6] - m; d7 = x[i + 7] - m
+        a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3
+        a4 += d4 * d4; a5 += d5 * d5; a6 += d6 * d6; a7 += d7 * d7
+        i += 8
+    while i < n:
+        d0 = x[i] - m
+        a0 += d0 * d0
+        i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef inline void welford_update(const floating* x, Py_ssize_t n, double* cnt, double* mean,
+                              double* m2) noexcept nogil:
+    """Welford's update, element by element, continuing the running (cnt, mean, m2)."""
+    cdef double c = cnt[0], m = mean[0], q = m2[0], d, v
+    cdef Py_ssize_t i
+    for i in range(n):
+        v = x[i]
+        c += 1.0
+        d = v - m
+        m += d / c
+        q += d * (v - m)
+    cnt[0] = c
+    mean[0] = m
+    m2[0] = q
+
+
+cdef inline void lane_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                                double m, double* sdy, double* sdyx) noexcept nogil:
+    """sdy += sum(dy); sdyx += sum(dy * (x - m))."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef double b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0, b5 = 0, b6 = 0, b7 = 0
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        a0 += dy[i]; a1 += dy[i + 1]; a2 += dy[i + 2]; a3 += dy[i + 3]
+        a4 += dy[i + 4]; a5 += dy[i + 5]; a6 += dy[i + 6]; a7 += dy[i + 7]
+        b0 += dy[i] * (<double>x[i] - m); b1 += dy[i + 1] * (<double>x[i + 1] - m)
+        b2 += dy[i + 2] * (<double>x[i + 2] - m); b3 += dy[i + 3] * (<double>x[i + 3] - m)
+        b4 += dy[i + 4] * (<double>x[i + 4] - m); b5 += dy[i + 5] * (<double>x[i + 5] - m)
+        b6 += dy[i + 6] * (<double>x[i + 6] - m); b7 += dy[i + 7] * (<double>x[i + 7] - m)
+        i += 8
+    while i < n:
+        a0 += dy[i]
+        b0 += dy[i] * (<double>x[i] - m)
+        i += 1
+    sdy[0] += ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    sdyx[0] += ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
+
+
+# ---- statistics of pieces and sets ---------------------------------------------------
+
+cdef inline void chan_merge(double* cnt, double* mean, double* m2, double cb, double mb,
+                            double qb) noexcept nogil:
+    """Fold the moments (cb, mb, qb) of a piece into the running (cnt, mean, m2)."""
+    cdef double ca = cnt[0], n, d
+    if cb == 0:
+        return
+    if ca == 0:
+        cnt[0] = cb
+        mean[0] = mb
+        m2[0] = qb
+        return
+    n = ca + cb
+    d = mb - mean[0]
+    mean[0] = mean[0] + d * (cb / n)
+    m2[0] = m2[0] + qb + d * d * (ca * cb / n)
+    cnt[0] = n
+
+
+cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_t p,
+                               int welford, int centered, double* cnt, double* mean,
+                               double* m2) noexcept nogil:
+    """Moments of piece p of the set starting at xs.
+
+    Two-pass (mean, then the squared deviations while the piece is in L1) or Welford.
+    centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm)."""
+    cdef Py_ssize_t run0, nruns, e0, elen, r
+    cdef const floating* ptr
+    cdef double s = 0, q = 0, m = 0, c = 0
+    piece_bounds(L, p, &run0, &nruns, &e0, &elen)
+    if welford and centered:
+        for r in range(nruns):
+            welford_update(xs + (run0 + r) * L.run_stride + e0, elen, &c, &m, &q)
+        cnt[0] = c
+        mean[0] = m
+        m2[0] = q
+        return
+    c = <double>(nruns * elen)
+    if centered:
+        for r in range(nruns):
+            s += lane_sum(xs + (run0 + r) * L.run_stride + e0, elen)
+        m = s / c
+    for r in range(nruns):
+        q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m)
+    cnt[0] = c
+    mean[0] = m
+    m2[0] = q
+
+
+cdef inline void set_moments(const floating* xs, const SetLayout* L, int welford,
+                             int centered, double* mean, double* m2) noexcept nogil:
+    """Moments of the whole set: the fold of its pieces' moments, in piece order."""
+    cdef double c = 0, m = 0, q = 0, pc, pm, pq
+    cdef Py_ssize_t p
+    for p in range(L.n_pieces):
+        piece_moments(xs, L, p, welford, centered, &pc, &pm, &pq)
+        if centered:
+            chan_merge(&c, &m, &q, pc, pm, pq)
+        else:
+            q += pq
+    mean[0] = m
+    m2[0] = q
+
+
+cdef inline void fold_moments(const double* parts, Py_ssize_t n_pieces, int centered,
+                              double* mean, double* m2) noexcept nogil:
+    """set_moments over precomputed piece moments parts[3 * p : 3 * p + 3]."""
+    cdef double c = 0, m = 0, q = 0
+    cdef Py_ssize_t p
+    for p in range(n_pieces):
+        if centered:
+            chan_merge(&c, &m, &q, parts[3 * p], parts[3 * p + 1], parts[3 * p + 2])
+        else:
+            q += parts[3 * p + 2]
+    mean[0] = m
+    m2[0] = q
+
+
+cdef inline double inv_std(double m2, Py_ssize_t size, double eps) noexcept nogil:
+    # biased variance, eps inside the square root
+    return 1.0 / sqrt(m2 / <double>size + eps)
+
+
+# ---- affine applies ------------------------------------------------------------------
+
+cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, double mean,
+                              double scale, double shift) noexcept nogil:
+    """y = (x - mean) * scale + shift, in float64; subtracting first keeps a large mean
+    from cancelling the signal. y may be x."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mean) * scale + shift)
+
+
+cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
+                            Py_ssize_t n, double a, double mean, double b,
+                            double c0) noexcept nogil:
+    """dx = a * dy - b * (x - mean) - c0; dx may be dy or x."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(a * dy[i] - b * (x[i] - mean) - c0)
+
+
+cdef inline void* data(object a):
+    """The data pointer of a C-contiguous ndarray, or NULL for None (an absent weight)."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)

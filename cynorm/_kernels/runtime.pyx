@@ -1,0 +1,35 @@
+"""Thread count, OpenMP presence, and the copy kernel the benchmark measures bandwidth with."""
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.string cimport memcpy
+
+from cynorm._openmp cimport CYNORM_HAVE_OPENMP, cynorm_num_threads, cynorm_register_atfork
+
+cnp.import_array()
+cynorm_register_atfork()
+
+
+def get_num_threads():
+    """Threads the next cynorm call will use: OpenMP's current maximum (OMP_NUM_THREADS,
+    threadpoolctl's threadpool_limits), 1 in a build without OpenMP or in a forked child."""
+    return cynorm_num_threads()
+
+
+def openmp_enabled():
+    """Whether this build of cynorm was compiled with OpenMP."""
+    return bool(CYNORM_HAVE_OPENMP)
+
+
+def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
+    """dst[:] = src for C-contiguous arrays of equal byte size, split over the threads in
+    64 KiB blocks: one read and one write of each byte, the bandwidth yardstick."""
+    cdef Py_ssize_t nbytes = src.nbytes, block = 65536, k
+    cdef Py_ssize_t nblocks = (nbytes + block - 1) // block
+    cdef char* s = <char*>cnp.PyArray_DATA(src)
+    cdef char* d = <char*>cnp.PyArray_DATA(dst)
+    cdef int nt = cynorm_num_threads()
+    if dst.nbytes != nbytes or not src.flags.c_contiguous or not dst.flags.c_contiguous:
+        raise ValueError("src and dst must be C-contiguous arrays of equal size")
+    for k in prange(nblocks, nogil=True, num_threads=nt, schedule="static"):
+        memcpy(d + k * block, s + k * block,
+               block if (k + 1) * block <= nbytes else nbytes - k * block)

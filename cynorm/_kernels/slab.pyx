@@ -1,0 +1,191 @@
+"""Slab family: GroupNorm, InstanceNorm (G = C), the GN paper's LayerNorm (G = 1).
+
+x is viewed as (N * G, M) with M = (C / G) * HW: each (n, g) set is one contiguous slab.
+Work items are the slabs; a slab's statistics and its affine apply (or, backward, its
+gradient sums and dx) are fused, so the slab is read from DRAM once. With fewer slabs
+than 4 per thread the kernel splits them: forward into fixed pieces, backward into
+(n, c) runs. Both ways compute the same bits (see _common.pxd).
+
+The callers in cynorm._api validate everything; these functions trust their arguments:
+C-contiguous arrays of one float dtype, statistics float64 of shape (N, G).
+"""
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport prange
+
+from cynorm._openmp cimport cynorm_num_threads, cynorm_register_atfork
+from cynorm._kernels._common cimport (
+    SetLayout, make_layout, piece_bounds, piece_moments, set_moments, fold_moments,
+    inv_std, affine_const, lane_grad_sums, grad_const, data,
+)
+
+import numpy as np
+
+cnp.import_array()
+cynorm_register_atfork()
+
+
+cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start,
+                              Py_ssize_t end, Py_ssize_t HW, Py_ssize_t c_first,
+                              double mean, double rstd, const floating* w,
+                              const floating* b) noexcept nogil:
+    """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i."""
+    cdef Py_ssize_t i = start, j, stop
+    cdef double scale, shift
+    while i < end:
+        j = i // HW
+        stop = (j + 1) * HW
+        if stop > end:
+            stop = end
+        scale = rstd if w == NULL else rstd * w[c_first + j]
+        shift = 0.0 if b == NULL else b[c_first + j]
+        affine_const(xs + i, ys + i, stop - i, mean, scale, shift)
+        i = stop
+
+
+cdef inline void _split_apply(const floating* x, floating* y, const floating* w,
+                              const floating* b, const double* mean, const double* rstd,
+                              const SetLayout* L, Py_ssize_t k, Py_ssize_t C,
+                              Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
+    """Apply over piece k (of all N * G * n_pieces) of the split forward."""
+    cdef Py_ssize_t cpg = C // G, s = k // L.n_pieces, run0, nruns, e0, elen
+    piece_bounds(L, k - s * L.n_pieces, &run0, &nruns, &e0, &elen)
+    _apply_range(x + s * L.size, y + s * L.size, e0, e0 + elen, HW, (s % G) * cpg,
+                 mean[s], rstd[s], w, b)
+
+
+cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
+                   double* mean, double* rstd, double* parts, Py_ssize_t N, Py_ssize_t C,
+                   Py_ssize_t HW, Py_ssize_t G, double eps, int welford,
+                   int nt) noexcept nogil:
+    cdef Py_ssize_t cpg = C // G, M = cpg * HW, n_sets = N * G
+    cdef SetLayout L = make_layout(1, M, M)
+    cdef Py_ssize_t P = L.n_pieces, s, k
+    if parts == NULL:
+        for s in prange(n_sets, nogil=True, num_threads=nt, schedule="dynamic"):
+            set_moments(x + s * M, &L, welford, 1, &mean[s], &rstd[s])
+            rstd[s] = inv_std(rstd[s], M, eps)
+            _apply_range(x + s * M, y + s * M, 0, M, HW, (s % G) * cpg, mean[s],
+                         rstd[s], w, b)
+        return
+    for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
+        piece_moments(x + (k // P) * M, &L, k % P, welford, 1, &parts[3 * k],
+                      &parts[3 * k + 1], &parts[3 * k + 2])
+    for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
+        fold_moments(parts + 3 * s * P, P, 1, &mean[s], &rstd[s])
+        rstd[s] = inv_std(rstd[s], M, eps)
+    for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
+        _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G)
+
+
+def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
+            cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
+            double eps, int welford):
+    """Normalise x (N, C, HW) over G groups into y; write mean and rstd (N * G float64)."""
+    cdef int nt = cynorm_num_threads()
+    cdef SetLayout L = make_layout(1, (C // G) * HW, (C // G) * HW)
+    cdef cnp.ndarray work = None
+    cdef double* parts = NULL
+    if N * G < 4 * nt and L.n_pieces > 1:
+        work = np.empty(3 * N * G * L.n_pieces, dtype=np.float64)
+        parts = <double*>data(work)
+    cdef void* px = data(x)
+    cdef void* py = data(y)
+    cdef void* pw = data(weight)
+    cdef void* pb = data(bias)
+    cdef double* pm = <double*>data(mean)
+    cdef double* pr = <double*>data(rstd)
+    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    with nogil:
+        if single:
+            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
+                     N, C, HW, G, eps, welford, nt)
+        else:
+            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
+                     N, C, HW, G, eps, welford, nt)
+
+
+# ---- backward -------------------------------------------------------------------------
+
+cdef inline void _run_sums(const floating* dy, const floating* x, const double* mean,
+                           double* sdy, double* sdyx, Py_ssize_t r, Py_ssize_t C,
+                           Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
+    """sum(dy) and sum(dy * (x - mean)) over run r = n * C + c."""
+    cdef Py_ssize_t s = (r // C) * G + (r % C) // (C // G)
+    sdy[r] = 0
+    sdyx[r] = 0
+    lane_grad_sums(dy + r * HW, x + r * HW, HW, mean[s], &sdy[r], &sdyx[r])
+
+
+cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
+                           const floating* w, const double* mean, const double* rstd,
+                           const double* sdy, const double* sdyx, Py_ssize_t r,
+                           Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
+    """dx over run r = n * C + c, from its slab's folded sums:
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w_c * dy."""
+    cdef Py_ssize_t cpg = C // G, n = r // C, c = r % C, g = c // cpg
+    cdef Py_ssize_t s = n * G + g, j, q
+    cdef double A = 0, B = 0, wj, rs = rstd[s], M = <double>(cpg * HW)
+    for j in range(cpg):
+        q = n * C + g * cpg + j
+        wj = 1.0 if w == NULL else w[g * cpg + j]
+        A += wj * sdy[q]
+        B += wj * sdyx[q]
+    grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW,
+               rs if w == NULL else rs * w[c], mean[s], rs * rs * rs * B / M, rs * A / M)
+
+
+cdef void _backward(const floating* dy, const floating* x, floating* dx,
+                    const floating* w, floating* dw, floating* db, const double* mean,
+                    const double* rstd, double* sdy, double* sdyx, Py_ssize_t N,
+                    Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G, int nt) noexcept nogil:
+    cdef Py_ssize_t cpg = C // G, s, r, j, n, c
+    cdef double acc_w, acc_b
+    if N * G >= 4 * nt:
+        # fused: a slab's sums, then its dx while the slab is still in cache
+        for s in prange(N * G, nogil=True, num_threads=nt, schedule="dynamic"):
+            r = (s // G) * C + (s % G) * cpg
+            for j in range(cpg):
+                _run_sums(dy, x, mean, sdy, sdyx, r + j, C, HW, G)
+            for j in range(cpg):
+                _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G)
+    else:
+        for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+            _run_sums(dy, x, mean, sdy, sdyx, r, C, HW, G)
+        for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+            _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G)
+    # dweight and dbias: reduce the per-(n, c) sums over n in order
+    for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
+        acc_w = 0
+        acc_b = 0
+        for n in range(N):
+            acc_b = acc_b + sdy[n * C + c]
+            acc_w = acc_w + sdyx[n * C + c] * rstd[n * G + c // cpg]
+        dw[c] = <floating>acc_w
+        db[c] = <floating>acc_b
+
+
+def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
+             cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
+             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G):
+    """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward")."""
+    cdef int nt = cynorm_num_threads()
+    cdef cnp.ndarray work = np.empty(2 * N * C, dtype=np.float64)
+    cdef double* sdy = <double*>data(work)
+    cdef double* sdyx = sdy + N * C
+    cdef void* pdy = data(dy)
+    cdef void* px = data(x)
+    cdef void* pdx = data(dx)
+    cdef void* pw = data(weight)
+    cdef void* pdw = data(dweight)
+    cdef void* pdb = data(dbias)
+    cdef double* pm = <double*>data(mean)
+    cdef double* pr = <double*>data(rstd)
+    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    with nogil:
+        if single:
+            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
+                      <float*>pdb, pm, pr, sdy, sdyx, N, C, HW, G, nt)
+        else:
+            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pdw,
+                      <double*>pdb, pm, pr, sdy, sdyx, N, C, HW, G, nt)

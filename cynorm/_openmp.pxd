@@ -1,0 +1,35 @@
+# The only place that touches omp.h. Without OpenMP the build is sequential: Cython's
+# prange already compiles to a plain loop, and these fall back to one thread.
+#
+# Fork safety: GNU OpenMP's thread pool does not survive fork(); a child that enters a
+# parallel region after its parent used the pool hangs. A pthread_atfork child handler
+# marks the process, and cynorm runs single-threaded in a forked child.
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define CYNORM_HAVE_OPENMP 1
+    #else
+    #define CYNORM_HAVE_OPENMP 0
+    static inline int omp_get_max_threads(void) { return 1; }
+    #endif
+    #include <pthread.h>
+
+    static int cynorm_in_forked_child = 0;
+    static void cynorm_mark_forked_child(void) { cynorm_in_forked_child = 1; }
+    static int cynorm_register_atfork(void) {
+        return pthread_atfork(NULL, NULL, cynorm_mark_forked_child);
+    }
+    static inline int cynorm_num_threads(void) {
+        int n;
+        if (cynorm_in_forked_child) return 1;
+        n = omp_get_max_threads();
+        return n < 1 ? 1 : n;
+    }
+    """
+    const int CYNORM_HAVE_OPENMP
+    int cynorm_in_forked_child
+    int cynorm_register_atfork() noexcept nogil
+    # Threads for the next parallel region: what OMP_NUM_THREADS / threadpoolctl set now.
+    int cynorm_num_threads() noexcept nogil

@@ -1,0 +1,130 @@
+"""Argument checks shared by every op: the one source of truth for dtypes, shapes,
+layouts and `out=`. Each failure is a TypeError or ValueError that names the argument.
+
+Kept lean: the common case (a C-contiguous float32/float64 ndarray) costs a few
+attribute reads, so that a tiny call stays in the microseconds.
+"""
+import operator
+
+import numpy as np
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_STATS = {"two_pass": 0, "welford": 1}
+
+
+def _dtype_error(name, dtype):
+    if dtype == np.float16:
+        return TypeError(f"{name}: float16 is not supported yet; convert to float32")
+    return TypeError(f"{name} must be a float32 or float64 array, got dtype {dtype}")
+
+
+def as_input(a, name, min_ndim=1):
+    """a as a C-contiguous float32/float64 ndarray (copied only when needed)."""
+    if type(a) is not np.ndarray:
+        if not isinstance(a, np.ndarray):
+            try:
+                a = np.asarray(a)
+            except Exception as e:  # ragged lists and the like
+                raise TypeError(f"{name} must be an array of floats: {e}") from None
+        elif type(a) is not np.ndarray:
+            a = np.asarray(a)  # subclasses (np.matrix, masked arrays) as plain arrays
+    dt = a.dtype
+    if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
+        if dt.kind == "f" and dt.itemsize in (4, 8):
+            a = a.astype(dt.newbyteorder("="))  # non-native byte order
+        else:
+            raise _dtype_error(name, dt)
+    if a.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def as_param(p, name, shape, dtype):
+    """An optional parameter (weight, bias) of exactly `shape`, cast to `dtype`."""
+    if p is None:
+        return None
+    if type(p) is not np.ndarray:
+        p = np.asarray(p)
+    if p.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {p.dtype}")
+    if p.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {p.shape}")
+    if p.dtype != dtype or not p.flags.c_contiguous:
+        p = np.ascontiguousarray(p, dtype=dtype)
+    return p
+
+
+def as_stats(s, name, shape):
+    """Saved statistics (mean, rstd) for a backward: float64, exactly `shape`."""
+    if type(s) is not np.ndarray:
+        s = np.asarray(s)
+    if s.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {s.dtype}")
+    if s.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {s.shape}")
+    if s.dtype != _F64 or not s.flags.c_contiguous:
+        s = np.ascontiguousarray(s, dtype=np.float64)
+    return s
+
+
+def same_shape(a, name, shape):
+    if a.shape != shape:
+        raise ValueError(f"{name} must have the shape of x {shape}, got {a.shape}")
+
+
+def check_eps(eps, name="eps"):
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(eps).__name__}") from None
+    if not e >= 0.0 or e == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+    return e
+
+
+def check_int(v, name, low):
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if i < low:
+        raise ValueError(f"{name} must be >= {low}, got {i}")
+    return i
+
+
+def check_stats(stats):
+    try:
+        return _STATS[stats]
+    except (KeyError, TypeError):
+        raise ValueError(f"stats must be 'two_pass' or 'welford', got {stats!r}") from None
+
+
+def _same_buffer(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
+def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
+    """The output array: newly allocated, or `out` checked for shape, dtype, layout,
+    writability and overlap. `out` may be exactly one of `may_alias` (in place), never
+    a partial overlap with any input."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            if not (any(a is b for b in may_alias) and _same_buffer(out, a)):
+                raise ValueError(f"{name} overlaps an input without being the same array")
+    return out
