@@ -18,7 +18,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-FAMILIES = ["slab", "runtime"]
+# one extension per kernel family, plus the runtime helpers
+MODULES = ["slab", "channel", "row", "runtime"]
 DEBUG = os.environ.get("CYNORM_DEBUG", "") == "1"
 SANITIZE = os.environ.get("CYNORM_SANITIZE", "")
 ARCH = os.environ.get("CYNORM_ARCH", "native")
@@ -82,7 +83,7 @@ extensions = [
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
     )
-    for name in FAMILIES
+    for name in MODULES
 ]
 
 setup(

@@ -4,19 +4,31 @@ Forward and backward of GroupNorm, InstanceNorm, LayerNorm, BatchNorm and RMSNor
 float32/float64 arrays; bitwise reproducible for any thread count.
 """
 from cynorm._api import (
+    batch_norm,
+    batch_norm_backward,
     group_norm,
     group_norm_backward,
     instance_norm,
     instance_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
 )
 from cynorm._kernels.runtime import get_num_threads
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "batch_norm",
+    "batch_norm_backward",
     "get_num_threads",
     "group_norm",
     "group_norm_backward",
     "instance_norm",
     "instance_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
 ]

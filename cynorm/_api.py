@@ -4,9 +4,11 @@
 Semantics follow torch.nn.functional: biased variance, eps inside the square root.
 Statistics are returned as float64 `mean` and `rstd` = 1 / sqrt(var + eps).
 """
+import operator
+
 import numpy as np
 
-from cynorm._kernels import slab
+from cynorm._kernels import channel, row, slab
 from cynorm._validate import (
     as_input, as_param, as_stats, check_eps, check_int, check_stats, prepare_out,
     same_shape,
@@ -21,6 +23,15 @@ def _nchw(x, name="x"):
     for d in shape[2:]:
         hw *= d
     return x, shape[0], shape[1], hw
+
+
+def _like(a, name, x):
+    """An array that must match x in shape and dtype (dy)."""
+    a = as_input(a, name)
+    same_shape(a, name, x.shape)
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
+    return a
 
 
 def _groups(num_groups, C):
@@ -50,10 +61,7 @@ def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats):
 
 def _slab_backward(dy, x, mean, rstd, G, weight, out):
     x, N, C, HW = _nchw(x)
-    dy = as_input(dy, "dy", min_ndim=2)
-    same_shape(dy, "dy", x.shape)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    dy = _like(dy, "dy", x)
     G = _groups(G, C) if G is not None else C
     mean = as_stats(mean, "mean", (N, G))
     rstd = as_stats(rstd, "rstd", (N, G))
@@ -116,3 +124,205 @@ def instance_norm(x, weight=None, bias=None, eps=1e-5, *, out=None, return_stats
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, out=None):
     """Gradients of instance_norm: returns (dx, dweight, dbias); see group_norm_backward."""
     return _slab_backward(dy, x, mean, rstd, None, weight, out)
+
+
+# ---- channel family: BatchNorm ----------------------------------------------------------
+
+def _running(a, name, C, training):
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape {(C,)}, got {a.shape}")
+    if training and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only but training updates it in place")
+    return a
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, out=None, return_stats=False,
+               stats="two_pass"):
+    """Batch normalisation, as torch.nn.functional.batch_norm.
+
+    x: float32 or float64 array (N, C, *spatial), any number of spatial dims (also
+    none). Each channel is normalised over its N * spatial values.
+    training=True: uses the batch's mean and biased variance; running_mean and
+    running_var, when given ((C,) float arrays), are updated in place:
+    r = (1 - momentum) * r + momentum * batch_stat, with the unbiased variance for
+    running_var. One value per channel (N * spatial == 1) raises ValueError.
+    training=False: normalises with running_mean and running_var (both required).
+    weight, bias: optional (C,) arrays. out: as in group_norm (out=x allowed).
+    return_stats: also return mean and rstd (C,) float64, those used to normalise, which
+    batch_norm_backward takes (with the same `training`).
+
+    Returns y, or (y, mean, rstd).
+    """
+    x, N, C, HW = _nchw(x)
+    training = bool(training)
+    welford = check_stats(stats)
+    eps = check_eps(eps)
+    try:
+        momentum = float(momentum)
+    except (TypeError, ValueError):
+        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}") from None
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    rm = _running(running_mean, "running_mean", C, training)
+    rv = _running(running_var, "running_var", C, training)
+    if not training and (rm is None or rv is None):
+        raise ValueError("running_mean and running_var are required when training=False")
+    w = as_param(weight, "weight", (C,), x.dtype)
+    b = as_param(bias, "bias", (C,), x.dtype)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
+    count = N * HW
+    if training:
+        if count == 1:
+            raise ValueError("batch_norm: expected more than 1 value per channel when "
+                             f"training, got input of shape {x.shape}")
+        mean = np.empty(C)
+        rstd = np.empty(C)
+        var = np.empty(C)
+        channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1)
+        if count > 1:
+            if rm is not None:
+                rm[...] = (1.0 - momentum) * rm + momentum * mean
+            if rv is not None:
+                rv[...] = (1.0 - momentum) * rv + momentum * (var * (count / (count - 1)))
+    else:
+        mean = np.array(rm, dtype=np.float64)
+        rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
+        channel.forward(x, y, w, b, mean, rstd, mean, N, C, HW, eps, welford, 0)
+    if return_stats:
+        return y, mean, rstd
+    return y
+
+
+def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None):
+    """Gradients of batch_norm: returns (dx, dweight, dbias), dweight/dbias of shape (C,).
+
+    mean, rstd: the (C,) statistics batch_norm returned. training=True: they are the
+    batch's, functions of x; training=False: constants (the running statistics), so
+    dx = dy * weight * rstd. out: as in group_norm_backward.
+    """
+    x, N, C, HW = _nchw(x)
+    dy = _like(dy, "dy", x)
+    mean = as_stats(mean, "mean", (C,))
+    rstd = as_stats(rstd, "rstd", (C,))
+    w = as_param(weight, "weight", (C,), x.dtype)
+    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
+                     may_alias=(dy, x))
+    dw = np.empty(C, dtype=x.dtype)
+    db = np.empty(C, dtype=x.dtype)
+    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(bool(training)))
+    return dx, dw, db
+
+
+# ---- row family: LayerNorm, RMSNorm -------------------------------------------------------
+
+def _rows(x, normalized_shape):
+    """x as (R, K) rows over its trailing `normalized_shape` dims."""
+    if isinstance(normalized_shape, (tuple, list)):
+        try:
+            ns = tuple(operator.index(d) for d in normalized_shape)
+        except TypeError:
+            raise TypeError("normalized_shape must be an int or a tuple of ints, got "
+                            f"{normalized_shape!r}") from None
+    else:
+        try:
+            ns = (operator.index(normalized_shape),)
+        except TypeError:
+            raise TypeError("normalized_shape must be an int or a tuple of ints, got "
+                            f"{type(normalized_shape).__name__}") from None
+    if not ns:
+        raise ValueError("normalized_shape must name at least one dimension")
+    x = as_input(x, "x", min_ndim=len(ns))
+    if x.shape[x.ndim - len(ns):] != ns:
+        raise ValueError(f"normalized_shape {ns} must match the trailing dimensions of x, "
+                         f"got x of shape {x.shape}")
+    lead = x.shape[:x.ndim - len(ns)]
+    K = 1
+    for d in ns:
+        K *= d
+    return x, ns, lead, x.size // K if K else 0, K
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+               return_stats=False, stats="two_pass"):
+    """Layer normalisation over trailing dims, as torch.nn.functional.layer_norm.
+
+    Each row of x over its trailing `normalized_shape` dims (an int or a tuple) is
+    normalised with its own mean and biased variance, then multiplied by weight and
+    shifted by bias elementwise (optional arrays of shape normalized_shape). This is the
+    transformer LayerNorm; the GroupNorm paper's LayerNorm, with a per-channel affine
+    over (C, *spatial), is group_norm(x, 1).
+    out, stats: as in group_norm. return_stats: also mean and rstd, float64 of shape
+    x.shape[:x.ndim - len(normalized_shape)].
+
+    Returns y, or (y, mean, rstd).
+    """
+    x, ns, lead, R, K = _rows(x, normalized_shape)
+    welford = check_stats(stats)
+    eps = check_eps(eps)
+    w = as_param(weight, "weight", ns, x.dtype)
+    b = as_param(bias, "bias", ns, x.dtype)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b), may_alias=(x,))
+    mean = np.empty(lead)
+    rstd = np.empty(lead)
+    row.forward(x, y, w, b, mean, rstd, R, K, eps, welford, 0)
+    if return_stats:
+        return y, mean, rstd
+    return y
+
+
+def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, out=None):
+    """Gradients of layer_norm: returns (dx, dweight, dbias), dweight/dbias of shape
+    normalized_shape and x's dtype. out: as in group_norm_backward."""
+    x, ns, lead, R, K = _rows(x, normalized_shape)
+    dy = _like(dy, "dy", x)
+    mean = as_stats(mean, "mean", lead)
+    rstd = as_stats(rstd, "rstd", lead)
+    w = as_param(weight, "weight", ns, x.dtype)
+    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
+                     may_alias=(dy, x))
+    dw = np.empty(ns, dtype=x.dtype)
+    db = np.empty(ns, dtype=x.dtype)
+    row.backward(dy, x, dx, w, dw, db, mean, rstd, R, K, 0)
+    return dx, dw, db
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False):
+    """Root-mean-square normalisation, as torch.nn.functional.rms_norm:
+    y = x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape` dims.
+
+    weight: optional array of shape normalized_shape. eps=None means
+    numpy.finfo(x.dtype).eps. return_stats: also rstd = 1 / sqrt(mean(x**2) + eps),
+    float64 of shape x.shape[:x.ndim - len(normalized_shape)].
+
+    Returns y, or (y, rstd).
+    """
+    x, ns, lead, R, K = _rows(x, normalized_shape)
+    eps = float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
+    w = as_param(weight, "weight", ns, x.dtype)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w), may_alias=(x,))
+    mean = np.empty(lead)
+    rstd = np.empty(lead)
+    row.forward(x, y, w, None, mean, rstd, R, K, eps, 0, 1)
+    if return_stats:
+        return y, rstd
+    return y
+
+
+def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
+    """Gradients of rms_norm: returns (dx, dweight), dweight of shape normalized_shape."""
+    x, ns, lead, R, K = _rows(x, normalized_shape)
+    dy = _like(dy, "dy", x)
+    rstd = as_stats(rstd, "rstd", lead)
+    w = as_param(weight, "weight", ns, x.dtype)
+    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, rstd), may_alias=(dy, x))
+    dw = np.empty(ns, dtype=x.dtype)
+    row.backward(dy, x, dx, w, dw, None, np.zeros(lead), rstd, R, K, 1)
+    return dx, dw

@@ -12,6 +12,7 @@
 cimport cython
 cimport numpy as cnp
 from cython cimport floating
+from cython.parallel cimport prange
 from libc.math cimport sqrt
 
 # Elements per piece: 4096 float64 = 32 KiB, so a piece's second pass hits L1.
@@ -125,23 +126,33 @@ cdef inline void welford_update(const floating* x, Py_ssize_t n, double* cnt, do
     m2[0] = q
 
 
-cdef inline void lane_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
-                                double m, double* sdy, double* sdyx) noexcept nogil:
-    """sdy += sum(dy); sdyx += sum(dy * (x - m))."""
+cdef inline void lane_grad_sums(const floating* dy, const floating* x, const floating* w,
+                                Py_ssize_t n, double m, double* sdy,
+                                double* sdyx) noexcept nogil:
+    """With g = dy * w (w = NULL: g = dy): sdy += sum(g); sdyx += sum(g * (x - m))."""
     cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
     cdef double b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0, b5 = 0, b6 = 0, b7 = 0
+    cdef double g0, g1, g2, g3, g4, g5, g6, g7
     cdef Py_ssize_t i = 0
     while i + 8 <= n:
-        a0 += dy[i]; a1 += dy[i + 1]; a2 += dy[i + 2]; a3 += dy[i + 3]
-        a4 += dy[i + 4]; a5 += dy[i + 5]; a6 += dy[i + 6]; a7 += dy[i + 7]
-        b0 += dy[i] * (<double>x[i] - m); b1 += dy[i + 1] * (<double>x[i + 1] - m)
-        b2 += dy[i + 2] * (<double>x[i + 2] - m); b3 += dy[i + 3] * (<double>x[i + 3] - m)
-        b4 += dy[i + 4] * (<double>x[i + 4] - m); b5 += dy[i + 5] * (<double>x[i + 5] - m)
-        b6 += dy[i + 6] * (<double>x[i + 6] - m); b7 += dy[i + 7] * (<double>x[i + 7] - m)
+        if w == NULL:
+            g0 = dy[i]; g1 = dy[i + 1]; g2 = dy[i + 2]; g3 = dy[i + 3]
+            g4 = dy[i + 4]; g5 = dy[i + 5]; g6 = dy[i + 6]; g7 = dy[i + 7]
+        else:
+            g0 = <double>dy[i] * w[i]; g1 = <double>dy[i + 1] * w[i + 1]
+            g2 = <double>dy[i + 2] * w[i + 2]; g3 = <double>dy[i + 3] * w[i + 3]
+            g4 = <double>dy[i + 4] * w[i + 4]; g5 = <double>dy[i + 5] * w[i + 5]
+            g6 = <double>dy[i + 6] * w[i + 6]; g7 = <double>dy[i + 7] * w[i + 7]
+        a0 += g0; a1 += g1; a2 += g2; a3 += g3; a4 += g4; a5 += g5; a6 += g6; a7 += g7
+        b0 += g0 * (x[i] - m); b1 += g1 * (x[i + 1] - m)
+        b2 += g2 * (x[i + 2] - m); b3 += g3 * (x[i + 3] - m)
+        b4 += g4 * (x[i + 4] - m); b5 += g5 * (x[i + 5] - m)
+        b6 += g6 * (x[i + 6] - m); b7 += g7 * (x[i + 7] - m)
         i += 8
     while i < n:
-        a0 += dy[i]
-        b0 += dy[i] * (<double>x[i] - m)
+        g0 = dy[i] if w == NULL else <double>dy[i] * w[i]
+        a0 += g0
+        b0 += g0 * (x[i] - m)
         i += 1
     sdy[0] += ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
     sdyx[0] += ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
@@ -229,6 +240,82 @@ cdef inline void fold_moments(const double* parts, Py_ssize_t n_pieces, int cent
 cdef inline double inv_std(double m2, Py_ssize_t size, double eps) noexcept nogil:
     # biased variance, eps inside the square root
     return 1.0 / sqrt(m2 / <double>size + eps)
+
+
+cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
+                           int centered, double eps, double* mean, double* rstd,
+                           double* var) noexcept nogil:
+    """mean, rstd (and, when var is not NULL, the biased variance) of one set."""
+    cdef double m2
+    set_moments(xs, L, welford, centered, mean, &m2)
+    if var != NULL:
+        var[0] = m2 / <double>L.size
+    rstd[0] = inv_std(m2, L.size, eps)
+
+
+cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize_t n_sets,
+                                 Py_ssize_t set_stride, double* parts, int welford,
+                                 int centered, double eps, double* mean, double* rstd,
+                                 double* var, int nt) noexcept nogil:
+    """set_stats for every set s (at x + s * set_stride), with the pieces shared out
+    among the threads; parts holds 3 doubles per piece. Same bits as set_stats."""
+    cdef Py_ssize_t P = L.n_pieces, k, s
+    for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
+        piece_moments(x + (k // P) * set_stride, L, k % P, welford, centered,
+                      &parts[3 * k], &parts[3 * k + 1], &parts[3 * k + 2])
+    for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
+        fold_moments(parts + 3 * s * P, P, centered, &mean[s], &rstd[s])
+        if var != NULL:
+            var[s] = rstd[s] / <double>L.size
+        rstd[s] = inv_std(rstd[s], L.size, eps)
+
+
+cdef inline void piece_grad_sums(const floating* dy, const floating* x, const floating* w,
+                                 const SetLayout* L, Py_ssize_t p, double mean,
+                                 double* sdy, double* sdyx) noexcept nogil:
+    """lane_grad_sums over piece p of the set at dy, x. An elementwise w (row family)
+    is indexed like the set's single run."""
+    cdef Py_ssize_t run0, nruns, e0, elen, r, off
+    piece_bounds(L, p, &run0, &nruns, &e0, &elen)
+    sdy[0] = 0
+    sdyx[0] = 0
+    for r in range(nruns):
+        off = (run0 + r) * L.run_stride + e0
+        lane_grad_sums(dy + off, x + off, NULL if w == NULL else w + off, elen, mean,
+                       sdy, sdyx)
+
+
+cdef inline void set_grad_sums(const floating* dy, const floating* x, const floating* w,
+                               const SetLayout* L, double mean, double* sdy,
+                               double* sdyx) noexcept nogil:
+    """The fold, in piece order, of piece_grad_sums over one set."""
+    cdef double a, b
+    cdef Py_ssize_t p
+    sdy[0] = 0
+    sdyx[0] = 0
+    for p in range(L.n_pieces):
+        piece_grad_sums(dy, x, w, L, p, mean, &a, &b)
+        sdy[0] += a
+        sdyx[0] += b
+
+
+cdef inline void split_grad_sums(const floating* dy, const floating* x, const floating* w,
+                                 const SetLayout* L, Py_ssize_t n_sets,
+                                 Py_ssize_t set_stride, const double* mean, double* parts,
+                                 double* sdy, double* sdyx, int nt) noexcept nogil:
+    """set_grad_sums for every set, pieces shared out among the threads (2 doubles of
+    parts per piece). Same bits as set_grad_sums."""
+    cdef Py_ssize_t P = L.n_pieces, k, s, p
+    for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
+        s = k // P
+        piece_grad_sums(dy + s * set_stride, x + s * set_stride, w, L, k - s * P, mean[s],
+                        &parts[2 * k], &parts[2 * k + 1])
+    for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
+        sdy[s] = 0
+        sdyx[s] = 0
+        for p in range(P):
+            sdy[s] = sdy[s] + parts[2 * (s * P + p)]
+            sdyx[s] = sdyx[s] + parts[2 * (s * P + p) + 1]
 
 
 # ---- affine applies ------------------------------------------------------------------

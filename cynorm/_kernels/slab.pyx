@@ -15,8 +15,8 @@ from cython.parallel cimport prange
 
 from cynorm._openmp cimport cynorm_num_threads, cynorm_register_atfork
 from cynorm._kernels._common cimport (
-    SetLayout, make_layout, piece_bounds, piece_moments, set_moments, fold_moments,
-    inv_std, affine_const, lane_grad_sums, grad_const, data,
+    SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_const,
+    lane_grad_sums, grad_const, data,
 )
 
 import numpy as np
@@ -63,17 +63,11 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
     cdef Py_ssize_t P = L.n_pieces, s, k
     if parts == NULL:
         for s in prange(n_sets, nogil=True, num_threads=nt, schedule="dynamic"):
-            set_moments(x + s * M, &L, welford, 1, &mean[s], &rstd[s])
-            rstd[s] = inv_std(rstd[s], M, eps)
+            set_stats(x + s * M, &L, welford, 1, eps, &mean[s], &rstd[s], NULL)
             _apply_range(x + s * M, y + s * M, 0, M, HW, (s % G) * cpg, mean[s],
                          rstd[s], w, b)
         return
-    for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
-        piece_moments(x + (k // P) * M, &L, k % P, welford, 1, &parts[3 * k],
-                      &parts[3 * k + 1], &parts[3 * k + 2])
-    for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
-        fold_moments(parts + 3 * s * P, P, 1, &mean[s], &rstd[s])
-        rstd[s] = inv_std(rstd[s], M, eps)
+    split_set_stats(x, &L, n_sets, M, parts, welford, 1, eps, mean, rstd, NULL, nt)
     for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
         _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G)
 
@@ -114,7 +108,8 @@ cdef inline void _run_sums(const floating* dy, const floating* x, const double* 
     cdef Py_ssize_t s = (r // C) * G + (r % C) // (C // G)
     sdy[r] = 0
     sdyx[r] = 0
-    lane_grad_sums(dy + r * HW, x + r * HW, HW, mean[s], &sdy[r], &sdyx[r])
+    lane_grad_sums(dy + r * HW, x + r * HW, <const floating*>NULL, HW, mean[s], &sdy[r],
+                   &sdyx[r])
 
 
 cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,

@@ -1,0 +1,234 @@
+"""Row family: LayerNorm over trailing dims (as in transformers / torch) and RMSNorm.
+
+x is viewed as (R, K); each row is a set and weight/bias run elementwise over K. Work
+items are the rows (forward) or blocks of ROWS_PER_BLOCK rows (backward); a row's
+statistics and its apply or gradient are fused so it is read from DRAM once. With fewer
+than 4 work items per thread, rows are cut into fixed pieces of CHUNK elements shared out
+among the threads and merged in a fixed order: the same bits for any thread count.
+
+dweight/dbias: each (row block, column piece) tile sums its rows in row order into
+float64 accumulators; blocks are then added in block order. Blocks and pieces depend
+only on the shape, never on the thread count.
+
+rms = 1 (RMSNorm): no mean is subtracted, rstd = 1 / sqrt(mean(x**2) + eps).
+The callers in cynorm._api validate everything; these functions trust their arguments.
+"""
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport prange
+
+from cynorm._openmp cimport cynorm_num_threads, cynorm_register_atfork
+from cynorm._kernels._common cimport (
+    CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats,
+    set_grad_sums, split_grad_sums, data,
+)
+
+import numpy as np
+
+cnp.import_array()
+cynorm_register_atfork()
+
+# Rows per backward block: the block's dy and x (32 rows of up to 4096 float32 each,
+# 1 MiB) stay in L2 between the sums and the dx pass, and the (n_blocks, K) float64
+# partials of dweight/dbias stay at most 1/8 of a float32 input.
+cdef enum:
+    ROWS_PER_BLOCK = 32
+
+
+cdef inline void _apply_row(const floating* x, floating* y, const floating* w,
+                            const floating* b, Py_ssize_t n, double mean,
+                            double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * w + b over n elements (w, b: the row's slice, or NULL)."""
+    cdef Py_ssize_t k
+    if w != NULL and b != NULL:
+        for k in range(n):
+            y[k] = <floating>((x[k] - mean) * rstd * w[k] + b[k])
+    elif w != NULL:
+        for k in range(n):
+            y[k] = <floating>((x[k] - mean) * rstd * w[k])
+    elif b != NULL:
+        for k in range(n):
+            y[k] = <floating>((x[k] - mean) * rstd + b[k])
+    else:
+        for k in range(n):
+            y[k] = <floating>((x[k] - mean) * rstd)
+
+
+cdef inline void _apply_piece(const floating* x, floating* y, const floating* w,
+                              const floating* b, const double* mean, const double* rstd,
+                              const SetLayout* L, Py_ssize_t k) noexcept nogil:
+    """Apply over piece k (of all R * n_pieces) of the split forward."""
+    cdef Py_ssize_t r = k // L.n_pieces, run0, nruns, e0, elen
+    piece_bounds(L, k - r * L.n_pieces, &run0, &nruns, &e0, &elen)
+    _apply_row(x + r * L.size + e0, y + r * L.size + e0, NULL if w == NULL else w + e0,
+               NULL if b == NULL else b + e0, elen, mean[r], rstd[r])
+
+
+cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
+                   double* mean, double* rstd, double* parts, Py_ssize_t R, Py_ssize_t K,
+                   double eps, int welford, int rms, int nt) noexcept nogil:
+    cdef SetLayout L = make_layout(1, K, K)
+    cdef Py_ssize_t r, k
+    if parts == NULL:
+        for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
+            set_stats(x + r * K, &L, welford, not rms, eps, &mean[r], &rstd[r], NULL)
+            _apply_row(x + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+        return
+    split_set_stats(x, &L, R, K, parts, welford, not rms, eps, mean, rstd, NULL, nt)
+    for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
+        _apply_piece(x, y, w, b, mean, rstd, &L, k)
+
+
+def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
+            cnp.ndarray rstd, Py_ssize_t R, Py_ssize_t K, double eps, int welford,
+            int rms):
+    """Normalise each row of x (R, K) into y; write mean (0 for RMSNorm) and rstd."""
+    cdef int nt = cynorm_num_threads()
+    cdef SetLayout L = make_layout(1, K, K)
+    cdef cnp.ndarray work = None
+    cdef double* parts = NULL
+    if R < 4 * nt and L.n_pieces > 1:
+        work = np.empty(3 * R * L.n_pieces, dtype=np.float64)
+        parts = <double*>data(work)
+    cdef void* px = data(x)
+    cdef void* py = data(y)
+    cdef void* pw = data(weight)
+    cdef void* pb = data(bias)
+    cdef double* pm = <double*>data(mean)
+    cdef double* pr = <double*>data(rstd)
+    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    with nogil:
+        if single:
+            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
+                     R, K, eps, welford, rms, nt)
+        else:
+            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
+                     R, K, eps, welford, rms, nt)
+
+
+# ---- backward -------------------------------------------------------------------------
+
+cdef inline void _row_coeffs(const double* sdy, const double* sdyx, const double* rstd,
+                             Py_ssize_t r, Py_ssize_t K, int rms, double* b,
+                             double* c0) noexcept nogil:
+    """dx = rstd * w * dy - b * (x - mean) - c0 for row r, from g = w * dy:
+    b = rstd**3 * sum(g * (x - mean)) / K, c0 = rstd * sum(g) / K (0 for RMSNorm)."""
+    cdef double rs = rstd[r]
+    b[0] = rs * rs * rs * sdyx[r] / <double>K
+    c0[0] = 0.0 if rms else rs * sdy[r] / <double>K
+
+
+cdef void _tile(const floating* dy, const floating* x, floating* dx, const floating* w,
+                const double* mean, const double* rstd, const double* sdy,
+                const double* sdyx, floating* dw, floating* db, double* part,
+                Py_ssize_t R, Py_ssize_t K, Py_ssize_t blk, Py_ssize_t k0, Py_ssize_t kn,
+                int rms) noexcept nogil:
+    """Rows of block blk, columns [k0, k0 + kn): write dx, and sum dy * xhat and dy per
+    column in row order; store the sums in part (n_blocks > 1) or dw/db directly."""
+    cdef double acc_w[CHUNK]
+    cdef double acc_b[CHUNK]
+    cdef Py_ssize_t r, k, r0 = blk * ROWS_PER_BLOCK
+    cdef Py_ssize_t r1 = min(r0 + ROWS_PER_BLOCK, R)
+    cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    cdef double m, rs, bb, c0, d, g
+    cdef const floating* dyr
+    cdef const floating* xr
+    cdef floating* dxr
+    for k in range(kn):
+        acc_w[k] = 0
+        acc_b[k] = 0
+    for r in range(r0, r1):
+        m = mean[r]
+        rs = rstd[r]
+        _row_coeffs(sdy, sdyx, rstd, r, K, rms, &bb, &c0)
+        dyr = dy + r * K + k0
+        xr = x + r * K + k0
+        dxr = dx + r * K + k0
+        for k in range(kn):
+            d = xr[k] - m
+            g = dyr[k] if w == NULL else <double>dyr[k] * w[k0 + k]
+            acc_w[k] += dyr[k] * (d * rs)
+            acc_b[k] += dyr[k]
+            dxr[k] = <floating>(rs * g - bb * d - c0)
+    if n_blocks == 1:
+        for k in range(kn):
+            dw[k0 + k] = <floating>acc_w[k]
+            if db != NULL:
+                db[k0 + k] = <floating>acc_b[k]
+    else:
+        for k in range(kn):
+            part[blk * K + k0 + k] = acc_w[k]
+            part[(n_blocks + blk) * K + k0 + k] = acc_b[k]
+
+
+cdef void _backward(const floating* dy, const floating* x, floating* dx,
+                    const floating* w, floating* dw, floating* db, const double* mean,
+                    const double* rstd, double* sdy, double* sdyx, double* parts,
+                    double* part, Py_ssize_t R, Py_ssize_t K, int rms,
+                    int nt) noexcept nogil:
+    cdef SetLayout L = make_layout(1, K, K)
+    cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    cdef Py_ssize_t n_cols = (K + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t blk, r, t, j, k, q
+    cdef double acc_w, acc_b
+    if parts == NULL:
+        # fused: a block's row sums, then its tiles while the rows are in L2
+        for blk in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic"):
+            for r in range(blk * ROWS_PER_BLOCK, min((blk + 1) * ROWS_PER_BLOCK, R)):
+                set_grad_sums(dy + r * K, x + r * K, w, &L, mean[r], &sdy[r], &sdyx[r])
+            for j in range(n_cols):
+                _tile(dy, x, dx, w, mean, rstd, sdy, sdyx, dw, db, part, R, K, blk,
+                      j * CHUNK, min(CHUNK, K - j * CHUNK), rms)
+    else:
+        split_grad_sums(dy, x, w, &L, R, K, mean, parts, sdy, sdyx, nt)
+        for t in prange(n_blocks * n_cols, nogil=True, num_threads=nt, schedule="static"):
+            _tile(dy, x, dx, w, mean, rstd, sdy, sdyx, dw, db, part, R, K, t // n_cols,
+                  (t % n_cols) * CHUNK, min(CHUNK, K - (t % n_cols) * CHUNK), rms)
+    if n_blocks > 1:
+        for k in prange(K, nogil=True, num_threads=nt, schedule="static"):
+            acc_w = 0
+            acc_b = 0
+            for q in range(n_blocks):
+                acc_w = acc_w + part[q * K + k]
+                acc_b = acc_b + part[(n_blocks + q) * K + k]
+            dw[k] = <floating>acc_w
+            if db != NULL:
+                db[k] = <floating>acc_b
+
+
+def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
+             cnp.ndarray dweight, object dbias, cnp.ndarray mean, cnp.ndarray rstd,
+             Py_ssize_t R, Py_ssize_t K, int rms):
+    """dx, dweight and (LayerNorm) dbias of the row normalisation."""
+    cdef int nt = cynorm_num_threads()
+    cdef SetLayout L = make_layout(1, K, K)
+    cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    cdef cnp.ndarray sums = np.empty(2 * R, dtype=np.float64)
+    cdef cnp.ndarray work = None, colsums = None
+    cdef double* parts = NULL
+    cdef double* part = NULL
+    if n_blocks < 4 * nt and L.n_pieces > 1:
+        work = np.empty(2 * R * L.n_pieces, dtype=np.float64)
+        parts = <double*>data(work)
+    if n_blocks > 1:
+        colsums = np.empty(2 * n_blocks * K, dtype=np.float64)
+        part = <double*>data(colsums)
+    cdef double* sdy = <double*>data(sums)
+    cdef double* sdyx = sdy + R
+    cdef void* pdy = data(dy)
+    cdef void* px = data(x)
+    cdef void* pdx = data(dx)
+    cdef void* pw = data(weight)
+    cdef void* pdw = data(dweight)
+    cdef void* pdb = data(dbias)
+    cdef double* pm = <double*>data(mean)
+    cdef double* pr = <double*>data(rstd)
+    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    with nogil:
+        if single:
+            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
+                      <float*>pdb, pm, pr, sdy, sdyx, parts, part, R, K, rms, nt)
+        else:
+            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw,
+                      <double*>pdw, <double*>pdb, pm, pr, sdy, sdyx, parts, part, R, K,
+                      rms, nt)
