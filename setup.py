@@ -50,6 +50,8 @@ class BuildExt(build_ext):
             flag = "-march=" + ARCH
             if _compiler_accepts(self.compiler, [flag]):
                 compile_args.append(flag)
+                if _compiler_accepts(self.compiler, [flag, "-mprefer-vector-width=512"]):
+                    compile_args.append("-mprefer-vector-width=512")
             else:
                 warnings.warn(f"cynorm: compiler rejects {flag}; building for its baseline")
         if _compiler_accepts(self.compiler, ["-fopenmp"]):

@@ -77,37 +77,53 @@ cdef inline void piece_bounds(const SetLayout* L, Py_ssize_t p, Py_ssize_t* run0
         elen[0] = L.run_len
 
 
-# ---- reductions over one contiguous run, LANES = 8 float64 accumulators -------------
+# ---- reductions over one contiguous run, in LANES float64 accumulators --------------
+
+cdef enum:
+    # Independent accumulators: enough to hide the add latency at full SIMD width.
+    LANES = 16
+
+
+cdef inline double lane_total(double* acc) noexcept nogil:
+    """Combine the accumulators in a fixed pairwise tree."""
+    cdef Py_ssize_t w = LANES // 2, j
+    while w > 0:
+        for j in range(w):
+            acc[j] = acc[j] + acc[j + w]
+        w = w // 2
+    return acc[0]
+
 
 cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef Py_ssize_t i = 0
-    while i + 8 <= n:
-        a0 += x[i]; a1 += x[i + 1]; a2 += x[i + 2]; a3 += x[i + 3]
-        a4 += x[i + 4]; a5 += x[i + 5]; a6 += x[i + 6]; a7 += x[i + 7]
-        i += 8
-    while i < n:
-        a0 += x[i]
-        i += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    cdef double acc[LANES]
+    cdef Py_ssize_t i = 0, j
+    for j in range(LANES):
+        acc[j] = 0
+    while i + LANES <= n:
+        for j in range(LANES):
+            acc[j] += x[i + j]
+        i += LANES
+    for j in range(n - i):
+        acc[j] += x[i + j]
+    return lane_total(acc)
 
 
 cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m) noexcept nogil:
     """sum((x - m)**2); with m = 0, the sum of squares."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef double d0, d1, d2, d3, d4, d5, d6, d7
-    cdef Py_ssize_t i = 0
-    while i + 8 <= n:
-        d0 = x[i] - m; d1 = x[i + 1] - m; d2 = x[i + 2] - m; d3 = x[i + 3] - m
-        d4 = x[i + 4] - m; d5 = x[i + 5] - m; d6 = x[i + 6] - m; d7 = x[i + 7] - m
-        a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3
-        a4 += d4 * d4; a5 += d5 * d5; a6 += d6 * d6; a7 += d7 * d7
-        i += 8
-    while i < n:
-        d0 = x[i] - m
-        a0 += d0 * d0
-        i += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    cdef double acc[LANES]
+    cdef double d
+    cdef Py_ssize_t i = 0, j
+    for j in range(LANES):
+        acc[j] = 0
+    while i + LANES <= n:
+        for j in range(LANES):
+            d = x[i + j] - m
+            acc[j] += d * d
+        i += LANES
+    for j in range(n - i):
+        d = x[i + j] - m
+        acc[j] += d * d
+    return lane_total(acc)
 
 
 cdef inline void welford_update(const floating* x, Py_ssize_t n, double* cnt, double* mean,
@@ -130,32 +146,35 @@ cdef inline void lane_grad_sums(const floating* dy, const floating* x, const flo
                                 Py_ssize_t n, double m, double* sdy,
                                 double* sdyx) noexcept nogil:
     """With g = dy * w (w = NULL: g = dy): sdy += sum(g); sdyx += sum(g * (x - m))."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef double b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0, b5 = 0, b6 = 0, b7 = 0
-    cdef double g0, g1, g2, g3, g4, g5, g6, g7
-    cdef Py_ssize_t i = 0
-    while i + 8 <= n:
-        if w == NULL:
-            g0 = dy[i]; g1 = dy[i + 1]; g2 = dy[i + 2]; g3 = dy[i + 3]
-            g4 = dy[i + 4]; g5 = dy[i + 5]; g6 = dy[i + 6]; g7 = dy[i + 7]
-        else:
-            g0 = <double>dy[i] * w[i]; g1 = <double>dy[i + 1] * w[i + 1]
-            g2 = <double>dy[i + 2] * w[i + 2]; g3 = <double>dy[i + 3] * w[i + 3]
-            g4 = <double>dy[i + 4] * w[i + 4]; g5 = <double>dy[i + 5] * w[i + 5]
-            g6 = <double>dy[i + 6] * w[i + 6]; g7 = <double>dy[i + 7] * w[i + 7]
-        a0 += g0; a1 += g1; a2 += g2; a3 += g3; a4 += g4; a5 += g5; a6 += g6; a7 += g7
-        b0 += g0 * (x[i] - m); b1 += g1 * (x[i + 1] - m)
-        b2 += g2 * (x[i + 2] - m); b3 += g3 * (x[i + 3] - m)
-        b4 += g4 * (x[i + 4] - m); b5 += g5 * (x[i + 5] - m)
-        b6 += g6 * (x[i + 6] - m); b7 += g7 * (x[i + 7] - m)
-        i += 8
-    while i < n:
-        g0 = dy[i] if w == NULL else <double>dy[i] * w[i]
-        a0 += g0
-        b0 += g0 * (x[i] - m)
-        i += 1
-    sdy[0] += ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    sdyx[0] += ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
+    cdef double acc_g[LANES]
+    cdef double acc_gx[LANES]
+    cdef double g
+    cdef Py_ssize_t i = 0, j
+    for j in range(LANES):
+        acc_g[j] = 0
+        acc_gx[j] = 0
+    if w == NULL:
+        while i + LANES <= n:
+            for j in range(LANES):
+                acc_g[j] += dy[i + j]
+                acc_gx[j] += dy[i + j] * (x[i + j] - m)
+            i += LANES
+        for j in range(n - i):
+            acc_g[j] += dy[i + j]
+            acc_gx[j] += dy[i + j] * (x[i + j] - m)
+    else:
+        while i + LANES <= n:
+            for j in range(LANES):
+                g = <double>dy[i + j] * w[i + j]
+                acc_g[j] += g
+                acc_gx[j] += g * (x[i + j] - m)
+            i += LANES
+        for j in range(n - i):
+            g = <double>dy[i + j] * w[i + j]
+            acc_g[j] += g
+            acc_gx[j] += g * (x[i + j] - m)
+    sdy[0] += lane_total(acc_g)
+    sdyx[0] += lane_total(acc_gx)
 
 
 # ---- statistics of pieces and sets ---------------------------------------------------
@@ -319,14 +338,26 @@ cdef inline void split_grad_sums(const floating* dy, const floating* x, const fl
 
 
 # ---- affine applies ------------------------------------------------------------------
+# float64 data: computed in float64. float32 data: in float32 SIMD (twice the lanes, no
+# conversions), with the mean split into hi + lo float32 parts so that x - mean keeps
+# its digits when the mean is large against the spread; the result is within a few
+# float32 ulps of the exact value.
 
 cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, double mean,
                               double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift, in float64; subtracting first keeps a large mean
-    from cancelling the signal. y may be x."""
+    """y = (x - mean) * scale + shift. y may be x."""
     cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = <floating>((x[i] - mean) * scale + shift)
+    cdef float mh, ml, s, t
+    if floating is float:
+        mh = <float>mean
+        ml = <float>(mean - <double>mh)
+        s = <float>scale
+        t = <float>shift
+        for i in range(n):
+            y[i] = ((x[i] - mh) - ml) * s + t
+    else:
+        for i in range(n):
+            y[i] = (x[i] - mean) * scale + shift
 
 
 cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
@@ -334,8 +365,18 @@ cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
                             double c0) noexcept nogil:
     """dx = a * dy - b * (x - mean) - c0; dx may be dy or x."""
     cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = <floating>(a * dy[i] - b * (x[i] - mean) - c0)
+    cdef float mh, ml, af, bf, cf
+    if floating is float:
+        mh = <float>mean
+        ml = <float>(mean - <double>mh)
+        af = <float>a
+        bf = <float>b
+        cf = <float>c0
+        for i in range(n):
+            dx[i] = af * dy[i] - bf * ((x[i] - mh) - ml) - cf
+    else:
+        for i in range(n):
+            dx[i] = a * dy[i] - b * (x[i] - mean) - c0
 
 
 cdef inline void* data(object a):
