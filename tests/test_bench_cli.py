@@ -1,0 +1,123 @@
+"""`python -m cynorm` (self-check) and `python -m cynorm bench` (benchmark): they run,
+report, and write the JSON they promise. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cynorm
+from cynorm import _bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_TORCH = "import sys; sys.modules['torch'] = None; "  # makes `import torch` fail
+
+
+def run_cynorm(*args, block_torch=False):
+    """`python -m cynorm ARGS` in a subprocess, with this checkout first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if block_torch:
+        cmd = [sys.executable, "-c", NO_TORCH + "import runpy; sys.argv = ['cynorm'] + "
+               f"{list(args)!r}; runpy.run_module('cynorm', run_name='__main__')"]
+    else:
+        cmd = [sys.executable, "-m", "cynorm", *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def tiny_bench(tmp_path, *extra, block_torch=False):
+    path = tmp_path / "bench.json"
+    proc = run_cynorm("bench", "--tiny", "--quick", "--ops", "group_norm", "--threads", "1",
+                      "--repeats", "2", "--json", str(path), *extra,
+                      block_torch=block_torch)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(path) as f:
+        return proc, json.load(f)
+
+
+@pytest.mark.parametrize("block_torch", [False, True])
+def test_self_check_passes(block_torch):
+    proc = run_cynorm(block_torch=block_torch)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout
+    assert "FAIL" not in proc.stdout
+    assert cynorm.__version__ in proc.stdout
+    assert "OpenMP" in proc.stdout
+
+
+def test_bench_tiny_json(tmp_path):
+    proc, doc = tiny_bench(tmp_path)
+    assert {"meta", "copy_bandwidth_gbps", "results", "tiny_call", "skipped"} <= doc.keys()
+    assert doc["meta"]["threads"] == [1]
+    assert doc["meta"]["dtypes"] == ["float32"]
+    assert doc["copy_bandwidth_gbps"]["1"] > 0
+    rows = doc["results"]
+    assert rows and {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
+    torch_present = doc["meta"]["torch"] is not None
+    for r in rows:
+        assert r["op"] == "group_norm" and r["threads"] == 1 and r["dtype"] == "float32"
+        for key in ("cynorm_s", "cynorm_out_s", "numpy_s", "gbps", "pct_copy", "bytes"):
+            assert r[key] > 0, key
+        if torch_present:
+            assert r["torch_s"] > 0 and r["torch_over_cynorm"] > 0
+    # the table made it to stdout, with its columns
+    for head in ("cynorm ms", "torch ms", "numpy ms", "torch/cy", "GB/s", "% copy"):
+        assert head in proc.stdout
+
+
+def test_bench_without_torch(tmp_path):
+    proc, doc = tiny_bench(tmp_path, block_torch=True)
+    assert doc["meta"]["torch"] is None
+    assert all(r["torch_s"] is None and r["cynorm_s"] > 0 for r in doc["results"])
+    assert "torch is not importable" in proc.stdout
+
+
+def test_bench_plot_writes_png_or_notes(tmp_path):
+    png = tmp_path / "bench.png"
+    proc, _ = tiny_bench(tmp_path, "--plot", str(png))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not importable" in proc.stdout
+    else:
+        assert png.stat().st_size > 0
+
+
+def test_bench_rejects_unknown_op():
+    proc = run_cynorm("bench", "--tiny", "--ops", "no_such_norm")
+    assert proc.returncode != 0
+    assert "no_such_norm" in proc.stderr
+
+
+def test_bench_skips_an_op_missing_from_the_build(tmp_path, monkeypatch, capsys):
+    monkeypatch.delattr(cynorm, "group_norm_backward")
+    path = tmp_path / "b.json"
+    rc = _bench.main(["bench", "--tiny", "--ops", "group_norm,instance_norm",
+                      "--threads", "1", "--repeats", "1", "--json", str(path)])
+    assert rc == 0
+    doc = json.loads(path.read_text())
+    assert {r["op"] for r in doc["results"]} == {"instance_norm"}
+    assert any(s.startswith("group_norm:") for s in doc["skipped"])
+    assert "group_norm: skipped" in capsys.readouterr().out
+
+
+def test_table_printer_and_geomean(capsys):
+    rows = [{"op": "layer_norm", "pass": "fwd", "threads": 1, "torch_over_cynorm": 2.0},
+            {"op": "layer_norm", "pass": "fwd", "threads": 1, "torch_over_cynorm": 8.0},
+            {"op": "layer_norm", "pass": "fwd", "threads": 2, "torch_over_cynorm": None}]
+    summary = _bench.geomean_summary(rows, [1, 2])
+    assert summary == [{"op": "layer_norm", "pass": "fwd", 1: pytest.approx(4.0), 2: None}]
+    _bench.print_table(summary, [("op", "op", ""), ("1 thr", 1, ".2f"),
+                                 ("2 thr", 2, ".2f")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["op", "1", "thr", "2", "thr"]
+    assert out[2].split() == ["layer_norm", "4.00", "-"]
+
+
+def test_parse_threads():
+    assert _bench.parse_threads("1,1,2") == [1, 2]
+    assert _bench.parse_threads("all") == [_bench.all_threads()]
+    with pytest.raises(ValueError):
+        _bench.parse_threads("0")
