@@ -27,9 +27,17 @@ cdef extern from *:
         n = omp_get_max_threads();
         return n < 1 ? 1 : n;
     }
+    /* Below this many elements a call runs in the calling thread: waking a team costs
+       microseconds (far more on a loaded machine) and a small array is done sooner. */
+    #define CYNORM_PARALLEL_MIN 65536
+    static inline int cynorm_threads_for(Py_ssize_t n_elements) {
+        return n_elements < CYNORM_PARALLEL_MIN ? 1 : cynorm_num_threads();
+    }
     """
     const int CYNORM_HAVE_OPENMP
     int cynorm_in_forked_child
     int cynorm_register_atfork() noexcept nogil
     # Threads for the next parallel region: what OMP_NUM_THREADS / threadpoolctl set now.
     int cynorm_num_threads() noexcept nogil
+    # Threads for a call over n_elements: 1 for small arrays, else cynorm_num_threads().
+    int cynorm_threads_for(Py_ssize_t n_elements) noexcept nogil

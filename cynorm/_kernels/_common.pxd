@@ -108,21 +108,27 @@ cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
     return lane_total(acc)
 
 
-cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m) noexcept nogil:
-    """sum((x - m)**2); with m = 0, the sum of squares."""
+cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m,
+                              double* sdev) noexcept nogil:
+    """sum((x - m)**2), and sdev += sum(x - m); with m = 0, the sum of squares."""
     cdef double acc[LANES]
+    cdef double acc_d[LANES]
     cdef double d
     cdef Py_ssize_t i = 0, j
     for j in range(LANES):
         acc[j] = 0
+        acc_d[j] = 0
     while i + LANES <= n:
         for j in range(LANES):
             d = x[i + j] - m
+            acc_d[j] += d
             acc[j] += d * d
         i += LANES
     for j in range(n - i):
         d = x[i + j] - m
+        acc_d[j] += d
         acc[j] += d * d
+    sdev[0] += lane_total(acc_d)
     return lane_total(acc)
 
 
@@ -202,7 +208,7 @@ cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_
                                double* m2) noexcept nogil:
     """Moments of piece p of the set starting at xs.
 
-    Two-pass (mean, then the squared deviations while the piece is in L1) or Welford.
+    Two-pass (mean, then the deviations while the piece is in L1) or Welford.
     centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm)."""
     cdef Py_ssize_t run0, nruns, e0, elen, r
     cdef const floating* ptr
@@ -220,8 +226,16 @@ cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_
         for r in range(nruns):
             s += lane_sum(xs + (run0 + r) * L.run_stride + e0, elen)
         m = s / c
+    s = 0
     for r in range(nruns):
-        q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m)
+        q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s)
+    if centered:
+        # corrected two-pass (Chan, Golub & LeVeque): the deviations' sum s recovers
+        # the rounding of the first pass's mean (constant data gives var exactly 0)
+        m += s / c
+        q -= s * s / c
+        if q < 0:
+            q = 0
     cnt[0] = c
     mean[0] = m
     m2[0] = q
@@ -343,9 +357,18 @@ cdef inline void split_grad_sums(const floating* dy, const floating* x, const fl
 # its digits when the mean is large against the spread; the result is within a few
 # float32 ulps of the exact value.
 
-cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, double mean,
-                              double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift. y may be x."""
+cdef inline Py_ssize_t aligned_head(const void* p, Py_ssize_t n,
+                                    Py_ssize_t itemsize) noexcept nogil:
+    """Elements before p + i is 64-byte aligned (at most n). Elementwise loops run this
+    head on its own so that their vector stores do not split cache lines (NumPy's
+    buffers are only 16-byte aligned); reductions never do, so their bits stay
+    independent of alignment."""
+    cdef Py_ssize_t h = ((-<Py_ssize_t>p) & 63) // itemsize
+    return h if h < n else n
+
+
+cdef inline void _affine_span(const floating* x, floating* y, Py_ssize_t i0, Py_ssize_t i1,
+                              double mean, double scale, double shift) noexcept nogil:
     cdef Py_ssize_t i
     cdef float mh, ml, s, t
     if floating is float:
@@ -353,17 +376,24 @@ cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, doub
         ml = <float>(mean - <double>mh)
         s = <float>scale
         t = <float>shift
-        for i in range(n):
+        for i in range(i0, i1):
             y[i] = ((x[i] - mh) - ml) * s + t
     else:
-        for i in range(n):
+        for i in range(i0, i1):
             y[i] = (x[i] - mean) * scale + shift
 
 
-cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
-                            Py_ssize_t n, double a, double mean, double b,
+cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, double mean,
+                              double scale, double shift) noexcept nogil:
+    """y = (x - mean) * scale + shift. y may be x."""
+    cdef Py_ssize_t h = aligned_head(y, n, sizeof(floating))
+    _affine_span(x, y, 0, h, mean, scale, shift)
+    _affine_span(x, y, h, n, mean, scale, shift)
+
+
+cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
+                            Py_ssize_t i0, Py_ssize_t i1, double a, double mean, double b,
                             double c0) noexcept nogil:
-    """dx = a * dy - b * (x - mean) - c0; dx may be dy or x."""
     cdef Py_ssize_t i
     cdef float mh, ml, af, bf, cf
     if floating is float:
@@ -372,11 +402,20 @@ cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
         af = <float>a
         bf = <float>b
         cf = <float>c0
-        for i in range(n):
+        for i in range(i0, i1):
             dx[i] = af * dy[i] - bf * ((x[i] - mh) - ml) - cf
     else:
-        for i in range(n):
+        for i in range(i0, i1):
             dx[i] = a * dy[i] - b * (x[i] - mean) - c0
+
+
+cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
+                            Py_ssize_t n, double a, double mean, double b,
+                            double c0) noexcept nogil:
+    """dx = a * dy - b * (x - mean) - c0; dx may be dy or x."""
+    cdef Py_ssize_t h = aligned_head(dx, n, sizeof(floating))
+    _grad_span(dy, x, dx, 0, h, a, mean, b, c0)
+    _grad_span(dy, x, dx, h, n, a, mean, b, c0)
 
 
 cdef inline void* data(object a):

@@ -12,7 +12,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_num_threads, cynorm_register_atfork
+from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
     affine_const, grad_const, data,
@@ -59,7 +59,7 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
             double eps, int welford, int training):
     """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and the
     biased var (C float64) from x; else apply the given mean and rstd."""
-    cdef int nt = cynorm_num_threads()
+    cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef cnp.ndarray work = None
     cdef double* parts = NULL
@@ -131,7 +131,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
              Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training):
     """dx, dweight, dbias of batch normalisation with the given per-channel statistics."""
-    cdef int nt = cynorm_num_threads()
+    cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef cnp.ndarray sums = np.empty(2 * C, dtype=np.float64)
     cdef cnp.ndarray work = None

@@ -17,7 +17,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_num_threads, cynorm_register_atfork
+from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats,
     set_grad_sums, split_grad_sums, data,
@@ -83,7 +83,7 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
             cnp.ndarray rstd, Py_ssize_t R, Py_ssize_t K, double eps, int welford,
             int rms):
     """Normalise each row of x (R, K) into y; write mean (0 for RMSNorm) and rstd."""
-    cdef int nt = cynorm_num_threads()
+    cdef int nt = cynorm_threads_for(R * K)
     cdef SetLayout L = make_layout(1, K, K)
     cdef cnp.ndarray work = None
     cdef double* parts = NULL
@@ -200,7 +200,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, object dbias, cnp.ndarray mean, cnp.ndarray rstd,
              Py_ssize_t R, Py_ssize_t K, int rms):
     """dx, dweight and (LayerNorm) dbias of the row normalisation."""
-    cdef int nt = cynorm_num_threads()
+    cdef int nt = cynorm_threads_for(R * K)
     cdef SetLayout L = make_layout(1, K, K)
     cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
     cdef cnp.ndarray sums = np.empty(2 * R, dtype=np.float64)
@@ -224,6 +224,11 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    if R == 0:  # no rows: the gradients of weight and bias are sums over nothing
+        dweight.fill(0)
+        if dbias is not None:
+            dbias.fill(0)
+        return
     with nogil:
         if single:
             _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,

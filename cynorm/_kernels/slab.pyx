@@ -13,7 +13,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_num_threads, cynorm_register_atfork
+from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_const,
     lane_grad_sums, grad_const, data,
@@ -76,7 +76,7 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
             cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
             double eps, int welford):
     """Normalise x (N, C, HW) over G groups into y; write mean and rstd (N * G float64)."""
-    cdef int nt = cynorm_num_threads()
+    cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(1, (C // G) * HW, (C // G) * HW)
     cdef cnp.ndarray work = None
     cdef double* parts = NULL
@@ -164,7 +164,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
              Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G):
     """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward")."""
-    cdef int nt = cynorm_num_threads()
+    cdef int nt = cynorm_threads_for(N * C * HW)
     cdef cnp.ndarray work = np.empty(2 * N * C, dtype=np.float64)
     cdef double* sdy = <double*>data(work)
     cdef double* sdyx = sdy + N * C
