@@ -1,0 +1,417 @@
+"""Stateful normalization layers on NumPy arrays, built only on cynorm's public API.
+
+Each layer holds its parameters (float32 by default: weight ones, bias zeros), running
+statistics where it has any, and a train/eval mode::
+
+    layer = GroupNorm(4, 16)
+    y = layer(x)              # forward; saves what the backward needs
+    dx = layer.backward(dy)   # gradient w.r.t. x; parameter gradients in layer.grads
+    for name, p in layer.parameters().items():
+        p -= lr * layer.grads[name]          # parameters() returns the live arrays
+
+`state_dict()` / `load_state_dict()` use PyTorch's keys (weight, bias, running_mean,
+running_var, num_batches_tracked), so the state of a torch normalization layer,
+exported with `{k: v.numpy() for k, v in module.state_dict().items()}`, loads unchanged
+(torch tensors are accepted too).
+
+The forward keeps a reference to x until the backward: do not modify x in place in
+between. One backward per forward.
+"""
+import numbers
+
+import numpy as np
+
+import cynorm
+
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+
+
+def _positive_int(v, name):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+def _flag(v, name):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _eps(v, name="eps", allow_none=False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not (0.0 <= v < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return v
+
+
+def _momentum(v):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"momentum must be a real number or None, got {type(v).__name__}")
+    v = float(v)
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1] or None, got {v!r}")
+    return v
+
+
+def _param_dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _normalized_shape(v):
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        shape = (v,)
+    else:
+        try:
+            shape = tuple(v)
+        except TypeError:
+            raise TypeError("normalized_shape must be an int or a tuple of ints, got "
+                            f"{type(v).__name__}") from None
+        if len(shape) == 0:
+            raise ValueError("normalized_shape must have at least one dimension")
+    return tuple(_positive_int(d, "normalized_shape") for d in shape)
+
+
+def _to_numpy(value):
+    """An array from a NumPy array, a scalar, or a torch tensor (duck-typed, so that torch
+    is never imported here)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class _Norm:
+    """The machinery shared by every layer: parameters, gradients, buffers, modes, state."""
+
+    def __init__(self, dtype):
+        self.dtype = _param_dtype(dtype)
+        self.training = True
+        self.grads = {}
+        self._params = {}    # name -> array; updated in place by load_state_dict
+        self._buffers = {}   # name -> array
+        self._saved = None   # what the backward needs, set by the forward
+
+    # ---- modes ---------------------------------------------------------------------
+    def train(self, mode=True):
+        self.training = _flag(mode, "mode")
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # ---- parameters and state --------------------------------------------------------
+    def parameters(self):
+        """name -> parameter array (the live arrays: updating them updates the layer)."""
+        return dict(self._params)
+
+    @property
+    def weight(self):
+        return self._params.get("weight")
+
+    @property
+    def bias(self):
+        return self._params.get("bias")
+
+    def _state_keys(self):
+        return list(self._params) + list(self._buffers)
+
+    def state_dict(self):
+        """Copies of the parameters and buffers, under PyTorch's keys."""
+        out = {k: v.copy() for k, v in self._params.items()}
+        out.update((k, v.copy()) for k, v in self._buffers.items())
+        return out
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy values into the parameters and buffers (their dtypes are kept).
+
+        strict: missing or unexpected keys raise KeyError; with strict=False they are
+        ignored. A shape mismatch always raises ValueError.
+        """
+        keys = self._state_keys()
+        if strict:
+            missing = [k for k in keys if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in keys]
+            if missing or unexpected:
+                raise KeyError(f"{type(self).__name__}.load_state_dict: missing keys "
+                               f"{missing}, unexpected keys {unexpected}")
+        values = {}
+        for k in keys:
+            if k not in state_dict:
+                continue
+            v = _to_numpy(state_dict[k])
+            target = self._params.get(k, self._buffers.get(k))
+            if v.shape != target.shape:
+                raise ValueError(f"{k} must have shape {target.shape}, got {v.shape}")
+            if target.dtype.kind == "f" and v.dtype.kind not in "fiu":
+                raise TypeError(f"{k} must be a real array, got dtype {v.dtype}")
+            values[k] = v
+        for k, v in values.items():   # all checked first: a failed load changes nothing
+            target = self._params.get(k, self._buffers.get(k))
+            target[...] = v
+
+    # ---- forward / backward ------------------------------------------------------------
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _saved_for_backward(self):
+        """The forward's saved values; _finish_backward() releases them once the backward succeeded
+        (so that a rejected dy, e.g. of the wrong shape, can be retried)."""
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called without a preceding forward "
+                "(or twice after one forward): call the layer on an input first")
+        return saved
+
+    def _finish_backward(self, **grads):
+        self._saved = None
+        self.grads = {k: np.asarray(g, dtype=self._params[k].dtype)
+                      for k, g in grads.items() if k in self._params}
+
+    def _new_params(self, shape, weight, bias):
+        if weight:
+            self._params["weight"] = np.ones(shape, dtype=self.dtype)
+        if bias:
+            self._params["bias"] = np.zeros(shape, dtype=self.dtype)
+
+    def _check_channels(self, x, num_channels):
+        x = np.asarray(x)
+        if x.ndim < 2:
+            raise ValueError(f"{type(self).__name__}: x must be (N, C, *spatial), "
+                             f"got shape {x.shape}")
+        if x.shape[1] != num_channels:
+            raise ValueError(f"{type(self).__name__}: x has {x.shape[1]} channels "
+                             f"(dim 1), expected {num_channels}")
+        return x
+
+
+class GroupNorm(_Norm):
+    """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+        super().__init__(dtype)
+        self.num_groups = _positive_int(num_groups, "num_groups")
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_groups ({self.num_groups}) must divide num_channels "
+                             f"({self.num_channels})")
+        self.eps = _eps(eps)
+        self.affine = _flag(affine, "affine")
+        self._new_params((self.num_channels,), self.affine, self.affine)
+
+    def forward(self, x):
+        x = self._check_channels(x, self.num_channels)
+        y, mean, rstd = cynorm.group_norm(x, self.num_groups, self.weight, self.bias,
+                                          self.eps, return_stats=True)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd = self._saved_for_backward()
+        dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, self.num_groups,
+                                                self.weight)
+        self._finish_backward(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self):
+        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.affine})")
+
+
+class InstanceNorm(_Norm):
+    """Instance normalisation over x of shape (N, C, *spatial): each (sample, channel)
+    normalised over its spatial elements, as torch.nn.InstanceNorm2d with its defaults
+    (no running statistics)."""
+
+    def __init__(self, num_features, eps=1e-5, affine=False, dtype=np.float32):
+        super().__init__(dtype)
+        self.num_features = _positive_int(num_features, "num_features")
+        self.eps = _eps(eps)
+        self.affine = _flag(affine, "affine")
+        self._new_params((self.num_features,), self.affine, self.affine)
+
+    def forward(self, x):
+        x = self._check_channels(x, self.num_features)
+        if x.size and x.size // (x.shape[0] * x.shape[1]) == 1:
+            # each output would be just the bias; torch rejects this too
+            raise ValueError("InstanceNorm: expected more than 1 spatial element per "
+                             f"channel, got shape {x.shape}")
+        y, mean, rstd = cynorm.instance_norm(x, self.weight, self.bias, self.eps,
+                                             return_stats=True)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd = self._saved_for_backward()
+        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, self.weight)
+        self._finish_backward(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self):
+        return f"InstanceNorm({self.num_features}, eps={self.eps}, affine={self.affine})"
+
+
+class BatchNorm(_Norm):
+    """Batch normalisation over x of shape (N, C, *spatial) (also (N, C)), as
+    torch.nn.BatchNorm1d/2d/3d.
+
+    Training: batch statistics; with track_running_stats the running mean and (unbiased)
+    variance are updated with `momentum`, or as a cumulative moving average when
+    momentum is None, and num_batches_tracked counts the batches. Eval: the running
+    statistics, or batch statistics when track_running_stats is False.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        super().__init__(dtype)
+        self.num_features = _positive_int(num_features, "num_features")
+        self.eps = _eps(eps)
+        self.momentum = _momentum(momentum)
+        self.affine = _flag(affine, "affine")
+        self.track_running_stats = _flag(track_running_stats, "track_running_stats")
+        self._new_params((self.num_features,), self.affine, self.affine)
+        if self.track_running_stats:
+            self._buffers["running_mean"] = np.zeros(self.num_features, dtype=self.dtype)
+            self._buffers["running_var"] = np.ones(self.num_features, dtype=self.dtype)
+            self._buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
+
+    @property
+    def running_mean(self):
+        return self._buffers.get("running_mean")
+
+    @property
+    def running_var(self):
+        return self._buffers.get("running_var")
+
+    @property
+    def num_batches_tracked(self):
+        n = self._buffers.get("num_batches_tracked")
+        return None if n is None else int(n)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self._buffers["num_batches_tracked"][...] = 0
+
+    def forward(self, x):
+        x = self._check_channels(x, self.num_features)
+        use_batch_stats = self.training or not self.track_running_stats
+        momentum = 0.0
+        running_mean = running_var = None
+        if self.track_running_stats:
+            running_mean, running_var = self.running_mean, self.running_var
+            if self.training:
+                n = int(self._buffers["num_batches_tracked"]) + 1
+                momentum = 1.0 / n if self.momentum is None else self.momentum
+        y, mean, rstd = cynorm.batch_norm(x, running_mean, running_var, self.weight,
+                                          self.bias, training=use_batch_stats,
+                                          momentum=momentum, eps=self.eps,
+                                          return_stats=True)
+        if self.track_running_stats and self.training:
+            # counted after the call succeeded, so that a rejected batch is not counted
+            self._buffers["num_batches_tracked"] += 1
+        self._saved = (x, mean, rstd, use_batch_stats)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, use_batch_stats = self._saved_for_backward()
+        dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, self.weight,
+                                                training=use_batch_stats)
+        self._finish_backward(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+
+
+class _RowNorm(_Norm):
+    """Shared by LayerNorm and RMSNorm: statistics over the trailing normalized_shape."""
+
+    def _check_trailing(self, x):
+        x = np.asarray(x)
+        k = len(self.normalized_shape)
+        if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
+            raise ValueError(f"{type(self).__name__}: x's trailing dimensions must be "
+                             f"{self.normalized_shape}, got shape {x.shape}")
+        return x
+
+
+class LayerNorm(_RowNorm):
+    """Layer normalisation over the trailing `normalized_shape` dimensions of x, with an
+    elementwise affine, as torch.nn.LayerNorm."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 dtype=np.float32):
+        super().__init__(dtype)
+        self.normalized_shape = _normalized_shape(normalized_shape)
+        self.eps = _eps(eps)
+        self.elementwise_affine = _flag(elementwise_affine, "elementwise_affine")
+        has_bias = _flag(bias, "bias")
+        self._new_params(self.normalized_shape, self.elementwise_affine,
+                         self.elementwise_affine and has_bias)
+
+    def forward(self, x):
+        x = self._check_trailing(x)
+        y, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
+                                          self.bias, self.eps, return_stats=True)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd = self._saved_for_backward()
+        dx, dw, db = cynorm.layer_norm_backward(dy, x, mean, rstd, self.normalized_shape,
+                                                self.weight)
+        self._finish_backward(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self):
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None})")
+
+
+class RMSNorm(_RowNorm):
+    """Root-mean-square normalisation over the trailing `normalized_shape` dimensions of
+    x, with an elementwise weight, as torch.nn.RMSNorm. eps=None means the machine
+    epsilon of x's dtype."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True,
+                 dtype=np.float32):
+        super().__init__(dtype)
+        self.normalized_shape = _normalized_shape(normalized_shape)
+        self.eps = _eps(eps, allow_none=True)
+        self.elementwise_affine = _flag(elementwise_affine, "elementwise_affine")
+        self._new_params(self.normalized_shape, self.elementwise_affine, False)
+
+    def forward(self, x):
+        x = self._check_trailing(x)
+        y, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
+                                  return_stats=True)
+        self._saved = (x, rstd)
+        return y
+
+    def backward(self, dy):
+        x, rstd = self._saved_for_backward()
+        dx, dw = cynorm.rms_norm_backward(dy, x, rstd, self.normalized_shape, self.weight)
+        self._finish_backward(weight=dw)
+        return dx
+
+    def __repr__(self):
+        return (f"RMSNorm({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine})")

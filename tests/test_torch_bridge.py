@@ -1,0 +1,298 @@
+"""cynorm.torch: autograd Functions and drop-in nn.Modules on cynorm's kernels, checked
+against torch.autograd.gradcheck and against torch.nn's own modules (forward, backward,
+running buffers, a few training steps of a small network), plus the no-copy promise."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cynorm  # noqa: E402
+import cynorm.torch as ct  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def _randomize(module):
+    """Non-trivial affine parameters (torch initialises ones and zeros)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_()
+    return module
+
+
+def _pair(ours_cls, theirs_cls, *args, dtype=torch.float64, **kwargs):
+    theirs = _randomize(theirs_cls(*args, dtype=dtype, **kwargs))
+    ours = ours_cls(*args, dtype=dtype, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+# (cynorm.torch class, torch.nn class, constructor args, constructor kwargs, input shape)
+MODULES = {
+    "group": (ct.GroupNorm, torch.nn.GroupNorm, (2, 6), {}, (3, 6, 4, 3)),
+    "group_no_affine": (ct.GroupNorm, torch.nn.GroupNorm, (3, 6), {"affine": False}, (2, 6, 5)),
+    "instance2d": (ct.InstanceNorm2d, torch.nn.InstanceNorm2d, (4,), {}, (3, 4, 3, 5)),
+    "instance2d_affine": (ct.InstanceNorm2d, torch.nn.InstanceNorm2d, (4,),
+                          {"affine": True}, (2, 4, 4, 3)),
+    "instance2d_tracked": (ct.InstanceNorm2d, torch.nn.InstanceNorm2d, (4,),
+                           {"affine": True, "track_running_stats": True}, (3, 4, 3, 3)),
+    "instance2d_unbatched": (ct.InstanceNorm2d, torch.nn.InstanceNorm2d, (3,),
+                             {"affine": True}, (3, 4, 5)),
+    "instance1d": (ct.InstanceNorm1d, torch.nn.InstanceNorm1d, (3,), {"eps": 1e-3}, (2, 3, 7)),
+    "batch2d": (ct.BatchNorm2d, torch.nn.BatchNorm2d, (4,), {}, (3, 4, 3, 2)),
+    "batch2d_cma": (ct.BatchNorm2d, torch.nn.BatchNorm2d, (4,), {"momentum": None},
+                    (3, 4, 2, 2)),
+    "batch2d_untracked": (ct.BatchNorm2d, torch.nn.BatchNorm2d, (3,),
+                          {"track_running_stats": False}, (4, 3, 2, 2)),
+    "batch1d": (ct.BatchNorm1d, torch.nn.BatchNorm1d, (5,), {"momentum": 0.3}, (6, 5)),
+    "batch3d": (ct.BatchNorm3d, torch.nn.BatchNorm3d, (2,), {"affine": False},
+                (2, 2, 3, 2, 2)),
+    "layer": (ct.LayerNorm, torch.nn.LayerNorm, ((3, 4),), {}, (2, 5, 3, 4)),
+    "layer_no_bias": (ct.LayerNorm, torch.nn.LayerNorm, (6,), {"bias": False}, (4, 6)),
+    "layer_no_affine": (ct.LayerNorm, torch.nn.LayerNorm, (6,),
+                        {"elementwise_affine": False}, (3, 6)),
+    "rms": (ct.RMSNorm, torch.nn.RMSNorm, ((2, 5),), {}, (3, 2, 5)),
+    "rms_eps": (ct.RMSNorm, torch.nn.RMSNorm, (7,), {"eps": 1e-2}, (4, 7)),
+}
+
+
+def _close(a, b, dtype, **kw):
+    t = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    t.update(kw)
+    torch.testing.assert_close(a, b, **t)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_module_matches_torch_through_train_and_eval(name, dtype):
+    ours_cls, theirs_cls, args, kwargs, shape = MODULES[name]
+    ours, theirs = _pair(ours_cls, theirs_cls, *args, dtype=dtype, **kwargs)
+    assert isinstance(ours, theirs_cls)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for step, training in enumerate([True, True, False]):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(shape, dtype=dtype) * (1 + step) + step
+        dy = torch.randn(shape, dtype=dtype)
+        xa = x.clone().requires_grad_()
+        xb = x.clone().requires_grad_()
+        ours.zero_grad()
+        theirs.zero_grad()
+        ya, yb = ours(xa), theirs(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert ya.dtype == dtype and ya.shape == yb.shape
+        _close(ya, yb, dtype)
+        _close(xa.grad, xb.grad, dtype)
+        for (k, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
+            _close(pa.grad, pb.grad, dtype, msg=k)
+        # running statistics and num_batches_tracked update exactly like torch's
+        for (k, ba), (_, bb) in zip(ours.named_buffers(), theirs.named_buffers()):
+            _close(ba, bb, dtype, msg=k)
+
+
+GRADCHECK = {  # name: (module, input shape, modes)
+    "group": (lambda: ct.GroupNorm(2, 4), (2, 4, 3, 2), [True]),
+    "instance2d": (lambda: ct.InstanceNorm2d(3, affine=True), (2, 3, 3, 2), [True]),
+    "instance2d_running": (lambda: ct.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                           (2, 3, 2, 3), [True, False]),
+    "batch2d": (lambda: ct.BatchNorm2d(3), (3, 3, 2, 2), [True, False]),
+    "batch1d_no_affine": (lambda: ct.BatchNorm1d(4, affine=False), (5, 4), [True]),
+    "layer": (lambda: ct.LayerNorm((2, 3)), (3, 2, 3), [True]),
+    "layer_no_bias": (lambda: ct.LayerNorm(4, bias=False), (3, 4), [True]),
+    "rms": (lambda: ct.RMSNorm((2, 3)), (3, 2, 3), [True]),
+    "rms_no_weight": (lambda: ct.RMSNorm(5, eps=1e-3, elementwise_affine=False), (3, 5), [True]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADCHECK))
+def test_gradcheck_float64(name):
+    factory, shape, modes = GRADCHECK[name]
+    module = _randomize(factory().double())
+    params = [p for _, p in module.named_parameters()]
+    names = [n for n, _ in module.named_parameters()]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+
+    for training in modes:
+        module.train(training)
+        if not training:  # use non-trivial running statistics
+            with torch.no_grad():
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+
+        def f(x, *ps):
+            return torch.func.functional_call(module, dict(zip(names, ps)), (x,))
+
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fn, args", [
+    (lambda x, w, b: ct.group_norm(x, 3, w, b, 1e-3), (2, 6, 4)),
+    (lambda x, w, b: ct.instance_norm(x, None, None, w, b, True, 0.1, 1e-4), (2, 6, 3)),
+    (lambda x, w, b: ct.batch_norm(x, None, None, w, b, True, 0.1, 1e-4), (4, 6, 2)),
+    (lambda x, w, b: ct.layer_norm(x.reshape(2, 4, 6), (6,), w, b), (2, 6, 4)),
+    (lambda x, w, b: ct.rms_norm(x.reshape(4, 2, 6), (6,), w), (2, 6, 4)),
+])
+def test_functional_gradcheck_with_non_contiguous_input(fn, args):
+    """The functional forms take torch.nn.functional's arguments; a transposed
+    (non-contiguous) input is made contiguous and still differentiates correctly."""
+    N, C, L = args
+    x = torch.randn(N, L, C, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    assert not x.is_contiguous()
+    w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# ---- a small network trained with torch's layers and with cynorm's --------------------
+
+def _network(norms, dtype):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 3, padding=1),
+        norms.GroupNorm(2, 6), torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 6, 3, padding=1),
+        norms.BatchNorm2d(6), torch.nn.ReLU(),
+        norms.InstanceNorm2d(6, affine=True, track_running_stats=True),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 6 * 6, 16),
+        norms.LayerNorm(16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        norms.RMSNorm(16),
+        torch.nn.Linear(16, 4),
+    ).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_training_gives_torchs_losses(dtype):
+    theirs = _network(torch.nn, dtype)
+    _randomize(theirs)
+    ours = _network(ct, dtype)
+    ours.load_state_dict(theirs.state_dict())
+    assert sum(isinstance(m, (ct.GroupNorm, ct.BatchNorm2d, ct.InstanceNorm2d, ct.LayerNorm,
+                              ct.RMSNorm)) for m in ours.modules()) == 5
+    x = torch.randn(8, 1, 6, 6, dtype=dtype)
+    target = torch.randint(0, 4, (8,))
+    losses = {}
+    for key, model in (("ours", ours), ("theirs", theirs)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[key] = []
+        for _ in range(5):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            losses[key].append(loss.item())
+        model.eval()
+        losses[key].append(torch.nn.functional.cross_entropy(model(x), target).item())
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    np.testing.assert_allclose(losses["ours"], losses["theirs"], rtol=rtol)
+    assert losses["ours"][4] < losses["ours"][0]  # it did learn something
+    for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        _close(a, b, dtype, rtol=1e-8 if dtype == torch.float64 else 1e-3,
+               atol=1e-8 if dtype == torch.float64 else 1e-4, msg=k)
+
+
+# ---- no copies --------------------------------------------------------------------------
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("name, module, shape", [
+    ("group_norm", lambda: ct.GroupNorm(2, 4), (2, 4, 3)),
+    ("instance_norm", lambda: ct.InstanceNorm1d(4, affine=True), (2, 4, 3)),
+    ("batch_norm", lambda: ct.BatchNorm1d(4), (3, 4, 2)),
+    ("layer_norm", lambda: ct.LayerNorm(4), (3, 4)),
+    ("rms_norm", lambda: ct.RMSNorm(4), (3, 4)),
+])
+def test_kernels_see_the_tensors_memory(monkeypatch, name, module, shape):
+    """The forward hands cynorm the input's and the parameters' own memory, and the
+    output tensor is the array cynorm wrote (and likewise for the backward)."""
+    seen = {}
+    forward, backward = getattr(cynorm, name), getattr(cynorm, name + "_backward")
+
+    def spy_forward(x, *args, **kwargs):
+        seen["x"] = _address(x)
+        seen["params"] = [_address(a) for a in args if isinstance(a, np.ndarray)]
+        out = forward(x, *args, **kwargs)
+        seen["y"] = _address(out[0])
+        return out
+
+    def spy_backward(dy, x, *args, **kwargs):
+        seen["dy"], seen["saved_x"] = _address(dy), _address(x)
+        out = backward(dy, x, *args, **kwargs)
+        seen["dx"] = _address(out[0])
+        return out
+
+    monkeypatch.setattr(cynorm, name, spy_forward)
+    monkeypatch.setattr(cynorm, name + "_backward", spy_backward)
+    m = module().double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    dy = torch.randn(shape, dtype=torch.float64)
+    y.backward(dy)
+    assert seen["x"] == x.data_ptr() == seen["saved_x"]
+    assert y.data_ptr() == seen["y"]
+    assert seen["dy"] == dy.data_ptr()
+    assert x.grad.data_ptr() == seen["dx"]
+    tensors = [m.weight] + [b for b in (getattr(m, "running_mean", None),
+                                        getattr(m, "running_var", None)) if b is not None]
+    for t in tensors:
+        assert t.data_ptr() in seen["params"]
+
+
+def test_running_buffers_are_updated_in_place():
+    bn = ct.BatchNorm2d(3)
+    rm, rv = bn.running_mean, bn.running_var
+    ptrs = (rm.data_ptr(), rv.data_ptr())
+    x = torch.randn(4, 3, 2, 2) * 3 + 2
+    bn(x)
+    assert bn.running_mean is rm and (rm.data_ptr(), rv.data_ptr()) == ptrs
+    flat = x.transpose(0, 1).reshape(3, -1)
+    _close(rm, 0.1 * flat.mean(1), torch.float32)
+    _close(rv, 0.9 + 0.1 * flat.var(1, unbiased=True), torch.float32)
+    assert int(bn.num_batches_tracked) == 1
+
+
+# ---- misuse -----------------------------------------------------------------------------
+
+def test_rejects_non_cpu_and_non_float_tensors():
+    m = ct.LayerNorm(4)
+    with pytest.raises(ValueError, match="CPU"):
+        m(torch.empty(2, 4, device="meta"))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ct.layer_norm(torch.ones(2, 4, dtype=torch.int64), (4,))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        m(torch.ones(2, 4, dtype=torch.bfloat16))
+
+
+def test_double_backward_raises():
+    m = ct.GroupNorm(1, 2).double()
+    x = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_modules_check_input_like_torch():
+    with pytest.raises(ValueError, match="4D"):
+        ct.BatchNorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError):
+        ct.GroupNorm(2, 4)(torch.randn(2, 6, 3))
+    with pytest.raises(ValueError):
+        ct.InstanceNorm2d(3, affine=True)(torch.randn(2, 5, 2, 2))
+    with pytest.raises(ValueError, match="more than 1"):  # one value per channel
+        ct.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 spatial"):
+        ct.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))
+    # the same conditions torch rejects
+    with pytest.raises(ValueError):
+        torch.nn.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError):
+        torch.nn.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))
