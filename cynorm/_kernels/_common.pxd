@@ -15,6 +15,16 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define cynorm_prefetch(p) __builtin_prefetch((const void*)(p), 0, 3)
+    #else
+    #define cynorm_prefetch(p) ((void)(p))
+    #endif
+    """
+    void cynorm_prefetch(const void* p) noexcept nogil
+
 # Elements per piece: 4096 float64 = 32 KiB, so a piece's second pass hits L1.
 cdef enum:
     CHUNK = 4096
@@ -94,31 +104,70 @@ cdef inline double lane_total(double* acc) noexcept nogil:
     return acc[0]
 
 
+cdef inline double lane_total64(double* acc) noexcept nogil:
+    """Combine FLANES accumulators in a fixed pairwise tree."""
+    cdef Py_ssize_t w = FLANES // 2, j
+    while w > 0:
+        for j in range(w):
+            acc[j] = acc[j] + acc[j + w]
+        w = w // 2
+    return acc[0]
+
+
+cdef enum:
+    # First-pass sums of float32 data: FLANES float32 partial sums over FBLOCK steps
+    # (runs of 8 values, error <= 8 float32 ulps of their magnitude), then added in
+    # float64. The first pass only needs a mean close enough for the corrected second
+    # pass (piece_moments), which restores float64 accuracy.
+    FLANES = 64
+    FBLOCK = 8
+
+
 cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
-    cdef double acc[LANES]
-    cdef Py_ssize_t i = 0, j
-    for j in range(LANES):
+    cdef double acc[FLANES]
+    cdef float part[FLANES]
+    cdef Py_ssize_t i = 0, j, t
+    for j in range(FLANES):
         acc[j] = 0
-    while i + LANES <= n:
-        for j in range(LANES):
+    if floating is float:
+        while i + FLANES * FBLOCK <= n:
+            for j in range(FLANES):
+                part[j] = 0
+            for t in range(FBLOCK):
+                for j in range(FLANES):
+                    part[j] += x[i + t * FLANES + j]
+            for j in range(FLANES):
+                acc[j] += part[j]
+            i += FLANES * FBLOCK
+    while i + FLANES <= n:
+        for j in range(FLANES):
             acc[j] += x[i + j]
-        i += LANES
+        i += FLANES
     for j in range(n - i):
         acc[j] += x[i + j]
-    return lane_total(acc)
+    return lane_total64(acc)
 
 
-cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m,
-                              double* sdev) noexcept nogil:
-    """sum((x - m)**2), and sdev += sum(x - m); with m = 0, the sum of squares."""
+cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m, double* sdev,
+                              const floating* pf) noexcept nogil:
+    """sum((x - m)**2), and sdev += sum(x - m); with m = 0, the sum of squares.
+
+    This second pass works on data already in L1, so it also prefetches the n elements
+    at pf (the next piece, which the next first pass will read) to overlap that memory
+    traffic with this arithmetic; pf = NULL prefetches x itself, a no-op."""
     cdef double acc[LANES]
     cdef double acc_d[LANES]
     cdef double d
     cdef Py_ssize_t i = 0, j
+    if pf == NULL:
+        pf = x
     for j in range(LANES):
         acc[j] = 0
         acc_d[j] = 0
     while i + LANES <= n:
+        cynorm_prefetch(pf + i)
+        if floating is double:
+            cynorm_prefetch(pf + i + 8)
         for j in range(LANES):
             d = x[i + j] - m
             acc_d[j] += d
@@ -204,14 +253,14 @@ cdef inline void chan_merge(double* cnt, double* mean, double* m2, double cb, do
 
 
 cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_t p,
-                               int welford, int centered, double* cnt, double* mean,
-                               double* m2) noexcept nogil:
+                               int welford, int centered, const floating* pf,
+                               double* cnt, double* mean, double* m2) noexcept nogil:
     """Moments of piece p of the set starting at xs.
 
-    Two-pass (mean, then the deviations while the piece is in L1) or Welford.
-    centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm)."""
+    Two-pass (a mean, then the deviations from it while the piece is in L1, corrected)
+    or Welford. centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
+    pf: the next piece's data, prefetched during the second pass (single-run pieces)."""
     cdef Py_ssize_t run0, nruns, e0, elen, r
-    cdef const floating* ptr
     cdef double s = 0, q = 0, m = 0, c = 0
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
     if welford and centered:
@@ -228,10 +277,11 @@ cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_
         m = s / c
     s = 0
     for r in range(nruns):
-        q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s)
+        q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s,
+                        pf if nruns == 1 else NULL)
     if centered:
         # corrected two-pass (Chan, Golub & LeVeque): the deviations' sum s recovers
-        # the rounding of the first pass's mean (constant data gives var exactly 0)
+        # the error of the first pass's mean (constant data gives var exactly 0)
         m += s / c
         q -= s * s / c
         if q < 0:
@@ -242,12 +292,21 @@ cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_
 
 
 cdef inline void set_moments(const floating* xs, const SetLayout* L, int welford,
-                             int centered, double* mean, double* m2) noexcept nogil:
-    """Moments of the whole set: the fold of its pieces' moments, in piece order."""
+                             int centered, const floating* next_set, double* mean,
+                             double* m2) noexcept nogil:
+    """Moments of the whole set: the fold of its pieces' moments, in piece order.
+    next_set: the set this thread handles next (prefetched during the last piece), or
+    NULL."""
     cdef double c = 0, m = 0, q = 0, pc, pm, pq
     cdef Py_ssize_t p
+    cdef const floating* pf
     for p in range(L.n_pieces):
-        piece_moments(xs, L, p, welford, centered, &pc, &pm, &pq)
+        pf = next_set
+        if L.n_runs == 1 and p + 1 < L.n_pieces:
+            pf = xs + (p + 1) * CHUNK
+        elif L.n_runs > 1:
+            pf = NULL
+        piece_moments(xs, L, p, welford, centered, pf, &pc, &pm, &pq)
         if centered:
             chan_merge(&c, &m, &q, pc, pm, pq)
         else:
@@ -276,11 +335,11 @@ cdef inline double inv_std(double m2, Py_ssize_t size, double eps) noexcept nogi
 
 
 cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
-                           int centered, double eps, double* mean, double* rstd,
-                           double* var) noexcept nogil:
+                           int centered, double eps, const floating* next_set,
+                           double* mean, double* rstd, double* var) noexcept nogil:
     """mean, rstd (and, when var is not NULL, the biased variance) of one set."""
     cdef double m2
-    set_moments(xs, L, welford, centered, mean, &m2)
+    set_moments(xs, L, welford, centered, next_set, mean, &m2)
     if var != NULL:
         var[0] = m2 / <double>L.size
     rstd[0] = inv_std(m2, L.size, eps)
@@ -294,7 +353,7 @@ cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize
     among the threads; parts holds 3 doubles per piece. Same bits as set_stats."""
     cdef Py_ssize_t P = L.n_pieces, k, s
     for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
-        piece_moments(x + (k // P) * set_stride, L, k % P, welford, centered,
+        piece_moments(x + (k // P) * set_stride, L, k % P, welford, centered, NULL,
                       &parts[3 * k], &parts[3 * k + 1], &parts[3 * k + 2])
     for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
         fold_moments(parts + 3 * s * P, P, centered, &mean[s], &rstd[s])

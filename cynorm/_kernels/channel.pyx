@@ -210,7 +210,7 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
     cdef Py_ssize_t c, r
     if training and parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
-            set_stats(x + c * HW, &L, welford, 1, eps, &mean[c], &rstd[c], &var[c])
+            set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c], &var[c])
             _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW)
         return
     if training:

@@ -20,7 +20,7 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats,
-    set_grad_sums, split_grad_sums, data,
+    set_grad_sums, split_grad_sums, aligned_head, data,
 )
 
 import numpy as np
@@ -35,23 +35,51 @@ cdef enum:
     ROWS_PER_BLOCK = 32
 
 
+cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
+                             const floating* b, Py_ssize_t k0, Py_ssize_t k1, double mean,
+                             double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * w + b over [k0, k1) (w, b: NULL for none); float32 data in
+    float32 with a hi/lo mean, as affine_const."""
+    cdef Py_ssize_t k
+    cdef float mh, ml, rs
+    if floating is float:
+        mh = <float>mean
+        ml = <float>(mean - <double>mh)
+        rs = <float>rstd
+        if w != NULL and b != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs * w[k] + b[k]
+        elif w != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs * w[k]
+        elif b != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs + b[k]
+        else:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs
+    else:
+        if w != NULL and b != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd * w[k] + b[k]
+        elif w != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd * w[k]
+        elif b != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd + b[k]
+        else:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd
+
+
 cdef inline void _apply_row(const floating* x, floating* y, const floating* w,
                             const floating* b, Py_ssize_t n, double mean,
                             double rstd) noexcept nogil:
-    """y = (x - mean) * rstd * w + b over n elements (w, b: the row's slice, or NULL)."""
-    cdef Py_ssize_t k
-    if w != NULL and b != NULL:
-        for k in range(n):
-            y[k] = <floating>((x[k] - mean) * rstd * w[k] + b[k])
-    elif w != NULL:
-        for k in range(n):
-            y[k] = <floating>((x[k] - mean) * rstd * w[k])
-    elif b != NULL:
-        for k in range(n):
-            y[k] = <floating>((x[k] - mean) * rstd + b[k])
-    else:
-        for k in range(n):
-            y[k] = <floating>((x[k] - mean) * rstd)
+    """Normalise n elements of a row (w, b: the row's slice, or NULL)."""
+    cdef Py_ssize_t h = aligned_head(y, n, sizeof(floating))
+    _apply_span(x, y, w, b, 0, h, mean, rstd)
+    _apply_span(x, y, w, b, h, n, mean, rstd)
 
 
 cdef inline void _apply_piece(const floating* x, floating* y, const floating* w,
@@ -71,7 +99,8 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
     cdef Py_ssize_t r, k
     if parts == NULL:
         for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
-            set_stats(x + r * K, &L, welford, not rms, eps, &mean[r], &rstd[r], NULL)
+            set_stats(x + r * K, &L, welford, not rms, eps,
+                      x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
             _apply_row(x + r * K, y + r * K, w, b, K, mean[r], rstd[r])
         return
     split_set_stats(x, &L, R, K, parts, welford, not rms, eps, mean, rstd, NULL, nt)
@@ -118,6 +147,49 @@ cdef inline void _row_coeffs(const double* sdy, const double* sdyx, const double
     c0[0] = 0.0 if rms else rs * sdy[r] / <double>K
 
 
+cdef inline void _tile_row(const floating* dy, const floating* x, floating* dx,
+                           const floating* w, Py_ssize_t n, double mean, double rstd,
+                           double b, double c0, double* acc_w,
+                           double* acc_b) noexcept nogil:
+    """One row of a tile: dx = rstd * w * dy - b * (x - mean) - c0, and per column
+    acc_w += dy * xhat, acc_b += dy (float64 sums; float32 data computes the rest in
+    float32 with a hi/lo mean)."""
+    cdef Py_ssize_t k
+    cdef float mh, ml, rs, bf, cf, d
+    cdef double dd
+    if floating is float:
+        mh = <float>mean
+        ml = <float>(mean - <double>mh)
+        rs = <float>rstd
+        bf = <float>b
+        cf = <float>c0
+        if w == NULL:
+            for k in range(n):
+                d = (x[k] - mh) - ml
+                acc_w[k] += dy[k] * (d * rs)
+                acc_b[k] += dy[k]
+                dx[k] = rs * dy[k] - bf * d - cf
+        else:
+            for k in range(n):
+                d = (x[k] - mh) - ml
+                acc_w[k] += dy[k] * (d * rs)
+                acc_b[k] += dy[k]
+                dx[k] = rs * (dy[k] * w[k]) - bf * d - cf
+    else:
+        if w == NULL:
+            for k in range(n):
+                dd = x[k] - mean
+                acc_w[k] += dy[k] * (dd * rstd)
+                acc_b[k] += dy[k]
+                dx[k] = rstd * dy[k] - b * dd - c0
+        else:
+            for k in range(n):
+                dd = x[k] - mean
+                acc_w[k] += dy[k] * (dd * rstd)
+                acc_b[k] += dy[k]
+                dx[k] = rstd * (dy[k] * w[k]) - b * dd - c0
+
+
 cdef void _tile(const floating* dy, const floating* x, floating* dx, const floating* w,
                 const double* mean, const double* rstd, const double* sdy,
                 const double* sdyx, floating* dw, floating* db, double* part,
@@ -130,26 +202,15 @@ cdef void _tile(const floating* dy, const floating* x, floating* dx, const float
     cdef Py_ssize_t r, k, r0 = blk * ROWS_PER_BLOCK
     cdef Py_ssize_t r1 = min(r0 + ROWS_PER_BLOCK, R)
     cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-    cdef double m, rs, bb, c0, d, g
-    cdef const floating* dyr
-    cdef const floating* xr
-    cdef floating* dxr
+    cdef double bb, c0
     for k in range(kn):
         acc_w[k] = 0
         acc_b[k] = 0
     for r in range(r0, r1):
-        m = mean[r]
-        rs = rstd[r]
         _row_coeffs(sdy, sdyx, rstd, r, K, rms, &bb, &c0)
-        dyr = dy + r * K + k0
-        xr = x + r * K + k0
-        dxr = dx + r * K + k0
-        for k in range(kn):
-            d = xr[k] - m
-            g = dyr[k] if w == NULL else <double>dyr[k] * w[k0 + k]
-            acc_w[k] += dyr[k] * (d * rs)
-            acc_b[k] += dyr[k]
-            dxr[k] = <floating>(rs * g - bb * d - c0)
+        _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
+                  NULL if w == NULL else w + k0, kn, mean[r], rstd[r], bb, c0,
+                  acc_w, acc_b)
     if n_blocks == 1:
         for k in range(kn):
             dw[k0 + k] = <floating>acc_w[k]

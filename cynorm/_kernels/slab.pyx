@@ -62,8 +62,9 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
     cdef SetLayout L = make_layout(1, M, M)
     cdef Py_ssize_t P = L.n_pieces, s, k
     if parts == NULL:
-        for s in prange(n_sets, nogil=True, num_threads=nt, schedule="dynamic"):
-            set_stats(x + s * M, &L, welford, 1, eps, &mean[s], &rstd[s], NULL)
+        for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
+            set_stats(x + s * M, &L, welford, 1, eps,
+                      x + (s + 1) * M if s + 1 < n_sets else NULL, &mean[s], &rstd[s], NULL)
             _apply_range(x + s * M, y + s * M, 0, M, HW, (s % G) * cpg, mean[s],
                          rstd[s], w, b)
         return
