@@ -82,7 +82,7 @@ extensions = [
     Extension(
         f"cynorm._kernels.{name}",
         [f"cynorm/_kernels/{name}.pyx"],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "cynorm/_kernels"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
     )
     for name in MODULES

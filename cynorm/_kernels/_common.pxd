@@ -5,25 +5,15 @@
 # results, and pieces depend only on the array's shape (never on the thread count). A
 # kernel may hand whole sets or single pieces to threads; the bits are the same.
 #
-# Vectorisation without -ffast-math: the reductions keep LANES independent float64
-# accumulators that the compiler maps onto SIMD registers, combined in a fixed tree at the
-# end. Their result does not depend on the instruction set or on the data's alignment.
+# Vectorisation without -ffast-math: the reductions (in _lanes.h) keep 16 independent
+# float64 accumulators in explicit SIMD vectors, combined in a fixed tree at the end.
+# Their result does not depend on the instruction set or on the data's alignment.
 
 cimport cython
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
-
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define cynorm_prefetch(p) __builtin_prefetch((const void*)(p), 0, 3)
-    #else
-    #define cynorm_prefetch(p) ((void)(p))
-    #endif
-    """
-    void cynorm_prefetch(const void* p) noexcept nogil
 
 # Elements per piece: 4096 float64 = 32 KiB, so a piece's second pass hits L1.
 cdef enum:
@@ -87,65 +77,27 @@ cdef inline void piece_bounds(const SetLayout* L, Py_ssize_t p, Py_ssize_t* run0
         elen[0] = L.run_len
 
 
-# ---- reductions over one contiguous run, in LANES float64 accumulators --------------
+# ---- reductions over one contiguous run (_lanes.h: explicit float64 lanes) -----------
 
-cdef enum:
-    # Independent accumulators: enough to hide the add latency at full SIMD width.
-    LANES = 16
-
-
-cdef inline double lane_total(double* acc) noexcept nogil:
-    """Combine the accumulators in a fixed pairwise tree."""
-    cdef Py_ssize_t w = LANES // 2, j
-    while w > 0:
-        for j in range(w):
-            acc[j] = acc[j] + acc[j + w]
-        w = w // 2
-    return acc[0]
-
-
-cdef inline double lane_total64(double* acc) noexcept nogil:
-    """Combine FLANES accumulators in a fixed pairwise tree."""
-    cdef Py_ssize_t w = FLANES // 2, j
-    while w > 0:
-        for j in range(w):
-            acc[j] = acc[j] + acc[j + w]
-        w = w // 2
-    return acc[0]
-
-
-cdef enum:
-    # First-pass sums of float32 data: FLANES float32 partial sums over FBLOCK steps
-    # (runs of 8 values, error <= 8 float32 ulps of their magnitude), then added in
-    # float64. The first pass only needs a mean close enough for the corrected second
-    # pass (piece_moments), which restores float64 accuracy.
-    FLANES = 64
-    FBLOCK = 8
+cdef extern from "_lanes.h":
+    double cn_sum_f32(const float* x, Py_ssize_t n) noexcept nogil
+    double cn_sum_f64(const double* x, Py_ssize_t n) noexcept nogil
+    double cn_sqdev_f32(const float* x, Py_ssize_t n, double m, double* sdev,
+                        const float* pf) noexcept nogil
+    double cn_sqdev_f64(const double* x, Py_ssize_t n, double m, double* sdev,
+                        const double* pf) noexcept nogil
+    void cn_grad_sums_f32(const float* dy, const float* x, const float* w, Py_ssize_t n,
+                          double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_grad_sums_f64(const double* dy, const double* x, const double* w,
+                          Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
 
 
 cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
-    cdef double acc[FLANES]
-    cdef float part[FLANES]
-    cdef Py_ssize_t i = 0, j, t
-    for j in range(FLANES):
-        acc[j] = 0
+    """sum(x); for float32 data accurate enough for a first pass (see _lanes.h)."""
     if floating is float:
-        while i + FLANES * FBLOCK <= n:
-            for j in range(FLANES):
-                part[j] = 0
-            for t in range(FBLOCK):
-                for j in range(FLANES):
-                    part[j] += x[i + t * FLANES + j]
-            for j in range(FLANES):
-                acc[j] += part[j]
-            i += FLANES * FBLOCK
-    while i + FLANES <= n:
-        for j in range(FLANES):
-            acc[j] += x[i + j]
-        i += FLANES
-    for j in range(n - i):
-        acc[j] += x[i + j]
-    return lane_total64(acc)
+        return cn_sum_f32(x, n)
+    else:
+        return cn_sum_f64(x, n)
 
 
 cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m, double* sdev,
@@ -155,30 +107,12 @@ cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m, double*
     This second pass works on data already in L1, so it also prefetches the n elements
     at pf (the next piece, which the next first pass will read) to overlap that memory
     traffic with this arithmetic; pf = NULL prefetches x itself, a no-op."""
-    cdef double acc[LANES]
-    cdef double acc_d[LANES]
-    cdef double d
-    cdef Py_ssize_t i = 0, j
     if pf == NULL:
         pf = x
-    for j in range(LANES):
-        acc[j] = 0
-        acc_d[j] = 0
-    while i + LANES <= n:
-        cynorm_prefetch(pf + i)
-        if floating is double:
-            cynorm_prefetch(pf + i + 8)
-        for j in range(LANES):
-            d = x[i + j] - m
-            acc_d[j] += d
-            acc[j] += d * d
-        i += LANES
-    for j in range(n - i):
-        d = x[i + j] - m
-        acc_d[j] += d
-        acc[j] += d * d
-    sdev[0] += lane_total(acc_d)
-    return lane_total(acc)
+    if floating is float:
+        return cn_sqdev_f32(x, n, m, sdev, pf)
+    else:
+        return cn_sqdev_f64(x, n, m, sdev, pf)
 
 
 cdef inline void welford_update(const floating* x, Py_ssize_t n, double* cnt, double* mean,
@@ -201,35 +135,10 @@ cdef inline void lane_grad_sums(const floating* dy, const floating* x, const flo
                                 Py_ssize_t n, double m, double* sdy,
                                 double* sdyx) noexcept nogil:
     """With g = dy * w (w = NULL: g = dy): sdy += sum(g); sdyx += sum(g * (x - m))."""
-    cdef double acc_g[LANES]
-    cdef double acc_gx[LANES]
-    cdef double g
-    cdef Py_ssize_t i = 0, j
-    for j in range(LANES):
-        acc_g[j] = 0
-        acc_gx[j] = 0
-    if w == NULL:
-        while i + LANES <= n:
-            for j in range(LANES):
-                acc_g[j] += dy[i + j]
-                acc_gx[j] += dy[i + j] * (x[i + j] - m)
-            i += LANES
-        for j in range(n - i):
-            acc_g[j] += dy[i + j]
-            acc_gx[j] += dy[i + j] * (x[i + j] - m)
+    if floating is float:
+        cn_grad_sums_f32(dy, x, w, n, m, sdy, sdyx)
     else:
-        while i + LANES <= n:
-            for j in range(LANES):
-                g = <double>dy[i + j] * w[i + j]
-                acc_g[j] += g
-                acc_gx[j] += g * (x[i + j] - m)
-            i += LANES
-        for j in range(n - i):
-            g = <double>dy[i + j] * w[i + j]
-            acc_g[j] += g
-            acc_gx[j] += g * (x[i + j] - m)
-    sdy[0] += lane_total(acc_g)
-    sdyx[0] += lane_total(acc_gx)
+        cn_grad_sums_f64(dy, x, w, n, m, sdy, sdyx)
 
 
 # ---- statistics of pieces and sets ---------------------------------------------------
@@ -451,30 +360,33 @@ cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, doub
 
 
 cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
-                            Py_ssize_t i0, Py_ssize_t i1, double a, double mean, double b,
-                            double c0) noexcept nogil:
+                            Py_ssize_t i0, Py_ssize_t i1, double a, double mean,
+                            double rstd, double k, double c0) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float mh, ml, af, bf, cf
+    cdef float mh, ml, rf, af, kf, cf
     if floating is float:
         mh = <float>mean
         ml = <float>(mean - <double>mh)
+        rf = <float>rstd
         af = <float>a
-        bf = <float>b
+        kf = <float>k
         cf = <float>c0
         for i in range(i0, i1):
-            dx[i] = af * dy[i] - bf * ((x[i] - mh) - ml) - cf
+            dx[i] = af * dy[i] - kf * (((x[i] - mh) - ml) * rf) - cf
     else:
         for i in range(i0, i1):
-            dx[i] = a * dy[i] - b * (x[i] - mean) - c0
+            dx[i] = a * dy[i] - k * ((x[i] - mean) * rstd) - c0
 
 
 cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
-                            Py_ssize_t n, double a, double mean, double b,
+                            Py_ssize_t n, double a, double mean, double rstd, double k,
                             double c0) noexcept nogil:
-    """dx = a * dy - b * (x - mean) - c0; dx may be dy or x."""
+    """dx = a * dy - k * xhat - c0 with xhat = (x - mean) * rstd; dx may be dy or x.
+    (Coefficients of xhat rather than of x - mean stay in range for data near the
+    float limits: rstd**3 would underflow.)"""
     cdef Py_ssize_t h = aligned_head(dx, n, sizeof(floating))
-    _grad_span(dy, x, dx, 0, h, a, mean, b, c0)
-    _grad_span(dy, x, dx, h, n, a, mean, b, c0)
+    _grad_span(dy, x, dx, 0, h, a, mean, rstd, k, c0)
+    _grad_span(dy, x, dx, h, n, a, mean, rstd, k, c0)
 
 
 cdef inline void* data(object a):

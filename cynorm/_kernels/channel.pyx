@@ -183,7 +183,8 @@ cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
         db[c] = <floating>sdy
         for h in range(HW):
             cols[D + c * HW + h] = wc * rs
-            cols[2 * D + c * HW + h] = wc * rs * rs * rs * sdyx / M if training else 0.0
+            # ordered so that no intermediate leaves the float64 range
+            cols[2 * D + c * HW + h] = wc * (rs * (rs * (rs * sdyx / M))) if training else 0.0
             cols[3 * D + c * HW + h] = wc * rs * sdy / M if training else 0.0
     for r in prange(N, nogil=True, num_threads=nt, schedule="static"):
         _col_grad_row(dy + r * D, x + r * D, dx + r * D, cols, cols + D, cols + 2 * D,
@@ -272,14 +273,14 @@ cdef inline void _grad_channel(const floating* dy, const floating* x, floating* 
     """dx over runs [n0, n1) of channel c. Training: dx = rstd * (g - mean(g) - xhat *
     mean(g * xhat)), g = w_c * dy; eval (constant statistics): dx = w_c * rstd * dy."""
     cdef double rs = rstd[c], wc = 1.0 if w == NULL else w[c]
-    cdef double M = <double>(N * HW), b = 0, c0 = 0
+    cdef double M = <double>(N * HW), k = 0, c0 = 0
     cdef Py_ssize_t n
     if training:
-        b = wc * rs * rs * rs * sdyx[c] / M
+        k = wc * rs * (rs * sdyx[c] / M)
         c0 = wc * rs * sdy[c] / M
     for n in range(n0, n1):
         grad_const(dy + (n * C + c) * HW, x + (n * C + c) * HW, dx + (n * C + c) * HW,
-                   HW, wc * rs, mean[c], b, c0)
+                   HW, wc * rs, mean[c], rs, k, c0)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,

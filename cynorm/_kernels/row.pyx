@@ -138,56 +138,57 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
 # ---- backward -------------------------------------------------------------------------
 
 cdef inline void _row_coeffs(const double* sdy, const double* sdyx, const double* rstd,
-                             Py_ssize_t r, Py_ssize_t K, int rms, double* b,
+                             Py_ssize_t r, Py_ssize_t K, int rms, double* kx,
                              double* c0) noexcept nogil:
-    """dx = rstd * w * dy - b * (x - mean) - c0 for row r, from g = w * dy:
-    b = rstd**3 * sum(g * (x - mean)) / K, c0 = rstd * sum(g) / K (0 for RMSNorm)."""
+    """dx = rstd * w * dy - kx * xhat - c0 for row r, from g = w * dy:
+    kx = rstd * mean(g * xhat) = rstd * (rstd * sum(g * (x - mean)) / K),
+    c0 = rstd * sum(g) / K (0 for RMSNorm)."""
     cdef double rs = rstd[r]
-    b[0] = rs * rs * rs * sdyx[r] / <double>K
+    kx[0] = rs * (rs * sdyx[r] / <double>K)
     c0[0] = 0.0 if rms else rs * sdy[r] / <double>K
 
 
 cdef inline void _tile_row(const floating* dy, const floating* x, floating* dx,
                            const floating* w, Py_ssize_t n, double mean, double rstd,
-                           double b, double c0, double* acc_w,
+                           double kx, double c0, double* acc_w,
                            double* acc_b) noexcept nogil:
-    """One row of a tile: dx = rstd * w * dy - b * (x - mean) - c0, and per column
+    """One row of a tile: dx = rstd * w * dy - kx * xhat - c0, and per column
     acc_w += dy * xhat, acc_b += dy (float64 sums; float32 data computes the rest in
     float32 with a hi/lo mean)."""
     cdef Py_ssize_t k
-    cdef float mh, ml, rs, bf, cf, d
-    cdef double dd
+    cdef float mh, ml, rs, kf, cf, xh
+    cdef double xd
     if floating is float:
         mh = <float>mean
         ml = <float>(mean - <double>mh)
         rs = <float>rstd
-        bf = <float>b
+        kf = <float>kx
         cf = <float>c0
         if w == NULL:
             for k in range(n):
-                d = (x[k] - mh) - ml
-                acc_w[k] += dy[k] * (d * rs)
+                xh = ((x[k] - mh) - ml) * rs
+                acc_w[k] += dy[k] * xh
                 acc_b[k] += dy[k]
-                dx[k] = rs * dy[k] - bf * d - cf
+                dx[k] = rs * dy[k] - kf * xh - cf
         else:
             for k in range(n):
-                d = (x[k] - mh) - ml
-                acc_w[k] += dy[k] * (d * rs)
+                xh = ((x[k] - mh) - ml) * rs
+                acc_w[k] += dy[k] * xh
                 acc_b[k] += dy[k]
-                dx[k] = rs * (dy[k] * w[k]) - bf * d - cf
+                dx[k] = rs * (dy[k] * w[k]) - kf * xh - cf
     else:
         if w == NULL:
             for k in range(n):
-                dd = x[k] - mean
-                acc_w[k] += dy[k] * (dd * rstd)
+                xd = (x[k] - mean) * rstd
+                acc_w[k] += dy[k] * xd
                 acc_b[k] += dy[k]
-                dx[k] = rstd * dy[k] - b * dd - c0
+                dx[k] = rstd * dy[k] - kx * xd - c0
         else:
             for k in range(n):
-                dd = x[k] - mean
-                acc_w[k] += dy[k] * (dd * rstd)
+                xd = (x[k] - mean) * rstd
+                acc_w[k] += dy[k] * xd
                 acc_b[k] += dy[k]
-                dx[k] = rstd * (dy[k] * w[k]) - b * dd - c0
+                dx[k] = rstd * (dy[k] * w[k]) - kx * xd - c0
 
 
 cdef void _tile(const floating* dy, const floating* x, floating* dx, const floating* w,
@@ -202,14 +203,14 @@ cdef void _tile(const floating* dy, const floating* x, floating* dx, const float
     cdef Py_ssize_t r, k, r0 = blk * ROWS_PER_BLOCK
     cdef Py_ssize_t r1 = min(r0 + ROWS_PER_BLOCK, R)
     cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-    cdef double bb, c0
+    cdef double kx, c0
     for k in range(kn):
         acc_w[k] = 0
         acc_b[k] = 0
     for r in range(r0, r1):
-        _row_coeffs(sdy, sdyx, rstd, r, K, rms, &bb, &c0)
+        _row_coeffs(sdy, sdyx, rstd, r, K, rms, &kx, &c0)
         _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                  NULL if w == NULL else w + k0, kn, mean[r], rstd[r], bb, c0,
+                  NULL if w == NULL else w + k0, kn, mean[r], rstd[r], kx, c0,
                   acc_w, acc_b)
     if n_blocks == 1:
         for k in range(kn):

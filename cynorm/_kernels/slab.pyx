@@ -127,8 +127,9 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
         wj = 1.0 if w == NULL else w[g * cpg + j]
         A += wj * sdy[q]
         B += wj * sdyx[q]
+    # mean(g) = A / M, mean(g * xhat) = rs * B / M
     grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW,
-               rs if w == NULL else rs * w[c], mean[s], rs * rs * rs * B / M, rs * A / M)
+               rs if w == NULL else rs * w[c], mean[s], rs, rs * (rs * B / M), rs * A / M)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,

@@ -1,0 +1,174 @@
+/* The reductions under every kernel: sums over one contiguous run in float64 lanes.
+ *
+ * Written with GCC/Clang vector extensions so that the lanes are explicit: each
+ * function keeps 16 float64 accumulators (two vectors of 8) per quantity and combines
+ * them in a fixed tree, and a scalar tail in its own accumulator. The compiler maps the
+ * 8-wide vectors onto AVX-512, AVX2 or SSE2 registers; the arithmetic per lane is the
+ * same on each, so the bits depend neither on the instruction set nor on the data's
+ * alignment. (Plain C loops with several accumulator arrays vectorise badly: GCC splits
+ * them into a mix of vector and scalar code.)
+ *
+ * No -ffast-math and no FMA contraction (setup.py): NaN and Inf propagate.
+ */
+#ifndef CYNORM_LANES_H
+#define CYNORM_LANES_H
+
+#include <stddef.h>
+#include <string.h>
+
+typedef double cn_v8d __attribute__((vector_size(64)));
+typedef float cn_v8f __attribute__((vector_size(32)));
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CN_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+#else
+#define CN_PREFETCH(p) ((void)(p))
+#endif
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* one vcvtps2pd: GCC lowers __builtin_convertvector to a slower shuffle sequence */
+static inline cn_v8d cn_load_f32(const float* p) {
+    return (cn_v8d)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+}
+#elif defined(__AVX__)
+#include <immintrin.h>
+static inline cn_v8d cn_load_f32(const float* p) {
+    union { __m256d h[2]; cn_v8d v; } u;
+    u.h[0] = _mm256_cvtps_pd(_mm_loadu_ps(p));
+    u.h[1] = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+    return u.v;
+}
+#else
+static inline cn_v8d cn_load_f32(const float* p) {
+    cn_v8f v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, cn_v8d);
+}
+#endif
+
+static inline cn_v8d cn_load_f64(const double* p) {
+    cn_v8d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* lanes a + b, then 8 -> 4 -> 2 -> 1, always in this order */
+static inline double cn_total(cn_v8d a, cn_v8d b) {
+    cn_v8d s = a + b;
+    double t0 = (s[0] + s[4]) + (s[2] + s[6]);
+    double t1 = (s[1] + s[5]) + (s[3] + s[7]);
+    return t0 + t1;
+}
+
+#define CN_ZERO ((cn_v8d){0, 0, 0, 0, 0, 0, 0, 0})
+
+/* ---- sum(x) ------------------------------------------------------------------------ */
+
+/* float32: the first pass of the two-pass moments only needs a mean close enough for
+ * the corrected second pass, so runs of 8 steps are summed in float32 (32 float lanes,
+ * error at most 8 float32 ulps of their magnitude) and those partials in float64. */
+static inline double cn_sum_f32(const float* x, ptrdiff_t n) {
+    cn_v8d a = CN_ZERO, b = CN_ZERO;
+    double tail = 0;
+    ptrdiff_t i = 0;
+    while (i + 256 <= n) {
+        cn_v8f p0, p1, p2, p3, v;
+        memcpy(&p0, x + i, 32); memcpy(&p1, x + i + 8, 32);
+        memcpy(&p2, x + i + 16, 32); memcpy(&p3, x + i + 24, 32);
+        for (int t = 1; t < 8; t++) {
+            const float* q = x + i + 32 * t;
+            memcpy(&v, q, 32); p0 += v;
+            memcpy(&v, q + 8, 32); p1 += v;
+            memcpy(&v, q + 16, 32); p2 += v;
+            memcpy(&v, q + 24, 32); p3 += v;
+        }
+        a += __builtin_convertvector(p0, cn_v8d) + __builtin_convertvector(p2, cn_v8d);
+        b += __builtin_convertvector(p1, cn_v8d) + __builtin_convertvector(p3, cn_v8d);
+        i += 256;
+    }
+    for (; i + 16 <= n; i += 16) {
+        a += cn_load_f32(x + i);
+        b += cn_load_f32(x + i + 8);
+    }
+    for (; i < n; i++) tail += x[i];
+    return cn_total(a, b) + tail;
+}
+
+static inline double cn_sum_f64(const double* x, ptrdiff_t n) {
+    cn_v8d a = CN_ZERO, b = CN_ZERO;
+    double tail = 0;
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a += cn_load_f64(x + i);
+        b += cn_load_f64(x + i + 8);
+    }
+    for (; i < n; i++) tail += x[i];
+    return cn_total(a, b) + tail;
+}
+
+/* ---- sum((x - m)^2) and sum(x - m) ------------------------------------------------
+ * The second pass runs on data already in L1; it prefetches the same number of
+ * elements at pf (the next piece) meanwhile. pf may be x itself (a no-op). */
+
+#define CN_SQDEV_BODY(LOAD, STEP_PREFETCH)                                              \
+    cn_v8d q0 = CN_ZERO, q1 = CN_ZERO, s0 = CN_ZERO, s1 = CN_ZERO, d;                  \
+    double qt = 0, st = 0, e;                                                           \
+    ptrdiff_t i = 0;                                                                    \
+    for (; i + 16 <= n; i += 16) {                                                      \
+        STEP_PREFETCH;                                                                  \
+        d = LOAD(x + i) - m; s0 += d; q0 += d * d;                                      \
+        d = LOAD(x + i + 8) - m; s1 += d; q1 += d * d;                                  \
+    }                                                                                   \
+    for (; i < n; i++) { e = x[i] - m; st += e; qt += e * e; }                          \
+    *sdev += cn_total(s0, s1) + st;                                                     \
+    return cn_total(q0, q1) + qt;
+
+static inline double cn_sqdev_f32(const float* x, ptrdiff_t n, double m, double* sdev,
+                                  const float* pf) {
+    CN_SQDEV_BODY(cn_load_f32, CN_PREFETCH(pf + i))
+}
+
+static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double* sdev,
+                                  const double* pf) {
+    CN_SQDEV_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
+}
+
+/* ---- gradient sums: g = dy * w (w may be NULL: g = dy) ----------------------------
+ * *sdy += sum(g), *sdyx += sum(g * (x - m)) */
+
+#define CN_GRAD_BODY(LOAD)                                                              \
+    cn_v8d a0 = CN_ZERO, a1 = CN_ZERO, b0 = CN_ZERO, b1 = CN_ZERO, g0, g1;             \
+    double at = 0, bt = 0, gt;                                                          \
+    ptrdiff_t i = 0;                                                                    \
+    if (w == NULL) {                                                                    \
+        for (; i + 16 <= n; i += 16) {                                                  \
+            g0 = LOAD(dy + i); g1 = LOAD(dy + i + 8);                                   \
+            a0 += g0; a1 += g1;                                                         \
+            b0 += g0 * (LOAD(x + i) - m); b1 += g1 * (LOAD(x + i + 8) - m);             \
+        }                                                                               \
+        for (; i < n; i++) { gt = dy[i]; at += gt; bt += gt * (x[i] - m); }             \
+    } else {                                                                            \
+        for (; i + 16 <= n; i += 16) {                                                  \
+            g0 = LOAD(dy + i) * LOAD(w + i); g1 = LOAD(dy + i + 8) * LOAD(w + i + 8);   \
+            a0 += g0; a1 += g1;                                                         \
+            b0 += g0 * (LOAD(x + i) - m); b1 += g1 * (LOAD(x + i + 8) - m);             \
+        }                                                                               \
+        for (; i < n; i++) {                                                            \
+            gt = (double)dy[i] * w[i]; at += gt; bt += gt * (x[i] - m);                 \
+        }                                                                               \
+    }                                                                                   \
+    *sdy += cn_total(a0, a1) + at;                                                      \
+    *sdyx += cn_total(b0, b1) + bt;
+
+static inline void cn_grad_sums_f32(const float* dy, const float* x, const float* w,
+                                    ptrdiff_t n, double m, double* sdy, double* sdyx) {
+    CN_GRAD_BODY(cn_load_f32)
+}
+
+static inline void cn_grad_sums_f64(const double* dy, const double* x, const double* w,
+                                    ptrdiff_t n, double m, double* sdy, double* sdyx) {
+    CN_GRAD_BODY(cn_load_f64)
+}
+
+#endif
