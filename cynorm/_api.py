@@ -10,8 +10,8 @@ import numpy as np
 
 from cynorm._kernels import channel, row, slab
 from cynorm._validate import (
-    as_input, as_param, as_stats, check_eps, check_int, check_stats, prepare_out,
-    same_shape,
+    as_input, as_param, as_stats, check_eps, check_int, check_real, check_stats,
+    prepare_out, same_shape,
 )
 
 
@@ -165,10 +165,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     training = bool(training)
     welford = check_stats(stats)
     eps = check_eps(eps)
-    try:
-        momentum = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}") from None
+    momentum = check_real(momentum, "momentum")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     rm = _running(running_mean, "running_mean", C, training)
@@ -247,7 +244,10 @@ def _rows(x, normalized_shape):
     K = 1
     for d in ns:
         K *= d
-    return x, ns, lead, x.size // K if K else 0, K
+    R = 1
+    for d in lead:
+        R *= d
+    return x, ns, lead, R, K
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,

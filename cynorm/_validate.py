@@ -4,6 +4,7 @@ layouts and `out=`. Each failure is a TypeError or ValueError that names the arg
 Kept lean: the common case (a C-contiguous float32/float64 ndarray) costs a few
 attribute reads, so that a tiny call stays in the microseconds.
 """
+import numbers
 import operator
 
 import numpy as np
@@ -23,10 +24,7 @@ def as_input(a, name, min_ndim=1):
     """a as a C-contiguous float32/float64 ndarray (copied only when needed)."""
     if type(a) is not np.ndarray:
         if not isinstance(a, np.ndarray):
-            try:
-                a = np.asarray(a)
-            except Exception as e:  # ragged lists and the like
-                raise TypeError(f"{name} must be an array of floats: {e}") from None
+            a = _asarray(a, name)
         elif type(a) is not np.ndarray:
             a = np.asarray(a)  # subclasses (np.matrix, masked arrays) as plain arrays
     dt = a.dtype
@@ -42,12 +40,19 @@ def as_input(a, name, min_ndim=1):
     return a
 
 
+def _asarray(a, name):
+    try:
+        return np.asarray(a)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of floats: {e}") from None
+
+
 def as_param(p, name, shape, dtype):
     """An optional parameter (weight, bias) of exactly `shape`, cast to `dtype`."""
     if p is None:
         return None
     if type(p) is not np.ndarray:
-        p = np.asarray(p)
+        p = _asarray(p, name)
     if p.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {p.dtype}")
     if p.shape != shape:
@@ -60,7 +65,7 @@ def as_param(p, name, shape, dtype):
 def as_stats(s, name, shape):
     """Saved statistics (mean, rstd) for a backward: float64, exactly `shape`."""
     if type(s) is not np.ndarray:
-        s = np.asarray(s)
+        s = _asarray(s, name)
     if s.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {s.dtype}")
     if s.shape != shape:
@@ -75,11 +80,15 @@ def same_shape(a, name, shape):
         raise ValueError(f"{name} must have the shape of x {shape}, got {a.shape}")
 
 
+def check_real(v, name):
+    """A real number (Python or NumPy scalar), not a bool or a string."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    return float(v)
+
+
 def check_eps(eps, name="eps"):
-    try:
-        e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(eps).__name__}") from None
+    e = check_real(eps, name)
     if not e >= 0.0 or e == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
     return e

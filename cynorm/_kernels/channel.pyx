@@ -311,6 +311,10 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
              Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training):
     """dx, dweight, dbias of batch normalisation with the given per-channel statistics."""
+    if N * HW == 0:  # no elements: parameter gradients are empty sums
+        dweight.fill(0)
+        dbias.fill(0)
+        return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef bint columns = HW < SHORT_RUN

@@ -77,6 +77,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
             cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
             double eps, int welford):
     """Normalise x (N, C, HW) over G groups into y; write mean and rstd (N * G float64)."""
+    if G == 0:  # no channels: nothing to normalise
+        return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(1, (C // G) * HW, (C // G) * HW)
     cdef cnp.ndarray work = None
@@ -166,6 +168,10 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
              Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G):
     """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward")."""
+    if G == 0 or N * HW == 0:  # no elements: parameter gradients are empty sums
+        dweight.fill(0)
+        dbias.fill(0)
+        return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef cnp.ndarray work = np.empty(2 * N * C, dtype=np.float64)
     cdef double* sdy = <double*>data(work)
