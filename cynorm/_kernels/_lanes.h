@@ -47,6 +47,12 @@ static inline cn_v8d cn_load_f32(const float* p) {
 }
 #endif
 
+/* prefetch [p, p + nbytes) into L1, one request per cache line */
+static inline void cn_prefetch_range(const void* p, ptrdiff_t nbytes) {
+    const char* c = (const char*)p;
+    for (ptrdiff_t i = 0; i < nbytes; i += 64) CN_PREFETCH(c + i);
+}
+
 static inline cn_v8d cn_load_f64(const double* p) {
     cn_v8d v;
     memcpy(&v, p, sizeof v);

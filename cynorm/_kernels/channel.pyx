@@ -280,7 +280,7 @@ cdef inline void _grad_channel(const floating* dy, const floating* x, floating* 
         c0 = wc * rs * sdy[c] / M
     for n in range(n0, n1):
         grad_const(dy + (n * C + c) * HW, x + (n * C + c) * HW, dx + (n * C + c) * HW,
-                   HW, wc * rs, mean[c], rs, k, c0)
+                   HW, wc * rs, mean[c], rs, k, c0, NULL, NULL)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,

@@ -118,9 +118,11 @@ cdef inline void _run_sums(const floating* dy, const floating* x, const double* 
 cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
                            const floating* w, const double* mean, const double* rstd,
                            const double* sdy, const double* sdyx, Py_ssize_t r,
-                           Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
+                           Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
+                           Py_ssize_t pf) noexcept nogil:
     """dx over run r = n * C + c, from its slab's folded sums:
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w_c * dy."""
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w_c * dy.
+    pf > 0: prefetch dy and x pf elements further on (the next slab) meanwhile."""
     cdef Py_ssize_t cpg = C // G, n = r // C, c = r % C, g = c // cpg
     cdef Py_ssize_t s = n * G + g, j, q
     cdef double A = 0, B = 0, wj, rs = rstd[s], M = <double>(cpg * HW)
@@ -131,7 +133,8 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
         B += wj * sdyx[q]
     # mean(g) = A / M, mean(g * xhat) = rs * B / M
     grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW,
-               rs if w == NULL else rs * w[c], mean[s], rs, rs * (rs * B / M), rs * A / M)
+               rs if w == NULL else rs * w[c], mean[s], rs, rs * (rs * B / M), rs * A / M,
+               dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
@@ -141,18 +144,20 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
     cdef Py_ssize_t cpg = C // G, s, r, j, n, c
     cdef double acc_w, acc_b
     if N * G >= 4 * nt:
-        # fused: a slab's sums, then its dx while the slab is still in cache
-        for s in prange(N * G, nogil=True, num_threads=nt, schedule="dynamic"):
+        # fused: a slab's sums, then its dx while the slab is still in cache (and the
+        # next slab, this thread's next under the static schedule, is prefetched)
+        for s in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             r = (s // G) * C + (s % G) * cpg
             for j in range(cpg):
                 _run_sums(dy, x, mean, sdy, sdyx, r + j, C, HW, G)
             for j in range(cpg):
-                _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G)
+                _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G,
+                          cpg * HW if s + 1 < N * G else 0)
     else:
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             _run_sums(dy, x, mean, sdy, sdyx, r, C, HW, G)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G)
+            _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
     # dweight and dbias: reduce the per-(n, c) sums over n in order
     for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
         acc_w = 0
