@@ -206,12 +206,29 @@ def _clock(fn, loops):
     return time.perf_counter() - t0
 
 
-def time_calls(fns, repeats, min_sample=2e-3, budget=10.0):
+# GNU OpenMP workers spin-wait for many milliseconds after a parallel region before they
+# sleep; torch bundles its own runtime, so right after a torch call its workers would
+# compete for the cores with cynorm's (and the other way round).
+WARM_SECONDS = 0.05
+
+
+def _warm(fn):
+    """Call fn for WARM_SECONDS (at least once): the other library's workers fall asleep
+    and this one's are awake."""
+    end = time.perf_counter() + WARM_SECONDS
+    fn()
+    while time.perf_counter() < end:
+        fn()
+
+
+def time_calls(fns, repeats, min_sample=2e-3, budget=10.0, rounds=3):
     """Median seconds per call of each function in the dict `fns`.
 
-    Each function is called once as a warm-up; calls too short to time alone are looped
-    so that one sample lasts about `min_sample`. The functions are interleaved within
-    each repeat, so that the noise of a shared machine hits all of them alike. A function
+    Calls too short to time alone are looped so that one sample lasts about
+    `min_sample`. The functions take turns in `rounds` rounds, each taking its share of
+    the `repeats` samples back to back after a warm-up (_warm), so that the noise of a
+    shared machine hits all of them alike while neither library's OpenMP workers, still
+    spinning after its own calls, steal the cores from the other's samples. A function
     so slow that `repeats` samples would take over `budget` seconds gets fewer (>= 3).
     """
     loops, counts = {}, {}
@@ -225,9 +242,14 @@ def time_calls(fns, repeats, min_sample=2e-3, budget=10.0):
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for i in range(repeats):
+        for r in range(rounds):
             for name, fn in fns.items():
-                if i < counts[name]:
+                share = -(-counts[name] // rounds)  # ceil
+                todo = min(share, counts[name] - len(samples[name]))
+                if todo <= 0:
+                    continue
+                _warm(fn)
+                for _ in range(todo):
                     samples[name].append(_clock(fn, loops[name]) / loops[name])
     finally:
         if was_enabled:
