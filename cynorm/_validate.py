@@ -35,9 +35,17 @@ def as_input(a, name, min_ndim=1):
             raise _dtype_error(name, dt)
     if a.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    return a
+    return _contiguous(a)
+
+
+def _contiguous(a, dtype=None):
+    """a as a C-contiguous, aligned array of dtype (a itself when it already is one).
+    np.ascontiguousarray keeps a misaligned buffer (np.frombuffer at an odd offset) as
+    it is; the kernels need aligned elements."""
+    flags = a.flags
+    if (flags.c_contiguous and flags.aligned) and (dtype is None or a.dtype == dtype):
+        return a
+    return np.array(a, dtype=dtype, order="C", copy=True)
 
 
 def _asarray(a, name):
@@ -57,9 +65,7 @@ def as_param(p, name, shape, dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {p.dtype}")
     if p.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {p.shape}")
-    if p.dtype != dtype or not p.flags.c_contiguous:
-        p = np.ascontiguousarray(p, dtype=dtype)
-    return p
+    return _contiguous(p, dtype)
 
 
 def as_stats(s, name, shape):
@@ -70,9 +76,7 @@ def as_stats(s, name, shape):
         raise TypeError(f"{name} must be a floating-point array, got dtype {s.dtype}")
     if s.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {s.shape}")
-    if s.dtype != _F64 or not s.flags.c_contiguous:
-        s = np.ascontiguousarray(s, dtype=np.float64)
-    return s
+    return _contiguous(s, _F64)
 
 
 def same_shape(a, name, shape):
@@ -128,8 +132,8 @@ def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
         raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
     if out.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
-    if not out.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
+    if not (out.flags.c_contiguous and out.flags.aligned):
+        raise ValueError(f"{name} must be C-contiguous and aligned")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     for a in inputs:
