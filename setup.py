@@ -88,8 +88,14 @@ extensions = [
     for name in MODULES
 ]
 
+# The argument checks and dispatch run on every call; compiled as they are (plain Python
+# semantics, default directives), they make a tiny call cost about a microsecond less.
+api_modules = [Extension(f"cynorm.{name}", [f"cynorm/{name}.py"])
+               for name in ("_validate", "_api")]
+
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives,
-                          include_path=["."]),
+                          include_path=["."])
+    + cythonize(api_modules, compiler_directives={"language_level": 3}),
     cmdclass={"build_ext": BuildExt},
 )

@@ -25,6 +25,13 @@ def _nchw(x, name="x"):
     return x, shape[0], shape[1], hw
 
 
+def _stats_pair(shape):
+    """Two float64 arrays of `shape` (mean, rstd) in one allocation ([0, ...] keeps a 0-d
+    view an array)."""
+    both = np.empty((2,) + shape)
+    return both[0, ...], both[1, ...]
+
+
 def _like(a, name, x):
     """An array that must match x in shape and dtype (dy)."""
     a = as_input(a, name)
@@ -51,8 +58,7 @@ def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats):
     w = as_param(weight, "weight", (C,), x.dtype)
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b), may_alias=(x,))
-    mean = np.empty((N, G))
-    rstd = np.empty((N, G))
+    mean, rstd = _stats_pair((N, G))
     slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford)
     if return_stats:
         return y, mean, rstd
@@ -270,8 +276,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     w = as_param(weight, "weight", ns, x.dtype)
     b = as_param(bias, "bias", ns, x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b), may_alias=(x,))
-    mean = np.empty(lead)
-    rstd = np.empty(lead)
+    mean, rstd = _stats_pair(lead)
     row.forward(x, y, w, b, mean, rstd, R, K, eps, welford, 0)
     if return_stats:
         return y, mean, rstd
@@ -308,8 +313,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_sta
     eps = float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
     w = as_param(weight, "weight", ns, x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w), may_alias=(x,))
-    mean = np.empty(lead)
-    rstd = np.empty(lead)
+    mean, rstd = _stats_pair(lead)
     row.forward(x, y, w, None, mean, rstd, R, K, eps, 0, 1)
     if return_stats:
         return y, rstd

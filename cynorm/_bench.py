@@ -427,6 +427,41 @@ def bench_case(case, dtype, thread_counts, repeats, cn, torch, copy_bw, rng,
     return rows
 
 
+def bandwidth_cases(nbytes):
+    """One float32 case per op whose x is nbytes (the copy arrays' size, far larger than
+    the last-level cache)."""
+    elems = nbytes // 4
+    nchw = (max(1, elems // (256 * 64 * 64)), 256, 64, 64)
+    rows = (max(1, elems // 1024), 1024)
+    return [Case("group_norm", nchw, 32), Case("instance_norm", nchw, None),
+            Case("batch_norm", nchw, None), Case("layer_norm", rows, None),
+            Case("rms_norm", rows, None)]
+
+
+def bench_bandwidth(cases, thread_counts, repeats, cn, copy_bw, rng):
+    """cynorm alone with out=, forward and backward (given the forward's statistics) on
+    arrays far larger than the cache: achieved GB/s and % of the copy bandwidth."""
+    rows = []
+    for case in cases:
+        x, dy, w, b = make_arrays(case, np.float32, rng)
+        fwd, bwd = cynorm_op(cn, case)
+        y = np.empty_like(x)
+        _, *stats = fwd(x, w, b, return_stats=True, out=y)
+        fns = {"fwd": lambda: fwd(x, w, b, out=y),
+               "bwd": lambda: bwd(dy, x, stats, w, out=y)}
+        for n in thread_counts:
+            with thread_count(n):
+                t = time_calls(fns, max(3, repeats))
+            for pass_, arrays in (("fwd", 2), ("bwd", 3)):
+                gbps = arrays * x.nbytes / t[pass_] / 1e9
+                rows.append({"op": case.op, "shape": list(case.shape),
+                             "groups": case.groups, "dtype": "float32", "threads": n,
+                             "pass": pass_, "cynorm_out_s": t[pass_], "gbps": gbps,
+                             "pct_copy": 100.0 * gbps / copy_bw[n]})
+        del x, dy, y, stats
+    return rows
+
+
 # ---- output: one table printer, progress, summary, JSON, plot ---------------------------
 
 def print_table(rows, columns, file=None):
@@ -458,6 +493,7 @@ def _ms(key):
     return lambda r: None if r[key] is None else r[key] * 1e3
 
 
+
 def _us(key):
     return lambda r: None if r[key] is None else r[key] * 1e6
 
@@ -487,6 +523,17 @@ TINY_COLUMNS = [
     ("out= us", _us("cynorm_out_s"), ".1f"),
     ("torch us", _us("torch_s"), ".1f"),
     ("torch/cy", "torch_over_cynorm", ".2f"),
+]
+
+
+BANDWIDTH_COLUMNS = [
+    ("op", "op", ""),
+    ("shape", lambda r: case_label(Case(r["op"], tuple(r["shape"]), r["groups"])), ""),
+    ("thr", "threads", "d"),
+    ("pass", "pass", ""),
+    ("out= ms", _ms("cynorm_out_s"), ".1f"),
+    ("GB/s", "gbps", ".1f"),
+    ("% copy", "pct_copy", ".0f"),
 ]
 
 
@@ -616,7 +663,8 @@ def parse_threads(text):
     return out
 
 
-Config = namedtuple("Config", "suite_name cases ops dtypes threads repeats copy_bytes")
+Config = namedtuple("Config",
+                    "suite_name cases ops dtypes threads repeats copy_bytes bandwidth")
 
 
 def bench_config(args):
@@ -640,7 +688,7 @@ def bench_config(args):
         raise ValueError(f"--threads: {e}") from None
     return Config(suite_name, [c for c in suite if c.op in ops], ops, dtypes, threads,
                   args.repeats or (7 if suite_name == "full" else 3),
-                  TINY_COPY_BYTES if args.tiny else copy_array_bytes())
+                  TINY_COPY_BYTES if args.tiny else copy_array_bytes(), args.bandwidth)
 
 
 def _meta(cn, torch, cfg):
@@ -719,8 +767,17 @@ def run_bench(cfg, json_path=None, plot_path=None):
         tiny_rows = bench_case(TINY_CALL, "float32", cfg.threads, max(cfg.repeats, 5),
                                cn, torch, copy_bw, rng)
 
+    bw_rows = []
+    if cfg.suite_name == "full" or cfg.bandwidth:
+        bw_cases = [c for c in bandwidth_cases(cfg.copy_bytes) if c.op in runnable]
+        bw_rows = bench_bandwidth(bw_cases, cfg.threads, cfg.repeats, cn, copy_bw, rng)
+
     summary = geomean_summary(rows, cfg.threads)
     print_report(rows, tiny_rows, summary, cfg.threads)
+    if bw_rows:
+        print(f"\nfloat32 arrays of {cfg.copy_bytes >> 20} MiB (as the copy's), out=: GB/s "
+              "moved (fwd: x, y; bwd: dy, x, dx) and % of the copy bandwidth")
+        print_table(bw_rows, BANDWIDTH_COLUMNS)
     for s in skipped:
         print("note: " + s)
     if json_path:
@@ -729,6 +786,7 @@ def run_bench(cfg, json_path=None, plot_path=None):
             "copy_bandwidth_gbps": {str(n): bw for n, bw in copy_bw.items()},
             "results": rows,
             "tiny_call": tiny_rows,
+            "bandwidth": bw_rows,
             "summary_geomean_torch_over_cynorm": [
                 {k if isinstance(k, str) else f"{k}_threads": v for k, v in s.items()}
                 for s in summary],
@@ -834,6 +892,9 @@ def main(argv=None):
                                                "(default 7; --quick: 3)")
     b.add_argument("--json", metavar="PATH", help="write all raw medians as JSON")
     b.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    b.add_argument("--bandwidth", action="store_true",
+                   help="also time forward and backward with out= on arrays far larger "
+                        "than the cache (always on in the full suite)")
     b.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command == "bench":

@@ -12,6 +12,7 @@ import numpy as np
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _STATS = {"two_pass": 0, "welford": 1}
+_INF = float("inf")
 
 
 def _dtype_error(name, dtype):
@@ -86,6 +87,8 @@ def same_shape(a, name, shape):
 
 def check_real(v, name):
     """A real number (Python or NumPy scalar), not a bool or a string."""
+    if type(v) is float:
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     return float(v)
@@ -93,12 +96,14 @@ def check_real(v, name):
 
 def check_eps(eps, name="eps"):
     e = check_real(eps, name)
-    if not e >= 0.0 or e == float("inf"):
+    if not 0.0 <= e < _INF:
         raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
     return e
 
 
 def check_int(v, name, low):
+    if type(v) is int and v >= low:
+        return v
     try:
         i = operator.index(v)
     except TypeError:
@@ -125,6 +130,9 @@ def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
     writability and overlap. `out` may be exactly one of `may_alias` (in place), never
     a partial overlap with any input."""
     if out is None:
+        x = inputs[0]
+        if x.shape == shape and x.dtype == dtype:
+            return np.empty_like(x)  # the common case, and the quicker call
         return np.empty(shape, dtype=dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")

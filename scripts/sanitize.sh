@@ -38,7 +38,7 @@ else
     mkdir -p "$DEST"
     tar -C "$REPO" -cf - \
         --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude='*.so' \
-        --exclude='./cynorm/_kernels/*.c' --exclude='*.html' --exclude=__pycache__ \
+        --exclude='./cynorm/_kernels/*.c' --exclude='./cynorm/*.c' --exclude='*.html' --exclude=__pycache__ \
         --exclude=.hypothesis --exclude=.pytest_cache --exclude='*.egg-info' . \
       | tar -C "$DEST" -xf -
 
