@@ -97,7 +97,8 @@ def test_batch_norm_bitwise_identical_across_thread_counts(dtype, shape, trainin
 
 @pytest.mark.parametrize("stats", ["two_pass", "welford"])
 @pytest.mark.parametrize("shape,ns", [((2, 100000), 100000), ((300, 64), 64),
-                                      ((1, 3, 4099), (3, 4099)), ((5, 3, 7), 7)])
+                                      ((1, 3, 4099), (3, 4099)), ((5, 3, 7), 7),
+                                      ((5000, 40), 40)])
 def test_layer_norm_bitwise_identical_across_thread_counts(dtype, shape, ns, stats):
     x = data(shape, dtype)
     nst = (ns,) if isinstance(ns, int) else ns

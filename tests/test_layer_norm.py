@@ -18,6 +18,8 @@ CASES = [
     ((4, 13), [13]),
     ((1, 3000), 3000),
     ((2, 3, 4097), 4097),  # a row just over a chunk
+    ((4100, 6), 6),  # backward: accumulation blocks of several 32-row sub-blocks
+    ((40, 1030), 1030),  # backward: two column tiles, two row blocks
     ((6,), 6),  # one row, stats of shape ()
 ]
 IDS = [f"{'x'.join(map(str, s))}-ns{ns}" for s, ns in CASES]

@@ -25,27 +25,41 @@ typedef float cn_v8f __attribute__((vector_size(32)));
 #define CN_PREFETCH(p) ((void)(p))
 #endif
 
+/* float32 -> float64, 8 lanes */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* one vcvtps2pd: GCC lowers __builtin_convertvector to a slower shuffle sequence */
-static inline cn_v8d cn_load_f32(const float* p) {
-    return (cn_v8d)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+static inline cn_v8d cn_widen(cn_v8f v) {
+    return (cn_v8d)_mm512_cvtps_pd((__m256)v);
 }
 #elif defined(__AVX__)
 #include <immintrin.h>
-static inline cn_v8d cn_load_f32(const float* p) {
+static inline cn_v8d cn_widen(cn_v8f v) {
     union { __m256d h[2]; cn_v8d v; } u;
-    u.h[0] = _mm256_cvtps_pd(_mm_loadu_ps(p));
-    u.h[1] = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+    union { cn_v8f v; __m128 h[2]; } f = {v};
+    u.h[0] = _mm256_cvtps_pd(f.h[0]);
+    u.h[1] = _mm256_cvtps_pd(f.h[1]);
     return u.v;
 }
 #else
-static inline cn_v8d cn_load_f32(const float* p) {
-    cn_v8f v;
-    memcpy(&v, p, sizeof v);
+static inline cn_v8d cn_widen(cn_v8f v) {
     return __builtin_convertvector(v, cn_v8d);
 }
 #endif
+
+static inline cn_v8f cn_loadf(const float* p) {
+    cn_v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void cn_storef(float* p, cn_v8f v) {
+    memcpy(p, &v, sizeof v);
+}
+
+static inline cn_v8d cn_load_f32(const float* p) {
+    return cn_widen(cn_loadf(p));
+}
 
 /* prefetch [p, p + nbytes) into L1, one request per cache line */
 static inline void cn_prefetch_range(const void* p, ptrdiff_t nbytes) {
@@ -194,6 +208,42 @@ static inline void cn_grad_sums_f32(const float* dy, const float* x, const float
 static inline void cn_grad_sums_f64(const double* dy, const double* x, const double* w,
                                     ptrdiff_t n, double m, double* sdy, double* sdyx) {
     CN_GRAD_BODY(cn_load_f64)
+}
+
+/* ---- a tile of the row-family backward, float32 ------------------------------------
+ * Rows [0, nrows) of a block (row r at offset r * K), columns [0, n):
+ *   xhat = ((x - mh) - ml) * rs,  dx = rs * (dy * w) - kx * xhat - c0   (float32)
+ *   acc_w[k] += dy * xhat,  acc_b[k] += dy                             (float64)
+ * with the row coefficients coef[5 r ...] = mh, ml, rs, kx, c0 (w may be NULL). Row by
+ * row, so dy, x and dx stream; the column sums (n <= 1024: 16 KiB) stay in L1. */
+static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
+                                   const float* w, ptrdiff_t K, ptrdiff_t nrows,
+                                   ptrdiff_t n, const float* coef, double* acc_w,
+                                   double* acc_b) {
+    static const cn_v8f ones = {1, 1, 1, 1, 1, 1, 1, 1};
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const float* c = coef + 5 * r;
+        const float* dyr = dy + r * K;
+        const float* xr = x + r * K;
+        float* dxr = dx + r * K;
+        ptrdiff_t k = 0;
+        for (; k + 8 <= n; k += 8) {
+            cn_v8f d = cn_loadf(dyr + k);
+            cn_v8f h = ((cn_loadf(xr + k) - c[0]) - c[1]) * c[2];
+            cn_v8f wk = w != NULL ? cn_loadf(w + k) : ones;
+            cn_v8d aw = cn_load_f64(acc_w + k) + cn_widen(d * h);
+            cn_v8d ab = cn_load_f64(acc_b + k) + cn_widen(d);
+            memcpy(acc_w + k, &aw, sizeof aw);
+            memcpy(acc_b + k, &ab, sizeof ab);
+            cn_storef(dxr + k, c[2] * (d * wk) - c[3] * h - c[4]);
+        }
+        for (; k < n; k++) {
+            float d = dyr[k], h = ((xr[k] - c[0]) - c[1]) * c[2];
+            acc_w[k] += d * h;
+            acc_b[k] += d;
+            dxr[k] = c[2] * (d * (w != NULL ? w[k] : 1.0f)) - c[3] * h - c[4];
+        }
+    }
 }
 
 #endif

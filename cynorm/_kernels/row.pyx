@@ -6,9 +6,9 @@ statistics and its apply or gradient are fused so it is read from DRAM once. Wit
 than 4 work items per thread, rows are cut into fixed pieces of CHUNK elements shared out
 among the threads and merged in a fixed order: the same bits for any thread count.
 
-dweight/dbias: each (row block, column piece) tile sums its rows in row order into
-float64 accumulators; blocks are then added in block order. Blocks and pieces depend
-only on the shape, never on the thread count.
+dweight/dbias: each accumulation block (at most MAX_BLOCKS of them) sums its rows, in
+row order, into float64 column sums; the blocks are then added in block order. Blocks
+and tiles depend only on the shape, never on the thread count.
 
 rms = 1 (RMSNorm): no mean is subtracted, rstd = 1 / sqrt(mean(x**2) + eps).
 The callers in cynorm._api validate everything; these functions trust their arguments.
@@ -28,11 +28,20 @@ import numpy as np
 cnp.import_array()
 cynorm_register_atfork()
 
-# Rows per backward block: the block's dy and x (32 rows of up to 4096 float32 each,
-# 1 MiB) stay in L2 between the sums and the dx pass, and the (n_blocks, K) float64
-# partials of dweight/dbias stay at most 1/8 of a float32 input.
+cdef extern from "_lanes.h":
+    void cn_row_tile_f32(const float* dy, const float* x, float* dx, const float* w,
+                         Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
+                         double* acc_w, double* acc_b) noexcept nogil
+
+# Rows per backward sub-block: its dy and x (32 rows of up to 4096 float32 each, 1 MiB)
+# stay in L2 between the sums and the dx pass.
 cdef enum:
     ROWS_PER_BLOCK = 32
+    # columns per backward tile: its float64 column sums (2 x 8 KiB) stay in L1
+    TILE_COLS = 1024
+    # accumulation blocks of dweight/dbias: enough work items for 16 threads, and
+    # (MAX_BLOCKS, K) float64 partials far smaller than the input
+    MAX_BLOCKS = 64
 
 
 cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
@@ -148,79 +157,112 @@ cdef inline void _row_coeffs(const double* sdy, const double* sdyx, const double
     c0[0] = 0.0 if rms else rs * sdy[r] / <double>K
 
 
-cdef inline void _tile_row(const floating* dy, const floating* x, floating* dx,
-                           const floating* w, Py_ssize_t n, double mean, double rstd,
+cdef inline void _tile_row(const double* dy, const double* x, double* dx,
+                           const double* w, Py_ssize_t n, double mean, double rstd,
                            double kx, double c0, double* acc_w,
                            double* acc_b) noexcept nogil:
-    """One row of a tile: dx = rstd * w * dy - kx * xhat - c0, and per column
-    acc_w += dy * xhat, acc_b += dy (float64 sums; float32 data computes the rest in
-    float32 with a hi/lo mean)."""
+    """One float64 row of a tile: dx = rstd * w * dy - kx * xhat - c0, and per column
+    acc_w += dy * xhat, acc_b += dy (float32 data: cn_row_tile_f32 in _lanes.h)."""
     cdef Py_ssize_t k
-    cdef float mh, ml, rs, kf, cf, xh
     cdef double xd
-    if floating is float:
-        mh = <float>mean
-        ml = <float>(mean - <double>mh)
-        rs = <float>rstd
-        kf = <float>kx
-        cf = <float>c0
-        if w == NULL:
-            for k in range(n):
-                xh = ((x[k] - mh) - ml) * rs
-                acc_w[k] += dy[k] * xh
-                acc_b[k] += dy[k]
-                dx[k] = rs * dy[k] - kf * xh - cf
-        else:
-            for k in range(n):
-                xh = ((x[k] - mh) - ml) * rs
-                acc_w[k] += dy[k] * xh
-                acc_b[k] += dy[k]
-                dx[k] = rs * (dy[k] * w[k]) - kf * xh - cf
+    if w == NULL:
+        for k in range(n):
+            xd = (x[k] - mean) * rstd
+            acc_w[k] += dy[k] * xd
+            acc_b[k] += dy[k]
+            dx[k] = rstd * dy[k] - kx * xd - c0
     else:
-        if w == NULL:
-            for k in range(n):
-                xd = (x[k] - mean) * rstd
-                acc_w[k] += dy[k] * xd
-                acc_b[k] += dy[k]
-                dx[k] = rstd * dy[k] - kx * xd - c0
-        else:
-            for k in range(n):
-                xd = (x[k] - mean) * rstd
-                acc_w[k] += dy[k] * xd
-                acc_b[k] += dy[k]
-                dx[k] = rstd * (dy[k] * w[k]) - kx * xd - c0
+        for k in range(n):
+            xd = (x[k] - mean) * rstd
+            acc_w[k] += dy[k] * xd
+            acc_b[k] += dy[k]
+            dx[k] = rstd * (dy[k] * w[k]) - kx * xd - c0
+
+
+cdef inline Py_ssize_t acc_rows(Py_ssize_t R) noexcept nogil:
+    """Rows per accumulation block of dweight/dbias: whole sub-blocks, at most
+    MAX_BLOCKS blocks (a function of R alone)."""
+    cdef Py_ssize_t sub = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    cdef Py_ssize_t per = (sub + MAX_BLOCKS - 1) // MAX_BLOCKS
+    return (per if per > 0 else 1) * ROWS_PER_BLOCK
 
 
 cdef void _tile(const floating* dy, const floating* x, floating* dx, const floating* w,
                 const double* mean, const double* rstd, const double* sdy,
-                const double* sdyx, floating* dw, floating* db, double* part,
-                Py_ssize_t R, Py_ssize_t K, Py_ssize_t blk, Py_ssize_t k0, Py_ssize_t kn,
-                int rms) noexcept nogil:
-    """Rows of block blk, columns [k0, k0 + kn): write dx, and sum dy * xhat and dy per
-    column in row order; store the sums in part (n_blocks > 1) or dw/db directly."""
-    cdef double acc_w[CHUNK]
-    cdef double acc_b[CHUNK]
-    cdef Py_ssize_t r, k, r0 = blk * ROWS_PER_BLOCK
-    cdef Py_ssize_t r1 = min(r0 + ROWS_PER_BLOCK, R)
-    cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+                const double* sdyx, Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1,
+                Py_ssize_t k0, Py_ssize_t kn, int rms, double* acc_w,
+                double* acc_b) noexcept nogil:
+    """Rows [r0, r1) (at most ROWS_PER_BLOCK), columns [k0, k0 + kn): write dx, and add
+    dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row."""
+    cdef float coef[5 * ROWS_PER_BLOCK]
+    cdef Py_ssize_t r, j
     cdef double kx, c0
-    for k in range(kn):
-        acc_w[k] = 0
-        acc_b[k] = 0
-    for r in range(r0, r1):
-        _row_coeffs(sdy, sdyx, rstd, r, K, rms, &kx, &c0)
-        _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                  NULL if w == NULL else w + k0, kn, mean[r], rstd[r], kx, c0,
-                  acc_w, acc_b)
-    if n_blocks == 1:
-        for k in range(kn):
-            dw[k0 + k] = <floating>acc_w[k]
-            if db != NULL:
-                db[k0 + k] = <floating>acc_b[k]
+    if floating is float:
+        # float32 coefficients per row (the mean as hi + lo), then the vector tile
+        for r in range(r0, r1):
+            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &kx, &c0)
+            j = 5 * (r - r0)
+            coef[j] = <float>mean[r]
+            coef[j + 1] = <float>(mean[r] - <double>coef[j])
+            coef[j + 2] = <float>rstd[r]
+            coef[j + 3] = <float>kx
+            coef[j + 4] = <float>c0
+        cn_row_tile_f32(dy + r0 * K + k0, x + r0 * K + k0, dx + r0 * K + k0,
+                        NULL if w == NULL else w + k0, K, r1 - r0, kn, coef, acc_w, acc_b)
     else:
-        for k in range(kn):
-            part[blk * K + k0 + k] = acc_w[k]
-            part[(n_blocks + blk) * K + k0 + k] = acc_b[k]
+        for r in range(r0, r1):
+            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &kx, &c0)
+            _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
+                      NULL if w == NULL else w + k0, kn, mean[r], rstd[r], kx, c0,
+                      acc_w, acc_b)
+
+
+cdef void _block_tiles(const floating* dy, const floating* x, floating* dx,
+                       const floating* w, floating* dw, floating* db, const double* mean,
+                       const double* rstd, double* sdy, double* sdyx, double* part,
+                       Py_ssize_t R, Py_ssize_t K, Py_ssize_t blk, Py_ssize_t j0,
+                       Py_ssize_t j1, int sums, int rms) noexcept nogil:
+    """Accumulation block blk, column tiles [j0, j1), sub-block by sub-block (sums = 1:
+    first each sub-block's row sums, so that its rows are still in L2 for the tiles).
+    Column sums go to part[blk] (several blocks) or, via the stack, straight to dw/db
+    (one block: R <= ROWS_PER_BLOCK, a single sub-block)."""
+    cdef SetLayout L = make_layout(1, K, K)
+    cdef double stack_w[TILE_COLS]
+    cdef double stack_b[TILE_COLS]
+    cdef Py_ssize_t per = acc_rows(R), n_blocks = (R + per - 1) // per
+    cdef Py_ssize_t ra = blk * per, rb = min(ra + per, R), s0, s1, r, j, k, k0, kn
+    cdef double* aw
+    cdef double* ab
+    if n_blocks > 1:
+        for k in range(j0 * TILE_COLS, min(j1 * TILE_COLS, K)):
+            part[blk * K + k] = 0
+            part[(n_blocks + blk) * K + k] = 0
+    s0 = ra
+    while s0 < rb:
+        s1 = min(s0 + ROWS_PER_BLOCK, rb)
+        if sums:
+            for r in range(s0, s1):
+                set_grad_sums(dy + r * K, x + r * K, w, &L, mean[r], &sdy[r], &sdyx[r])
+        for j in range(j0, j1):
+            k0 = j * TILE_COLS
+            kn = min(TILE_COLS, K - k0)
+            if n_blocks > 1:
+                aw = part + blk * K + k0
+                ab = part + (n_blocks + blk) * K + k0
+            else:
+                aw = stack_w
+                ab = stack_b
+                if s0 == ra:
+                    for k in range(kn):
+                        aw[k] = 0
+                        ab[k] = 0
+            _tile(dy, x, dx, w, mean, rstd, sdy, sdyx, K, s0, s1, k0, kn, rms, aw, ab)
+            if n_blocks == 1 and s1 == rb:
+                for k in range(kn):
+                    dw[k0 + k] = <floating>aw[k]
+                    if db != NULL:
+                        db[k0 + k] = <floating>ab[k]
+        s0 = s1
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
@@ -229,23 +271,20 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
                     double* part, Py_ssize_t R, Py_ssize_t K, int rms,
                     int nt) noexcept nogil:
     cdef SetLayout L = make_layout(1, K, K)
-    cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-    cdef Py_ssize_t n_cols = (K + CHUNK - 1) // CHUNK
-    cdef Py_ssize_t blk, r, t, j, k, q
+    cdef Py_ssize_t per = acc_rows(R), n_blocks = (R + per - 1) // per
+    cdef Py_ssize_t n_cols = (K + TILE_COLS - 1) // TILE_COLS
+    cdef Py_ssize_t blk, t, k, q
     cdef double acc_w, acc_b
     if parts == NULL:
-        # fused: a block's row sums, then its tiles while the rows are in L2
-        for blk in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic"):
-            for r in range(blk * ROWS_PER_BLOCK, min((blk + 1) * ROWS_PER_BLOCK, R)):
-                set_grad_sums(dy + r * K, x + r * K, w, &L, mean[r], &sdy[r], &sdyx[r])
-            for j in range(n_cols):
-                _tile(dy, x, dx, w, mean, rstd, sdy, sdyx, dw, db, part, R, K, blk,
-                      j * CHUNK, min(CHUNK, K - j * CHUNK), rms)
+        # fused: each sub-block's row sums, then its tiles while the rows are in L2
+        for blk in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
+            _block_tiles(dy, x, dx, w, dw, db, mean, rstd, sdy, sdyx, part, R, K, blk,
+                         0, n_cols, 1, rms)
     else:
         split_grad_sums(dy, x, w, &L, R, K, mean, parts, sdy, sdyx, nt)
         for t in prange(n_blocks * n_cols, nogil=True, num_threads=nt, schedule="static"):
-            _tile(dy, x, dx, w, mean, rstd, sdy, sdyx, dw, db, part, R, K, t // n_cols,
-                  (t % n_cols) * CHUNK, min(CHUNK, K - (t % n_cols) * CHUNK), rms)
+            _block_tiles(dy, x, dx, w, dw, db, mean, rstd, sdy, sdyx, part, R, K,
+                         t // n_cols, t % n_cols, t % n_cols + 1, 0, rms)
     if n_blocks > 1:
         for k in prange(K, nogil=True, num_threads=nt, schedule="static"):
             acc_w = 0
@@ -262,9 +301,14 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, object dbias, cnp.ndarray mean, cnp.ndarray rstd,
              Py_ssize_t R, Py_ssize_t K, int rms):
     """dx, dweight and (LayerNorm) dbias of the row normalisation."""
+    if R == 0:  # no rows: the gradients of weight and bias are sums over nothing
+        dweight.fill(0)
+        if dbias is not None:
+            dbias.fill(0)
+        return
     cdef int nt = cynorm_threads_for(R * K)
     cdef SetLayout L = make_layout(1, K, K)
-    cdef Py_ssize_t n_blocks = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    cdef Py_ssize_t per = acc_rows(R), n_blocks = (R + per - 1) // per
     cdef cnp.ndarray sums = np.empty(2 * R, dtype=np.float64)
     cdef cnp.ndarray work = None, colsums = None
     cdef double* parts = NULL
@@ -286,11 +330,6 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
-    if R == 0:  # no rows: the gradients of weight and bias are sums over nothing
-        dweight.fill(0)
-        if dbias is not None:
-            dbias.fill(0)
-        return
     with nogil:
         if single:
             _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
