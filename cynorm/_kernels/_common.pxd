@@ -9,7 +9,6 @@
 # float64 accumulators in explicit SIMD vectors, combined in a fixed tree at the end.
 # Their result does not depend on the instruction set or on the data's alignment.
 
-cimport cython
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange

@@ -1,0 +1,11 @@
+# Type stubs of the compiled slab-family kernels (GroupNorm, InstanceNorm). The callers in
+# cynorm._api validate every argument: C-contiguous arrays of one float dtype.
+import numpy as np
+from numpy.typing import NDArray
+
+def forward(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None,
+            bias: np.ndarray | None, mean: NDArray[np.float64], rstd: NDArray[np.float64],
+            N: int, C: int, HW: int, G: int, eps: float, welford: int) -> None: ...
+def backward(dy: np.ndarray, x: np.ndarray, dx: np.ndarray, weight: np.ndarray | None,
+             dweight: np.ndarray, dbias: np.ndarray, mean: NDArray[np.float64],
+             rstd: NDArray[np.float64], N: int, C: int, HW: int, G: int) -> None: ...
