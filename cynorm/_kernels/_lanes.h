@@ -85,15 +85,25 @@ static inline double cn_total(cn_v8d a, cn_v8d b) {
 
 /* ---- sum(x) ------------------------------------------------------------------------ */
 
+/* sum(x[i:n]) of float32 data, each value widened to float64 first, continuing the
+ * lanes a, b */
+static inline double cn_sum_f32_wide(const float* x, ptrdiff_t n, ptrdiff_t i, cn_v8d a,
+                                     cn_v8d b) {
+    double tail = 0;
+    for (; i + 16 <= n; i += 16) {
+        a += cn_load_f32(x + i);
+        b += cn_load_f32(x + i + 8);
+    }
+    for (; i < n; i++) tail += x[i];
+    return cn_total(a, b) + tail;
+}
+
 /* float32: the first pass of the two-pass moments only needs a mean close enough for
  * the corrected second pass, so runs of 8 steps are summed in float32 (32 float lanes,
  * error at most 8 float32 ulps of their magnitude) and those partials in float64. */
-static inline double cn_sum_f64w(const float* x, ptrdiff_t n);
-
 static inline double cn_sum_f32(const float* x, ptrdiff_t n) {
     double r;
     cn_v8d a = CN_ZERO, b = CN_ZERO;
-    double tail = 0;
     ptrdiff_t i = 0;
     while (i + 256 <= n) {
         cn_v8f p0, p1, p2, p3, v;
@@ -106,32 +116,14 @@ static inline double cn_sum_f32(const float* x, ptrdiff_t n) {
             memcpy(&v, q + 16, 32); p2 += v;
             memcpy(&v, q + 24, 32); p3 += v;
         }
-        a += __builtin_convertvector(p0, cn_v8d) + __builtin_convertvector(p2, cn_v8d);
-        b += __builtin_convertvector(p1, cn_v8d) + __builtin_convertvector(p3, cn_v8d);
+        a += cn_widen(p0) + cn_widen(p2);
+        b += cn_widen(p1) + cn_widen(p3);
         i += 256;
     }
-    for (; i + 16 <= n; i += 16) {
-        a += cn_load_f32(x + i);
-        b += cn_load_f32(x + i + 8);
-    }
-    for (; i < n; i++) tail += x[i];
-    r = cn_total(a, b) + tail;
-    /* a float32 partial overflows for data near the float32 limit: widen first then
-       (also taken, to the same NaN or Inf, when the data hold NaN or Inf) */
-    return (r - r == 0) ? r : cn_sum_f64w(x, n);
-}
-
-/* sum(x) of float32 data, each value widened to float64 first */
-static inline double cn_sum_f64w(const float* x, ptrdiff_t n) {
-    cn_v8d a = CN_ZERO, b = CN_ZERO;
-    double tail = 0;
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a += cn_load_f32(x + i);
-        b += cn_load_f32(x + i + 8);
-    }
-    for (; i < n; i++) tail += x[i];
-    return cn_total(a, b) + tail;
+    r = cn_sum_f32_wide(x, n, i, a, b);
+    /* a float32 partial overflows for data near the float32 limit: widen everything
+       then (also taken, to the same NaN or Inf, when the data hold NaN or Inf) */
+    return (r - r == 0) ? r : cn_sum_f32_wide(x, n, 0, CN_ZERO, CN_ZERO);
 }
 
 static inline double cn_sum_f64(const double* x, ptrdiff_t n) {
