@@ -204,3 +204,61 @@ def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
             if not (any(a is b for b in may_alias) and _same_buffer(out, a)):
                 raise ValueError(f"{name} overlaps an input without being the same array")
     return out
+
+
+# The largest step count a layer accepts: incrementing it stays far from int64 overflow,
+# and it is exact in float64 (a count saved as a float loads unchanged).
+MAX_COUNT = 2 ** 62
+
+
+def _state_array(value, key):
+    """A state_dict entry as an ndarray: NumPy arrays, scalars, nested lists, torch tensors
+    (duck-typed, so that torch is never imported here; bfloat16 and the other floats
+    NumPy lacks are widened to float64, exactly)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"):
+        t = value.detach().cpu()
+        try:
+            return t.numpy()
+        except TypeError:
+            if t.is_floating_point():
+                return t.double().numpy()
+            raise TypeError(f"{key}: unsupported tensor dtype {t.dtype}") from None
+    try:
+        return np.asarray(value)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"{key} must be an array of numbers: {e}") from None
+
+
+def as_state_entry(value, key, target):
+    """`value` checked and converted for loading into `target` (a layer's parameter or
+    buffer): same shape, a real dtype (ml_dtypes' bfloat16 and the like included),
+    finite values that stay finite in target's dtype, and for an integer target
+    (num_batches_tracked) integers in [0, MAX_COUNT]. Returns an array of target's
+    dtype; raises TypeError/ValueError naming `key`."""
+    v = _state_array(value, key)
+    if v.shape != target.shape:
+        raise ValueError(f"{key} must have shape {target.shape}, got {v.shape}")
+    kind = v.dtype.kind
+    if kind == "V" and v.dtype.names is None:
+        try:  # ml_dtypes' bfloat16, float8 and int4 types register as 'V'
+            v = v.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
+        kind = v.dtype.kind
+    if kind not in "fiu":
+        raise TypeError(f"{key} must be a real (integer or floating-point) array, got "
+                        f"dtype {v.dtype}")
+    if target.dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = v.astype(target.dtype)
+        if kind == "f" and not np.array_equal(np.isfinite(cast), np.isfinite(v)):
+            raise ValueError(f"{key} has values out of the range of {target.dtype}")
+        return cast
+    if kind == "f":
+        if not np.isfinite(v).all():
+            raise ValueError(f"{key} must be finite, got {v!r}")
+        if not (v == np.floor(v)).all():
+            raise ValueError(f"{key} must be integer-valued, got {v!r}")
+    if not ((v >= 0) & (v <= MAX_COUNT)).all():
+        raise ValueError(f"{key} must be in [0, {MAX_COUNT}], got {v!r}")
+    return v.astype(target.dtype)

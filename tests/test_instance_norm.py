@@ -23,7 +23,7 @@ def make(rng, shape, dtype, affine=True, loc=0.0, scale=1.0):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_instance_norm_forward_matches_reference(rng, dtype, shape, affine):
     x, w, b = make(rng, shape, dtype, affine, loc=1.5)
-    y, mean, rstd = cynorm.instance_norm(x, w, b, eps=1e-4, return_stats=True)
+    y, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, eps=1e-4, return_stats=True)
     y_ref, mean_ref, rstd_ref = ref.instance_norm(x, w, b, eps=1e-4)
     assert y.dtype == dtype and y.shape == shape
     assert mean.shape == shape[:2] and rstd.shape == shape[:2]
@@ -36,7 +36,7 @@ def test_instance_norm_forward_matches_reference(rng, dtype, shape, affine):
 def test_instance_norm_spatial_size_one_gives_bias(rng, dtype):
     # one element per set: x - mean = 0, so y = bias exactly and rstd = 1/sqrt(eps)
     x, w, b = make(rng, (3, 4, 1, 1), dtype)
-    y, mean, rstd = cynorm.instance_norm(x, w, b, eps=1e-2, return_stats=True)
+    y, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, eps=1e-2, return_stats=True)
     np.testing.assert_array_equal(y, np.broadcast_to(b.reshape(1, 4, 1, 1), y.shape))
     np.testing.assert_allclose(rstd, 10.0, rtol=1e-12)
 
@@ -44,7 +44,7 @@ def test_instance_norm_spatial_size_one_gives_bias(rng, dtype):
 @pytest.mark.parametrize("stats", ["two_pass", "welford"])
 def test_instance_norm_stats_algorithms_match_reference(rng, dtype, stats):
     x, w, b = make(rng, (2, 3, 50, 50), dtype, loc=-7.0, scale=3.0)
-    y, mean, rstd = cynorm.instance_norm(x, w, b, return_stats=True, stats=stats)
+    y, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True, stats=stats)
     y_ref, mean_ref, rstd_ref = ref.instance_norm(x, w, b)
     assert_close(y, y_ref, dtype)
     np.testing.assert_allclose(mean, mean_ref, rtol=1e-10, atol=1e-12)
@@ -54,7 +54,7 @@ def test_instance_norm_stats_algorithms_match_reference(rng, dtype, stats):
 @pytest.mark.parametrize("shape", [(2, 6, 4, 3), (3, 5)])
 def test_instance_norm_equals_group_norm_with_one_channel_per_group(rng, dtype, shape):
     x, w, b = make(rng, shape, dtype)
-    y, mean, rstd = cynorm.instance_norm(x, w, b, return_stats=True)
+    y, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True)
     y_g, mean_g, rstd_g = cynorm.group_norm(x, shape[1], w, b, return_stats=True)
     assert_close(y, y_g.astype(np.float64), dtype)
     np.testing.assert_allclose(mean, mean_g, rtol=1e-12)
@@ -77,25 +77,25 @@ def test_instance_norm_large_mean_float32_keeps_precision(rng):
     x, w, b = make(rng, (2, 4, 32, 32), np.float32, loc=1e4, scale=1.0)
     y_ref = ref.instance_norm(x, w, b)[0]
     for stats in ("two_pass", "welford"):
-        y = cynorm.instance_norm(x, w, b, stats=stats)
+        y = cynorm.instance_norm(x, weight=w, bias=b, stats=stats)
         np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5)
 
 
 def test_instance_norm_weight_none(rng, dtype):
     x, _, _ = make(rng, (2, 3, 4, 4), dtype)
     assert_close(cynorm.instance_norm(x), ref.instance_norm(x)[0], dtype)
-    y1 = cynorm.instance_norm(x, np.ones(3, dtype), np.zeros(3, dtype))
+    y1 = cynorm.instance_norm(x, weight=np.ones(3, dtype), bias=np.zeros(3, dtype))
     assert_close(cynorm.instance_norm(x), y1.astype(np.float64), dtype)
 
 
 def test_instance_norm_out_and_in_place(rng, dtype):
     x, w, b = make(rng, (3, 4, 5, 6), dtype)
-    y = cynorm.instance_norm(x, w, b)
+    y = cynorm.instance_norm(x, weight=w, bias=b)
     out = np.empty_like(x)
-    assert cynorm.instance_norm(x, w, b, out=out) is out
+    assert cynorm.instance_norm(x, weight=w, bias=b, out=out) is out
     np.testing.assert_array_equal(out, y)
     xi = x.copy()
-    assert cynorm.instance_norm(xi, w, b, out=xi) is xi
+    assert cynorm.instance_norm(xi, weight=w, bias=b, out=xi) is xi
     np.testing.assert_array_equal(xi, y)
 
 
@@ -103,7 +103,7 @@ def test_instance_norm_out_and_in_place(rng, dtype):
 def test_instance_norm_backward_out_in_place(rng, dtype, which):
     x, w, b = make(rng, (3, 4, 5, 6), dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
-    _, mean, rstd = cynorm.instance_norm(x, w, b, return_stats=True)
+    _, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True)
     dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, w)
     dy2, x2 = dy.copy(), x.copy()
     target = dy2 if which == "dy" else x2
@@ -116,12 +116,12 @@ def test_instance_norm_backward_out_in_place(rng, dtype, which):
 def test_instance_norm_non_contiguous_matches_contiguous(rng, dtype):
     x, w, b = make(rng, (3, 4, 5, 6), dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
-    y, mean, rstd = cynorm.instance_norm(x, w, b, return_stats=True)
+    y, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True)
     dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, w)
     for xv, dyv in [(np.asfortranarray(x), np.asfortranarray(dy)),
                     (np.repeat(x, 2, axis=2)[:, :, ::2], np.repeat(dy, 2, axis=3)[..., ::2])]:
         assert not xv.flags.c_contiguous and not dyv.flags.c_contiguous
-        y2, mean2, rstd2 = cynorm.instance_norm(xv, w, b, return_stats=True)
+        y2, mean2, rstd2 = cynorm.instance_norm(xv, weight=w, bias=b, return_stats=True)
         np.testing.assert_array_equal(y2, y)
         np.testing.assert_array_equal(mean2, mean)
         for a, e in zip(cynorm.instance_norm_backward(dyv, xv, mean2, rstd2, w),
@@ -133,7 +133,7 @@ def test_instance_norm_non_contiguous_matches_contiguous(rng, dtype):
 def test_instance_norm_non_finite_stays_in_its_channel(rng, dtype, bad):
     x, w, b = make(rng, (2, 3, 4, 4), dtype)
     x[0, 1, 2, 3] = bad
-    y = cynorm.instance_norm(x, w, b)
+    y = cynorm.instance_norm(x, weight=w, bias=b)
     assert np.isnan(y[0, 1]).all()
     mask = np.ones(x.shape, dtype=bool)
     mask[0, 1] = False
@@ -161,9 +161,9 @@ def test_instance_norm_backward_matches_reference(rng, dtype, shape, affine):
 def test_instance_norm_gradients_match_finite_differences(rng, shape):
     x, w, b = make(rng, shape, np.float64)
     dy = rng.standard_normal(shape)
-    num = ref.numerical_grads(lambda x_, w_, b_: cynorm.instance_norm(x_, w_, b_),
+    num = ref.numerical_grads(lambda x_, w_, b_: cynorm.instance_norm(x_, weight=w_, bias=b_),
                               [x, w, b], dy)
-    _, mean, rstd = cynorm.instance_norm(x, w, b, return_stats=True)
+    _, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True)
     for a, e in zip(cynorm.instance_norm_backward(dy, x, mean, rstd, w), num):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
@@ -179,7 +179,7 @@ def test_instance_norm_matches_torch_forward_and_backward(rng, dtype, shape):
     ty = torch.nn.functional.instance_norm(tx, weight=tw, bias=tb, use_input_stats=True,
                                            eps=1e-5)
     ty.backward(torch.tensor(dy))
-    y, mean, rstd = cynorm.instance_norm(x, w, b, eps=1e-5, return_stats=True)
+    y, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, eps=1e-5, return_stats=True)
     dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, w)
     tol = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}[dtype]
     np.testing.assert_allclose(y, ty.detach().numpy(), rtol=tol, atol=tol)

@@ -39,7 +39,12 @@ def reference_forward(layer, x):
     x = x.astype(np.float64)
     p = {k: v.astype(np.float64) for k, v in layer.parameters().items()}
     if isinstance(layer, (nn.GroupNorm, nn.InstanceNorm, nn.BatchNorm)):
-        if isinstance(layer, nn.BatchNorm):
+        if isinstance(layer, nn.InstanceNorm) and not layer.training and \
+                layer.track_running_stats:
+            rm = _per_channel(layer.running_mean.astype(np.float64), x.ndim)
+            rv = _per_channel(layer.running_var.astype(np.float64), x.ndim)
+            xhat = (x - rm) / np.sqrt(rv + layer.eps)
+        elif isinstance(layer, nn.BatchNorm):
             if layer.training or not layer.track_running_stats:
                 xhat = _normalize(x, (0,) + tuple(range(2, x.ndim)), layer.eps)
             else:
@@ -67,6 +72,8 @@ LAYERS = {
     "instance": (lambda dt: nn.InstanceNorm(4, dtype=dt), (3, 4, 5)),
     "instance_affine": (lambda dt: nn.InstanceNorm(3, affine=True, eps=1e-3, dtype=dt),
                         (2, 3, 2, 3)),
+    "instance_tracked": (lambda dt: nn.InstanceNorm(3, 1e-4, 0.3, True, True, dtype=dt),
+                         (4, 3, 5)),
     "batch": (lambda dt: nn.BatchNorm(4, dtype=dt), (6, 4, 3)),
     "batch_nc": (lambda dt: nn.BatchNorm(5, momentum=None, dtype=dt), (7, 5)),
     "batch_untracked": (lambda dt: nn.BatchNorm(3, track_running_stats=False, dtype=dt),
@@ -144,7 +151,10 @@ def _functional(layer, x, dy):
         y, m, s = cynorm.group_norm(x, layer.num_groups, w, b, layer.eps, return_stats=True)
         dx, dw, db = cynorm.group_norm_backward(dy, x, m, s, layer.num_groups, w)
     elif isinstance(layer, nn.InstanceNorm):
-        y, m, s = cynorm.instance_norm(x, w, b, layer.eps, return_stats=True)
+        running = ((layer.running_mean.copy(), layer.running_var.copy())
+                   if layer.track_running_stats else (None, None))
+        y, m, s = cynorm.instance_norm(x, *running, w, b, True, layer.momentum or 0.0,
+                                       layer.eps, return_stats=True)
         dx, dw, db = cynorm.instance_norm_backward(dy, x, m, s, w)
     elif isinstance(layer, nn.BatchNorm):
         y, m, s = cynorm.batch_norm(x, None, None, w, b, training=True, eps=layer.eps,
@@ -325,8 +335,8 @@ def _torch_twin(torch, layer):
         return torch.nn.GroupNorm(layer.num_groups, layer.num_channels, layer.eps,
                                   layer.affine, dtype=dt)
     if isinstance(layer, nn.InstanceNorm):
-        return torch.nn.InstanceNorm1d(layer.num_features, layer.eps, affine=layer.affine,
-                                       dtype=dt)
+        return torch.nn.InstanceNorm1d(layer.num_features, layer.eps, layer.momentum,
+                                       layer.affine, layer.track_running_stats, dtype=dt)
     if isinstance(layer, nn.BatchNorm):
         return torch.nn.BatchNorm1d(layer.num_features, layer.eps, layer.momentum,
                                     layer.affine, layer.track_running_stats, dtype=dt)
@@ -338,7 +348,7 @@ def _torch_twin(torch, layer):
                             dtype=dt)
 
 
-TORCH_CASES = ["group", "instance_affine", "batch", "batch_nc", "batch_untracked", "layer",
+TORCH_CASES = ["group", "instance_affine", "instance_tracked", "batch", "batch_nc", "batch_untracked", "layer",
                "layer_no_bias", "rms", "rms_eps"]
 
 

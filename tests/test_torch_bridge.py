@@ -219,7 +219,8 @@ def test_kernels_see_the_tensors_memory(monkeypatch, name, module, shape):
 
     def spy_forward(x, *args, **kwargs):
         seen["x"] = _address(x)
-        seen["params"] = [_address(a) for a in args if isinstance(a, np.ndarray)]
+        seen["params"] = [_address(a) for a in (*args, *kwargs.values())
+                          if isinstance(a, np.ndarray)]
         out = forward(x, *args, **kwargs)
         seen["y"] = _address(out[0])
         return out
