@@ -194,7 +194,8 @@ class _RunningStats:
 class GroupNorm(_Norm):
     """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
+                 *, bias=True):
         super().__init__(dtype)
         self.num_groups = check_int(num_groups, "num_groups", 1)
         self.num_channels = check_int(num_channels, "num_channels", 1)
@@ -203,7 +204,8 @@ class GroupNorm(_Norm):
                              f"({self.num_channels})")
         self.eps = check_eps(eps)
         self.affine = check_flag(affine, "affine")
-        self._new_params((self.num_channels,), self.affine, self.affine)
+        self._new_params((self.num_channels,), self.affine,
+                         self.affine and check_flag(bias, "bias"))
 
     def forward(self, x):
         x = self._check_channels(x, self.num_channels)
@@ -237,14 +239,15 @@ class InstanceNorm(_RunningStats, _Norm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, dtype=np.float32):
+                 track_running_stats=False, dtype=np.float32, *, bias=True):
         super().__init__(dtype)
         self.num_features = check_int(num_features, "num_features", 1)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum, allow_none=True)
         self.affine = check_flag(affine, "affine")
         self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
-        self._new_params((self.num_features,), self.affine, self.affine)
+        self._new_params((self.num_features,), self.affine,
+                         self.affine and check_flag(bias, "bias"))
         if self.track_running_stats:
             self._new_running_stats(self.num_features)
 
@@ -288,14 +291,15 @@ class BatchNorm(_RunningStats, _Norm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+                 track_running_stats=True, dtype=np.float32, *, bias=True):
         super().__init__(dtype)
         self.num_features = check_int(num_features, "num_features", 1)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum, allow_none=True)
         self.affine = check_flag(affine, "affine")
         self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
-        self._new_params((self.num_features,), self.affine, self.affine)
+        self._new_params((self.num_features,), self.affine,
+                         self.affine and check_flag(bias, "bias"))
         if self.track_running_stats:
             self._new_running_stats(self.num_features)
 

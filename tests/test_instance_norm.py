@@ -186,3 +186,137 @@ def test_instance_norm_matches_torch_forward_and_backward(rng, dtype, shape):
     for a, t in [(dx, tx.grad), (dw, tw.grad), (db, tb.grad)]:
         t = t.numpy()
         np.testing.assert_allclose(a, t, rtol=tol, atol=tol * max(1, np.abs(t).max()))
+
+
+# ---- torch's signature: running statistics, use_input_stats, momentum ----------------------
+
+def _instance_stats(x):
+    """Per-(n, c) mean and unbiased variance over the spatial elements, float64."""
+    flat = x.astype(np.float64).reshape(x.shape[0], x.shape[1], -1)
+    return flat.mean(axis=2), flat.var(axis=2, ddof=1)
+
+
+def test_instance_norm_positional_order_is_torchs(rng):
+    """instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
+    eps): the second and third positional arguments are the running statistics, never
+    the affine parameters."""
+    x, w, b = make(rng, (3, 4, 6), np.float64, loc=2.0)
+    rm, rv = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
+    y = cynorm.instance_norm(x, rm.copy(), rv.copy(), w, b, False, 0.1, 1e-3)
+    expected = ((x - rm[None, :, None]) / np.sqrt(rv[None, :, None] + 1e-3)
+                * w[None, :, None] + b[None, :, None])
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    # with input statistics the positional weight and bias are those of the reference
+    y = cynorm.instance_norm(x, None, None, w, b, True, 0.1, 1e-3)
+    np.testing.assert_allclose(y, ref.instance_norm(x, w, b, eps=1e-3)[0], rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 6), (2, 3, 4, 5), (1, 2, 7)])
+def test_instance_norm_updates_running_stats_as_torch_defines(rng, dtype, shape):
+    """r = (1 - m) r + m * (batch mean of per-instance statistics), unbiased variance."""
+    C = shape[1]
+    rm = rng.standard_normal(C).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, C).astype(dtype)
+    exp_m, exp_v = rm.astype(np.float64), rv.astype(np.float64)
+    for step in range(3):
+        x, w, b = make(rng, shape, dtype, loc=step - 1.0, scale=1.0 + step)
+        y = cynorm.instance_norm(x, rm, rv, w, b, momentum=0.25, eps=1e-4)
+        mean, var = _instance_stats(x)
+        exp_m = 0.75 * exp_m + 0.25 * mean.mean(axis=0)
+        exp_v = 0.75 * exp_v + 0.25 * var.mean(axis=0)
+        tol = 1e-6 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(rm, exp_m, rtol=tol, atol=tol)
+        np.testing.assert_allclose(rv, exp_v, rtol=tol, atol=tol)
+        assert rm.dtype == dtype and rv.dtype == dtype
+        # the output still uses the per-instance statistics
+        assert_close(y, ref.instance_norm(x, w, b, eps=1e-4)[0], dtype)
+
+
+def test_instance_norm_with_running_stats_normalises_every_sample_with_them(rng, dtype):
+    x, w, b = make(rng, (3, 4, 2, 5), dtype, loc=1.0)
+    rm = rng.standard_normal(4).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, 4).astype(dtype)
+    rm0, rv0 = rm.copy(), rv.copy()
+    # momentum is not used here: any value is accepted, the statistics do not change
+    y, mean, rstd = cynorm.instance_norm(x, rm, rv, w, b, use_input_stats=False,
+                                         momentum=7.0, eps=1e-3, return_stats=True)
+    c = (slice(None), None, None)
+    expected = ((x.astype(np.float64) - rm.astype(np.float64)[c])
+                / np.sqrt(rv.astype(np.float64)[c] + 1e-3) * w.astype(np.float64)[c]
+                + b.astype(np.float64)[c])
+    assert_close(y, expected, dtype)
+    np.testing.assert_array_equal(rm, rm0)
+    np.testing.assert_array_equal(rv, rv0)
+    assert mean.shape == (4,) and rstd.shape == (4,)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(rv.astype(np.float64) + 1e-3), rtol=1e-14)
+    # one spatial element is fine with running statistics (nothing is estimated)
+    assert cynorm.instance_norm(x[:, :, :1, :1], rm, rv, use_input_stats=False).shape == \
+        (3, 4, 1, 1)
+
+
+def test_instance_norm_backward_with_running_stats_treats_them_as_constants(rng):
+    x, w, b = make(rng, (2, 3, 4), np.float64)
+    rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2.0, 3)
+    dy = rng.standard_normal(x.shape)
+    y, mean, rstd = cynorm.instance_norm(x, rm, rv, w, b, use_input_stats=False,
+                                         return_stats=True)
+    dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, w, use_input_stats=False)
+    c = (slice(None), None)
+    np.testing.assert_allclose(dx, dy * (w / np.sqrt(rv + 1e-5))[c], rtol=1e-12)
+    np.testing.assert_allclose(dw, (dy * (x - rm[c]) / np.sqrt(rv + 1e-5)[c]).sum(axis=(0, 2)),
+                               rtol=1e-12)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2)), rtol=1e-12)
+    num = ref.numerical_grads(
+        lambda x_, w_, b_: cynorm.instance_norm(x_, rm, rv, w_, b_, use_input_stats=False),
+        [x, w, b], dy)
+    for a, e in zip((dx, dw, db), num):
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 10), (2, 4, 7, 5), (1, 2, 6)])
+def test_instance_norm_running_stats_match_torch_over_steps(rng, dtype, shape):
+    """Training steps update the running statistics as torch does; then an eval step
+    (use_input_stats=False) normalises with them; forward and backward match torch."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    C = shape[1]
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    tol = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}[dtype]
+    for step, train in enumerate([True, True, True, False]):
+        x, w, b = make(rng, shape, dtype, loc=step * 0.5, scale=1.0 + step)
+        dy = rng.standard_normal(shape).astype(dtype)
+        tx = torch.tensor(x, requires_grad=True)
+        tw = torch.tensor(w, requires_grad=True)
+        tb = torch.tensor(b, requires_grad=True)
+        ty = F.instance_norm(tx, trm, trv, tw, tb, train, 0.2, 1e-4)
+        ty.backward(torch.tensor(dy))
+        y, mean, rstd = cynorm.instance_norm(x, rm, rv, w, b, train, 0.2, 1e-4,
+                                             return_stats=True)
+        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, w, train)
+        np.testing.assert_allclose(y, ty.detach().numpy(), rtol=tol, atol=tol)
+        np.testing.assert_allclose(rm, trm.numpy(), rtol=tol, atol=tol)
+        np.testing.assert_allclose(rv, trv.numpy(), rtol=tol, atol=tol)
+        for a, t in [(dx, tx.grad), (dw, tw.grad), (db, tb.grad)]:
+            t = t.numpy()
+            np.testing.assert_allclose(a, t, rtol=tol, atol=tol * max(1, np.abs(t).max()))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0)])
+def test_instance_norm_empty_batch_leaves_running_stats_alone(shape):
+    x = np.zeros(shape)
+    rm, rv = np.full(3, 0.5), np.full(3, 2.0)
+    y = cynorm.instance_norm(x, rm, rv)
+    assert y.shape == shape
+    np.testing.assert_array_equal(rm, 0.5)
+    np.testing.assert_array_equal(rv, 2.0)
+
+
+def test_instance_norm_running_stats_need_more_than_one_spatial_element(rng):
+    x = rng.standard_normal((3, 4, 1))
+    rm, rv = np.zeros(4), np.ones(4)
+    with pytest.raises(ValueError, match="spatial"):
+        cynorm.instance_norm(x, rm, rv)
+    np.testing.assert_array_equal(rm, 0.0)
+    np.testing.assert_array_equal(rv, 1.0)

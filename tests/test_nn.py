@@ -69,6 +69,7 @@ def reference_forward(layer, x):
 LAYERS = {
     "group": (lambda dt: nn.GroupNorm(2, 4, dtype=dt), (3, 4, 5)),
     "group_2d_no_affine": (lambda dt: nn.GroupNorm(1, 6, affine=False, dtype=dt), (2, 6, 3, 2)),
+    "group_no_bias": (lambda dt: nn.GroupNorm(3, 6, dtype=dt, bias=False), (2, 6, 4)),
     "instance": (lambda dt: nn.InstanceNorm(4, dtype=dt), (3, 4, 5)),
     "instance_affine": (lambda dt: nn.InstanceNorm(3, affine=True, eps=1e-3, dtype=dt),
                         (2, 3, 2, 3)),
@@ -78,6 +79,7 @@ LAYERS = {
     "batch_nc": (lambda dt: nn.BatchNorm(5, momentum=None, dtype=dt), (7, 5)),
     "batch_untracked": (lambda dt: nn.BatchNorm(3, track_running_stats=False, dtype=dt),
                         (4, 3, 2, 2)),
+    "batch_no_bias": (lambda dt: nn.BatchNorm(3, dtype=dt, bias=False), (5, 3, 2)),
     "layer": (lambda dt: nn.LayerNorm((4, 5), dtype=dt), (3, 4, 5)),
     "layer_no_bias": (lambda dt: nn.LayerNorm(5, bias=False, dtype=dt), (2, 3, 5)),
     "layer_no_affine": (lambda dt: nn.LayerNorm(6, elementwise_affine=False, dtype=dt),
@@ -328,18 +330,25 @@ def test_load_state_dict_rejects_bad_state():
 
 # ---- against torch.nn (optional oracle; CI installs torch) -------------------------------
 
+def _has_bias(layer):
+    """The constructor's bias flag (torch's default True when there is no affine)."""
+    return layer.bias is not None or not layer.affine
+
+
 def _torch_twin(torch, layer):
     """The torch.nn module that `layer` mirrors, with the same constructor arguments."""
     dt = torch.float64 if layer.dtype == np.float64 else torch.float32
     if isinstance(layer, nn.GroupNorm):
         return torch.nn.GroupNorm(layer.num_groups, layer.num_channels, layer.eps,
-                                  layer.affine, dtype=dt)
+                                  layer.affine, dtype=dt, bias=_has_bias(layer))
     if isinstance(layer, nn.InstanceNorm):
         return torch.nn.InstanceNorm1d(layer.num_features, layer.eps, layer.momentum,
-                                       layer.affine, layer.track_running_stats, dtype=dt)
+                                       layer.affine, layer.track_running_stats, dtype=dt,
+                                       bias=_has_bias(layer))
     if isinstance(layer, nn.BatchNorm):
         return torch.nn.BatchNorm1d(layer.num_features, layer.eps, layer.momentum,
-                                    layer.affine, layer.track_running_stats, dtype=dt)
+                                    layer.affine, layer.track_running_stats, dtype=dt,
+                                    bias=_has_bias(layer))
     if isinstance(layer, nn.LayerNorm):
         return torch.nn.LayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine,
                                   bias=layer.bias is not None or not layer.elementwise_affine,
@@ -348,8 +357,9 @@ def _torch_twin(torch, layer):
                             dtype=dt)
 
 
-TORCH_CASES = ["group", "instance_affine", "instance_tracked", "batch", "batch_nc", "batch_untracked", "layer",
-               "layer_no_bias", "rms", "rms_eps"]
+TORCH_CASES = ["group", "group_no_bias", "instance_affine", "instance_tracked", "batch",
+               "batch_nc", "batch_untracked", "batch_no_bias", "layer", "layer_no_bias",
+               "rms", "rms_eps"]
 
 
 @pytest.mark.parametrize("name", TORCH_CASES)
