@@ -152,6 +152,9 @@ class _Norm:
         if bias:
             self._params["bias"] = np.zeros(shape, dtype=self.dtype)
 
+    def _bias_repr(self):
+        return ", bias=False" if self.weight is not None and self.bias is None else ""
+
     def _check_channels(self, x, num_channels):
         x = as_input(x, "x")
         if x.ndim < 2:
@@ -192,7 +195,8 @@ class _RunningStats:
 
 
 class GroupNorm(_Norm):
-    """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm."""
+    """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm
+    (bias=False: a weight and no bias, as torch's keyword)."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
                  *, bias=True):
@@ -223,7 +227,7 @@ class GroupNorm(_Norm):
 
     def __repr__(self):
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
-                f"affine={self.affine})")
+                f"affine={self.affine}{self._bias_repr()})")
 
 
 class InstanceNorm(_RunningStats, _Norm):
@@ -236,6 +240,7 @@ class InstanceNorm(_RunningStats, _Norm):
     mean and (unbiased) variance, averaged over the batch, are updated with `momentum`
     (momentum=None means no update, as torch does), and eval normalises with them;
     num_batches_tracked is kept for torch's state_dict but, as in torch, not counted.
+    bias=False: a weight and no bias, as torch's keyword.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
@@ -277,7 +282,7 @@ class InstanceNorm(_RunningStats, _Norm):
     def __repr__(self):
         return (f"InstanceNorm({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats})")
+                f"track_running_stats={self.track_running_stats}{self._bias_repr()})")
 
 
 class BatchNorm(_RunningStats, _Norm):
@@ -287,7 +292,8 @@ class BatchNorm(_RunningStats, _Norm):
     Training: batch statistics; with track_running_stats the running mean and (unbiased)
     variance are updated with `momentum`, or as a cumulative moving average when
     momentum is None, and num_batches_tracked counts the batches. Eval: the running
-    statistics, or batch statistics when track_running_stats is False.
+    statistics, or batch statistics when track_running_stats is False. bias=False: a
+    weight and no bias, as torch's keyword.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -332,7 +338,8 @@ class BatchNorm(_RunningStats, _Norm):
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+                f"{self._bias_repr()})")
 
 
 class _RowNorm(_Norm):
