@@ -41,14 +41,19 @@ def _like(a, name, x):
     return a
 
 
-def _groups(num_groups, C):
+# two float64 statistics per (sample, group): more than this many pairs cannot even be
+# addressed
+_MAX_STAT_PAIRS = np.iinfo(np.intp).max // 16
+
+
+def _groups(num_groups, N, C):
     G = check_int(num_groups, "num_groups", 1)
     if C % G:
         raise ValueError(f"num_groups ({G}) must divide the number of channels ({C})")
-    if C == 0 and G > 1:
-        # every G divides 0, but (N, G) statistics of empty groups are no use, and a huge
-        # G would only fail later as an allocation that names nothing
-        raise ValueError(f"num_groups must be 1 for an input without channels, got {G}")
+    if C == 0 and N * G > _MAX_STAT_PAIRS:
+        # every G divides C = 0 (as in torch), but the (N, G) statistics must exist
+        raise ValueError(f"num_groups ({G}) is too large: the statistics of shape "
+                         f"(N, num_groups) = ({N}, {G}) cannot be allocated")
     return G
 
 
@@ -56,7 +61,7 @@ def _groups(num_groups, C):
 
 def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=()):
     x, N, C, HW = _nchw(x)
-    G = _groups(G, C) if G is not None else C
+    G = _groups(G, N, C) if G is not None else C
     welford = check_stats(stats)
     eps = check_eps(eps)
     w = as_param(weight, "weight", (C,), x.dtype)
@@ -72,7 +77,7 @@ def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=())
 def _slab_backward(dy, x, mean, rstd, G, weight, out):
     x, N, C, HW = _nchw(x)
     dy = _like(dy, "dy", x)
-    G = _groups(G, C) if G is not None else C
+    G = _groups(G, N, C) if G is not None else C
     mean = as_stats(mean, "mean", (N, G))
     rstd = as_stats(rstd, "rstd", (N, G))
     w = as_param(weight, "weight", (C,), x.dtype)
