@@ -15,7 +15,12 @@ exported with `{k: v.numpy() for k, v in module.state_dict().items()}`, loads un
 (torch tensors are accepted too).
 
 The forward keeps a reference to x until the backward: do not modify x in place in
-between. One backward per forward.
+between. It also keeps a copy of the weight it used, so that the backward computes the
+gradients of that forward even when the parameters were updated in place in between
+(an optimizer step before the backward). One backward per forward.
+
+Arguments are checked by the same helpers as the functional API's (cynorm._validate):
+errors are TypeError/ValueError naming the argument (x for the input).
 """
 from collections.abc import Mapping
 import numbers
@@ -141,6 +146,11 @@ class _Norm:
                 "(or twice after one forward): call the layer on an input first")
         return saved
 
+    def _save(self, *values):
+        """Keep what the backward needs, with a copy of the weight this forward used."""
+        w = self._params.get("weight")
+        self._saved = values + (None if w is None else w.copy(),)
+
     def _finish_backward(self, **grads):
         self._saved = None
         self.grads = {k: np.asarray(g, dtype=self._params[k].dtype)
@@ -215,13 +225,13 @@ class GroupNorm(_Norm):
         x = self._check_channels(x, self.num_channels)
         y, mean, rstd = cynorm.group_norm(x, self.num_groups, self.weight, self.bias,
                                           self.eps, return_stats=True)
-        self._saved = (x, mean, rstd)
+        self._save(x, mean, rstd)
         return y
 
     def backward(self, dy):
-        x, mean, rstd = self._saved_for_backward()
+        x, mean, rstd, weight = self._saved_for_backward()
         dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, self.num_groups,
-                                                self.weight)
+                                                weight)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
@@ -269,12 +279,12 @@ class InstanceNorm(_RunningStats, _Norm):
         y, mean, rstd = cynorm.instance_norm(
             x, *running, self.weight, self.bias, use_input_stats=use_input_stats,
             momentum=momentum, eps=self.eps, return_stats=True)
-        self._saved = (x, mean, rstd, use_input_stats)
+        self._save(x, mean, rstd, use_input_stats)
         return y
 
     def backward(self, dy):
-        x, mean, rstd, use_input_stats = self._saved_for_backward()
-        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, self.weight,
+        x, mean, rstd, use_input_stats, weight = self._saved_for_backward()
+        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, weight,
                                                    use_input_stats=use_input_stats)
         self._finish_backward(weight=dw, bias=db)
         return dx
@@ -326,12 +336,12 @@ class BatchNorm(_RunningStats, _Norm):
         if self.track_running_stats and self.training:
             # counted after the call succeeded, so that a rejected batch is not counted
             self._buffers["num_batches_tracked"] += 1
-        self._saved = (x, mean, rstd, use_batch_stats)
+        self._save(x, mean, rstd, use_batch_stats)
         return y
 
     def backward(self, dy):
-        x, mean, rstd, use_batch_stats = self._saved_for_backward()
-        dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, self.weight,
+        x, mean, rstd, use_batch_stats, weight = self._saved_for_backward()
+        dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, weight,
                                                 training=use_batch_stats)
         self._finish_backward(weight=dw, bias=db)
         return dx
@@ -372,13 +382,13 @@ class LayerNorm(_RowNorm):
         x = self._check_trailing(x)
         y, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
                                           self.bias, self.eps, return_stats=True)
-        self._saved = (x, mean, rstd)
+        self._save(x, mean, rstd)
         return y
 
     def backward(self, dy):
-        x, mean, rstd = self._saved_for_backward()
+        x, mean, rstd, weight = self._saved_for_backward()
         dx, dw, db = cynorm.layer_norm_backward(dy, x, mean, rstd, self.normalized_shape,
-                                                self.weight)
+                                                weight)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
@@ -405,12 +415,12 @@ class RMSNorm(_RowNorm):
         x = self._check_trailing(x)
         y, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
                                   return_stats=True)
-        self._saved = (x, rstd)
+        self._save(x, rstd)
         return y
 
     def backward(self, dy):
-        x, rstd = self._saved_for_backward()
-        dx, dw = cynorm.rms_norm_backward(dy, x, rstd, self.normalized_shape, self.weight)
+        x, rstd, weight = self._saved_for_backward()
+        dx, dw = cynorm.rms_norm_backward(dy, x, rstd, self.normalized_shape, weight)
         self._finish_backward(weight=dw)
         return dx
 

@@ -621,6 +621,27 @@ def test_backward_needs_exactly_one_forward(name, rng):
         layer.backward(np.ones_like(y))
 
 
+@pytest.mark.parametrize("name", [n for n in sorted(LAYERS) if n not in
+                                  ("group_2d_no_affine", "layer_no_affine", "instance")])
+def test_backward_uses_the_parameters_of_its_forward(name, rng):
+    """Updating the parameters in place between forward and backward (an optimizer step
+    taken early) does not change the gradients: they are those of the forward that ran."""
+    layer, x = make(name, np.float64, rng)
+    dy = rng.normal(size=x.shape)
+    twin = LAYERS[name][0](np.float64)
+    twin.load_state_dict(layer.state_dict())  # the same parameters and buffers
+    layer(x)
+    for p in layer.parameters().values():
+        p *= -3.0
+        p += 1.0
+    dx = layer.backward(dy)
+    twin(x)
+    expected = twin.backward(dy)
+    np.testing.assert_array_equal(dx, expected)
+    for k, g in twin.grads.items():
+        np.testing.assert_array_equal(layer.grads[k], g, err_msg=k)
+
+
 @pytest.mark.parametrize("make_layer, exc", [
     (lambda: nn.GroupNorm(3, 4), ValueError),
     (lambda: nn.GroupNorm(0, 4), ValueError),
