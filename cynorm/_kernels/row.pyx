@@ -17,7 +17,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
+from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats,
     set_grad_sums, split_grad_sums, aligned_head, data,
@@ -25,8 +25,10 @@ from cynorm._kernels._common cimport (
 
 import numpy as np
 
+from cynorm._kernels import INHERITED_OPENMP_POOL
+
 cnp.import_array()
-cynorm_register_atfork()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 cdef extern from "_lanes.h":
     void cn_row_tile_f32(const float* dy, const float* x, float* dx, const float* w,
