@@ -198,11 +198,12 @@ cdef inline void _apply_channel(const floating* x, floating* y, const floating* 
                                 const double* rstd, Py_ssize_t n0, Py_ssize_t n1,
                                 Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW) noexcept nogil:
     """Normalise runs x[n, c, :] for n in [n0, n1)."""
-    cdef double scale = rstd[c] if w == NULL else rstd[c] * w[c]
+    cdef double wc = 1.0 if w == NULL else w[c]
     cdef double shift = 0.0 if b == NULL else b[c]
     cdef Py_ssize_t n
     for n in range(n0, n1):
-        affine_const(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], scale, shift)
+        affine_const(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], rstd[c], wc,
+                     shift)
 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
@@ -275,14 +276,14 @@ cdef inline void _grad_channel(const floating* dy, const floating* x, floating* 
     """dx over runs [n0, n1) of channel c. Training: dx = rstd * (g - mean(g) - xhat *
     mean(g * xhat)), g = w_c * dy; eval (constant statistics): dx = w_c * rstd * dy."""
     cdef double rs = rstd[c], wc = 1.0 if w == NULL else w[c]
-    cdef double M = <double>(N * HW), k = 0, c0 = 0
+    cdef double M = <double>(N * HW), mg = 0, mgx = 0
     cdef Py_ssize_t n
     if training:
-        k = wc * rs * (rs * sdyx[c] / M)
-        c0 = wc * rs * sdy[c] / M
+        mg = wc * sdy[c] / M
+        mgx = wc * (rs * sdyx[c] / M)
     for n in range(n0, n1):
         grad_const(dy + (n * C + c) * HW, x + (n * C + c) * HW, dx + (n * C + c) * HW,
-                   HW, wc * rs, mean[c], rs, k, c0, NULL, NULL)
+                   HW, wc, mg, mgx, mean[c], rs, NULL, NULL)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,

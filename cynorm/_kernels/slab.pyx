@@ -33,15 +33,15 @@ cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start
                               const floating* b) noexcept nogil:
     """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i."""
     cdef Py_ssize_t i = start, j, stop
-    cdef double scale, shift
+    cdef double wc, shift
     while i < end:
         j = i // HW
         stop = (j + 1) * HW
         if stop > end:
             stop = end
-        scale = rstd if w == NULL else rstd * w[c_first + j]
+        wc = 1.0 if w == NULL else w[c_first + j]
         shift = 0.0 if b == NULL else b[c_first + j]
-        affine_const(xs + i, ys + i, stop - i, mean, scale, shift)
+        affine_const(xs + i, ys + i, stop - i, mean, rstd, wc, shift)
         i = stop
 
 
@@ -134,8 +134,8 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
         A += wj * sdy[q]
         B += wj * sdyx[q]
     # mean(g) = A / M, mean(g * xhat) = rs * B / M
-    grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW,
-               rs if w == NULL else rs * w[c], mean[s], rs, rs * (rs * B / M), rs * A / M,
+    grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW, 1.0 if w == NULL else w[c],
+               A / M, rs * B / M, mean[s], rs,
                dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
 
 
