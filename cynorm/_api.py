@@ -182,13 +182,15 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
     count = N * HW
+    if count == 0 and not return_stats:
+        return y  # an empty batch: nothing to normalise, running statistics unchanged
     if training:
         if count == 1:
             raise ValueError("batch_norm: expected more than 1 value per channel when "
                              f"training, got input of shape {x.shape}")
         mean = np.empty(C)
         rstd = np.empty(C)
-        var = np.empty(C)
+        var = np.empty(C) if rv is not None else None  # only the update needs it
         channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1)
         if count > 1:
             if rm is not None:
