@@ -197,10 +197,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                 rm[...] = (1.0 - momentum) * rm + momentum * mean
             if rv is not None:
                 rv[...] = (1.0 - momentum) * rv + momentum * (var * (count / (count - 1)))
-    else:
+    elif return_stats:
         mean = np.array(rm, dtype=np.float64)
         rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-        channel.forward(x, y, w, b, mean, rstd, mean, N, C, HW, eps, welford, 0)
+        channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0)
+    else:  # the kernel forms rstd from running_var: no (C,) temporaries for it
+        channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64), None,
+                        np.ascontiguousarray(rv, dtype=np.float64), N, C, HW, eps,
+                        welford, 0)
     if return_stats:
         return y, mean, rstd
     return y

@@ -22,6 +22,7 @@ The callers in cynorm._api validate everything; these functions trust their argu
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.math cimport sqrt
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
@@ -41,6 +42,7 @@ cdef enum:
     COL_ROWS = 64     # rows per block (the last takes the rest): per-channel partials of
                       # 16 bytes per block are at most 1/16 of a float32 input
     COL_WIDTH = 1024  # columns per tile: 64 x 1024 float32 = 256 KiB stays in L2
+    APPLY_ROWS = 16   # rows per work item of the apply (eval: its rstd formed once)
 
 
 # ---- column path (short runs) ----------------------------------------------------------
@@ -101,24 +103,38 @@ cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t HW,
         pq[c] = q_
 
 
-cdef void _col_apply(const floating* x, floating* y, Py_ssize_t c0, Py_ssize_t c1,
-                     Py_ssize_t HW, const double* mean, const double* rstd,
-                     const floating* w, const floating* b) noexcept nogil:
-    """Channels [c0, c1) of one row: y = ((x - mean) * rstd) * w + b, in float64."""
-    cdef Py_ssize_t c, h
-    cdef double m, rs, wc, bc
-    if HW == 1:
+cdef void _col_apply(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t r0,
+                     Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+                     const double* mean, const double* rstd, const double* var,
+                     double eps, const floating* w, const floating* b) noexcept nogil:
+    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, in float64.
+    rstd NULL (eval mode, no (C,) array for it): 1 / sqrt(var + eps), formed once per
+    channel here."""
+    cdef double rsl[COL_WIDTH]
+    cdef const double* rs = rstd
+    cdef const floating* xr
+    cdef floating* yr
+    cdef Py_ssize_t c, h, r
+    cdef double m, rc, wc, bc
+    if rstd == NULL:
         for c in range(c0, c1):
-            y[c] = <floating>(((x[c] - mean[c]) * rstd[c]) * (1.0 if w == NULL else w[c])
-                              + (0.0 if b == NULL else b[c]))
-        return
-    for c in range(c0, c1):
-        m = mean[c]
-        rs = rstd[c]
-        wc = 1.0 if w == NULL else w[c]
-        bc = 0.0 if b == NULL else b[c]
-        for h in range(c * HW, (c + 1) * HW):
-            y[h] = <floating>(((x[h] - m) * rs) * wc + bc)
+            rsl[c - c0] = 1.0 / sqrt(var[c] + eps)
+        rs = rsl - c0
+    for r in range(r0, r1):
+        xr = x + r * D
+        yr = y + r * D
+        if HW == 1:
+            for c in range(c0, c1):
+                yr[c] = <floating>(((xr[c] - mean[c]) * rs[c]) *
+                                   (1.0 if w == NULL else w[c]) + (0.0 if b == NULL else b[c]))
+            continue
+        for c in range(c0, c1):
+            m = mean[c]
+            rc = rs[c]
+            wc = 1.0 if w == NULL else w[c]
+            bc = 0.0 if b == NULL else b[c]
+            for h in range(c * HW, (c + 1) * HW):
+                yr[h] = <floating>(((xr[h] - m) * rc) * wc + bc)
 
 
 cdef void _col_forward(const floating* x, floating* y, const floating* w,
@@ -126,7 +142,8 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
                        double* part, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                        double eps, int welford, int training, int nt) noexcept nogil:
     """Forward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1
-    (one block: the moments go to mean and var, or rstd when var is NULL)."""
+    (one block: the moments go to mean and var, or rstd when var is NULL). Eval mode
+    with rstd NULL: var is the running variance, rstd formed per channel."""
     cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
     cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, q, c0, r0, blk
     cdef double* pm = mean if nb == 1 else part
@@ -157,10 +174,13 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
             if var != NULL:
                 var[c] = m2 / <double>(N * HW)
             rstd[c] = inv_std(m2, N * HW, eps)
-    for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+    # the apply: work items of APPLY_ROWS rows by one tile
+    for t in prange(((N + APPLY_ROWS - 1) // APPLY_ROWS) * n_tiles, nogil=True,
+                    num_threads=nt, schedule="static"):
         c0 = (t % n_tiles) * cpt
-        _col_apply(x + (t // n_tiles) * D, y + (t // n_tiles) * D, c0, min(c0 + cpt, C),
-                   HW, mean, rstd, w, b)
+        r0 = (t // n_tiles) * APPLY_ROWS
+        _col_apply(x, y, D, r0, min(r0 + APPLY_ROWS, N), c0, min(c0 + cpt, C), HW, mean,
+                   rstd, var, eps, w, b)
 
 
 cdef void _col_tile_grad_sums(const floating* dy, const floating* x, const double* mean,
@@ -325,10 +345,11 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
-            cnp.ndarray rstd, object var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+            object rstd, object var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
             double eps, int welford, int training):
     """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and (var
-    not None) the biased var (C float64) from x; else apply the given mean and rstd."""
+    not None) the biased var (C float64) from x; else apply the given mean and rstd, or,
+    rstd None, rstd = 1 / sqrt(var + eps) from the given (running) var."""
     if training and N * HW == 0:  # an empty batch: nothing to read (statistics as torch)
         mean.fill(0)
         rstd.fill(np.nan)
@@ -341,6 +362,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef bint columns = HW < SHORT_RUN
     cdef cnp.ndarray work = None
     cdef double* parts = NULL
+    if rstd is None and not columns:  # long runs: C is at most 1/64 of the input
+        rstd = 1.0 / np.sqrt(var + eps)
     if columns and _col_blocks(N) > 1 and training:
         work = np.empty(2 * _col_blocks(N) * C, dtype=np.float64)
         parts = <double*>data(work)
