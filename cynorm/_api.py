@@ -334,5 +334,5 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
     w = as_param(weight, "weight", ns, x.dtype)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, rstd), may_alias=(dy, x))
     dw = np.empty(ns, dtype=x.dtype)
-    row.backward(dy, x, dx, w, dw, None, np.zeros(lead), rstd, R, K, 1)
+    row.backward(dy, x, dx, w, dw, None, None, rstd, R, K, 1)
     return dx, dw

@@ -127,3 +127,21 @@ def test_batch_norm_of_an_empty_batch_allocates_nothing(shape):
     m, r = np.zeros(C), np.ones(C)
     extra, g = _extra(lambda: cynorm.batch_norm_backward(x, x, m, r))
     assert g[0].shape == shape and extra <= 64 * 1024, extra
+
+
+@pytest.mark.parametrize("shape", [(40, 100000), (33, 50000), (200000, 2)], ids=str)
+def test_layer_norm_backward_scratch_is_within_an_eighth_of_the_input(shape):
+    """Row counts just above a multiple of 32 (a partial last sub-block of rows) and
+    very short rows (per-row sums would be 4x the input): at most 1/8 of x beyond the
+    outputs."""
+    x = np.ones(shape, np.float32)
+    x[:, ::2] = 2
+    K = shape[1]
+    _, m, r = cynorm.layer_norm(x, K, return_stats=True)
+    for rms in (False, True):
+        if rms:
+            call = lambda: cynorm.rms_norm_backward(x, x, r, K, np.ones(K, np.float32))  # noqa: E731
+        else:
+            call = lambda: cynorm.layer_norm_backward(x, x, m, r, K)  # noqa: E731
+        extra, _ = _extra(call)
+        assert extra <= x.nbytes // 8 + 64 * 1024, (rms, extra, x.nbytes)
