@@ -558,3 +558,63 @@ def test_batch_norm_flags_changed_after_construction_behave_like_torch(cls, thei
             assert torch.equal(b, before[k]), k
     else:
         assert int(theirs.num_batches_tracked) == 6
+
+
+# ---- torch.compile --------------------------------------------------------------------------
+
+def _norm_stack(norms):
+    return torch.nn.Sequential(
+        norms.GroupNorm(2, 6), torch.nn.ReLU(), norms.BatchNorm2d(6),
+        norms.InstanceNorm2d(6, affine=True, track_running_stats=True),
+        norms.LayerNorm(5), norms.RMSNorm(5)).double()
+
+
+def _run_stack(model, x, dy):
+    """Two training steps (output, input and parameter gradients), then eval under no_grad;
+    returns every result and the buffers."""
+    results = []
+    model.train()
+    for step in range(2):
+        xs = (x + step).requires_grad_()
+        y = model(xs)
+        grads = torch.autograd.grad(y, [xs, *model.parameters()], dy)
+        results += [y.detach(), *grads]
+    model.eval()
+    with torch.no_grad():
+        results.append(model(x))
+    return results + [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_gives_eager_results(backend):
+    """torch.compile (fullgraph: no graph break) with aot_eager and with inductor gives the
+    eager results: outputs, gradients, running buffers, train and eval."""
+    torch._dynamo.reset()
+    reference = _randomize(_norm_stack(ct))
+    compiled_model = _norm_stack(ct)
+    compiled_model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    dy = torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    want = _run_stack(reference, x, dy)
+    got = _run_stack(torch.compile(compiled_model, backend=backend, fullgraph=True), x, dy)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        _close(a, b, torch.float64, rtol=1e-9, atol=1e-9, msg=f"result {i}")
+
+
+def test_torch_compile_graph_holds_cynorm_operators():
+    """Under torch.compile each norm is one cynorm operator in a single graph."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = _norm_stack(ct)
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    _close(compiled(x), model(x), torch.float64)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.cynorm.norm_forward) == 5
