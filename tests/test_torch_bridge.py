@@ -618,3 +618,46 @@ def test_torch_compile_graph_holds_cynorm_operators():
     assert len(graphs) == 1
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.cynorm.norm_forward) == 5
+
+
+def test_inference_route_sees_every_change_of_a_modules_tensors():
+    """The modules keep their parameters' NumPy views between inference calls; each way of
+    changing a parameter or buffer is seen by the next call."""
+    import copy
+    import pickle
+
+    ours, theirs = _pair(ct.BatchNorm1d, torch.nn.BatchNorm1d, 4)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            _close(ours(x), theirs(x), x.dtype)
+
+    check()
+    changes = [
+        lambda m: m.weight.data.mul_(2),                                   # in place
+        lambda m: setattr(m.weight, "data", torch.full((4,), 3.0, dtype=torch.float64)),
+        lambda m: setattr(m, "bias", torch.nn.Parameter(torch.ones(4, dtype=torch.float64))),
+        lambda m: m.running_mean.add_(1),
+        lambda m: setattr(m, "running_var", torch.full((4,), 4.0, dtype=torch.float64)),
+        lambda m: setattr(m, "weight", None),
+    ]
+    for change in changes:
+        change(ours)
+        change(theirs)
+        check()
+    ours.load_state_dict(_randomize(theirs).state_dict())
+    check()
+    for m in (ours, theirs):
+        m.float()
+    x = x.float()
+    check()
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert "_cynorm_views" not in clone.__dict__
+        with torch.no_grad():
+            clone.running_mean.add_(2)
+            theirs.running_mean.add_(2)
+            _close(clone(x), theirs(x), x.dtype)
+            theirs.running_mean.sub_(2)
