@@ -231,13 +231,17 @@ def _module_view(views, name, t):
     return a
 
 
-def _module_lean(module, p, input, weight, bias, running_mean, running_var):
-    """_lean for a module: the parameters' and buffers' NumPy views come from a cache
-    (a Parameter's detach().numpy() costs about 1.5 us, the cache's checks 0.3 us)."""
+def _module_call(module, p, input, weight, bias, running_mean, running_var):
+    """A module's eager call: the inference route, or _ModuleFunction when autograd must
+    record it. The parameters' and buffers' NumPy views come from a cache kept on the
+    module (a Parameter's detach().numpy() costs about 1.5 us, the cache's checks 0.3 us)."""
     try:
         views = module._cynorm_views
     except AttributeError:
         views = module.__dict__["_cynorm_views"] = {}
+    if _needs_grad(input, weight, bias):
+        return _ModuleFunction.apply(p, views, input, weight, bias, running_mean,
+                                     running_var)
     x, fmt = _input(input)
     y = _kernel_forward(p, x, _module_view(views, "weight", weight),
                         _module_view(views, "bias", bias),
@@ -247,7 +251,7 @@ def _module_lean(module, p, input, weight, bias, running_mean, running_var):
 
 
 class _ViewCache:
-    """Keeps _module_lean's cache out of pickles and deep copies."""
+    """Keeps _module_call's cache out of pickles and deep copies."""
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -321,15 +325,22 @@ def _grad(a, like, needed):
     return g if g.dtype == like.dtype else g.to(like.dtype)
 
 
-def _function_forward(ctx, p, input, weight, bias, running_mean, running_var):
+def _function_forward(ctx, p, input, weight, bias, running_mean, running_var, views=None):
+    """The autograd route's forward; views: a module's cache of NumPy views, or None."""
     x, fmt = _input(input)
-    y, mean, rstd = _kernel_forward(p, x, _param(weight, "weight"), _param(bias, "bias"),
-                                    _running(running_mean, "running_mean"),
-                                    _running(running_var, "running_var"))
+    if views is None:
+        w, b = _param(weight, "weight"), _param(bias, "bias")
+        rm, rv = _running(running_mean, "running_mean"), _running(running_var, "running_var")
+    else:
+        w, b = _module_view(views, "weight", weight), _module_view(views, "bias", bias)
+        rm = _module_view(views, "running_mean", running_mean)
+        rv = _module_view(views, "running_var", running_var)
+    y, mean, rstd = _kernel_forward(p, x, w, b, rm, rv)
     # the tensors themselves are saved (torch then detects an in-place change before the
-    # backward, and a double backward differentiates through them); x is the kernel's view
+    # backward, and a double backward differentiates through them); x and w are the
+    # kernel's views of the same memory
     ctx.save_for_backward(input, weight, bias)
-    ctx.x = x
+    ctx.x, ctx.w = x, w
     ctx.stats = (mean, rstd)
     ctx.p = p
     return _output(y, fmt, p[0])
@@ -341,9 +352,25 @@ def _function_backward(ctx, dy, need):
     mean, rstd = ctx.stats
     if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
         return _composite_grads(ctx.p, dy, input, weight, bias, mean, rstd, need)
-    dx, dw, db = _kernel_backward(ctx.p, _input(dy, "grad_output")[0], ctx.x,
-                                  _param(weight, "weight"), mean, rstd)
+    dx, dw, db = _kernel_backward(ctx.p, _input(dy, "grad_output")[0], ctx.x, ctx.w,
+                                  mean, rstd)
     return _grad(dx, input, need[0]), _grad(dw, weight, need[1]), _grad(db, weight, need[2])
+
+
+class _ModuleFunction(torch.autograd.Function):
+    """The modules' autograd route: apply(p, views, input, weight, bias, running_mean,
+    running_var), the parameters' NumPy views taken from the module's cache."""
+
+    @staticmethod
+    def forward(ctx, p, views, input, weight, bias, running_mean, running_var):
+        return _function_forward(ctx, p, input, weight, bias, running_mean, running_var,
+                                 views)
+
+    @staticmethod
+    def backward(ctx, dy):
+        n = ctx.needs_input_grad
+        dx, dw, db = _function_backward(ctx, dy, (n[2], n[3], n[4]))
+        return None, None, dx, dw, db, None, None
 
 
 class GroupNormFunction(torch.autograd.Function):
@@ -620,9 +647,9 @@ class GroupNorm(_ViewCache, torch.nn.GroupNorm):
             raise ValueError(f"expected input of shape (N, {self.num_channels}, *), got "
                              f"{tuple(input.shape)}")
         weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if torch.compiler.is_compiling() or _needs_grad(input, weight, bias):
+        if torch.compiler.is_compiling():
             return group_norm(input, self.num_groups, weight, bias, self.eps)
-        return _module_lean(self, ("group", self.num_groups, None, True, 0.0, self.eps),
+        return _module_call(self, ("group", self.num_groups, None, True, 0.0, self.eps),
                             input, weight, bias, None, None)
 
 
@@ -644,10 +671,10 @@ class _BatchNorm(_ViewCache):
         if training and not self.track_running_stats:
             running_mean = running_var = None
         weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if torch.compiler.is_compiling() or _needs_grad(input, weight, bias):
+        if torch.compiler.is_compiling():
             return batch_norm(input, running_mean, running_var, weight, bias,
                               use_batch_stats, factor, self.eps)
-        return _module_lean(self, ("batch", 0, None, use_batch_stats, factor, self.eps),
+        return _module_call(self, ("batch", 0, None, use_batch_stats, factor, self.eps),
                             input, weight, bias, running_mean, running_var)
 
 
@@ -681,11 +708,11 @@ class _InstanceNorm(_ViewCache):
         use_input_stats = self.training or not self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.0
         running_mean, running_var = self._buffers["running_mean"], self._buffers["running_var"]
-        if torch.compiler.is_compiling() or _needs_grad(input, weight, bias):
+        if torch.compiler.is_compiling():
             y = instance_norm(input, running_mean, running_var, weight, bias,
                               use_input_stats, momentum, self.eps)
         else:
-            y = _module_lean(self, ("instance", 0, None, use_input_stats, momentum, self.eps),
+            y = _module_call(self, ("instance", 0, None, use_input_stats, momentum, self.eps),
                              input, weight, bias, running_mean, running_var)
         return y.squeeze(0) if unbatched else y
 
@@ -707,9 +734,9 @@ class LayerNorm(_ViewCache, torch.nn.LayerNorm):
 
     def forward(self, input):
         weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if torch.compiler.is_compiling() or _needs_grad(input, weight, bias):
+        if torch.compiler.is_compiling():
             return layer_norm(input, self.normalized_shape, weight, bias, self.eps)
-        return _module_lean(self, ("layer", 0, _shape(self.normalized_shape), True, 0.0,
+        return _module_call(self, ("layer", 0, _shape(self.normalized_shape), True, 0.0,
                                    self.eps), input, weight, bias, None, None)
 
 
@@ -718,7 +745,7 @@ class RMSNorm(_ViewCache, torch.nn.RMSNorm):
 
     def forward(self, input):
         weight = self._parameters["weight"]
-        if torch.compiler.is_compiling() or _needs_grad(input, weight, None):
+        if torch.compiler.is_compiling():
             return rms_norm(input, self.normalized_shape, weight, self.eps)
-        return _module_lean(self, ("rms", 0, _shape(self.normalized_shape), True, 0.0,
+        return _module_call(self, ("rms", 0, _shape(self.normalized_shape), True, 0.0,
                                    self.eps), input, weight, None, None, None)

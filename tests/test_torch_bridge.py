@@ -310,8 +310,8 @@ def test_normalized_shape_must_hold_ints():
 
 # ---- the inference route ------------------------------------------------------------------
 
-_FUNCTIONS = (ct.GroupNormFunction, ct.InstanceNormFunction, ct.BatchNormFunction,
-              ct.LayerNormFunction, ct.RMSNormFunction)
+_FUNCTIONS = (ct._ModuleFunction, ct.GroupNormFunction, ct.InstanceNormFunction,
+              ct.BatchNormFunction, ct.LayerNormFunction, ct.RMSNormFunction)
 
 
 def _forbid_autograd_functions(monkeypatch):
