@@ -185,7 +185,7 @@ def _mixed_model(norms, torch, width):
     )
 
 
-MIXED_SHAPES = [(1, 3, 32, 32, 32), (8, 3, 64, 64, 64)]  # (N, 3, H, W, width)
+MIXED_SHAPES = [(1, 3, 32, 32, 32), (4, 3, 64, 64, 32)]  # (N, 3, H, W, width)
 
 
 def bench_mixed(threads, repeats, ct, torch, shapes=MIXED_SHAPES):
