@@ -153,29 +153,13 @@ def _kernel_forward(p, x, w, b, rm, rv):
         y, rstd = cynorm.rms_norm(x, normalized_shape=shape, weight=w, eps=eps,
                                   return_stats=True)
         return y, None, rstd
-    # instance
-    if not flag:  # every instance normalised with the running statistics
-        if rm is None or rv is None:
-            raise ValueError("running_mean and running_var are required when "
-                             "use_input_stats is False")
-        return cynorm.batch_norm(x, running_mean=rm, running_var=rv, weight=w, bias=b,
-                                 training=False, eps=eps, return_stats=True)
-    if x.ndim >= 2 and math.prod(x.shape[2:]) <= 1:
+    # instance: cynorm.instance_norm has torch's semantics, running statistics included
+    if flag and x.ndim >= 2 and math.prod(x.shape[2:]) == 1:
         raise ValueError("Expected more than 1 spatial element when training, "
                          f"got input size {tuple(x.shape)}")
-    # the running statistics are updated here (torch's formula: the batch's mean of each
-    # instance's mean and unbiased variance), so the kernel's own handling of running
-    # buffers is not used
-    y, mean, rstd = cynorm.instance_norm(x, weight=w, bias=b, eps=eps, return_stats=True)
-    if (rm is not None or rv is not None) and x.shape[0] > 0:
-        m = float(momentum)
-        if rm is not None:
-            rm[...] = (1.0 - m) * rm + m * mean.mean(axis=0)
-        if rv is not None:
-            n = math.prod(x.shape[2:])
-            var = (1.0 / (rstd * rstd) - eps).clip(min=0.0) * (n / (n - 1))
-            rv[...] = (1.0 - m) * rv + m * var.mean(axis=0)
-    return y, mean, rstd
+    return cynorm.instance_norm(x, running_mean=rm, running_var=rv, weight=w, bias=b,
+                                use_input_stats=flag, momentum=momentum, eps=eps,
+                                return_stats=True)
 
 
 def _kernel_backward(p, dy, x, w, mean, rstd):
@@ -189,10 +173,10 @@ def _kernel_backward(p, dy, x, w, mean, rstd):
     if kind == "rms":
         dx, dw = cynorm.rms_norm_backward(dy, x, rstd, normalized_shape=shape, weight=w)
         return dx, dw, None
-    if kind == "instance" and flag:
-        return cynorm.instance_norm_backward(dy, x, mean, rstd, weight=w)
-    return cynorm.batch_norm_backward(dy, x, mean, rstd, weight=w,
-                                      training=kind == "batch" and flag)
+    if kind == "instance":
+        return cynorm.instance_norm_backward(dy, x, mean, rstd, weight=w,
+                                             use_input_stats=flag)
+    return cynorm.batch_norm_backward(dy, x, mean, rstd, weight=w, training=flag)
 
 
 def _output(y, fmt, kind):

@@ -261,6 +261,21 @@ def test_running_buffers_are_updated_in_place():
     assert int(bn.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"affine": True}, {"track_running_stats": True}])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 6, 0), (6, 0)], ids=["batched", "unbatched"])
+def test_instance_norm_on_an_empty_input_is_empty_as_in_torch(kwargs, training, shape):
+    ours = ct.InstanceNorm1d(6, **kwargs).train(training)
+    theirs = torch.nn.InstanceNorm1d(6, **kwargs).train(training)
+    x = torch.zeros(shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == theirs(torch.zeros(shape)).shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    for name, buf in ours.named_buffers():
+        torch.testing.assert_close(buf, dict(theirs.named_buffers())[name], msg=name)
+
+
 # ---- misuse -----------------------------------------------------------------------------
 
 def test_rejects_non_cpu_and_non_float_tensors():
