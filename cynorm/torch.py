@@ -63,7 +63,7 @@ _KEEPS_FORMAT = ("group", "batch", "rms")
 # use_input_stats (instance) or training (batch).
 
 
-# ---- argument checks (once per call) -----------------------------------------------------
+# ---- argument checks (once per call) ---------------------------------------------------
 
 def _input(t, name="input"):
     """(ndarray, memory format): t's values as a C-contiguous NumPy array sharing t's
@@ -134,7 +134,7 @@ def _needs_grad(input, weight, bias):
             or getattr(bias, "requires_grad", False))
 
 
-# ---- the kernels, on NumPy arrays ----------------------------------------------------------
+# ---- the kernels, on NumPy arrays ------------------------------------------------------
 
 def _kernel_forward(p, x, w, b, rm, rv):
     """(y, mean, rstd) from cynorm's forward; mean is None for rms."""
@@ -218,7 +218,8 @@ def _module_view(views, name, t):
 def _module_call(module, p, input, weight, bias, running_mean, running_var):
     """A module's eager call: the inference route, or _ModuleFunction when autograd must
     record it. The parameters' and buffers' NumPy views come from a cache kept on the
-    module (a Parameter's detach().numpy() costs about 1.5 us, the cache's checks 0.3 us)."""
+    module (a Parameter's detach().numpy() costs about 1.5 us, the cache's checks
+    0.3 us)."""
     try:
         views = module._cynorm_views
     except AttributeError:
@@ -243,7 +244,7 @@ class _ViewCache:
         return state
 
 
-# ---- the same maths in torch operations (differentiable twice) ---------------------------
+# ---- the same maths in torch operations (differentiable twice) -------------------------
 
 def _composite(p, x, w, b, mean, rstd):
     """y from x, w, b in torch operations, for a backward that must itself be
@@ -299,7 +300,7 @@ def _composite_grads(p, dy, x, w, b, mean, rstd, need):
                  for t, n in zip((x, w, b), need))
 
 
-# ---- autograd Functions ------------------------------------------------------------------
+# ---- autograd Functions ----------------------------------------------------------------
 
 def _grad(a, like, needed):
     """A NumPy gradient as a tensor of `like`'s dtype, or None when not needed."""
@@ -314,7 +315,8 @@ def _function_forward(ctx, p, input, weight, bias, running_mean, running_var, vi
     x, fmt = _input(input)
     if views is None:
         w, b = _param(weight, "weight"), _param(bias, "bias")
-        rm, rv = _running(running_mean, "running_mean"), _running(running_var, "running_var")
+        rm = _running(running_mean, "running_mean")
+        rv = _running(running_var, "running_var")
     else:
         w, b = _module_view(views, "weight", weight), _module_view(views, "bias", bias)
         rm = _module_view(views, "running_mean", running_mean)
@@ -442,7 +444,7 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, None, dw, None
 
 
-# ---- custom operators for torch.compile ----------------------------------------------------
+# ---- custom operators for torch.compile ------------------------------------------------
 # Eager calls do not use them: a torch.library custom operator costs about 10 us more per
 # call than the route above (measured on a (1, 32, 8, 8) GroupNorm). Under torch.compile
 # they make each norm one opaque node of the graph (no graph break), with a fake
@@ -569,7 +571,7 @@ def _update_running(kind, shape, mean, rstd, running_mean, running_var, momentum
                 r.copy_((1.0 - momentum) * r.to(_F64) + momentum * stat)
 
 
-# ---- functional API, with torch.nn.functional's signatures -------------------------------
+# ---- functional API, with torch.nn.functional's signatures -----------------------------
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if torch.compiler.is_compiling():
@@ -621,7 +623,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     return _lean(p, input, weight, None, None, None)
 
 
-# ---- modules: torch's own classes with a cynorm forward ----------------------------------
+# ---- modules: torch's own classes with a cynorm forward --------------------------------
 
 class GroupNorm(_ViewCache, torch.nn.GroupNorm):
     """torch.nn.GroupNorm computed by cynorm."""
@@ -650,7 +652,8 @@ class _BatchNorm(_ViewCache):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
-        running_mean, running_var = self._buffers["running_mean"], self._buffers["running_var"]
+        running_mean = self._buffers["running_mean"]
+        running_var = self._buffers["running_var"]
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
@@ -691,13 +694,14 @@ class _InstanceNorm(_ViewCache):
         weight, bias = self._parameters["weight"], self._parameters["bias"]
         use_input_stats = self.training or not self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.0
-        running_mean, running_var = self._buffers["running_mean"], self._buffers["running_var"]
+        running_mean = self._buffers["running_mean"]
+        running_var = self._buffers["running_var"]
         if torch.compiler.is_compiling():
             y = instance_norm(input, running_mean, running_var, weight, bias,
                               use_input_stats, momentum, self.eps)
         else:
-            y = _module_call(self, ("instance", 0, None, use_input_stats, momentum, self.eps),
-                             input, weight, bias, running_mean, running_var)
+            p = ("instance", 0, None, use_input_stats, momentum, self.eps)
+            y = _module_call(self, p, input, weight, bias, running_mean, running_var)
         return y.squeeze(0) if unbatched else y
 
 

@@ -100,7 +100,8 @@ def bench_suite_modules(cases, dtype, threads, repeats, cn, ct, torch):
     for case in cases:
         x = torch.randn(case.shape, generator=torch.Generator().manual_seed(1),
                         dtype=dtype) * 2 + 0.5
-        dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(2),
+                         dtype=dtype)
         ours, theirs = make_modules(ct, torch, case.op, case.shape, case.groups, dtype)
         for n in threads:
             with thread_count(n, torch):
@@ -113,7 +114,8 @@ def bench_suite_modules(cases, dtype, threads, repeats, cn, ct, torch):
                     rows.append({
                         "op": case.op, "shape": list(case.shape), "groups": case.groups,
                         "dtype": str(dtype).replace("torch.", ""), "threads": n,
-                        "mode": mode, "torch_s": t["torch"], "cynorm_torch_s": t["cynorm.torch"],
+                        "mode": mode, "torch_s": t["torch"],
+                        "cynorm_torch_s": t["cynorm.torch"],
                         "numpy_api_s": t.get("numpy api"),
                         "torch_over_cynorm_torch": t["torch"] / t["cynorm.torch"],
                         "torch_over_numpy_api": (t["torch"] / t["numpy api"]
@@ -199,8 +201,9 @@ def bench_mixed(threads, repeats, ct, torch, shapes=MIXED_SHAPES):
         for n in threads:
             with thread_count(n, torch):
                 for mode in MODES:
-                    t = time_calls({"cynorm.torch": _callables(torch, ours, x, dy, mode),
-                                    "torch": _callables(torch, theirs, x, dy, mode)}, repeats)
+                    fns = {"cynorm.torch": _callables(torch, ours, x, dy, mode),
+                           "torch": _callables(torch, theirs, x, dy, mode)}
+                    t = time_calls(fns, repeats)
                     rows.append({"input": [N, cin, H, W], "width": width, "threads": n,
                                  "mode": mode, "torch_s": t["torch"],
                                  "cynorm_torch_s": t["cynorm.torch"],
