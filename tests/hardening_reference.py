@@ -239,7 +239,7 @@ def forward_scale(x64, mean_b, rstd_b, w_b, b_b):
 
 
 def check_backward(op, dtype, shape, dy_log, x_log, w_log, m_use, r_use, got, ref, G=None,
-                    family="slab", ns=None, training=True):
+                   family="slab", ns=None, training=True):
     """Compare a backward with scales from the size of the terms of its sums."""
     tol = TOL[dtype]
     dx, dw, db = got

@@ -426,7 +426,7 @@ def test_fuzz_slab_forward_matches_reference_or_raises(op, data):
         (1, C) + (1,) * (len(shape) - 2))
     bb = (np.zeros(C) if b_log is None else b_log.astype(np.float64)).reshape(wb.shape)
     assert_close(f"{op} y", y, y_ref, forward_scale(x_log.astype(np.float64), mb, rb, wb,
-                                                     bb), tol)
+                                                    bb), tol)
     if return_stats:
         _, mean, rstd = res
         assert mean.dtype == rstd.dtype == np.float64
@@ -539,7 +539,7 @@ def test_fuzz_slab_backward_matches_reference_or_raises(op, data):
     assert dw.shape == db.shape == (C,) and dw.dtype == db.dtype == dtype
     dx_ref, dw_ref, db_ref = ref_group_norm_backward(dy_log, x_log, m_use, r_use, G, w_log)
     check_backward(op, dtype, shape, dy_log, x_log, w_log, m_use, r_use,
-                    (dx, dw, db), (dx_ref, dw_ref, db_ref), G=G)
+                   (dx, dw, db), (dx_ref, dw_ref, db_ref), G=G)
 
 
 # ---- BatchNorm ----------------------------------------------------------------------------
@@ -663,7 +663,7 @@ def test_fuzz_batch_norm_matches_reference_or_raises(data):
     bb = (np.zeros(C) if b_log is None else b_log.astype(np.float64)).reshape(sh)
     assert_close("batch_norm y", y, y_ref,
                  forward_scale(x_log.astype(np.float64), m_ref.reshape(sh),
-                                r_ref.reshape(sh), wb, bb), tol)
+                               r_ref.reshape(sh), wb, bb), tol)
     if return_stats:
         _, mean, rstd = res
         assert mean.shape == rstd.shape == (C,)
@@ -749,7 +749,7 @@ def test_fuzz_batch_norm_backward_matches_reference_or_raises(data):
     assert dw.shape == db.shape == (C,) and dw.dtype == db.dtype == dtype
     ref = ref_batch_norm_backward(dy_log, x_log, m_ref, r_ref, w_log, training)
     check_backward("batch_norm_backward", dtype, shape, dy_log, x_log, w_log, m_ref, r_ref,
-                    (dx, dw, db), ref, family="channel", training=training)
+                   (dx, dw, db), ref, family="channel", training=training)
 
 
 # ---- LayerNorm, RMSNorm ---------------------------------------------------------------------
@@ -946,8 +946,8 @@ def test_fuzz_row_backward_matches_reference_or_raises(op, data):
     dx_ref, dw_ref, db_ref = ref_layer_norm_backward(dy_log, x_log, m_ref, r_ref, nst, w_log,
                                                      rms=rms)
     check_backward(op, dtype, shape, dy_log, x_log, w_log,
-                    np.zeros(lead) if rms else m_ref, r_ref, (dx, dw, db),
-                    (dx_ref, dw_ref, None if rms else db_ref), family="row", ns=nst)
+                   np.zeros(lead) if rms else m_ref, r_ref, (dx, dw, db),
+                   (dx_ref, dw_ref, None if rms else db_ref), family="row", ns=nst)
 
 
 def test_get_num_threads_is_a_positive_int():
