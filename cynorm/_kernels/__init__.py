@@ -28,14 +28,13 @@ _NAMES = [name for name, _, _, _ in _LEVELS]
 
 def _cpu_features():
     """NumPy's table of the CPU's features ({} when it cannot be read)."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__
-    except ImportError:
-        try:  # NumPy < 2
-            from numpy.core._multiarray_umath import __cpu_features__
-        except ImportError:
-            return {}
-    return dict(__cpu_features__)
+    for name in ("numpy._core._multiarray_umath",  # NumPy 2
+                 "numpy.core._multiarray_umath"):
+        try:
+            return dict(importlib.import_module(name).__cpu_features__)
+        except (ImportError, AttributeError):
+            continue
+    return {}
 
 
 def _supported(features):
