@@ -15,10 +15,12 @@ import sys
 import numpy as np
 
 import cynorm
-from cynorm._bench import (
-    Case, _write_json, case_label, cynorm_op, numpy_forward, parse_threads, print_table,
-    thread_count, time_calls,
-)
+from cynorm.bench.cli import parse_threads
+from cynorm.bench.impls import cynorm_op
+from cynorm.bench.reference import numpy_forward
+from cynorm.bench.report import _write_json, print_table
+from cynorm.bench.suite import Case, case_label
+from cynorm.bench.timing import thread_count, time_calls
 
 SUITE = [
     Case("group_norm", (8, 256, 56, 56), 32),

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import cynorm
-from cynorm import _bench
+from cynorm.__main__ import main as cynorm_main
+from cynorm.bench import cli, machine, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_TORCH = "import sys; sys.modules['torch'] = None; "  # makes `import torch` fail
@@ -94,7 +95,7 @@ def test_bench_rejects_unknown_op():
 def test_bench_skips_an_op_missing_from_the_build(tmp_path, monkeypatch, capsys):
     monkeypatch.delattr(cynorm, "group_norm_backward")
     path = tmp_path / "b.json"
-    rc = _bench.main(["bench", "--tiny", "--ops", "group_norm,instance_norm",
+    rc = cynorm_main(["bench", "--tiny", "--ops", "group_norm,instance_norm",
                       "--threads", "1", "--repeats", "1", "--json", str(path)])
     assert rc == 0
     doc = json.loads(path.read_text())
@@ -107,9 +108,9 @@ def test_table_printer_and_geomean(capsys):
     rows = [{"op": "layer_norm", "pass": "fwd", "threads": 1, "torch_over_cynorm": 2.0},
             {"op": "layer_norm", "pass": "fwd", "threads": 1, "torch_over_cynorm": 8.0},
             {"op": "layer_norm", "pass": "fwd", "threads": 2, "torch_over_cynorm": None}]
-    summary = _bench.geomean_summary(rows, [1, 2])
+    summary = report.geomean_summary(rows, [1, 2])
     assert summary == [{"op": "layer_norm", "pass": "fwd", 1: pytest.approx(4.0), 2: None}]
-    _bench.print_table(summary, [("op", "op", ""), ("1 thr", 1, ".2f"),
+    report.print_table(summary, [("op", "op", ""), ("1 thr", 1, ".2f"),
                                  ("2 thr", 2, ".2f")])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["op", "1", "thr", "2", "thr"]
@@ -117,7 +118,7 @@ def test_table_printer_and_geomean(capsys):
 
 
 def test_parse_threads():
-    assert _bench.parse_threads("1,1,2") == [1, 2]
-    assert _bench.parse_threads("all") == [_bench.all_threads()]
+    assert cli.parse_threads("1,1,2") == [1, 2]
+    assert cli.parse_threads("all") == [machine.all_threads()]
     with pytest.raises(ValueError):
-        _bench.parse_threads("0")
+        cli.parse_threads("0")

@@ -1,0 +1,144 @@
+"""Output: one table printer, the report's columns, the geometric-mean summary, the
+progress bar and the JSON writer."""
+import json
+import math
+import os
+import sys
+
+from cynorm.bench.suite import OPS, PASSES, TINY_CALL, Case, case_label
+
+
+def print_table(rows, columns, file=None):
+    """Print dict rows as an aligned text table. columns: (header, key or function of
+    the row, format spec); a None value prints as '-'."""
+    file = file or sys.stdout
+    cells = []
+    for row in rows:
+        line = []
+        for _, key, spec in columns:
+            v = key(row) if callable(key) else row.get(key)
+            line.append("-" if v is None else format(v, spec))
+        cells.append(line)
+    heads = [h for h, _, _ in columns]
+    widths = [max([len(h)] + [len(line[j]) for line in cells]) for j, h in enumerate(heads)]
+    left = [spec == "" for _, _, spec in columns]  # text columns align left
+
+    def fmt(line):
+        return "  ".join(c.ljust(wd) if lf else c.rjust(wd)
+                         for c, wd, lf in zip(line, widths, left)).rstrip()
+
+    print(fmt(heads), file=file)
+    print("  ".join("-" * wd for wd in widths), file=file)
+    for line in cells:
+        print(fmt(line), file=file)
+
+
+def _ms(key):
+    return lambda r: None if r[key] is None else r[key] * 1e3
+
+
+
+def _us(key):
+    return lambda r: None if r[key] is None else r[key] * 1e6
+
+
+MAIN_COLUMNS = [
+    ("op", "op", ""),
+    ("shape", lambda r: case_label(Case(r["op"], tuple(r["shape"]), r["groups"])), ""),
+    ("dtype", "dtype", ""),
+    ("thr", "threads", "d"),
+    ("pass", "pass", ""),
+    ("cynorm ms", _ms("cynorm_s"), ".3f"),
+    ("out= ms", _ms("cynorm_out_s"), ".3f"),
+    ("torch ms", _ms("torch_s"), ".3f"),
+    ("numpy ms", _ms("numpy_s"), ".3f"),
+    ("torch/cy", "torch_over_cynorm", ".2f"),
+    ("GB/s", "gbps", ".1f"),
+    ("% copy", "pct_copy", ".0f"),
+]
+
+TINY_COLUMNS = [
+    ("op", "op", ""),
+    ("shape", lambda r: case_label(Case(r["op"], tuple(r["shape"]), r["groups"])), ""),
+    ("dtype", "dtype", ""),
+    ("thr", "threads", "d"),
+    ("pass", "pass", ""),
+    ("cynorm us", _us("cynorm_s"), ".1f"),
+    ("out= us", _us("cynorm_out_s"), ".1f"),
+    ("torch us", _us("torch_s"), ".1f"),
+    ("torch/cy", "torch_over_cynorm", ".2f"),
+]
+
+
+BANDWIDTH_COLUMNS = [
+    ("op", "op", ""),
+    ("shape", lambda r: case_label(Case(r["op"], tuple(r["shape"]), r["groups"])), ""),
+    ("thr", "threads", "d"),
+    ("pass", "pass", ""),
+    ("out= ms", _ms("cynorm_out_s"), ".1f"),
+    ("GB/s", "gbps", ".1f"),
+    ("% copy", "pct_copy", ".0f"),
+]
+
+
+def geomean_summary(rows, thread_counts):
+    """Per op and pass: geometric mean of torch/cynorm at each thread count."""
+    out = []
+    for op in OPS:
+        for pass_ in PASSES:
+            line = {"op": op, "pass": pass_}
+            for n in thread_counts:
+                r = [row["torch_over_cynorm"] for row in rows
+                     if row["op"] == op and row["pass"] == pass_ and row["threads"] == n
+                     and row["torch_over_cynorm"]]
+                line[n] = math.exp(sum(map(math.log, r)) / len(r)) if r else None
+            if any(line[n] is not None for n in thread_counts):
+                out.append(line)
+    return out
+
+
+class Progress:
+    """A one-line text progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, total, width=30):
+        self.total, self.width, self.done = total, width, 0
+        self.enabled = total > 0 and sys.stderr.isatty()
+
+    def step(self, label):
+        if not self.enabled:
+            return
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label[:60]:<60}")
+        sys.stderr.flush()
+        self.done += 1
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * (self.width + 80) + "\r")
+            sys.stderr.flush()
+
+
+def _write_json(path, doc):
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+
+def print_report(rows, tiny_rows, summary, threads):
+    print_table(rows, MAIN_COLUMNS)
+    print("\nnumpy: plain NumPy in the input dtype, single-threaded, timed once per case. "
+          "out= : cynorm writing into preallocated outputs.\nGB/s: bytes that must move "
+          "(fwd: read x, write y; bwd: read dy and x, write dx) / cynorm time; "
+          "% copy: of the copy bandwidth at the same thread count.")
+    if summary:
+        print("\ngeometric mean of torch/cynorm (> 1: cynorm is faster)")
+        print_table(summary, [("op", "op", ""), ("pass", "pass", "")]
+                    + [(f"{n} thr", n, ".2f") for n in threads])
+    if tiny_rows:
+        print(f"\nper-call overhead: {TINY_CALL.op} {case_label(TINY_CALL)} float32, "
+              "microseconds per call")
+        print_table(tiny_rows, TINY_COLUMNS)
+
