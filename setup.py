@@ -177,7 +177,7 @@ class BuildExt(build_ext):
                         os.remove(os.path.join(path, f))
 
 
-directives = {
+KERNEL_DIRECTIVES = {
     "language_level": 3,
     "boundscheck": DEBUG,
     "wraparound": False,
@@ -185,30 +185,48 @@ directives = {
     "initializedcheck": DEBUG,
     "embedsignature": True,
 }
-cython_dir = os.path.join("build", "cython-debug" if DEBUG else "cython")
-_write_config_stamp()
-
-ext_modules = []
-for level, _ in _levels():
-    level_extensions = []
-    for name in MODULES:
-        ext = Extension(
-            f"cynorm._kernels._{level}.{name}",
-            [f"cynorm/_kernels/{name}.pyx"],
-            include_dirs=[np.get_include(), "cynorm/_kernels"],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
-            depends=[CONFIG_STAMP],
-        )
-        level_extensions.append(ext)
-    # one C file per level: Cython writes the module's full name into it
-    ext_modules += cythonize(level_extensions, compiler_directives=directives,
-                             include_path=["."], build_dir=os.path.join(cython_dir, level))
-
 # The argument checks and dispatch run on every call; compiled as they are (plain Python
 # semantics, default directives), they make a tiny call cost about a microsecond less.
-api_modules = [Extension(f"cynorm.{name}", [f"cynorm/{name}.py"], depends=[CONFIG_STAMP])
-               for name in API_MODULES]
-ext_modules += cythonize(api_modules, compiler_directives={"language_level": 3},
-                         build_dir=os.path.join(cython_dir, "api"))
+API_DIRECTIVES = {"language_level": 3}
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+
+def _cythonize(extensions):
+    """The extensions with their .pyx/.py sources translated to C, one directory per
+    level under build/cython (Cython writes the module's full name into the C file, so
+    each level needs its own)."""
+    cython_dir = os.path.join("build", "cython-debug" if DEBUG else "cython")
+    groups = {}
+    for ext in extensions:
+        groups.setdefault(_level_of(ext) or "api", []).append(ext)
+    out = []
+    for group, exts in groups.items():
+        out += cythonize(exts, include_path=["."], build_dir=os.path.join(cython_dir, group),
+                         compiler_directives=API_DIRECTIVES if group == "api"
+                         else KERNEL_DIRECTIVES)
+    return out
+
+
+class CythonizingBuildExt(BuildExt):
+    def run(self):
+        # translated only when building (an sdist needs no Cython run)
+        _write_config_stamp()
+        translated = {e.name: e for e in _cythonize(self.extensions)}
+        for ext in self.extensions:  # keep setuptools' own bookkeeping on each extension
+            ext.sources = translated[ext.name].sources
+            ext.depends = sorted(set(ext.depends) | set(translated[ext.name].depends))
+        super().run()
+
+
+ext_modules = [
+    Extension(
+        f"cynorm._kernels._{level}.{name}",
+        [f"cynorm/_kernels/{name}.pyx"],
+        include_dirs=[np.get_include(), "cynorm/_kernels"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+        depends=[CONFIG_STAMP],
+    )
+    for level, _ in _levels() for name in MODULES
+] + [Extension(f"cynorm.{name}", [f"cynorm/{name}.py"], depends=[CONFIG_STAMP])
+     for name in API_MODULES]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CythonizingBuildExt})
