@@ -18,7 +18,7 @@ from cynorm.bench.machine import (
     llc_bytes,
 )
 from cynorm.bench.measure import bandwidth_cases, bench_bandwidth, bench_case
-from cynorm.bench.plot import write_plot
+from cynorm.bench.plot import have_matplotlib, write_plot
 from cynorm.bench.report import (
     BANDWIDTH_COLUMNS,
     Progress,
@@ -176,11 +176,11 @@ def run_bench(cfg, json_path=None, plot_path=None):
         })
         print(f"\nwrote {json_path}")
     if plot_path:
-        if write_plot(plot_path, rows, copy_bw):
+        if write_plot(plot_path, rows, copy_bw) is not None:
             print(f"wrote {plot_path}")
         else:
             print("note: matplotlib is not importable; no plot written "
-                  "(pip install matplotlib)")
+                  "(pip install cynorm[plot])")
     return 0
 
 
@@ -216,4 +216,8 @@ def run(args, parser):
         cfg = bench_config(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.plot and not have_matplotlib():
+        # at once, not after minutes of measuring
+        parser.error("--plot needs matplotlib: pip install cynorm[plot] "
+                     "(or pip install matplotlib)")
     return run_bench(cfg, args.json, args.plot)
