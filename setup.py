@@ -160,21 +160,26 @@ class BuildExt(build_ext):
             ext.extra_link_args = link_args + ext.extra_link_args
             built.append(ext)
         self.extensions = built
-        if self.inplace:
-            self._remove_other_levels({_level_of(e) for e in built} - {None})
+        levels = {_level_of(e) for e in built} - {None}
+        # the modules of levels this configuration does not build must not be packaged
+        # (build/lib is shared by all configurations) nor imported (an in-place build)
+        _remove_other_levels(os.path.join(self.build_lib, "cynorm", "_kernels"), levels)
+        if getattr(self, "editable_mode", False) or getattr(self, "_cynorm_inplace", False):
+            _remove_other_levels(os.path.join(HERE, "cynorm", "_kernels"), levels)
         super().build_extensions()
 
-    def _remove_other_levels(self, levels):
-        """An in-place build removes the modules of levels this configuration does not
-        build, so the package never picks up a stale one."""
-        kernels = os.path.join(HERE, "cynorm", "_kernels")
-        suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        for entry in os.listdir(kernels):
-            path = os.path.join(kernels, entry)
-            if entry.startswith("_") and entry[1:] not in levels and os.path.isdir(path):
-                for f in os.listdir(path):
-                    if f.endswith(suffix):
-                        os.remove(os.path.join(path, f))
+
+def _remove_other_levels(kernels, levels):
+    """Delete the compiled modules under kernels/_<level>/ of every level not in levels."""
+    if not os.path.isdir(kernels):
+        return
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    for entry in os.listdir(kernels):
+        path = os.path.join(kernels, entry)
+        if entry.startswith("_") and entry[1:] not in levels and os.path.isdir(path):
+            for f in os.listdir(path):
+                if f.endswith(suffix):
+                    os.remove(os.path.join(path, f))
 
 
 KERNEL_DIRECTIVES = {
@@ -210,6 +215,7 @@ class CythonizingBuildExt(BuildExt):
     def run(self):
         # translated only when building (an sdist needs no Cython run)
         _write_config_stamp()
+        self._cynorm_inplace = self.inplace  # setuptools clears it while building
         translated = {e.name: e for e in _cythonize(self.extensions)}
         for ext in self.extensions:  # keep setuptools' own bookkeeping on each extension
             ext.sources = translated[ext.name].sources
