@@ -90,9 +90,10 @@ def bench_config(args):
 
 
 def _meta(cn, torch, cfg):
+    import cynorm._kernels as kernels
     from cynorm._kernels.runtime import openmp_enabled
     return {
-        "cynorm": cn.__version__, "numpy": np.__version__,
+        "cynorm": cn.__version__, "numpy": np.__version__, "kernels": kernels.LEVEL,
         "torch": torch.__version__ if torch else None, "openmp": openmp_enabled(),
         "python": platform.python_version(), "cpu": _cpu_name(), "cores": all_threads(),
         "llc_bytes": llc_bytes(), "copy_array_bytes": cfg.copy_bytes,
@@ -117,7 +118,7 @@ def run_bench(cfg, json_path=None, plot_path=None):
     meta = _meta(cn, torch, cfg)
     print(f"cynorm {meta['cynorm']}  numpy {meta['numpy']}  "
           f"torch {meta['torch'] or '(not installed)'}  "
-          f"OpenMP {'on' if meta['openmp'] else 'off'}")
+          f"OpenMP {'on' if meta['openmp'] else 'off'}  kernels {meta['kernels']}")
     print(f"CPU: {meta['cpu']}, {meta['cores']} usable cores; L3 "
           f"{(meta['llc_bytes'] or 0) >> 20} MiB; threads {cfg.threads}; "
           f"median of {cfg.repeats} repeats")
