@@ -125,18 +125,12 @@ class InstanceNormFunction(torch.autograd.Function):
         rm = _running(running_mean, "running_mean")
         rv = _running(running_var, "running_var")
         if use_input_stats:
-            if x.ndim >= 2 and math.prod(x.shape[2:]) <= 1:
+            if x.ndim >= 2 and math.prod(x.shape[2:]) == 1:
                 raise ValueError("Expected more than 1 spatial element when training, "
                                  f"got input size {tuple(x.shape)}")
-            y, mean, rstd = cynorm.instance_norm(x, w, b, eps, return_stats=True)
-            if (rm is not None or rv is not None) and x.shape[0] > 0:
-                m = float(momentum)
-                if rm is not None:
-                    rm[...] = (1.0 - m) * rm + m * mean.mean(axis=0)
-                if rv is not None:
-                    n = math.prod(x.shape[2:])
-                    var = (1.0 / (rstd * rstd) - eps).clip(min=0.0) * (n / (n - 1))
-                    rv[...] = (1.0 - m) * rv + m * var.mean(axis=0)
+            y, mean, rstd = cynorm.instance_norm(x, rm, rv, weight=w, bias=b,
+                                                 momentum=momentum, eps=eps,
+                                                 return_stats=True)
         else:
             if rm is None or rv is None:
                 raise ValueError("running_mean and running_var are required when "
@@ -156,7 +150,8 @@ class InstanceNormFunction(torch.autograd.Function):
         dyn = _array(dy, "grad_output")[1]
         w = _array(weight, "weight")[1]
         if ctx.use_input_stats:
-            dx, dw, db = cynorm.instance_norm_backward(dyn, xt.numpy(), mean, rstd, w)
+            dx, dw, db = cynorm.instance_norm_backward(dyn, xt.numpy(), mean, rstd,
+                                                       weight=w)
         else:
             dx, dw, db = cynorm.batch_norm_backward(dyn, xt.numpy(), mean, rstd, w,
                                                     training=False)

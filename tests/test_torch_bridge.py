@@ -219,7 +219,8 @@ def test_kernels_see_the_tensors_memory(monkeypatch, name, module, shape):
 
     def spy_forward(x, *args, **kwargs):
         seen["x"] = _address(x)
-        seen["params"] = [_address(a) for a in args if isinstance(a, np.ndarray)]
+        seen["params"] = [_address(a) for a in (*args, *kwargs.values())
+                          if isinstance(a, np.ndarray)]
         out = forward(x, *args, **kwargs)
         seen["y"] = _address(out[0])
         return out
@@ -258,6 +259,21 @@ def test_running_buffers_are_updated_in_place():
     _close(rm, 0.1 * flat.mean(1), torch.float32)
     _close(rv, 0.9 + 0.1 * flat.var(1, unbiased=True), torch.float32)
     assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"affine": True}, {"track_running_stats": True}])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 6, 0), (6, 0)], ids=["batched", "unbatched"])
+def test_instance_norm_on_an_empty_input_is_empty_as_in_torch(kwargs, training, shape):
+    ours = ct.InstanceNorm1d(6, **kwargs).train(training)
+    theirs = torch.nn.InstanceNorm1d(6, **kwargs).train(training)
+    x = torch.zeros(shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == theirs(torch.zeros(shape)).shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    for name, buf in ours.named_buffers():
+        torch.testing.assert_close(buf, dict(theirs.named_buffers())[name], msg=name)
 
 
 # ---- misuse -----------------------------------------------------------------------------
