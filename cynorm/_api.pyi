@@ -49,31 +49,41 @@ def group_norm(
 
 @overload
 def instance_norm(
-    x: NDArray[_F], weight: Optional[ArrayLike] = ..., bias: Optional[ArrayLike] = ...,
+    x: NDArray[_F], running_mean: Optional[_Floats] = ...,
+    running_var: Optional[_Floats] = ..., weight: Optional[ArrayLike] = ...,
+    bias: Optional[ArrayLike] = ..., use_input_stats: bool = ..., momentum: float = ...,
     eps: float = ..., *, out: Optional[NDArray[_F]] = ...,
     return_stats: Literal[False] = ..., stats: Stats = ...
 ) -> NDArray[_F]: ...
 @overload
 def instance_norm(
-    x: NDArray[_F], weight: Optional[ArrayLike] = ..., bias: Optional[ArrayLike] = ...,
+    x: NDArray[_F], running_mean: Optional[_Floats] = ...,
+    running_var: Optional[_Floats] = ..., weight: Optional[ArrayLike] = ...,
+    bias: Optional[ArrayLike] = ..., use_input_stats: bool = ..., momentum: float = ...,
     eps: float = ..., *, out: Optional[NDArray[_F]] = ..., return_stats: Literal[True],
     stats: Stats = ...
 ) -> Tuple[NDArray[_F], _Stat, _Stat]: ...
 @overload
 def instance_norm(
-    x: ArrayLike, weight: Optional[ArrayLike] = ..., bias: Optional[ArrayLike] = ...,
+    x: ArrayLike, running_mean: Optional[_Floats] = ...,
+    running_var: Optional[_Floats] = ..., weight: Optional[ArrayLike] = ...,
+    bias: Optional[ArrayLike] = ..., use_input_stats: bool = ..., momentum: float = ...,
     eps: float = ..., *, out: Optional[_Floats] = ...,
     return_stats: Literal[False] = ..., stats: Stats = ...
 ) -> _Floats: ...
 @overload
 def instance_norm(
-    x: ArrayLike, weight: Optional[ArrayLike] = ..., bias: Optional[ArrayLike] = ...,
+    x: ArrayLike, running_mean: Optional[_Floats] = ...,
+    running_var: Optional[_Floats] = ..., weight: Optional[ArrayLike] = ...,
+    bias: Optional[ArrayLike] = ..., use_input_stats: bool = ..., momentum: float = ...,
     eps: float = ..., *, out: Optional[_Floats] = ..., return_stats: Literal[True],
     stats: Stats = ...
 ) -> Tuple[_Floats, _Stat, _Stat]: ...
 @overload
 def instance_norm(
-    x: ArrayLike, weight: Optional[ArrayLike] = ..., bias: Optional[ArrayLike] = ...,
+    x: ArrayLike, running_mean: Optional[_Floats] = ...,
+    running_var: Optional[_Floats] = ..., weight: Optional[ArrayLike] = ...,
+    bias: Optional[ArrayLike] = ..., use_input_stats: bool = ..., momentum: float = ...,
     eps: float = ..., *, out: Optional[_Floats] = ..., return_stats: bool = ...,
     stats: Stats = ...
 ) -> Union[_Floats, Tuple[_Floats, _Stat, _Stat]]: ...
@@ -199,12 +209,14 @@ def group_norm_backward(
 @overload
 def instance_norm_backward(
     dy: NDArray[_F], x: NDArray[_F], mean: ArrayLike, rstd: ArrayLike,
-    weight: Optional[ArrayLike] = ..., *, out: Optional[NDArray[_F]] = ...
+    weight: Optional[ArrayLike] = ..., use_input_stats: bool = ..., *,
+    out: Optional[NDArray[_F]] = ...
 ) -> Tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
 @overload
 def instance_norm_backward(
     dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
-    weight: Optional[ArrayLike] = ..., *, out: Optional[_Floats] = ...
+    weight: Optional[ArrayLike] = ..., use_input_stats: bool = ..., *,
+    out: Optional[_Floats] = ...
 ) -> Tuple[_Floats, _Floats, _Floats]: ...
 @overload
 def batch_norm_backward(

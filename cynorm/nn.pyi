@@ -26,30 +26,7 @@ class _Norm:
     def forward(self, x: ArrayLike) -> _Floats: ...
     def backward(self, dy: ArrayLike) -> _Floats: ...
 
-class GroupNorm(_Norm):
-    num_groups: int
-    num_channels: int
-    eps: float
-    affine: bool
-    def __init__(self, num_groups: SupportsIndex, num_channels: SupportsIndex,
-                 eps: float = ..., affine: bool = ..., dtype: DTypeLike = ...) -> None: ...
-
-class InstanceNorm(_Norm):
-    num_features: int
-    eps: float
-    affine: bool
-    def __init__(self, num_features: SupportsIndex, eps: float = ..., affine: bool = ...,
-                 dtype: DTypeLike = ...) -> None: ...
-
-class BatchNorm(_Norm):
-    num_features: int
-    eps: float
-    momentum: Optional[float]
-    affine: bool
-    track_running_stats: bool
-    def __init__(self, num_features: SupportsIndex, eps: float = ...,
-                 momentum: Optional[float] = ..., affine: bool = ...,
-                 track_running_stats: bool = ..., dtype: DTypeLike = ...) -> None: ...
+class _RunningStats:
     @property
     def running_mean(self) -> Optional[_Floats]: ...
     @property
@@ -57,6 +34,37 @@ class BatchNorm(_Norm):
     @property
     def num_batches_tracked(self) -> Optional[int]: ...
     def reset_running_stats(self) -> None: ...
+
+class GroupNorm(_Norm):
+    num_groups: int
+    num_channels: int
+    eps: float
+    affine: bool
+    def __init__(self, num_groups: SupportsIndex, num_channels: SupportsIndex,
+                 eps: float = ..., affine: bool = ..., dtype: DTypeLike = ..., *,
+                 bias: bool = ...) -> None: ...
+
+class InstanceNorm(_RunningStats, _Norm):
+    num_features: int
+    eps: float
+    momentum: Optional[float]
+    affine: bool
+    track_running_stats: bool
+    def __init__(self, num_features: SupportsIndex, eps: float = ...,
+                 momentum: Optional[float] = ..., affine: bool = ...,
+                 track_running_stats: bool = ..., dtype: DTypeLike = ..., *,
+                 bias: bool = ...) -> None: ...
+
+class BatchNorm(_RunningStats, _Norm):
+    num_features: int
+    eps: float
+    momentum: Optional[float]
+    affine: bool
+    track_running_stats: bool
+    def __init__(self, num_features: SupportsIndex, eps: float = ...,
+                 momentum: Optional[float] = ..., affine: bool = ...,
+                 track_running_stats: bool = ..., dtype: DTypeLike = ..., *,
+                 bias: bool = ...) -> None: ...
 
 class _RowNorm(_Norm):
     normalized_shape: Tuple[int, ...]
