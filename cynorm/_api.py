@@ -162,7 +162,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
             raise ValueError("running_mean and running_var are required when "
                              "use_input_stats=False")
         y, mean, rstd = _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps,
-                                               out, stats)
+                                               out, stats, return_stats)
     else:
         momentum = check_momentum(momentum)
         if rm is None:
@@ -199,17 +199,25 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True,
 
 # ---- channel family: BatchNorm ----------------------------------------------------------
 
-def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats):
+def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats,
+                           return_stats):
     """Every channel normalised with given statistics (BatchNorm in eval mode, and
-    InstanceNorm with running statistics): y, mean, rstd of shape (C,)."""
+    InstanceNorm with running statistics): y, and with return_stats the mean and rstd
+    of shape (C,) (else None, None)."""
     welford = check_stats(stats)
     eps = check_eps(eps)
     w = as_param(weight, "weight", (C,), x.dtype)
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
+    if not return_stats:
+        if N * HW:  # the kernel forms rstd from running_var: no (C,) temporaries
+            channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64),
+                            None, np.ascontiguousarray(rv, dtype=np.float64), N, C, HW,
+                            eps, welford, 0)
+        return y, None, None
     mean = np.array(rm, dtype=np.float64)
     rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-    channel.forward(x, y, w, b, mean, rstd, mean, N, C, HW, eps, welford, 0)
+    channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0)
     return y, mean, rstd
 
 
@@ -243,7 +251,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
             raise ValueError("running_mean and running_var are required when "
                              "training=False")
         y, mean, rstd = _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps,
-                                               out, stats)
+                                               out, stats, return_stats)
         if return_stats:
             return y, mean, rstd
         return y
@@ -254,12 +262,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
     count = N * HW
+    if count == 0 and not return_stats:
+        return y  # an empty batch: nothing to normalise, running statistics unchanged
     if count == 1:
         raise ValueError("batch_norm: expected more than 1 value per channel when "
                          f"training, got input of shape {x.shape}")
     mean = np.empty(C)
     rstd = np.empty(C)
-    var = np.empty(C)
+    var = np.empty(C) if rv is not None else None  # only the update needs it
     channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1)
     if count > 1:
         if rm is not None:
@@ -400,5 +410,5 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
     w = as_param(weight, "weight", ns, x.dtype)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, rstd), may_alias=(dy, x))
     dw = np.empty(ns, dtype=x.dtype)
-    row.backward(dy, x, dx, w, dw, None, np.zeros(lead), rstd, R, K, 1)
+    row.backward(dy, x, dx, w, dw, None, None, rstd, R, K, 1)
     return dx, dw

@@ -4,7 +4,9 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.string cimport memcpy
 
-from cynorm._openmp cimport CYNORM_HAVE_OPENMP, cynorm_num_threads, cynorm_register_atfork
+from cynorm._openmp cimport CYNORM_HAVE_OPENMP, cynorm_init_fork_guard, cynorm_num_threads
+
+from cynorm._kernels import INHERITED_OPENMP_POOL
 
 cdef extern from *:
     """
@@ -37,7 +39,7 @@ cdef extern from *:
     const char* CYNORM_WIDEST_ISA
 
 cnp.import_array()
-cynorm_register_atfork()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 
 def get_num_threads():

@@ -13,7 +13,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
+from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_const,
     lane_grad_sums, grad_const, data,
@@ -21,8 +21,10 @@ from cynorm._kernels._common cimport (
 
 import numpy as np
 
+from cynorm._kernels import INHERITED_OPENMP_POOL
+
 cnp.import_array()
-cynorm_register_atfork()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 
 cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start,
@@ -31,15 +33,15 @@ cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start
                               const floating* b) noexcept nogil:
     """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i."""
     cdef Py_ssize_t i = start, j, stop
-    cdef double scale, shift
+    cdef double wc, shift
     while i < end:
         j = i // HW
         stop = (j + 1) * HW
         if stop > end:
             stop = end
-        scale = rstd if w == NULL else rstd * w[c_first + j]
+        wc = 1.0 if w == NULL else w[c_first + j]
         shift = 0.0 if b == NULL else b[c_first + j]
-        affine_const(xs + i, ys + i, stop - i, mean, scale, shift)
+        affine_const(xs + i, ys + i, stop - i, mean, rstd, wc, shift)
         i = stop
 
 
@@ -132,15 +134,18 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
         A += wj * sdy[q]
         B += wj * sdyx[q]
     # mean(g) = A / M, mean(g * xhat) = rs * B / M
-    grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW,
-               rs if w == NULL else rs * w[c], mean[s], rs, rs * (rs * B / M), rs * A / M,
+    grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW, 1.0 if w == NULL else w[c],
+               A / M, rs * B / M, mean[s], rs,
                dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
                     const floating* w, floating* dw, floating* db, const double* mean,
-                    const double* rstd, double* sdy, double* sdyx, Py_ssize_t N,
-                    Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G, int nt) noexcept nogil:
+                    const double* rstd, double* sdy, double* sdyx, double* acc,
+                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G, int last,
+                    int nt) noexcept nogil:
+    """Samples [0, N) (a chunk of the batch): dx, and the dweight/dbias sums continued
+    in acc[c], acc[C + c] (float64), written to dw/db when last."""
     cdef Py_ssize_t cpg = C // G, s, r, j, n, c
     cdef double acc_w, acc_b
     if N * G >= 4 * nt:
@@ -158,42 +163,62 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
             _run_sums(dy, x, mean, sdy, sdyx, r, C, HW, G)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
-    # dweight and dbias: reduce the per-(n, c) sums over n in order
+    # dweight and dbias: reduce the per-(n, c) sums over n in order (continuing the
+    # previous chunks' sums: the same additions as over the whole batch at once)
     for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-        acc_w = 0
-        acc_b = 0
+        acc_w = acc[c]
+        acc_b = acc[C + c]
         for n in range(N):
             acc_b = acc_b + sdy[n * C + c]
             acc_w = acc_w + sdyx[n * C + c] * rstd[n * G + c // cpg]
-        dw[c] = <floating>acc_w
-        db[c] = <floating>acc_b
+        acc[c] = acc_w
+        acc[C + c] = acc_b
+        if last:
+            dw[c] = <floating>acc_w
+            db[c] = <floating>acc_b
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
              Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G):
-    """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward")."""
+    """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward").
+
+    Two float64 sums per (n, c) run: with short runs (under 128 bytes) the batch is
+    done in chunks of samples whose sums take at most 1/16 of the input."""
     if G == 0 or N * HW == 0:  # no elements: parameter gradients are empty sums
         dweight.fill(0)
         dbias.fill(0)
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
-    cdef cnp.ndarray work = np.empty(2 * N * C, dtype=np.float64)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nc = N, n0, n1
+    if HW * isz < 128:
+        nc = max(1, (N * HW * isz) // 256)
+    cdef cnp.ndarray work = np.empty(2 * nc * C, dtype=np.float64)
+    cdef cnp.ndarray accs = np.zeros(2 * C, dtype=np.float64)
     cdef double* sdy = <double*>data(work)
-    cdef double* sdyx = sdy + N * C
-    cdef void* pdy = data(dy)
-    cdef void* px = data(x)
-    cdef void* pdx = data(dx)
+    cdef double* sdyx = sdy + nc * C
+    cdef double* acc = <double*>data(accs)
+    cdef char* pdy = <char*>data(dy)
+    cdef char* px = <char*>data(x)
+    cdef char* pdx = <char*>data(dx)
     cdef void* pw = data(weight)
     cdef void* pdw = data(dweight)
     cdef void* pdb = data(dbias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
-    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef Py_ssize_t step = C * HW * isz
     with nogil:
-        if single:
-            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
-                      <float*>pdb, pm, pr, sdy, sdyx, N, C, HW, G, nt)
-        else:
-            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pdw,
-                      <double*>pdb, pm, pr, sdy, sdyx, N, C, HW, G, nt)
+        n0 = 0
+        while n0 < N:
+            n1 = min(n0 + nc, N)
+            if isz == 4:
+                _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
+                          <float*>(pdx + n0 * step), <float*>pw, <float*>pdw, <float*>pdb,
+                          pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0, C, HW, G,
+                          n1 == N, nt)
+            else:
+                _backward(<double*>(pdy + n0 * step), <double*>(px + n0 * step),
+                          <double*>(pdx + n0 * step), <double*>pw, <double*>pdw,
+                          <double*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
+                          C, HW, G, n1 == N, nt)
+            n0 = n1
