@@ -12,11 +12,16 @@
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport NAN, sqrt
 
 # Elements per piece: 4096 float64 = 32 KiB, so a piece's second pass hits L1.
 cdef enum:
     CHUNK = 4096
+    # column reductions (col_tile_moments): rows per tile, so that per-block partials
+    # are 1/16 of a float32 input, and columns per tile: 64 x 1024 float32 = 256 KiB
+    # stays in L2
+    COL_ROWS = 64
+    COL_WIDTH = 1024
 
 ctypedef struct SetLayout:
     Py_ssize_t n_runs          # contiguous runs in one set
@@ -26,6 +31,8 @@ ctypedef struct SetLayout:
     Py_ssize_t runs_per_piece  # > 1 when short runs are grouped into one piece
     Py_ssize_t n_pieces        # pieces in one set
     Py_ssize_t size            # elements in one set
+    double var_div             # the variance is m2 / var_div: size (biased, the
+                               # default), or size - ddof (set_ddof)
 
 
 cdef inline SetLayout make_layout(Py_ssize_t n_runs, Py_ssize_t run_len,
@@ -39,6 +46,7 @@ cdef inline SetLayout make_layout(Py_ssize_t n_runs, Py_ssize_t run_len,
     L.run_len = run_len
     L.run_stride = run_stride
     L.size = n_runs * run_len
+    L.var_div = <double>L.size
     if L.size == 0:
         L.pieces_per_run = 1
         L.runs_per_piece = 1
@@ -52,6 +60,17 @@ cdef inline SetLayout make_layout(Py_ssize_t n_runs, Py_ssize_t run_len,
         L.runs_per_piece = CHUNK // run_len
         L.n_pieces = (n_runs + L.runs_per_piece - 1) // L.runs_per_piece
     return L
+
+
+cdef inline double var_divisor(Py_ssize_t size, double ddof) noexcept nogil:
+    """The variance's divisor with ddof "delta degrees of freedom": size - ddof, or NaN
+    when that is <= 0 (no variance: scipy.stats' convention, so the results are NaN)."""
+    cdef double d = <double>size - ddof
+    return d if d > 0 else NAN
+
+
+cdef inline void set_ddof(SetLayout* L, double ddof) noexcept nogil:
+    L.var_div = var_divisor(L.size, ddof)
 
 
 cdef inline void piece_bounds(const SetLayout* L, Py_ssize_t p, Py_ssize_t* run0,
@@ -238,9 +257,55 @@ cdef inline void fold_moments(const double* parts, Py_ssize_t n_pieces, int cent
     m2[0] = q
 
 
-cdef inline double inv_std(double m2, Py_ssize_t size, double eps) noexcept nogil:
-    # biased variance, eps inside the square root
-    return 1.0 / sqrt(m2 / <double>size + eps)
+# ---- column reductions ------------------------------------------------------------
+
+cdef inline void col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0,
+                                  Py_ssize_t r1, Py_ssize_t j0, Py_ssize_t j1, int welford,
+                                  double* pm, double* pq) noexcept nogil:
+    """Per-column mean and m2 of rows [r0, r1) of columns [j0, j1) (j1 - j0 <=
+    COL_WIDTH) of the row-major matrix x with D columns, into pm[j], pq[j]: corrected
+    two-pass or Welford, columns side by side (elementwise, vectorised). Each column's
+    arithmetic is independent of the tile's width, so its bits are too. Shared by
+    BatchNorm's column path and the batched columns of standardize."""
+    cdef double sd[COL_WIDTH]
+    cdef double cnt = <double>(r1 - r0), d, v, k
+    cdef Py_ssize_t r, j, n = j1 - j0
+    cdef const floating* xr
+    for j in range(n):
+        pm[j0 + j] = 0
+        pq[j0 + j] = 0
+        sd[j] = 0
+    if welford:
+        k = 0
+        for r in range(r0, r1):
+            xr = x + r * D + j0
+            k = k + 1
+            for j in range(n):
+                v = xr[j]
+                d = v - pm[j0 + j]
+                pm[j0 + j] += d / k
+                pq[j0 + j] += d * (v - pm[j0 + j])
+        return
+    for r in range(r0, r1):
+        xr = x + r * D + j0
+        for j in range(n):
+            pm[j0 + j] += xr[j]
+    for j in range(n):
+        pm[j0 + j] = pm[j0 + j] / cnt
+    for r in range(r0, r1):
+        xr = x + r * D + j0
+        for j in range(n):
+            d = xr[j] - pm[j0 + j]
+            sd[j] += d
+            pq[j0 + j] += d * d
+    for j in range(n):
+        pm[j0 + j] += sd[j] / cnt
+        pq[j0 + j] = max(pq[j0 + j] - sd[j] * sd[j] / cnt, 0.0)
+
+
+cdef inline double inv_std(double m2, double var_div, double eps) noexcept nogil:
+    # variance m2 / var_div (biased: var_div = the set's size), eps inside the square root
+    return 1.0 / sqrt(m2 / var_div + eps)
 
 
 cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
@@ -250,8 +315,8 @@ cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
     cdef double m2
     set_moments(xs, L, welford, centered, next_set, mean, &m2)
     if var != NULL:
-        var[0] = m2 / <double>L.size
-    rstd[0] = inv_std(m2, L.size, eps)
+        var[0] = m2 / L.var_div
+    rstd[0] = inv_std(m2, L.var_div, eps)
 
 
 cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize_t n_sets,
@@ -267,8 +332,8 @@ cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize
     for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
         fold_moments(parts + 3 * s * P, P, centered, &mean[s], &rstd[s])
         if var != NULL:
-            var[s] = rstd[s] / <double>L.size
-        rstd[s] = inv_std(rstd[s], L.size, eps)
+            var[s] = rstd[s] / L.var_div
+        rstd[s] = inv_std(rstd[s], L.var_div, eps)
 
 
 cdef inline void piece_grad_sums(const floating* dy, const floating* x, const floating* w,

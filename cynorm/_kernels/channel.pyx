@@ -21,7 +21,8 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
-    affine_const, grad_const, chan_merge, inv_std, data,
+    affine_const, grad_const, chan_merge, inv_std, data, COL_ROWS, COL_WIDTH,
+    col_tile_moments, set_ddof, var_divisor,
 )
 
 import numpy as np
@@ -31,52 +32,9 @@ cynorm_register_atfork()
 
 cdef enum:
     SHORT_RUN = 64    # runs shorter than this take the column path
-    COL_ROWS = 64     # rows per column tile: partials are 1/16 of a float32 input
-    COL_WIDTH = 1024  # columns per tile: 64 x 1024 float32 = 256 KiB stays in L2
 
 
 # ---- column path (short runs) ----------------------------------------------------------
-
-cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1,
-                            Py_ssize_t j0, Py_ssize_t j1, int welford, double* pm,
-                            double* pq) noexcept nogil:
-    """Per-column mean and m2 of rows [r0, r1) of columns [j0, j1) into pm[j], pq[j]:
-    corrected two-pass or Welford, columns side by side (elementwise, vectorised)."""
-    cdef double sd[COL_WIDTH]
-    cdef double cnt = <double>(r1 - r0), d, v, k
-    cdef Py_ssize_t r, j, n = j1 - j0
-    cdef const floating* xr
-    for j in range(n):
-        pm[j0 + j] = 0
-        pq[j0 + j] = 0
-        sd[j] = 0
-    if welford:
-        k = 0
-        for r in range(r0, r1):
-            xr = x + r * D + j0
-            k = k + 1
-            for j in range(n):
-                v = xr[j]
-                d = v - pm[j0 + j]
-                pm[j0 + j] += d / k
-                pq[j0 + j] += d * (v - pm[j0 + j])
-        return
-    for r in range(r0, r1):
-        xr = x + r * D + j0
-        for j in range(n):
-            pm[j0 + j] += xr[j]
-    for j in range(n):
-        pm[j0 + j] = pm[j0 + j] / cnt
-    for r in range(r0, r1):
-        xr = x + r * D + j0
-        for j in range(n):
-            d = xr[j] - pm[j0 + j]
-            sd[j] += d
-            pq[j0 + j] += d * d
-    for j in range(n):
-        pm[j0 + j] += sd[j] / cnt
-        pq[j0 + j] = max(pq[j0 + j] - sd[j] * sd[j] / cnt, 0.0)
-
 
 cdef void _col_tile_grad_sums(const floating* dy, const floating* x, const double* colm,
                               Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t j0,
@@ -117,10 +75,12 @@ cdef void _col_grad_row(const floating* dy, const floating* x, floating* dx,
 cdef void _col_forward(const floating* x, floating* y, const floating* w,
                        const floating* b, double* mean, double* rstd, double* var,
                        double* part, double* cols, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t HW, double eps, int welford, int training,
+                       Py_ssize_t HW, double eps, double ddof, int welford, int training,
                        int nt) noexcept nogil:
-    """Forward on the column path; part: 2 * n_blocks * D doubles, cols: 3 * D."""
+    """Forward on the column path; part: 2 * n_blocks * D doubles, cols: 3 * D.
+    y = NULL: the statistics only."""
     cdef Py_ssize_t D = C * HW, n_blocks = (N + COL_ROWS - 1) // COL_ROWS
+    cdef double div = var_divisor(N * HW, ddof)
     cdef Py_ssize_t n_pieces = (D + COL_WIDTH - 1) // COL_WIDTH, t, blk, j0, c, q, h, j, r
     cdef double* pm = part
     cdef double* pq = part + n_blocks * D
@@ -129,7 +89,7 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
         for t in prange(n_blocks * n_pieces, nogil=True, num_threads=nt, schedule="static"):
             blk = t // n_pieces
             j0 = (t % n_pieces) * COL_WIDTH
-            _col_tile_moments(x + blk * COL_ROWS * D, D, 0,
+            col_tile_moments(x + blk * COL_ROWS * D, D, 0,
                               min(COL_ROWS, N - blk * COL_ROWS), j0,
                               min(j0 + COL_WIDTH, D), welford, pm + blk * D, pq + blk * D)
         for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
@@ -141,8 +101,10 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
                     chan_merge(&cnt, &m, &m2, <double>min(COL_ROWS, N - q * COL_ROWS),
                                pm[q * D + c * HW + h], pq[q * D + c * HW + h])
             mean[c] = m
-            var[c] = m2 / <double>(N * HW)
-            rstd[c] = inv_std(m2, N * HW, eps)
+            var[c] = m2 / div
+            rstd[c] = inv_std(m2, div, eps)
+    if y == NULL:
+        return
     for j in range(D):
         c = j // HW
         cols[j] = mean[c]
@@ -205,27 +167,33 @@ cdef inline void _apply_channel(const floating* x, floating* y, const floating* 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* var, double* parts, Py_ssize_t N,
-                   Py_ssize_t C, Py_ssize_t HW, double eps, int welford, int training,
-                   int nt) noexcept nogil:
+                   Py_ssize_t C, Py_ssize_t HW, double eps, double ddof, int welford,
+                   int training, int nt) noexcept nogil:
+    """y = NULL: the statistics only."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
+    set_ddof(&L, ddof)
     if training and parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
             set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c], &var[c])
-            _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW)
+            if y != NULL:
+                _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW)
         return
     if training:
         split_set_stats(x, &L, C, HW, parts, welford, 1, eps, mean, rstd, var, nt)
+    if y == NULL:
+        return
     # statistics known: every (n, c) run is independent
     for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
         _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW)
 
 
-def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
+def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, cnp.ndarray var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
-            double eps, int welford, int training):
+            double eps, int welford, int training, double ddof=0.0):
     """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and the
-    biased var (C float64) from x; else apply the given mean and rstd."""
+    var (C float64; m2 / max(N * HW - ddof, 0), biased for ddof = 0) from x; else apply
+    the given mean and rstd. y = None (training only): the statistics alone."""
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef bint columns = HW < SHORT_RUN
@@ -251,16 +219,16 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     with nogil:
         if columns and single:
             _col_forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, welford, training, nt)
+                         parts, cols, N, C, HW, eps, ddof, welford, training, nt)
         elif columns:
             _col_forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, welford, training, nt)
+                         parts, cols, N, C, HW, eps, ddof, welford, training, nt)
         elif single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
-                     N, C, HW, eps, welford, training, nt)
+                     N, C, HW, eps, ddof, welford, training, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                     parts, N, C, HW, eps, welford, training, nt)
+                     parts, N, C, HW, eps, ddof, welford, training, nt)
 
 
 # ---- backward -------------------------------------------------------------------------
