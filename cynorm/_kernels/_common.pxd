@@ -109,6 +109,10 @@ cdef extern from "_lanes.h":
     void cn_grad_sums_f64(const double* dy, const double* x, const double* w,
                           Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
     void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
+    void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
+                            double* pm, double* pq) noexcept nogil
+    void cn_col_moments_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
+                            Py_ssize_t n, double* pm, double* pq) noexcept nogil
 
 
 cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -264,43 +268,30 @@ cdef inline void col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0
                                   double* pm, double* pq) noexcept nogil:
     """Per-column mean and m2 of rows [r0, r1) of columns [j0, j1) (j1 - j0 <=
     COL_WIDTH) of the row-major matrix x with D columns, into pm[j], pq[j]: corrected
-    two-pass or Welford, columns side by side (elementwise, vectorised). Each column's
-    arithmetic is independent of the tile's width, so its bits are too. Shared by
-    BatchNorm's column path and the batched columns of standardize."""
-    cdef double sd[COL_WIDTH]
+    two-pass (cn_col_moments in _lanes.h: columns in vector lanes) or Welford. Each
+    column's arithmetic is independent of the tile's width, so its bits are too.
+    Shared by BatchNorm's column path and the batched columns of standardize."""
     cdef double cnt = <double>(r1 - r0), d, v, k
     cdef Py_ssize_t r, j, n = j1 - j0
     cdef const floating* xr
+    if not welford:
+        if floating is float:
+            cn_col_moments_f32(x + r0 * D + j0, D, r1 - r0, n, pm + j0, pq + j0)
+        else:
+            cn_col_moments_f64(x + r0 * D + j0, D, r1 - r0, n, pm + j0, pq + j0)
+        return
     for j in range(n):
         pm[j0 + j] = 0
         pq[j0 + j] = 0
-        sd[j] = 0
-    if welford:
-        k = 0
-        for r in range(r0, r1):
-            xr = x + r * D + j0
-            k = k + 1
-            for j in range(n):
-                v = xr[j]
-                d = v - pm[j0 + j]
-                pm[j0 + j] += d / k
-                pq[j0 + j] += d * (v - pm[j0 + j])
-        return
+    k = 0
     for r in range(r0, r1):
         xr = x + r * D + j0
+        k = k + 1
         for j in range(n):
-            pm[j0 + j] += xr[j]
-    for j in range(n):
-        pm[j0 + j] = pm[j0 + j] / cnt
-    for r in range(r0, r1):
-        xr = x + r * D + j0
-        for j in range(n):
-            d = xr[j] - pm[j0 + j]
-            sd[j] += d
-            pq[j0 + j] += d * d
-    for j in range(n):
-        pm[j0 + j] += sd[j] / cnt
-        pq[j0 + j] = max(pq[j0 + j] - sd[j] * sd[j] / cnt, 0.0)
+            v = xr[j]
+            d = v - pm[j0 + j]
+            pm[j0 + j] += d / k
+            pq[j0 + j] += d * (v - pm[j0 + j])
 
 
 cdef inline double inv_std(double m2, double var_div, double eps) noexcept nogil:

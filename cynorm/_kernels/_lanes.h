@@ -238,4 +238,71 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
     }
 }
 
+/* ---- per-column moments of a tile (column reductions) -----------------------------
+ * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n): for each column
+ * j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values, in float64.
+ * Strips of 32 columns keep their sums in registers (4 vectors of 8 lanes) while the
+ * rows stream past; each lane is one column, summed row by row in order, so a column's
+ * bits are those of the plain scalar loop (the tail below), whatever the strip or the
+ * instruction set. m2 < 0 from rounding becomes 0; NaN stays NaN. */
+
+typedef long long cn_v8l __attribute__((vector_size(64)));
+
+static inline cn_v8d cn_clamp0(cn_v8d q) {
+    cn_v8l neg = (cn_v8l)(q < CN_ZERO);  /* false for NaN */
+    return (cn_v8d)((cn_v8l)q & ~neg);
+}
+
+static inline void cn_store_f64(double* p, cn_v8d v) {
+    memcpy(p, &v, sizeof v);
+}
+
+#define CN_COL_STRIP(LOAD, V)                                                           \
+    for (; j + 8 * V <= n; j += 8 * V) {                                                \
+        cn_v8d s[V], d[V], q[V], m[V];                                                  \
+        for (int v = 0; v < V; v++) s[v] = d[v] = q[v] = CN_ZERO;                       \
+        for (ptrdiff_t r = 0; r < nrows; r++)                                           \
+            for (int v = 0; v < V; v++) s[v] += LOAD(x + r * D + j + 8 * v);            \
+        for (int v = 0; v < V; v++) m[v] = s[v] / cnt;                                  \
+        for (ptrdiff_t r = 0; r < nrows; r++)                                           \
+            for (int v = 0; v < V; v++) {                                               \
+                cn_v8d e = LOAD(x + r * D + j + 8 * v) - m[v];                          \
+                d[v] += e;                                                              \
+                q[v] += e * e;                                                          \
+            }                                                                           \
+        for (int v = 0; v < V; v++) {                                                   \
+            cn_store_f64(pm + j + 8 * v, m[v] + d[v] / cnt);                            \
+            cn_store_f64(pq + j + 8 * v, cn_clamp0(q[v] - d[v] * d[v] / cnt));          \
+        }                                                                               \
+    }
+
+#define CN_COL_MOMENTS_BODY(LOAD)                                                       \
+    const double cnt = (double)nrows;                                                   \
+    ptrdiff_t j = 0;                                                                    \
+    CN_COL_STRIP(LOAD, 4)                                                               \
+    CN_COL_STRIP(LOAD, 1)                                                               \
+    for (; j < n; j++) {                                                                \
+        double s = 0, d = 0, q = 0, m, e;                                               \
+        for (ptrdiff_t r = 0; r < nrows; r++) s += x[r * D + j];                        \
+        m = s / cnt;                                                                    \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                         \
+            e = x[r * D + j] - m;                                                       \
+            d += e;                                                                     \
+            q += e * e;                                                                 \
+        }                                                                               \
+        pm[j] = m + d / cnt;                                                            \
+        q = q - d * d / cnt;                                                            \
+        pq[j] = q < 0 ? 0 : q;                                                          \
+    }
+
+static inline void cn_col_moments_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
+                                      ptrdiff_t n, double* pm, double* pq) {
+    CN_COL_MOMENTS_BODY(cn_load_f32)
+}
+
+static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nrows,
+                                      ptrdiff_t n, double* pm, double* pq) {
+    CN_COL_MOMENTS_BODY(cn_load_f64)
+}
+
 #endif

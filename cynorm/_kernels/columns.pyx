@@ -10,8 +10,9 @@ column path): no gathers, no transposes.
 A work item is a tile: batch b, columns [j0, j0 + width), all M rows. Its statistics are
 COL_ROWS-row blocks of per-column moments merged in block order (chan_merge); the width
 is chosen so that the tile (M rows) stays in L2 for the apply that follows, so x is read
-from DRAM once. With fewer than 4 tiles per thread, the blocks are shared out among the
-threads instead and the apply runs row by row. Each column's arithmetic is the same in
+from DRAM once. When even a narrow tile would not fit (large M), or there are fewer than
+4 tiles per thread, the (block, tile) moments are shared out among the threads instead,
+and the apply runs row by row (x is read twice). Each column's arithmetic is the same in
 both schedules and for every width: the bits depend only on the shape.
 
 weight and bias, when given, are per reduced index m (LayerNorm2d's (C, 1, 1)):
@@ -110,7 +111,9 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
     cdef Py_ssize_t n_blocks = (M + COL_ROWS - 1) // COL_ROWS
     cdef double div = var_divisor(M, ddof)
     cdef Py_ssize_t t, bb, j0, j1, q, r
-    if B * n_tiles >= 4 * nt:
+    # fused when a tile of MIN_WIDTH columns fits in TILE_BYTES and there are enough
+    # tiles for the threads (either schedule gives the same bits)
+    if M * MIN_WIDTH * <Py_ssize_t>sizeof(floating) <= TILE_BYTES and B * n_tiles >= 4 * nt:
         # fused: a tile's statistics, then its apply while its rows are in L2
         for t in prange(B * n_tiles, nogil=True, num_threads=nt, schedule="static"):
             bb = t // n_tiles
@@ -123,6 +126,8 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
                 _apply_row(x + (bb * M + r) * J + j0, y + (bb * M + r) * J + j0,
                            mean + bb * J + j0, rstd + bb * J + j0, j1 - j0, w, b, r)
         return
+    width = COL_WIDTH
+    n_tiles = (J + width - 1) // width
     for t in prange(B * n_blocks * n_tiles, nogil=True, num_threads=nt, schedule="static"):
         bb = t // (n_blocks * n_tiles)
         q = (t // n_tiles) % n_blocks
