@@ -184,6 +184,31 @@ cdef inline void chan_merge(double* cnt, double* mean, double* m2, double cb, do
     cnt[0] = n
 
 
+cdef inline void tree_merge(double* pm, double* pq, Py_ssize_t stride,
+                            Py_ssize_t n_blocks, Py_ssize_t block_rows, Py_ssize_t n_rows,
+                            double* mean, double* m2) noexcept nogil:
+    """The moments of n_rows rows from those of their n_blocks blocks of block_rows
+    rows (the last may be shorter): block q's mean and m2 at pm[q * stride],
+    pq[q * stride], merged pairwise (a fixed tree: block q + step into block q for
+    step = 1, 2, 4, ...), in place. Rounding grows with the tree's depth, not with the
+    number of blocks as in a left fold: thousands of blocks keep the mean of offset
+    data to a few ulps."""
+    cdef Py_ssize_t step = 1, q
+    cdef double ca
+    while step < n_blocks:
+        q = 0
+        while q + step < n_blocks:
+            ca = <double>(step * block_rows)
+            chan_merge(&ca, &pm[q * stride], &pq[q * stride],
+                       <double>(min((q + 2 * step) * block_rows, n_rows)
+                                - (q + step) * block_rows),
+                       pm[(q + step) * stride], pq[(q + step) * stride])
+            q += 2 * step
+        step *= 2
+    mean[0] = pm[0]
+    m2[0] = pq[0]
+
+
 cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_t p,
                                int welford, int centered, const floating* pf,
                                double* cnt, double* mean, double* m2) noexcept nogil:

@@ -10,7 +10,8 @@ Short runs (HW < SHORT_RUN, e.g. BatchNorm over (N, C) features) would make a ch
 strided gather. Then x is read as an (N, D = C * HW) matrix instead: tiles of
 COL_ROWS rows by COL_WIDTH columns compute per-column partial moments (or gradient sums)
 with contiguous, vectorised loops; the partials merge per channel over blocks and
-columns in a fixed order; the apply runs row by row with per-column coefficients.
+columns in a fixed order (the blocks pairwise, tree_merge); the apply runs row by row
+with per-column coefficients.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
@@ -22,7 +23,7 @@ from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
     affine_const, grad_const, chan_merge, inv_std, data, COL_ROWS, COL_WIDTH,
-    col_tile_moments, set_ddof, var_divisor,
+    col_tile_moments, set_ddof, var_divisor, tree_merge,
 )
 
 import numpy as np
@@ -84,7 +85,7 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
     cdef Py_ssize_t n_pieces = (D + COL_WIDTH - 1) // COL_WIDTH, t, blk, j0, c, q, h, j, r
     cdef double* pm = part
     cdef double* pq = part + n_blocks * D
-    cdef double cnt, m, m2
+    cdef double cnt, m, m2, cm, cq
     if training:
         for t in prange(n_blocks * n_pieces, nogil=True, num_threads=nt, schedule="static"):
             blk = t // n_pieces
@@ -96,10 +97,11 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
             cnt = 0
             m = 0
             m2 = 0
-            for q in range(n_blocks):
-                for h in range(HW):
-                    chan_merge(&cnt, &m, &m2, <double>min(COL_ROWS, N - q * COL_ROWS),
-                               pm[q * D + c * HW + h], pq[q * D + c * HW + h])
+            # per column, the blocks pairwise (tree_merge), then the channel's columns
+            for h in range(HW):
+                tree_merge(pm + c * HW + h, pq + c * HW + h, D, n_blocks, COL_ROWS, N,
+                           &cm, &cq)
+                chan_merge(&cnt, &m, &m2, <double>N, cm, cq)
             mean[c] = m
             var[c] = m2 / div
             rstd[c] = inv_std(m2, div, eps)

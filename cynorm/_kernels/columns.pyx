@@ -8,7 +8,7 @@ across the contiguous columns (col_tile_moments in _common.pxd, shared with Batc
 column path): no gathers, no transposes.
 
 A work item is a tile: batch b, columns [j0, j0 + width), all M rows. Its statistics are
-COL_ROWS-row blocks of per-column moments merged in block order (chan_merge); the width
+COL_ROWS-row blocks of per-column moments merged pairwise in a fixed tree (tree_merge); the width
 is chosen so that the tile (M rows) stays in L2 for the apply that follows, so x is read
 from DRAM once. When even a narrow tile would not fit (large M), or there are fewer than
 4 tiles per thread, the (block, tile) moments are shared out among the threads instead,
@@ -27,7 +27,7 @@ from cython.parallel cimport prange
 
 from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    COL_ROWS, COL_WIDTH, chan_merge, col_tile_moments, inv_std, var_divisor, data,
+    COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge, inv_std, var_divisor, data,
 )
 
 import numpy as np
@@ -66,23 +66,18 @@ cdef inline void _tile_block(const floating* x, double* part, Py_ssize_t B, Py_s
                      pm, pm + B * n_blocks * J)
 
 
-cdef inline void _tile_merge(const double* part, double* mean, double* rstd,
-                             Py_ssize_t B, Py_ssize_t M, Py_ssize_t J, Py_ssize_t b,
-                             Py_ssize_t j0, Py_ssize_t j1, double div,
-                             double eps) noexcept nogil:
-    """mean[b * J + j], rstd[b * J + j] for j in [j0, j1): the blocks' moments merged in
-    block order."""
-    cdef Py_ssize_t n_blocks = (M + COL_ROWS - 1) // COL_ROWS, q, j, o
-    cdef double cnt, m, m2
+cdef inline void _tile_merge(double* part, double* mean, double* rstd, Py_ssize_t B,
+                             Py_ssize_t M, Py_ssize_t J, Py_ssize_t b, Py_ssize_t j0,
+                             Py_ssize_t j1, double div, double eps) noexcept nogil:
+    """mean[b * J + j], rstd[b * J + j] for j in [j0, j1): the blocks' moments merged
+    pairwise (tree_merge; overwrites their part entries)."""
+    cdef Py_ssize_t n_blocks = (M + COL_ROWS - 1) // COL_ROWS, j
+    cdef double* pm
+    cdef double m2
     for j in range(j0, j1):
-        cnt = 0
-        m = 0
-        m2 = 0
-        for q in range(n_blocks):
-            o = (b * n_blocks + q) * J + j
-            chan_merge(&cnt, &m, &m2, <double>min(COL_ROWS, M - q * COL_ROWS), part[o],
-                       part[o + B * n_blocks * J])
-        mean[b * J + j] = m
+        pm = part + b * n_blocks * J + j
+        tree_merge(pm, pm + B * n_blocks * J, J, n_blocks, COL_ROWS, M, &mean[b * J + j],
+                   &m2)
         rstd[b * J + j] = inv_std(m2, div, eps)
 
 
