@@ -126,17 +126,18 @@ def _owned(Xv, X):
     return Xv is not X and Xv.flags.owndata
 
 
-def _column_moments(X):
-    """Per-column mean and m2 = sum((x - mean)**2), float64, of a C-contiguous (n, p)
-    float32/float64 array: cynorm's column kernel (corrected two-pass in float64),
-    statistics only. ddof = n - 1 makes its variance m2 / 1, the exact m2."""
+def _column_moments(X, shift):
+    """Per-column mean - shift and m2 = sum((x - mean)**2), float64, of a C-contiguous
+    (n, p) float32/float64 array: cynorm's column kernel (corrected two-pass in float64
+    of x - shift), statistics only. ddof = n - 1 makes its variance m2 / 1, the exact
+    m2."""
     n, p = X.shape
     mean = np.empty(p)
     rstd = np.empty(p)
     m2 = np.empty(p)
     with np.errstate(divide="ignore"):
         channel.forward(X, None, None, None, mean, rstd, m2, n, p, 1, 0.0, _TWO_PASS, 1,
-                        float(n - 1))
+                        float(n - 1), shift)
     return mean, m2
 
 
@@ -174,7 +175,8 @@ class StandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             return tags
 
     def _reset(self):
-        for name in ("mean_", "var_", "scale_", "n_samples_seen_", "_m2", "_mean"):
+        for name in ("mean_", "var_", "scale_", "n_samples_seen_", "_m2", "_mean",
+                     "_mean_shifted", "_shift"):
             if hasattr(self, name):
                 delattr(self, name)
 
@@ -223,20 +225,27 @@ class StandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         return _contiguous(Xv)
 
     def _update(self, X):
+        # the running moments are kept relative to a fixed shift per feature (the first
+        # sample seen): batch means of shifted data are small, so merging them rounds
+        # relative to the data's spread, not to its offset
         nb = X.shape[0]
-        mb, qb = _column_moments(X)
-        if not hasattr(self, "n_samples_seen_"):
+        first = not hasattr(self, "n_samples_seen_")
+        if first:
+            self._shift = np.array(X[0], dtype=np.float64)
+        mb, qb = _column_moments(X, self._shift)
+        if first:
             n, mean, m2 = nb, mb, qb
         else:
             na = self.n_samples_seen_
             n = na + nb
-            d = mb - self._mean
-            mean = self._mean + d * (nb / n)
+            d = mb - self._mean_shifted
+            mean = self._mean_shifted + d * (nb / n)
             m2 = self._m2 + qb + d * d * (na * nb / n)
         self.n_samples_seen_ = n
-        self._mean = mean
+        self._mean_shifted = mean
         self._m2 = m2
-        self.mean_ = mean.copy() if (self.with_mean or self.with_std) else None
+        self._mean = self._shift + mean
+        self.mean_ = self._mean.copy() if (self.with_mean or self.with_std) else None
         if self.with_std:
             self.var_ = m2 / n
             scale = np.sqrt(self.var_)

@@ -110,9 +110,10 @@ cdef extern from "_lanes.h":
                           Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
     void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
     void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
-                            double* pm, double* pq) noexcept nogil
+                            const double* k, double* pm, double* pq) noexcept nogil
     void cn_col_moments_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
-                            Py_ssize_t n, double* pm, double* pq) noexcept nogil
+                            Py_ssize_t n, const double* k, double* pm,
+                            double* pq) noexcept nogil
 
 
 cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -290,20 +291,25 @@ cdef inline void fold_moments(const double* parts, Py_ssize_t n_pieces, int cent
 
 cdef inline void col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0,
                                   Py_ssize_t r1, Py_ssize_t j0, Py_ssize_t j1, int welford,
-                                  double* pm, double* pq) noexcept nogil:
-    """Per-column mean and m2 of rows [r0, r1) of columns [j0, j1) (j1 - j0 <=
-    COL_WIDTH) of the row-major matrix x with D columns, into pm[j], pq[j]: corrected
-    two-pass (cn_col_moments in _lanes.h: columns in vector lanes) or Welford. Each
-    column's arithmetic is independent of the tile's width, so its bits are too.
-    Shared by BatchNorm's column path and the batched columns of standardize."""
-    cdef double cnt = <double>(r1 - r0), d, v, k
+                                  const double* shift, double* pm,
+                                  double* pq) noexcept nogil:
+    """Per-column mean and m2 of x - shift[j], rows [r0, r1), columns [j0, j1) of the
+    row-major matrix x with D columns, into pm[j], pq[j]: corrected two-pass
+    (cn_col_moments in _lanes.h: columns in vector lanes) or Welford. shift[j] is a
+    value near column j's (the caller adds it back to the merged mean): block means of
+    shifted data round relative to the spread, not to the offset. Each column's
+    arithmetic is independent of the tile's width, so its bits are too. Shared by
+    BatchNorm's column path and the batched columns of standardize."""
+    cdef double d, v, k
     cdef Py_ssize_t r, j, n = j1 - j0
     cdef const floating* xr
     if not welford:
         if floating is float:
-            cn_col_moments_f32(x + r0 * D + j0, D, r1 - r0, n, pm + j0, pq + j0)
+            cn_col_moments_f32(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
+                               pq + j0)
         else:
-            cn_col_moments_f64(x + r0 * D + j0, D, r1 - r0, n, pm + j0, pq + j0)
+            cn_col_moments_f64(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
+                               pq + j0)
         return
     for j in range(n):
         pm[j0 + j] = 0
@@ -313,7 +319,7 @@ cdef inline void col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0
         xr = x + r * D + j0
         k = k + 1
         for j in range(n):
-            v = xr[j]
+            v = xr[j] - shift[j0 + j]
             d = v - pm[j0 + j]
             pm[j0 + j] += d / k
             pq[j0 + j] += d * (v - pm[j0 + j])

@@ -75,11 +75,13 @@ cdef void _col_grad_row(const floating* dy, const floating* x, floating* dx,
 
 cdef void _col_forward(const floating* x, floating* y, const floating* w,
                        const floating* b, double* mean, double* rstd, double* var,
-                       double* part, double* cols, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t HW, double eps, double ddof, int welford, int training,
-                       int nt) noexcept nogil:
+                       double* part, double* cols, const double* shift, Py_ssize_t N,
+                       Py_ssize_t C, Py_ssize_t HW, double eps, double ddof, int welford,
+                       int training, int nt) noexcept nogil:
     """Forward on the column path; part: 2 * n_blocks * D doubles, cols: 3 * D.
-    y = NULL: the statistics only."""
+    y = NULL: the statistics only. shift (C doubles, or NULL): the statistics are taken
+    of x - shift[c] and mean is returned relative to it (for exact merging by callers);
+    NULL: shifted by each channel's first value, which mean adds back."""
     cdef Py_ssize_t D = C * HW, n_blocks = (N + COL_ROWS - 1) // COL_ROWS
     cdef double div = var_divisor(N * HW, ddof)
     cdef Py_ssize_t n_pieces = (D + COL_WIDTH - 1) // COL_WIDTH, t, blk, j0, c, q, h, j, r
@@ -87,22 +89,28 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
     cdef double* pq = part + n_blocks * D
     cdef double cnt, m, m2, cm, cq
     if training:
+        # every column of channel c shifted by the channel's first value (cols[0:D])
+        for j in range(D):
+            cols[j] = x[(j // HW) * HW] if shift == NULL else shift[j // HW]
         for t in prange(n_blocks * n_pieces, nogil=True, num_threads=nt, schedule="static"):
             blk = t // n_pieces
             j0 = (t % n_pieces) * COL_WIDTH
             col_tile_moments(x + blk * COL_ROWS * D, D, 0,
-                              min(COL_ROWS, N - blk * COL_ROWS), j0,
-                              min(j0 + COL_WIDTH, D), welford, pm + blk * D, pq + blk * D)
+                             min(COL_ROWS, N - blk * COL_ROWS), j0,
+                             min(j0 + COL_WIDTH, D), welford, cols, pm + blk * D,
+                             pq + blk * D)
         for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
             cnt = 0
             m = 0
             m2 = 0
+            cm = 0  # assigned here so that prange makes them private (tree_merge's
+            cq = 0  # outputs are written through pointers)
             # per column, the blocks pairwise (tree_merge), then the channel's columns
             for h in range(HW):
                 tree_merge(pm + c * HW + h, pq + c * HW + h, D, n_blocks, COL_ROWS, N,
                            &cm, &cq)
                 chan_merge(&cnt, &m, &m2, <double>N, cm, cq)
-            mean[c] = m
+            mean[c] = m if shift != NULL else cols[c * HW] + m
             var[c] = m2 / div
             rstd[c] = inv_std(m2, div, eps)
     if y == NULL:
@@ -192,16 +200,21 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
 
 def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, cnp.ndarray var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
-            double eps, int welford, int training, double ddof=0.0):
+            double eps, int welford, int training, double ddof=0.0, object shift=None):
     """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and the
-    var (C float64; m2 / max(N * HW - ddof, 0), biased for ddof = 0) from x; else apply
-    the given mean and rstd. y = None (training only): the statistics alone."""
+    var (C float64; m2 / (N * HW - ddof), NaN if that is <= 0) from x; else apply the
+    given mean and rstd. y = None (training only): the statistics alone.
+    shift ((C,) float64, column path only: HW < SHORT_RUN): statistics of x - shift,
+    mean relative to it."""
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef bint columns = HW < SHORT_RUN
     cdef cnp.ndarray work = None, colwork = None
     cdef double* parts = NULL
     cdef double* cols = NULL
+    if shift is not None and not columns:
+        raise ValueError("channel.forward: shift needs the column path")
+    cdef double* psh = <double*>data(shift)
     if columns:
         work = np.empty(2 * ((N + COL_ROWS - 1) // COL_ROWS) * C * HW, dtype=np.float64)
         colwork = np.empty(3 * C * HW, dtype=np.float64)
@@ -221,10 +234,10 @@ def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mea
     with nogil:
         if columns and single:
             _col_forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, ddof, welford, training, nt)
+                         parts, cols, psh, N, C, HW, eps, ddof, welford, training, nt)
         elif columns:
             _col_forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, ddof, welford, training, nt)
+                         parts, cols, psh, N, C, HW, eps, ddof, welford, training, nt)
         elif single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
                      N, C, HW, eps, ddof, welford, training, nt)

@@ -8,7 +8,9 @@ across the contiguous columns (col_tile_moments in _common.pxd, shared with Batc
 column path): no gathers, no transposes.
 
 A work item is a tile: batch b, columns [j0, j0 + width), all M rows. Its statistics are
-COL_ROWS-row blocks of per-column moments merged pairwise in a fixed tree (tree_merge); the width
+COL_ROWS-row blocks of per-column moments of x - x[b, 0, j] (the shift keeps the block
+means small, so merging them loses nothing to the data's offset) merged pairwise in a
+fixed tree (tree_merge); the width
 is chosen so that the tile (M rows) stays in L2 for the apply that follows, so x is read
 from DRAM once. When even a narrow tile would not fit (large M), or there are fewer than
 4 tiles per thread, the (block, tile) moments are shared out among the threads instead,
@@ -54,21 +56,32 @@ cdef Py_ssize_t tile_width(Py_ssize_t M, Py_ssize_t J, Py_ssize_t itemsize) noex
     return w
 
 
-cdef inline void _tile_block(const floating* x, double* part, Py_ssize_t B, Py_ssize_t M,
-                             Py_ssize_t J, Py_ssize_t b, Py_ssize_t blk, Py_ssize_t j0,
-                             Py_ssize_t j1, int welford) noexcept nogil:
-    """Moments of rows [blk * COL_ROWS, ...) of batch b, columns [j0, j1), into part:
-    means at part[(b * n_blocks + blk) * J + j], m2 B * n_blocks * J further on."""
+cdef inline void _tile_block(const floating* x, double* part, const double* shift,
+                             Py_ssize_t B, Py_ssize_t M, Py_ssize_t J, Py_ssize_t b,
+                             Py_ssize_t blk, Py_ssize_t j0, Py_ssize_t j1,
+                             int welford) noexcept nogil:
+    """Moments of rows [blk * COL_ROWS, ...) of batch b, columns [j0, j1), shifted by
+    shift[b * J + j], into part: means at part[(b * n_blocks + blk) * J + j], m2
+    B * n_blocks * J further on."""
     cdef Py_ssize_t n_blocks = (M + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t r0 = blk * COL_ROWS
     cdef double* pm = part + (b * n_blocks + blk) * J
     col_tile_moments(x + (b * M + r0) * J, J, 0, min(COL_ROWS, M - r0), j0, j1, welford,
-                     pm, pm + B * n_blocks * J)
+                     shift + b * J, pm, pm + B * n_blocks * J)
 
 
-cdef inline void _tile_merge(double* part, double* mean, double* rstd, Py_ssize_t B,
-                             Py_ssize_t M, Py_ssize_t J, Py_ssize_t b, Py_ssize_t j0,
-                             Py_ssize_t j1, double div, double eps) noexcept nogil:
+cdef inline void _tile_shift(const floating* x, double* shift, Py_ssize_t M, Py_ssize_t J,
+                             Py_ssize_t b, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """shift[b * J + j] = x[b, 0, j]: each set's first value."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        shift[b * J + j] = x[b * M * J + j]
+
+
+cdef inline void _tile_merge(double* part, const double* shift, double* mean,
+                             double* rstd, Py_ssize_t B, Py_ssize_t M, Py_ssize_t J,
+                             Py_ssize_t b, Py_ssize_t j0, Py_ssize_t j1, double div,
+                             double eps) noexcept nogil:
     """mean[b * J + j], rstd[b * J + j] for j in [j0, j1): the blocks' moments merged
     pairwise (tree_merge; overwrites their part entries)."""
     cdef Py_ssize_t n_blocks = (M + COL_ROWS - 1) // COL_ROWS, j
@@ -78,6 +91,7 @@ cdef inline void _tile_merge(double* part, double* mean, double* rstd, Py_ssize_
         pm = part + b * n_blocks * J + j
         tree_merge(pm, pm + B * n_blocks * J, J, n_blocks, COL_ROWS, M, &mean[b * J + j],
                    &m2)
+        mean[b * J + j] += shift[b * J + j]
         rstd[b * J + j] = inv_std(m2, div, eps)
 
 
@@ -98,7 +112,8 @@ cdef inline void _apply_row(const floating* x, floating* y, const double* cm,
 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
-                   double* mean, double* rstd, double* part, Py_ssize_t B, Py_ssize_t M,
+                   double* mean, double* rstd, double* part, double* shift,
+                   Py_ssize_t B, Py_ssize_t M,
                    Py_ssize_t J, double eps, double ddof, int welford,
                    int nt) noexcept nogil:
     cdef Py_ssize_t width = tile_width(M, J, sizeof(floating))
@@ -114,24 +129,30 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
             bb = t // n_tiles
             j0 = (t % n_tiles) * width
             j1 = min(j0 + width, J)
+            _tile_shift(x, shift, M, J, bb, j0, j1)
             for q in range(n_blocks):
-                _tile_block(x, part, B, M, J, bb, q, j0, j1, welford)
-            _tile_merge(part, mean, rstd, B, M, J, bb, j0, j1, div, eps)
+                _tile_block(x, part, shift, B, M, J, bb, q, j0, j1, welford)
+            _tile_merge(part, shift, mean, rstd, B, M, J, bb, j0, j1, div, eps)
             for r in range(M):
                 _apply_row(x + (bb * M + r) * J + j0, y + (bb * M + r) * J + j0,
                            mean + bb * J + j0, rstd + bb * J + j0, j1 - j0, w, b, r)
         return
     width = COL_WIDTH
     n_tiles = (J + width - 1) // width
+    for t in prange(B * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+        bb = t // n_tiles
+        j0 = (t % n_tiles) * width
+        _tile_shift(x, shift, M, J, bb, j0, min(j0 + width, J))
     for t in prange(B * n_blocks * n_tiles, nogil=True, num_threads=nt, schedule="static"):
         bb = t // (n_blocks * n_tiles)
         q = (t // n_tiles) % n_blocks
         j0 = (t % n_tiles) * width
-        _tile_block(x, part, B, M, J, bb, q, j0, min(j0 + width, J), welford)
+        _tile_block(x, part, shift, B, M, J, bb, q, j0, min(j0 + width, J), welford)
     for t in prange(B * n_tiles, nogil=True, num_threads=nt, schedule="static"):
         bb = t // n_tiles
         j0 = (t % n_tiles) * width
-        _tile_merge(part, mean, rstd, B, M, J, bb, j0, min(j0 + width, J), div, eps)
+        _tile_merge(part, shift, mean, rstd, B, M, J, bb, j0, min(j0 + width, J), div,
+                    eps)
     for r in prange(B * M, nogil=True, num_threads=nt, schedule="static"):
         bb = r // M
         _apply_row(x + r * J, y + r * J, mean + bb * J, rstd + bb * J, J, w, b, r - bb * M)
@@ -145,8 +166,9 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     Needs B * M * J > 0."""
     cdef int nt = cynorm_threads_for(B * M * J)
     cdef Py_ssize_t n_blocks = (M + COL_ROWS - 1) // COL_ROWS
-    cdef cnp.ndarray work = np.empty(2 * B * n_blocks * J, dtype=np.float64)
+    cdef cnp.ndarray work = np.empty((2 * n_blocks + 1) * B * J, dtype=np.float64)
     cdef double* part = <double*>data(work)
+    cdef double* shift = part + 2 * n_blocks * B * J
     cdef void* px = data(x)
     cdef void* py = data(y)
     cdef void* pw = data(weight)
@@ -156,8 +178,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
     with nogil:
         if single:
-            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, part, B, M,
-                     J, eps, ddof, welford, nt)
+            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, part, shift,
+                     B, M, J, eps, ddof, welford, nt)
         else:
-            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, part, B,
-                     M, J, eps, ddof, welford, nt)
+            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, part,
+                     shift, B, M, J, eps, ddof, welford, nt)
