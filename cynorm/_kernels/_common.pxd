@@ -1,5 +1,6 @@
-# Inline helpers shared by the three kernel families: how a normalisation set is cut into
-# fixed pieces, the moments of a piece and of a set, and the affine applies.
+# Inline helpers shared by the kernel families (slab, channel, row, batched columns): how a
+# normalisation set is cut into fixed pieces, the moments of a piece and of a set, the
+# moments of column tiles and their pairwise merge, and the affine applies.
 #
 # Determinism: a set's statistics are always the left fold, in piece order, of per-piece
 # results, and pieces depend only on the array's shape (never on the thread count). A

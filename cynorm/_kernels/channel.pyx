@@ -9,9 +9,10 @@ grouped, long runs cut) whose partial results merge in a fixed order: the same b
 Short runs (HW < SHORT_RUN, e.g. BatchNorm over (N, C) features) would make a channel a
 strided gather. Then x is read as an (N, D = C * HW) matrix instead: tiles of
 COL_ROWS rows by COL_WIDTH columns compute per-column partial moments (or gradient sums)
-with contiguous, vectorised loops; the partials merge per channel over blocks and
-columns in a fixed order (the blocks pairwise, tree_merge); the apply runs row by row
-with per-column coefficients.
+with contiguous, vectorised loops (col_tile_moments, on x minus the channel's first
+value so that the block means keep the spread's digits); the partials merge per channel
+over blocks and columns in a fixed order (the blocks pairwise, tree_merge); the apply
+runs row by row with per-column coefficients.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
