@@ -162,6 +162,8 @@ def test_get_num_threads_follows_threadpool_limits():
     ((4, 70000), 1),            # rows, split into pieces
     ((500, 300), 1),            # rows
     ((20000, 8), 0),            # columns
+    ((2, 40000), 0),            # columns: many, short
+    ((300, 5000), 0),           # columns: several tiles and row blocks
     ((8, 2, 64, 64), (0, 2, 3)),  # channels
     ((2, 300, 500), 1),         # batched columns: fused with 1 thread, split with 2, 3
     ((8, 96, 28, 28), 1),       # batched columns (LayerNorm2d), fused tiles
