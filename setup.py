@@ -19,7 +19,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # one extension per kernel family, plus the runtime helpers
-MODULES = ["slab", "channel", "row", "runtime"]
+MODULES = ["slab", "channel", "row", "columns", "runtime"]
 DEBUG = os.environ.get("CYNORM_DEBUG", "") == "1"
 SANITIZE = os.environ.get("CYNORM_SANITIZE", "")
 ARCH = os.environ.get("CYNORM_ARCH", "native")
