@@ -1,7 +1,8 @@
 """cynorm: normalization layers for NumPy on the CPU, as Cython/OpenMP kernels.
 
 Forward and backward of GroupNorm, InstanceNorm, LayerNorm, BatchNorm and RMSNorm on
-float32/float64 arrays; bitwise reproducible for any thread count.
+float32/float64 arrays, and standardize (z-scores over any axes) for NumPy pipelines;
+bitwise reproducible for any thread count.
 """
 from cynorm._api import (
     batch_norm,
@@ -16,6 +17,7 @@ from cynorm._api import (
     rms_norm_backward,
 )
 from cynorm._kernels.runtime import get_num_threads
+from cynorm._standardize import standardize
 
 __version__ = "0.1.0"
 
@@ -34,4 +36,5 @@ __all__ = [
     "rms_norm",
     "rms_norm_backward",
     "show_config",
+    "standardize",
 ]

@@ -160,3 +160,19 @@ def test_get_num_threads_follows_threadpool_limits():
         with threadpool_limits(n, user_api="openmp"):
             assert cynorm.get_num_threads() == n
     assert cynorm.get_num_threads() == default
+
+
+@pytest.mark.parametrize("shape,axis", [
+    ((4, 70000), 1),            # rows, split into pieces
+    ((500, 300), 1),            # rows
+    ((20000, 8), 0),            # columns
+    ((2, 40000), 0),            # columns: many, short
+    ((300, 5000), 0),           # columns: several tiles and row blocks
+    ((8, 2, 64, 64), (0, 2, 3)),  # channels
+    ((2, 300, 500), 1),         # batched columns: fused with 1 thread, split with 2, 3
+    ((8, 96, 28, 28), 1),       # batched columns (LayerNorm2d), fused tiles
+    ((3, 40, 50, 60), (0, 2)),  # the transposed copy
+])
+def test_standardize_bitwise_identical_across_thread_counts(dtype, shape, axis):
+    x = data(shape, dtype, loc=100.0)
+    across_threads(lambda: cynorm.standardize(x, axis, ddof=1, return_stats=True))

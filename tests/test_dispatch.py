@@ -118,7 +118,7 @@ def test_the_kernels_in_use_are_the_chosen_levels():
         module = sys.modules[f"cynorm._kernels.{name}"]
         assert module is getattr(kernels, name)
         assert module.__name__ == f"cynorm._kernels._{kernels.LEVEL}.{name}"
-    for name in ("slab", "channel", "row", "runtime"):
+    for name in ("slab", "channel", "row", "columns", "runtime"):
         assert name in kernels.MODULE_NAMES
     assert kernels.runtime.build_info()["level"] == kernels.LEVEL
 

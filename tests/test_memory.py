@@ -112,6 +112,26 @@ def test_batch_norm_column_path_scratch_is_within_an_eighth_of_the_input(shape):
         del g
 
 
+@pytest.mark.parametrize("shape", [(2, 4 * 10**6), (2, 10**5, 3), (130, 3000, 5),
+                                   (200, 7, 63)], ids=str)
+def test_standardize_on_the_column_path_scratch_is_within_an_eighth_of_the_input(shape):
+    """standardize over all axes but 1 of a short-run array (BatchNorm's column path,
+    with ddof and the shifted moments): beyond y, mean and rstd at most 1/8 of x, also
+    for a batch of 2 over millions of columns (no per-column partials or
+    coefficients)."""
+    x = np.ones(shape, np.float32)
+    x[1::2] = 2
+    axis = (0,) + tuple(range(2, x.ndim))
+    limit = x.nbytes // 8 + 64 * 1024
+    for ddof in (0, 1):
+        extra, (y, m, s) = _extra(lambda: cynorm.standardize(x, axis, ddof=ddof,
+                                                             return_stats=True))
+        assert extra <= limit, (ddof, extra, x.nbytes)
+        np.testing.assert_allclose(y[0], -np.sqrt(1 - ddof / (x.size // m.size)),
+                                   rtol=1e-6)
+        del y
+
+
 @pytest.mark.parametrize("shape", [(0, 10**6, 63), (0, 10**7, 63)], ids=str)
 def test_batch_norm_of_an_empty_batch_allocates_nothing(shape):
     """No elements: the call returns at once with an empty y, allocating no per-column

@@ -1,5 +1,6 @@
-# Inline helpers shared by the three kernel families: how a normalisation set is cut into
-# fixed pieces, the moments of a piece and of a set, and the affine applies.
+# Inline helpers shared by the kernel families (slab, channel, row, batched columns): how a
+# normalisation set is cut into fixed pieces, the moments of a piece and of a set, the
+# moments of column tiles and their pairwise merge, and the affine applies.
 #
 # Determinism: a set's statistics are always the left fold, in piece order, of per-piece
 # results, and pieces depend only on the array's shape (never on the thread count). A
@@ -12,11 +13,16 @@
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport NAN, sqrt
 
 # Elements per piece: 4096 float64 = 32 KiB, so a piece's second pass hits L1.
 cdef enum:
     CHUNK = 4096
+    # column reductions (col_tile_moments): rows per tile, so that per-block partials
+    # are 1/16 of a float32 input, and columns per tile: 64 x 1024 float32 = 256 KiB
+    # stays in L2
+    COL_ROWS = 64
+    COL_WIDTH = 1024
 
 ctypedef struct SetLayout:
     Py_ssize_t n_runs          # contiguous runs in one set
@@ -26,6 +32,8 @@ ctypedef struct SetLayout:
     Py_ssize_t runs_per_piece  # > 1 when short runs are grouped into one piece
     Py_ssize_t n_pieces        # pieces in one set
     Py_ssize_t size            # elements in one set
+    double var_div             # the variance is m2 / var_div: size (biased, the
+                               # default), or size - ddof (set_ddof)
 
 
 cdef inline SetLayout make_layout(Py_ssize_t n_runs, Py_ssize_t run_len,
@@ -39,6 +47,7 @@ cdef inline SetLayout make_layout(Py_ssize_t n_runs, Py_ssize_t run_len,
     L.run_len = run_len
     L.run_stride = run_stride
     L.size = n_runs * run_len
+    L.var_div = <double>L.size
     if L.size == 0:
         L.pieces_per_run = 1
         L.runs_per_piece = 1
@@ -52,6 +61,17 @@ cdef inline SetLayout make_layout(Py_ssize_t n_runs, Py_ssize_t run_len,
         L.runs_per_piece = CHUNK // run_len
         L.n_pieces = (n_runs + L.runs_per_piece - 1) // L.runs_per_piece
     return L
+
+
+cdef inline double var_divisor(Py_ssize_t size, double ddof) noexcept nogil:
+    """The variance's divisor with ddof "delta degrees of freedom": size - ddof, or NaN
+    when that is <= 0 (no variance: scipy.stats' convention, so the results are NaN)."""
+    cdef double d = <double>size - ddof
+    return d if d > 0 else NAN
+
+
+cdef inline void set_ddof(SetLayout* L, double ddof) noexcept nogil:
+    L.var_div = var_divisor(L.size, ddof)
 
 
 cdef inline void piece_bounds(const SetLayout* L, Py_ssize_t p, Py_ssize_t* run0,
@@ -90,6 +110,11 @@ cdef extern from "_lanes.h":
     void cn_grad_sums_f64(const double* dy, const double* x, const double* w,
                           Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
     void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
+    void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
+                            const double* k, double* pm, double* pq) noexcept nogil
+    void cn_col_moments_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
+                            Py_ssize_t n, const double* k, double* pm,
+                            double* pq) noexcept nogil
 
 
 cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -159,6 +184,35 @@ cdef inline void chan_merge(double* cnt, double* mean, double* m2, double cb, do
     mean[0] = mean[0] + d * (cb / n)
     m2[0] = m2[0] + qb + d * d * (ca * cb / n)
     cnt[0] = n
+
+
+cdef inline void tree_merge(double* pm, double* pq, Py_ssize_t stride,
+                            Py_ssize_t n_blocks, Py_ssize_t block_rows, Py_ssize_t n_rows,
+                            double* mean, double* m2) noexcept nogil:
+    """The moments of n_rows rows from those of their n_blocks blocks of block_rows
+    rows, the last holding the rest (fewer or more than block_rows): block q's mean
+    and m2 at pm[q * stride], pq[q * stride], merged pairwise (a fixed tree: block
+    q + step into block q for step = 1, 2, 4, ...), in place. Rounding grows with the
+    tree's depth, not with the number of blocks as in a left fold: thousands of blocks
+    keep the mean of offset data to a few ulps. "Rows" may be elements: BatchNorm's
+    column path passes blocks of COL_ROWS * HW elements."""
+    cdef Py_ssize_t step = 1, q
+    cdef double ca
+    while step < n_blocks:
+        q = 0
+        while q + step < n_blocks:
+            ca = <double>(step * block_rows)
+            # blocks [q + step, q + 2 * step): the group with the last block ends at
+            # n_rows
+            chan_merge(&ca, &pm[q * stride], &pq[q * stride],
+                       <double>((n_rows if q + 2 * step >= n_blocks
+                                 else (q + 2 * step) * block_rows)
+                                - (q + step) * block_rows),
+                       pm[(q + step) * stride], pq[(q + step) * stride])
+            q += 2 * step
+        step *= 2
+    mean[0] = pm[0]
+    m2[0] = pq[0]
 
 
 cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_t p,
@@ -238,9 +292,47 @@ cdef inline void fold_moments(const double* parts, Py_ssize_t n_pieces, int cent
     m2[0] = q
 
 
-cdef inline double inv_std(double m2, Py_ssize_t size, double eps) noexcept nogil:
-    # biased variance, eps inside the square root
-    return 1.0 / sqrt(m2 / <double>size + eps)
+# ---- column reductions ------------------------------------------------------------
+
+cdef inline void col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0,
+                                  Py_ssize_t r1, Py_ssize_t j0, Py_ssize_t j1, int welford,
+                                  const double* shift, double* pm,
+                                  double* pq) noexcept nogil:
+    """Per-column mean and m2 of x - shift[j], rows [r0, r1), columns [j0, j1) of the
+    row-major matrix x with D columns, into pm[j], pq[j]: corrected two-pass
+    (cn_col_moments in _lanes.h: columns in vector lanes) or Welford. shift[j] is a
+    value near column j's (the caller adds it back to the merged mean): block means of
+    shifted data round relative to the spread, not to the offset. Each column's
+    arithmetic is independent of the tile's width, so its bits are too. Shared by
+    BatchNorm's column path and the batched columns of standardize."""
+    cdef double d, v, k
+    cdef Py_ssize_t r, j, n = j1 - j0
+    cdef const floating* xr
+    if not welford:
+        if floating is float:
+            cn_col_moments_f32(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
+                               pq + j0)
+        else:
+            cn_col_moments_f64(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
+                               pq + j0)
+        return
+    for j in range(n):
+        pm[j0 + j] = 0
+        pq[j0 + j] = 0
+    k = 0
+    for r in range(r0, r1):
+        xr = x + r * D + j0
+        k = k + 1
+        for j in range(n):
+            v = xr[j] - shift[j0 + j]
+            d = v - pm[j0 + j]
+            pm[j0 + j] += d / k
+            pq[j0 + j] += d * (v - pm[j0 + j])
+
+
+cdef inline double inv_std(double m2, double var_div, double eps) noexcept nogil:
+    # variance m2 / var_div (biased: var_div = the set's size), eps inside the square root
+    return 1.0 / sqrt(m2 / var_div + eps)
 
 
 cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
@@ -250,8 +342,8 @@ cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
     cdef double m2
     set_moments(xs, L, welford, centered, next_set, mean, &m2)
     if var != NULL:
-        var[0] = m2 / <double>L.size
-    rstd[0] = inv_std(m2, L.size, eps)
+        var[0] = m2 / L.var_div
+    rstd[0] = inv_std(m2, L.var_div, eps)
 
 
 cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize_t n_sets,
@@ -267,8 +359,8 @@ cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize
     for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
         fold_moments(parts + 3 * s * P, P, centered, &mean[s], &rstd[s])
         if var != NULL:
-            var[s] = rstd[s] / <double>L.size
-        rstd[s] = inv_std(rstd[s], L.size, eps)
+            var[s] = rstd[s] / L.var_div
+        rstd[s] = inv_std(rstd[s], L.var_div, eps)
 
 
 cdef inline void piece_grad_sums(const floating* dy, const floating* x, const floating* w,

@@ -240,4 +240,87 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
     }
 }
 
+/* ---- per-column moments of a tile (column reductions) -----------------------------
+ * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n): for each column
+ * j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values x - k[j], in
+ * float64. The shift k[j] (the caller's: a value of the column) makes the block means
+ * that the caller merges small, so that their rounding is relative to the data's
+ * spread, not to its offset (a column 1e6 +- 1 keeps its variance's digits).
+ * Chunks of CN_COL_CHUNK columns: each pass walks the rows in order, adding a row's
+ * chunk (contiguous, vector loads) to per-column float64 lanes that stay in L1. Reading
+ * whole row pieces, never a narrow column strip down the rows, keeps the tile's lines
+ * in distinct cache sets even when D is a power of two. Each lane is one column summed
+ * row by row in order, so a column's bits are those of the plain scalar loop (used for
+ * the last n % 8 columns), whatever the chunk or the instruction set. m2 < 0 from
+ * rounding becomes 0; NaN stays NaN. */
+
+#define CN_COL_CHUNK 256
+
+typedef long long cn_v8l __attribute__((vector_size(64)));
+
+static inline cn_v8d cn_clamp0(cn_v8d q) {
+    cn_v8l neg = (cn_v8l)(q < CN_ZERO);  /* false for NaN */
+    return (cn_v8d)((cn_v8l)q & ~neg);
+}
+
+static inline void cn_store_f64(double* p, cn_v8d v) {
+    memcpy(p, &v, sizeof v);
+}
+
+#define CN_COL_MOMENTS_BODY(T, LOAD)                                                    \
+    const double cnt = (double)nrows;                                                   \
+    cn_v8d s[CN_COL_CHUNK / 8], d[CN_COL_CHUNK / 8], q[CN_COL_CHUNK / 8];               \
+    cn_v8d kv[CN_COL_CHUNK / 8];                                                        \
+    ptrdiff_t j0, j, r, v, nv;                                                          \
+    for (j0 = 0; j0 + 8 <= n; j0 += CN_COL_CHUNK) {                                     \
+        nv = (n - j0) / 8;                                                              \
+        if (nv > CN_COL_CHUNK / 8) nv = CN_COL_CHUNK / 8;                               \
+        for (v = 0; v < nv; v++) {                                                      \
+            s[v] = d[v] = q[v] = CN_ZERO;                                               \
+            kv[v] = cn_load_f64(k + j0 + 8 * v);                                        \
+        }                                                                               \
+        for (r = 0; r < nrows; r++) {                                                   \
+            const T* xr = x + r * D + j0;                                               \
+            for (v = 0; v < nv; v++) s[v] += LOAD(xr + 8 * v) - kv[v];                  \
+        }                                                                               \
+        for (v = 0; v < nv; v++) s[v] = s[v] / cnt;                                     \
+        for (r = 0; r < nrows; r++) {                                                   \
+            const T* xr = x + r * D + j0;                                               \
+            for (v = 0; v < nv; v++) {                                                  \
+                cn_v8d e = (LOAD(xr + 8 * v) - kv[v]) - s[v];                           \
+                d[v] += e;                                                              \
+                q[v] += e * e;                                                          \
+            }                                                                           \
+        }                                                                               \
+        for (v = 0; v < nv; v++) {                                                      \
+            cn_store_f64(pm + j0 + 8 * v, s[v] + d[v] / cnt);                           \
+            cn_store_f64(pq + j0 + 8 * v, cn_clamp0(q[v] - d[v] * d[v] / cnt));         \
+        }                                                                               \
+    }                                                                                   \
+    for (j = n - n % 8; j < n; j++) {                                                   \
+        double sj = 0, dj = 0, qj = 0, m, e;                                            \
+        for (r = 0; r < nrows; r++) sj += x[r * D + j] - k[j];                          \
+        m = sj / cnt;                                                                   \
+        for (r = 0; r < nrows; r++) {                                                   \
+            e = (x[r * D + j] - k[j]) - m;                                              \
+            dj += e;                                                                    \
+            qj += e * e;                                                                \
+        }                                                                               \
+        pm[j] = m + dj / cnt;                                                           \
+        qj = qj - dj * dj / cnt;                                                        \
+        pq[j] = qj < 0 ? 0 : qj;                                                        \
+    }
+
+static inline void cn_col_moments_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
+                                      ptrdiff_t n, const double* k, double* pm,
+                                      double* pq) {
+    CN_COL_MOMENTS_BODY(float, cn_load_f32)
+}
+
+static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nrows,
+                                      ptrdiff_t n, const double* k, double* pm,
+                                      double* pq) {
+    CN_COL_MOMENTS_BODY(double, cn_load_f64)
+}
+
 #endif

@@ -3,10 +3,11 @@
 import numpy as np
 from numpy.typing import NDArray
 
-def forward(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None,
+def forward(x: np.ndarray, y: np.ndarray | None, weight: np.ndarray | None,
             bias: np.ndarray | None, mean: NDArray[np.float64],
             rstd: NDArray[np.float64] | None, var: NDArray[np.float64] | None, N: int,
-            C: int, HW: int, eps: float, welford: int, training: int) -> None: ...
+            C: int, HW: int, eps: float, welford: int, training: int, ddof: float = 0.0,
+            shift: NDArray[np.float64] | None = None) -> None: ...
 def backward(dy: np.ndarray, x: np.ndarray, dx: np.ndarray, weight: np.ndarray | None,
              dweight: np.ndarray, dbias: np.ndarray, mean: NDArray[np.float64],
              rstd: NDArray[np.float64], N: int, C: int, HW: int, training: int) -> None: ...

@@ -9,13 +9,16 @@ grouped, long runs cut) whose partial results merge in a fixed order: the same b
 Short runs (HW < SHORT_RUN, e.g. BatchNorm over (N, C) features) would make a channel a
 strided gather. Then x is read as an (N, D = C * HW) matrix instead, in tiles of whole
 channels (at most COL_WIDTH columns) by blocks of rows (COL_ROWS to 2 * COL_ROWS - 1
-rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column moments (or
-gradient sums) with contiguous, vectorised loops and merges them per channel; the
-per-block results merge per channel in block order; the apply runs row by row with
-per-channel coefficients. Scratch: two float64 per channel and row block beyond the
-first, at most 1/16 of a float32 input; with a single row block the moments go straight
-into the outputs and the backward handles each tile's dx while it is in cache, with no
-scratch at all.
+rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column moments
+(col_tile_moments, shared with the batched columns of standardize; of x minus the
+channel's first value, or a given shift, so that block means keep the spread's digits on
+offset data) or gradient sums with contiguous, vectorised loops and merges them per
+channel in column order; the per-block moments merge per channel pairwise (tree_merge),
+the gradient sums in block order; the apply runs row by row with per-channel
+coefficients. Scratch: two float64 per channel and row block beyond the first, at most
+1/16 of a float32 input; with a single row block the moments go straight into the
+outputs and the backward handles each tile's dx while it is in cache, with no scratch
+at all.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
@@ -27,7 +30,8 @@ from libc.math cimport sqrt
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
-    affine_const, grad_const, chan_merge, inv_std, data,
+    affine_const, grad_const, chan_merge, inv_std, data, set_ddof, var_divisor,
+    COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge,
 )
 
 import numpy as np
@@ -37,11 +41,11 @@ from cynorm._kernels import INHERITED_OPENMP_POOL
 cnp.import_array()
 cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
+# The column path's blocks are COL_ROWS rows (the last takes the rest: per-channel
+# partials of 16 bytes per block are at most 1/16 of a float32 input) and its tiles at
+# most COL_WIDTH columns (64 x 1024 float32 = 256 KiB stays in L2), from _common.pxd.
 cdef enum:
     SHORT_RUN = 64    # runs shorter than this take the column path
-    COL_ROWS = 64     # rows per block (the last takes the rest): per-channel partials of
-                      # 16 bytes per block are at most 1/16 of a float32 input
-    COL_WIDTH = 1024  # columns per tile: 64 x 1024 float32 = 256 KiB stays in L2
     APPLY_ROWS = 16   # rows per work item of the apply (eval: its rstd formed once)
 
 
@@ -53,46 +57,21 @@ cdef inline Py_ssize_t _col_blocks(Py_ssize_t N) noexcept nogil:
 
 cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t HW,
                             Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                            int welford, double* pm, double* pq) noexcept nogil:
-    """Per-channel mean and m2 of rows [r0, r1) of channels [c0, c1) into pm[c], pq[c]:
-    per column (corrected two-pass or Welford, columns side by side, vectorised), then
+                            int welford, const double* shift, double* pm,
+                            double* pq) noexcept nogil:
+    """Per-channel mean and m2 of rows [r0, r1) of channels [c0, c1) of x - k[c] into
+    pm[c], pq[c], k[c] = shift[c] (shift not NULL) or the channel's first value x[c * HW]
+    (pm is relative to k): per column (col_tile_moments, results on the stack), then
     the HW columns of each channel merged in order."""
     cdef double cm[COL_WIDTH]
     cdef double cq[COL_WIDTH]
-    cdef double sd[COL_WIDTH]
-    cdef double cnt = <double>(r1 - r0), d, v, k, n_, m_, q_
-    cdef Py_ssize_t r, j, c, h, j0 = c0 * HW, n = (c1 - c0) * HW
-    cdef const floating* xr
+    cdef double ks[COL_WIDTH]
+    cdef double cnt = <double>(r1 - r0), n_, m_, q_
+    cdef Py_ssize_t j, c, h, n = (c1 - c0) * HW
     for j in range(n):
-        cm[j] = 0
-        cq[j] = 0
-        sd[j] = 0
-    if welford:
-        k = 0
-        for r in range(r0, r1):
-            xr = x + r * D + j0
-            k = k + 1
-            for j in range(n):
-                v = xr[j]
-                d = v - cm[j]
-                cm[j] += d / k
-                cq[j] += d * (v - cm[j])
-    else:
-        for r in range(r0, r1):
-            xr = x + r * D + j0
-            for j in range(n):
-                cm[j] += xr[j]
-        for j in range(n):
-            cm[j] = cm[j] / cnt
-        for r in range(r0, r1):
-            xr = x + r * D + j0
-            for j in range(n):
-                d = xr[j] - cm[j]
-                sd[j] += d
-                cq[j] += d * d
-        for j in range(n):
-            cm[j] += sd[j] / cnt
-            cq[j] = max(cq[j] - sd[j] * sd[j] / cnt, 0.0)
+        c = c0 + j // HW
+        ks[j] = x[c * HW] if shift == NULL else shift[c]
+    col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq)
     for c in range(c0, c1):
         n_ = 0
         m_ = 0
@@ -139,16 +118,20 @@ cdef void _col_apply(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t r0
 
 cdef void _col_forward(const floating* x, floating* y, const floating* w,
                        const floating* b, double* mean, double* rstd, double* var,
-                       double* part, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
-                       double eps, int welford, int training, int nt) noexcept nogil:
+                       double* part, const double* shift, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t HW, double eps, double ddof, int welford, int training,
+                       int nt) noexcept nogil:
     """Forward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1
     (one block: the moments go to mean and var, or rstd when var is NULL). Eval mode
-    with rstd NULL: var is the running variance, rstd formed per channel."""
+    with rstd NULL: var is the running variance, rstd formed per channel. y NULL: the
+    statistics only. shift (C doubles) not NULL: the statistics of x - shift[c], mean
+    relative to it; NULL: shifted by each channel's first value, which mean adds back.
+    The variance is m2 / (N * HW - ddof), NaN when that is <= 0."""
     cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
-    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, q, c0, r0, blk
+    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, c0, r0, blk
     cdef double* pm = mean if nb == 1 else part
     cdef double* pq = (var if var != NULL else rstd) if nb == 1 else part + nb * C
-    cdef double cnt, m, m2
+    cdef double div = var_divisor(N * HW, ddof), m, m2
     if training:
         # tiles block-major: block blk = t // n_tiles has rows [blk * COL_ROWS, ...),
         # the last block to N
@@ -157,23 +140,21 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
             c0 = (t % n_tiles) * cpt
             r0 = blk * COL_ROWS
             _col_tile_moments(x, D, HW, r0, N if blk == nb - 1 else r0 + COL_ROWS, c0,
-                              min(c0 + cpt, C), welford, pm + blk * C, pq + blk * C)
+                              min(c0 + cpt, C), welford, shift, pm + blk * C,
+                              pq + blk * C)
         for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-            if nb == 1:
-                m2 = pq[c]
-            else:
-                cnt = 0
-                m = 0
-                m2 = 0
-                for q in range(nb):
-                    chan_merge(&cnt, &m, &m2,
-                               <double>(((N if q == nb - 1 else (q + 1) * COL_ROWS)
-                                         - q * COL_ROWS) * HW),
-                               pm[q * C + c], pq[q * C + c])
-                mean[c] = m
+            if nb > 1:
+                # the blocks pairwise, in place in block 0's slots (block q holds
+                # COL_ROWS * HW elements, the last the rest)
+                tree_merge(pm + c, pq + c, C, nb, COL_ROWS * HW, N * HW, pm + c, pq + c)
+            m = pm[c]
+            m2 = pq[c]
+            mean[c] = m if shift != NULL else x[c * HW] + m
             if var != NULL:
-                var[c] = m2 / <double>(N * HW)
-            rstd[c] = inv_std(m2, N * HW, eps)
+                var[c] = m2 / div
+            rstd[c] = inv_std(m2, div, eps)
+    if y == NULL:
+        return
     # the apply: work items of APPLY_ROWS rows by one tile
     for t in prange(((N + APPLY_ROWS - 1) // APPLY_ROWS) * n_tiles, nogil=True,
                     num_threads=nt, schedule="static"):
@@ -327,29 +308,37 @@ cdef inline void _apply_channel(const floating* x, floating* y, const floating* 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* var, double* parts, Py_ssize_t N,
-                   Py_ssize_t C, Py_ssize_t HW, double eps, int welford, int training,
-                   int nt) noexcept nogil:
+                   Py_ssize_t C, Py_ssize_t HW, double eps, double ddof, int welford,
+                   int training, int nt) noexcept nogil:
+    """y = NULL: the statistics only."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
+    set_ddof(&L, ddof)
     if training and parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
             set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c],
                       NULL if var == NULL else &var[c])
-            _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW)
+            if y != NULL:
+                _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW)
         return
     if training:
         split_set_stats(x, &L, C, HW, parts, welford, 1, eps, mean, rstd, var, nt)
+    if y == NULL:
+        return
     # statistics known: every (n, c) run is independent
     for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
         _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW)
 
 
-def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
+def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mean,
             object rstd, object var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
-            double eps, int welford, int training):
+            double eps, int welford, int training, double ddof=0.0, object shift=None):
     """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and (var
-    not None) the biased var (C float64) from x; else apply the given mean and rstd, or,
-    rstd None, rstd = 1 / sqrt(var + eps) from the given (running) var."""
+    not None) the var (C float64; m2 / (N * HW - ddof), NaN if that is <= 0; biased with
+    ddof 0) from x; else apply the given mean and rstd, or, rstd None, rstd = 1 /
+    sqrt(var + eps) from the given (running) var. y None (training only): the statistics
+    alone. shift ((C,) float64, column path only: HW < SHORT_RUN): statistics of
+    x - shift, mean relative to it."""
     if training and N * HW == 0:  # an empty batch: nothing to read (statistics as torch)
         mean.fill(0)
         rstd.fill(np.nan)
@@ -362,6 +351,9 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef bint columns = HW < SHORT_RUN
     cdef cnp.ndarray work = None
     cdef double* parts = NULL
+    if shift is not None and not columns:
+        raise ValueError("channel.forward: shift needs the column path")
+    cdef double* psh = <double*>data(shift)
     if rstd is None and not columns:  # long runs: C is at most 1/64 of the input
         rstd = 1.0 / np.sqrt(var + eps)
     if columns and _col_blocks(N) > 1 and training:
@@ -381,16 +373,16 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     with nogil:
         if columns and single:
             _col_forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv,
-                         parts, N, C, HW, eps, welford, training, nt)
+                         parts, psh, N, C, HW, eps, ddof, welford, training, nt)
         elif columns:
             _col_forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                         parts, N, C, HW, eps, welford, training, nt)
+                         parts, psh, N, C, HW, eps, ddof, welford, training, nt)
         elif single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
-                     N, C, HW, eps, welford, training, nt)
+                     N, C, HW, eps, ddof, welford, training, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                     parts, N, C, HW, eps, welford, training, nt)
+                     parts, N, C, HW, eps, ddof, welford, training, nt)
 
 
 # ---- backward -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from cython.parallel cimport prange
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats,
+    CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, set_ddof,
     set_grad_sums, split_grad_sums, aligned_head, f32_xhat_ok, split_mean, data,
 )
 
@@ -113,9 +113,10 @@ cdef inline void _apply_piece(const floating* x, floating* y, const floating* w,
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* parts, Py_ssize_t R, Py_ssize_t K,
-                   double eps, int welford, int rms, int nt) noexcept nogil:
+                   double eps, double ddof, int welford, int rms, int nt) noexcept nogil:
     cdef SetLayout L = make_layout(1, K, K)
     cdef Py_ssize_t r, k
+    set_ddof(&L, ddof)
     if parts == NULL:
         for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
             set_stats(x + r * K, &L, welford, not rms, eps,
@@ -129,8 +130,9 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, Py_ssize_t R, Py_ssize_t K, double eps, int welford,
-            int rms):
-    """Normalise each row of x (R, K) into y; write mean (0 for RMSNorm) and rstd."""
+            int rms, double ddof=0.0):
+    """Normalise each row of x (R, K) into y; write mean (0 for RMSNorm) and rstd
+    (of the variance m2 / max(K - ddof, 0), biased for ddof = 0)."""
     cdef int nt = cynorm_threads_for(R * K)
     cdef SetLayout L = make_layout(1, K, K)
     cdef cnp.ndarray work = None
@@ -148,10 +150,10 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     with nogil:
         if single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
-                     R, K, eps, welford, rms, nt)
+                     R, K, eps, ddof, welford, rms, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
-                     R, K, eps, welford, rms, nt)
+                     R, K, eps, ddof, welford, rms, nt)
 
 
 # ---- backward -------------------------------------------------------------------------
