@@ -29,7 +29,7 @@ if not HAVE_SKLEARN:
     class NotFittedError(ValueError, AttributeError):
         """The estimator is used before fit (scikit-learn's NotFittedError)."""
 
-    class BaseEstimator:
+    class BaseEstimator:  # type: ignore[no-redef]
         """get_params / set_params from __init__'s keyword arguments."""
 
         @classmethod
@@ -54,11 +54,11 @@ if not HAVE_SKLEARN:
             args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
             return f"{type(self).__name__}({args})"
 
-    class TransformerMixin:
+    class TransformerMixin:  # type: ignore[no-redef]
         def fit_transform(self, X, y=None, **fit_params):
             return self.fit(X, y, **fit_params).transform(X)
 
-    class OneToOneFeatureMixin:
+    class OneToOneFeatureMixin:  # type: ignore[no-redef]
         def get_feature_names_out(self, input_features=None):
             check_is_fitted(self, "n_features_in_")
             if input_features is None:
