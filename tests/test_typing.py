@@ -82,6 +82,7 @@ def runtime_params(obj):
 
 def test_api_stub_matches_the_functions():
     stubs = stub_signatures(os.path.join(PKG, "_api.pyi"))
+    stubs.update(stub_signatures(os.path.join(PKG, "_standardize.pyi")))
     ops = [n for n in cynorm.__all__ if n not in ("get_num_threads", "show_config")]
     assert sorted(ops) == sorted(stubs)
     for name in ops:
