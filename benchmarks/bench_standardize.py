@@ -37,12 +37,10 @@ import numpy as np
 import cynorm
 from cynorm.preprocessing import StandardScaler
 
-try:  # the benchmark helpers (timing method, copy bandwidth), wherever they live
-    from cynorm.bench import (_write_json, copy_array_bytes, copy_bandwidth,
-                              parse_threads, print_table, thread_count, time_calls)
-except ImportError:
-    from cynorm._bench import (_write_json, copy_array_bytes, copy_bandwidth,
-                               parse_threads, print_table, thread_count, time_calls)
+from cynorm.bench.cli import parse_threads
+from cynorm.bench.machine import copy_array_bytes, copy_bandwidth
+from cynorm.bench.report import _write_json, print_table
+from cynorm.bench.timing import thread_count, time_calls
 
 # (label, shape, axis); sklearn: how StandardScaler sees it (None: not applicable)
 CASES = [
