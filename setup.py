@@ -18,8 +18,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# one extension per kernel family, plus the runtime helpers
-MODULES = ["slab", "channel", "row", "runtime"]
+# one extension per kernel family, plus the runtime helpers and the scale-out steps
+MODULES = ["slab", "channel", "row", "runtime", "partial"]
 DEBUG = os.environ.get("CYNORM_DEBUG", "") == "1"
 SANITIZE = os.environ.get("CYNORM_SANITIZE", "")
 ARCH = os.environ.get("CYNORM_ARCH", "native")

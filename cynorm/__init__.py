@@ -16,12 +16,24 @@ from cynorm._api import (
     rms_norm_backward,
 )
 from cynorm._kernels.runtime import get_num_threads
+from cynorm._stats_api import (
+    PartialStats,
+    apply_stats,
+    batch_norm_backward_apply,
+    batch_norm_backward_reduce,
+    merge_stats,
+    partial_stats,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PartialStats",
+    "apply_stats",
     "batch_norm",
     "batch_norm_backward",
+    "batch_norm_backward_apply",
+    "batch_norm_backward_reduce",
     "get_num_threads",
     "group_norm",
     "group_norm_backward",
@@ -29,6 +41,8 @@ __all__ = [
     "instance_norm_backward",
     "layer_norm",
     "layer_norm_backward",
+    "merge_stats",
+    "partial_stats",
     "rms_norm",
     "rms_norm_backward",
 ]

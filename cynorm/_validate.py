@@ -149,3 +149,23 @@ def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
             if not (any(a is b for b in may_alias) and _same_buffer(out, a)):
                 raise ValueError(f"{name} overlaps an input without being the same array")
     return out
+
+
+# ---- scale-out steps (cynorm._stats_api) ----------------------------------------------
+
+_SETS = ("batch", "group", "instance", "layer", "rms")
+
+
+def check_sets(sets):
+    """Which op's normalisation sets: one of _SETS."""
+    if sets not in _SETS:
+        raise ValueError(f"sets must be one of {', '.join(map(repr, _SETS))}, got {sets!r}")
+    return sets
+
+
+def check_count(count, name="count"):
+    """A number of elements per set: a finite real > 0."""
+    c = check_real(count, name)
+    if not 0.0 < c < _INF:
+        raise ValueError(f"{name} must be a finite number > 0, got {count!r}")
+    return c
