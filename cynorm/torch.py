@@ -363,3 +363,6 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, input):
         return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+from cynorm._torch_sync import SyncBatchNorm  # noqa: E402
