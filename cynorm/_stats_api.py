@@ -27,6 +27,8 @@ from cynorm._validate import (
 )
 
 _F64 = np.dtype(np.float64)
+# batch_norm's channel kernel applies in float64 below this run length (its column path)
+SHORT_RUN = 64
 
 
 class PartialStats(NamedTuple):
@@ -148,14 +150,18 @@ def merge_stats(parts):
 
 
 def apply_stats(x, mean, rstd, weight=None, bias=None, sets="batch", *, num_groups=None,
-                normalized_ndim=None, out=None):
+                normalized_ndim=None, out=None, float64_affine=None):
     """y = (x - mean) * rstd * weight + bias with given statistics of every set of x
     (as torch.batch_norm_elemt, for any op's sets; see partial_stats for `sets`).
 
     mean, rstd: float64 arrays of the sets' shape (for "rms", mean is ignored: pass
     None). weight, bias: (C,) per channel for "batch", "group", "instance"; elementwise
     over the trailing dims for "layer" and "rms" (no bias for "rms"). out: as in
-    group_norm (out=x allowed). Returns y.
+    group_norm (out=x allowed).
+    float64_affine (sets "batch", "group", "instance"): compute the affine of float32
+    data in float64, rounded once, rather than in float32 (within a few ulps);
+    None: as batch_norm does, in float64 exactly when a channel's runs are shorter
+    than 64 elements. Returns y.
     """
     x, A, K, B, bounds, per_sample, shape, pshape, elementwise = _layout(
         x, sets, num_groups, normalized_ndim)
@@ -172,7 +178,10 @@ def apply_stats(x, mean, rstd, weight=None, bias=None, sets="batch", *, num_grou
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, mean, rstd), may_alias=(x,))
     G = len(bounds) - 1
     gidx = np.repeat(np.arange(G, dtype=np.intp), np.diff(bounds))
-    partial.apply(x, y, w, b, mean, rstd, A, K, B, gidx, G, per_sample, int(elementwise))
+    if float64_affine is None:
+        float64_affine = sets == "batch" and B < SHORT_RUN
+    partial.apply(x, y, w, b, mean, rstd, A, K, B, gidx, G, per_sample, int(elementwise),
+                  int(bool(float64_affine)))
     return y
 
 
@@ -193,13 +202,15 @@ def batch_norm_backward_reduce(dy, x, mean):
 
 
 def batch_norm_backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, count, weight=None,
-                              *, out=None):
+                              *, out=None, float64_affine=None):
     """dx of batch normalisation (training) for this part of the batch, from the global
     statistics (mean, rstd) and the global gradient sums of all parts (sum_dy,
     sum_dy_xmu, each the total over parts of batch_norm_backward_reduce) over `count`
     elements per channel (as torch.batch_norm_backward_elemt):
     dx = w * rstd * (dy - sum_dy / count - (x - mean) * rstd**2 * sum_dy_xmu / count).
-    out: as in batch_norm_backward (out=dy or out=x allowed). Returns dx."""
+    out: as in batch_norm_backward (out=dy or out=x allowed). float64_affine: as in
+    apply_stats (None: float32 data in float64 exactly when the runs are shorter than
+    64 elements, as batch_norm_backward). Returns dx."""
     x, A, K, B, *_ = _layout(x, "batch", None, None)
     dy = as_input(dy, "dy")
     same_shape(dy, "dy", x.shape)
@@ -213,5 +224,8 @@ def batch_norm_backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, count, weig
     w = as_param(weight, "weight", (K,), x.dtype)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
                      may_alias=(dy, x))
-    partial.grad_apply(dy, x, dx, w, mean, rstd, sums, count, A, K, B)
+    if float64_affine is None:
+        float64_affine = B < SHORT_RUN
+    partial.grad_apply(dy, x, dx, w, mean, rstd, sums, count, A, K, B,
+                       int(bool(float64_affine)))
     return dx

@@ -29,6 +29,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       f"(or pip install 'dask[array]') ({e})") from e
 
 import cynorm
+from cynorm._stats_api import SHORT_RUN
 from cynorm._validate import as_param, check_eps, check_int, check_real, check_stats
 
 __all__ = ["SPLIT_EVERY", "batch_norm", "batch_norm_backward", "group_norm",
@@ -130,6 +131,12 @@ def _apply_block(xb, stats, w, b, sets, **kw):
     return cynorm.apply_stats(xb, mean, stats[1], w, b, sets, **kw)
 
 
+def _float64_affine(x):
+    """batch_norm's choice in memory, from the whole array's run length (not a
+    chunk's): float32 is applied in float64 for short runs."""
+    return x.dtype == np.float32 and int(np.prod(x.shape[2:])) < SHORT_RUN
+
+
 def _apply(x, stats, sind, w, b, pind, sets, **kw):
     """y blockwise from (2, ...) statistics indexed `sind` on x's axes and parameters
     indexed `pind`."""
@@ -189,7 +196,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         rm = _param(running_mean, "running_mean", (C,), np.float64, cchunks)
         rv = _param(running_var, "running_var", (C,), np.float64, cchunks)
         st = da.stack([rm, 1.0 / da.sqrt(rv + eps)]).rechunk(((2,),) + cchunks)
-    y = _apply(x, st, "b", w, b, "b", "batch")
+    y = _apply(x, st, "b", w, b, "b", "batch", float64_affine=_float64_affine(x))
     return _result(y, st, return_stats)
 
 
@@ -316,11 +323,12 @@ def _add_blocks(parts, axis, keepdims, **_):
     return out
 
 
-def _grad_block(dyb, xb, stats, sums, w, count, training):
+def _grad_block(dyb, xb, stats, sums, w, count, training, float64_affine):
     if not training:
         sums = np.zeros_like(sums)  # constant statistics: dx = dy * weight * rstd
     return cynorm.batch_norm_backward_apply(dyb, xb, stats[0], stats[1], sums[0],
-                                            sums[1], count, w)
+                                            sums[1], count, w,
+                                            float64_affine=float64_affine)
 
 
 def _param_grads(sums, rstd, dtype):
@@ -362,7 +370,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True):
     args += [w, "b"] if w is not None else [None, None]
     dx = da.blockwise(_grad_block, xind, *args, dtype=x.dtype, concatenate=True,
                       meta=np.empty((0,) * x.ndim, dtype=x.dtype), count=count,
-                      training=bool(training))
+                      training=bool(training), float64_affine=_float64_affine(x))
     pg = da.map_blocks(_param_grads, sums, st[1], x.dtype, chunks=((2,),) + cchunks,
                        dtype=x.dtype)
     return dx, pg[0], pg[1]

@@ -153,10 +153,19 @@ cdef inline void _affine_elementwise(const floating* x, floating* y, const float
                 y[i] = (x[i] - mean) * rstd * w[i]
 
 
+cdef inline void _affine_wide(const floating* x, floating* y, Py_ssize_t n, double mean,
+                              double scale, double shift) noexcept nogil:
+    """y = (x - mean) * scale + shift computed in float64 and rounded once: the channel
+    kernel's column path (BatchNorm with short runs) applies so."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mean) * scale + shift)
+
+
 cdef void _apply(const floating* x, floating* y, const floating* w, const floating* b,
                  const double* mean, const double* rstd, const Py_ssize_t* gidx,
                  Py_ssize_t A, Py_ssize_t K, Py_ssize_t B, Py_ssize_t G, int per_sample,
-                 int elementwise, int nt) noexcept nogil:
+                 int elementwise, int wide, int nt) noexcept nogil:
     cdef Py_ssize_t spans = (B + CHUNK - 1) // CHUNK, t, r, j, e0, n, k, s, off
     for t in prange(A * K * spans, nogil=True, num_threads=nt, schedule="static"):
         r = t // spans
@@ -169,6 +178,10 @@ cdef void _apply(const floating* x, floating* y, const floating* w, const floati
         if elementwise:
             _affine_elementwise(x + off, y + off, NULL if w == NULL else w + k * B + e0,
                                 NULL if b == NULL else b + k * B + e0, n, mean[s], rstd[s])
+        elif wide:
+            _affine_wide(x + off, y + off, n, mean[s],
+                         rstd[s] if w == NULL else rstd[s] * w[k],
+                         0.0 if b == NULL else b[k])
         else:
             affine_const(x + off, y + off, n, mean[s],
                          rstd[s] if w == NULL else rstd[s] * w[k],
@@ -177,10 +190,10 @@ cdef void _apply(const floating* x, floating* y, const floating* w, const floati
 
 def apply(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
           cnp.ndarray rstd, Py_ssize_t A, Py_ssize_t K, Py_ssize_t B, cnp.ndarray gidx,
-          Py_ssize_t G, int per_sample, int elementwise):
+          Py_ssize_t G, int per_sample, int elementwise, int wide):
     """y = (x - mean) * rstd * weight + bias over x (A, K, B), the statistics of channel
     k's set at gidx[k] (+ a * G per sample). weight/bias: (K,) per channel, or (K * B,)
-    elementwise; None for none."""
+    elementwise; None for none. wide (per channel only): float32 data in float64."""
     cdef void* px = data(x)
     cdef void* py = data(y)
     cdef void* pw = data(weight)
@@ -194,10 +207,10 @@ def apply(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray 
     with nogil:
         if cnp.PyArray_ITEMSIZE(x) == 4:
             _apply(<const float*>px, <float*>py, <const float*>pw, <const float*>pb, pm,
-                   pr, pg, A, K, B, G, per_sample, elementwise, nt)
+                   pr, pg, A, K, B, G, per_sample, elementwise, wide, nt)
         else:
             _apply(<const double*>px, <double*>py, <const double*>pw, <const double*>pb,
-                   pm, pr, pg, A, K, B, G, per_sample, elementwise, nt)
+                   pm, pr, pg, A, K, B, G, per_sample, elementwise, wide, nt)
 
 
 # ---- backward, per-channel sets (BatchNorm) ---------------------------------------------
@@ -223,10 +236,20 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray out,
                             &L, K, B, pm, parts, po, po + K, nt)
 
 
+cdef inline void _grad_wide(const floating* dy, const floating* x, floating* dx,
+                            Py_ssize_t n, double a, double mean, double kx,
+                            double c0) noexcept nogil:
+    """dx = a * dy - kx * (x - mean) - c0 in float64, rounded once (the channel kernel's
+    column path)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(a * dy[i] - kx * (x[i] - mean) - c0)
+
+
 cdef void _grad_apply(const floating* dy, const floating* x, floating* dx,
                       const floating* w, const double* mean, const double* rstd,
                       const double* sdy, const double* sdyx, double count, Py_ssize_t A,
-                      Py_ssize_t K, Py_ssize_t B, int nt) noexcept nogil:
+                      Py_ssize_t K, Py_ssize_t B, int wide, int nt) noexcept nogil:
     cdef Py_ssize_t spans = (B + CHUNK - 1) // CHUNK, t, r, j, e0, n, k, off
     cdef double rs, wc
     for t in prange(A * K * spans, nogil=True, num_threads=nt, schedule="static"):
@@ -239,15 +262,21 @@ cdef void _grad_apply(const floating* dy, const floating* x, floating* dx,
         rs = rstd[k]
         wc = 1.0 if w == NULL else w[k]
         # the channel kernel's coefficients, with the global sums and count
+        if wide:
+            # ordered so that no intermediate leaves the float64 range
+            _grad_wide(dy + off, x + off, dx + off, n, wc * rs, mean[k],
+                       wc * (rs * (rs * (rs * sdyx[k] / count))), wc * rs * sdy[k] / count)
+            continue
         grad_const(dy + off, x + off, dx + off, n, wc * rs, mean[k], rs,
                    wc * rs * (rs * sdyx[k] / count), wc * rs * sdy[k] / count, NULL, NULL)
 
 
 def grad_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
                cnp.ndarray mean, cnp.ndarray rstd, cnp.ndarray sums, double count,
-               Py_ssize_t A, Py_ssize_t K, Py_ssize_t B):
+               Py_ssize_t A, Py_ssize_t K, Py_ssize_t B, int wide):
     """dx of batch normalisation over x (A, K, B) from the global per-channel sums
-    (2, K) (sum(dy), sum(dy * (x - mean))) of a set of `count` elements."""
+    (2, K) (sum(dy), sum(dy * (x - mean))) of a set of `count` elements. wide: float32
+    data in float64."""
     cdef void* pdy = data(dy)
     cdef void* px = data(x)
     cdef void* pdx = data(dx)
@@ -261,7 +290,7 @@ def grad_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     with nogil:
         if cnp.PyArray_ITEMSIZE(x) == 4:
             _grad_apply(<const float*>pdy, <const float*>px, <float*>pdx,
-                        <const float*>pw, pm, pr, ps, ps + K, count, A, K, B, nt)
+                        <const float*>pw, pm, pr, ps, ps + K, count, A, K, B, wide, nt)
         else:
             _grad_apply(<const double*>pdy, <const double*>px, <double*>pdx,
-                        <const double*>pw, pm, pr, ps, ps + K, count, A, K, B, nt)
+                        <const double*>pw, pm, pr, ps, ps + K, count, A, K, B, wide, nt)
