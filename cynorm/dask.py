@@ -14,16 +14,24 @@ float64 and returns lazy Dask arrays, computed in three steps (DESIGN.md, "Scale
 The graph depends only on the array's shape and chunks, so the result is bitwise the
 same on every run and with every scheduler (threads, processes, synchronous,
 distributed). It equals cynorm on the whole array in memory to float64 rounding of the
-statistics (a different merge tree), and is bitwise that result when a chunk holds whole
-sets. Only the statistics (a few float64 per set) travel between workers: the data is
-read twice (statistics, then apply), chunk by chunk.
+statistics (a different merge tree), and bitwise that result for BatchNorm, InstanceNorm,
+LayerNorm and RMSNorm when a chunk holds whole sets. Only the statistics (a few float64
+per set) travel between workers.
+
+Every op takes `reread=False`. The apply needs the statistics of all the chunks a set
+spans, so by default Dask holds those chunks of x in memory from the statistics pass
+to the apply. reread=True reads (or computes) x's chunks a second time for the apply
+instead (dask.graph_manipulation.clone): what an array larger than the cluster's memory
+needs when its sets span it (BatchNorm's do). GroupNorm, InstanceNorm, LayerNorm and
+RMSNorm sets lie inside a chunk when x is chunked along the batch (leading) axes only;
+then no chunk waits for others and reread is not needed.
 """
-import functools
 
 import numpy as np
 
 try:
     import dask.array as da
+    from dask.graph_manipulation import clone
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("cynorm.dask needs dask: pip install 'cynorm[dask]' "
                       f"(or pip install 'dask[array]') ({e})") from e
@@ -137,9 +145,11 @@ def _float64_affine(x):
     return x.dtype == np.float32 and int(np.prod(x.shape[2:])) < SHORT_RUN
 
 
-def _apply(x, stats, sind, w, b, pind, sets, **kw):
+def _apply(x, stats, sind, w, b, pind, sets, reread=False, **kw):
     """y blockwise from (2, ...) statistics indexed `sind` on x's axes and parameters
-    indexed `pind`."""
+    indexed `pind`. reread: from an independent copy of x's graph."""
+    if reread:
+        x = clone(x)
     xind = _ind(x.ndim)
     args = [x, xind, stats, "Z" + sind]
     args += [w, pind] if w is not None else [None, None]
@@ -158,7 +168,7 @@ def _result(y, stats, return_stats):
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, return_stats=False,
-               stats="two_pass"):
+               stats="two_pass", reread=False):
     """cynorm.batch_norm on a Dask array x (N, C, *spatial) chunked along any axes.
 
     training=True: each channel is normalised with the batch's statistics (merged over
@@ -166,7 +176,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     pass none, and update yours from the returned statistics when you need them.
     training=False: normalised with running_mean and running_var ((C,) arrays).
     weight, bias: optional (C,) arrays (NumPy or Dask). return_stats: also the lazy
-    (C,) float64 mean and rstd (what batch_norm_backward takes).
+    (C,) float64 mean and rstd (what batch_norm_backward takes). reread: see the
+    module's docstring.
 
     Returns a lazy y (x's shape, dtype and chunks), or (y, mean, rstd).
     """
@@ -196,11 +207,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         rm = _param(running_mean, "running_mean", (C,), np.float64, cchunks)
         rv = _param(running_var, "running_var", (C,), np.float64, cchunks)
         st = da.stack([rm, 1.0 / da.sqrt(rv + eps)]).rechunk(((2,),) + cchunks)
-    y = _apply(x, st, "b", w, b, "b", "batch", float64_affine=_float64_affine(x))
+    y = _apply(x, st, "b", w, b, "b", "batch", reread and training,
+               float64_affine=_float64_affine(x))
     return _result(y, st, return_stats)
 
 
-def _slab(x, G, weight, bias, eps, return_stats, stats):
+def _slab(x, G, weight, bias, eps, return_stats, stats, reread):
     N, C = x.shape[0], x.shape[1]
     eps = check_eps(eps)
     cchunks = (x.chunks[1],)
@@ -211,7 +223,7 @@ def _slab(x, G, weight, bias, eps, return_stats, stats):
     if G == C:
         st = merged.map_blocks(_mean_rstd, eps, chunks=((2,),) + x.chunks[:2],
                                dtype=np.float64)
-        y = _apply(x, st, "ab", w, b, "b", "instance")
+        y = _apply(x, st, "ab", w, b, "b", "instance", reread)
         return _result(y, st, return_stats)
     # ... merged over each group's channels, in channel order (all channels of a sample
     # block in one task: a few float64 per (sample, channel))
@@ -220,7 +232,8 @@ def _slab(x, G, weight, bias, eps, return_stats, stats):
                               dtype=np.float64)
     per_channel = groups.map_blocks(_repeat_channels, C // G,
                                     chunks=((2,), x.chunks[0], (C,)), dtype=np.float64)
-    y = _apply(x, per_channel.rechunk({2: x.chunks[1]}), "ab", w, b, "b", "instance")
+    y = _apply(x, per_channel.rechunk({2: x.chunks[1]}), "ab", w, b, "b", "instance",
+               reread)
     return _result(y, groups, return_stats)
 
 
@@ -236,7 +249,7 @@ def _repeat_channels(s, cpg):
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, return_stats=False,
-               stats="two_pass"):
+               stats="two_pass", reread=False):
     """cynorm.group_norm on a Dask array x (N, C, *spatial) chunked along any axes
     (channel chunks need not align with the groups). Returns a lazy y, or (y, mean,
     rstd) with (N, num_groups) float64 statistics."""
@@ -247,15 +260,15 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, return_stats=
     if x.shape[1] % G:
         raise ValueError(f"num_groups ({G}) must divide the number of channels "
                          f"({x.shape[1]})")
-    return _slab(x, G, weight, bias, eps, return_stats, stats)
+    return _slab(x, G, weight, bias, eps, return_stats, stats, reread)
 
 
 def instance_norm(x, weight=None, bias=None, eps=1e-5, *, return_stats=False,
-                  stats="two_pass"):
+                  stats="two_pass", reread=False):
     """cynorm.instance_norm on a Dask array x (N, C, *spatial) chunked along any axes.
     Returns a lazy y, or (y, mean, rstd) with (N, C) float64 statistics."""
     x = _dask_input(x, "x", 2)
-    return _slab(x, x.shape[1], weight, bias, eps, return_stats, stats)
+    return _slab(x, x.shape[1], weight, bias, eps, return_stats, stats, reread)
 
 
 def _normalized(x, normalized_shape):
@@ -272,7 +285,7 @@ def _normalized(x, normalized_shape):
     return x, ns
 
 
-def _rows(x, ns, weight, bias, eps, return_stats, stats, sets):
+def _rows(x, ns, weight, bias, eps, return_stats, stats, sets, reread):
     nd = len(ns)
     lead = x.ndim - nd
     tchunks = x.chunks[lead:]
@@ -281,27 +294,29 @@ def _rows(x, ns, weight, bias, eps, return_stats, stats, sets):
     merged = _merged_stats(x, sets, tuple(range(lead)), normalized_ndim=nd, stats=stats)
     st = merged.map_blocks(_mean_rstd, eps, chunks=((2,),) + x.chunks[:lead],
                            dtype=np.float64)
-    y = _apply(x, st, _ind(lead), w, b, _ind(nd, lead), sets, normalized_ndim=nd)
+    y = _apply(x, st, _ind(lead), w, b, _ind(nd, lead), sets, reread,
+               normalized_ndim=nd)
     if return_stats and sets == "rms":
         return y, st[1]
     return _result(y, st, return_stats)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
-               return_stats=False, stats="two_pass"):
+               return_stats=False, stats="two_pass", reread=False):
     """cynorm.layer_norm on a Dask array chunked along any axes (also the normalised
     ones). Returns a lazy y, or (y, mean, rstd) of the leading dims' shape."""
     x, ns = _normalized(x, normalized_shape)
     eps = check_eps(eps)
-    return _rows(x, ns, weight, bias, eps, return_stats, stats, "layer")
+    return _rows(x, ns, weight, bias, eps, return_stats, stats, "layer", reread)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_stats=False):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_stats=False,
+             reread=False):
     """cynorm.rms_norm on a Dask array chunked along any axes (eps=None: the machine
     epsilon of x's dtype). Returns a lazy y, or (y, rstd)."""
     x, ns = _normalized(x, normalized_shape)
     eps = float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
-    return _rows(x, ns, weight, None, eps, return_stats, "two_pass", "rms")
+    return _rows(x, ns, weight, None, eps, return_stats, "two_pass", "rms", reread)
 
 
 # ---- backward --------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """cynorm.dask: every op on Dask arrays chunked along any axes equals cynorm on the
 array in memory (float64 to 1e-12, float32 within 1 ulp), lazily, and bitwise the same
 across runs and schedulers (threads, synchronous, a distributed LocalCluster)."""
+import concurrent.futures
+import sys
+
 import numpy as np
 import pytest
 
@@ -11,6 +14,7 @@ import cynorm  # noqa: E402
 import cynorm.dask as cd  # noqa: E402
 
 SHAPE = (5, 6, 7, 9)
+TIMEOUT_S = 240  # for the tests that start a LocalCluster
 
 CHUNKINGS = [
     SHAPE,                               # one chunk
@@ -184,8 +188,10 @@ def test_bitwise_identical_across_runs_and_schedulers():
                                   host="127.0.0.1", dashboard_address=None,
                                   silence_logs=40) as cluster, \
             distributed.Client(cluster, timeout="60s") as client:
-        runs.append(client.compute(lazy, sync=True))
-        runs.append(client.compute([f(X) for f in fns], sync=True))
+        for arrays in (lazy, [f(X) for f in fns]):  # a hang fails after TIMEOUT_S
+            futures = client.compute(arrays)
+            distributed.wait(futures, timeout=TIMEOUT_S)
+            runs.append(client.gather(futures))
     for run in runs:
         for a, b in zip(run, base):
             assert np.array_equal(a, b)
@@ -220,3 +226,45 @@ def test_dask_functions_reject_bad_arguments_by_name():
         cd.batch_norm(da.ones((1, 3), chunks=1), training=True)
     with pytest.raises(ValueError, match="dy must have the shape"):
         cd.batch_norm_backward(X[:1], X, np.zeros(4), np.ones(4))
+
+
+def test_reread_gives_the_same_bits_from_a_second_read_of_the_chunks():
+    x = data(SHAPE, np.float32, seed=8)
+    X = da.from_array(x, chunks=(2, 3, 7, 9))
+    calls = [lambda X, r: cd.batch_norm(X, training=True, reread=r),
+             lambda X, r: cd.group_norm(X, 3, reread=r),
+             lambda X, r: cd.instance_norm(X, reread=r),
+             lambda X, r: cd.layer_norm(X, 9, reread=r),
+             lambda X, r: cd.rms_norm(X, 9, reread=r)]
+    for f in calls:
+        once, twice = f(X, False), f(X, True)
+        assert np.array_equal(once.compute(), twice.compute())
+        # the apply reads its own copy of x's chunks
+        n_x = len(X.dask)
+        assert len(twice.dask) >= len(once.dask) + X.npartitions, len(twice.dask)
+        assert n_x > 0
+
+
+def test_out_of_core_example_normalises_a_disk_array_on_a_local_cluster(tmp_path,
+                                                                        monkeypatch):
+    pytest.importorskip("distributed")
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "dask_out_of_core.py")
+    spec = importlib.util.spec_from_file_location("dask_out_of_core", path)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)
+    spec.loader.exec_module(example)
+    # 40 samples of 2 MiB in chunks of 16: three chunks, the last one short
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a hang fails
+        job = pool.submit(example.run, gb=40 * 2 ** 21 / 1e9, directory=str(tmp_path),
+                          workers=2, memory_limit=int(0.6e9), chunk_samples=16,
+                          check=True, verbose=False)
+        r = job.result(timeout=TIMEOUT_S)
+    assert r["array_gb"] == pytest.approx(40 * 2 ** 21 / 1e9)
+    assert r["max_abs_diff"] <= 1e-5
+    assert r["gb_per_s"] > 0 and len(r["peak_worker_memory_gb"]) == 2
+    assert r["within_memory_limit"]
+    assert os.listdir(tmp_path) == []  # its files are gone
