@@ -149,7 +149,9 @@ def run(gb=4.0, directory=None, workers=2, memory_limit=None, chunk_samples=16,
             "gb_per_s": nbytes / seconds / 1e9, "make_input_seconds": t_make,
             "peak_worker_memory_gb": [v / 1e9 for v in peaks.values()],
         }
-        result["within_memory_limit"] = all(v <= memory_limit for v in peaks.values())
+        # memory_limit=0: no limit (distributed's convention)
+        result["within_memory_limit"] = (None if not memory_limit else
+                                         all(v <= memory_limit for v in peaks.values()))
         if check:
             result["max_abs_diff"] = _check(src, dst, ops)
         if verbose:
@@ -176,7 +178,7 @@ def _report(r):
     print(f"{r['ops']}: {r['seconds']:.1f} s, {r['gb_per_s']:.2f} GB/s of input")
     print("peak worker memory: " + ", ".join(f"{v:.2f} GB"
                                              for v in r["peak_worker_memory_gb"])
-          + ("" if r["within_memory_limit"] else "  (above the limit!)"))
+          + ("  (above the limit!)" if r["within_memory_limit"] is False else ""))
     if "max_abs_diff" in r:
         print(f"largest difference from cynorm in memory: {r['max_abs_diff']:.3g}")
 

@@ -258,13 +258,15 @@ def test_out_of_core_example_normalises_a_disk_array_on_a_local_cluster(tmp_path
     monkeypatch.setitem(sys.modules, spec.name, example)
     spec.loader.exec_module(example)
     # 40 samples of 2 MiB in chunks of 16: three chunks, the last one short
+    # under the sanitizers (scripts/sanitize.sh) memory use means nothing: no limit
+    limited = os.environ.get("CYNORM_SANITIZED") != "1"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a hang fails
         job = pool.submit(example.run, gb=40 * 2 ** 21 / 1e9, directory=str(tmp_path),
-                          workers=2, memory_limit=int(0.6e9), chunk_samples=16,
-                          check=True, verbose=False)
+                          workers=2, memory_limit=int(0.6e9) if limited else 0,
+                          chunk_samples=16, check=True, verbose=False)
         r = job.result(timeout=TIMEOUT_S)
     assert r["array_gb"] == pytest.approx(40 * 2 ** 21 / 1e9)
     assert r["max_abs_diff"] <= 1e-5
     assert r["gb_per_s"] > 0 and len(r["peak_worker_memory_gb"]) == 2
-    assert r["within_memory_limit"]
+    assert r["within_memory_limit"] is (True if limited else None)
     assert os.listdir(tmp_path) == []  # its files are gone
