@@ -213,7 +213,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
 
 
 def _slab(x, G, weight, bias, eps, return_stats, stats, reread):
-    N, C = x.shape[0], x.shape[1]
+    C = x.shape[1]
     eps = check_eps(eps)
     cchunks = (x.chunks[1],)
     w = _param(weight, "weight", (C,), x.dtype, cchunks)

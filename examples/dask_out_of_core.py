@@ -8,8 +8,9 @@ worker processes, each with a memory limit far below the array's size, computes
 with cynorm.dask and writes y to a second file on disk, chunk by chunk. BatchNorm's sets
 span the whole array: its statistics pass reads every chunk once, and with reread=True
 the apply reads them again rather than holding them in memory. GroupNorm's sets lie
-inside a chunk (the array is chunked along N), so it streams. The script reports the
-throughput (input GB per second) and the peak memory of each worker.
+inside a chunk (the array is chunked along N, 8 samples = 16 MiB a chunk), so it
+streams. The script reports the throughput (input GB per second) and the peak memory
+of each worker.
 
     python examples/dask_out_of_core.py                      # a 4 GB array
     python examples/dask_out_of_core.py --gb 1 --check       # smaller; verify a sample
@@ -98,11 +99,12 @@ def _peak_rss(dask_worker):
     return max(dask_worker.monitor.quantities["memory"])
 
 
-def run(gb=4.0, directory=None, workers=2, memory_limit=None, chunk_samples=16,
+def run(gb=4.0, directory=None, workers=2, memory_limit=None, chunk_samples=8,
         ops="bn+gn", check=False, verbose=True):
     """Build the input file (gb GB), normalise it on a LocalCluster, and return a dict
     of figures: array and limit sizes, seconds, GB/s, peak worker memory, and (check)
     the largest difference of a sample from cynorm in memory."""
+    import dask
     import dask.array as da
     from distributed import Client, LocalCluster
 
@@ -128,9 +130,16 @@ def run(gb=4.0, directory=None, workers=2, memory_limit=None, chunk_samples=16,
 
         # one cynorm thread per worker process: the workers are the parallelism
         os.environ["OMP_NUM_THREADS"] = "1"
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          memory_limit=int(memory_limit), host="127.0.0.1",
-                          dashboard_address=None, silence_logs=logging.CRITICAL) as cluster, \
+        # The graph streams (a chunk is read, normalised, written and dropped), so there
+        # is nothing worth spilling to disk: spilling off, the pause (80%) and restart
+        # (95% of the limit) thresholds stay as they are.
+        no_spill = {"distributed.worker.memory.target": False,
+                    "distributed.worker.memory.spill": False}
+        with dask.config.set(no_spill), \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             memory_limit=int(memory_limit), host="127.0.0.1",
+                             dashboard_address=None,
+                             silence_logs=logging.CRITICAL) as cluster, \
                 Client(cluster) as client:
             client.run(_warm_up)  # imports and thread pools, outside the timing
             x = da.from_array(src, chunks=(chunk_samples, C, H, W), name="x-on-disk",
