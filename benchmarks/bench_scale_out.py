@@ -11,7 +11,8 @@
    (the cluster: 1/4), read and written chunk by chunk (examples/dask_out_of_core.py);
    against cynorm.batch_norm on an in-memory float32 array (default 1/8 of the size) with
    2 threads, in GB/s of input. Target: dask / in memory >= 1/3, no worker above its
-   limit.
+   limit. y is dropped by default (--output disk writes it to a second file, which
+   then measures the disk's write speed as well).
 
     python benchmarks/bench_scale_out.py                 # the full run (a few minutes)
     python benchmarks/bench_scale_out.py --quick         # small sizes, a sanity check
@@ -109,7 +110,7 @@ def bench_sync(shape, ranks, repeats, tmpdir):
 
 # ---- 2. cynorm.dask out of core ----------------------------------------------------------
 
-def bench_dask(gb, in_memory_gb, repeats, directory, min_limit_gb):
+def bench_dask(gb, in_memory_gb, repeats, directory, min_limit_gb, output):
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     import dask_out_of_core as ex
     from threadpoolctl import threadpool_limits
@@ -118,7 +119,8 @@ def bench_dask(gb, in_memory_gb, repeats, directory, min_limit_gb):
 
     nbytes = int(gb * 1e9)
     limit = max(nbytes // 8, int(min_limit_gb * 1e9))
-    r = ex.run(gb, directory, workers=2, memory_limit=limit, ops="bn", verbose=False)
+    r = ex.run(gb, directory, workers=2, memory_limit=limit, ops="bn", verbose=False,
+               output=output)
 
     n = max(2, int(in_memory_gb * 1e9 / (ex.C * ex.H * ex.W * 4)))
     x = np.random.default_rng(0).standard_normal((n, ex.C, ex.H, ex.W), dtype=np.float32)
@@ -144,6 +146,9 @@ def main():
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--dask-gb", type=float, default=None)
     p.add_argument("--dir", default=None, help="folder for the array files (default tmp)")
+    p.add_argument("--output", choices=["disk", "discard"], default="discard",
+                   help="y of the dask run: dropped (default: the normalisation and the "
+                        "reads, not the disk's write speed) or written to a file")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--skip-dask", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
@@ -166,11 +171,11 @@ def main():
                   + f"; sync / single cynorm = {s['sync_over_single']:.2f} "
                   "(target <= 1.5)")
         if not a.skip_dask:
-            d = bench_dask(gb, gb / 8, 3, a.dir, min_limit)
+            d = bench_dask(gb, gb / 8, 3, a.dir, min_limit, a.output)
             results["dask_batch_norm"] = d
             print(f"cynorm.dask BatchNorm, {d['array_gb']:.2f} GB float32 on disk, 2 "
                   f"workers x 1 thread, memory limit {d['worker_memory_limit_gb']:.2f} GB "
-                  f"each: {d['gb_per_s']:.3f} GB/s, peak worker memory "
+                  f"each, y {d['output']}: {d['gb_per_s']:.3f} GB/s, peak worker memory "
                   + ", ".join(f"{v:.2f}" for v in d["peak_worker_memory_gb"])
                   + f" GB ({'within' if d['within_memory_limit'] else 'ABOVE'} the "
                   f"limit); in memory ({d['in_memory_gb']:.2f} GB, 2 threads): "

@@ -70,6 +70,14 @@ class DiskArray:
             f.write(memoryview(value).cast("B"))
 
 
+class Discard:
+    """A store target that drops what it is given: the throughput of the normalisation
+    and the reads alone, without the disk's write speed."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
 def make_input(path, n, seed=0, block=64):
     """An (n, C, H, W) float32 file of shifted, scaled normal data, written in blocks of
     `block` samples (never the whole array in memory)."""
@@ -100,10 +108,11 @@ def _peak_rss(dask_worker):
 
 
 def run(gb=4.0, directory=None, workers=2, memory_limit=None, chunk_samples=8,
-        ops="bn+gn", check=False, verbose=True):
+        ops="bn+gn", check=False, verbose=True, output="disk"):
     """Build the input file (gb GB), normalise it on a LocalCluster, and return a dict
     of figures: array and limit sizes, seconds, GB/s, peak worker memory, and (check)
-    the largest difference of a sample from cynorm in memory."""
+    the largest difference from cynorm in memory. output="discard": y is computed
+    chunk by chunk and dropped instead of written (no check then)."""
     import dask
     import dask.array as da
     from distributed import Client, LocalCluster
@@ -124,8 +133,11 @@ def run(gb=4.0, directory=None, workers=2, memory_limit=None, chunk_samples=8,
     try:
         t0 = time.perf_counter()
         src = make_input(os.path.join(tmp.name, "x.f32"), n)
-        dst = DiskArray(os.path.join(tmp.name, "y.f32"), src.shape)
-        np.memmap(dst.path, dtype=np.float32, mode="w+", shape=dst.shape).flush()
+        if output == "discard":
+            dst, check = Discard(), False
+        else:
+            dst = DiskArray(os.path.join(tmp.name, "y.f32"), src.shape)
+            np.memmap(dst.path, dtype=np.float32, mode="w+", shape=dst.shape).flush()
         t_make = time.perf_counter() - t0
 
         # one cynorm thread per worker process: the workers are the parallelism
@@ -154,7 +166,8 @@ def run(gb=4.0, directory=None, workers=2, memory_limit=None, chunk_samples=8,
         result = {
             "array_gb": nbytes / 1e9, "workers": workers,
             "worker_memory_limit_gb": memory_limit / 1e9, "chunk_mb":
-            chunk_samples * C * H * W * 4 / 1e6, "ops": ops, "seconds": seconds,
+            chunk_samples * C * H * W * 4 / 1e6, "ops": ops, "output": output,
+            "seconds": seconds,
             "gb_per_s": nbytes / seconds / 1e9, "make_input_seconds": t_make,
             "peak_worker_memory_gb": [v / 1e9 for v in peaks.values()],
         }
@@ -184,7 +197,8 @@ def _report(r):
     print(f"array {r['array_gb']:.2f} GB float32 on disk; {r['workers']} workers, "
           f"memory limit {r['worker_memory_limit_gb']:.2f} GB each, chunks of "
           f"{r['chunk_mb']:.0f} MB")
-    print(f"{r['ops']}: {r['seconds']:.1f} s, {r['gb_per_s']:.2f} GB/s of input")
+    print(f"{r['ops']} (y: {r['output']}): {r['seconds']:.1f} s, {r['gb_per_s']:.2f} GB/s "
+          "of input")
     print("peak worker memory: " + ", ".join(f"{v:.2f} GB"
                                              for v in r["peak_worker_memory_gb"])
           + ("  (above the limit!)" if r["within_memory_limit"] is False else ""))
@@ -200,12 +214,14 @@ def main():
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="per worker (default: a quarter of the array over all workers)")
     p.add_argument("--ops", choices=["bn", "bn+gn"], default="bn+gn")
+    p.add_argument("--output", choices=["disk", "discard"], default="disk",
+                   help="write y to a second file (default), or drop it")
     p.add_argument("--check", action="store_true",
                    help="compare y with cynorm in memory (reads the whole array)")
     a = p.parse_args()
     run(a.gb, a.dir, a.workers,
         None if a.memory_limit_gb is None else a.memory_limit_gb * 1e9,
-        ops=a.ops, check=a.check)
+        ops=a.ops, check=a.check, output=a.output)
 
 
 if __name__ == "__main__":
