@@ -18,14 +18,26 @@ from cynorm._api import (
 )
 from cynorm._kernels.runtime import get_num_threads
 from cynorm._standardize import standardize
+from cynorm._stats_api import (
+    PartialStats,
+    apply_stats,
+    batch_norm_backward_apply,
+    batch_norm_backward_reduce,
+    merge_stats,
+    partial_stats,
+)
 
 __version__ = "0.1.0"
 
 from cynorm._config import show_config  # noqa: E402  (reads __version__)
 
 __all__ = [
+    "PartialStats",
+    "apply_stats",
     "batch_norm",
     "batch_norm_backward",
+    "batch_norm_backward_apply",
+    "batch_norm_backward_reduce",
     "get_num_threads",
     "group_norm",
     "group_norm_backward",
@@ -33,6 +45,8 @@ __all__ = [
     "instance_norm_backward",
     "layer_norm",
     "layer_norm_backward",
+    "merge_stats",
+    "partial_stats",
     "rms_norm",
     "rms_norm_backward",
     "show_config",

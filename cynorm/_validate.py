@@ -262,3 +262,21 @@ def as_state_entry(value, key, target):
     if not ((v >= 0) & (v <= MAX_COUNT)).all():
         raise ValueError(f"{key} must be in [0, {MAX_COUNT}], got {v!r}")
     return v.astype(target.dtype)
+# ---- scale-out steps (cynorm._stats_api) ----------------------------------------------
+
+_SETS = ("batch", "group", "instance", "layer", "rms")
+
+
+def check_sets(sets):
+    """Which op's normalisation sets: one of _SETS."""
+    if sets not in _SETS:
+        raise ValueError(f"sets must be one of {', '.join(map(repr, _SETS))}, got {sets!r}")
+    return sets
+
+
+def check_count(count, name="count"):
+    """A number of elements per set: a finite real > 0."""
+    c = check_real(count, name)
+    if not 0.0 < c < _INF:
+        raise ValueError(f"{name} must be a finite number > 0, got {count!r}")
+    return c

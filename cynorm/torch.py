@@ -49,7 +49,7 @@ __all__ = [
     "GroupNorm", "GroupNormFunction",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "InstanceNormFunction",
     "LayerNorm", "LayerNormFunction",
-    "RMSNorm", "RMSNormFunction",
+    "RMSNorm", "RMSNormFunction", "SyncBatchNorm",
     "batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm",
 ]
 
@@ -737,3 +737,6 @@ class RMSNorm(_ViewCache, torch.nn.RMSNorm):
             return rms_norm(input, self.normalized_shape, weight, self.eps)
         return _module_call(self, ("rms", 0, _shape(self.normalized_shape), True, 0.0,
                                    self.eps), input, weight, None, None, None)
+
+
+from cynorm._torch_sync import SyncBatchNorm  # noqa: E402

@@ -59,3 +59,14 @@ class LayerNorm(torch.nn.LayerNorm):
 
 class RMSNorm(torch.nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor: ...
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    process_group: Any
+    def __init__(self, num_features: int, eps: float = ..., momentum: Optional[float] = ...,
+                 affine: bool = ..., track_running_stats: bool = ...,
+                 process_group: Any = ..., device: Any = ..., dtype: Any = ..., *,
+                 bias: bool = ...) -> None: ...
+    def forward(self, input: Tensor) -> Tensor: ...
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module,
+                               process_group: Any = ...) -> torch.nn.Module: ...
