@@ -11,8 +11,9 @@
  * accuracy (relative error below 1e-8 before the final rounding) and rounded once on the
  * store: silu, gelu and gelu_tanh are within 1 ulp of the correctly rounded float32
  * value of the exact function over the whole float32 range (tests/test_activations.py
- * sweeps it). float64 data use full-precision polynomials (a few ulp; gelu's far
- * negative tail, x < -20, loses up to ~1e-13 relative through the rounding of x / sqrt(2)).
+ * sweeps it). float64 data use full-precision polynomials (a few ulp; in the far negative
+ * tails, where the result is tiny, gelu and gelu_tanh lose up to ~1e-13 relative through
+ * the rounding of their argument, x / sqrt(2) or 2u, as any float64 formula does).
  *
  * exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a Taylor polynomial for e^r,
  * and the scaling by 2^n in two factors so that underflow to subnormals rounds once.
@@ -93,12 +94,13 @@ static inline cn_v8d cn_exp(cn_v8d v, int full) {
  * of y * y does not cost accuracy (y = k / 16 + d, k / 16 squared exactly) */
 static inline cn_v8d cn_exp_negsq(cn_v8d y, int full) {
     const cn_v8d magic = CN_SPLAT(6755399441055744.0);
-    cn_v8d yh;
+    cn_v8d yh, del;
+    cn_v8l small = y < CN_SPLAT(1e6);
     if (!full)
         return cn_exp(-(y * y), 0);
-    yh = cn_sel(y < CN_SPLAT(1e6), ((y * CN_SPLAT(16.0) + magic) - magic) * CN_SPLAT(0.0625),
-                y);
-    return cn_exp(-(yh * yh), 1) * cn_exp(-((y - yh) * (y + yh)), 1);
+    yh = cn_sel(small, ((y * CN_SPLAT(16.0) + magic) - magic) * CN_SPLAT(0.0625), y);
+    del = cn_sel(small, (y - yh) * (y + yh), CN_ZERO);
+    return cn_exp(-(yh * yh), 1) * cn_exp(-del, 1);
 }
 
 /* ---- erfc ---------------------------------------------------------------------------
