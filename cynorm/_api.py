@@ -10,8 +10,8 @@ import numpy as np
 
 from cynorm._kernels import channel, row, slab
 from cynorm._validate import (
-    as_input, as_param, as_stats, check_eps, check_int, check_real, check_stats,
-    prepare_out, same_shape,
+    as_input, as_param, as_stats, check_activation, check_eps, check_int, check_real,
+    check_stats, prepare_out, same_shape,
 )
 
 
@@ -41,6 +41,14 @@ def _like(a, name, x):
     return a
 
 
+def _grad_buffer(act, dx, x):
+    """Where a backward with an activation forms dy * act'(a): dx's own buffer, unless dx
+    is x (whose values the kernel still reads), then a scratch array."""
+    if not act:
+        return None
+    return np.empty_like(x) if dx is x else dx
+
+
 def _groups(num_groups, C):
     G = check_int(num_groups, "num_groups", 1)
     if C % G:
@@ -50,38 +58,42 @@ def _groups(num_groups, C):
 
 # ---- slab family: GroupNorm, InstanceNorm ---------------------------------------------
 
-def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats):
+def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, activation):
     x, N, C, HW = _nchw(x)
     G = _groups(G, C) if G is not None else C
     welford = check_stats(stats)
+    act = check_activation(activation)
     eps = check_eps(eps)
     w = as_param(weight, "weight", (C,), x.dtype)
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b), may_alias=(x,))
     mean, rstd = _stats_pair((N, G))
-    slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford)
+    slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford, act)
     if return_stats:
         return y, mean, rstd
     return y
 
 
-def _slab_backward(dy, x, mean, rstd, G, weight, out):
+def _slab_backward(dy, x, mean, rstd, G, weight, out, bias, activation):
     x, N, C, HW = _nchw(x)
     dy = _like(dy, "dy", x)
     G = _groups(G, C) if G is not None else C
+    act = check_activation(activation)
     mean = as_stats(mean, "mean", (N, G))
     rstd = as_stats(rstd, "rstd", (N, G))
     w = as_param(weight, "weight", (C,), x.dtype)
-    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
+    b = as_param(bias, "bias", (C,), x.dtype)
+    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, b, mean, rstd),
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    slab.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, G)
+    slab.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, G, act, b,
+                  _grad_buffer(act, dx, x))
     return dx, dw, db
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False, stats="two_pass"):
+               return_stats=False, stats="two_pass", activation=None):
     """Group normalisation (Wu & He, 2018), as torch.nn.functional.group_norm.
 
     x: float32 or float64 array (N, C, *spatial), any number of spatial dims (also none).
@@ -95,41 +107,51 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
     return_stats: also return mean and rstd = 1 / sqrt(var + eps), float64 (N, num_groups),
     which group_norm_backward takes.
     stats: "two_pass" (default) or "welford", the algorithm for the statistics.
+    activation: None, "silu", "gelu" (erf form), "gelu_tanh" (torch's approximate="tanh")
+    or "relu": y = activation(normalised x * weight + bias), fused into the same pass
+    (x read once, y written once). float32 results are within 1 ulp of the activation
+    of the float32 affine output; the backward takes the same `activation` and `bias`.
 
     Returns y, or (y, mean, rstd).
     """
     if num_groups is None:
         raise TypeError("num_groups must be an int, got NoneType")
-    return _slab_forward(x, num_groups, weight, bias, eps, out, return_stats, stats)
+    return _slab_forward(x, num_groups, weight, bias, eps, out, return_stats, stats,
+                         activation)
 
 
-def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None):
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None,
+                        bias=None, activation=None):
     """Gradients of group_norm: returns (dx, dweight, dbias).
 
     dy, x: arrays of the forward's shape and dtype; mean, rstd: the forward's statistics
     (N, num_groups); weight: the forward's weight or None (then dweight is the gradient
     of an implicit weight of ones). dweight and dbias have shape (C,) and x's dtype.
     out: C-contiguous array to write dx into; out=dy or out=x is allowed.
+    activation, bias: the forward's; with an activation, dy is the gradient of the
+    activated output, and the activation's derivative is recomputed from x, mean, rstd,
+    weight and bias (nothing else is saved).
     """
     if num_groups is None:
         raise TypeError("num_groups must be an int, got NoneType")
-    return _slab_backward(dy, x, mean, rstd, num_groups, weight, out)
+    return _slab_backward(dy, x, mean, rstd, num_groups, weight, out, bias, activation)
 
 
 def instance_norm(x, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False,
-                  stats="two_pass"):
+                  stats="two_pass", activation=None):
     """Instance normalisation, as torch.nn.functional.instance_norm with batch statistics:
     each (sample, channel) of x (N, C, *spatial) is normalised over its spatial elements.
-    Same arguments as group_norm; mean and rstd have shape (N, C).
+    Same arguments as group_norm (activation included); mean and rstd have shape (N, C).
 
     Returns y, or (y, mean, rstd).
     """
-    return _slab_forward(x, None, weight, bias, eps, out, return_stats, stats)
+    return _slab_forward(x, None, weight, bias, eps, out, return_stats, stats, activation)
 
 
-def instance_norm_backward(dy, x, mean, rstd, weight=None, *, out=None):
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, out=None, bias=None,
+                           activation=None):
     """Gradients of instance_norm: returns (dx, dweight, dbias); see group_norm_backward."""
-    return _slab_backward(dy, x, mean, rstd, None, weight, out)
+    return _slab_backward(dy, x, mean, rstd, None, weight, out, bias, activation)
 
 
 # ---- channel family: BatchNorm ----------------------------------------------------------
@@ -151,7 +173,7 @@ def _running(a, name, C, training):
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, out=None, return_stats=False,
-               stats="two_pass"):
+               stats="two_pass", activation=None):
     """Batch normalisation, as torch.nn.functional.batch_norm.
 
     x: float32 or float64 array (N, C, *spatial), any number of spatial dims (also
@@ -164,12 +186,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     weight, bias: optional (C,) arrays. out: as in group_norm (out=x allowed).
     return_stats: also return mean and rstd (C,) float64, those used to normalise, which
     batch_norm_backward takes (with the same `training`).
+    activation: as in group_norm, in training and eval mode.
 
     Returns y, or (y, mean, rstd).
     """
     x, N, C, HW = _nchw(x)
     training = bool(training)
     welford = check_stats(stats)
+    act = check_activation(activation)
     eps = check_eps(eps)
     momentum = check_real(momentum, "momentum")
     if not 0.0 <= momentum <= 1.0:
@@ -189,7 +213,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         mean = np.empty(C)
         rstd = np.empty(C)
         var = np.empty(C)
-        channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1)
+        channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act)
         if count > 1:
             if rm is not None:
                 rm[...] = (1.0 - momentum) * rm + momentum * mean
@@ -198,29 +222,34 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     else:
         mean = np.array(rm, dtype=np.float64)
         rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-        channel.forward(x, y, w, b, mean, rstd, mean, N, C, HW, eps, welford, 0)
+        channel.forward(x, y, w, b, mean, rstd, mean, N, C, HW, eps, welford, 0, act)
     if return_stats:
         return y, mean, rstd
     return y
 
 
-def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None):
+def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None,
+                        bias=None, activation=None):
     """Gradients of batch_norm: returns (dx, dweight, dbias), dweight/dbias of shape (C,).
 
     mean, rstd: the (C,) statistics batch_norm returned. training=True: they are the
     batch's, functions of x; training=False: constants (the running statistics), so
-    dx = dy * weight * rstd. out: as in group_norm_backward.
+    dx = dy * weight * rstd. out: as in group_norm_backward. activation, bias: the
+    forward's, as in group_norm_backward.
     """
     x, N, C, HW = _nchw(x)
     dy = _like(dy, "dy", x)
+    act = check_activation(activation)
     mean = as_stats(mean, "mean", (C,))
     rstd = as_stats(rstd, "rstd", (C,))
     w = as_param(weight, "weight", (C,), x.dtype)
-    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
+    b = as_param(bias, "bias", (C,), x.dtype)
+    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, b, mean, rstd),
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(bool(training)))
+    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(bool(training)), act,
+                     b, _grad_buffer(act, dx, x))
     return dx, dw, db
 
 
@@ -256,8 +285,24 @@ def _rows(x, normalized_shape):
     return x, ns, lead, R, K
 
 
+def _residual(x, residual, residual_out, out):
+    """(residual, h): the residual checked against x, and the array h = x + residual goes
+    to (residual_out, which may be x or residual, or a new one)."""
+    if residual is None:
+        if residual_out is not None:
+            raise ValueError("residual_out is given without residual")
+        return None, None
+    res = _like(residual, "residual", x)
+    h = prepare_out(residual_out, "residual_out", x.shape, x.dtype, (x, res),
+                    may_alias=(x, res))
+    if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, h):
+        raise ValueError("out and residual_out must be different arrays (the next block "
+                         "needs both y and h)")
+    return res, h
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False, stats="two_pass"):
+               return_stats=False, stats="two_pass", residual=None, residual_out=None):
     """Layer normalisation over trailing dims, as torch.nn.functional.layer_norm.
 
     Each row of x over its trailing `normalized_shape` dims (an int or a tuple) is
@@ -267,17 +312,26 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     over (C, *spatial), is group_norm(x, 1).
     out, stats: as in group_norm. return_stats: also mean and rstd, float64 of shape
     x.shape[:x.ndim - len(normalized_shape)].
+    residual: an array of x's shape and dtype: the pre-norm transformer's residual add,
+    fused. h = x + residual is normalised, and returned too (the next block needs it):
+    the result is (y, h), or (y, h, mean, rstd). residual_out: where h goes (out= for
+    h); out and residual_out may each be x or residual (in place), but not the same array.
+    The backward is layer_norm_backward applied to h (pass h as x); its dx is the
+    gradient with respect to h, which flows unchanged to both x and residual.
 
-    Returns y, or (y, mean, rstd).
+    Returns y, or (y, mean, rstd); with residual (y, h) or (y, h, mean, rstd).
     """
     x, ns, lead, R, K = _rows(x, normalized_shape)
     welford = check_stats(stats)
     eps = check_eps(eps)
     w = as_param(weight, "weight", ns, x.dtype)
     b = as_param(bias, "bias", ns, x.dtype)
-    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b), may_alias=(x,))
+    res, h = _residual(x, residual, residual_out, out)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, res), may_alias=(x, res))
     mean, rstd = _stats_pair(lead)
-    row.forward(x, y, w, b, mean, rstd, R, K, eps, welford, 0)
+    row.forward(x, y, w, b, mean, rstd, R, K, eps, welford, 0, res, h)
+    if res is not None:
+        return (y, h, mean, rstd) if return_stats else (y, h)
     if return_stats:
         return y, mean, rstd
     return y
@@ -299,22 +353,28 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, out
     return dx, dw, db
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False,
+             residual=None, residual_out=None):
     """Root-mean-square normalisation, as torch.nn.functional.rms_norm:
     y = x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape` dims.
 
     weight: optional array of shape normalized_shape. eps=None means
     numpy.finfo(x.dtype).eps. return_stats: also rstd = 1 / sqrt(mean(x**2) + eps),
     float64 of shape x.shape[:x.ndim - len(normalized_shape)].
+    residual, residual_out: the fused residual add, as in layer_norm: returns (y, h) or
+    (y, h, rstd); the backward is rms_norm_backward applied to h.
 
-    Returns y, or (y, rstd).
+    Returns y, or (y, rstd); with residual (y, h) or (y, h, rstd).
     """
     x, ns, lead, R, K = _rows(x, normalized_shape)
     eps = float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
     w = as_param(weight, "weight", ns, x.dtype)
-    y = prepare_out(out, "out", x.shape, x.dtype, (x, w), may_alias=(x,))
+    res, h = _residual(x, residual, residual_out, out)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, res), may_alias=(x, res))
     mean, rstd = _stats_pair(lead)
-    row.forward(x, y, w, None, mean, rstd, R, K, eps, 0, 1)
+    row.forward(x, y, w, None, mean, rstd, R, K, eps, 0, 1, res, h)
+    if res is not None:
+        return (y, h, rstd) if return_stats else (y, h)
     if return_stats:
         return y, rstd
     return y

@@ -21,8 +21,9 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
-    affine_const, grad_const, chan_merge, inv_std, data,
+    affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, ACT_BLOCK, data,
 )
+from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
 
 import numpy as np
 
@@ -105,6 +106,23 @@ cdef void _col_affine_row(const floating* x, floating* y, const double* colm,
         y[j] = <floating>((x[j] - colm[j]) * cola[j] + colc[j])
 
 
+cdef void _col_act_grad_row(const floating* dy, const floating* x, floating* g,
+                            const double* colm, const double* cola, const double* colc,
+                            Py_ssize_t D, int act) noexcept nogil:
+    """One row: g = dy * act'(a), a = (x - colm) * cola + colc rounded as
+    _col_affine_row rounds it (the forward's pre-activation). g may be dy."""
+    cdef floating a[ACT_BLOCK]
+    cdef Py_ssize_t i = 0, e
+    while i < D:
+        e = i + ACT_BLOCK if i + ACT_BLOCK < D else D
+        _col_affine_row(x + i, a, colm + i, cola + i, colc + i, e - i)
+        if floating is float:
+            cn_act_grad_f32(a, dy + i, g + i, e - i, act)
+        else:
+            cn_act_grad_f64(a, dy + i, g + i, e - i, act)
+        i = e
+
+
 cdef void _col_grad_row(const floating* dy, const floating* x, floating* dx,
                         const double* colm, const double* cola, const double* colb,
                         const double* colc, Py_ssize_t D) noexcept nogil:
@@ -117,7 +135,7 @@ cdef void _col_grad_row(const floating* dy, const floating* x, floating* dx,
 cdef void _col_forward(const floating* x, floating* y, const floating* w,
                        const floating* b, double* mean, double* rstd, double* var,
                        double* part, double* cols, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t HW, double eps, int welford, int training,
+                       Py_ssize_t HW, double eps, int welford, int training, int act,
                        int nt) noexcept nogil:
     """Forward on the column path; part: 2 * n_blocks * D doubles, cols: 3 * D."""
     cdef Py_ssize_t D = C * HW, n_blocks = (N + COL_ROWS - 1) // COL_ROWS
@@ -150,13 +168,17 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
         cols[2 * D + j] = 0.0 if b == NULL else b[c]
     for r in prange(N, nogil=True, num_threads=nt, schedule="static"):
         _col_affine_row(x + r * D, y + r * D, cols, cols + D, cols + 2 * D, D)
+        act_run(y + r * D, D, act)
 
 
 cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
-                        const floating* w, floating* dw, floating* db, const double* mean,
-                        const double* rstd, double* part, double* cols, Py_ssize_t N,
-                        Py_ssize_t C, Py_ssize_t HW, int training, int nt) noexcept nogil:
-    """Backward on the column path; part: 2 * n_blocks * D doubles, cols: 4 * D."""
+                        const floating* w, const floating* b, floating* g, floating* dw,
+                        floating* db, const double* mean, const double* rstd, double* part,
+                        double* cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                        int training, int act, int nt) noexcept nogil:
+    """Backward on the column path; part: 2 * n_blocks * D doubles, cols: 6 * D.
+    act != 0: first g = dy * act'(a) row by row (a recomputed with the forward's
+    per-column coefficients), which then takes dy's place."""
     cdef Py_ssize_t D = C * HW, n_blocks = (N + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_pieces = (D + COL_WIDTH - 1) // COL_WIDTH, t, blk, j0, c, q, h, j, r
     cdef double* ps = part
@@ -164,6 +186,15 @@ cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
     cdef double sdy, sdyx, rs, wc, M = <double>(N * HW)
     for j in range(D):
         cols[j] = mean[j // HW]
+    if act:
+        for j in range(D):
+            c = j // HW
+            cols[4 * D + j] = rstd[c] if w == NULL else rstd[c] * w[c]
+            cols[5 * D + j] = 0.0 if b == NULL else b[c]
+        for r in prange(N, nogil=True, num_threads=nt, schedule="static"):
+            _col_act_grad_row(dy + r * D, x + r * D, g + r * D, cols, cols + 4 * D,
+                              cols + 5 * D, D, act)
+        dy = g
     for t in prange(n_blocks * n_pieces, nogil=True, num_threads=nt, schedule="static"):
         blk = t // n_pieces
         j0 = (t % n_pieces) * COL_WIDTH
@@ -194,38 +225,41 @@ cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
 cdef inline void _apply_channel(const floating* x, floating* y, const floating* w,
                                 const floating* b, const double* mean,
                                 const double* rstd, Py_ssize_t n0, Py_ssize_t n1,
-                                Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW) noexcept nogil:
-    """Normalise runs x[n, c, :] for n in [n0, n1)."""
+                                Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW,
+                                int act) noexcept nogil:
+    """Normalise runs x[n, c, :] for n in [n0, n1), then the activation act."""
     cdef double scale = rstd[c] if w == NULL else rstd[c] * w[c]
     cdef double shift = 0.0 if b == NULL else b[c]
     cdef Py_ssize_t n
     for n in range(n0, n1):
-        affine_const(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], scale, shift)
+        affine_act(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], scale, shift,
+                   act)
 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* var, double* parts, Py_ssize_t N,
                    Py_ssize_t C, Py_ssize_t HW, double eps, int welford, int training,
-                   int nt) noexcept nogil:
+                   int act, int nt) noexcept nogil:
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
     if training and parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
             set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c], &var[c])
-            _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW)
+            _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW, act)
         return
     if training:
         split_set_stats(x, &L, C, HW, parts, welford, 1, eps, mean, rstd, var, nt)
     # statistics known: every (n, c) run is independent
     for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-        _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW)
+        _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW, act)
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, cnp.ndarray var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
-            double eps, int welford, int training):
+            double eps, int welford, int training, int act=0):
     """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and the
-    biased var (C float64) from x; else apply the given mean and rstd."""
+    biased var (C float64) from x; else apply the given mean and rstd. act: the
+    activation applied to the affine's output (codes as in slab.forward)."""
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef bint columns = HW < SHORT_RUN
@@ -251,16 +285,16 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     with nogil:
         if columns and single:
             _col_forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, welford, training, nt)
+                         parts, cols, N, C, HW, eps, welford, training, act, nt)
         elif columns:
             _col_forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, welford, training, nt)
+                         parts, cols, N, C, HW, eps, welford, training, act, nt)
         elif single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
-                     N, C, HW, eps, welford, training, nt)
+                     N, C, HW, eps, welford, training, act, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                     parts, N, C, HW, eps, welford, training, nt)
+                     parts, N, C, HW, eps, welford, training, act, nt)
 
 
 # ---- backward -------------------------------------------------------------------------
@@ -283,24 +317,47 @@ cdef inline void _grad_channel(const floating* dy, const floating* x, floating* 
                    HW, wc * rs, mean[c], rs, k, c0, NULL, NULL)
 
 
+cdef inline void _act_grad_channel(const floating* dy, const floating* x, floating* g,
+                                   const floating* w, const floating* b,
+                                   const double* mean, const double* rstd, Py_ssize_t n0,
+                                   Py_ssize_t n1, Py_ssize_t c, Py_ssize_t C,
+                                   Py_ssize_t HW, int act) noexcept nogil:
+    """g = dy * act'(a) over runs [n0, n1) of channel c, a the forward's pre-activation."""
+    cdef double scale = rstd[c] if w == NULL else rstd[c] * w[c]
+    cdef double shift = 0.0 if b == NULL else b[c]
+    cdef Py_ssize_t n, o
+    for n in range(n0, n1):
+        o = (n * C + c) * HW
+        act_grad_const(dy + o, x + o, g + o, HW, mean[c], scale, shift, act)
+
+
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
-                    const floating* w, floating* dw, floating* db, const double* mean,
-                    const double* rstd, double* sdy, double* sdyx, double* parts,
-                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training,
-                    int nt) noexcept nogil:
+                    const floating* w, const floating* b, floating* g, floating* dw,
+                    floating* db, const double* mean, const double* rstd, double* sdy,
+                    double* sdyx, double* parts, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                    int training, int act, int nt) noexcept nogil:
+    """act != 0: g = dy * act'(a) is formed into g (per channel, or in a pass of its
+    own when channels are split) and takes dy's place."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
+    cdef const floating* gd = <const floating*>g if act else dy
     if parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
-            set_grad_sums(dy + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
+            if act:
+                _act_grad_channel(dy, x, g, w, b, mean, rstd, 0, N, c, C, HW, act)
+            set_grad_sums(gd + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
                           &sdy[c], &sdyx[c])
-            _grad_channel(dy, x, dx, w, mean, rstd, sdy, sdyx, 0, N, c, N, C, HW,
+            _grad_channel(gd, x, dx, w, mean, rstd, sdy, sdyx, 0, N, c, N, C, HW,
                           training)
     else:
-        split_grad_sums(dy, x, <const floating*>NULL, &L, C, HW, mean, parts, sdy, sdyx,
+        if act:
+            for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+                _act_grad_channel(dy, x, g, w, b, mean, rstd, r // C, r // C + 1, r % C, C,
+                                  HW, act)
+        split_grad_sums(gd, x, <const floating*>NULL, &L, C, HW, mean, parts, sdy, sdyx,
                         nt)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _grad_channel(dy, x, dx, w, mean, rstd, sdy, sdyx, r // C, r // C + 1, r % C,
+            _grad_channel(gd, x, dx, w, mean, rstd, sdy, sdyx, r // C, r // C + 1, r % C,
                           N, C, HW, training)
     for c in range(C):
         dw[c] = <floating>(sdyx[c] * rstd[c])
@@ -309,8 +366,11 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
-             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training):
-    """dx, dweight, dbias of batch normalisation with the given per-channel statistics."""
+             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training, int act=0,
+             object bias=None, object gbuf=None):
+    """dx, dweight, dbias of batch normalisation with the given per-channel statistics.
+    act != 0: of act(normalisation), with the forward's bias; gbuf: an array of x's shape
+    for dy * act'(a), dx itself unless dx is x."""
     if N * HW == 0:  # no elements: parameter gradients are empty sums
         dweight.fill(0)
         dbias.fill(0)
@@ -324,7 +384,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* cols = NULL
     if columns:
         work = np.empty(2 * ((N + COL_ROWS - 1) // COL_ROWS) * C * HW, dtype=np.float64)
-        colwork = np.empty(4 * C * HW, dtype=np.float64)
+        colwork = np.empty(6 * C * HW, dtype=np.float64)
         parts = <double*>data(work)
         cols = <double*>data(colwork)
     elif C < 4 * nt and L.n_pieces > 1:
@@ -338,20 +398,25 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef void* pw = data(weight)
     cdef void* pdw = data(dweight)
     cdef void* pdb = data(dbias)
+    cdef void* pb = data(bias)
+    cdef void* pg = data(gbuf) if act else NULL
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
     with nogil:
         if columns and single:
-            _col_backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
-                          <float*>pdb, pm, pr, parts, cols, N, C, HW, training, nt)
+            _col_backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
+                          <float*>pg, <float*>pdw, <float*>pdb, pm, pr, parts, cols, N, C,
+                          HW, training, act, nt)
         elif columns:
             _col_backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw,
-                          <double*>pdw, <double*>pdb, pm, pr, parts, cols, N, C, HW,
-                          training, nt)
+                          <double*>pb, <double*>pg, <double*>pdw, <double*>pdb, pm, pr,
+                          parts, cols, N, C, HW, training, act, nt)
         elif single:
-            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
-                      <float*>pdb, pm, pr, sdy, sdyx, parts, N, C, HW, training, nt)
+            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
+                      <float*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, parts, N,
+                      C, HW, training, act, nt)
         else:
-            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pdw,
-                      <double*>pdb, pm, pr, sdy, sdyx, parts, N, C, HW, training, nt)
+            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pb,
+                      <double*>pg, <double*>pdw, <double*>pdb, pm, pr, sdy, sdyx, parts,
+                      N, C, HW, training, act, nt)

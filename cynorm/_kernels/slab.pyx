@@ -15,8 +15,8 @@ from cython.parallel cimport prange
 
 from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_const,
-    lane_grad_sums, grad_const, data,
+    SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_act,
+    act_grad_const, lane_grad_sums, grad_const, data,
 )
 
 import numpy as np
@@ -28,8 +28,9 @@ cynorm_register_atfork()
 cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start,
                               Py_ssize_t end, Py_ssize_t HW, Py_ssize_t c_first,
                               double mean, double rstd, const floating* w,
-                              const floating* b) noexcept nogil:
-    """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i."""
+                              const floating* b, int act) noexcept nogil:
+    """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i.
+    act: the activation epilogue (0: none)."""
     cdef Py_ssize_t i = start, j, stop
     cdef double scale, shift
     while i < end:
@@ -39,24 +40,24 @@ cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start
             stop = end
         scale = rstd if w == NULL else rstd * w[c_first + j]
         shift = 0.0 if b == NULL else b[c_first + j]
-        affine_const(xs + i, ys + i, stop - i, mean, scale, shift)
+        affine_act(xs + i, ys + i, stop - i, mean, scale, shift, act)
         i = stop
 
 
 cdef inline void _split_apply(const floating* x, floating* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
                               const SetLayout* L, Py_ssize_t k, Py_ssize_t C,
-                              Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
+                              Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
     """Apply over piece k (of all N * G * n_pieces) of the split forward."""
     cdef Py_ssize_t cpg = C // G, s = k // L.n_pieces, run0, nruns, e0, elen
     piece_bounds(L, k - s * L.n_pieces, &run0, &nruns, &e0, &elen)
     _apply_range(x + s * L.size, y + s * L.size, e0, e0 + elen, HW, (s % G) * cpg,
-                 mean[s], rstd[s], w, b)
+                 mean[s], rstd[s], w, b, act)
 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* parts, Py_ssize_t N, Py_ssize_t C,
-                   Py_ssize_t HW, Py_ssize_t G, double eps, int welford,
+                   Py_ssize_t HW, Py_ssize_t G, double eps, int welford, int act,
                    int nt) noexcept nogil:
     cdef Py_ssize_t cpg = C // G, M = cpg * HW, n_sets = N * G
     cdef SetLayout L = make_layout(1, M, M)
@@ -66,17 +67,19 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
             set_stats(x + s * M, &L, welford, 1, eps,
                       x + (s + 1) * M if s + 1 < n_sets else NULL, &mean[s], &rstd[s], NULL)
             _apply_range(x + s * M, y + s * M, 0, M, HW, (s % G) * cpg, mean[s],
-                         rstd[s], w, b)
+                         rstd[s], w, b, act)
         return
     split_set_stats(x, &L, n_sets, M, parts, welford, 1, eps, mean, rstd, NULL, nt)
     for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
-        _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G)
+        _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G, act)
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
-            double eps, int welford):
-    """Normalise x (N, C, HW) over G groups into y; write mean and rstd (N * G float64)."""
+            double eps, int welford, int act=0):
+    """Normalise x (N, C, HW) over G groups into y; write mean and rstd (N * G float64).
+    act: the activation applied to the affine's output (0 none, 1 silu, 2 gelu,
+    3 gelu_tanh, 4 relu)."""
     if G == 0:  # no channels: nothing to normalise
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
@@ -96,10 +99,10 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     with nogil:
         if single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
-                     N, C, HW, G, eps, welford, nt)
+                     N, C, HW, G, eps, welford, act, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
-                     N, C, HW, G, eps, welford, nt)
+                     N, C, HW, G, eps, welford, act, nt)
 
 
 # ---- backward -------------------------------------------------------------------------
@@ -137,27 +140,46 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
                dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
 
 
+cdef inline void _run_act_grad(const floating* dy, const floating* x, floating* g,
+                               const floating* w, const floating* b, const double* mean,
+                               const double* rstd, Py_ssize_t r, Py_ssize_t C,
+                               Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
+    """g = dy * act'(a) over run r = n * C + c, a the forward's pre-activation."""
+    cdef Py_ssize_t c = r % C, s = (r // C) * G + c // (C // G)
+    act_grad_const(dy + r * HW, x + r * HW, g + r * HW, HW, mean[s],
+                   rstd[s] if w == NULL else rstd[s] * w[c], 0.0 if b == NULL else b[c],
+                   act)
+
+
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
-                    const floating* w, floating* dw, floating* db, const double* mean,
-                    const double* rstd, double* sdy, double* sdyx, Py_ssize_t N,
-                    Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G, int nt) noexcept nogil:
+                    const floating* w, const floating* b, floating* g, floating* dw,
+                    floating* db, const double* mean, const double* rstd, double* sdy,
+                    double* sdyx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
+                    int act, int nt) noexcept nogil:
+    """act != 0: the gradient reaching the affine's output, g = dy * act'(a), is
+    formed run by run into g (dx's buffer or a scratch one) and takes dy's place."""
     cdef Py_ssize_t cpg = C // G, s, r, j, n, c
     cdef double acc_w, acc_b
+    cdef const floating* gd = <const floating*>g if act else dy
     if N * G >= 4 * nt:
         # fused: a slab's sums, then its dx while the slab is still in cache (and the
         # next slab, this thread's next under the static schedule, is prefetched)
         for s in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             r = (s // G) * C + (s % G) * cpg
             for j in range(cpg):
-                _run_sums(dy, x, mean, sdy, sdyx, r + j, C, HW, G)
+                if act:
+                    _run_act_grad(dy, x, g, w, b, mean, rstd, r + j, C, HW, G, act)
+                _run_sums(gd, x, mean, sdy, sdyx, r + j, C, HW, G)
             for j in range(cpg):
-                _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G,
+                _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G,
                           cpg * HW if s + 1 < N * G else 0)
     else:
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _run_sums(dy, x, mean, sdy, sdyx, r, C, HW, G)
+            if act:
+                _run_act_grad(dy, x, g, w, b, mean, rstd, r, C, HW, G, act)
+            _run_sums(gd, x, mean, sdy, sdyx, r, C, HW, G)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
+            _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
     # dweight and dbias: reduce the per-(n, c) sums over n in order
     for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
         acc_w = 0
@@ -171,8 +193,11 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
-             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G):
-    """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward")."""
+             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G, int act=0,
+             object bias=None, object gbuf=None):
+    """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward").
+    act != 0: of act(normalisation), with the forward's bias; gbuf: an array of x's
+    shape for dy * act'(a), dx itself unless dx is x."""
     if G == 0 or N * HW == 0:  # no elements: parameter gradients are empty sums
         dweight.fill(0)
         dbias.fill(0)
@@ -187,13 +212,17 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef void* pw = data(weight)
     cdef void* pdw = data(dweight)
     cdef void* pdb = data(dbias)
+    cdef void* pb = data(bias)
+    cdef void* pg = data(gbuf) if act else NULL
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
     with nogil:
         if single:
-            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
-                      <float*>pdb, pm, pr, sdy, sdyx, N, C, HW, G, nt)
+            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
+                      <float*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, N, C, HW,
+                      G, act, nt)
         else:
-            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pdw,
-                      <double*>pdb, pm, pr, sdy, sdyx, N, C, HW, G, nt)
+            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pb,
+                      <double*>pg, <double*>pdw, <double*>pdb, pm, pr, sdy, sdyx, N, C,
+                      HW, G, act, nt)
