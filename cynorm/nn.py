@@ -14,6 +14,11 @@ running_var, num_batches_tracked), so the state of a torch normalization layer,
 exported with `{k: v.numpy() for k, v in module.state_dict().items()}`, loads unchanged
 (torch tensors are accepted too).
 
+Fused blocks: GroupNorm, InstanceNorm and BatchNorm take `activation="silu"` (or
+"gelu", "gelu_tanh", "relu"), applied in the same pass; LayerNorm and RMSNorm take a
+residual, `y, h = layer(x, residual=r)` with h = x + r normalised into y, and
+`layer.backward(dy, dh)` returns the gradient with respect to h (that of x and of r).
+
 The forward keeps a reference to x until the backward: do not modify x in place in
 between. One backward per forward.
 """
@@ -60,6 +65,20 @@ def _momentum(v):
     if not (0.0 <= v <= 1.0):
         raise ValueError(f"momentum must be in [0, 1] or None, got {v!r}")
     return v
+
+
+_ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh", "relu")
+
+
+def _activation(v):
+    if not (v is None or isinstance(v, str)) or v not in _ACTIVATIONS:
+        raise ValueError("activation must be None, 'silu', 'gelu', 'gelu_tanh' or 'relu', "
+                         f"got {v!r}")
+    return v
+
+
+def _act_repr(activation):
+    return "" if activation is None else f", activation={activation!r}"
 
 
 def _param_dtype(dtype):
@@ -202,8 +221,10 @@ class _Norm:
 class GroupNorm(_Norm):
     """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
+                 activation=None):
         super().__init__(dtype)
+        self.activation = _activation(activation)
         self.num_groups = _positive_int(num_groups, "num_groups")
         self.num_channels = _positive_int(num_channels, "num_channels")
         if self.num_channels % self.num_groups:
@@ -216,20 +237,22 @@ class GroupNorm(_Norm):
     def forward(self, x):
         x = self._check_channels(x, self.num_channels)
         y, mean, rstd = cynorm.group_norm(x, self.num_groups, self.weight, self.bias,
-                                          self.eps, return_stats=True)
+                                          self.eps, return_stats=True,
+                                          activation=self.activation)
         self._saved = (x, mean, rstd)
         return y
 
     def backward(self, dy):
         x, mean, rstd = self._saved_for_backward()
         dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, self.num_groups,
-                                                self.weight)
+                                                self.weight, bias=self.bias,
+                                                activation=self.activation)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
-                f"affine={self.affine})")
+                f"affine={self.affine}{_act_repr(self.activation)})")
 
 
 class InstanceNorm(_Norm):
@@ -237,8 +260,10 @@ class InstanceNorm(_Norm):
     normalised over its spatial elements, as torch.nn.InstanceNorm2d with its defaults
     (no running statistics)."""
 
-    def __init__(self, num_features, eps=1e-5, affine=False, dtype=np.float32):
+    def __init__(self, num_features, eps=1e-5, affine=False, dtype=np.float32,
+                 activation=None):
         super().__init__(dtype)
+        self.activation = _activation(activation)
         self.num_features = _positive_int(num_features, "num_features")
         self.eps = _eps(eps)
         self.affine = _flag(affine, "affine")
@@ -250,19 +275,23 @@ class InstanceNorm(_Norm):
             # each output would be just the bias; torch rejects this too
             raise ValueError("InstanceNorm: expected more than 1 spatial element per "
                              f"channel, got shape {x.shape}")
-        y, mean, rstd = cynorm.instance_norm(x, self.weight, self.bias, self.eps,
-                                             return_stats=True)
+        y, mean, rstd = cynorm.instance_norm(x, weight=self.weight, bias=self.bias,
+                                             eps=self.eps, return_stats=True,
+                                             activation=self.activation)
         self._saved = (x, mean, rstd)
         return y
 
     def backward(self, dy):
         x, mean, rstd = self._saved_for_backward()
-        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, self.weight)
+        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, weight=self.weight,
+                                                   bias=self.bias,
+                                                   activation=self.activation)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
-        return f"InstanceNorm({self.num_features}, eps={self.eps}, affine={self.affine})"
+        return (f"InstanceNorm({self.num_features}, eps={self.eps}, affine={self.affine}"
+                f"{_act_repr(self.activation)})")
 
 
 class BatchNorm(_Norm):
@@ -276,8 +305,9 @@ class BatchNorm(_Norm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+                 track_running_stats=True, dtype=np.float32, activation=None):
         super().__init__(dtype)
+        self.activation = _activation(activation)
         self.num_features = _positive_int(num_features, "num_features")
         self.eps = _eps(eps)
         self.momentum = _momentum(momentum)
@@ -321,7 +351,7 @@ class BatchNorm(_Norm):
         y, mean, rstd = cynorm.batch_norm(x, running_mean, running_var, self.weight,
                                           self.bias, training=use_batch_stats,
                                           momentum=momentum, eps=self.eps,
-                                          return_stats=True)
+                                          return_stats=True, activation=self.activation)
         if self.track_running_stats and self.training:
             # counted after the call succeeded, so that a rejected batch is not counted
             self._buffers["num_batches_tracked"] += 1
@@ -331,17 +361,32 @@ class BatchNorm(_Norm):
     def backward(self, dy):
         x, mean, rstd, use_batch_stats = self._saved_for_backward()
         dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, self.weight,
-                                                training=use_batch_stats)
+                                                training=use_batch_stats, bias=self.bias,
+                                                activation=self.activation)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+                f"{_act_repr(self.activation)})")
 
 
 class _RowNorm(_Norm):
-    """Shared by LayerNorm and RMSNorm: statistics over the trailing normalized_shape."""
+    """Shared by LayerNorm and RMSNorm: statistics over the trailing normalized_shape, and
+    the fused residual add: layer(x, residual=r) returns (y, h), h = x + r."""
+
+    def __call__(self, x, residual=None):
+        return self.forward(x, residual=residual)
+
+    def _finish_residual_backward(self, dx, dh):
+        """The gradient with respect to h: through y (dx) plus what reached h directly."""
+        if dh is None:
+            return dx
+        dh = np.asarray(dh)
+        if dh.shape != dx.shape:
+            raise ValueError(f"dh must have the shape of h {dx.shape}, got {dh.shape}")
+        return dx + dh
 
     def _check_trailing(self, x):
         x = np.asarray(x)
@@ -366,17 +411,27 @@ class LayerNorm(_RowNorm):
         self._new_params(self.normalized_shape, self.elementwise_affine,
                          self.elementwise_affine and has_bias)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """y, or with a residual (y, h): h = x + residual, y = LayerNorm(h)."""
         x = self._check_trailing(x)
+        if residual is not None:
+            y, h, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
+                                                 self.bias, self.eps, return_stats=True,
+                                                 residual=residual)
+            self._saved = (h, mean, rstd)
+            return y, h
         y, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
                                           self.bias, self.eps, return_stats=True)
         self._saved = (x, mean, rstd)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, dh=None):
+        """dx; after a residual forward, the gradient with respect to h (which is that of
+        x and of residual), dh being the gradient reaching h other than through y."""
         x, mean, rstd = self._saved_for_backward()
         dx, dw, db = cynorm.layer_norm_backward(dy, x, mean, rstd, self.normalized_shape,
                                                 self.weight)
+        dx = self._finish_residual_backward(dx, dh)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
@@ -399,16 +454,24 @@ class RMSNorm(_RowNorm):
         self.elementwise_affine = _flag(elementwise_affine, "elementwise_affine")
         self._new_params(self.normalized_shape, self.elementwise_affine, False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """y, or with a residual (y, h): h = x + residual, y = RMSNorm(h)."""
         x = self._check_trailing(x)
+        if residual is not None:
+            y, h, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
+                                         return_stats=True, residual=residual)
+            self._saved = (h, rstd)
+            return y, h
         y, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
                                   return_stats=True)
         self._saved = (x, rstd)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, dh=None):
+        """dx; after a residual forward, the gradient with respect to h (see LayerNorm)."""
         x, rstd = self._saved_for_backward()
         dx, dw = cynorm.rms_norm_backward(dy, x, rstd, self.normalized_shape, self.weight)
+        dx = self._finish_residual_backward(dx, dh)
         self._finish_backward(weight=dw)
         return dx
 
