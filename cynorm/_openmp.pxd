@@ -2,8 +2,12 @@
 # prange already compiles to a plain loop, and these fall back to one thread.
 #
 # Fork safety: GNU OpenMP's thread pool does not survive fork(); a child that enters a
-# parallel region after its parent used the pool hangs. A pthread_atfork child handler
-# marks the process, and cynorm runs single-threaded in a forked child.
+# parallel region after its parent used the pool hangs. cynorm runs single-threaded in a
+# process that may hold such a stale pool: one forked after cynorm was loaded (a
+# pthread_atfork child handler, registered by every kernel module as it loads, marks it)
+# and one forked, before cynorm was imported, from a process that had already loaded
+# GNU OpenMP (torch, or any other OpenMP library): cynorm/_kernels/__init__.py detects
+# that at import and each module passes it to cynorm_init_fork_guard.
 
 cdef extern from *:
     """
@@ -18,7 +22,8 @@ cdef extern from *:
 
     static int cynorm_in_forked_child = 0;
     static void cynorm_mark_forked_child(void) { cynorm_in_forked_child = 1; }
-    static int cynorm_register_atfork(void) {
+    static int cynorm_init_fork_guard(int inherited_pool) {
+        if (inherited_pool) cynorm_in_forked_child = 1;
         return pthread_atfork(NULL, NULL, cynorm_mark_forked_child);
     }
     static inline int cynorm_num_threads(void) {
@@ -36,7 +41,8 @@ cdef extern from *:
     """
     const int CYNORM_HAVE_OPENMP
     int cynorm_in_forked_child
-    int cynorm_register_atfork() noexcept nogil
+    # Register the fork handler; inherited_pool = 1 marks this process at once.
+    int cynorm_init_fork_guard(int inherited_pool) noexcept nogil
     # Threads for the next parallel region: what OMP_NUM_THREADS / threadpoolctl set now.
     int cynorm_num_threads() noexcept nogil
     # Threads for a call over n_elements: 1 for small arrays, else cynorm_num_threads().

@@ -181,3 +181,113 @@ def test_raw_fork_child_and_grandchild_complete():
         _, st = os.waitpid(pid, 0)
     assert msg == b"ok", "child or grandchild got wrong results or thread count"
     assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+
+
+# ---- a parent that used OpenMP before cynorm was ever imported ---------------------------
+# The parent never imports cynorm: it runs OpenMP code (torch, or a plain C library built
+# with -fopenmp) on several threads, then forks; each child imports cynorm for the first
+# time and runs threaded kernels. They share the parent's GNU OpenMP runtime, whose pool
+# the children inherit in a broken state. Each scenario runs in a fresh interpreter (this
+# one has imported cynorm already), in its own session so that a hang can be killed whole.
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+_CHILD_SCRIPT = """
+import multiprocessing as mp, sys
+import numpy as np
+
+def work(seed):
+    import cynorm
+    x = np.random.default_rng(seed).standard_normal((8, 100000)).astype(np.float32)
+    y = cynorm.layer_norm(x, 100000)
+    x64 = x.astype(np.float64)
+    m = x64.mean(axis=1, keepdims=True)
+    ref = (x64 - m) / np.sqrt(((x64 - m) ** 2).mean(axis=1, keepdims=True) + 1e-5)
+    yg = cynorm.group_norm(x.reshape(2, 4, 100000), 2)
+    return cynorm.get_num_threads(), float(np.abs(y - ref).max()), yg.shape
+
+if __name__ == "__main__":
+    teams = parent_openmp()
+    assert teams >= 2, f"the parent's OpenMP team had {teams} threads"
+    assert "cynorm" not in sys.modules
+    with mp.get_context("fork").Pool(2) as pool:
+        for nthreads, err, shape in pool.map(work, [0, 1]):
+            assert nthreads == 1, f"get_num_threads() in the child is {nthreads}"
+            assert err < 1e-5, err
+    # the parent itself, which imports cynorm only now, keeps its threads
+    import cynorm
+    assert cynorm.get_num_threads() >= 2, cynorm.get_num_threads()
+    print("children done")
+"""
+
+_TORCH_PARENT = """
+def parent_openmp():
+    import torch
+    torch.set_num_threads(4)
+    torch.nn.Linear(512, 512)(torch.randn(4096, 512)).sum()
+    return torch.get_num_threads()
+"""
+
+_C_LIB = r"""
+#include <omp.h>
+int team_size(void) {
+    int t = 0;
+    double s = 0;
+    #pragma omp parallel reduction(+:s)
+    {
+        #pragma omp single
+        t = omp_get_num_threads();
+        for (int i = 0; i < 1000000; i++) s += i * 1e-9;
+    }
+    return s > 0 ? t : -1;
+}
+"""
+
+_C_PARENT = """
+def parent_openmp():
+    import ctypes
+    return ctypes.CDLL(LIB).team_size()
+"""
+
+
+def _run_fresh_parent(prelude, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(prelude) + textwrap.dedent(_CHILD_SCRIPT))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cynorm.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="4",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the parent and its hung children
+        proc.communicate()
+        pytest.fail(f"forked children did not finish in {TIMEOUT_S} s (hang in the "
+                    f"OpenMP runtime inherited from the parent)")
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0 and "children done" in text, text
+
+
+def test_fork_child_completes_when_parent_used_torch_openmp_first(tmp_path):
+    pytest.importorskip("torch")
+    if not cynorm._kernels.runtime.openmp_enabled():
+        pytest.skip("cynorm was built without OpenMP")
+    _run_fresh_parent(_TORCH_PARENT, tmp_path)
+
+
+def test_fork_child_completes_when_parent_used_plain_c_openmp_first(tmp_path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the OpenMP library with")
+    if not cynorm._kernels.runtime.openmp_enabled():
+        pytest.skip("cynorm was built without OpenMP")
+    (tmp_path / "team.c").write_text(_C_LIB)
+    lib = tmp_path / "libteam.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-fopenmp", "-O1", str(tmp_path / "team.c"),
+                    "-o", str(lib)], check=True, capture_output=True)
+    _run_fresh_parent(f"LIB = {str(lib)!r}\n" + _C_PARENT, tmp_path)

@@ -322,8 +322,28 @@ cdef inline void split_grad_sums(const floating* dy, const floating* x, const fl
 # ---- affine applies ------------------------------------------------------------------
 # float64 data: computed in float64. float32 data: in float32 SIMD (twice the lanes, no
 # conversions), with the mean split into hi + lo float32 parts so that x - mean keeps
-# its digits when the mean is large against the spread; the result is within a few
-# float32 ulps of the exact value.
+# its digits when the mean is large against the spread; xhat = (x - mean) * rstd is
+# formed first and then multiplied by the weight (never rstd * weight rounded to
+# float32, which under- or overflows for extreme data or weights). Each of the few
+# roundings is relative, so the result is within a few float32 ulps of the exact value.
+# A set whose rstd is far from 1 (spread below 2**-100, i.e. subnormal or nearly
+# subnormal data, or above 2**100, i.e. data near the float32 limit) has its xhat formed
+# in float64 instead (f32_xhat_ok): there rstd may leave the float32 range and
+# x - mean may need digits below the subnormal grid. That keeps "any finite magnitude"
+# for every op, at float64 speed for such sets only.
+
+cdef inline bint f32_xhat_ok(double rstd) noexcept nogil:
+    """Whether float32 arithmetic forms xhat = ((x - mh) - ml) * <float>rstd to float32
+    precision for a set with this rstd (False for NaN and Inf: float64 gives the IEEE
+    result)."""
+    return 7.888609052210118e-31 <= rstd <= 1.2676506002282294e30  # 2**-100, 2**100
+
+
+cdef inline void split_mean(double mean, float* mh, float* ml) noexcept nogil:
+    """mean as mh + ml, two float32: (x - mh) - ml is x - mean to float32 precision."""
+    mh[0] = <float>mean
+    ml[0] = <float>(mean - <double>mh[0])
+
 
 cdef inline Py_ssize_t aligned_head(const void* p, Py_ssize_t n,
                                     Py_ssize_t itemsize) noexcept nogil:
@@ -336,46 +356,50 @@ cdef inline Py_ssize_t aligned_head(const void* p, Py_ssize_t n,
 
 
 cdef inline void _affine_span(const floating* x, floating* y, Py_ssize_t i0, Py_ssize_t i1,
-                              double mean, double scale, double shift) noexcept nogil:
+                              double mean, double rstd, double weight,
+                              double shift) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float mh, ml, s, t
+    cdef float mh, ml, rf, wf, t
     if floating is float:
-        mh = <float>mean
-        ml = <float>(mean - <double>mh)
-        s = <float>scale
+        wf = <float>weight
         t = <float>shift
-        for i in range(i0, i1):
-            y[i] = ((x[i] - mh) - ml) * s + t
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            rf = <float>rstd
+            for i in range(i0, i1):
+                y[i] = (((x[i] - mh) - ml) * rf) * wf + t
+        else:
+            for i in range(i0, i1):
+                y[i] = <float>((x[i] - mean) * rstd) * wf + t
     else:
         for i in range(i0, i1):
-            y[i] = (x[i] - mean) * scale + shift
+            y[i] = ((x[i] - mean) * rstd) * weight + shift
 
 
 cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, double mean,
-                              double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift. y may be x."""
+                              double rstd, double weight, double shift) noexcept nogil:
+    """y = (x - mean) * rstd * weight + shift. y may be x."""
     cdef Py_ssize_t h = aligned_head(y, n, sizeof(floating))
-    _affine_span(x, y, 0, h, mean, scale, shift)
-    _affine_span(x, y, h, n, mean, scale, shift)
+    _affine_span(x, y, 0, h, mean, rstd, weight, shift)
+    _affine_span(x, y, h, n, mean, rstd, weight, shift)
 
 
 cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
-                            Py_ssize_t i0, Py_ssize_t i1, double a, double mean,
-                            double rstd, double k, double c0) noexcept nogil:
+                            Py_ssize_t i0, Py_ssize_t i1, double weight, double mg,
+                            double mgx, double mean, double rstd) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float mh, ml, rf, af, kf, cf
-    if floating is float:
-        mh = <float>mean
-        ml = <float>(mean - <double>mh)
+    cdef float mh, ml, rf, wf, gf, kf
+    if floating is float and f32_xhat_ok(rstd):
+        split_mean(mean, &mh, &ml)
         rf = <float>rstd
-        af = <float>a
-        kf = <float>k
-        cf = <float>c0
+        wf = <float>weight
+        gf = <float>mg
+        kf = <float>mgx
         for i in range(i0, i1):
-            dx[i] = af * dy[i] - kf * (((x[i] - mh) - ml) * rf) - cf
+            dx[i] = ((wf * dy[i] - gf) - (((x[i] - mh) - ml) * rf) * kf) * rf
     else:
         for i in range(i0, i1):
-            dx[i] = a * dy[i] - k * ((x[i] - mean) * rstd) - c0
+            dx[i] = <floating>(rstd * ((weight * dy[i] - mg) - ((x[i] - mean) * rstd) * mgx))
 
 
 cdef enum:
@@ -385,24 +409,26 @@ cdef enum:
 
 
 cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
-                            Py_ssize_t n, double a, double mean, double rstd, double k,
-                            double c0, const floating* pf_dy,
+                            Py_ssize_t n, double weight, double mg, double mgx,
+                            double mean, double rstd, const floating* pf_dy,
                             const floating* pf_x) noexcept nogil:
-    """dx = a * dy - k * xhat - c0 with xhat = (x - mean) * rstd; dx may be dy or x.
-    (Coefficients of xhat rather than of x - mean stay in range for data near the
-    float limits: rstd**3 would underflow.)
+    """dx = rstd * ((weight * dy - mg) - xhat * mgx) with xhat = (x - mean) * rstd, where
+    mg = mean(g) and mgx = mean(g * xhat) over the set, g = weight * dy; dx may be dy or
+    x. rstd is factored out, so g - mean(g) cancels before it is scaled: a constant set
+    (xhat = 0) gets dx = rstd * (g - mean(g)) with no error of rstd's size (a set of one
+    element: exactly 0), and nothing leaves the float range for data near its limits.
 
     pf_dy, pf_x: n elements the caller reads next (the next set), prefetched block by
     block meanwhile, so that this L2-bound pass overlaps the next pass's memory reads;
     NULL for none."""
     cdef Py_ssize_t i = aligned_head(dx, n, sizeof(floating)), e
-    _grad_span(dy, x, dx, 0, i, a, mean, rstd, k, c0)
+    _grad_span(dy, x, dx, 0, i, weight, mg, mgx, mean, rstd)
     while i < n:
         e = i + PREFETCH_BLOCK if i + PREFETCH_BLOCK < n else n
         if pf_dy != NULL:
             cn_prefetch_range(pf_dy + i, (e - i) * sizeof(floating))
             cn_prefetch_range(pf_x + i, (e - i) * sizeof(floating))
-        _grad_span(dy, x, dx, i, e, a, mean, rstd, k, c0)
+        _grad_span(dy, x, dx, i, e, weight, mg, mgx, mean, rstd)
         i = e
 
 
@@ -434,30 +460,30 @@ cdef inline void act_run(floating* y, Py_ssize_t n, int act) noexcept nogil:
 
 
 cdef inline void affine_act(const floating* x, floating* y, Py_ssize_t n, double mean,
-                            double scale, double shift, int act) noexcept nogil:
-    """y = act((x - mean) * scale + shift): affine_const, then the activation on each
-    block while it is in L1. y may be x."""
+                            double rstd, double weight, double shift, int act) noexcept nogil:
+    """y = act((x - mean) * rstd * weight + shift): affine_const, then the activation on
+    each block while it is in L1. y may be x."""
     cdef Py_ssize_t i = 0, e
     if act == 0:
-        affine_const(x, y, n, mean, scale, shift)
+        affine_const(x, y, n, mean, rstd, weight, shift)
         return
     while i < n:
         e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
-        affine_const(x + i, y + i, e - i, mean, scale, shift)
+        affine_const(x + i, y + i, e - i, mean, rstd, weight, shift)
         act_run(y + i, e - i, act)
         i = e
 
 
 cdef inline void act_grad_const(const floating* dy, const floating* x, floating* g,
-                                Py_ssize_t n, double mean, double scale, double shift,
-                                int act) noexcept nogil:
-    """g = dy * act'(a), a = (x - mean) * scale + shift recomputed exactly as affine_act
-    computed it in the forward. g may be dy (not x)."""
+                                Py_ssize_t n, double mean, double rstd, double weight,
+                                double shift, int act) noexcept nogil:
+    """g = dy * act'(a), a = (x - mean) * rstd * weight + shift recomputed exactly as
+    affine_act computed it in the forward. g may be dy (not x)."""
     cdef floating a[ACT_BLOCK]
     cdef Py_ssize_t i = 0, e
     while i < n:
         e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
-        affine_const(x + i, a, e - i, mean, scale, shift)
+        affine_const(x + i, a, e - i, mean, rstd, weight, shift)
         if floating is float:
             cn_act_grad_f32(a, dy + i, g + i, e - i, act)
         else:

@@ -204,10 +204,12 @@ static inline void cn_grad_sums_f64(const double* dy, const double* x, const dou
 
 /* ---- a tile of the row-family backward, float32 ------------------------------------
  * Rows [0, nrows) of a block (row r at offset r * K), columns [0, n):
- *   xhat = ((x - mh) - ml) * rs,  dx = rs * (dy * w) - kx * xhat - c0   (float32)
- *   acc_w[k] += dy * xhat,  acc_b[k] += dy                             (float64)
- * with the row coefficients coef[5 r ...] = mh, ml, rs, kx, c0 (w may be NULL). Row by
- * row, so dy, x and dx stream; the column sums (n <= 1024: 16 KiB) stay in L1. */
+ *   xhat = ((x - mh) - ml) * rs,  dx = (((dy * w) - mg) - xhat * mgx) * rs   (float32)
+ *   acc_w[k] += dy * xhat,  acc_b[k] += dy                                  (float64)
+ * with the row coefficients coef[5 r ...] = mh, ml, rs, mg, mgx: the mean as hi + lo,
+ * mg = mean(dy * w), mgx = mean(dy * w * xhat) (w may be NULL). rstd is factored out of
+ * dx so that g - mean(g) cancels before it is scaled (a constant row gets dx exact).
+ * Row by row, so dy, x and dx stream; the column sums (n <= 1024: 16 KiB) stay in L1. */
 static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
                                    const float* w, ptrdiff_t K, ptrdiff_t nrows,
                                    ptrdiff_t n, const float* coef, double* acc_w,
@@ -227,13 +229,13 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
             cn_v8d ab = cn_load_f64(acc_b + k) + cn_widen(d);
             memcpy(acc_w + k, &aw, sizeof aw);
             memcpy(acc_b + k, &ab, sizeof ab);
-            cn_storef(dxr + k, c[2] * (d * wk) - c[3] * h - c[4]);
+            cn_storef(dxr + k, (((d * wk) - c[3]) - h * c[4]) * c[2]);
         }
         for (; k < n; k++) {
             float d = dyr[k], h = ((xr[k] - c[0]) - c[1]) * c[2];
             acc_w[k] += d * h;
             acc_b[k] += d;
-            dxr[k] = c[2] * (d * (w != NULL ? w[k] : 1.0f)) - c[3] * h - c[4];
+            dxr[k] = (((d * (w != NULL ? w[k] : 1.0f)) - c[3]) - h * c[4]) * c[2];
         }
     }
 }

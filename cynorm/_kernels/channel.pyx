@@ -18,7 +18,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
+from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
     affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, ACT_BLOCK, data,
@@ -27,8 +27,10 @@ from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
 
 import numpy as np
 
+from cynorm._kernels import INHERITED_OPENMP_POOL
+
 cnp.import_array()
-cynorm_register_atfork()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 cdef enum:
     SHORT_RUN = 64    # runs shorter than this take the column path
@@ -228,12 +230,12 @@ cdef inline void _apply_channel(const floating* x, floating* y, const floating* 
                                 Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW,
                                 int act) noexcept nogil:
     """Normalise runs x[n, c, :] for n in [n0, n1), then the activation act."""
-    cdef double scale = rstd[c] if w == NULL else rstd[c] * w[c]
+    cdef double wc = 1.0 if w == NULL else w[c]
     cdef double shift = 0.0 if b == NULL else b[c]
     cdef Py_ssize_t n
     for n in range(n0, n1):
-        affine_act(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], scale, shift,
-                   act)
+        affine_act(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], rstd[c], wc,
+                   shift, act)
 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
@@ -307,14 +309,14 @@ cdef inline void _grad_channel(const floating* dy, const floating* x, floating* 
     """dx over runs [n0, n1) of channel c. Training: dx = rstd * (g - mean(g) - xhat *
     mean(g * xhat)), g = w_c * dy; eval (constant statistics): dx = w_c * rstd * dy."""
     cdef double rs = rstd[c], wc = 1.0 if w == NULL else w[c]
-    cdef double M = <double>(N * HW), k = 0, c0 = 0
+    cdef double M = <double>(N * HW), mg = 0, mgx = 0
     cdef Py_ssize_t n
     if training:
-        k = wc * rs * (rs * sdyx[c] / M)
-        c0 = wc * rs * sdy[c] / M
+        mg = wc * sdy[c] / M
+        mgx = wc * (rs * sdyx[c] / M)
     for n in range(n0, n1):
         grad_const(dy + (n * C + c) * HW, x + (n * C + c) * HW, dx + (n * C + c) * HW,
-                   HW, wc * rs, mean[c], rs, k, c0, NULL, NULL)
+                   HW, wc, mg, mgx, mean[c], rs, NULL, NULL)
 
 
 cdef inline void _act_grad_channel(const floating* dy, const floating* x, floating* g,
@@ -323,12 +325,12 @@ cdef inline void _act_grad_channel(const floating* dy, const floating* x, floati
                                    Py_ssize_t n1, Py_ssize_t c, Py_ssize_t C,
                                    Py_ssize_t HW, int act) noexcept nogil:
     """g = dy * act'(a) over runs [n0, n1) of channel c, a the forward's pre-activation."""
-    cdef double scale = rstd[c] if w == NULL else rstd[c] * w[c]
+    cdef double wc = 1.0 if w == NULL else w[c]
     cdef double shift = 0.0 if b == NULL else b[c]
     cdef Py_ssize_t n, o
     for n in range(n0, n1):
         o = (n * C + c) * HW
-        act_grad_const(dy + o, x + o, g + o, HW, mean[c], scale, shift, act)
+        act_grad_const(dy + o, x + o, g + o, HW, mean[c], rstd[c], wc, shift, act)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,

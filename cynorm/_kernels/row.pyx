@@ -17,16 +17,18 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
+from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats,
-    set_grad_sums, split_grad_sums, aligned_head, data,
+    set_grad_sums, split_grad_sums, aligned_head, f32_xhat_ok, split_mean, data,
 )
 
 import numpy as np
 
+from cynorm._kernels import INHERITED_OPENMP_POOL
+
 cnp.import_array()
-cynorm_register_atfork()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 cdef extern from "_lanes.h":
     void cn_row_tile_f32(const float* dy, const float* x, float* dx, const float* w,
@@ -48,12 +50,12 @@ cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
                              const floating* b, Py_ssize_t k0, Py_ssize_t k1, double mean,
                              double rstd) noexcept nogil:
     """y = (x - mean) * rstd * w + b over [k0, k1) (w, b: NULL for none); float32 data in
-    float32 with a hi/lo mean, as affine_const."""
+    float32 with a hi/lo mean, or xhat in float64 where f32_xhat_ok says no, as
+    affine_const."""
     cdef Py_ssize_t k
-    cdef float mh, ml, rs
-    if floating is float:
-        mh = <float>mean
-        ml = <float>(mean - <double>mh)
+    cdef float mh, ml, rs, v
+    if floating is float and f32_xhat_ok(rstd):
+        split_mean(mean, &mh, &ml)
         rs = <float>rstd
         if w != NULL and b != NULL:
             for k in range(k0, k1):
@@ -67,6 +69,14 @@ cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
         else:
             for k in range(k0, k1):
                 y[k] = ((x[k] - mh) - ml) * rs
+    elif floating is float:
+        for k in range(k0, k1):
+            v = <float>((x[k] - mean) * rstd)
+            if w != NULL:
+                v = v * w[k]
+            if b != NULL:
+                v = v + b[k]
+            y[k] = v
     else:
         if w != NULL and b != NULL:
             for k in range(k0, k1):
@@ -175,22 +185,22 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
 # ---- backward -------------------------------------------------------------------------
 
 cdef inline void _row_coeffs(const double* sdy, const double* sdyx, const double* rstd,
-                             Py_ssize_t r, Py_ssize_t K, int rms, double* kx,
-                             double* c0) noexcept nogil:
-    """dx = rstd * w * dy - kx * xhat - c0 for row r, from g = w * dy:
-    kx = rstd * mean(g * xhat) = rstd * (rstd * sum(g * (x - mean)) / K),
-    c0 = rstd * sum(g) / K (0 for RMSNorm)."""
-    cdef double rs = rstd[r]
-    kx[0] = rs * (rs * sdyx[r] / <double>K)
-    c0[0] = 0.0 if rms else rs * sdy[r] / <double>K
+                             Py_ssize_t r, Py_ssize_t K, int rms, double* mg,
+                             double* mgx) noexcept nogil:
+    """dx = rstd * ((w * dy - mg) - xhat * mgx) for row r (see grad_const), from
+    g = w * dy: mg = mean(g) = sum(g) / K (0 for RMSNorm),
+    mgx = mean(g * xhat) = rstd * sum(g * (x - mean)) / K."""
+    mg[0] = 0.0 if rms else sdy[r] / <double>K
+    mgx[0] = rstd[r] * sdyx[r] / <double>K
 
 
-cdef inline void _tile_row(const double* dy, const double* x, double* dx,
-                           const double* w, Py_ssize_t n, double mean, double rstd,
-                           double kx, double c0, double* acc_w,
+cdef inline void _tile_row(const floating* dy, const floating* x, floating* dx,
+                           const floating* w, Py_ssize_t n, double mean, double rstd,
+                           double mg, double mgx, double* acc_w,
                            double* acc_b) noexcept nogil:
-    """One float64 row of a tile: dx = rstd * w * dy - kx * xhat - c0, and per column
-    acc_w += dy * xhat, acc_b += dy (float32 data: cn_row_tile_f32 in _lanes.h)."""
+    """One row of a tile in float64: dx = rstd * ((w * dy - mg) - xhat * mgx), and per
+    column acc_w += dy * xhat, acc_b += dy. float32 data take cn_row_tile_f32 (_lanes.h)
+    instead, except rows whose xhat float32 cannot form (f32_xhat_ok)."""
     cdef Py_ssize_t k
     cdef double xd
     if w == NULL:
@@ -198,13 +208,13 @@ cdef inline void _tile_row(const double* dy, const double* x, double* dx,
             xd = (x[k] - mean) * rstd
             acc_w[k] += dy[k] * xd
             acc_b[k] += dy[k]
-            dx[k] = rstd * dy[k] - kx * xd - c0
+            dx[k] = <floating>(rstd * ((dy[k] - mg) - xd * mgx))
     else:
         for k in range(n):
             xd = (x[k] - mean) * rstd
             acc_w[k] += dy[k] * xd
             acc_b[k] += dy[k]
-            dx[k] = rstd * (dy[k] * w[k]) - kx * xd - c0
+            dx[k] = <floating>(rstd * ((<double>dy[k] * w[k] - mg) - xd * mgx))
 
 
 cdef inline Py_ssize_t acc_rows(Py_ssize_t R) noexcept nogil:
@@ -223,25 +233,37 @@ cdef void _tile(const floating* dy, const floating* x, floating* dx, const float
     """Rows [r0, r1) (at most ROWS_PER_BLOCK), columns [k0, k0 + kn): write dx, and add
     dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row."""
     cdef float coef[5 * ROWS_PER_BLOCK]
-    cdef Py_ssize_t r, j
-    cdef double kx, c0
+    cdef Py_ssize_t r, j, ra
+    cdef double mg, mgx
     if floating is float:
-        # float32 coefficients per row (the mean as hi + lo), then the vector tile
-        for r in range(r0, r1):
-            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &kx, &c0)
-            j = 5 * (r - r0)
-            coef[j] = <float>mean[r]
-            coef[j + 1] = <float>(mean[r] - <double>coef[j])
-            coef[j + 2] = <float>rstd[r]
-            coef[j + 3] = <float>kx
-            coef[j + 4] = <float>c0
-        cn_row_tile_f32(dy + r0 * K + k0, x + r0 * K + k0, dx + r0 * K + k0,
-                        NULL if w == NULL else w + k0, K, r1 - r0, kn, coef, acc_w, acc_b)
+        # runs of rows whose xhat float32 can form: float32 coefficients per row (the
+        # mean as hi + lo), then the vector tile; other rows in float64
+        r = r0
+        while r < r1:
+            ra = r
+            while r < r1 and f32_xhat_ok(rstd[r]):
+                _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
+                j = 5 * (r - ra)
+                split_mean(mean[r], &coef[j], &coef[j + 1])
+                coef[j + 2] = <float>rstd[r]
+                coef[j + 3] = <float>mg
+                coef[j + 4] = <float>mgx
+                r += 1
+            if r > ra:
+                cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
+                                NULL if w == NULL else w + k0, K, r - ra, kn, coef, acc_w,
+                                acc_b)
+            if r < r1:
+                _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
+                _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
+                          NULL if w == NULL else w + k0, kn, mean[r], rstd[r], mg, mgx,
+                          acc_w, acc_b)
+                r += 1
     else:
         for r in range(r0, r1):
-            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &kx, &c0)
+            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
             _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                      NULL if w == NULL else w + k0, kn, mean[r], rstd[r], kx, c0,
+                      NULL if w == NULL else w + k0, kn, mean[r], rstd[r], mg, mgx,
                       acc_w, acc_b)
 
 

@@ -5,10 +5,12 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from cynorm._openmp cimport CYNORM_HAVE_OPENMP, cynorm_num_threads, cynorm_register_atfork
+from cynorm._openmp cimport CYNORM_HAVE_OPENMP, cynorm_init_fork_guard, cynorm_num_threads
+
+from cynorm._kernels import INHERITED_OPENMP_POOL
 
 cnp.import_array()
-cynorm_register_atfork()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 
 def get_num_threads():

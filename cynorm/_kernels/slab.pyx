@@ -13,7 +13,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 
-from cynorm._openmp cimport cynorm_register_atfork, cynorm_threads_for
+from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_act,
     act_grad_const, lane_grad_sums, grad_const, data,
@@ -21,8 +21,10 @@ from cynorm._kernels._common cimport (
 
 import numpy as np
 
+from cynorm._kernels import INHERITED_OPENMP_POOL
+
 cnp.import_array()
-cynorm_register_atfork()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 
 cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start,
@@ -32,15 +34,15 @@ cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start
     """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i.
     act: the activation epilogue (0: none)."""
     cdef Py_ssize_t i = start, j, stop
-    cdef double scale, shift
+    cdef double wc, shift
     while i < end:
         j = i // HW
         stop = (j + 1) * HW
         if stop > end:
             stop = end
-        scale = rstd if w == NULL else rstd * w[c_first + j]
+        wc = 1.0 if w == NULL else w[c_first + j]
         shift = 0.0 if b == NULL else b[c_first + j]
-        affine_act(xs + i, ys + i, stop - i, mean, scale, shift, act)
+        affine_act(xs + i, ys + i, stop - i, mean, rstd, wc, shift, act)
         i = stop
 
 
@@ -135,8 +137,8 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
         A += wj * sdy[q]
         B += wj * sdyx[q]
     # mean(g) = A / M, mean(g * xhat) = rs * B / M
-    grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW,
-               rs if w == NULL else rs * w[c], mean[s], rs, rs * (rs * B / M), rs * A / M,
+    grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW, 1.0 if w == NULL else w[c],
+               A / M, rs * B / M, mean[s], rs,
                dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
 
 
@@ -146,9 +148,8 @@ cdef inline void _run_act_grad(const floating* dy, const floating* x, floating* 
                                Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
     """g = dy * act'(a) over run r = n * C + c, a the forward's pre-activation."""
     cdef Py_ssize_t c = r % C, s = (r // C) * G + c // (C // G)
-    act_grad_const(dy + r * HW, x + r * HW, g + r * HW, HW, mean[s],
-                   rstd[s] if w == NULL else rstd[s] * w[c], 0.0 if b == NULL else b[c],
-                   act)
+    act_grad_const(dy + r * HW, x + r * HW, g + r * HW, HW, mean[s], rstd[s],
+                   1.0 if w == NULL else w[c], 0.0 if b == NULL else b[c], act)
 
 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
