@@ -55,7 +55,7 @@ def test_float32_relu_is_exact():
     assert np.array_equal(_apply("relu", SWEEP), np.maximum(SWEEP, 0).astype(np.float32))
 
 
-@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "relu"])
 def test_float32_activation_derivative_within_2_ulp(name):
     dy = np.ones_like(SWEEP)
     g = _apply_grad(name, SWEEP, dy)
@@ -65,6 +65,20 @@ def test_float32_activation_derivative_within_2_ulp(name):
     assert ok.mean() > 0.99
     ulps = np.abs(_ordinal(g[ok]) - _ordinal(want[ok].astype(np.float32)))
     assert ulps.max() <= 2, name
+
+
+def test_float32_silu_derivative_within_8_roundings_of_its_terms():
+    # silu' = s (1 + x (1 - s)) crosses zero near x = -1.28, where no relative bound
+    # holds: the error is bounded by float32 roundings of the terms' size instead
+    g = _apply_grad("silu", SWEEP, np.ones_like(SWEEP))
+    x = SWEEP.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = grad_ref("silu", x)
+        s = 1.0 / (1.0 + np.exp(-x))
+        terms = s * (1.0 + np.abs(x) * (1.0 - s))
+    ok = np.isfinite(want)
+    err = np.abs(g[ok] - want[ok]) / (terms[ok] * 2.0 ** -24 + 2.0 ** -149)
+    assert err.max() <= 8
 
 
 @pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu"])

@@ -7,11 +7,11 @@
  * SSE2, AVX2 and AVX-512 and do not depend on a value's position in the array (the
  * tail of a run is padded to a full vector and computed the same way).
  *
- * float32 data are widened to float64, computed there with polynomials of float32-grade
- * accuracy (relative error below 1e-8 before the final rounding) and rounded once on the
- * store: silu, gelu and gelu_tanh are within 1 ulp of the correctly rounded float32
- * value of the exact function over the whole float32 range (tests/test_activations.py
- * sweeps it). float64 data use full-precision polynomials (a few ulp; in the far negative
+ * float32 data: silu runs in 16 float32 lanes (below: within 2 ulp of the correctly
+ * rounded value); gelu and gelu_tanh are widened to float64, computed there with
+ * polynomials of float32-grade accuracy (relative error below 1e-8 before the final
+ * rounding) and rounded once on the store: within 1 ulp. Both over the whole float32
+ * range (tests/test_activations.py sweeps it). float64 data use full-precision polynomials (a few ulp; in the far negative
  * tails, where the result is tiny, gelu and gelu_tanh lose up to ~1e-13 relative through
  * the rounding of their argument, x / sqrt(2) or 2u, as any float64 formula does).
  *
@@ -243,6 +243,82 @@ static inline cn_v8d cn_relu_grad8(cn_v8d x, int full) {
     return cn_sel(x != x, x, cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO));
 }
 
+/* ---- silu in float32 lanes ------------------------------------------------------------
+ * The epilogue of the common case (GroupNorm + SiLU on float32) at twice the lanes and
+ * without conversions: silu(x) = x / (1 + E), E = exp(-x) = 2^n (1 + p) with 1 + p
+ * never rounded. With k = max(n, 0), 1 + E = 2^k d, d = 2^-k + 2^(n-k) (1 + p), every
+ * term of d in range for any x (2^-k and 2^(n-k) are 1 or below), and
+ * silu(x) = (x / d) 2^-k, the scaling last (exact, or the one rounding of a subnormal
+ * result). Three roundings (d, the quotient, p's last add) and p's truncation (< 1e-8):
+ * within 2 ulp of the correctly rounded result (the sweep in tests/test_activations.py
+ * measures 1 ulp). Also exact: silu(x) = x for x > 87, -0 for x < -120. */
+
+typedef float cn_v16f __attribute__((vector_size(64)));
+typedef int cn_v16i __attribute__((vector_size(64)));
+
+#define CN_FSPLAT(c) ((cn_v16f){c, c, c, c, c, c, c, c, c, c, c, c, c, c, c, c})
+#define CN_IZERO ((cn_v16i){0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
+
+static inline cn_v16f cn_self(cn_v16i m, cn_v16f a, cn_v16f b) {
+    return (cn_v16f)(((cn_v16i)a & m) | ((cn_v16i)b & ~m));
+}
+
+/* 2^j for integer lanes j in [-126, 127] */
+static inline cn_v16f cn_pow2f(cn_v16i j) {
+    return (cn_v16f)((j + 127) << 23);
+}
+
+/* the pieces of 1 + exp(-x) = 2^k d: d, u = 2^(n-k), p, and the halves k1 + k2 = k of
+ * the final scaling (each 2^-k1, 2^-k2 normal) */
+static inline void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
+                                   cn_v16i* k1, cn_v16i* k2) {
+    const cn_v16f magic = CN_FSPLAT(12582912.0f); /* 1.5 * 2^23: round to integer */
+    cn_v16f a = -x, kf, nf, r, q;
+    cn_v16i n, k, kc;
+    a = cn_self(a < CN_FSPLAT(-87.0f), CN_FSPLAT(-87.0f), a);
+    a = cn_self(a > CN_FSPLAT(120.0f), CN_FSPLAT(120.0f), a);
+    kf = a * CN_FSPLAT(1.44269504f) + magic;
+    nf = kf - magic;
+    n = (cn_v16i)kf - (cn_v16i)magic;
+    /* ln2 = 0.693359375 (9 bits: nf * hi exact) - 2.12194440e-4 */
+    r = (a - nf * CN_FSPLAT(0.693359375f)) - nf * CN_FSPLAT(-2.12194440e-4f);
+    q = CN_FSPLAT(1.0f / 5040.0f);
+    q = q * r + CN_FSPLAT(1.0f / 720.0f);
+    q = q * r + CN_FSPLAT(1.0f / 120.0f);
+    q = q * r + CN_FSPLAT(1.0f / 24.0f);
+    q = q * r + CN_FSPLAT(1.0f / 6.0f);
+    q = q * r + CN_FSPLAT(0.5f);
+    *p = r + (r * r) * q;                     /* e^r - 1 */
+    k = n & (n > CN_IZERO);                   /* max(n, 0) */
+    *u = cn_pow2f(n - k);
+    kc = k - ((k - 126) & (k > 126));         /* min(k, 126): 2^-k matters only when small */
+    *d = (cn_pow2f(-kc) + *u) + *u * *p;
+    *k1 = k >> 1;
+    *k2 = k - *k1;
+}
+
+static inline cn_v16f cn_silu16(cn_v16f x) {
+    cn_v16f d, u, p, y;
+    cn_v16i k1, k2;
+    cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
+    y = ((x / d) * cn_pow2f(-k1)) * cn_pow2f(-k2);
+    return cn_self(x < CN_FSPLAT(-120.0f), CN_FSPLAT(-0.0f), y);
+}
+
+/* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) = 2^-k / d, 1 - s = u (1 + p) / d;
+ * within a few float32 roundings of the size of the terms, s (1 + |x| (1 - s)) */
+static inline cn_v16f cn_silu_grad16(cn_v16f x) {
+    cn_v16f d, u, p, inv, g;
+    cn_v16i k1, k2;
+    cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
+    inv = CN_FSPLAT(1.0f) / d;
+    /* scaled by 2^-k last, so that a subnormal result is rounded once */
+    g = inv * (CN_FSPLAT(1.0f) + x * ((u + u * p) * inv));
+    g = (g * cn_pow2f(-k1)) * cn_pow2f(-k2);
+    g = cn_self(x > CN_FSPLAT(87.0f), CN_FSPLAT(1.0f), g);
+    return cn_self(x < CN_FSPLAT(-120.0f), CN_FSPLAT(0.0f), g);
+}
+
 /* ---- runs ----------------------------------------------------------------------------
  * One loop per function, chosen by a switch before the loop. The tail (< 8 elements)
  * goes through the same vector code, padded with zeros. */
@@ -298,6 +374,36 @@ static inline cn_v8d cn_relu_grad8(cn_v8d x, int full) {
         memcpy(g + i, &v, (size_t)(n - i) * sizeof(double));                           \
     }
 
+#define CN_ACT16_RUN(F)                                                                \
+    for (; i + 16 <= n; i += 16) {                                                     \
+        cn_v16f v;                                                                     \
+        memcpy(&v, a + i, sizeof v);                                                   \
+        v = F(v);                                                                      \
+        memcpy(y + i, &v, sizeof v);                                                   \
+    }                                                                                  \
+    if (i < n) {                                                                       \
+        cn_v16f v = CN_FSPLAT(0.0f);                                                   \
+        memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
+        v = F(v);                                                                      \
+        memcpy(y + i, &v, (size_t)(n - i) * sizeof(float));                            \
+    }
+
+#define CN_GRAD16_RUN(F)                                                               \
+    for (; i + 16 <= n; i += 16) {                                                     \
+        cn_v16f v, w;                                                                  \
+        memcpy(&v, a + i, sizeof v);                                                   \
+        memcpy(&w, dy + i, sizeof w);                                                  \
+        v = w * F(v);                                                                  \
+        memcpy(g + i, &v, sizeof v);                                                   \
+    }                                                                                  \
+    if (i < n) {                                                                       \
+        cn_v16f v = CN_FSPLAT(0.0f), w = CN_FSPLAT(0.0f);                              \
+        memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
+        memcpy(&w, dy + i, (size_t)(n - i) * sizeof(float));                           \
+        v = w * F(v);                                                                  \
+        memcpy(g + i, &v, (size_t)(n - i) * sizeof(float));                            \
+    }
+
 #define CN_ACT_SWITCH(RUN, GRAD)                                                       \
     switch (act) {                                                                     \
     case CN_ACT_SILU: RUN(cn_silu##GRAD##8) break;                                     \
@@ -310,6 +416,10 @@ static inline cn_v8d cn_relu_grad8(cn_v8d x, int full) {
 /* y = act(a) over n elements; y may be a. act = CN_ACT_NONE: nothing (y untouched). */
 static inline void cn_act_f32(const float* a, float* y, ptrdiff_t n, int act) {
     ptrdiff_t i = 0;
+    if (act == CN_ACT_SILU) {
+        CN_ACT16_RUN(cn_silu16)
+        return;
+    }
     CN_ACT_SWITCH(CN_ACT_RUN_F32, )
 }
 
@@ -324,6 +434,10 @@ static inline void cn_act_grad_f32(const float* a, const float* dy, float* g, pt
     ptrdiff_t i = 0;
     if (act == CN_ACT_NONE) {
         if (g != dy) memmove(g, dy, (size_t)n * sizeof(float));
+        return;
+    }
+    if (act == CN_ACT_SILU) {
+        CN_GRAD16_RUN(cn_silu_grad16)
         return;
     }
     CN_ACT_SWITCH(CN_GRAD_RUN_F32, _grad)
