@@ -132,8 +132,8 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
         if parts == NULL:
             for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
                 _add_span(x + r * K, res + r * K, h + r * K, K)
-                set_stats(h + r * K, &L, welford, not rms, eps, NULL, &mean[r], &rstd[r],
-                          NULL)
+                set_stats(h + r * K, &L, welford, not rms, eps,
+                          x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
                 _apply_row(h + r * K, y + r * K, w, b, K, mean[r], rstd[r])
             return
         for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
