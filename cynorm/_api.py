@@ -206,23 +206,29 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
     count = N * HW
+    if count == 0 and not return_stats:
+        return y  # an empty batch: nothing to normalise, running statistics unchanged
     if training:
         if count == 1:
             raise ValueError("batch_norm: expected more than 1 value per channel when "
                              f"training, got input of shape {x.shape}")
         mean = np.empty(C)
         rstd = np.empty(C)
-        var = np.empty(C)
+        var = np.empty(C) if rv is not None else None  # only the update needs it
         channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act)
         if count > 1:
             if rm is not None:
                 rm[...] = (1.0 - momentum) * rm + momentum * mean
             if rv is not None:
                 rv[...] = (1.0 - momentum) * rv + momentum * (var * (count / (count - 1)))
-    else:
+    elif return_stats:
         mean = np.array(rm, dtype=np.float64)
         rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-        channel.forward(x, y, w, b, mean, rstd, mean, N, C, HW, eps, welford, 0, act)
+        channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act)
+    else:  # the kernel forms rstd from running_var: no (C,) temporaries for it
+        channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64), None,
+                        np.ascontiguousarray(rv, dtype=np.float64), N, C, HW, eps,
+                        welford, 0, act)
     if return_stats:
         return y, mean, rstd
     return y
@@ -388,5 +394,5 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
     w = as_param(weight, "weight", ns, x.dtype)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, rstd), may_alias=(dy, x))
     dw = np.empty(ns, dtype=x.dtype)
-    row.backward(dy, x, dx, w, dw, None, np.zeros(lead), rstd, R, K, 1)
+    row.backward(dy, x, dx, w, dw, None, None, rstd, R, K, 1)
     return dx, dw

@@ -70,3 +70,78 @@ def test_peak_extra_memory_is_outputs_plus_small_workspace(name, dtype):
             tracemalloc.stop()
         extra = peak - _nbytes(result)
         assert extra <= x.nbytes // 8 + 64 * 1024, (name, extra, x.nbytes)
+
+
+# ---- BatchNorm's column path (short runs) and empty batches ------------------------------
+
+def _extra(call):
+    """Peak NumPy memory of call() beyond what it returns, and the result."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result = call()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    return peak - _nbytes(result), result
+
+
+@pytest.mark.parametrize("shape", [(2, 4 * 10**7), (2, 10**6, 3), (65, 10**5),
+                                   (130, 3000, 5), (200, 7, 63)], ids=str)
+def test_batch_norm_column_path_scratch_is_within_an_eighth_of_the_input(shape):
+    """Short runs (HW < 64): one row block (N < 128, e.g. a batch of 2 over 4e7
+    features: 320 MB) and several; training forward with its statistics, eval forward,
+    and the backward in both modes. Scratch beyond the outputs: at most 1/8 of x."""
+    x = np.ones(shape, np.float32)
+    x[1::2] = 2
+    C = shape[1]
+    limit = x.nbytes // 8 + 64 * 1024
+    extra, (y, m, r) = _extra(lambda: cynorm.batch_norm(x, training=True,
+                                                        return_stats=True))
+    assert extra <= limit, ("training forward", extra, x.nbytes)
+    del y
+    rm, rv = np.zeros(C), np.ones(C)
+    extra, y = _extra(lambda: cynorm.batch_norm(x, rm, rv))
+    assert extra <= limit, ("eval forward", extra, x.nbytes)
+    del y
+    for training in (True, False):
+        extra, g = _extra(lambda: cynorm.batch_norm_backward(x, x, m, r,
+                                                             training=training))
+        assert extra <= limit, ("backward", training, extra, x.nbytes)
+        del g
+
+
+@pytest.mark.parametrize("shape", [(0, 10**6, 63), (0, 10**7, 63)], ids=str)
+def test_batch_norm_of_an_empty_batch_allocates_nothing(shape):
+    """No elements: the call returns at once with an empty y, allocating no per-column
+    scratch (10**7 channels of 63 columns would be gigabytes), and the running
+    statistics are unchanged."""
+    C = shape[1]
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    x = np.empty(shape, np.float32)
+    for training in (False, True):
+        extra, y = _extra(lambda: cynorm.batch_norm(x, rm, rv, training=training))
+        assert y.shape == shape and extra <= 64 * 1024, (training, extra)
+    assert not rm.any() and (rv == 1).all()
+    m, r = np.zeros(C), np.ones(C)
+    extra, g = _extra(lambda: cynorm.batch_norm_backward(x, x, m, r))
+    assert g[0].shape == shape and extra <= 64 * 1024, extra
+
+
+@pytest.mark.parametrize("shape", [(40, 100000), (33, 50000), (200000, 2)], ids=str)
+def test_layer_norm_backward_scratch_is_within_an_eighth_of_the_input(shape):
+    """Row counts just above a multiple of 32 (a partial last sub-block of rows) and
+    very short rows (per-row sums would be 4x the input): at most 1/8 of x beyond the
+    outputs."""
+    x = np.ones(shape, np.float32)
+    x[:, ::2] = 2
+    K = shape[1]
+    _, m, r = cynorm.layer_norm(x, K, return_stats=True)
+    for rms in (False, True):
+        if rms:
+            call = lambda: cynorm.rms_norm_backward(x, x, r, K, np.ones(K, np.float32))  # noqa: E731
+        else:
+            call = lambda: cynorm.layer_norm_backward(x, x, m, r, K)  # noqa: E731
+        extra, _ = _extra(call)
+        assert extra <= x.nbytes // 8 + 64 * 1024, (rms, extra, x.nbytes)

@@ -305,11 +305,12 @@ cdef inline void split_grad_sums(const floating* dy, const floating* x, const fl
                                  Py_ssize_t set_stride, const double* mean, double* parts,
                                  double* sdy, double* sdyx, int nt) noexcept nogil:
     """set_grad_sums for every set, pieces shared out among the threads (2 doubles of
-    parts per piece). Same bits as set_grad_sums."""
+    parts per piece; mean NULL: every mean 0). Same bits as set_grad_sums."""
     cdef Py_ssize_t P = L.n_pieces, k, s, p
     for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
         s = k // P
-        piece_grad_sums(dy + s * set_stride, x + s * set_stride, w, L, k - s * P, mean[s],
+        piece_grad_sums(dy + s * set_stride, x + s * set_stride, w, L, k - s * P,
+                        0.0 if mean == NULL else mean[s],
                         &parts[2 * k], &parts[2 * k + 1])
     for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
         sdy[s] = 0

@@ -4,9 +4,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 def forward(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None,
-            bias: np.ndarray | None, mean: NDArray[np.float64], rstd: NDArray[np.float64],
-            var: NDArray[np.float64], N: int, C: int, HW: int, eps: float, welford: int,
-            training: int, act: int = 0) -> None: ...
+            bias: np.ndarray | None, mean: NDArray[np.float64],
+            rstd: NDArray[np.float64] | None, var: NDArray[np.float64] | None, N: int,
+            C: int, HW: int, eps: float, welford: int, training: int,
+            act: int = 0) -> None: ...
 def backward(dy: np.ndarray, x: np.ndarray, dx: np.ndarray, weight: np.ndarray | None,
              dweight: np.ndarray, dbias: np.ndarray, mean: NDArray[np.float64],
              rstd: NDArray[np.float64], N: int, C: int, HW: int, training: int,

@@ -7,21 +7,27 @@ fewer than 4 channels per thread the channels are split into fixed pieces (short
 grouped, long runs cut) whose partial results merge in a fixed order: the same bits.
 
 Short runs (HW < SHORT_RUN, e.g. BatchNorm over (N, C) features) would make a channel a
-strided gather. Then x is read as an (N, D = C * HW) matrix instead: tiles of
-COL_ROWS rows by COL_WIDTH columns compute per-column partial moments (or gradient sums)
-with contiguous, vectorised loops; the partials merge per channel over blocks and
-columns in a fixed order; the apply runs row by row with per-column coefficients.
+strided gather. Then x is read as an (N, D = C * HW) matrix instead, in tiles of whole
+channels (at most COL_WIDTH columns) by blocks of rows (COL_ROWS to 2 * COL_ROWS - 1
+rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column moments (or
+gradient sums) with contiguous, vectorised loops and merges them per channel; the
+per-block results merge per channel in block order; the apply runs row by row with
+per-channel coefficients. Scratch: two float64 per channel and row block beyond the
+first, at most 1/16 of a float32 input; with a single row block the moments go straight
+into the outputs and the backward handles each tile's dx while it is in cache, with no
+scratch at all.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.math cimport sqrt
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
-    affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, ACT_BLOCK, data,
+    affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
 )
 from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
 
@@ -34,24 +40,33 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 cdef enum:
     SHORT_RUN = 64    # runs shorter than this take the column path
-    COL_ROWS = 64     # rows per column tile: partials are 1/16 of a float32 input
+    COL_ROWS = 64     # rows per block (the last takes the rest): per-channel partials of
+                      # 16 bytes per block are at most 1/16 of a float32 input
     COL_WIDTH = 1024  # columns per tile: 64 x 1024 float32 = 256 KiB stays in L2
+    APPLY_ROWS = 16   # rows per work item of the apply (eval: its rstd formed once)
 
 
 # ---- column path (short runs) ----------------------------------------------------------
 
-cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1,
-                            Py_ssize_t j0, Py_ssize_t j1, int welford, double* pm,
-                            double* pq) noexcept nogil:
-    """Per-column mean and m2 of rows [r0, r1) of columns [j0, j1) into pm[j], pq[j]:
-    corrected two-pass or Welford, columns side by side (elementwise, vectorised)."""
+cdef inline Py_ssize_t _col_blocks(Py_ssize_t N) noexcept nogil:
+    return N // COL_ROWS if N >= COL_ROWS else 1
+
+
+cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t HW,
+                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                            int welford, double* pm, double* pq) noexcept nogil:
+    """Per-channel mean and m2 of rows [r0, r1) of channels [c0, c1) into pm[c], pq[c]:
+    per column (corrected two-pass or Welford, columns side by side, vectorised), then
+    the HW columns of each channel merged in order."""
+    cdef double cm[COL_WIDTH]
+    cdef double cq[COL_WIDTH]
     cdef double sd[COL_WIDTH]
-    cdef double cnt = <double>(r1 - r0), d, v, k
-    cdef Py_ssize_t r, j, n = j1 - j0
+    cdef double cnt = <double>(r1 - r0), d, v, k, n_, m_, q_
+    cdef Py_ssize_t r, j, c, h, j0 = c0 * HW, n = (c1 - c0) * HW
     cdef const floating* xr
     for j in range(n):
-        pm[j0 + j] = 0
-        pq[j0 + j] = 0
+        cm[j] = 0
+        cq[j] = 0
         sd[j] = 0
     if welford:
         k = 0
@@ -60,168 +75,278 @@ cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0, Py_s
             k = k + 1
             for j in range(n):
                 v = xr[j]
-                d = v - pm[j0 + j]
-                pm[j0 + j] += d / k
-                pq[j0 + j] += d * (v - pm[j0 + j])
-        return
-    for r in range(r0, r1):
-        xr = x + r * D + j0
+                d = v - cm[j]
+                cm[j] += d / k
+                cq[j] += d * (v - cm[j])
+    else:
+        for r in range(r0, r1):
+            xr = x + r * D + j0
+            for j in range(n):
+                cm[j] += xr[j]
         for j in range(n):
-            pm[j0 + j] += xr[j]
-    for j in range(n):
-        pm[j0 + j] = pm[j0 + j] / cnt
-    for r in range(r0, r1):
-        xr = x + r * D + j0
+            cm[j] = cm[j] / cnt
+        for r in range(r0, r1):
+            xr = x + r * D + j0
+            for j in range(n):
+                d = xr[j] - cm[j]
+                sd[j] += d
+                cq[j] += d * d
         for j in range(n):
-            d = xr[j] - pm[j0 + j]
-            sd[j] += d
-            pq[j0 + j] += d * d
-    for j in range(n):
-        pm[j0 + j] += sd[j] / cnt
-        pq[j0 + j] = max(pq[j0 + j] - sd[j] * sd[j] / cnt, 0.0)
+            cm[j] += sd[j] / cnt
+            cq[j] = max(cq[j] - sd[j] * sd[j] / cnt, 0.0)
+    for c in range(c0, c1):
+        n_ = 0
+        m_ = 0
+        q_ = 0
+        for h in range(HW):
+            chan_merge(&n_, &m_, &q_, cnt, cm[(c - c0) * HW + h], cq[(c - c0) * HW + h])
+        pm[c] = m_
+        pq[c] = q_
 
 
-cdef void _col_tile_grad_sums(const floating* dy, const floating* x, const double* colm,
-                              Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t j0,
-                              Py_ssize_t j1, double* ps, double* psx) noexcept nogil:
-    """Per-column sum(dy) and sum(dy * (x - mean)) over rows [r0, r1)."""
-    cdef Py_ssize_t r, j, n = j1 - j0
-    cdef const floating* dyr
+cdef void _col_apply(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t r0,
+                     Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+                     const double* mean, const double* rstd, const double* var,
+                     double eps, const floating* w, const floating* b,
+                     int act) noexcept nogil:
+    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, in float64,
+    then the activation act on each row's segment. rstd NULL (eval mode, no (C,) array
+    for it): 1 / sqrt(var + eps), formed once per channel here."""
+    cdef double rsl[COL_WIDTH]
+    cdef const double* rs = rstd
     cdef const floating* xr
-    for j in range(n):
-        ps[j0 + j] = 0
-        psx[j0 + j] = 0
+    cdef floating* yr
+    cdef Py_ssize_t c, r
+    if rstd == NULL:
+        for c in range(c0, c1):
+            rsl[c - c0] = 1.0 / sqrt(var[c] + eps)
+        rs = rsl - c0
     for r in range(r0, r1):
-        dyr = dy + r * D + j0
-        xr = x + r * D + j0
-        for j in range(n):
-            ps[j0 + j] += dyr[j]
-            psx[j0 + j] += dyr[j] * (xr[j] - colm[j0 + j])
+        xr = x + r * D
+        yr = y + r * D
+        _col_affine_row(xr, yr, c0, c1, HW, mean, rs, w, b)
+        if act:
+            act_run(yr + c0 * HW, (c1 - c0) * HW, act)
 
 
-cdef void _col_affine_row(const floating* x, floating* y, const double* colm,
-                          const double* cola, const double* colc,
-                          Py_ssize_t D) noexcept nogil:
-    """One row: y = (x - colm) * cola + colc."""
-    cdef Py_ssize_t j
-    for j in range(D):
-        y[j] = <floating>((x[j] - colm[j]) * cola[j] + colc[j])
+cdef inline void _col_affine_row(const floating* xr, floating* yr, Py_ssize_t c0,
+                                 Py_ssize_t c1, Py_ssize_t HW, const double* mean,
+                                 const double* rs, const floating* w,
+                                 const floating* b) noexcept nogil:
+    """Channels [c0, c1) of one row: yr = ((xr - mean) * rs) * w + b, in float64."""
+    cdef Py_ssize_t c, h
+    cdef double m, rc, wc, bc
+    if HW == 1:
+        for c in range(c0, c1):
+            yr[c] = <floating>(((xr[c] - mean[c]) * rs[c]) *
+                               (1.0 if w == NULL else w[c]) + (0.0 if b == NULL else b[c]))
+        return
+    for c in range(c0, c1):
+        m = mean[c]
+        rc = rs[c]
+        wc = 1.0 if w == NULL else w[c]
+        bc = 0.0 if b == NULL else b[c]
+        for h in range(c * HW, (c + 1) * HW):
+            yr[h] = <floating>(((xr[h] - m) * rc) * wc + bc)
 
 
-cdef void _col_act_grad_row(const floating* dy, const floating* x, floating* g,
-                            const double* colm, const double* cola, const double* colc,
-                            Py_ssize_t D, int act) noexcept nogil:
-    """One row: g = dy * act'(a), a = (x - colm) * cola + colc rounded as
-    _col_affine_row rounds it (the forward's pre-activation). g may be dy."""
-    cdef floating a[ACT_BLOCK]
-    cdef Py_ssize_t i = 0, e
-    while i < D:
-        e = i + ACT_BLOCK if i + ACT_BLOCK < D else D
-        _col_affine_row(x + i, a, colm + i, cola + i, colc + i, e - i)
-        if floating is float:
-            cn_act_grad_f32(a, dy + i, g + i, e - i, act)
-        else:
-            cn_act_grad_f64(a, dy + i, g + i, e - i, act)
-        i = e
-
-
-cdef void _col_grad_row(const floating* dy, const floating* x, floating* dx,
-                        const double* colm, const double* cola, const double* colb,
-                        const double* colc, Py_ssize_t D) noexcept nogil:
-    """One row: dx = cola * dy - colb * (x - colm) - colc."""
-    cdef Py_ssize_t j
-    for j in range(D):
-        dx[j] = <floating>(cola[j] * dy[j] - colb[j] * (x[j] - colm[j]) - colc[j])
+cdef void _col_act_grad(const floating* dy, const floating* x, floating* g, Py_ssize_t D,
+                        Py_ssize_t r, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+                        const double* mean, const double* rstd, const floating* w,
+                        const floating* b, int act) noexcept nogil:
+    """Row r, channels [c0, c1) (at most COL_WIDTH columns): g = dy * act'(a), a the
+    forward's pre-activation, recomputed as _col_apply computes it. g may be dy."""
+    cdef floating a[COL_WIDTH]
+    cdef Py_ssize_t o = r * D + c0 * HW, n = (c1 - c0) * HW
+    _col_affine_row(x + r * D, a - c0 * HW, c0, c1, HW, mean, rstd, w, b)
+    if floating is float:
+        cn_act_grad_f32(a, dy + o, g + o, n, act)
+    else:
+        cn_act_grad_f64(a, dy + o, g + o, n, act)
 
 
 cdef void _col_forward(const floating* x, floating* y, const floating* w,
                        const floating* b, double* mean, double* rstd, double* var,
-                       double* part, double* cols, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t HW, double eps, int welford, int training, int act,
+                       double* part, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                       double eps, int welford, int training, int act,
                        int nt) noexcept nogil:
-    """Forward on the column path; part: 2 * n_blocks * D doubles, cols: 3 * D."""
-    cdef Py_ssize_t D = C * HW, n_blocks = (N + COL_ROWS - 1) // COL_ROWS
-    cdef Py_ssize_t n_pieces = (D + COL_WIDTH - 1) // COL_WIDTH, t, blk, j0, c, q, h, j, r
-    cdef double* pm = part
-    cdef double* pq = part + n_blocks * D
+    """Forward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1
+    (one block: the moments go to mean and var, or rstd when var is NULL). Eval mode
+    with rstd NULL: var is the running variance, rstd formed per channel."""
+    cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
+    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, q, c0, r0, blk
+    cdef double* pm = mean if nb == 1 else part
+    cdef double* pq = (var if var != NULL else rstd) if nb == 1 else part + nb * C
     cdef double cnt, m, m2
     if training:
-        for t in prange(n_blocks * n_pieces, nogil=True, num_threads=nt, schedule="static"):
-            blk = t // n_pieces
-            j0 = (t % n_pieces) * COL_WIDTH
-            _col_tile_moments(x + blk * COL_ROWS * D, D, 0,
-                              min(COL_ROWS, N - blk * COL_ROWS), j0,
-                              min(j0 + COL_WIDTH, D), welford, pm + blk * D, pq + blk * D)
+        # tiles block-major: block blk = t // n_tiles has rows [blk * COL_ROWS, ...),
+        # the last block to N
+        for t in prange(nb * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+            blk = t // n_tiles
+            c0 = (t % n_tiles) * cpt
+            r0 = blk * COL_ROWS
+            _col_tile_moments(x, D, HW, r0, N if blk == nb - 1 else r0 + COL_ROWS, c0,
+                              min(c0 + cpt, C), welford, pm + blk * C, pq + blk * C)
         for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-            cnt = 0
-            m = 0
-            m2 = 0
-            for q in range(n_blocks):
-                for h in range(HW):
-                    chan_merge(&cnt, &m, &m2, <double>min(COL_ROWS, N - q * COL_ROWS),
-                               pm[q * D + c * HW + h], pq[q * D + c * HW + h])
-            mean[c] = m
-            var[c] = m2 / <double>(N * HW)
+            if nb == 1:
+                m2 = pq[c]
+            else:
+                cnt = 0
+                m = 0
+                m2 = 0
+                for q in range(nb):
+                    chan_merge(&cnt, &m, &m2,
+                               <double>(((N if q == nb - 1 else (q + 1) * COL_ROWS)
+                                         - q * COL_ROWS) * HW),
+                               pm[q * C + c], pq[q * C + c])
+                mean[c] = m
+            if var != NULL:
+                var[c] = m2 / <double>(N * HW)
             rstd[c] = inv_std(m2, N * HW, eps)
-    for j in range(D):
-        c = j // HW
-        cols[j] = mean[c]
-        cols[D + j] = rstd[c] if w == NULL else rstd[c] * w[c]
-        cols[2 * D + j] = 0.0 if b == NULL else b[c]
-    for r in prange(N, nogil=True, num_threads=nt, schedule="static"):
-        _col_affine_row(x + r * D, y + r * D, cols, cols + D, cols + 2 * D, D)
-        act_run(y + r * D, D, act)
+    # the apply: work items of APPLY_ROWS rows by one tile
+    for t in prange(((N + APPLY_ROWS - 1) // APPLY_ROWS) * n_tiles, nogil=True,
+                    num_threads=nt, schedule="static"):
+        c0 = (t % n_tiles) * cpt
+        r0 = (t // n_tiles) * APPLY_ROWS
+        _col_apply(x, y, D, r0, min(r0 + APPLY_ROWS, N), c0, min(c0 + cpt, C), HW, mean,
+                   rstd, var, eps, w, b, act)
+
+
+cdef void _col_tile_grad_sums(const floating* dy, const floating* x, const double* mean,
+                              Py_ssize_t D, Py_ssize_t HW, Py_ssize_t r0, Py_ssize_t r1,
+                              Py_ssize_t c0, Py_ssize_t c1, double* ps,
+                              double* psx) noexcept nogil:
+    """Per-channel sum(dy) and sum(dy * (x - mean)) over rows [r0, r1) of channels
+    [c0, c1) into ps[c], psx[c]: per column, then each channel's columns in order."""
+    cdef double cs[COL_WIDTH]
+    cdef double csx[COL_WIDTH]
+    cdef double a, bb
+    cdef Py_ssize_t r, j, c, h, j0 = c0 * HW, n = (c1 - c0) * HW
+    cdef const floating* dyr
+    cdef const floating* xr
+    for j in range(n):
+        cs[j] = 0
+        csx[j] = 0
+    for r in range(r0, r1):
+        dyr = dy + r * D + j0
+        xr = x + r * D + j0
+        if HW == 1:
+            for j in range(n):
+                cs[j] += dyr[j]
+                csx[j] += dyr[j] * (xr[j] - mean[c0 + j])
+        else:
+            for j in range(n):
+                cs[j] += dyr[j]
+                csx[j] += dyr[j] * (xr[j] - mean[c0 + j // HW])
+    for c in range(c0, c1):
+        a = 0
+        bb = 0
+        for h in range(HW):
+            a += cs[(c - c0) * HW + h]
+            bb += csx[(c - c0) * HW + h]
+        ps[c] = a
+        psx[c] = bb
+
+
+cdef inline void _col_coeffs(double sdy, double sdyx, double rs, double wc, double M,
+                             int training, double* mg, double* mgx) noexcept nogil:
+    """dx = rstd * ((w * dy - mg) - xhat * mgx) (see grad_const); eval: mg = mgx = 0.
+    mean(dy) first, so that a constant g gives mg == g exactly."""
+    mg[0] = wc * (sdy / M) if training else 0.0
+    mgx[0] = wc * (rs * sdyx / M) if training else 0.0
+
+
+cdef void _col_grad(const floating* dy, const floating* x, floating* dx, Py_ssize_t c0,
+                    Py_ssize_t c1, Py_ssize_t HW, const double* mean, const double* rstd,
+                    const floating* w, const double* mg, const double* mgx) noexcept nogil:
+    """Channels [c0, c1) of one row, in float64; mg, mgx indexed by channel."""
+    cdef Py_ssize_t c, h
+    cdef double m, rs, wc, g0, k
+    if HW == 1:
+        for c in range(c0, c1):
+            rs = rstd[c]
+            dx[c] = <floating>(rs * (((1.0 if w == NULL else w[c]) * dy[c] - mg[c])
+                                     - ((x[c] - mean[c]) * rs) * mgx[c]))
+        return
+    for c in range(c0, c1):
+        m = mean[c]
+        rs = rstd[c]
+        wc = 1.0 if w == NULL else w[c]
+        g0 = mg[c]
+        k = mgx[c]
+        for h in range(c * HW, (c + 1) * HW):
+            dx[h] = <floating>(rs * ((wc * dy[h] - g0) - ((x[h] - m) * rs) * k))
+
+
+cdef void _col_tile_backward(const floating* dy, const floating* x, floating* dx,
+                             const floating* w, floating* dw, floating* db,
+                             const double* mean, const double* rstd, Py_ssize_t N,
+                             Py_ssize_t C, Py_ssize_t HW, Py_ssize_t c0, Py_ssize_t c1,
+                             int training) noexcept nogil:
+    """One row block (all N rows) of channels [c0, c1): the sums, dweight and dbias,
+    then dx while the tile is in cache. Coefficients on the stack, offset by c0."""
+    cdef double ps[COL_WIDTH]
+    cdef double psx[COL_WIDTH]
+    cdef Py_ssize_t D = C * HW, c, r
+    cdef double M = <double>(N * HW), sdy, sdyx
+    _col_tile_grad_sums(dy, x, mean, D, HW, 0, N, c0, c1, ps - c0, psx - c0)
+    for c in range(c0, c1):
+        sdy = ps[c - c0]
+        sdyx = psx[c - c0]
+        dw[c] = <floating>(sdyx * rstd[c])
+        db[c] = <floating>sdy
+        _col_coeffs(sdy, sdyx, rstd[c], 1.0 if w == NULL else w[c], M, training,
+                    &ps[c - c0], &psx[c - c0])
+    for r in range(N):
+        _col_grad(dy + r * D, x + r * D, dx + r * D, c0, c1, HW, mean, rstd, w, ps - c0,
+                  psx - c0)
 
 
 cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
                         const floating* w, const floating* b, floating* g, floating* dw,
-                        floating* db, const double* mean, const double* rstd, double* part,
-                        double* cols, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                        floating* db, const double* mean, const double* rstd,
+                        double* part, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                         int training, int act, int nt) noexcept nogil:
-    """Backward on the column path; part: 2 * n_blocks * D doubles, cols: 6 * D.
-    act != 0: first g = dy * act'(a) row by row (a recomputed with the forward's
-    per-column coefficients), which then takes dy's place."""
-    cdef Py_ssize_t D = C * HW, n_blocks = (N + COL_ROWS - 1) // COL_ROWS
-    cdef Py_ssize_t n_pieces = (D + COL_WIDTH - 1) // COL_WIDTH, t, blk, j0, c, q, h, j, r
+    """Backward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1.
+    act != 0: first g = dy * act'(a) row by row, which then takes dy's place."""
+    cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
+    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, q, c0, r0, blk
     cdef double* ps = part
-    cdef double* psx = part + n_blocks * D
-    cdef double sdy, sdyx, rs, wc, M = <double>(N * HW)
-    for j in range(D):
-        cols[j] = mean[j // HW]
+    cdef double* psx = part + nb * C
+    cdef double sdy, sdyx, M = <double>(N * HW)
     if act:
-        for j in range(D):
-            c = j // HW
-            cols[4 * D + j] = rstd[c] if w == NULL else rstd[c] * w[c]
-            cols[5 * D + j] = 0.0 if b == NULL else b[c]
-        for r in prange(N, nogil=True, num_threads=nt, schedule="static"):
-            _col_act_grad_row(dy + r * D, x + r * D, g + r * D, cols, cols + 4 * D,
-                              cols + 5 * D, D, act)
+        for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+            c0 = (t % n_tiles) * cpt
+            _col_act_grad(dy, x, g, D, t // n_tiles, c0, min(c0 + cpt, C), HW, mean, rstd,
+                          w, b, act)
         dy = g
-    for t in prange(n_blocks * n_pieces, nogil=True, num_threads=nt, schedule="static"):
-        blk = t // n_pieces
-        j0 = (t % n_pieces) * COL_WIDTH
-        _col_tile_grad_sums(dy + blk * COL_ROWS * D, x + blk * COL_ROWS * D, cols, D, 0,
-                            min(COL_ROWS, N - blk * COL_ROWS), j0, min(j0 + COL_WIDTH, D),
-                            ps + blk * D, psx + blk * D)
-    for c in range(C):
+    if nb == 1:
+        for t in prange(n_tiles, nogil=True, num_threads=nt, schedule="static"):
+            c0 = t * cpt
+            _col_tile_backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, c0,
+                               min(c0 + cpt, C), training)
+        return
+    for t in prange(nb * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+        blk = t // n_tiles
+        c0 = (t % n_tiles) * cpt
+        r0 = blk * COL_ROWS
+        _col_tile_grad_sums(dy, x, mean, D, HW, r0, N if blk == nb - 1 else r0 + COL_ROWS,
+                            c0, min(c0 + cpt, C), ps + blk * C, psx + blk * C)
+    # per channel: the blocks' sums in order, then its coefficients in block 0's slots
+    for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
         sdy = 0
         sdyx = 0
-        for q in range(n_blocks):
-            for h in range(HW):
-                sdy += ps[q * D + c * HW + h]
-                sdyx += psx[q * D + c * HW + h]
-        rs = rstd[c]
-        wc = 1.0 if w == NULL else w[c]
-        dw[c] = <floating>(sdyx * rs)
+        for q in range(nb):
+            sdy = sdy + ps[q * C + c]
+            sdyx = sdyx + psx[q * C + c]
+        dw[c] = <floating>(sdyx * rstd[c])
         db[c] = <floating>sdy
-        for h in range(HW):
-            cols[D + c * HW + h] = wc * rs
-            # ordered so that no intermediate leaves the float64 range
-            cols[2 * D + c * HW + h] = wc * (rs * (rs * (rs * sdyx / M))) if training else 0.0
-            cols[3 * D + c * HW + h] = wc * rs * sdy / M if training else 0.0
-    for r in prange(N, nogil=True, num_threads=nt, schedule="static"):
-        _col_grad_row(dy + r * D, x + r * D, dx + r * D, cols, cols + D, cols + 2 * D,
-                      cols + 3 * D, D)
+        _col_coeffs(sdy, sdyx, rstd[c], 1.0 if w == NULL else w[c], M, training, &ps[c],
+                    &psx[c])
+    for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+        c0 = (t % n_tiles) * cpt
+        _col_grad(dy + (t // n_tiles) * D, x + (t // n_tiles) * D,
+                  dx + (t // n_tiles) * D, c0, min(c0 + cpt, C), HW, mean, rstd, w, ps, psx)
 
 
 cdef inline void _apply_channel(const floating* x, floating* y, const floating* w,
@@ -246,7 +371,8 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
     cdef Py_ssize_t c, r
     if training and parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
-            set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c], &var[c])
+            set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c],
+                      NULL if var == NULL else &var[c])
             _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW, act)
         return
     if training:
@@ -257,23 +383,30 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
-            cnp.ndarray rstd, cnp.ndarray var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+            object rstd, object var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
             double eps, int welford, int training, int act=0):
-    """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and the
-    biased var (C float64) from x; else apply the given mean and rstd. act: the
+    """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and (var
+    not None) the biased var (C float64) from x; else apply the given mean and rstd, or,
+    rstd None, rstd = 1 / sqrt(var + eps) from the given (running) var. act: the
     activation applied to the affine's output (codes as in slab.forward)."""
+    if training and N * HW == 0:  # an empty batch: nothing to read (statistics as torch)
+        mean.fill(0)
+        rstd.fill(np.nan)
+        if var is not None:
+            var.fill(np.nan)
+    if N * C * HW == 0:
+        return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef bint columns = HW < SHORT_RUN
-    cdef cnp.ndarray work = None, colwork = None
+    cdef cnp.ndarray work = None
     cdef double* parts = NULL
-    cdef double* cols = NULL
-    if columns:
-        work = np.empty(2 * ((N + COL_ROWS - 1) // COL_ROWS) * C * HW, dtype=np.float64)
-        colwork = np.empty(3 * C * HW, dtype=np.float64)
+    if rstd is None and not columns:  # long runs: C is at most 1/64 of the input
+        rstd = 1.0 / np.sqrt(var + eps)
+    if columns and _col_blocks(N) > 1 and training:
+        work = np.empty(2 * _col_blocks(N) * C, dtype=np.float64)
         parts = <double*>data(work)
-        cols = <double*>data(colwork)
-    elif training and C < 4 * nt and L.n_pieces > 1:
+    elif not columns and training and C < 4 * nt and L.n_pieces > 1:
         work = np.empty(3 * C * L.n_pieces, dtype=np.float64)
         parts = <double*>data(work)
     cdef void* px = data(x)
@@ -287,10 +420,10 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     with nogil:
         if columns and single:
             _col_forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, welford, training, act, nt)
+                         parts, N, C, HW, eps, welford, training, act, nt)
         elif columns:
             _col_forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                         parts, cols, N, C, HW, eps, welford, training, act, nt)
+                         parts, N, C, HW, eps, welford, training, act, nt)
         elif single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
                      N, C, HW, eps, welford, training, act, nt)
@@ -377,23 +510,26 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
         dweight.fill(0)
         dbias.fill(0)
         return
+    if C == 0:
+        return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef bint columns = HW < SHORT_RUN
-    cdef cnp.ndarray sums = np.empty(2 * C, dtype=np.float64)
-    cdef cnp.ndarray work = None, colwork = None
+    cdef cnp.ndarray sums = None, work = None
     cdef double* parts = NULL
-    cdef double* cols = NULL
+    cdef double* sdy = NULL
+    cdef double* sdyx = NULL
     if columns:
-        work = np.empty(2 * ((N + COL_ROWS - 1) // COL_ROWS) * C * HW, dtype=np.float64)
-        colwork = np.empty(6 * C * HW, dtype=np.float64)
-        parts = <double*>data(work)
-        cols = <double*>data(colwork)
-    elif C < 4 * nt and L.n_pieces > 1:
-        work = np.empty(2 * C * L.n_pieces, dtype=np.float64)
-        parts = <double*>data(work)
-    cdef double* sdy = <double*>data(sums)
-    cdef double* sdyx = sdy + C
+        if _col_blocks(N) > 1:
+            work = np.empty(2 * _col_blocks(N) * C, dtype=np.float64)
+            parts = <double*>data(work)
+    else:
+        sums = np.empty(2 * C, dtype=np.float64)
+        sdy = <double*>data(sums)
+        sdyx = sdy + C
+        if C < 4 * nt and L.n_pieces > 1:
+            work = np.empty(2 * C * L.n_pieces, dtype=np.float64)
+            parts = <double*>data(work)
     cdef void* pdy = data(dy)
     cdef void* px = data(x)
     cdef void* pdx = data(dx)
@@ -408,12 +544,12 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     with nogil:
         if columns and single:
             _col_backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
-                          <float*>pg, <float*>pdw, <float*>pdb, pm, pr, parts, cols, N, C,
-                          HW, training, act, nt)
+                          <float*>pg, <float*>pdw, <float*>pdb, pm, pr, parts, N, C, HW,
+                          training, act, nt)
         elif columns:
             _col_backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw,
                           <double*>pb, <double*>pg, <double*>pdw, <double*>pdb, pm, pr,
-                          parts, cols, N, C, HW, training, act, nt)
+                          parts, N, C, HW, training, act, nt)
         elif single:
             _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
                       <float*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, parts, N,

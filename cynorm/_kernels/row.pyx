@@ -217,12 +217,25 @@ cdef inline void _tile_row(const floating* dy, const floating* x, floating* dx,
             dx[k] = <floating>(rstd * ((<double>dy[k] * w[k] - mg) - xd * mgx))
 
 
-cdef inline Py_ssize_t acc_rows(Py_ssize_t R) noexcept nogil:
-    """Rows per accumulation block of dweight/dbias: whole sub-blocks, at most
-    MAX_BLOCKS blocks (a function of R alone)."""
-    cdef Py_ssize_t sub = (R + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-    cdef Py_ssize_t per = (sub + MAX_BLOCKS - 1) // MAX_BLOCKS
-    return (per if per > 0 else 1) * ROWS_PER_BLOCK
+cdef inline double _mean_at(const double* mean, Py_ssize_t r) noexcept nogil:
+    """Row r's mean in the backward; mean NULL: RMSNorm, 0."""
+    return 0.0 if mean == NULL else mean[r]
+
+
+cdef inline Py_ssize_t acc_subs(Py_ssize_t R) noexcept nogil:
+    """Sub-blocks per accumulation block of dweight/dbias: at most MAX_BLOCKS blocks.
+    Sub-blocks are ROWS_PER_BLOCK rows, the last taking the rest (up to
+    2 * ROWS_PER_BLOCK - 1 rows), so there are at most R / ROWS_PER_BLOCK blocks and
+    their (n_blocks, K) float64 column sums stay within 1/8 of a float32 input.
+    Functions of R alone."""
+    cdef Py_ssize_t sub = R // ROWS_PER_BLOCK if R >= ROWS_PER_BLOCK else 1
+    return (sub + MAX_BLOCKS - 1) // MAX_BLOCKS
+
+
+cdef inline Py_ssize_t acc_blocks(Py_ssize_t R) noexcept nogil:
+    cdef Py_ssize_t sub = R // ROWS_PER_BLOCK if R >= ROWS_PER_BLOCK else 1
+    cdef Py_ssize_t per = acc_subs(R)
+    return (sub + per - 1) // per
 
 
 cdef void _tile(const floating* dy, const floating* x, floating* dx, const floating* w,
@@ -230,9 +243,9 @@ cdef void _tile(const floating* dy, const floating* x, floating* dx, const float
                 const double* sdyx, Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1,
                 Py_ssize_t k0, Py_ssize_t kn, int rms, double* acc_w,
                 double* acc_b) noexcept nogil:
-    """Rows [r0, r1) (at most ROWS_PER_BLOCK), columns [k0, k0 + kn): write dx, and add
+    """Rows [r0, r1) (a sub-block), columns [k0, k0 + kn): write dx, and add
     dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row."""
-    cdef float coef[5 * ROWS_PER_BLOCK]
+    cdef float coef[10 * ROWS_PER_BLOCK]
     cdef Py_ssize_t r, j, ra
     cdef double mg, mgx
     if floating is float:
@@ -244,7 +257,7 @@ cdef void _tile(const floating* dy, const floating* x, floating* dx, const float
             while r < r1 and f32_xhat_ok(rstd[r]):
                 _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
                 j = 5 * (r - ra)
-                split_mean(mean[r], &coef[j], &coef[j + 1])
+                split_mean(_mean_at(mean, r), &coef[j], &coef[j + 1])
                 coef[j + 2] = <float>rstd[r]
                 coef[j + 3] = <float>mg
                 coef[j + 4] = <float>mgx
@@ -256,14 +269,14 @@ cdef void _tile(const floating* dy, const floating* x, floating* dx, const float
             if r < r1:
                 _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
                 _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                          NULL if w == NULL else w + k0, kn, mean[r], rstd[r], mg, mgx,
+                          NULL if w == NULL else w + k0, kn, _mean_at(mean, r), rstd[r], mg, mgx,
                           acc_w, acc_b)
                 r += 1
     else:
         for r in range(r0, r1):
             _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
             _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                      NULL if w == NULL else w + k0, kn, mean[r], rstd[r], mg, mgx,
+                      NULL if w == NULL else w + k0, kn, _mean_at(mean, r), rstd[r], mg, mgx,
                       acc_w, acc_b)
 
 
@@ -275,24 +288,33 @@ cdef void _block_tiles(const floating* dy, const floating* x, floating* dx,
     """Accumulation block blk, column tiles [j0, j1), sub-block by sub-block (sums = 1:
     first each sub-block's row sums, so that its rows are still in L2 for the tiles).
     Column sums go to part[blk] (several blocks) or, via the stack, straight to dw/db
-    (one block: R <= ROWS_PER_BLOCK, a single sub-block)."""
+    (one block: R < 2 * ROWS_PER_BLOCK, a single sub-block). Fused (sums = 1): the
+    sub-block's row sums live on the stack; else sdy, sdyx hold every row's."""
     cdef SetLayout L = make_layout(1, K, K)
     cdef double stack_w[TILE_COLS]
     cdef double stack_b[TILE_COLS]
-    cdef Py_ssize_t per = acc_rows(R), n_blocks = (R + per - 1) // per
-    cdef Py_ssize_t ra = blk * per, rb = min(ra + per, R), s0, s1, r, j, k, k0, kn
+    cdef double ssdy[2 * ROWS_PER_BLOCK]
+    cdef double ssdyx[2 * ROWS_PER_BLOCK]
+    cdef Py_ssize_t per = acc_subs(R) * ROWS_PER_BLOCK, n_blocks = acc_blocks(R)
+    cdef Py_ssize_t ra = blk * per, rb = R if blk == n_blocks - 1 else ra + per
+    cdef Py_ssize_t s0, s1, r, j, k, k0, kn
     cdef double* aw
     cdef double* ab
+    cdef double* psdy = sdy
+    cdef double* psdyx = sdyx
     if n_blocks > 1:
         for k in range(j0 * TILE_COLS, min(j1 * TILE_COLS, K)):
             part[blk * K + k] = 0
             part[(n_blocks + blk) * K + k] = 0
     s0 = ra
     while s0 < rb:
-        s1 = min(s0 + ROWS_PER_BLOCK, rb)
+        # the last sub-block takes the rest of the rows
+        s1 = R if R - s0 < 2 * ROWS_PER_BLOCK else s0 + ROWS_PER_BLOCK
         if sums:
+            psdy = ssdy - s0  # indexed by row
+            psdyx = ssdyx - s0
             for r in range(s0, s1):
-                set_grad_sums(dy + r * K, x + r * K, w, &L, mean[r], &sdy[r], &sdyx[r])
+                set_grad_sums(dy + r * K, x + r * K, w, &L, _mean_at(mean, r), &psdy[r], &psdyx[r])
         for j in range(j0, j1):
             k0 = j * TILE_COLS
             kn = min(TILE_COLS, K - k0)
@@ -306,7 +328,7 @@ cdef void _block_tiles(const floating* dy, const floating* x, floating* dx,
                     for k in range(kn):
                         aw[k] = 0
                         ab[k] = 0
-            _tile(dy, x, dx, w, mean, rstd, sdy, sdyx, K, s0, s1, k0, kn, rms, aw, ab)
+            _tile(dy, x, dx, w, mean, rstd, psdy, psdyx, K, s0, s1, k0, kn, rms, aw, ab)
             if n_blocks == 1 and s1 == rb:
                 for k in range(kn):
                     dw[k0 + k] = <floating>aw[k]
@@ -321,7 +343,7 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
                     double* part, Py_ssize_t R, Py_ssize_t K, int rms,
                     int nt) noexcept nogil:
     cdef SetLayout L = make_layout(1, K, K)
-    cdef Py_ssize_t per = acc_rows(R), n_blocks = (R + per - 1) // per
+    cdef Py_ssize_t n_blocks = acc_blocks(R)
     cdef Py_ssize_t n_cols = (K + TILE_COLS - 1) // TILE_COLS
     cdef Py_ssize_t blk, t, k, q
     cdef double acc_w, acc_b
@@ -348,9 +370,9 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
-             cnp.ndarray dweight, object dbias, cnp.ndarray mean, cnp.ndarray rstd,
+             cnp.ndarray dweight, object dbias, object mean, cnp.ndarray rstd,
              Py_ssize_t R, Py_ssize_t K, int rms):
-    """dx, dweight and (LayerNorm) dbias of the row normalisation."""
+    """dx, dweight and (LayerNorm) dbias of the row normalisation (mean None: 0)."""
     if R == 0:  # no rows: the gradients of weight and bias are sums over nothing
         dweight.fill(0)
         if dbias is not None:
@@ -358,19 +380,22 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
         return
     cdef int nt = cynorm_threads_for(R * K)
     cdef SetLayout L = make_layout(1, K, K)
-    cdef Py_ssize_t per = acc_rows(R), n_blocks = (R + per - 1) // per
-    cdef cnp.ndarray sums = np.empty(2 * R, dtype=np.float64)
-    cdef cnp.ndarray work = None, colsums = None
+    cdef Py_ssize_t n_blocks = acc_blocks(R)
+    cdef cnp.ndarray sums = None, work = None, colsums = None
     cdef double* parts = NULL
     cdef double* part = NULL
+    cdef double* sdy = NULL
+    cdef double* sdyx = NULL
     if n_blocks < 4 * nt and L.n_pieces > 1:
+        # rows cut into pieces (K > CHUNK): per-row sums, far smaller than the rows
         work = np.empty(2 * R * L.n_pieces, dtype=np.float64)
         parts = <double*>data(work)
+        sums = np.empty(2 * R, dtype=np.float64)
+        sdy = <double*>data(sums)
+        sdyx = sdy + R
     if n_blocks > 1:
         colsums = np.empty(2 * n_blocks * K, dtype=np.float64)
         part = <double*>data(colsums)
-    cdef double* sdy = <double*>data(sums)
-    cdef double* sdyx = sdy + R
     cdef void* pdy = data(dy)
     cdef void* px = data(x)
     cdef void* pdx = data(dx)
