@@ -236,7 +236,8 @@ def run_fused_bench(cfg, json_path=None):
           f"{meta['torch'] or '(not installed)'}; CPU: {meta['cpu']}, {meta['cores']} "
           f"cores; threads {cfg.threads}; median of {cfg.repeats} repeats; times in ms")
     print(HEADER)
-    rows = run_fused(cn, torch, cfg.threads, cfg.repeats, quick=cfg.suite_name != "full")
+    rows = run_fused(cn, torch, cfg.threads, cfg.repeats, quick=cfg.suite_name != "full",
+                     tiny=cfg.suite_name == "tiny")
     print_fused_report(rows, cfg.threads)
     if json_path:
         _write_json(json_path, {"meta": meta, "fused": rows,

@@ -20,8 +20,14 @@ ROW_SHAPES = [(4096, 768), (512, 4096), (2048, 1024)]
 GROUPS = 32
 
 
-def fused_cases(quick=False):
+TINY_CASES = [("gn_silu", (1, 32, 8, 8)), ("add_layer_norm", (8, 64)),
+              ("add_rms_norm", (8, 64))]
+
+
+def fused_cases(quick=False, tiny=False):
     """(block, shape) pairs: gn_silu, add_layer_norm, add_rms_norm."""
+    if tiny:
+        return TINY_CASES
     gn = GN_SHAPES[1:2] + GN_SHAPES[4:] if quick else GN_SHAPES
     rows = ROW_SHAPES[:1] if quick else ROW_SHAPES
     return ([("gn_silu", s) for s in gn] + [("add_layer_norm", s) for s in rows]
@@ -146,15 +152,14 @@ def _ratio(a, b):
     return a / b if a and b else float("nan")
 
 
-def run_fused(cn, torch, threads, repeats, quick=False, progress=print):
+def run_fused(cn, torch, threads, repeats, quick=False, tiny=False, progress=print):
     """Time every fused case; a list of result dicts (times in seconds)."""
     rng = np.random.default_rng(0)
     rows = []
-    for block, shape in fused_cases(quick):
+    for block, shape in fused_cases(quick, tiny):
         for out_mode in (False, True):
-            make = _gn_calls if block == "gn_silu" else None
-            if make is not None:
-                calls = make(cn, torch, shape, rng, out_mode)
+            if block == "gn_silu":
+                calls = _gn_calls(cn, torch, shape, rng, out_mode)
             else:
                 calls = _row_calls(cn, torch, block, shape, rng, out_mode)
             for n in threads:
