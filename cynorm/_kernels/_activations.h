@@ -18,8 +18,7 @@
  * exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a Taylor polynomial for e^r,
  * and the scaling by 2^n in two factors so that underflow to subnormals rounds once.
  * erfc: W. J. Cody's rational Chebyshev approximations (Math. Comp. 23, 1969, as in
- * netlib's specfun CALERF), three intervals; a vector computes an interval only when
- * one of its lanes lies in it.
+ * netlib's specfun CALERF), three intervals, one division.
  *
  * Special values: silu(-inf) = gelu(-inf) = gelu_tanh(-inf) = -0, act(+inf) = +inf,
  * NaN propagates through every function and derivative; the derivatives at -inf are 0
@@ -35,19 +34,26 @@ enum { CN_ACT_NONE = 0, CN_ACT_SILU = 1, CN_ACT_GELU = 2, CN_ACT_GELU_TANH = 3,
 
 typedef long long cn_v8l __attribute__((vector_size(64)));
 
+/* the vector helpers must inline: called, they would pass 64-byte vectors in memory */
+#if defined(__GNUC__) || defined(__clang__)
+#define CN_VINLINE static inline __attribute__((always_inline))
+#else
+#define CN_VINLINE static inline
+#endif
+
 #define CN_SPLAT(c) ((cn_v8d){c, c, c, c, c, c, c, c})
 #define CN_ISPLAT(c) ((cn_v8l){c, c, c, c, c, c, c, c})
 
 /* m ? a : b, lane by lane (m: all ones or all zeros per lane, as comparisons give) */
-static inline cn_v8d cn_sel(cn_v8l m, cn_v8d a, cn_v8d b) {
+CN_VINLINE cn_v8d cn_sel(cn_v8l m, cn_v8d a, cn_v8d b) {
     return (cn_v8d)(((cn_v8l)a & m) | ((cn_v8l)b & ~m));
 }
 
-static inline cn_v8d cn_fabs(cn_v8d v) {
+CN_VINLINE cn_v8d cn_fabs(cn_v8d v) {
     return (cn_v8d)((cn_v8l)v & CN_ISPLAT(0x7fffffffffffffffLL));
 }
 
-static inline int cn_any(cn_v8l m) {
+CN_VINLINE int cn_any(cn_v8l m) {
     long long r = (m[0] | m[1]) | (m[2] | m[3]) | (m[4] | m[5]) | (m[6] | m[7]);
     return r != 0;
 }
@@ -55,7 +61,7 @@ static inline int cn_any(cn_v8l m) {
 /* ---- exp ----------------------------------------------------------------------------
  * full = 0: Taylor degree 7 (relative error < 4e-9: float32 results), full = 1: degree
  * 13 (< 1e-17: float64 results). A constant argument, so each caller compiles one. */
-static inline cn_v8d cn_exp(cn_v8d v, int full) {
+CN_VINLINE cn_v8d cn_exp(cn_v8d v, int full) {
     const cn_v8d magic = CN_SPLAT(6755399441055744.0); /* 1.5 * 2^52: round to integer */
     cn_v8d vc, kf, n, r, p;
     cn_v8l ni, n1, n2;
@@ -92,7 +98,7 @@ static inline cn_v8d cn_exp(cn_v8d v, int full) {
 
 /* exp(-y * y) for y >= 0; full: with y split as in Cody's CALERF so that the rounding
  * of y * y does not cost accuracy (y = k / 16 + d, k / 16 squared exactly) */
-static inline cn_v8d cn_exp_negsq(cn_v8d y, int full) {
+CN_VINLINE cn_v8d cn_exp_negsq(cn_v8d y, int full) {
     const cn_v8d magic = CN_SPLAT(6755399441055744.0);
     cn_v8d yh, del;
     cn_v8l small = y < CN_SPLAT(1e6);
@@ -105,63 +111,70 @@ static inline cn_v8d cn_exp_negsq(cn_v8d y, int full) {
 
 /* ---- erfc ---------------------------------------------------------------------------
  * erfc(z) for any z; ez = exp(-z * z) (from cn_exp_negsq(|z|)), shared with the gelu
- * derivative's density. */
-static inline cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
-    cn_v8d y = cn_fabs(z), res = CN_ZERO, num, den, s;
+ * derivative's density. Each interval's rational function is carried as a numerator and
+ * a denominator, the interval of each lane picks its pair, and one division ends it
+ * (divisions are the slow part). The third interval's polynomials in s = 1 / z^2 are
+ * multiplied through by z^10 (with |z| capped at 30, where erfc is 0 in float64 anyway),
+ * so that no 1 / z^2 is formed either. */
+CN_VINLINE cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
+    cn_v8d y = cn_fabs(z), t, n, d, num, den, yc, tc, res;
     cn_v8l in_a = y <= CN_SPLAT(0.46875), in_c = y > CN_SPLAT(4.0);
-    cn_v8l in_b = ~(in_a | in_c);
-    if (cn_any(in_a)) {
-        s = y * y;
-        num = CN_SPLAT(1.85777706184603153e-1) * s;
-        den = s;
-        num = (num + CN_SPLAT(3.16112374387056560e00)) * s;
-        den = (den + CN_SPLAT(2.36012909523441209e01)) * s;
-        num = (num + CN_SPLAT(1.13864154151050156e02)) * s;
-        den = (den + CN_SPLAT(2.44024637934444173e02)) * s;
-        num = (num + CN_SPLAT(3.77485237685302021e02)) * s;
-        den = (den + CN_SPLAT(1.28261652607737228e03)) * s;
-        res = cn_sel(in_a, CN_SPLAT(1.0) - y * (num + CN_SPLAT(3.20937758913846947e03)) /
-                                               (den + CN_SPLAT(2.84423683343917062e03)),
-                     res);
-    }
-    if (cn_any(in_b & (y == y))) {
-        num = CN_SPLAT(2.15311535474403846e-8) * y;
-        den = y;
-        num = (num + CN_SPLAT(5.64188496988670089e-1)) * y;
-        den = (den + CN_SPLAT(1.57449261107098347e01)) * y;
-        num = (num + CN_SPLAT(8.88314979438837594e00)) * y;
-        den = (den + CN_SPLAT(1.17693950891312499e02)) * y;
-        num = (num + CN_SPLAT(6.61191906371416295e01)) * y;
-        den = (den + CN_SPLAT(5.37181101862009858e02)) * y;
-        num = (num + CN_SPLAT(2.98635138197400131e02)) * y;
-        den = (den + CN_SPLAT(1.62138957456669019e03)) * y;
-        num = (num + CN_SPLAT(8.81952221241769090e02)) * y;
-        den = (den + CN_SPLAT(3.29079923573345963e03)) * y;
-        num = (num + CN_SPLAT(1.71204761263407058e03)) * y;
-        den = (den + CN_SPLAT(4.36261909014324716e03)) * y;
-        num = (num + CN_SPLAT(2.05107837782607147e03)) * y;
-        den = (den + CN_SPLAT(3.43936767414372164e03)) * y;
-        res = cn_sel(in_b, ez * ((num + CN_SPLAT(1.23033935479799725e03)) /
-                                 (den + CN_SPLAT(1.23033935480374942e03))),
-                     res);
-    }
-    if (cn_any(in_c)) {
-        s = CN_SPLAT(1.0) / (y * y);
-        num = CN_SPLAT(1.63153871373020978e-2) * s;
-        den = s;
-        num = (num + CN_SPLAT(3.05326634961232344e-1)) * s;
-        den = (den + CN_SPLAT(2.56852019228982242e00)) * s;
-        num = (num + CN_SPLAT(3.60344899949804439e-1)) * s;
-        den = (den + CN_SPLAT(1.87295284992346047e00)) * s;
-        num = (num + CN_SPLAT(1.25781726111229246e-1)) * s;
-        den = (den + CN_SPLAT(5.27905102951428412e-1)) * s;
-        num = (num + CN_SPLAT(1.60837851487422766e-2)) * s;
-        den = (den + CN_SPLAT(6.05183413124413191e-2)) * s;
-        s = s * (num + CN_SPLAT(6.58749161529837803e-4)) /
-            (den + CN_SPLAT(2.33520497626869185e-3));
-        res = cn_sel(in_c, ez * ((CN_SPLAT(0.56418958354775628695) - s) / y), res);
-    }
-    /* NaN: every interval test is false; y + res keeps the NaN */
+    /* first interval: erf(y) = y NA(y^2) / DA(y^2), erfc = (DA - y NA) / DA */
+    t = y * y;
+    n = CN_SPLAT(1.85777706184603153e-1) * t;
+    d = t;
+    n = (n + CN_SPLAT(3.16112374387056560e00)) * t;
+    d = (d + CN_SPLAT(2.36012909523441209e01)) * t;
+    n = (n + CN_SPLAT(1.13864154151050156e02)) * t;
+    d = (d + CN_SPLAT(2.44024637934444173e02)) * t;
+    n = (n + CN_SPLAT(3.77485237685302021e02)) * t;
+    d = (d + CN_SPLAT(1.28261652607737228e03)) * t;
+    n = n + CN_SPLAT(3.20937758913846947e03);
+    d = d + CN_SPLAT(2.84423683343917062e03);
+    num = d - y * n;
+    den = d;
+    /* second interval: erfc(y) = exp(-y^2) NB(y) / DB(y) */
+    n = CN_SPLAT(2.15311535474403846e-8) * y;
+    d = y;
+    n = (n + CN_SPLAT(5.64188496988670089e-1)) * y;
+    d = (d + CN_SPLAT(1.57449261107098347e01)) * y;
+    n = (n + CN_SPLAT(8.88314979438837594e00)) * y;
+    d = (d + CN_SPLAT(1.17693950891312499e02)) * y;
+    n = (n + CN_SPLAT(6.61191906371416295e01)) * y;
+    d = (d + CN_SPLAT(5.37181101862009858e02)) * y;
+    n = (n + CN_SPLAT(2.98635138197400131e02)) * y;
+    d = (d + CN_SPLAT(1.62138957456669019e03)) * y;
+    n = (n + CN_SPLAT(8.81952221241769090e02)) * y;
+    d = (d + CN_SPLAT(3.29079923573345963e03)) * y;
+    n = (n + CN_SPLAT(1.71204761263407058e03)) * y;
+    d = (d + CN_SPLAT(4.36261909014324716e03)) * y;
+    n = (n + CN_SPLAT(2.05107837782607147e03)) * y;
+    d = (d + CN_SPLAT(3.43936767414372164e03)) * y;
+    n = n + CN_SPLAT(1.23033935479799725e03);
+    d = d + CN_SPLAT(1.23033935480374942e03);
+    num = cn_sel(in_a, num, ez * n);
+    den = cn_sel(in_a, den, d);
+    /* third interval: erfc(y) = exp(-y^2) (1/sqrt(pi) - s P(s) / Q(s)) / y, s = 1 / y^2;
+     * with tc = y^2 and N = tc^5 P(1 / tc), D = tc^5 Q(1 / tc):
+     * erfc(y) = exp(-y^2) (tc D / sqrt(pi) - N) / (y tc D) */
+    yc = cn_sel(y < CN_SPLAT(30.0), y, CN_SPLAT(30.0));
+    tc = yc * yc;
+    n = CN_SPLAT(6.58749161529837803e-4) * tc;
+    d = CN_SPLAT(2.33520497626869185e-3) * tc;
+    n = (n + CN_SPLAT(1.60837851487422766e-2)) * tc;
+    d = (d + CN_SPLAT(6.05183413124413191e-2)) * tc;
+    n = (n + CN_SPLAT(1.25781726111229246e-1)) * tc;
+    d = (d + CN_SPLAT(5.27905102951428412e-1)) * tc;
+    n = (n + CN_SPLAT(3.60344899949804439e-1)) * tc;
+    d = (d + CN_SPLAT(1.87295284992346047e00)) * tc;
+    n = (n + CN_SPLAT(3.05326634961232344e-1)) * tc;
+    d = (d + CN_SPLAT(2.56852019228982242e00)) * tc;
+    n = n + CN_SPLAT(1.63153871373020978e-2);
+    d = d + CN_SPLAT(1.0);
+    num = cn_sel(in_c, ez * (tc * d * CN_SPLAT(0.56418958354775628695) - n), num);
+    den = cn_sel(in_c, y * (tc * d), den);
+    res = num / den;
+    /* NaN: y itself; erfc(+-inf) = 0 or 2 (ez = 0, den = inf) */
     res = cn_sel(y == y, res, y);
     return cn_sel(z < CN_ZERO, CN_SPLAT(2.0) - res, res);
 }
@@ -175,19 +188,19 @@ static inline cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
 #define CN_GT_A 0.044715
 
 /* sigmoid pieces of v: t = exp(-|v|), p = 1 / (1 + t); sigmoid(v) = p (v >= 0) or t p */
-static inline void cn_sigmoid_parts(cn_v8d v, int full, cn_v8d* t, cn_v8d* p) {
+CN_VINLINE void cn_sigmoid_parts(cn_v8d v, int full, cn_v8d* t, cn_v8d* p) {
     *t = cn_exp(-cn_fabs(v), full);
     *p = CN_SPLAT(1.0) / (CN_SPLAT(1.0) + *t);
 }
 
-static inline cn_v8d cn_silu8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_silu8(cn_v8d x, int full) {
     cn_v8d t, p, y;
     cn_sigmoid_parts(x, full, &t, &p);
     y = x * cn_sel(x >= CN_ZERO, p, t * p);
     return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
 }
 
-static inline cn_v8d cn_silu_grad8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_silu_grad8(cn_v8d x, int full) {
     cn_v8d t, p, q, s, sc, d;
     cn_v8l pos = x >= CN_ZERO;
     cn_sigmoid_parts(x, full, &t, &p);
@@ -199,13 +212,13 @@ static inline cn_v8d cn_silu_grad8(cn_v8d x, int full) {
                   cn_sel(pos, CN_SPLAT(1.0), CN_ZERO), d);
 }
 
-static inline cn_v8d cn_gelu8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_gelu8(cn_v8d x, int full) {
     cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
     cn_v8d y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
     return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
 }
 
-static inline cn_v8d cn_gelu_grad8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_gelu_grad8(cn_v8d x, int full) {
     cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
     cn_v8d ez = cn_exp_negsq(cn_fabs(z), full);
     cn_v8d d = CN_SPLAT(0.5) * cn_erfc(z, ez) + x * (ez * CN_SPLAT(CN_INV_SQRT_2PI));
@@ -214,7 +227,7 @@ static inline cn_v8d cn_gelu_grad8(cn_v8d x, int full) {
 }
 
 /* gelu_tanh(x) = x / 2 (1 + tanh(u)) = x sigmoid(2u), 2u = K (x + A x^3) */
-static inline cn_v8d cn_gelu_tanh8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_gelu_tanh8(cn_v8d x, int full) {
     cn_v8d u2 = CN_SPLAT(CN_GT_K) * (x + CN_SPLAT(CN_GT_A) * (x * x * x));
     cn_v8d t, p, y;
     cn_sigmoid_parts(u2, full, &t, &p);
@@ -222,7 +235,7 @@ static inline cn_v8d cn_gelu_tanh8(cn_v8d x, int full) {
     return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
 }
 
-static inline cn_v8d cn_gelu_tanh_grad8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_gelu_tanh_grad8(cn_v8d x, int full) {
     cn_v8d u2 = CN_SPLAT(CN_GT_K) * (x + CN_SPLAT(CN_GT_A) * (x * x * x));
     cn_v8d du2 = CN_SPLAT(CN_GT_K) * (CN_SPLAT(1.0) + CN_SPLAT(3.0 * CN_GT_A) * (x * x));
     cn_v8d t, p, s, sps, d;
@@ -233,12 +246,12 @@ static inline cn_v8d cn_gelu_tanh_grad8(cn_v8d x, int full) {
     return cn_sel(x != x, x, d);
 }
 
-static inline cn_v8d cn_relu8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_relu8(cn_v8d x, int full) {
     (void)full;
     return cn_sel((x > CN_ZERO) | (x != x), x, CN_ZERO);
 }
 
-static inline cn_v8d cn_relu_grad8(cn_v8d x, int full) {
+CN_VINLINE cn_v8d cn_relu_grad8(cn_v8d x, int full) {
     (void)full;
     return cn_sel(x != x, x, cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO));
 }
@@ -259,18 +272,18 @@ typedef int cn_v16i __attribute__((vector_size(64)));
 #define CN_FSPLAT(c) ((cn_v16f){c, c, c, c, c, c, c, c, c, c, c, c, c, c, c, c})
 #define CN_IZERO ((cn_v16i){0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
 
-static inline cn_v16f cn_self(cn_v16i m, cn_v16f a, cn_v16f b) {
+CN_VINLINE cn_v16f cn_self(cn_v16i m, cn_v16f a, cn_v16f b) {
     return (cn_v16f)(((cn_v16i)a & m) | ((cn_v16i)b & ~m));
 }
 
 /* 2^j for integer lanes j in [-126, 127] */
-static inline cn_v16f cn_pow2f(cn_v16i j) {
+CN_VINLINE cn_v16f cn_pow2f(cn_v16i j) {
     return (cn_v16f)((j + 127) << 23);
 }
 
 /* the pieces of 1 + exp(-x) = 2^k d: d, u = 2^(n-k), p, and the halves k1 + k2 = k of
  * the final scaling (each 2^-k1, 2^-k2 normal) */
-static inline void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
+CN_VINLINE void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
                                    cn_v16i* k1, cn_v16i* k2) {
     const cn_v16f magic = CN_FSPLAT(12582912.0f); /* 1.5 * 2^23: round to integer */
     cn_v16f a = -x, kf, nf, r, q;
@@ -297,7 +310,7 @@ static inline void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p
     *k2 = k - *k1;
 }
 
-static inline cn_v16f cn_silu16(cn_v16f x) {
+CN_VINLINE cn_v16f cn_silu16(cn_v16f x) {
     cn_v16f d, u, p, y;
     cn_v16i k1, k2;
     cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
@@ -307,7 +320,7 @@ static inline cn_v16f cn_silu16(cn_v16f x) {
 
 /* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) = 2^-k / d, 1 - s = u (1 + p) / d;
  * within a few float32 roundings of the size of the terms, s (1 + |x| (1 - s)) */
-static inline cn_v16f cn_silu_grad16(cn_v16f x) {
+CN_VINLINE cn_v16f cn_silu_grad16(cn_v16f x) {
     cn_v16f d, u, p, inv, g;
     cn_v16i k1, k2;
     cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
