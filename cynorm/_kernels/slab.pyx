@@ -155,10 +155,12 @@ cdef inline void _run_act_grad(const floating* dy, const floating* x, floating* 
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
                     const floating* w, const floating* b, floating* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
-                    double* sdyx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
-                    int act, int nt) noexcept nogil:
-    """act != 0: the gradient reaching the affine's output, g = dy * act'(a), is
-    formed run by run into g (dx's buffer or a scratch one) and takes dy's place."""
+                    double* sdyx, double* acc, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                    Py_ssize_t G, int last, int act, int nt) noexcept nogil:
+    """Samples [0, N) (a chunk of the batch): dx, and the dweight/dbias sums continued
+    in acc[c], acc[C + c] (float64), written to dw/db when last. act != 0: the gradient
+    reaching the affine's output, g = dy * act'(a), is formed run by run into g (dx's
+    buffer or a scratch one) and takes dy's place."""
     cdef Py_ssize_t cpg = C // G, s, r, j, n, c
     cdef double acc_w, acc_b
     cdef const floating* gd = <const floating*>g if act else dy
@@ -181,15 +183,19 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
             _run_sums(gd, x, mean, sdy, sdyx, r, C, HW, G)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
-    # dweight and dbias: reduce the per-(n, c) sums over n in order
+    # dweight and dbias: reduce the per-(n, c) sums over n in order (continuing the
+    # previous chunks' sums: the same additions as over the whole batch at once)
     for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-        acc_w = 0
-        acc_b = 0
+        acc_w = acc[c]
+        acc_b = acc[C + c]
         for n in range(N):
             acc_b = acc_b + sdy[n * C + c]
             acc_w = acc_w + sdyx[n * C + c] * rstd[n * G + c // cpg]
-        dw[c] = <floating>acc_w
-        db[c] = <floating>acc_b
+        acc[c] = acc_w
+        acc[C + c] = acc_b
+        if last:
+            dw[c] = <floating>acc_w
+            db[c] = <floating>acc_b
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
@@ -198,32 +204,48 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              object bias=None, object gbuf=None):
     """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward").
     act != 0: of act(normalisation), with the forward's bias; gbuf: an array of x's
-    shape for dy * act'(a), dx itself unless dx is x."""
+    shape for dy * act'(a), dx itself unless dx is x.
+
+    Two float64 sums per (n, c) run: with short runs (under 128 bytes) the batch is
+    done in chunks of samples whose sums take at most 1/16 of the input."""
     if G == 0 or N * HW == 0:  # no elements: parameter gradients are empty sums
         dweight.fill(0)
         dbias.fill(0)
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
-    cdef cnp.ndarray work = np.empty(2 * N * C, dtype=np.float64)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nc = N, n0, n1
+    if HW * isz < 128:
+        nc = max(1, (N * HW * isz) // 256)
+    cdef cnp.ndarray work = np.empty(2 * nc * C, dtype=np.float64)
+    cdef cnp.ndarray accs = np.zeros(2 * C, dtype=np.float64)
     cdef double* sdy = <double*>data(work)
-    cdef double* sdyx = sdy + N * C
-    cdef void* pdy = data(dy)
-    cdef void* px = data(x)
-    cdef void* pdx = data(dx)
+    cdef double* sdyx = sdy + nc * C
+    cdef double* acc = <double*>data(accs)
+    cdef char* pdy = <char*>data(dy)
+    cdef char* px = <char*>data(x)
+    cdef char* pdx = <char*>data(dx)
     cdef void* pw = data(weight)
     cdef void* pdw = data(dweight)
     cdef void* pdb = data(dbias)
     cdef void* pb = data(bias)
-    cdef void* pg = data(gbuf) if act else NULL
+    cdef char* pg = <char*>data(gbuf) if act else NULL
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
-    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef Py_ssize_t step = C * HW * isz
     with nogil:
-        if single:
-            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
-                      <float*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, N, C, HW,
-                      G, act, nt)
-        else:
-            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pb,
-                      <double*>pg, <double*>pdw, <double*>pdb, pm, pr, sdy, sdyx, N, C,
-                      HW, G, act, nt)
+        n0 = 0
+        while n0 < N:
+            n1 = min(n0 + nc, N)
+            if isz == 4:
+                _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
+                          <float*>(pdx + n0 * step), <float*>pw, <float*>pb,
+                          <float*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
+                          C, HW, G, n1 == N, act, nt)
+            else:
+                _backward(<double*>(pdy + n0 * step), <double*>(px + n0 * step),
+                          <double*>(pdx + n0 * step), <double*>pw, <double*>pb,
+                          <double*>(pg + n0 * step if act else NULL), <double*>pdw,
+                          <double*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
+                          C, HW, G, n1 == N, act, nt)
+            n0 = n1
