@@ -2,6 +2,7 @@
 # The full benchmark suite, as used for the README figures. Writes into benchmarks/results/:
 #   bench.txt / bench.json / bench.png   python -m cynorm bench (cynorm vs torch vs NumPy)
 #   stats.txt / stats.json               benchmarks/bench_stats_algorithms.py
+#   torch_modules.txt / .json            python -m cynorm bench --torch-modules
 # Extra arguments go to `python -m cynorm bench` (e.g. --threads 1,4,all or --ops layer_norm).
 # Run it on a quiet machine: the numbers are ratios measured side by side, but a busy
 # machine still adds noise, above all at the higher thread counts.
@@ -15,4 +16,6 @@ python -m cynorm | tee "$out/selfcheck.txt"
 python -m cynorm bench --json "$out/bench.json" --plot "$out/bench.png" "$@" \
     | tee "$out/bench.txt"
 python benchmarks/bench_stats_algorithms.py --json "$out/stats.json" | tee "$out/stats.txt"
+python -m cynorm bench --torch-modules --json "$out/torch_modules.json" \
+    | tee "$out/torch_modules.txt"
 echo "results in $out/"

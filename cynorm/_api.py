@@ -10,8 +10,8 @@ import numpy as np
 
 from cynorm._kernels import channel, row, slab
 from cynorm._validate import (
-    as_input, as_param, as_stats, check_activation, check_eps, check_int, check_real,
-    check_stats, prepare_out, same_shape,
+    as_input, as_param, as_running, as_stats, check_activation, check_eps, check_flag,
+    check_int, check_momentum, check_stats, prepare_out, same_shape,
 )
 
 
@@ -49,24 +49,34 @@ def _grad_buffer(act, dx, x):
     return np.empty_like(x) if dx is x else dx
 
 
-def _groups(num_groups, C):
+# two float64 statistics per (sample, group): more than this many pairs cannot even be
+# addressed
+_MAX_STAT_PAIRS = np.iinfo(np.intp).max // 16
+
+
+def _groups(num_groups, N, C):
     G = check_int(num_groups, "num_groups", 1)
     if C % G:
         raise ValueError(f"num_groups ({G}) must divide the number of channels ({C})")
+    if C == 0 and N * G > _MAX_STAT_PAIRS:
+        # every G divides C = 0 (as in torch), but the (N, G) statistics must exist
+        raise ValueError(f"num_groups ({G}) is too large: the statistics of shape "
+                         f"(N, num_groups) = ({N}, {G}) cannot be allocated")
     return G
 
 
 # ---- slab family: GroupNorm, InstanceNorm ---------------------------------------------
 
-def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, activation):
+def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=(),
+                  activation=None):
     x, N, C, HW = _nchw(x)
-    G = _groups(G, C) if G is not None else C
+    G = _groups(G, N, C) if G is not None else C
     welford = check_stats(stats)
     act = check_activation(activation)
     eps = check_eps(eps)
     w = as_param(weight, "weight", (C,), x.dtype)
     b = as_param(bias, "bias", (C,), x.dtype)
-    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b), may_alias=(x,))
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b) + running, may_alias=(x,))
     mean, rstd = _stats_pair((N, G))
     slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford, act)
     if return_stats:
@@ -74,10 +84,10 @@ def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, activation)
     return y
 
 
-def _slab_backward(dy, x, mean, rstd, G, weight, out, bias, activation):
+def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None):
     x, N, C, HW = _nchw(x)
     dy = _like(dy, "dy", x)
-    G = _groups(G, C) if G is not None else C
+    G = _groups(G, N, C) if G is not None else C
     act = check_activation(activation)
     mean = as_stats(mean, "mean", (N, G))
     rstd = as_stats(rstd, "rstd", (N, G))
@@ -117,7 +127,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
     if num_groups is None:
         raise TypeError("num_groups must be an int, got NoneType")
     return _slab_forward(x, num_groups, weight, bias, eps, out, return_stats, stats,
-                         activation)
+                         activation=activation)
 
 
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None,
@@ -137,44 +147,112 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None,
     return _slab_backward(dy, x, mean, rstd, num_groups, weight, out, bias, activation)
 
 
-def instance_norm(x, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False,
-                  stats="two_pass", activation=None):
-    """Instance normalisation, as torch.nn.functional.instance_norm with batch statistics:
-    each (sample, channel) of x (N, C, *spatial) is normalised over its spatial elements.
-    Same arguments as group_norm (activation included); mean and rstd have shape (N, C).
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None,
+                  return_stats=False, stats="two_pass", activation=None):
+    """Instance normalisation, as torch.nn.functional.instance_norm (same arguments in
+    the same order): each (sample, channel) of x (N, C, *spatial) is normalised over its
+    spatial elements.
+
+    use_input_stats=True (default): each (sample, channel) uses its own mean and biased
+    variance. running_mean and running_var, when given ((C,) float arrays, both or
+    neither), are updated in place as torch does: r = (1 - momentum) * r + momentum * s,
+    where s is the mean over the batch of the per-instance means, and of the
+    per-instance unbiased variances for running_var. That needs more than one spatial
+    element (ValueError otherwise); an empty batch (N = 0 or no spatial elements)
+    leaves them unchanged (torch writes NaN for N = 0). Without running statistics, one
+    spatial element gives y = bias, as group_norm does (torch raises).
+    use_input_stats=False: every sample is normalised per channel with running_mean and
+    running_var (both required), which are not changed; momentum is then ignored (any
+    value is accepted, as torch does). use_input_stats is a bool (or the int 0 or 1).
+    weight, bias: optional (C,) arrays, cast to x's dtype. out, stats: as in group_norm.
+    return_stats: also return mean and rstd (float64), those used to normalise: (N, C)
+    with input statistics, (C,) with running statistics; instance_norm_backward takes
+    them with the same use_input_stats. activation: as in group_norm, with either kind
+    of statistics.
 
     Returns y, or (y, mean, rstd).
     """
-    return _slab_forward(x, None, weight, bias, eps, out, return_stats, stats, activation)
+    x, N, C, HW = _nchw(x)
+    use_input_stats = check_flag(use_input_stats, "use_input_stats", allow_int=True)
+    check_activation(activation)
+    eps = check_eps(eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    rm = as_running(running_mean, "running_mean", C, use_input_stats)
+    rv = as_running(running_var, "running_var", C, use_input_stats)
+    if not use_input_stats:
+        if rm is None:
+            raise ValueError("running_mean and running_var are required when "
+                             "use_input_stats=False")
+        y, mean, rstd = _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps,
+                                               out, stats, return_stats, activation)
+    else:
+        momentum = check_momentum(momentum)
+        if rm is None:
+            return _slab_forward(x, None, weight, bias, eps, out, return_stats, stats,
+                                 activation=activation)
+        if HW == 1:
+            raise ValueError("instance_norm: updating running_var needs more than 1 "
+                             f"spatial element per channel, got x of shape {x.shape}")
+        y, mean, rstd = _slab_forward(x, None, weight, bias, eps, out, True, stats,
+                                      running=(rm, rv), activation=activation)
+        if N > 0 and HW > 0:
+            # the per-instance variance back from rstd = 1 / sqrt(var + eps), in float64
+            var = np.maximum(1.0 / (rstd * rstd) - eps, 0.0) * (HW / (HW - 1))
+            rm[...] = (1.0 - momentum) * rm + momentum * mean.mean(axis=0)
+            rv[...] = (1.0 - momentum) * rv + momentum * var.mean(axis=0)
+    if return_stats:
+        return y, mean, rstd
+    return y
 
 
-def instance_norm_backward(dy, x, mean, rstd, weight=None, *, out=None, bias=None,
-                           activation=None):
-    """Gradients of instance_norm: returns (dx, dweight, dbias); see group_norm_backward."""
-    return _slab_backward(dy, x, mean, rstd, None, weight, out, bias, activation)
+def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True, *,
+                           out=None, bias=None, activation=None):
+    """Gradients of instance_norm: returns (dx, dweight, dbias), dweight/dbias of shape
+    (C,) and x's dtype.
+
+    mean, rstd: the statistics instance_norm returned with the same use_input_stats:
+    (N, C) per-instance statistics (functions of x), or with use_input_stats=False the
+    (C,) running statistics, constants (then dx = dy * weight * rstd, as
+    batch_norm_backward with training=False). weight, out, bias, activation: as in
+    group_norm_backward.
+    """
+    if check_flag(use_input_stats, "use_input_stats", allow_int=True):
+        return _slab_backward(dy, x, mean, rstd, None, weight, out, bias, activation)
+    return _channel_backward(dy, x, mean, rstd, weight, False, out, bias, activation)
 
 
 # ---- channel family: BatchNorm ----------------------------------------------------------
 
-def _running(a, name, C, training):
-    if a is None:
-        return None
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
-                        f"got {type(a).__name__}")
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
-    if a.shape != (C,):
-        raise ValueError(f"{name} must have shape {(C,)}, got {a.shape}")
-    if training and not a.flags.writeable:
-        raise ValueError(f"{name} is read-only but training updates it in place")
-    return a
+def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats,
+                           return_stats, activation=None):
+    """Every channel normalised with given statistics (BatchNorm in eval mode, and
+    InstanceNorm with running statistics): y, and with return_stats the mean and rstd
+    of shape (C,) (else None, None)."""
+    welford = check_stats(stats)
+    act = check_activation(activation)
+    eps = check_eps(eps)
+    w = as_param(weight, "weight", (C,), x.dtype)
+    b = as_param(bias, "bias", (C,), x.dtype)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
+    if not return_stats:
+        if N * HW:  # the kernel forms rstd from running_var: no (C,) temporaries
+            channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64),
+                            None, np.ascontiguousarray(rv, dtype=np.float64), N, C, HW,
+                            eps, welford, 0, act)
+        return y, None, None
+    mean = np.array(rm, dtype=np.float64)
+    rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
+    channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act)
+    return y, mean, rstd
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, out=None, return_stats=False,
                stats="two_pass", activation=None):
-    """Batch normalisation, as torch.nn.functional.batch_norm.
+    """Batch normalisation, as torch.nn.functional.batch_norm (same arguments in the
+    same order).
 
     x: float32 or float64 array (N, C, *spatial), any number of spatial dims (also
     none). Each channel is normalised over its N * spatial values.
@@ -182,7 +260,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     running_var, when given ((C,) float arrays), are updated in place:
     r = (1 - momentum) * r + momentum * batch_stat, with the unbiased variance for
     running_var. One value per channel (N * spatial == 1) raises ValueError.
-    training=False: normalises with running_mean and running_var (both required).
+    training=False: normalises with running_mean and running_var (both required);
+    momentum is ignored (any value is accepted, as torch does).
+    training is a bool (or the int 0 or 1).
     weight, bias: optional (C,) arrays. out: as in group_norm (out=x allowed).
     return_stats: also return mean and rstd (C,) float64, those used to normalise, which
     batch_norm_backward takes (with the same `training`).
@@ -191,58 +271,47 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Returns y, or (y, mean, rstd).
     """
     x, N, C, HW = _nchw(x)
-    training = bool(training)
-    welford = check_stats(stats)
+    training = check_flag(training, "training", allow_int=True)
     act = check_activation(activation)
+    rm = as_running(running_mean, "running_mean", C, training)
+    rv = as_running(running_var, "running_var", C, training)
+    if not training:
+        if rm is None or rv is None:
+            raise ValueError("running_mean and running_var are required when "
+                             "training=False")
+        y, mean, rstd = _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps,
+                                               out, stats, return_stats, activation)
+        if return_stats:
+            return y, mean, rstd
+        return y
+    welford = check_stats(stats)
     eps = check_eps(eps)
-    momentum = check_real(momentum, "momentum")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    rm = _running(running_mean, "running_mean", C, training)
-    rv = _running(running_var, "running_var", C, training)
-    if not training and (rm is None or rv is None):
-        raise ValueError("running_mean and running_var are required when training=False")
+    momentum = check_momentum(momentum)
     w = as_param(weight, "weight", (C,), x.dtype)
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
     count = N * HW
     if count == 0 and not return_stats:
         return y  # an empty batch: nothing to normalise, running statistics unchanged
-    if training:
-        if count == 1:
-            raise ValueError("batch_norm: expected more than 1 value per channel when "
-                             f"training, got input of shape {x.shape}")
-        mean = np.empty(C)
-        rstd = np.empty(C)
-        var = np.empty(C) if rv is not None else None  # only the update needs it
-        channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act)
-        if count > 1:
-            if rm is not None:
-                rm[...] = (1.0 - momentum) * rm + momentum * mean
-            if rv is not None:
-                rv[...] = (1.0 - momentum) * rv + momentum * (var * (count / (count - 1)))
-    elif return_stats:
-        mean = np.array(rm, dtype=np.float64)
-        rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-        channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act)
-    else:  # the kernel forms rstd from running_var: no (C,) temporaries for it
-        channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64), None,
-                        np.ascontiguousarray(rv, dtype=np.float64), N, C, HW, eps,
-                        welford, 0, act)
+    if count == 1:
+        raise ValueError("batch_norm: expected more than 1 value per channel when "
+                         f"training, got input of shape {x.shape}")
+    mean = np.empty(C)
+    rstd = np.empty(C)
+    var = np.empty(C) if rv is not None else None  # only the update needs it
+    channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act)
+    if count > 1:
+        if rm is not None:
+            rm[...] = (1.0 - momentum) * rm + momentum * mean
+        if rv is not None:
+            rv[...] = (1.0 - momentum) * rv + momentum * (var * (count / (count - 1)))
     if return_stats:
         return y, mean, rstd
     return y
 
 
-def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None,
-                        bias=None, activation=None):
-    """Gradients of batch_norm: returns (dx, dweight, dbias), dweight/dbias of shape (C,).
-
-    mean, rstd: the (C,) statistics batch_norm returned. training=True: they are the
-    batch's, functions of x; training=False: constants (the running statistics), so
-    dx = dy * weight * rstd. out: as in group_norm_backward. activation, bias: the
-    forward's, as in group_norm_backward.
-    """
+def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
+                      activation=None):
     x, N, C, HW = _nchw(x)
     dy = _like(dy, "dy", x)
     act = check_activation(activation)
@@ -254,9 +323,22 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=No
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(bool(training)), act,
-                     b, _grad_buffer(act, dx, x))
+    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training), act, b,
+                     _grad_buffer(act, dx, x))
     return dx, dw, db
+
+
+def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None,
+                        bias=None, activation=None):
+    """Gradients of batch_norm: returns (dx, dweight, dbias), dweight/dbias of shape (C,).
+
+    mean, rstd: the (C,) statistics batch_norm returned. training=True: they are the
+    batch's, functions of x; training=False: constants (the running statistics), so
+    dx = dy * weight * rstd. out: as in group_norm_backward. activation, bias: the
+    forward's, as in group_norm_backward.
+    """
+    training = check_flag(training, "training", allow_int=True)
+    return _channel_backward(dy, x, mean, rstd, weight, training, out, bias, activation)
 
 
 # ---- row family: LayerNorm, RMSNorm -------------------------------------------------------
@@ -305,6 +387,7 @@ def _residual(x, residual, residual_out, out):
         raise ValueError("out and residual_out must be different arrays (the next block "
                          "needs both y and h)")
     return res, h
+
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,

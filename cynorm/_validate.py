@@ -82,36 +82,91 @@ def as_stats(s, name, shape):
     return _contiguous(s, _F64)
 
 
+def as_running(a, name, C, updated):
+    """A running-statistics buffer (running_mean, running_var): None, or a float ndarray
+    of shape (C,), writable when `updated` (the forward updates it in place)."""
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape {(C,)}, got {a.shape}")
+    if updated and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only but training updates it in place")
+    return a
+
+
 def same_shape(a, name, shape):
     if a.shape != shape:
         raise ValueError(f"{name} must have the shape of x {shape}, got {a.shape}")
 
 
 def check_real(v, name):
-    """A real number (Python or NumPy scalar), not a bool or a string."""
+    """A real number (Python or NumPy scalar), not a bool or a string, as a float. An
+    integer too large for a float (10**400) is a ValueError, not an OverflowError."""
     if type(v) is float:
         return v
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an integer too large for "
+                         "a float") from None
 
 
-def check_eps(eps, name="eps"):
+def check_eps(eps, name="eps", allow_none=False):
+    """A finite eps >= 0 as a float (None passes through when allow_none)."""
+    if eps is None and allow_none:
+        return None
     e = check_real(eps, name)
     if not 0.0 <= e < _INF:
         raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
     return e
 
 
-def check_int(v, name, low):
-    if type(v) is int and v >= low:
+def check_momentum(momentum, name="momentum", allow_none=False):
+    """A momentum in [0, 1] as a float (None passes through when allow_none)."""
+    if momentum is None and allow_none:
+        return None
+    m = check_real(momentum, name)
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1]{' or None' if allow_none else ''}, "
+                         f"got {momentum!r}")
+    return m
+
+
+def check_flag(v, name, allow_int=False):
+    """A bool (Python or NumPy). allow_int also takes the integers 0 and 1; anything
+    else, an array in particular, is a TypeError naming the argument."""
+    if v is True or v is False:
         return v
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if (allow_int and isinstance(v, numbers.Integral) and not isinstance(v, np.ndarray)
+            and v in (0, 1)):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool, got {type(v).__name__}"
+                    + (f" {v!r}" if isinstance(v, numbers.Integral) else ""))
+
+
+def check_int(v, name, low, high=None):
+    """An int >= low (and <= high when given); a bool or a float is a TypeError."""
+    if type(v) is int and v >= low and (high is None or v <= high):
+        return v
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     try:
         i = operator.index(v)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
     if i < low:
         raise ValueError(f"{name} must be >= {low}, got {i}")
+    if high is not None and i > high:
+        raise ValueError(f"{name} must be <= {high}, got {i}")
     return i
 
 
@@ -160,3 +215,61 @@ def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
             if not (any(a is b for b in may_alias) and _same_buffer(out, a)):
                 raise ValueError(f"{name} overlaps an input without being the same array")
     return out
+
+
+# The largest step count a layer accepts: incrementing it stays far from int64 overflow,
+# and it is exact in float64 (a count saved as a float loads unchanged).
+MAX_COUNT = 2 ** 62
+
+
+def _state_array(value, key):
+    """A state_dict entry as an ndarray: NumPy arrays, scalars, nested lists, torch tensors
+    (duck-typed, so that torch is never imported here; bfloat16 and the other floats
+    NumPy lacks are widened to float64, exactly)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"):
+        t = value.detach().cpu()
+        try:
+            return t.numpy()
+        except TypeError:
+            if t.is_floating_point():
+                return t.double().numpy()
+            raise TypeError(f"{key}: unsupported tensor dtype {t.dtype}") from None
+    try:
+        return np.asarray(value)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"{key} must be an array of numbers: {e}") from None
+
+
+def as_state_entry(value, key, target):
+    """`value` checked and converted for loading into `target` (a layer's parameter or
+    buffer): same shape, a real dtype (ml_dtypes' bfloat16 and the like included),
+    finite values that stay finite in target's dtype, and for an integer target
+    (num_batches_tracked) integers in [0, MAX_COUNT]. Returns an array of target's
+    dtype; raises TypeError/ValueError naming `key`."""
+    v = _state_array(value, key)
+    if v.shape != target.shape:
+        raise ValueError(f"{key} must have shape {target.shape}, got {v.shape}")
+    kind = v.dtype.kind
+    if kind == "V" and v.dtype.names is None:
+        try:  # ml_dtypes' bfloat16, float8 and int4 types register as 'V'
+            v = v.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
+        kind = v.dtype.kind
+    if kind not in "fiu":
+        raise TypeError(f"{key} must be a real (integer or floating-point) array, got "
+                        f"dtype {v.dtype}")
+    if target.dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = v.astype(target.dtype)
+        if kind == "f" and not np.array_equal(np.isfinite(cast), np.isfinite(v)):
+            raise ValueError(f"{key} has values out of the range of {target.dtype}")
+        return cast
+    if kind == "f":
+        if not np.isfinite(v).all():
+            raise ValueError(f"{key} must be finite, got {v!r}")
+        if not (v == np.floor(v)).all():
+            raise ValueError(f"{key} must be integer-valued, got {v!r}")
+    if not ((v >= 0) & (v <= MAX_COUNT)).all():
+        raise ValueError(f"{key} must be in [0, {MAX_COUNT}], got {v!r}")
+    return v.astype(target.dtype)

@@ -14,67 +14,31 @@ running_var, num_batches_tracked), so the state of a torch normalization layer,
 exported with `{k: v.numpy() for k, v in module.state_dict().items()}`, loads unchanged
 (torch tensors are accepted too).
 
+The forward keeps a reference to x until the backward: do not modify x in place in
+between. It also keeps a copy of the weight it used, so that the backward computes the
+gradients of that forward even when the parameters were updated in place in between
+(an optimizer step before the backward). One backward per forward.
+
 Fused blocks: GroupNorm, InstanceNorm and BatchNorm take `activation="silu"` (or
 "gelu", "gelu_tanh", "relu"), applied in the same pass; LayerNorm and RMSNorm take a
 residual, `y, h = layer(x, residual=r)` with h = x + r normalised into y, and
 `layer.backward(dy, dh)` returns the gradient with respect to h (that of x and of r).
 
-The forward keeps a reference to x until the backward: do not modify x in place in
-between. One backward per forward.
+Arguments are checked by the same helpers as the functional API's (cynorm._validate):
+errors are TypeError/ValueError naming the argument (x for the input).
 """
+from collections.abc import Mapping
 import numbers
 
 import numpy as np
 
 import cynorm
+from cynorm._validate import (
+    as_input, as_state_entry, check_activation, check_eps, check_flag, check_int,
+    check_momentum,
+)
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
-
-
-def _positive_int(v, name):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return int(v)
-
-
-def _flag(v, name):
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return bool(v)
-
-
-def _eps(v, name="eps", allow_none=False):
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not (0.0 <= v < float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return v
-
-
-def _momentum(v):
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"momentum must be a real number or None, got {type(v).__name__}")
-    v = float(v)
-    if not (0.0 <= v <= 1.0):
-        raise ValueError(f"momentum must be in [0, 1] or None, got {v!r}")
-    return v
-
-
-_ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh", "relu")
-
-
-def _activation(v):
-    if not (v is None or isinstance(v, str)) or v not in _ACTIVATIONS:
-        raise ValueError("activation must be None, 'silu', 'gelu', 'gelu_tanh' or 'relu', "
-                         f"got {v!r}")
-    return v
 
 
 def _act_repr(activation):
@@ -102,15 +66,7 @@ def _normalized_shape(v):
                             f"{type(v).__name__}") from None
         if len(shape) == 0:
             raise ValueError("normalized_shape must have at least one dimension")
-    return tuple(_positive_int(d, "normalized_shape") for d in shape)
-
-
-def _to_numpy(value):
-    """An array from a NumPy array, a scalar, or a torch tensor (duck-typed, so that torch
-    is never imported here)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    return tuple(check_int(d, "normalized_shape", 1) for d in shape)
 
 
 class _Norm:
@@ -126,7 +82,7 @@ class _Norm:
 
     # ---- modes ---------------------------------------------------------------------
     def train(self, mode=True):
-        self.training = _flag(mode, "mode")
+        self.training = check_flag(mode, "mode")
         return self
 
     def eval(self):
@@ -157,9 +113,19 @@ class _Norm:
     def load_state_dict(self, state_dict, strict=True):
         """Copy values into the parameters and buffers (their dtypes are kept).
 
+        Atomic: every entry is checked before any is copied, and a failed load changes
+        nothing. Values may be NumPy arrays (ml_dtypes' bfloat16 too), scalars or torch
+        tensors (bfloat16 too, converted exactly) of exactly the target's shape; a finite
+        value that would overflow the target's dtype is rejected; num_batches_tracked
+        must be an integer (or an integer-valued float) in [0, 2**62]. Errors name the
+        key.
         strict: missing or unexpected keys raise KeyError; with strict=False they are
-        ignored. A shape mismatch always raises ValueError.
+        ignored.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError("state_dict must be a mapping of names to arrays, got "
+                            f"{type(state_dict).__name__}")
+        strict = check_flag(strict, "strict")
         keys = self._state_keys()
         if strict:
             missing = [k for k in keys if k not in state_dict]
@@ -169,15 +135,9 @@ class _Norm:
                                f"{missing}, unexpected keys {unexpected}")
         values = {}
         for k in keys:
-            if k not in state_dict:
-                continue
-            v = _to_numpy(state_dict[k])
-            target = self._params.get(k, self._buffers.get(k))
-            if v.shape != target.shape:
-                raise ValueError(f"{k} must have shape {target.shape}, got {v.shape}")
-            if target.dtype.kind == "f" and v.dtype.kind not in "fiu":
-                raise TypeError(f"{k} must be a real array, got dtype {v.dtype}")
-            values[k] = v
+            if k in state_dict:
+                target = self._params.get(k, self._buffers.get(k))
+                values[k] = as_state_entry(state_dict[k], k, target)
         for k, v in values.items():   # all checked first: a failed load changes nothing
             target = self._params.get(k, self._buffers.get(k))
             target[...] = v
@@ -196,6 +156,11 @@ class _Norm:
                 "(or twice after one forward): call the layer on an input first")
         return saved
 
+    def _save(self, *values):
+        """Keep what the backward needs, with a copy of the weight this forward used."""
+        w = self._params.get("weight")
+        self._saved = values + (None if w is None else w.copy(),)
+
     def _finish_backward(self, **grads):
         self._saved = None
         self.grads = {k: np.asarray(g, dtype=self._params[k].dtype)
@@ -207,8 +172,11 @@ class _Norm:
         if bias:
             self._params["bias"] = np.zeros(shape, dtype=self.dtype)
 
+    def _bias_repr(self):
+        return ", bias=False" if self.weight is not None and self.bias is None else ""
+
     def _check_channels(self, x, num_channels):
-        x = np.asarray(x)
+        x = as_input(x, "x")
         if x.ndim < 2:
             raise ValueError(f"{type(self).__name__}: x must be (N, C, *spatial), "
                              f"got shape {x.shape}")
@@ -218,106 +186,26 @@ class _Norm:
         return x
 
 
-class GroupNorm(_Norm):
-    """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm."""
+class _Activated:
+    """The activation epilogue of GroupNorm, InstanceNorm and BatchNorm."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
-                 activation=None):
-        super().__init__(dtype)
-        self.activation = _activation(activation)
-        self.num_groups = _positive_int(num_groups, "num_groups")
-        self.num_channels = _positive_int(num_channels, "num_channels")
-        if self.num_channels % self.num_groups:
-            raise ValueError(f"num_groups ({self.num_groups}) must divide num_channels "
-                             f"({self.num_channels})")
-        self.eps = _eps(eps)
-        self.affine = _flag(affine, "affine")
-        self._new_params((self.num_channels,), self.affine, self.affine)
+    def _set_activation(self, activation):
+        check_activation(activation)
+        self.activation = activation
 
-    def forward(self, x):
-        x = self._check_channels(x, self.num_channels)
-        y, mean, rstd = cynorm.group_norm(x, self.num_groups, self.weight, self.bias,
-                                          self.eps, return_stats=True,
-                                          activation=self.activation)
-        self._saved = (x, mean, rstd)
-        return y
-
-    def backward(self, dy):
-        x, mean, rstd = self._saved_for_backward()
-        dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, self.num_groups,
-                                                self.weight, bias=self.bias,
-                                                activation=self.activation)
-        self._finish_backward(weight=dw, bias=db)
-        return dx
-
-    def __repr__(self):
-        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
-                f"affine={self.affine}{_act_repr(self.activation)})")
+    def _bias_for_backward(self):
+        """A copy of the bias when the backward recomputes the activation's input."""
+        b = self._params.get("bias")
+        return None if self.activation is None or b is None else b.copy()
 
 
-class InstanceNorm(_Norm):
-    """Instance normalisation over x of shape (N, C, *spatial): each (sample, channel)
-    normalised over its spatial elements, as torch.nn.InstanceNorm2d with its defaults
-    (no running statistics)."""
+class _RunningStats:
+    """Running statistics buffers (BatchNorm, InstanceNorm), under torch's names."""
 
-    def __init__(self, num_features, eps=1e-5, affine=False, dtype=np.float32,
-                 activation=None):
-        super().__init__(dtype)
-        self.activation = _activation(activation)
-        self.num_features = _positive_int(num_features, "num_features")
-        self.eps = _eps(eps)
-        self.affine = _flag(affine, "affine")
-        self._new_params((self.num_features,), self.affine, self.affine)
-
-    def forward(self, x):
-        x = self._check_channels(x, self.num_features)
-        if x.size and x.size // (x.shape[0] * x.shape[1]) == 1:
-            # each output would be just the bias; torch rejects this too
-            raise ValueError("InstanceNorm: expected more than 1 spatial element per "
-                             f"channel, got shape {x.shape}")
-        y, mean, rstd = cynorm.instance_norm(x, weight=self.weight, bias=self.bias,
-                                             eps=self.eps, return_stats=True,
-                                             activation=self.activation)
-        self._saved = (x, mean, rstd)
-        return y
-
-    def backward(self, dy):
-        x, mean, rstd = self._saved_for_backward()
-        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, weight=self.weight,
-                                                   bias=self.bias,
-                                                   activation=self.activation)
-        self._finish_backward(weight=dw, bias=db)
-        return dx
-
-    def __repr__(self):
-        return (f"InstanceNorm({self.num_features}, eps={self.eps}, affine={self.affine}"
-                f"{_act_repr(self.activation)})")
-
-
-class BatchNorm(_Norm):
-    """Batch normalisation over x of shape (N, C, *spatial) (also (N, C)), as
-    torch.nn.BatchNorm1d/2d/3d.
-
-    Training: batch statistics; with track_running_stats the running mean and (unbiased)
-    variance are updated with `momentum`, or as a cumulative moving average when
-    momentum is None, and num_batches_tracked counts the batches. Eval: the running
-    statistics, or batch statistics when track_running_stats is False.
-    """
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, activation=None):
-        super().__init__(dtype)
-        self.activation = _activation(activation)
-        self.num_features = _positive_int(num_features, "num_features")
-        self.eps = _eps(eps)
-        self.momentum = _momentum(momentum)
-        self.affine = _flag(affine, "affine")
-        self.track_running_stats = _flag(track_running_stats, "track_running_stats")
-        self._new_params((self.num_features,), self.affine, self.affine)
-        if self.track_running_stats:
-            self._buffers["running_mean"] = np.zeros(self.num_features, dtype=self.dtype)
-            self._buffers["running_var"] = np.ones(self.num_features, dtype=self.dtype)
-            self._buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
+    def _new_running_stats(self, num_features):
+        self._buffers["running_mean"] = np.zeros(num_features, dtype=self.dtype)
+        self._buffers["running_var"] = np.ones(num_features, dtype=self.dtype)
+        self._buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
 
     @property
     def running_mean(self):
@@ -338,6 +226,133 @@ class BatchNorm(_Norm):
             self.running_var[...] = 1
             self._buffers["num_batches_tracked"][...] = 0
 
+
+class GroupNorm(_Activated, _Norm):
+    """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm
+    (bias=False: a weight and no bias, as torch's keyword). activation: None, "silu",
+    "gelu", "gelu_tanh" or "relu", fused into the same pass."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
+                 *, bias=True, activation=None):
+        super().__init__(dtype)
+        self._set_activation(activation)
+        self.num_groups = check_int(num_groups, "num_groups", 1)
+        self.num_channels = check_int(num_channels, "num_channels", 1)
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_groups ({self.num_groups}) must divide num_channels "
+                             f"({self.num_channels})")
+        self.eps = check_eps(eps)
+        self.affine = check_flag(affine, "affine")
+        self._new_params((self.num_channels,), self.affine,
+                         self.affine and check_flag(bias, "bias"))
+
+    def forward(self, x):
+        x = self._check_channels(x, self.num_channels)
+        y, mean, rstd = cynorm.group_norm(x, self.num_groups, self.weight, self.bias,
+                                          self.eps, return_stats=True,
+                                          activation=self.activation)
+        self._save(x, mean, rstd, self._bias_for_backward())
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, bias, weight = self._saved_for_backward()
+        dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, self.num_groups,
+                                                weight, bias=bias,
+                                                activation=self.activation)
+        self._finish_backward(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self):
+        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.affine}{self._bias_repr()}{_act_repr(self.activation)})")
+
+
+class InstanceNorm(_Activated, _RunningStats, _Norm):
+    """Instance normalisation over x of shape (N, C, *spatial): each (sample, channel)
+    normalised over its spatial elements, as torch.nn.InstanceNorm1d/2d/3d (same
+    constructor arguments in the same order, then dtype).
+
+    Training, or track_running_stats=False: per-instance statistics, which need more
+    than one spatial element (ValueError otherwise). With track_running_stats the running
+    mean and (unbiased) variance, averaged over the batch, are updated with `momentum`
+    (momentum=None means no update, as torch does), and eval normalises with them;
+    num_batches_tracked is kept for torch's state_dict but, as in torch, not counted.
+    bias=False: a weight and no bias, as torch's keyword. activation: as in GroupNorm.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, dtype=np.float32, *, bias=True,
+                 activation=None):
+        super().__init__(dtype)
+        self._set_activation(activation)
+        self.num_features = check_int(num_features, "num_features", 1)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum, allow_none=True)
+        self.affine = check_flag(affine, "affine")
+        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
+        self._new_params((self.num_features,), self.affine,
+                         self.affine and check_flag(bias, "bias"))
+        if self.track_running_stats:
+            self._new_running_stats(self.num_features)
+
+    def forward(self, x):
+        x = self._check_channels(x, self.num_features)
+        use_input_stats = self.training or not self.track_running_stats
+        if use_input_stats and x.size and x.size // (x.shape[0] * x.shape[1]) == 1:
+            # each output would be just the bias; torch rejects this too
+            raise ValueError("InstanceNorm: expected more than 1 spatial element per "
+                             f"channel, got shape {x.shape}")
+        running = ((self.running_mean, self.running_var) if self.track_running_stats
+                   else (None, None))
+        momentum = 0.0 if self.momentum is None or not self.training else self.momentum
+        y, mean, rstd = cynorm.instance_norm(
+            x, *running, self.weight, self.bias, use_input_stats=use_input_stats,
+            momentum=momentum, eps=self.eps, return_stats=True,
+            activation=self.activation)
+        self._save(x, mean, rstd, use_input_stats, self._bias_for_backward())
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, use_input_stats, bias, weight = self._saved_for_backward()
+        dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, weight,
+                                                   use_input_stats=use_input_stats,
+                                                   bias=bias, activation=self.activation)
+        self._finish_backward(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self):
+        return (f"InstanceNorm({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}{self._bias_repr()}"
+                f"{_act_repr(self.activation)})")
+
+
+class BatchNorm(_Activated, _RunningStats, _Norm):
+    """Batch normalisation over x of shape (N, C, *spatial) (also (N, C)), as
+    torch.nn.BatchNorm1d/2d/3d.
+
+    Training: batch statistics; with track_running_stats the running mean and (unbiased)
+    variance are updated with `momentum`, or as a cumulative moving average when
+    momentum is None, and num_batches_tracked counts the batches. Eval: the running
+    statistics, or batch statistics when track_running_stats is False. bias=False: a
+    weight and no bias, as torch's keyword. activation: as in GroupNorm.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32, *, bias=True,
+                 activation=None):
+        super().__init__(dtype)
+        self._set_activation(activation)
+        self.num_features = check_int(num_features, "num_features", 1)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum, allow_none=True)
+        self.affine = check_flag(affine, "affine")
+        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
+        self._new_params((self.num_features,), self.affine,
+                         self.affine and check_flag(bias, "bias"))
+        if self.track_running_stats:
+            self._new_running_stats(self.num_features)
+
     def forward(self, x):
         x = self._check_channels(x, self.num_features)
         use_batch_stats = self.training or not self.track_running_stats
@@ -355,13 +370,13 @@ class BatchNorm(_Norm):
         if self.track_running_stats and self.training:
             # counted after the call succeeded, so that a rejected batch is not counted
             self._buffers["num_batches_tracked"] += 1
-        self._saved = (x, mean, rstd, use_batch_stats)
+        self._save(x, mean, rstd, use_batch_stats, self._bias_for_backward())
         return y
 
     def backward(self, dy):
-        x, mean, rstd, use_batch_stats = self._saved_for_backward()
-        dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, self.weight,
-                                                training=use_batch_stats, bias=self.bias,
+        x, mean, rstd, use_batch_stats, bias, weight = self._saved_for_backward()
+        dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, weight,
+                                                training=use_batch_stats, bias=bias,
                                                 activation=self.activation)
         self._finish_backward(weight=dw, bias=db)
         return dx
@@ -369,7 +384,7 @@ class BatchNorm(_Norm):
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-                f"{_act_repr(self.activation)})")
+                f"{self._bias_repr()}{_act_repr(self.activation)})")
 
 
 class _RowNorm(_Norm):
@@ -389,7 +404,7 @@ class _RowNorm(_Norm):
         return dx + dh
 
     def _check_trailing(self, x):
-        x = np.asarray(x)
+        x = as_input(x, "x")
         k = len(self.normalized_shape)
         if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
             raise ValueError(f"{type(self).__name__}: x's trailing dimensions must be "
@@ -405,9 +420,9 @@ class LayerNorm(_RowNorm):
                  dtype=np.float32):
         super().__init__(dtype)
         self.normalized_shape = _normalized_shape(normalized_shape)
-        self.eps = _eps(eps)
-        self.elementwise_affine = _flag(elementwise_affine, "elementwise_affine")
-        has_bias = _flag(bias, "bias")
+        self.eps = check_eps(eps)
+        self.elementwise_affine = check_flag(elementwise_affine, "elementwise_affine")
+        has_bias = check_flag(bias, "bias")
         self._new_params(self.normalized_shape, self.elementwise_affine,
                          self.elementwise_affine and has_bias)
 
@@ -418,19 +433,19 @@ class LayerNorm(_RowNorm):
             y, h, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
                                                  self.bias, self.eps, return_stats=True,
                                                  residual=residual)
-            self._saved = (h, mean, rstd)
+            self._save(h, mean, rstd)
             return y, h
         y, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
                                           self.bias, self.eps, return_stats=True)
-        self._saved = (x, mean, rstd)
+        self._save(x, mean, rstd)
         return y
 
     def backward(self, dy, dh=None):
         """dx; after a residual forward, the gradient with respect to h (which is that of
         x and of residual), dh being the gradient reaching h other than through y."""
-        x, mean, rstd = self._saved_for_backward()
+        x, mean, rstd, weight = self._saved_for_backward()
         dx, dw, db = cynorm.layer_norm_backward(dy, x, mean, rstd, self.normalized_shape,
-                                                self.weight)
+                                                weight)
         dx = self._finish_residual_backward(dx, dh)
         self._finish_backward(weight=dw, bias=db)
         return dx
@@ -450,8 +465,8 @@ class RMSNorm(_RowNorm):
                  dtype=np.float32):
         super().__init__(dtype)
         self.normalized_shape = _normalized_shape(normalized_shape)
-        self.eps = _eps(eps, allow_none=True)
-        self.elementwise_affine = _flag(elementwise_affine, "elementwise_affine")
+        self.eps = check_eps(eps, allow_none=True)
+        self.elementwise_affine = check_flag(elementwise_affine, "elementwise_affine")
         self._new_params(self.normalized_shape, self.elementwise_affine, False)
 
     def forward(self, x, residual=None):
@@ -460,17 +475,17 @@ class RMSNorm(_RowNorm):
         if residual is not None:
             y, h, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
                                          return_stats=True, residual=residual)
-            self._saved = (h, rstd)
+            self._save(h, rstd)
             return y, h
         y, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
                                   return_stats=True)
-        self._saved = (x, rstd)
+        self._save(x, rstd)
         return y
 
     def backward(self, dy, dh=None):
         """dx; after a residual forward, the gradient with respect to h (see LayerNorm)."""
-        x, rstd = self._saved_for_backward()
-        dx, dw = cynorm.rms_norm_backward(dy, x, rstd, self.normalized_shape, self.weight)
+        x, rstd, weight = self._saved_for_backward()
+        dx, dw = cynorm.rms_norm_backward(dy, x, rstd, self.normalized_shape, weight)
         dx = self._finish_residual_backward(dx, dh)
         self._finish_backward(weight=dw)
         return dx

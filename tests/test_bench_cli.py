@@ -122,3 +122,40 @@ def test_parse_threads():
     assert cli.parse_threads("all") == [machine.all_threads()]
     with pytest.raises(ValueError):
         cli.parse_threads("0")
+
+
+def test_bench_torch_module_section(tmp_path):
+    """`--torch-modules`: each cynorm.torch module against its torch.nn twin (suite shapes,
+    tiny calls with minimum and p90, the mixed model), inference and training, in the
+    table and the JSON."""
+    pytest.importorskip("torch")
+    path = tmp_path / "tm.json"
+    proc = run_cynorm("bench", "--torch-modules", "--tiny", "--quick", "--threads", "1",
+                      "--repeats", "1", "--json", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(path.read_text())["torch_modules"]
+    suite = doc["suite"]
+    assert {r["op"] for r in suite} == {"group_norm", "instance_norm", "batch_norm",
+                                        "layer_norm", "rms_norm"}
+    assert {r["mode"] for r in suite} == {"inference", "training"}
+    for r in suite:
+        assert r["torch_s"] > 0 and r["cynorm_torch_s"] > 0
+        assert (r["numpy_api_s"] is not None) == (r["mode"] == "inference")
+    assert {r["module"] for r in doc["tiny"]} == {"GroupNorm(32)", "LayerNorm(768)",
+                                                  "BatchNorm1d(64)"}
+    for r in doc["tiny"]:
+        assert 0 < r["torch_min_s"] <= r["torch_p90_s"]
+        assert 0 < r["cynorm_torch_min_s"] <= r["cynorm_torch_p90_s"]
+        if r["mode"] == "inference":
+            assert r["overhead_over_numpy_api_s"] == pytest.approx(
+                r["cynorm_torch_min_s"] - r["numpy_api_min_s"])
+    assert {r["mode"] for r in doc["mixed"]} == {"inference", "training"}
+    assert all(r["torch_s"] > 0 and r["cynorm_torch_s"] > 0 for r in doc["mixed"])
+    for head in ("torch/cy.torch", "torch p90", "cy.torch min", "overhead", "mixed model"):
+        assert head in proc.stdout
+
+
+def test_bench_torch_module_section_needs_torch():
+    proc = run_cynorm("bench", "--torch-modules", "--tiny", block_torch=True)
+    assert proc.returncode != 0
+    assert "needs PyTorch" in proc.stderr

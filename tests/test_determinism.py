@@ -71,7 +71,7 @@ def test_instance_norm_bitwise_identical_across_thread_counts(dtype, shape):
     w, b = data(C, dtype, 1, 1.0), data(C, dtype, 2)
     dy = data(shape, dtype, 3)
     y, mean, rstd = across_threads(
-        lambda: cynorm.instance_norm(x, w, b, return_stats=True))
+        lambda: cynorm.instance_norm(x, weight=w, bias=b, return_stats=True))
     across_threads(lambda: cynorm.instance_norm_backward(dy, x, mean, rstd, w))
 
 

@@ -121,7 +121,7 @@ def test_constant_sets_give_exactly_bias(dtype, stats, const):
         for G in (1, C):
             y = cynorm.group_norm(x, G, w, b, stats=stats)
             assert np.array_equal(y, bb), (shape, G, np.abs(y - bb).max())
-        y = cynorm.instance_norm(x, w, b, stats=stats)
+        y = cynorm.instance_norm(x, weight=w, bias=b, stats=stats)
         assert np.array_equal(y, bb)
         y = cynorm.batch_norm(x, weight=w, bias=b, training=True, stats=stats)
         assert np.array_equal(y, bb)
@@ -148,9 +148,9 @@ def test_sets_of_one_element(dtype):
     b = rng.standard_normal(4).astype(dtype)
     bb = np.broadcast_to(b[None, :, None], x.shape)
     # InstanceNorm over one spatial element; GroupNorm with one channel per group
-    assert np.array_equal(cynorm.instance_norm(x, w, b), bb)
+    assert np.array_equal(cynorm.instance_norm(x, weight=w, bias=b), bb)
     assert np.array_equal(cynorm.group_norm(x, 4, w, b, stats="welford"), bb)
-    y, m, r = cynorm.instance_norm(x, w, b, return_stats=True)
+    y, m, r = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True)
     assert np.array_equal(m, x[:, :, 0].astype(np.float64))
     assert np.allclose(r, 1 / np.sqrt(1e-5))
     dx, dw, db = cynorm.instance_norm_backward(np.ones_like(x), x, m, r, w)
@@ -208,8 +208,8 @@ def test_nonfinite_input_poisons_exactly_its_own_set(value, stats, shape):
     assert np.array_equal(y1[keep], y0[keep])
     assert np.array_equal(m1[:, 1], m0[:, 1]) and np.array_equal(m1[:N - 1], m0[:N - 1])
     # InstanceNorm: only (N-1, 1)
-    y0 = cynorm.instance_norm(x, w, b, stats=stats)
-    y1 = cynorm.instance_norm(xp, w, b, stats=stats)
+    y0 = cynorm.instance_norm(x, weight=w, bias=b, stats=stats)
+    y1 = cynorm.instance_norm(xp, weight=w, bias=b, stats=stats)
     keep = np.ones(y0.shape, bool)
     keep[N - 1, 1] = False
     assert np.isnan(y1[N - 1, 1]).all() and np.array_equal(y1[keep], y0[keep])

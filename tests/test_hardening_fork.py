@@ -50,7 +50,7 @@ def _all_ops(a):
     res += [y, m, r, *cynorm.group_norm_backward(dy, x, m, r, 4, w)]
     y, m, r = cynorm.group_norm(a["x2"], 1, return_stats=True)
     res += [y, m, r, *cynorm.group_norm_backward(a["dy2"], a["x2"], m, r, 1)]
-    y, m, r = cynorm.instance_norm(x, w, b, return_stats=True)
+    y, m, r = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True)
     res += [y, m, r, *cynorm.instance_norm_backward(dy, x, m, r, w)]
     rm, rv = np.zeros(8), np.ones(8)
     y, m, r = cynorm.batch_norm(x, rm, rv, w, b, training=True, return_stats=True)

@@ -880,6 +880,8 @@ def test_fuzz_batch_norm_matches_reference_or_raises(data):
             val, t = data.draw(st.sampled_from(EPS_BAD), label="eps_bad")
             kwargs["eps"], types, names = val, (t,), ["eps"]
         elif bad == "momentum":
+            if not training:  # momentum is ignored then, any value accepted (as torch)
+                return
             val, t = data.draw(st.sampled_from(
                 [(-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError),
                  (None, TypeError), ("fast", TypeError), (1j, TypeError),

@@ -102,7 +102,7 @@ OPS = {
     "group_norm_fortran_welford": lambda: cynorm.group_norm(X_F, 8, stats="welford"),
     "group_norm_out_x": lambda: cynorm.group_norm(X32, 8, out=X32),
     "group_norm_backward": lambda: cynorm.group_norm_backward(DY, X, M8, R8, 8, W8),
-    "instance_norm": lambda: cynorm.instance_norm(X, W8, W8, return_stats=True),
+    "instance_norm": lambda: cynorm.instance_norm(X, weight=W8, bias=W8, return_stats=True),
     "instance_norm_backward": lambda: cynorm.instance_norm_backward(DY, X, MI, RI, W8),
     "batch_norm_train": lambda: cynorm.batch_norm(XB, RM, RV, W512, W512, training=True,
                                                   return_stats=True),

@@ -136,7 +136,7 @@ def _forward_cases(x, w, eps):
     for G in sorted({1, 2 if C % 2 == 0 else 1, C}):
         out.append((f"group_norm G={G}", cynorm.group_norm(x, G, w, eps=eps),
                     ref.group_norm(x, G, w, eps=eps)[0]))
-    out.append(("instance_norm", cynorm.instance_norm(x, w, eps=eps),
+    out.append(("instance_norm", cynorm.instance_norm(x, weight=w, eps=eps),
                  ref.instance_norm(x, w, eps=eps)[0]))
     out.append(("batch_norm", cynorm.batch_norm(x, weight=w, training=True, eps=eps),
                  ref.batch_norm(x, weight=w, training=True, eps=eps)[0]))

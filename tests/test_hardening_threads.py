@@ -48,7 +48,7 @@ def _run_all(a):
         out += [y, m, r, *cynorm.group_norm_backward(dy, x, m, r, G, w)]
         y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, stats="welford")
         out += [y, m, r]
-        y, m, r = cynorm.instance_norm(x, w, b, return_stats=True)
+        y, m, r = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True)
         out += [y, m, r, *cynorm.instance_norm_backward(dy, x, m, r, w)]
     x, dy = a["x4"], a["dy4"]
     rm, rv = a["rm8"].copy(), a["rv8"].copy()
@@ -145,7 +145,7 @@ def test_concurrent_threads_with_errors_and_valid_calls():
     """Threads that raise (bad arguments) interleaved with threads that compute: errors
     stay in their thread, the others' results are unaffected, nothing hangs."""
     a = _inputs(11, np.float64)
-    ref = cynorm.instance_norm(a["x4"], a["w8"], a["b8"])
+    ref = cynorm.instance_norm(a["x4"], weight=a["w8"], bias=a["b8"])
     bad = []
 
     def work(i):
@@ -161,7 +161,7 @@ def test_concurrent_threads_with_errors_and_valid_calls():
                     except (TypeError, ValueError):
                         pass
             else:
-                y = cynorm.instance_norm(a["x4"], a["w8"], a["b8"])
+                y = cynorm.instance_norm(a["x4"], weight=a["w8"], bias=a["b8"])
                 if not np.array_equal(y, ref):
                     bad.append((i, "result"))
 

@@ -28,8 +28,8 @@ def _calls(name, x, dy):
         return [lambda: cynorm.group_norm(x, 8, w, w, return_stats=True),
                 lambda: cynorm.group_norm_backward(dy, x, m, r, 8, w)]
     if name == "instance_norm":
-        _, m, r = cynorm.instance_norm(x, w, w, return_stats=True)
-        return [lambda: cynorm.instance_norm(x, w, w, return_stats=True),
+        _, m, r = cynorm.instance_norm(x, weight=w, bias=w, return_stats=True)
+        return [lambda: cynorm.instance_norm(x, weight=w, bias=w, return_stats=True),
                 lambda: cynorm.instance_norm_backward(dy, x, m, r, w)]
     if name.startswith("batch_norm"):
         rm, rv = np.zeros(C), np.ones(C)

@@ -39,7 +39,12 @@ def reference_forward(layer, x):
     x = x.astype(np.float64)
     p = {k: v.astype(np.float64) for k, v in layer.parameters().items()}
     if isinstance(layer, (nn.GroupNorm, nn.InstanceNorm, nn.BatchNorm)):
-        if isinstance(layer, nn.BatchNorm):
+        if isinstance(layer, nn.InstanceNorm) and not layer.training and \
+                layer.track_running_stats:
+            rm = _per_channel(layer.running_mean.astype(np.float64), x.ndim)
+            rv = _per_channel(layer.running_var.astype(np.float64), x.ndim)
+            xhat = (x - rm) / np.sqrt(rv + layer.eps)
+        elif isinstance(layer, nn.BatchNorm):
             if layer.training or not layer.track_running_stats:
                 xhat = _normalize(x, (0,) + tuple(range(2, x.ndim)), layer.eps)
             else:
@@ -64,13 +69,17 @@ def reference_forward(layer, x):
 LAYERS = {
     "group": (lambda dt: nn.GroupNorm(2, 4, dtype=dt), (3, 4, 5)),
     "group_2d_no_affine": (lambda dt: nn.GroupNorm(1, 6, affine=False, dtype=dt), (2, 6, 3, 2)),
+    "group_no_bias": (lambda dt: nn.GroupNorm(3, 6, dtype=dt, bias=False), (2, 6, 4)),
     "instance": (lambda dt: nn.InstanceNorm(4, dtype=dt), (3, 4, 5)),
     "instance_affine": (lambda dt: nn.InstanceNorm(3, affine=True, eps=1e-3, dtype=dt),
                         (2, 3, 2, 3)),
+    "instance_tracked": (lambda dt: nn.InstanceNorm(3, 1e-4, 0.3, True, True, dtype=dt),
+                         (4, 3, 5)),
     "batch": (lambda dt: nn.BatchNorm(4, dtype=dt), (6, 4, 3)),
     "batch_nc": (lambda dt: nn.BatchNorm(5, momentum=None, dtype=dt), (7, 5)),
     "batch_untracked": (lambda dt: nn.BatchNorm(3, track_running_stats=False, dtype=dt),
                         (4, 3, 2, 2)),
+    "batch_no_bias": (lambda dt: nn.BatchNorm(3, dtype=dt, bias=False), (5, 3, 2)),
     "layer": (lambda dt: nn.LayerNorm((4, 5), dtype=dt), (3, 4, 5)),
     "layer_no_bias": (lambda dt: nn.LayerNorm(5, bias=False, dtype=dt), (2, 3, 5)),
     "layer_no_affine": (lambda dt: nn.LayerNorm(6, elementwise_affine=False, dtype=dt),
@@ -144,7 +153,10 @@ def _functional(layer, x, dy):
         y, m, s = cynorm.group_norm(x, layer.num_groups, w, b, layer.eps, return_stats=True)
         dx, dw, db = cynorm.group_norm_backward(dy, x, m, s, layer.num_groups, w)
     elif isinstance(layer, nn.InstanceNorm):
-        y, m, s = cynorm.instance_norm(x, w, b, layer.eps, return_stats=True)
+        running = ((layer.running_mean.copy(), layer.running_var.copy())
+                   if layer.track_running_stats else (None, None))
+        y, m, s = cynorm.instance_norm(x, *running, w, b, True, layer.momentum or 0.0,
+                                       layer.eps, return_stats=True)
         dx, dw, db = cynorm.instance_norm_backward(dy, x, m, s, w)
     elif isinstance(layer, nn.BatchNorm):
         y, m, s = cynorm.batch_norm(x, None, None, w, b, training=True, eps=layer.eps,
@@ -316,20 +328,214 @@ def test_load_state_dict_rejects_bad_state():
     assert layer.weight.dtype == np.float32  # values are cast to the parameter's dtype
 
 
+def _changed_state(layer):
+    """A valid state for `layer` that differs from its current one in every entry."""
+    state = layer.state_dict()
+    for k, v in state.items():
+        v += 3
+    return state
+
+
+BAD_ENTRIES = [
+    # (key, value, exception, why)
+    ("num_batches_tracked", np.array("abc"), TypeError, "a string"),
+    ("num_batches_tracked", "7", TypeError, "a Python string"),
+    ("num_batches_tracked", np.array(np.nan), ValueError, "NaN"),
+    ("num_batches_tracked", np.array(np.inf), ValueError, "infinity"),
+    ("num_batches_tracked", np.array(1e30), ValueError, "out of range"),
+    ("num_batches_tracked", np.array(2.5), ValueError, "not an integer"),
+    ("num_batches_tracked", np.array(-1), ValueError, "negative"),
+    ("num_batches_tracked", np.array(2 ** 63 - 1), ValueError, "would overflow"),
+    ("num_batches_tracked", np.array(True), TypeError, "a bool"),
+    ("num_batches_tracked", np.zeros(1, np.int64), ValueError, "shape"),
+    ("running_var", np.array(["1", "2", "3"]), TypeError, "strings"),
+    ("running_var", np.full(3, 1e300), ValueError, "overflows float32"),
+    ("running_mean", [[1.0, 2.0], [3.0]], TypeError, "a ragged list"),
+    ("running_mean", np.ones(3, np.complex128), TypeError, "complex"),
+    ("weight", np.ones(4), ValueError, "shape"),
+    ("bias", np.array([b"a", b"b", b"c"]), TypeError, "bytes"),
+]
+
+
+@pytest.mark.parametrize("key, value, exc, why", BAD_ENTRIES,
+                         ids=[f"{k}-{w}" for k, _, _, w in BAD_ENTRIES])
+def test_load_state_dict_is_atomic_and_names_the_bad_key(key, value, exc, why):
+    """Every entry is checked before any is copied: a bad one raises an error naming its
+    key, and the layer is left exactly as it was (weight included, loaded first)."""
+    layer = nn.BatchNorm(3)
+    layer(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32))
+    before = layer.state_dict()
+    state = _changed_state(layer)
+    state[key] = value
+    with pytest.raises(exc, match=key):
+        layer.load_state_dict(state)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # the layer still works, and a good load after a bad one succeeds
+    layer(np.ones((2, 3), np.float32))
+    layer.load_state_dict(_changed_state(layer))
+
+
+@pytest.mark.parametrize("value, expected", [
+    (np.array(12.0), 12), (np.array(5, np.uint8), 5), (7, 7), (np.array(2 ** 62), 2 ** 62),
+])
+def test_load_state_dict_accepts_integer_valued_counts(value, expected):
+    layer = nn.BatchNorm(2)
+    state = dict(layer.state_dict(), num_batches_tracked=value)
+    layer.load_state_dict(state)
+    assert layer.num_batches_tracked == expected
+    assert layer.state_dict()["num_batches_tracked"].dtype == np.int64
+
+
+def test_batchnorm_cumulative_average_after_loading_a_count(rng):
+    """momentum=None divides by num_batches_tracked + 1: a loaded count is used as is."""
+    layer = nn.BatchNorm(2, momentum=None, dtype=np.float64)
+    layer.load_state_dict(dict(layer.state_dict(), num_batches_tracked=np.array(3.0)))
+    x = rng.normal(size=(5, 2))
+    layer(x)
+    np.testing.assert_allclose(layer.running_mean, x.mean(axis=0) / 4, rtol=1e-12)
+    assert layer.num_batches_tracked == 4
+
+
+def test_load_state_dict_rejects_what_is_not_a_mapping():
+    with pytest.raises(TypeError, match="state_dict"):
+        nn.LayerNorm(3).load_state_dict([("weight", np.ones(3))])
+    with pytest.raises(TypeError, match="strict"):
+        nn.LayerNorm(3).load_state_dict({}, strict="no")
+
+
+def test_load_state_dict_converts_bfloat16_exactly():
+    """bfloat16 values (torch tensors and ml_dtypes arrays) load converted exactly."""
+    values = np.array([1.5, -0.375, 3.0e-3, 65280.0])  # representable in bfloat16
+    exact = values.astype(np.float32).astype(np.float64)
+    sources = []
+    torch = pytest.importorskip("torch")
+    sources.append(torch.tensor(values, dtype=torch.bfloat16))
+    sources.append(torch.tensor(values, dtype=torch.bfloat16, requires_grad=True))
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    sources.append(values.astype(ml_dtypes.bfloat16))
+    for src in sources:
+        layer = nn.LayerNorm(4, dtype=np.float64)
+        layer.load_state_dict({"weight": src, "bias": src}, strict=True)
+        bf = np.asarray(torch.tensor(values, dtype=torch.bfloat16).double())
+        np.testing.assert_array_equal(layer.weight, bf)
+        np.testing.assert_array_equal(layer.bias, bf)
+        np.testing.assert_allclose(bf, exact, rtol=4e-3)
+
+
+# (layer, a bad x, exception): each error names x, as the functional API does
+BAD_INPUTS = [
+    (lambda: nn.GroupNorm(2, 4), [[1.0, 2.0], [3.0]], TypeError),
+    (lambda: nn.InstanceNorm(4), [[[1.0, 2.0]], [[3.0]]], TypeError),
+    (lambda: nn.BatchNorm(4), [[1.0, 2.0], [3.0]], TypeError),
+    (lambda: nn.LayerNorm(3), [[1.0, 2.0, 3.0], [3.0]], TypeError),
+    (lambda: nn.RMSNorm(3), [[1.0, 2.0, 3.0], [3.0]], TypeError),
+    (lambda: nn.LayerNorm(3), np.array([["a", "b", "c"]]), TypeError),
+    (lambda: nn.BatchNorm(3), np.ones((2, 3), np.complex64), TypeError),
+    (lambda: nn.GroupNorm(1, 3), np.float32(1.0), ValueError),
+    (lambda: nn.InstanceNorm(3), np.ones(3, np.float32), ValueError),
+]
+
+
+@pytest.mark.parametrize("make_layer, x, exc", BAD_INPUTS)
+def test_layer_errors_name_x(make_layer, x, exc):
+    with pytest.raises(exc, match=r"\bx\b"):
+        make_layer()(x)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_rejects_a_tensor_that_requires_grad_naming_x(name):
+    torch = pytest.importorskip("torch")
+    factory, shape = LAYERS[name]
+    x = torch.ones(shape, requires_grad=True)
+    with pytest.raises(TypeError, match=r"\bx\b"):
+        factory(np.float32)(x)
+
+
+@pytest.mark.parametrize("make_layer", [
+    lambda: nn.GroupNorm(2, 4, eps=10 ** 400),
+    lambda: nn.BatchNorm(4, eps=10 ** 400),
+    lambda: nn.LayerNorm(4, eps=-10 ** 400),
+    lambda: nn.BatchNorm(4, momentum=10 ** 400),
+    lambda: nn.InstanceNorm(4, momentum=10 ** 400),
+])
+def test_layer_huge_numbers_are_value_errors(make_layer):
+    with pytest.raises(ValueError, match="eps|momentum"):
+        make_layer()
+
+
+# ---- InstanceNorm's running statistics (torch's track_running_stats) ----------------------
+
+def test_instancenorm_tracks_running_stats_as_torch_defines(rng):
+    layer = nn.InstanceNorm(3, momentum=0.2, track_running_stats=True, dtype=np.float64)
+    assert list(layer.state_dict()) == ["running_mean", "running_var", "num_batches_tracked"]
+    mean, var = np.zeros(3), np.ones(3)
+    for step in range(3):
+        x = rng.normal(size=(4, 3, 6)) * (1 + step) + step
+        layer(x)
+        mean = 0.8 * mean + 0.2 * x.mean(axis=2).mean(axis=0)
+        var = 0.8 * var + 0.2 * x.var(axis=2, ddof=1).mean(axis=0)
+    np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, var, rtol=1e-12)
+    assert layer.num_batches_tracked == 0  # torch keeps it, but never counts
+    # eval: every sample normalised with the running statistics, which stay unchanged
+    layer.eval()
+    x = rng.normal(size=(2, 3, 5))
+    y = layer(x)
+    np.testing.assert_allclose(
+        y, (x - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-5), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-12)
+    dy = rng.normal(size=x.shape)  # constants in eval: dx = dy * rstd
+    np.testing.assert_allclose(layer.backward(dy), dy / np.sqrt(var[None, :, None] + 1e-5),
+                               rtol=1e-12)
+    # one spatial element is fine in eval with running statistics
+    assert layer(x[:, :, :1]).shape == (2, 3, 1)
+
+
+def test_instancenorm_momentum_none_never_updates(rng):
+    layer = nn.InstanceNorm(2, momentum=None, track_running_stats=True, dtype=np.float64)
+    layer(rng.normal(size=(3, 2, 4)) + 5)
+    np.testing.assert_array_equal(layer.running_mean, 0.0)
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"affine": True}, {"track_running_stats": True}])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_instancenorm_empty_input_gives_an_empty_result(kwargs, training):
+    layer = nn.InstanceNorm(6, **kwargs).train(training)
+    x = np.zeros((2, 6, 0), np.float32)
+    y = layer(x)
+    assert y.shape == (2, 6, 0) and y.dtype == np.float32
+    assert layer.backward(np.zeros_like(y)).shape == (2, 6, 0)
+    if kwargs.get("track_running_stats"):
+        np.testing.assert_array_equal(layer.running_mean, 0.0)
+        np.testing.assert_array_equal(layer.running_var, 1.0)
+    torch = pytest.importorskip("torch")
+    twin = torch.nn.InstanceNorm1d(6, **kwargs).train(training)
+    assert tuple(twin(torch.from_numpy(x)).shape) == y.shape
+
+
 # ---- against torch.nn (optional oracle; CI installs torch) -------------------------------
+
+def _has_bias(layer):
+    """The constructor's bias flag (torch's default True when there is no affine)."""
+    return layer.bias is not None or not layer.affine
+
 
 def _torch_twin(torch, layer):
     """The torch.nn module that `layer` mirrors, with the same constructor arguments."""
     dt = torch.float64 if layer.dtype == np.float64 else torch.float32
     if isinstance(layer, nn.GroupNorm):
         return torch.nn.GroupNorm(layer.num_groups, layer.num_channels, layer.eps,
-                                  layer.affine, dtype=dt)
+                                  layer.affine, dtype=dt, bias=_has_bias(layer))
     if isinstance(layer, nn.InstanceNorm):
-        return torch.nn.InstanceNorm1d(layer.num_features, layer.eps, affine=layer.affine,
-                                       dtype=dt)
+        return torch.nn.InstanceNorm1d(layer.num_features, layer.eps, layer.momentum,
+                                       layer.affine, layer.track_running_stats, dtype=dt,
+                                       bias=_has_bias(layer))
     if isinstance(layer, nn.BatchNorm):
         return torch.nn.BatchNorm1d(layer.num_features, layer.eps, layer.momentum,
-                                    layer.affine, layer.track_running_stats, dtype=dt)
+                                    layer.affine, layer.track_running_stats, dtype=dt,
+                                    bias=_has_bias(layer))
     if isinstance(layer, nn.LayerNorm):
         return torch.nn.LayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine,
                                   bias=layer.bias is not None or not layer.elementwise_affine,
@@ -338,8 +544,9 @@ def _torch_twin(torch, layer):
                             dtype=dt)
 
 
-TORCH_CASES = ["group", "instance_affine", "batch", "batch_nc", "batch_untracked", "layer",
-               "layer_no_bias", "rms", "rms_eps"]
+TORCH_CASES = ["group", "group_no_bias", "instance_affine", "instance_tracked", "batch",
+               "batch_nc", "batch_untracked", "batch_no_bias", "layer", "layer_no_bias",
+               "rms", "rms_eps"]
 
 
 @pytest.mark.parametrize("name", TORCH_CASES)
@@ -412,6 +619,27 @@ def test_backward_needs_exactly_one_forward(name, rng):
     layer.backward(np.ones_like(y))
     with pytest.raises(RuntimeError, match="twice"):
         layer.backward(np.ones_like(y))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(LAYERS) if n not in
+                                  ("group_2d_no_affine", "layer_no_affine", "instance")])
+def test_backward_uses_the_parameters_of_its_forward(name, rng):
+    """Updating the parameters in place between forward and backward (an optimizer step
+    taken early) does not change the gradients: they are those of the forward that ran."""
+    layer, x = make(name, np.float64, rng)
+    dy = rng.normal(size=x.shape)
+    twin = LAYERS[name][0](np.float64)
+    twin.load_state_dict(layer.state_dict())  # the same parameters and buffers
+    layer(x)
+    for p in layer.parameters().values():
+        p *= -3.0
+        p += 1.0
+    dx = layer.backward(dy)
+    twin(x)
+    expected = twin.backward(dy)
+    np.testing.assert_array_equal(dx, expected)
+    for k, g in twin.grads.items():
+        np.testing.assert_array_equal(layer.grads[k], g, err_msg=k)
 
 
 @pytest.mark.parametrize("make_layer, exc", [

@@ -219,7 +219,8 @@ def test_kernels_see_the_tensors_memory(monkeypatch, name, module, shape):
 
     def spy_forward(x, *args, **kwargs):
         seen["x"] = _address(x)
-        seen["params"] = [_address(a) for a in args if isinstance(a, np.ndarray)]
+        seen["params"] = [_address(a) for a in (*args, *kwargs.values())
+                          if isinstance(a, np.ndarray)]
         out = forward(x, *args, **kwargs)
         seen["y"] = _address(out[0])
         return out
@@ -260,6 +261,21 @@ def test_running_buffers_are_updated_in_place():
     assert int(bn.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"affine": True}, {"track_running_stats": True}])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 6, 0), (6, 0)], ids=["batched", "unbatched"])
+def test_instance_norm_on_an_empty_input_is_empty_as_in_torch(kwargs, training, shape):
+    ours = ct.InstanceNorm1d(6, **kwargs).train(training)
+    theirs = torch.nn.InstanceNorm1d(6, **kwargs).train(training)
+    x = torch.zeros(shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == theirs(torch.zeros(shape)).shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+    for name, buf in ours.named_buffers():
+        torch.testing.assert_close(buf, dict(theirs.named_buffers())[name], msg=name)
+
+
 # ---- misuse -----------------------------------------------------------------------------
 
 def test_rejects_non_cpu_and_non_float_tensors():
@@ -270,14 +286,6 @@ def test_rejects_non_cpu_and_non_float_tensors():
         ct.layer_norm(torch.ones(2, 4, dtype=torch.int64), (4,))
     with pytest.raises(TypeError, match="float32 or float64"):
         m(torch.ones(2, 4, dtype=torch.bfloat16))
-
-
-def test_double_backward_raises():
-    m = ct.GroupNorm(1, 2).double()
-    x = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
 
 
 def test_modules_check_input_like_torch():
@@ -296,3 +304,347 @@ def test_modules_check_input_like_torch():
         torch.nn.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
     with pytest.raises(ValueError):
         torch.nn.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))
+
+
+def test_normalized_shape_must_hold_ints():
+    """torch raises TypeError for a float or a string normalized_shape; so does the bridge,
+    naming the argument (int('6') and int(6.9) would silently give a shape)."""
+    x = torch.randn(2, 6)
+    for bad in [(6.9,), 6.9, "6", ("6",), (6, None)]:
+        for fn in (ct.layer_norm, ct.rms_norm):
+            with pytest.raises(TypeError, match="normalized_shape"):
+                fn(x, bad)
+            with pytest.raises(TypeError, match="normalized_shape"):
+                fn(x.clone().requires_grad_(), bad)
+    with pytest.raises(TypeError):
+        torch.nn.functional.layer_norm(x, (6.9,))
+    # what torch accepts, the bridge accepts: an int, a tuple, a list, a torch.Size
+    for good in [6, (6,), [6], torch.Size([6]), np.int64(6)]:
+        _close(ct.layer_norm(x, good), torch.nn.functional.layer_norm(x, (6,)), x.dtype)
+
+
+# ---- the inference route ------------------------------------------------------------------
+
+_FUNCTIONS = (ct._ModuleFunction, ct.GroupNormFunction, ct.InstanceNormFunction,
+              ct.BatchNormFunction, ct.LayerNormFunction, ct.RMSNormFunction)
+
+
+def _forbid_autograd_functions(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an autograd Function ran on the inference route")
+    for f in _FUNCTIONS:
+        monkeypatch.setattr(f, "apply", refuse)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_inference_route_skips_autograd(monkeypatch, name, mode):
+    """Under no_grad, inference_mode, or with nothing requiring grad, no autograd Function
+    runs and the output has no grad_fn; the values are torch's, in train and eval mode
+    (running buffers included)."""
+    ours_cls, theirs_cls, args, kwargs, shape = MODULES[name]
+    ours, theirs = _pair(ours_cls, theirs_cls, *args, **kwargs)
+    if mode == "frozen":
+        ours.requires_grad_(False)
+    _forbid_autograd_functions(monkeypatch)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "frozen": torch.enable_grad}[mode]
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+        with context():
+            ya = ours(x)
+        with torch.no_grad():
+            yb = theirs(x)
+        assert ya.grad_fn is None and not ya.requires_grad
+        _close(ya, yb, torch.float64)
+        for (k, ba), (_, bb) in zip(ours.named_buffers(), theirs.named_buffers()):
+            _close(ba, bb, torch.float64, msg=k)
+
+
+@pytest.mark.parametrize("name, grad_of", [(n, "input") for n in sorted(MODULES)] + [
+    (n, "params") for n in sorted(MODULES)
+    if MODULES[n][3].get("affine", MODULES[n][1] is not torch.nn.InstanceNorm2d
+                         and MODULES[n][1] is not torch.nn.InstanceNorm1d)
+    and MODULES[n][3].get("elementwise_affine", True)])
+def test_gradients_flow_when_an_input_requires_grad(name, grad_of):
+    """With only the input requiring grad (frozen parameters), or only the parameters,
+    the output has a grad_fn and the gradients are torch's."""
+    ours_cls, theirs_cls, args, kwargs, shape = MODULES[name]
+    ours, theirs = _pair(ours_cls, theirs_cls, *args, **kwargs)
+    params = list(ours.parameters())
+    assert params or grad_of == "input"
+    if grad_of == "input":
+        ours.requires_grad_(False)
+        theirs.requires_grad_(False)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=grad_of == "input")
+    dy = torch.randn(shape, dtype=torch.float64)
+    ya = ours(x)
+    assert ya.grad_fn is not None
+    wanted_a = [x] if grad_of == "input" else params
+    wanted_b = [x] if grad_of == "input" else list(theirs.parameters())
+    ga = torch.autograd.grad(ya, wanted_a, dy)
+    gb = torch.autograd.grad(theirs(x), wanted_b, dy)
+    for a, b in zip(ga, gb):
+        _close(a, b, torch.float64)
+
+
+def test_inference_output_is_the_kernels_array(monkeypatch):
+    """The inference route hands the kernel the input's memory and returns the kernel's
+    own array as the tensor (no copy on either side)."""
+    seen = {}
+    forward = cynorm.group_norm
+
+    def spy(x, **kwargs):
+        out = forward(x, **kwargs)
+        seen["x"], seen["y"] = _address(x), _address(out[0])
+        return out
+
+    monkeypatch.setattr(cynorm, "group_norm", spy)
+    x = torch.randn(2, 4, 3)
+    with torch.no_grad():
+        y = ct.GroupNorm(2, 4)(x)
+    assert seen["x"] == x.data_ptr() and seen["y"] == y.data_ptr()
+
+
+# ---- double backward ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(GRADCHECK))
+def test_gradgradcheck_float64(name):
+    """Second derivatives (create_graph=True) are exact: gradgradcheck in float64 through
+    the input and every parameter, in each mode."""
+    factory, shape, modes = GRADCHECK[name]
+    module = _randomize(factory().double())
+    params = [p for _, p in module.named_parameters()]
+    names = [n for n, _ in module.named_parameters()]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    for training in modes:
+        module.train(training)
+        if not training:
+            with torch.no_grad():
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+
+        def f(x, *ps):
+            return torch.func.functional_call(module, dict(zip(names, ps)), (x,))
+
+        assert torch.autograd.gradgradcheck(f, (x, *params), eps=1e-6, atol=1e-6,
+                                            rtol=1e-5)
+
+
+_RM = torch.linspace(-1, 1, 6, dtype=torch.float64)
+_RV = torch.linspace(0.5, 2, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fn, args", [
+    (lambda x, w, b: ct.group_norm(x, 3, w, b, 1e-3), (2, 6, 4)),
+    (lambda x, w, b: ct.instance_norm(x, None, None, w, b, True, 0.1, 1e-4), (2, 6, 3)),
+    (lambda x, w, b: ct.instance_norm(x, _RM, _RV, w, b, False, 0.1, 1e-4), (2, 6, 3)),
+    (lambda x, w, b: ct.batch_norm(x, None, None, w, b, True, 0.1, 1e-4), (4, 6, 2)),
+    (lambda x, w, b: ct.batch_norm(x, _RM, _RV, w, b, False, 0.1, 1e-4), (4, 6, 2)),
+    (lambda x, w, b: ct.layer_norm(x.reshape(2, 4, 6), (6,), w, b), (2, 6, 4)),
+    (lambda x, w, b: ct.rms_norm(x.reshape(4, 2, 6), (6,), w), (2, 6, 4)),
+])
+def test_functional_gradgradcheck(fn, args):
+    N, C, L = args
+    x = torch.randn(N, L, C, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_gradient_penalty_matches_torch(name):
+    """A WGAN-GP style step: the gradient of ||d out / d x||^2 with respect to the input
+    and the parameters is torch's."""
+    ours_cls, theirs_cls, args, kwargs, shape = MODULES[name]
+    ours, theirs = _pair(ours_cls, theirs_cls, *args, **kwargs)
+    v = torch.randn(shape, dtype=torch.float64)
+    grads = []
+    for m in (ours, theirs):
+        x = (torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+             * 2 + 1).requires_grad_()
+        (g,) = torch.autograd.grad((m(x) * v).sum(), x, create_graph=True)
+        penalty = (g.square().sum() - 1.0) ** 2
+        grads.append(torch.autograd.grad(penalty, [x, *m.parameters()], allow_unused=True))
+    for a, b in zip(*grads):
+        if b is None:
+            assert a is None or torch.all(a == 0)
+        else:
+            _close(a, b, torch.float64, rtol=1e-8, atol=1e-8)
+
+
+# ---- memory format ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda nn: nn.GroupNorm(2, 4), (2, 4, 3, 5)),
+    (lambda nn: nn.BatchNorm2d(4), (2, 4, 3, 5)),
+    (lambda nn: nn.BatchNorm3d(4), (2, 4, 3, 2, 5)),
+    (lambda nn: nn.GroupNorm(2, 4), (2, 4, 3, 2, 5)),
+    (lambda nn: nn.InstanceNorm2d(4, affine=True), (2, 4, 3, 5)),
+    (lambda nn: nn.LayerNorm(5), (2, 4, 3, 5)),
+    (lambda nn: nn.RMSNorm(5), (2, 4, 3, 5)),
+])
+@pytest.mark.parametrize("route", ["inference", "autograd"])
+def test_output_memory_format_follows_torch(make, shape, route):
+    """A channels_last input gives the memory format torch gives (channels_last for
+    GroupNorm, BatchNorm and RMSNorm; contiguous for InstanceNorm and LayerNorm), with
+    torch's values, on both routes."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    theirs = _randomize(make(torch.nn).double())
+    ours = make(ct).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        yb = theirs(x)
+    with torch.enable_grad() if route == "autograd" else torch.no_grad():
+        ya = ours(x.clone().requires_grad_(route == "autograd"))
+    assert ya.stride() == yb.stride()
+    assert ya.is_contiguous(memory_format=fmt) == yb.is_contiguous(memory_format=fmt)
+    _close(ya, yb, torch.float64)
+    if isinstance(theirs, (torch.nn.GroupNorm, torch.nn.BatchNorm2d)):
+        assert ya.is_contiguous(memory_format=fmt)
+
+
+# ---- flags torch lets users change after construction -------------------------------------
+
+def _toggle_track(m):
+    m.track_running_stats = False
+
+
+def _toggle_cma(m):
+    m.momentum = None
+
+
+def _toggle_no_affine(m):
+    m.weight = None
+    m.bias = None
+
+
+def _toggle_all(m):
+    _toggle_track(m)
+    _toggle_cma(m)
+    _toggle_no_affine(m)
+
+
+@pytest.mark.parametrize("cls, theirs_cls, shape", [
+    (ct.BatchNorm1d, torch.nn.BatchNorm1d, (6, 3)),
+    (ct.BatchNorm2d, torch.nn.BatchNorm2d, (4, 3, 2, 3)),
+    (ct.BatchNorm3d, torch.nn.BatchNorm3d, (2, 3, 2, 2, 2)),
+])
+@pytest.mark.parametrize("toggle", [_toggle_track, _toggle_cma, _toggle_no_affine, _toggle_all],
+                         ids=["track_running_stats_off", "momentum_none", "weight_none",
+                              "all"])
+@pytest.mark.parametrize("route", ["autograd", "inference"])
+def test_batch_norm_flags_changed_after_construction_behave_like_torch(cls, theirs_cls, shape,
+                                                                      toggle, route):
+    """track_running_stats set to False after construction (buffers kept: training leaves
+    running_mean, running_var and num_batches_tracked untouched, eval still uses them),
+    momentum=None (cumulative moving average), weight and bias set to None: y, the
+    gradients and every buffer match torch through training steps and eval."""
+    ours, theirs = _pair(cls, theirs_cls, 3)
+    for m in (ours, theirs):
+        with torch.no_grad():
+            m.running_mean.copy_(torch.linspace(-1, 1, 3))
+            m.running_var.copy_(torch.linspace(0.5, 2, 3))
+            m.num_batches_tracked.fill_(3)
+        toggle(m)
+    before = {k: b.clone() for k, b in theirs.named_buffers()}
+    for step, training in enumerate([True, True, True, False]):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(shape, dtype=torch.float64) * (1 + step) + step
+        dy = torch.randn(shape, dtype=torch.float64)
+        if route == "autograd":
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = ours(xa), theirs(xb)
+            ya.backward(dy)
+            yb.backward(dy)
+            _close(xa.grad, xb.grad, torch.float64)
+        else:
+            with torch.no_grad():
+                ya, yb = ours(x), theirs(x)
+        _close(ya, yb, torch.float64)
+        for k, b in theirs.named_buffers():
+            _close(dict(ours.named_buffers())[k], b, torch.float64, msg=k)
+    if toggle in (_toggle_track, _toggle_all):  # torch left the buffers untouched
+        for k, b in theirs.named_buffers():
+            assert torch.equal(b, before[k]), k
+    else:
+        assert int(theirs.num_batches_tracked) == 6
+
+
+# ---- torch.compile --------------------------------------------------------------------------
+
+def _norm_stack(norms):
+    return torch.nn.Sequential(
+        norms.GroupNorm(2, 6), torch.nn.ReLU(), norms.BatchNorm2d(6),
+        norms.InstanceNorm2d(6, affine=True, track_running_stats=True),
+        norms.LayerNorm(5), norms.RMSNorm(5)).double()
+
+
+def _run_stack(model, x, dy):
+    """Two training steps (output, input and parameter gradients), then eval under no_grad;
+    returns every result and the buffers."""
+    results = []
+    model.train()
+    for step in range(2):
+        xs = (x + step).requires_grad_()
+        y = model(xs)
+        grads = torch.autograd.grad(y, [xs, *model.parameters()], dy)
+        results += [y.detach(), *grads]
+    model.eval()
+    with torch.no_grad():
+        results.append(model(x))
+    return results + [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_gives_eager_results(backend):
+    """torch.compile (fullgraph: no graph break) with aot_eager and with inductor gives the
+    eager results: outputs, gradients, running buffers, train and eval."""
+    torch._dynamo.reset()
+    reference = _randomize(_norm_stack(ct))
+    compiled_model = _norm_stack(ct)
+    compiled_model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    dy = torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    want = _run_stack(reference, x, dy)
+    got = _run_stack(torch.compile(compiled_model, backend=backend, fullgraph=True), x, dy)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        _close(a, b, torch.float64, rtol=1e-9, atol=1e-9, msg=f"result {i}")
+
+
+def test_torch_compile_graph_holds_cynorm_operators():
+    """Under torch.compile each norm is one cynorm operator in a single graph, and the
+    compiled backward runs cynorm's backward operator (not the torch formulas kept for
+    double backward)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    torch._dynamo.reset()
+    graphs, joint = [], []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+
+        def keep(g, _):
+            joint.append(g)
+            return make_boxed_func(g.forward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    model = _norm_stack(ct)
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = compiled(x)
+    _close(y, model(x), torch.float64)
+    y.sum().backward()
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.cynorm.norm_forward) == 5
+    forward, backward = ([n.target for n in g.graph.nodes if n.op == "call_function"]
+                         for g in joint)
+    assert forward.count(torch.ops.cynorm.norm_forward.default) == 5
+    assert backward.count(torch.ops.cynorm.norm_backward.default) == 5

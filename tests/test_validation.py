@@ -184,9 +184,9 @@ CASES = [
     ("in-x-1d", lambda: cynorm.instance_norm(np.zeros(5)), ValueError, r"\bx\b"),
     ("in-x-float16", lambda: cynorm.instance_norm(np.zeros((2, 3, 4), np.float16)),
      TypeError, r"float16.*not supported"),
-    ("in-weight-shape", lambda: cynorm.instance_norm(x4(), np.ones(3)), ValueError,
+    ("in-weight-shape", lambda: cynorm.instance_norm(x4(), weight=np.ones(3)), ValueError,
      r"weight"),
-    ("in-bias-shape", lambda: cynorm.instance_norm(x4(), None, np.ones((4, 4))),
+    ("in-bias-shape", lambda: cynorm.instance_norm(x4(), bias=np.ones((4, 4))),
      ValueError, r"bias"),
     ("in-eps-negative", lambda: cynorm.instance_norm(x4(), eps=-1.0), ValueError, r"eps"),
     ("in-stats-unknown", lambda: cynorm.instance_norm(x4(), stats="one_pass"),
@@ -333,6 +333,67 @@ CASES = [
         x4(), x4(), np.ones((2, 4)), 3, np.ones((1, 3))), ValueError, r"weight"),
     ("rmsb-out-shape", lambda: cynorm.rms_norm_backward(
         x4(), x4(), np.ones((2, 4)), 3, out=np.empty(24)), ValueError, r"\bout\b"),
+    # ---- numbers too large for a float, flags that are arrays, absurd group counts ----
+    ("gn-eps-huge-int", lambda: cynorm.group_norm(x4(), 2, eps=10 ** 400), ValueError,
+     r"\beps\b"),
+    ("in-eps-huge-int", lambda: cynorm.instance_norm(x4(), eps=10 ** 400), ValueError,
+     r"\beps\b"),
+    ("bn-eps-huge-int", lambda: cynorm.batch_norm(x4(), training=True, eps=10 ** 400),
+     ValueError, r"\beps\b"),
+    ("bn-eval-eps-huge-int", lambda: cynorm.batch_norm(
+        x4(), np.zeros(4), np.ones(4), eps=-10 ** 400), ValueError, r"\beps\b"),
+    ("ln-eps-huge-int", lambda: cynorm.layer_norm(x4(), 3, eps=10 ** 400), ValueError,
+     r"\beps\b"),
+    ("rms-eps-huge-int", lambda: cynorm.rms_norm(x4(), 3, eps=10 ** 400), ValueError,
+     r"\beps\b"),
+    ("bn-momentum-huge-int", lambda: cynorm.batch_norm(
+        x4(), np.zeros(4), np.ones(4), training=True, momentum=10 ** 400), ValueError,
+     r"\bmomentum\b"),
+    ("in-momentum-huge-int", lambda: cynorm.instance_norm(
+        x4(), np.zeros(4), np.ones(4), momentum=10 ** 400), ValueError, r"\bmomentum\b"),
+    ("in-momentum-out-of-range", lambda: cynorm.instance_norm(
+        x4(), np.zeros(4), np.ones(4), momentum=1.5), ValueError, r"\bmomentum\b"),
+    ("bn-training-array", lambda: cynorm.batch_norm(
+        x4(), np.zeros(4), np.ones(4), training=np.array([1, 0])), TypeError,
+     r"\btraining\b"),
+    ("bn-training-str", lambda: cynorm.batch_norm(
+        x4(), np.zeros(4), np.ones(4), training="yes"), TypeError, r"\btraining\b"),
+    ("bn-training-two", lambda: cynorm.batch_norm(
+        x4(), np.zeros(4), np.ones(4), training=2), TypeError, r"\btraining\b"),
+    ("bnb-training-array", lambda: cynorm.batch_norm_backward(
+        x4(), x4(), np.zeros(4), np.ones(4), training=np.array([1, 0])), TypeError,
+     r"\btraining\b"),
+    ("in-use-input-stats-array", lambda: cynorm.instance_norm(
+        x4(), use_input_stats=np.array([True, False])), TypeError, r"\buse_input_stats\b"),
+    ("inb-use-input-stats-array", lambda: cynorm.instance_norm_backward(
+        x4(), x4(), *stats(2, 4), use_input_stats=np.array([1, 0])), TypeError,
+     r"\buse_input_stats\b"),
+    ("gn-groups-huge-no-channels", lambda: cynorm.group_norm(
+        np.zeros((2, 0, 3)), 2 ** 62), ValueError, r"\bnum_groups\b"),
+    ("gnb-groups-huge-no-channels", lambda: cynorm.group_norm_backward(
+        np.zeros((2, 0, 3)), np.zeros((2, 0, 3)), np.zeros((2, 1)), np.ones((2, 1)), 2 ** 62),
+     ValueError, r"\bnum_groups\b"),
+    ("gn-groups-bool", lambda: cynorm.group_norm(x4(), True), TypeError, r"\bnum_groups\b"),
+    # ---- instance_norm's running statistics ----
+    ("in-running-mean-alone", lambda: cynorm.instance_norm(x4(), np.zeros(4)), ValueError,
+     r"running_mean and running_var"),
+    ("in-running-var-alone", lambda: cynorm.instance_norm(x4(), None, np.ones(4)),
+     ValueError, r"running_mean and running_var"),
+    ("in-running-stats-required", lambda: cynorm.instance_norm(
+        x4(), use_input_stats=False), ValueError, r"running_mean and running_var"),
+    ("in-running-mean-shape", lambda: cynorm.instance_norm(
+        x4(), np.zeros(3), np.ones(4)), ValueError, r"\brunning_mean\b"),
+    ("in-running-var-int", lambda: cynorm.instance_norm(
+        x4(), np.zeros(4), np.ones(4, int)), TypeError, r"\brunning_var\b"),
+    ("in-running-mean-list", lambda: cynorm.instance_norm(
+        x4(), [0.0] * 4, np.ones(4)), TypeError, r"\brunning_mean\b"),
+    ("in-running-var-read-only", lambda: cynorm.instance_norm(
+        x4(), np.zeros(4), read_only(np.ones(4))), ValueError, r"\brunning_var\b"),
+    ("in-running-stats-one-spatial-element", lambda: cynorm.instance_norm(
+        np.ones((2, 4, 1)), np.zeros(4), np.ones(4)), ValueError, r"spatial"),
+    ("inb-running-stats-shape", lambda: cynorm.instance_norm_backward(
+        x4(), x4(), np.zeros((2, 4)), np.ones((2, 4)), use_input_stats=False), ValueError,
+     r"\bmean\b"),
 ]
 
 
@@ -347,6 +408,41 @@ def test_eval_batch_norm_with_one_value_per_channel_is_allowed():
     # the one-value restriction is for training only: eval uses the running stats
     y = cynorm.batch_norm(np.full((1, 3), 2.0), np.ones(3), np.full(3, 4.0), eps=0.0)
     np.testing.assert_allclose(y, np.full((1, 3), 0.5))
+
+
+@pytest.mark.parametrize("momentum", [5.0, -1.0, float("nan"), float("inf"), None, "fast",
+                                      10 ** 400, np.array([0.1, 0.2])])
+def test_momentum_is_ignored_when_not_training(momentum):
+    """torch ignores momentum in eval (training=False / use_input_stats=False): any value
+    is accepted and the result is that of the default."""
+    x, rm, rv = x4(), np.linspace(-1, 1, 4), np.linspace(0.5, 2, 4)
+    expected = (x - rm[:, None]) / np.sqrt(rv[:, None] + 1e-5)
+    np.testing.assert_allclose(cynorm.batch_norm(x, rm, rv, momentum=momentum), expected,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        cynorm.instance_norm(x, rm, rv, use_input_stats=False, momentum=momentum), expected,
+        rtol=1e-12, atol=1e-12)
+
+
+def test_flags_accept_bools_and_zero_or_one():
+    x, rm, rv = x4(), np.zeros(4), np.ones(4)
+    for flag in (False, np.False_, 0):
+        np.testing.assert_array_equal(cynorm.batch_norm(x, rm, rv, training=flag),
+                                      cynorm.batch_norm(x, rm, rv, training=False))
+    for flag in (True, np.True_, 1):
+        np.testing.assert_array_equal(cynorm.instance_norm(x, use_input_stats=flag),
+                                      cynorm.instance_norm(x))
+
+
+def test_failed_instance_norm_leaves_running_stats_untouched():
+    x = x4()
+    rm, rv = np.zeros(4), np.ones(4)
+    for bad in (dict(weight=np.ones(5)), dict(momentum=2.0), dict(out=read_only(x)),
+                dict(eps=-1.0), dict(stats="fast")):
+        with pytest.raises((TypeError, ValueError)):
+            cynorm.instance_norm(x, rm, rv, **bad)
+        np.testing.assert_array_equal(rm, 0.0)
+        np.testing.assert_array_equal(rv, 1.0)
 
 
 def test_failed_call_leaves_out_and_running_stats_untouched():

@@ -210,6 +210,11 @@ def add_parser(sub):
                    help="time the fused blocks instead (GroupNorm+SiLU, residual add + "
                         "LayerNorm/RMSNorm, float32) against torch's unfused composites "
                         "and cynorm's normalization alone; with --quick, fewer shapes")
+    b.add_argument("--torch-modules", action="store_true",
+                   help="run the torch module section instead: each cynorm.torch module "
+                        "against its torch.nn twin (suite shapes, tiny calls by minimum "
+                        "and p90, a mixed conv model), inference and training step; "
+                        "a few minutes with --quick")
     b.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     return b
 
@@ -222,7 +227,31 @@ def run(args, parser):
         parser.error(str(e))
     if args.fused:
         return run_fused_bench(cfg, args.json)
+    if args.torch_modules:
+        return run_torch_module_section(cfg, args.json, parser)
     return run_bench(cfg, args.json, args.plot)
+
+
+def run_torch_module_section(cfg, json_path, parser):
+    """`--torch-modules`: the cynorm.torch section alone (cynorm.bench.torch_modules)."""
+    import cynorm as cn
+
+    torch = _import_torch()
+    if torch is None:
+        parser.error("--torch-modules needs PyTorch (pip install torch)")
+    from cynorm.bench.torch_modules import run_torch_modules
+
+    ops = set(cfg.ops)
+    cases = [c for c in cfg.cases if c.op in ops]
+    meta = _meta(cn, torch, cfg)
+    print(f"cynorm {meta['cynorm']}  torch {meta['torch']}  CPU: {meta['cpu']}, "
+          f"{meta['cores']} usable cores; threads {cfg.threads}; "
+          f"median of {cfg.repeats} repeats\n")
+    doc = run_torch_modules(cfg.suite_name, cases, cfg.threads, cfg.repeats, cn, torch)
+    if json_path:
+        _write_json(json_path, {"meta": meta, "torch_modules": doc})
+        print(f"\nwrote {json_path}")
+    return 0
 
 
 def run_fused_bench(cfg, json_path=None):

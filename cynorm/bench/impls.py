@@ -26,8 +26,8 @@ def cynorm_op(cn, case):
         return (lambda x, w, b, **kw: f(x, G, w, b, **kw),
                 lambda dy, x, st, w, **kw: fb(dy, x, *st, G, w, **kw))
     if op == "instance_norm":
-        return (lambda x, w, b, **kw: f(x, w, b, **kw),
-                lambda dy, x, st, w, **kw: fb(dy, x, *st, w, **kw))
+        return (lambda x, w, b, **kw: f(x, weight=w, bias=b, **kw),
+                lambda dy, x, st, w, **kw: fb(dy, x, *st, weight=w, **kw))
     if op == "batch_norm":  # training mode, running statistics updated as users do
         C = case.shape[1]
         rm, rv = np.zeros(C), np.ones(C)
