@@ -356,3 +356,22 @@ def test_fused_nan_and_inf_propagate():
     b = np.array([-np.inf, np.inf, 0, 0], np.float32)
     y = cynorm.group_norm(data((2, 4, 6, 6), np.float32), 2, None, b, activation="silu")
     assert (y[:, 0] == 0).all() and np.signbit(y[:, 0]).all() and (y[:, 1] == np.inf).all()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_instance_norm_with_running_statistics_and_activation(act, dtype):
+    # use_input_stats=False: every sample normalised per channel with the running
+    # statistics, then the activation; the backward treats them as constants
+    x, w, b, dy = _inputs((3, 4, 6, 5), dtype)
+    rm, rv = _running(4)
+    y, m, r = cynorm.instance_norm(x, rm, rv, w, b, False, return_stats=True,
+                                   activation=act)
+    y0, _, r0, _, _ = ref.batch_norm(x, rm, rv, w, b, training=False)
+    assert_close(y, ref.activation(act, y0), dtype)
+    dx, dw, db = cynorm.instance_norm_backward(dy, x, m, r, w, use_input_stats=False,
+                                               bias=b, activation=act)
+    dxe, dwe, dbe = ref.batch_norm_backward(dy * ref.activation_grad(act, y0), x, m, r, w,
+                                            training=False)
+    assert_close(dx, dxe, dtype, "backward", dx_scale(dy, r0, w))
+    assert_close(dw, dwe, dtype, "backward", float(np.abs(dy).sum()))
+    assert_close(db, dbe, dtype, "backward", float(np.abs(dy).sum()))

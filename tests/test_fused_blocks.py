@@ -300,3 +300,16 @@ def test_convert_returns_a_new_module_for_a_bare_norm():
     new = ct.convert(bn)
     assert isinstance(new, ct.BatchNorm1d) and not new.training
     assert new.weight is bn.weight and new.running_var is bn.running_var
+
+
+def test_nn_backward_uses_the_forwards_bias_after_an_in_place_update():
+    layer = cnn.GroupNorm(2, 4, activation="silu", dtype=np.float64)
+    layer.bias[...] = data(4, seed=1)
+    x, dy = data((2, 4, 3, 3), seed=2), data((2, 4, 3, 3), seed=3)
+    y, m, r = cynorm.group_norm(x, 2, layer.weight, layer.bias, return_stats=True,
+                                activation="silu")
+    want = cynorm.group_norm_backward(dy, x, m, r, 2, layer.weight, bias=layer.bias,
+                                      activation="silu")[0]
+    layer(x)
+    layer.bias[...] -= 0.5     # an optimizer step between forward and backward
+    np.testing.assert_array_equal(layer.backward(dy), want)
