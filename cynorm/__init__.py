@@ -19,6 +19,8 @@ from cynorm._kernels.runtime import get_num_threads
 
 __version__ = "0.1.0"
 
+from cynorm._config import show_config  # noqa: E402  (reads __version__)
+
 __all__ = [
     "batch_norm",
     "batch_norm_backward",
@@ -31,4 +33,5 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "show_config",
 ]

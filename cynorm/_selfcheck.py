@@ -47,6 +47,8 @@ def run_self_check():
           f"{platform.python_version()}")
     omp = "enabled" if openmp_enabled() else "NOT enabled (single-threaded build)"
     print(f"OpenMP: {omp}; threads: {cn.get_num_threads()}")
+    kernels = cn.show_config("dicts")["kernels"]
+    print(f"kernels: {kernels['level']} ({kernels['compiler flags']}), {kernels['reason']}")
     available = [op for op in OPS if hasattr(cn, op) and hasattr(cn, op + "_backward")]
     print("ops: " + ", ".join(available))
     print("\nforward + backward against a float64 NumPy reference:")

@@ -75,15 +75,88 @@ def test_bench_without_torch(tmp_path):
     assert "torch is not importable" in proc.stdout
 
 
-def test_bench_plot_writes_png_or_notes(tmp_path):
+def test_bench_plot_draws_both_libraries_as_the_json_reports(tmp_path):
+    """The chart's bars are cynorm's and torch's GB/s of every row of the JSON results
+    (bytes / median time), in order, and its lines the copy bandwidths; unstable rows
+    draw no bars. The series are read back from what was drawn (stored in the PNG)."""
+    pytest.importorskip("matplotlib")  # the `plot` extra; CI installs it
+    from PIL import Image
+
+    from cynorm.bench.plot import read_plot_series
     png = tmp_path / "bench.png"
-    proc, _ = tiny_bench(tmp_path, "--plot", str(png))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not importable" in proc.stdout
-    else:
-        assert png.stat().st_size > 0
+    proc, doc = tiny_bench(tmp_path, "--plot", str(png), "--ops", "group_norm,layer_norm",
+                           "--threads", "1,2")
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 800 and im.height > 200
+    series = read_plot_series(png)
+    assert set(series) == {"fwd", "fwd+bwd"}
+    torch_present = doc["meta"]["torch"] is not None
+    for pass_, drawn in series.items():
+        rows = [r for r in doc["results"] if r["pass"] == pass_]
+        assert len(rows) == len(drawn["labels"]) == 4  # 2 ops x 2 thread counts
+        for r, label, cy, th in zip(rows, drawn["labels"], drawn["cynorm_gbps"],
+                                    drawn["torch_gbps"]):
+            assert label.startswith(r["op"]) and label.endswith(f" {r['threads']}t")
+            if r["unstable"]:
+                assert cy == th == 0
+                continue
+            assert cy == pytest.approx(r["bytes"] / r["cynorm_s"] / 1e9, rel=1e-9)
+            assert cy == pytest.approx(r["gbps"], rel=1e-9)
+            if torch_present:
+                assert th == pytest.approx(r["bytes"] / r["torch_s"] / 1e9, rel=1e-9)
+            else:
+                assert th == 0
+        assert drawn["copy_gbps"] == pytest.approx(doc["copy_bandwidth_gbps"])
+
+
+def test_bench_plot_without_matplotlib_fails_at_once_with_the_hint(tmp_path):
+    blocked = "import sys; sys.modules['matplotlib'] = None; "
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = (blocked + "import runpy; sys.argv = ['cynorm', 'bench', '--tiny', '--plot', "
+            f"{str(tmp_path / 'b.png')!r}]; runpy.run_module('cynorm', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "pip install cynorm[plot]" in proc.stderr
+    assert "copy bandwidth" not in proc.stdout  # nothing was measured
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_rows_with_unstable_timings_are_flagged_and_left_out():
+    from cynorm.bench.measure import _instability
+    one = {"threads": 1, "cynorm_s": 1e-3, "torch_s": 2e-3}
+    calm = {"threads": 2, "cynorm_s": 0.6e-3, "torch_s": 1.5e-3}
+    assert _instability({"cynorm": 1.1, "torch": 1.3}, one, None) is None
+    assert _instability({"cynorm": 1.1, "torch": 1.3}, calm, one) is None
+    assert "cynorm rounds 2.5x apart" in _instability({"cynorm": 2.5, "torch": 1.0}, one,
+                                                      None)
+    busy = dict(calm, torch_s=0.2)  # 100x slower on 2 threads than on 1
+    assert "torch 2 threads 100x slower than 1" in _instability({}, busy, one)
+    rows = [dict(op="layer_norm", threads=1, torch_over_cynorm=2.0, unstable=None),
+            dict(op="layer_norm", threads=1, torch_over_cynorm=0.01, unstable="unstable: x")]
+    for r in rows:
+        r["pass"] = "fwd"
+    assert report.geomean_summary(rows, [1])[0][1] == pytest.approx(2.0)
+    ratio = dict((h, key) for h, key, _ in report.MAIN_COLUMNS)["torch/cy"]
+    assert ratio(rows[0]) == 2.0 and ratio(rows[1]) is None
+
+
+def test_progress_bar_uses_tqdm_when_installed(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    p = report.Progress(3)
+    assert isinstance(p.bar, tqdm.tqdm)
+    for k in range(3):
+        p.step(f"case {k}")
+    p.close()
+    assert p.bar.n == 3 and "case 2" in term.getvalue()
 
 
 def test_bench_rejects_unknown_op():

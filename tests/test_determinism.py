@@ -64,7 +64,14 @@ def test_group_norm_bitwise_identical_across_thread_counts(dtype, shape, G, stat
     across_threads(lambda: cynorm.group_norm_backward(dy, x, mean, rstd, G))
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 128, 128), (8, 32, 8, 8)])
+IN_SHAPES = [(1, 2, 128, 128), (8, 32, 8, 8)]
+BN_SHAPES = [(8, 2, 64, 64), (4, 64, 8, 8), (3000, 2), (2, 3, 5000)]
+LN_CASES = [((2, 100000), 100000), ((300, 64), 64), ((1, 3, 4099), (3, 4099)), ((5, 3, 7), 7),
+            ((5000, 40), 40)]
+RMS_CASES = [((2, 100000), 100000), ((300, 64), 64), ((1, 3, 4099), (3, 4099))]
+
+
+@pytest.mark.parametrize("shape", IN_SHAPES)
 def test_instance_norm_bitwise_identical_across_thread_counts(dtype, shape):
     x = data(shape, dtype)
     C = shape[1]
@@ -76,7 +83,7 @@ def test_instance_norm_bitwise_identical_across_thread_counts(dtype, shape):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", [(8, 2, 64, 64), (4, 64, 8, 8), (3000, 2), (2, 3, 5000)])
+@pytest.mark.parametrize("shape", BN_SHAPES)
 def test_batch_norm_bitwise_identical_across_thread_counts(dtype, shape, training):
     x = data(shape, dtype)
     C = shape[1]
@@ -96,9 +103,7 @@ def test_batch_norm_bitwise_identical_across_thread_counts(dtype, shape, trainin
 
 
 @pytest.mark.parametrize("stats", ["two_pass", "welford"])
-@pytest.mark.parametrize("shape,ns", [((2, 100000), 100000), ((300, 64), 64),
-                                      ((1, 3, 4099), (3, 4099)), ((5, 3, 7), 7),
-                                      ((5000, 40), 40)])
+@pytest.mark.parametrize("shape,ns", LN_CASES)
 def test_layer_norm_bitwise_identical_across_thread_counts(dtype, shape, ns, stats):
     x = data(shape, dtype)
     nst = (ns,) if isinstance(ns, int) else ns
@@ -109,8 +114,7 @@ def test_layer_norm_bitwise_identical_across_thread_counts(dtype, shape, ns, sta
     across_threads(lambda: cynorm.layer_norm_backward(dy, x, mean, rstd, ns, w))
 
 
-@pytest.mark.parametrize("shape,ns", [((2, 100000), 100000), ((300, 64), 64),
-                                      ((1, 3, 4099), (3, 4099))])
+@pytest.mark.parametrize("shape,ns", RMS_CASES)
 def test_rms_norm_bitwise_identical_across_thread_counts(dtype, shape, ns):
     x = data(shape, dtype)
     nst = (ns,) if isinstance(ns, int) else ns

@@ -353,7 +353,7 @@ def test_group_norm_property_matches_reference():
     hypothesis = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
 
-    @hypothesis.settings(max_examples=50, deadline=None)
+    @hypothesis.settings(deadline=None)  # examples: the profile's (tests/conftest.py)
     @hypothesis.given(
         n=st.integers(0, 3),
         groups=st.integers(1, 4),

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 import cynorm
-from test_hardening_fuzz import (
-    TOL, assert_close, ref_batch_norm, ref_batch_norm_backward, ref_group_norm,
-    ref_group_norm_backward, ref_layer_norm, ref_layer_norm_backward,
+from hardening_reference import (
+    TOL, assert_close, check_backward, check_running_stats, ref_batch_norm,
+    ref_batch_norm_backward, ref_group_norm, ref_group_norm_backward, ref_layer_norm,
+    ref_layer_norm_backward,
 )
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -298,6 +299,65 @@ def test_float64_overflowing_variance_does_not_crash():
         y = call()
         assert y.shape[-1] in (1, 4)
         assert not np.isinf(y).any()
+
+
+# ---- results beyond the range of their dtype: stored as inf, as torch stores them ---------
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("dtype,center,shape", [(F32, 1e30, (1, 1, 1100, 3)),
+                                                (F32, -1e30, (2, 3, 40)),
+                                                (F64, 1e150, (2, 3, 40))],
+                         ids=["f32-1e30", "f32-neg1e30", "f64-1e150"])
+def test_float32_running_buffers_hold_the_update_rounded_to_float32(dtype, center, shape):
+    """The running statistics are updated in float64 and stored in the buffer's dtype: a
+    float32 running_var of data near 1e30 (a variance near 1e57) holds inf, as torch's
+    does; so does a float32 running_mean of float64 data near 1e150. The first case is a
+    failure the fuzz test found, when its reference was not rounded to the buffer."""
+    rng = np.random.default_rng(16)
+    x = _data(rng, shape, dtype, center)
+    C = shape[1]
+    rm0 = rng.standard_normal(C).astype(np.float32)
+    rv0 = (rng.random(C) + 0.5).astype(np.float32)
+    rm, rv = rm0.copy(), rv0.copy()
+    with np.errstate(over="ignore"):
+        y = cynorm.batch_norm(x, rm, rv, training=True, momentum=0.1)
+    _, _, _, rm_ref, rv_ref = ref_batch_norm(x, rm0, rv0, training=True, momentum=0.1)
+    assert (rv_ref > F32_MAX).all() and (rv == np.inf).all(), (rv_ref, rv)
+    assert np.array_equal(np.abs(rm_ref) > F32_MAX, np.isinf(rm)), (rm_ref, rm)
+    check_running_stats(rm, rv, rm_ref, rv_ref, x, rm0, rv0)
+    assert np.isfinite(y).all()
+
+
+def test_float32_running_var_overflow_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = _data(np.random.default_rng(16), (1, 1, 1100, 3), F32, 1e30)
+    rm, rv = np.zeros(1, np.float32), np.ones(1, np.float32)
+    with np.errstate(over="ignore"):
+        cynorm.batch_norm(x, rm, rv, training=True, momentum=0.1)
+    trm, trv = torch.zeros(1), torch.ones(1)
+    torch.nn.functional.batch_norm(torch.from_numpy(x), trm, trv, training=True,
+                                   momentum=0.1)
+    assert np.isinf(trv.numpy()).all() and np.array_equal(rv, trv.numpy())
+    np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-6)
+
+
+def test_float32_dweight_beyond_float32_range_is_inf():
+    """Eval-mode batch_norm_backward of float32 data near 1e30 with given statistics:
+    dweight = sum(dy * xhat) near 4e38, over float32's limit, comes back as inf (the
+    float64 sum rounded to float32); dx and dbias stay finite and correct."""
+    rng = np.random.default_rng(1)
+    shape = (3, 1, 130, 257)
+    x = _data(rng, shape, F32, 1e30)
+    dy = (1e3 * (rng.standard_normal(shape) + 3)).astype(F32)
+    mean, rstd = np.array([0.3]), np.array([1.4])
+    got = cynorm.batch_norm_backward(dy, x, mean, rstd, training=False)
+    ref = ref_batch_norm_backward(dy, x, mean, rstd, None, training=False)
+    assert ref[1][0] > F32_MAX and got[1][0] == np.inf, (ref[1], got[1])
+    assert np.isfinite(got[0]).all() and np.isfinite(got[2]).all()
+    check_backward("batch_norm_backward", F32, shape, dy, x, None, mean, rstd, got, ref,
+                   family="channel", training=False)
 
 
 # ---- empty shapes -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Thread count, OpenMP presence, and the copy kernel the benchmark measures bandwidth with."""
+"""Thread count, OpenMP presence, the copy kernel the benchmark measures bandwidth with,
+and what this build of the kernels was compiled for."""
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.string cimport memcpy
@@ -8,6 +9,36 @@ import numpy as np
 from cynorm._openmp cimport CYNORM_HAVE_OPENMP, cynorm_init_fork_guard, cynorm_num_threads
 
 from cynorm._kernels import INHERITED_OPENMP_POOL
+
+cdef extern from *:
+    """
+    /* setup.py defines CYNORM_LEVEL (the level's name) and CYNORM_FLAGS (its -march...) */
+    #ifndef CYNORM_LEVEL
+    #define CYNORM_LEVEL "unknown"
+    #endif
+    #ifndef CYNORM_FLAGS
+    #define CYNORM_FLAGS ""
+    #endif
+    /* the widest vector instructions the compiler was allowed to use here */
+    #if defined(__AVX512F__)
+    #define CYNORM_WIDEST_ISA "AVX-512"
+    #elif defined(__AVX2__)
+    #define CYNORM_WIDEST_ISA "AVX2"
+    #elif defined(__AVX__)
+    #define CYNORM_WIDEST_ISA "AVX"
+    #elif defined(__SSE4_2__)
+    #define CYNORM_WIDEST_ISA "SSE4.2"
+    #elif defined(__SSE2__)
+    #define CYNORM_WIDEST_ISA "SSE2"
+    #elif defined(__ARM_NEON)
+    #define CYNORM_WIDEST_ISA "NEON"
+    #else
+    #define CYNORM_WIDEST_ISA "the compiler's default"
+    #endif
+    """
+    const char* CYNORM_LEVEL
+    const char* CYNORM_FLAGS
+    const char* CYNORM_WIDEST_ISA
 
 cnp.import_array()
 cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
@@ -37,6 +68,13 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
     for k in prange(nblocks, nogil=True, num_threads=nt, schedule="static"):
         memcpy(d + k * block, s + k * block,
                block if (k + 1) * block <= nbytes else nbytes - k * block)
+
+
+def build_info():
+    """What these kernels were compiled for: {"level": the level's name, "flags": its
+    compiler flags, "isa": the widest vector instruction set the compiler could use}."""
+    return {"level": CYNORM_LEVEL.decode(), "flags": CYNORM_FLAGS.decode(),
+            "isa": CYNORM_WIDEST_ISA.decode()}
 
 
 cdef extern from "_activations.h":

@@ -18,7 +18,7 @@ from cynorm.bench.machine import (
     llc_bytes,
 )
 from cynorm.bench.measure import bandwidth_cases, bench_bandwidth, bench_case
-from cynorm.bench.plot import write_plot
+from cynorm.bench.plot import have_matplotlib, write_plot
 from cynorm.bench.report import (
     BANDWIDTH_COLUMNS,
     Progress,
@@ -90,9 +90,10 @@ def bench_config(args):
 
 
 def _meta(cn, torch, cfg):
+    import cynorm._kernels as kernels
     from cynorm._kernels.runtime import openmp_enabled
     return {
-        "cynorm": cn.__version__, "numpy": np.__version__,
+        "cynorm": cn.__version__, "numpy": np.__version__, "kernels": kernels.LEVEL,
         "torch": torch.__version__ if torch else None, "openmp": openmp_enabled(),
         "python": platform.python_version(), "cpu": _cpu_name(), "cores": all_threads(),
         "llc_bytes": llc_bytes(), "copy_array_bytes": cfg.copy_bytes,
@@ -117,7 +118,7 @@ def run_bench(cfg, json_path=None, plot_path=None):
     meta = _meta(cn, torch, cfg)
     print(f"cynorm {meta['cynorm']}  numpy {meta['numpy']}  "
           f"torch {meta['torch'] or '(not installed)'}  "
-          f"OpenMP {'on' if meta['openmp'] else 'off'}")
+          f"OpenMP {'on' if meta['openmp'] else 'off'}  kernels {meta['kernels']}")
     print(f"CPU: {meta['cpu']}, {meta['cores']} usable cores; L3 "
           f"{(meta['llc_bytes'] or 0) >> 20} MiB; threads {cfg.threads}; "
           f"median of {cfg.repeats} repeats")
@@ -176,11 +177,11 @@ def run_bench(cfg, json_path=None, plot_path=None):
         })
         print(f"\nwrote {json_path}")
     if plot_path:
-        if write_plot(plot_path, rows, copy_bw):
+        if write_plot(plot_path, rows, copy_bw) is not None:
             print(f"wrote {plot_path}")
         else:
             print("note: matplotlib is not importable; no plot written "
-                  "(pip install matplotlib)")
+                  "(pip install cynorm[plot])")
     return 0
 
 
@@ -225,6 +226,10 @@ def run(args, parser):
         cfg = bench_config(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.plot and not have_matplotlib():
+        # at once, not after minutes of measuring
+        parser.error("--plot needs matplotlib: pip install cynorm[plot] "
+                     "(or pip install matplotlib)")
     if args.fused:
         return run_fused_bench(cfg, args.json)
     if args.torch_modules:

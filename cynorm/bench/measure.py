@@ -16,6 +16,27 @@ def bytes_moved(case, itemsize, pass_):
     return n * (2 if pass_ == "fwd" else 5)
 
 
+# A measurement is reported as unstable, and kept out of the ratios and the summary,
+# when the medians of its timing rounds differ by more than this factor, or when a case
+# on several threads takes more than MAX_SLOWDOWN times its 1-thread time (the machine
+# was busy: more threads never make a kernel that much slower).
+UNSTABLE_SPREAD = 2.0
+MAX_SLOWDOWN = 5.0
+
+
+def _instability(spreads, row, first):
+    """Why this row's times cannot be trusted, or None. first: the row of the same case
+    and pass at the first thread count (None for the first)."""
+    why = [f"{lib} rounds {s:.1f}x apart" for lib, s in sorted(spreads.items())
+           if lib in ("cynorm", "torch") and s > UNSTABLE_SPREAD]
+    if first is not None and first["threads"] == 1:
+        for lib in ("cynorm", "torch"):
+            t, t1 = row.get(f"{lib}_s"), first.get(f"{lib}_s")
+            if t and t1 and t > MAX_SLOWDOWN * t1:
+                why.append(f"{lib} {row['threads']} threads {t / t1:.0f}x slower than 1")
+    return "unstable: " + ", ".join(why) if why else None
+
+
 def bench_case(case, dtype, thread_counts, repeats, cn, torch, copy_bw, rng,
                progress=None):
     """One row per (thread count, pass) for one case and dtype. NumPy is single-threaded
@@ -32,7 +53,8 @@ def bench_case(case, dtype, thread_counts, repeats, cn, torch, copy_bw, rng,
                 if progress:
                     progress.step(f"{case.op} {case_label(case)} {np.dtype(dtype).name} "
                                   f"t={n} {pass_}")
-                t = time_calls(impls[pass_], repeats)
+                spreads = {}
+                t = time_calls(impls[pass_], repeats, spreads=spreads)
                 if i == 0:
                     numpy_s[pass_] = t.get("numpy")
                 nbytes = bytes_moved(case, np.dtype(dtype).itemsize, pass_)
@@ -47,7 +69,12 @@ def bench_case(case, dtype, thread_counts, repeats, cn, torch, copy_bw, rng,
                                           if "torch" in t else None),
                     "gbps": gbps,
                     "pct_copy": 100.0 * gbps / copy_bw[n] if n in copy_bw else None,
+                    "spread": spreads,
                 })
+                first = next((r for r in rows if r["pass"] == pass_), None)
+                row = rows[-1]
+                row["unstable"] = _instability(spreads, row,
+                                               first if first is not row else None)
     return rows
 
 

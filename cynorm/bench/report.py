@@ -52,9 +52,10 @@ MAIN_COLUMNS = [
     ("out= ms", _ms("cynorm_out_s"), ".3f"),
     ("torch ms", _ms("torch_s"), ".3f"),
     ("numpy ms", _ms("numpy_s"), ".3f"),
-    ("torch/cy", "torch_over_cynorm", ".2f"),
+    ("torch/cy", lambda r: None if r.get("unstable") else r["torch_over_cynorm"], ".2f"),
     ("GB/s", "gbps", ".1f"),
     ("% copy", "pct_copy", ".0f"),
+    ("note", lambda r: r.get("unstable") or "", ""),
 ]
 
 TINY_COLUMNS = [
@@ -90,7 +91,7 @@ def geomean_summary(rows, thread_counts):
             for n in thread_counts:
                 r = [row["torch_over_cynorm"] for row in rows
                      if row["op"] == op and row["pass"] == pass_ and row["threads"] == n
-                     and row["torch_over_cynorm"]]
+                     and row["torch_over_cynorm"] and not row.get("unstable")]
                 line[n] = math.exp(sum(map(math.log, r)) / len(r)) if r else None
             if any(line[n] is not None for n in thread_counts):
                 out.append(line)
@@ -98,14 +99,30 @@ def geomean_summary(rows, thread_counts):
 
 
 class Progress:
-    """A one-line text progress bar on stderr, drawn only when stderr is a terminal."""
+    """A progress bar on stderr, drawn only when stderr is a terminal: tqdm's when tqdm
+    is installed (pip install cynorm[progress]), else a plain one-line bar."""
 
     def __init__(self, total, width=30):
         self.total, self.width, self.done = total, width, 0
         self.enabled = total > 0 and sys.stderr.isatty()
+        self.bar = None
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, file=sys.stderr, leave=False,
+                                dynamic_ncols=True, unit="case")
 
     def step(self, label):
         if not self.enabled:
+            return
+        if self.bar is not None:
+            if self.done:
+                self.bar.update(1)
+            self.bar.set_description_str(label[:60], refresh=True)
+            self.done += 1
             return
         filled = self.width * self.done // self.total
         bar = "#" * filled + "." * (self.width - filled)
@@ -114,7 +131,10 @@ class Progress:
         self.done += 1
 
     def close(self):
-        if self.enabled:
+        if self.bar is not None:
+            self.bar.update(self.done - self.bar.n)
+            self.bar.close()
+        elif self.enabled:
             sys.stderr.write("\r" + " " * (self.width + 80) + "\r")
             sys.stderr.flush()
 
@@ -132,7 +152,10 @@ def print_report(rows, tiny_rows, summary, threads):
     print("\nnumpy: plain NumPy in the input dtype, single-threaded, timed once per case. "
           "out= : cynorm writing into preallocated outputs.\nGB/s: bytes that must move "
           "(fwd: read x, write y; bwd: read dy and x, write dx) / cynorm time; "
-          "% copy: of the copy bandwidth at the same thread count.")
+          "% copy: of the copy bandwidth at the same thread count.\nnote: an unstable "
+          "measurement (timing rounds more than 2x apart, or several threads over 5x "
+          "slower than one: the machine was busy) shows no ratio and is left out of the "
+          "summary; run again on a quieter machine.")
     if summary:
         print("\ngeometric mean of torch/cynorm (> 1: cynorm is faster)")
         print_table(summary, [("op", "op", ""), ("pass", "pass", "")]

@@ -27,7 +27,7 @@ def _warm(fn):
         fn()
 
 
-def time_calls(fns, repeats, min_sample=2e-3, budget=10.0, rounds=3):
+def time_calls(fns, repeats, min_sample=2e-3, budget=10.0, rounds=3, spreads=None):
     """Median seconds per call of each function in the dict `fns`.
 
     Calls too short to time alone are looped so that one sample lasts about
@@ -36,6 +36,8 @@ def time_calls(fns, repeats, min_sample=2e-3, budget=10.0, rounds=3):
     shared machine hits all of them alike while neither library's OpenMP workers, still
     spinning after its own calls, steal the cores from the other's samples. A function
     so slow that `repeats` samples would take over `budget` seconds gets fewer (>= 3).
+    spreads: a dict to fill with each function's spread between rounds, the slowest
+    round's median over the fastest's (1.0 for one round).
     """
     loops, counts = {}, {}
     for name, fn in fns.items():
@@ -45,6 +47,7 @@ def time_calls(fns, repeats, min_sample=2e-3, budget=10.0, rounds=3):
         loops[name] = max(1, min(100_000, int(min_sample / max(t, 1e-8))))
         counts[name] = min(repeats, max(3, int(budget / max(t, 1e-8))))
     samples = {name: [] for name in fns}
+    by_round = {name: [] for name in fns}
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -55,11 +58,15 @@ def time_calls(fns, repeats, min_sample=2e-3, budget=10.0, rounds=3):
                 if todo <= 0:
                     continue
                 _warm(fn)
-                for _ in range(todo):
-                    samples[name].append(_clock(fn, loops[name]) / loops[name])
+                got = [_clock(fn, loops[name]) / loops[name] for _ in range(todo)]
+                samples[name] += got
+                by_round[name].append(statistics.median(got))
     finally:
         if was_enabled:
             gc.enable()
+    if spreads is not None:
+        for name, meds in by_round.items():
+            spreads[name] = max(meds) / min(meds) if min(meds) > 0 else float("inf")
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
