@@ -53,11 +53,6 @@ CN_VINLINE cn_v8d cn_fabs(cn_v8d v) {
     return (cn_v8d)((cn_v8l)v & CN_ISPLAT(0x7fffffffffffffffLL));
 }
 
-CN_VINLINE int cn_any(cn_v8l m) {
-    long long r = (m[0] | m[1]) | (m[2] | m[3]) | (m[4] | m[5]) | (m[6] | m[7]);
-    return r != 0;
-}
-
 /* ---- exp ----------------------------------------------------------------------------
  * full = 0: Taylor degree 7 (relative error < 4e-9: float32 results), full = 1: degree
  * 13 (< 1e-17: float64 results). A constant argument, so each caller compiles one. */
