@@ -10,8 +10,8 @@ import numpy as np
 
 from cynorm._kernels import channel, row, slab
 from cynorm._validate import (
-    as_input, as_param, as_running, as_stats, check_eps, check_flag, check_int,
-    check_momentum, check_stats, prepare_out, same_shape,
+    as_input, as_param, as_running, as_stats, check_activation, check_eps, check_flag,
+    check_int, check_momentum, check_stats, prepare_out, same_shape,
 )
 
 
@@ -41,6 +41,14 @@ def _like(a, name, x):
     return a
 
 
+def _grad_buffer(act, dx, x):
+    """Where a backward with an activation forms dy * act'(a): dx's own buffer, unless dx
+    is x (whose values the kernel still reads), then a scratch array."""
+    if not act:
+        return None
+    return np.empty_like(x) if dx is x else dx
+
+
 # two float64 statistics per (sample, group): more than this many pairs cannot even be
 # addressed
 _MAX_STAT_PAIRS = np.iinfo(np.intp).max // 16
@@ -59,38 +67,43 @@ def _groups(num_groups, N, C):
 
 # ---- slab family: GroupNorm, InstanceNorm ---------------------------------------------
 
-def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=()):
+def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=(),
+                  activation=None):
     x, N, C, HW = _nchw(x)
     G = _groups(G, N, C) if G is not None else C
     welford = check_stats(stats)
+    act = check_activation(activation)
     eps = check_eps(eps)
     w = as_param(weight, "weight", (C,), x.dtype)
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b) + running, may_alias=(x,))
     mean, rstd = _stats_pair((N, G))
-    slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford)
+    slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford, act)
     if return_stats:
         return y, mean, rstd
     return y
 
 
-def _slab_backward(dy, x, mean, rstd, G, weight, out):
+def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None):
     x, N, C, HW = _nchw(x)
     dy = _like(dy, "dy", x)
     G = _groups(G, N, C) if G is not None else C
+    act = check_activation(activation)
     mean = as_stats(mean, "mean", (N, G))
     rstd = as_stats(rstd, "rstd", (N, G))
     w = as_param(weight, "weight", (C,), x.dtype)
-    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
+    b = as_param(bias, "bias", (C,), x.dtype)
+    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, b, mean, rstd),
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    slab.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, G)
+    slab.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, G, act, b,
+                  _grad_buffer(act, dx, x))
     return dx, dw, db
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False, stats="two_pass"):
+               return_stats=False, stats="two_pass", activation=None):
     """Group normalisation (Wu & He, 2018), as torch.nn.functional.group_norm.
 
     x: float32 or float64 array (N, C, *spatial), any number of spatial dims (also none).
@@ -104,30 +117,39 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
     return_stats: also return mean and rstd = 1 / sqrt(var + eps), float64 (N, num_groups),
     which group_norm_backward takes.
     stats: "two_pass" (default) or "welford", the algorithm for the statistics.
+    activation: None, "silu", "gelu" (erf form), "gelu_tanh" (torch's approximate="tanh")
+    or "relu": y = activation(normalised x * weight + bias), fused into the same pass
+    (x read once, y written once). float32 results are within 1 ulp of the activation
+    of the float32 affine output; the backward takes the same `activation` and `bias`.
 
     Returns y, or (y, mean, rstd).
     """
     if num_groups is None:
         raise TypeError("num_groups must be an int, got NoneType")
-    return _slab_forward(x, num_groups, weight, bias, eps, out, return_stats, stats)
+    return _slab_forward(x, num_groups, weight, bias, eps, out, return_stats, stats,
+                         activation=activation)
 
 
-def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None):
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None,
+                        bias=None, activation=None):
     """Gradients of group_norm: returns (dx, dweight, dbias).
 
     dy, x: arrays of the forward's shape and dtype; mean, rstd: the forward's statistics
     (N, num_groups); weight: the forward's weight or None (then dweight is the gradient
     of an implicit weight of ones). dweight and dbias have shape (C,) and x's dtype.
     out: C-contiguous array to write dx into; out=dy or out=x is allowed.
+    activation, bias: the forward's; with an activation, dy is the gradient of the
+    activated output, and the activation's derivative is recomputed from x, mean, rstd,
+    weight and bias (nothing else is saved).
     """
     if num_groups is None:
         raise TypeError("num_groups must be an int, got NoneType")
-    return _slab_backward(dy, x, mean, rstd, num_groups, weight, out)
+    return _slab_backward(dy, x, mean, rstd, num_groups, weight, out, bias, activation)
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None,
-                  return_stats=False, stats="two_pass"):
+                  return_stats=False, stats="two_pass", activation=None):
     """Instance normalisation, as torch.nn.functional.instance_norm (same arguments in
     the same order): each (sample, channel) of x (N, C, *spatial) is normalised over its
     spatial elements.
@@ -146,12 +168,14 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     weight, bias: optional (C,) arrays, cast to x's dtype. out, stats: as in group_norm.
     return_stats: also return mean and rstd (float64), those used to normalise: (N, C)
     with input statistics, (C,) with running statistics; instance_norm_backward takes
-    them with the same use_input_stats.
+    them with the same use_input_stats. activation: as in group_norm, with either kind
+    of statistics.
 
     Returns y, or (y, mean, rstd).
     """
     x, N, C, HW = _nchw(x)
     use_input_stats = check_flag(use_input_stats, "use_input_stats", allow_int=True)
+    check_activation(activation)
     eps = check_eps(eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
@@ -162,16 +186,17 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
             raise ValueError("running_mean and running_var are required when "
                              "use_input_stats=False")
         y, mean, rstd = _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps,
-                                               out, stats, return_stats)
+                                               out, stats, return_stats, activation)
     else:
         momentum = check_momentum(momentum)
         if rm is None:
-            return _slab_forward(x, None, weight, bias, eps, out, return_stats, stats)
+            return _slab_forward(x, None, weight, bias, eps, out, return_stats, stats,
+                                 activation=activation)
         if HW == 1:
             raise ValueError("instance_norm: updating running_var needs more than 1 "
                              f"spatial element per channel, got x of shape {x.shape}")
         y, mean, rstd = _slab_forward(x, None, weight, bias, eps, out, True, stats,
-                                      running=(rm, rv))
+                                      running=(rm, rv), activation=activation)
         if N > 0 and HW > 0:
             # the per-instance variance back from rstd = 1 / sqrt(var + eps), in float64
             var = np.maximum(1.0 / (rstd * rstd) - eps, 0.0) * (HW / (HW - 1))
@@ -183,28 +208,30 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True, *,
-                           out=None):
+                           out=None, bias=None, activation=None):
     """Gradients of instance_norm: returns (dx, dweight, dbias), dweight/dbias of shape
     (C,) and x's dtype.
 
     mean, rstd: the statistics instance_norm returned with the same use_input_stats:
     (N, C) per-instance statistics (functions of x), or with use_input_stats=False the
     (C,) running statistics, constants (then dx = dy * weight * rstd, as
-    batch_norm_backward with training=False). weight, out: as in group_norm_backward.
+    batch_norm_backward with training=False). weight, out, bias, activation: as in
+    group_norm_backward.
     """
     if check_flag(use_input_stats, "use_input_stats", allow_int=True):
-        return _slab_backward(dy, x, mean, rstd, None, weight, out)
-    return _channel_backward(dy, x, mean, rstd, weight, False, out)
+        return _slab_backward(dy, x, mean, rstd, None, weight, out, bias, activation)
+    return _channel_backward(dy, x, mean, rstd, weight, False, out, bias, activation)
 
 
 # ---- channel family: BatchNorm ----------------------------------------------------------
 
 def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats,
-                           return_stats):
+                           return_stats, activation=None):
     """Every channel normalised with given statistics (BatchNorm in eval mode, and
     InstanceNorm with running statistics): y, and with return_stats the mean and rstd
     of shape (C,) (else None, None)."""
     welford = check_stats(stats)
+    act = check_activation(activation)
     eps = check_eps(eps)
     w = as_param(weight, "weight", (C,), x.dtype)
     b = as_param(bias, "bias", (C,), x.dtype)
@@ -213,17 +240,17 @@ def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats,
         if N * HW:  # the kernel forms rstd from running_var: no (C,) temporaries
             channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64),
                             None, np.ascontiguousarray(rv, dtype=np.float64), N, C, HW,
-                            eps, welford, 0)
+                            eps, welford, 0, act=act)
         return y, None, None
     mean = np.array(rm, dtype=np.float64)
     rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-    channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0)
+    channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act=act)
     return y, mean, rstd
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, out=None, return_stats=False,
-               stats="two_pass"):
+               stats="two_pass", activation=None):
     """Batch normalisation, as torch.nn.functional.batch_norm (same arguments in the
     same order).
 
@@ -239,11 +266,13 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     weight, bias: optional (C,) arrays. out: as in group_norm (out=x allowed).
     return_stats: also return mean and rstd (C,) float64, those used to normalise, which
     batch_norm_backward takes (with the same `training`).
+    activation: as in group_norm, in training and eval mode.
 
     Returns y, or (y, mean, rstd).
     """
     x, N, C, HW = _nchw(x)
     training = check_flag(training, "training", allow_int=True)
+    act = check_activation(activation)
     rm = as_running(running_mean, "running_mean", C, training)
     rv = as_running(running_var, "running_var", C, training)
     if not training:
@@ -251,7 +280,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
             raise ValueError("running_mean and running_var are required when "
                              "training=False")
         y, mean, rstd = _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps,
-                                               out, stats, return_stats)
+                                               out, stats, return_stats, activation)
         if return_stats:
             return y, mean, rstd
         return y
@@ -270,7 +299,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     mean = np.empty(C)
     rstd = np.empty(C)
     var = np.empty(C) if rv is not None else None  # only the update needs it
-    channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1)
+    channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act=act)
     if count > 1:
         if rm is not None:
             rm[...] = (1.0 - momentum) * rm + momentum * mean
@@ -281,29 +310,35 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     return y
 
 
-def _channel_backward(dy, x, mean, rstd, weight, training, out):
+def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
+                      activation=None):
     x, N, C, HW = _nchw(x)
     dy = _like(dy, "dy", x)
+    act = check_activation(activation)
     mean = as_stats(mean, "mean", (C,))
     rstd = as_stats(rstd, "rstd", (C,))
     w = as_param(weight, "weight", (C,), x.dtype)
-    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
+    b = as_param(bias, "bias", (C,), x.dtype)
+    dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, b, mean, rstd),
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training))
+    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training), act, b,
+                     _grad_buffer(act, dx, x))
     return dx, dw, db
 
 
-def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None):
+def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None,
+                        bias=None, activation=None):
     """Gradients of batch_norm: returns (dx, dweight, dbias), dweight/dbias of shape (C,).
 
     mean, rstd: the (C,) statistics batch_norm returned. training=True: they are the
     batch's, functions of x; training=False: constants (the running statistics), so
-    dx = dy * weight * rstd. out: as in group_norm_backward.
+    dx = dy * weight * rstd. out: as in group_norm_backward. activation, bias: the
+    forward's, as in group_norm_backward.
     """
     training = check_flag(training, "training", allow_int=True)
-    return _channel_backward(dy, x, mean, rstd, weight, training, out)
+    return _channel_backward(dy, x, mean, rstd, weight, training, out, bias, activation)
 
 
 # ---- row family: LayerNorm, RMSNorm -------------------------------------------------------
@@ -338,8 +373,25 @@ def _rows(x, normalized_shape):
     return x, ns, lead, R, K
 
 
+def _residual(x, residual, residual_out, out):
+    """(residual, h): the residual checked against x, and the array h = x + residual goes
+    to (residual_out, which may be x or residual, or a new one)."""
+    if residual is None:
+        if residual_out is not None:
+            raise ValueError("residual_out is given without residual")
+        return None, None
+    res = _like(residual, "residual", x)
+    h = prepare_out(residual_out, "residual_out", x.shape, x.dtype, (x, res),
+                    may_alias=(x, res))
+    if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, h):
+        raise ValueError("out and residual_out must be different arrays (the next block "
+                         "needs both y and h)")
+    return res, h
+
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False, stats="two_pass"):
+               return_stats=False, stats="two_pass", residual=None, residual_out=None):
     """Layer normalisation over trailing dims, as torch.nn.functional.layer_norm.
 
     Each row of x over its trailing `normalized_shape` dims (an int or a tuple) is
@@ -349,17 +401,26 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     over (C, *spatial), is group_norm(x, 1).
     out, stats: as in group_norm. return_stats: also mean and rstd, float64 of shape
     x.shape[:x.ndim - len(normalized_shape)].
+    residual: an array of x's shape and dtype: the pre-norm transformer's residual add,
+    fused. h = x + residual is normalised, and returned too (the next block needs it):
+    the result is (y, h), or (y, h, mean, rstd). residual_out: where h goes (out= for
+    h); out and residual_out may each be x or residual (in place), but not the same array.
+    The backward is layer_norm_backward applied to h (pass h as x); its dx is the
+    gradient with respect to h, which flows unchanged to both x and residual.
 
-    Returns y, or (y, mean, rstd).
+    Returns y, or (y, mean, rstd); with residual (y, h) or (y, h, mean, rstd).
     """
     x, ns, lead, R, K = _rows(x, normalized_shape)
     welford = check_stats(stats)
     eps = check_eps(eps)
     w = as_param(weight, "weight", ns, x.dtype)
     b = as_param(bias, "bias", ns, x.dtype)
-    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b), may_alias=(x,))
+    res, h = _residual(x, residual, residual_out, out)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, res), may_alias=(x, res))
     mean, rstd = _stats_pair(lead)
-    row.forward(x, y, w, b, mean, rstd, R, K, eps, welford, 0)
+    row.forward(x, y, w, b, mean, rstd, R, K, eps, welford, 0, residual=res, h=h)
+    if res is not None:
+        return (y, h, mean, rstd) if return_stats else (y, h)
     if return_stats:
         return y, mean, rstd
     return y
@@ -381,22 +442,28 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, out
     return dx, dw, db
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False):
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False,
+             residual=None, residual_out=None):
     """Root-mean-square normalisation, as torch.nn.functional.rms_norm:
     y = x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape` dims.
 
     weight: optional array of shape normalized_shape. eps=None means
     numpy.finfo(x.dtype).eps. return_stats: also rstd = 1 / sqrt(mean(x**2) + eps),
     float64 of shape x.shape[:x.ndim - len(normalized_shape)].
+    residual, residual_out: the fused residual add, as in layer_norm: returns (y, h) or
+    (y, h, rstd); the backward is rms_norm_backward applied to h.
 
-    Returns y, or (y, rstd).
+    Returns y, or (y, rstd); with residual (y, h) or (y, h, rstd).
     """
     x, ns, lead, R, K = _rows(x, normalized_shape)
     eps = float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
     w = as_param(weight, "weight", ns, x.dtype)
-    y = prepare_out(out, "out", x.shape, x.dtype, (x, w), may_alias=(x,))
+    res, h = _residual(x, residual, residual_out, out)
+    y = prepare_out(out, "out", x.shape, x.dtype, (x, w, res), may_alias=(x, res))
     mean, rstd = _stats_pair(lead)
-    row.forward(x, y, w, None, mean, rstd, R, K, eps, 0, 1)
+    row.forward(x, y, w, None, mean, rstd, R, K, eps, 0, 1, residual=res, h=h)
+    if res is not None:
+        return (y, h, rstd) if return_stats else (y, h)
     if return_stats:
         return y, rstd
     return y

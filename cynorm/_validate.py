@@ -12,6 +12,8 @@ import numpy as np
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _STATS = {"two_pass": 0, "welford": 1}
+# the activation epilogue's kernel codes
+ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
 _INF = float("inf")
 
 
@@ -173,6 +175,15 @@ def check_stats(stats):
         return _STATS[stats]
     except (KeyError, TypeError):
         raise ValueError(f"stats must be 'two_pass' or 'welford', got {stats!r}") from None
+
+
+def check_activation(activation):
+    """The kernel code of `activation` (None, "silu", "gelu", "gelu_tanh", "relu")."""
+    try:
+        return ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError("activation must be None, 'silu', 'gelu', 'gelu_tanh' or 'relu', "
+                         f"got {activation!r}") from None
 
 
 def _same_buffer(a, b):

@@ -19,6 +19,11 @@ between. It also keeps a copy of the weight it used, so that the backward comput
 gradients of that forward even when the parameters were updated in place in between
 (an optimizer step before the backward). One backward per forward.
 
+Fused blocks: GroupNorm, InstanceNorm and BatchNorm take `activation="silu"` (or
+"gelu", "gelu_tanh", "relu"), applied in the same pass; LayerNorm and RMSNorm take a
+residual, `y, h = layer(x, residual=r)` with h = x + r normalised into y, and
+`layer.backward(dy, dh)` returns the gradient with respect to h (that of x and of r).
+
 Arguments are checked by the same helpers as the functional API's (cynorm._validate):
 errors are TypeError/ValueError naming the argument (x for the input).
 """
@@ -29,10 +34,15 @@ import numpy as np
 
 import cynorm
 from cynorm._validate import (
-    as_input, as_state_entry, check_eps, check_flag, check_int, check_momentum,
+    as_input, as_state_entry, check_activation, check_eps, check_flag, check_int,
+    check_momentum,
 )
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+
+
+def _act_repr(activation):
+    return "" if activation is None else f", activation={activation!r}"
 
 
 def _param_dtype(dtype):
@@ -176,6 +186,19 @@ class _Norm:
         return x
 
 
+class _Activated:
+    """The activation epilogue of GroupNorm, InstanceNorm and BatchNorm."""
+
+    def _set_activation(self, activation):
+        check_activation(activation)
+        self.activation = activation
+
+    def _bias_for_backward(self):
+        """A copy of the bias when the backward recomputes the activation's input."""
+        b = self._params.get("bias")
+        return None if self.activation is None or b is None else b.copy()
+
+
 class _RunningStats:
     """Running statistics buffers (BatchNorm, InstanceNorm), under torch's names."""
 
@@ -204,13 +227,15 @@ class _RunningStats:
             self._buffers["num_batches_tracked"][...] = 0
 
 
-class GroupNorm(_Norm):
+class GroupNorm(_Activated, _Norm):
     """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm
-    (bias=False: a weight and no bias, as torch's keyword)."""
+    (bias=False: a weight and no bias, as torch's keyword). activation: None, "silu",
+    "gelu", "gelu_tanh" or "relu", fused into the same pass."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
-                 *, bias=True):
+                 *, bias=True, activation=None):
         super().__init__(dtype)
+        self._set_activation(activation)
         self.num_groups = check_int(num_groups, "num_groups", 1)
         self.num_channels = check_int(num_channels, "num_channels", 1)
         if self.num_channels % self.num_groups:
@@ -224,23 +249,25 @@ class GroupNorm(_Norm):
     def forward(self, x):
         x = self._check_channels(x, self.num_channels)
         y, mean, rstd = cynorm.group_norm(x, self.num_groups, self.weight, self.bias,
-                                          self.eps, return_stats=True)
-        self._save(x, mean, rstd)
+                                          self.eps, return_stats=True,
+                                          activation=self.activation)
+        self._save(x, mean, rstd, self._bias_for_backward())
         return y
 
     def backward(self, dy):
-        x, mean, rstd, weight = self._saved_for_backward()
+        x, mean, rstd, bias, weight = self._saved_for_backward()
         dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, self.num_groups,
-                                                weight)
+                                                weight, bias=bias,
+                                                activation=self.activation)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
-                f"affine={self.affine}{self._bias_repr()})")
+                f"affine={self.affine}{self._bias_repr()}{_act_repr(self.activation)})")
 
 
-class InstanceNorm(_RunningStats, _Norm):
+class InstanceNorm(_Activated, _RunningStats, _Norm):
     """Instance normalisation over x of shape (N, C, *spatial): each (sample, channel)
     normalised over its spatial elements, as torch.nn.InstanceNorm1d/2d/3d (same
     constructor arguments in the same order, then dtype).
@@ -250,12 +277,14 @@ class InstanceNorm(_RunningStats, _Norm):
     mean and (unbiased) variance, averaged over the batch, are updated with `momentum`
     (momentum=None means no update, as torch does), and eval normalises with them;
     num_batches_tracked is kept for torch's state_dict but, as in torch, not counted.
-    bias=False: a weight and no bias, as torch's keyword.
+    bias=False: a weight and no bias, as torch's keyword. activation: as in GroupNorm.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, dtype=np.float32, *, bias=True):
+                 track_running_stats=False, dtype=np.float32, *, bias=True,
+                 activation=None):
         super().__init__(dtype)
+        self._set_activation(activation)
         self.num_features = check_int(num_features, "num_features", 1)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum, allow_none=True)
@@ -278,24 +307,27 @@ class InstanceNorm(_RunningStats, _Norm):
         momentum = 0.0 if self.momentum is None or not self.training else self.momentum
         y, mean, rstd = cynorm.instance_norm(
             x, *running, self.weight, self.bias, use_input_stats=use_input_stats,
-            momentum=momentum, eps=self.eps, return_stats=True)
-        self._save(x, mean, rstd, use_input_stats)
+            momentum=momentum, eps=self.eps, return_stats=True,
+            activation=self.activation)
+        self._save(x, mean, rstd, use_input_stats, self._bias_for_backward())
         return y
 
     def backward(self, dy):
-        x, mean, rstd, use_input_stats, weight = self._saved_for_backward()
+        x, mean, rstd, use_input_stats, bias, weight = self._saved_for_backward()
         dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, weight,
-                                                   use_input_stats=use_input_stats)
+                                                   use_input_stats=use_input_stats,
+                                                   bias=bias, activation=self.activation)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
         return (f"InstanceNorm({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}{self._bias_repr()})")
+                f"track_running_stats={self.track_running_stats}{self._bias_repr()}"
+                f"{_act_repr(self.activation)})")
 
 
-class BatchNorm(_RunningStats, _Norm):
+class BatchNorm(_Activated, _RunningStats, _Norm):
     """Batch normalisation over x of shape (N, C, *spatial) (also (N, C)), as
     torch.nn.BatchNorm1d/2d/3d.
 
@@ -303,12 +335,14 @@ class BatchNorm(_RunningStats, _Norm):
     variance are updated with `momentum`, or as a cumulative moving average when
     momentum is None, and num_batches_tracked counts the batches. Eval: the running
     statistics, or batch statistics when track_running_stats is False. bias=False: a
-    weight and no bias, as torch's keyword.
+    weight and no bias, as torch's keyword. activation: as in GroupNorm.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, *, bias=True):
+                 track_running_stats=True, dtype=np.float32, *, bias=True,
+                 activation=None):
         super().__init__(dtype)
+        self._set_activation(activation)
         self.num_features = check_int(num_features, "num_features", 1)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum, allow_none=True)
@@ -332,28 +366,42 @@ class BatchNorm(_RunningStats, _Norm):
         y, mean, rstd = cynorm.batch_norm(x, running_mean, running_var, self.weight,
                                           self.bias, training=use_batch_stats,
                                           momentum=momentum, eps=self.eps,
-                                          return_stats=True)
+                                          return_stats=True, activation=self.activation)
         if self.track_running_stats and self.training:
             # counted after the call succeeded, so that a rejected batch is not counted
             self._buffers["num_batches_tracked"] += 1
-        self._save(x, mean, rstd, use_batch_stats)
+        self._save(x, mean, rstd, use_batch_stats, self._bias_for_backward())
         return y
 
     def backward(self, dy):
-        x, mean, rstd, use_batch_stats, weight = self._saved_for_backward()
+        x, mean, rstd, use_batch_stats, bias, weight = self._saved_for_backward()
         dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, weight,
-                                                training=use_batch_stats)
+                                                training=use_batch_stats, bias=bias,
+                                                activation=self.activation)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-                f"{self._bias_repr()})")
+                f"{self._bias_repr()}{_act_repr(self.activation)})")
 
 
 class _RowNorm(_Norm):
-    """Shared by LayerNorm and RMSNorm: statistics over the trailing normalized_shape."""
+    """Shared by LayerNorm and RMSNorm: statistics over the trailing normalized_shape, and
+    the fused residual add: layer(x, residual=r) returns (y, h), h = x + r."""
+
+    def __call__(self, x, residual=None):
+        return self.forward(x, residual=residual)
+
+    def _finish_residual_backward(self, dx, dh):
+        """The gradient with respect to h: through y (dx) plus what reached h directly."""
+        if dh is None:
+            return dx
+        dh = np.asarray(dh)
+        if dh.shape != dx.shape:
+            raise ValueError(f"dh must have the shape of h {dx.shape}, got {dh.shape}")
+        return dx + dh
 
     def _check_trailing(self, x):
         x = as_input(x, "x")
@@ -378,17 +426,27 @@ class LayerNorm(_RowNorm):
         self._new_params(self.normalized_shape, self.elementwise_affine,
                          self.elementwise_affine and has_bias)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """y, or with a residual (y, h): h = x + residual, y = LayerNorm(h)."""
         x = self._check_trailing(x)
+        if residual is not None:
+            y, h, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
+                                                 self.bias, self.eps, return_stats=True,
+                                                 residual=residual)
+            self._save(h, mean, rstd)
+            return y, h
         y, mean, rstd = cynorm.layer_norm(x, self.normalized_shape, self.weight,
                                           self.bias, self.eps, return_stats=True)
         self._save(x, mean, rstd)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, dh=None):
+        """dx; after a residual forward, the gradient with respect to h (which is that of
+        x and of residual), dh being the gradient reaching h other than through y."""
         x, mean, rstd, weight = self._saved_for_backward()
         dx, dw, db = cynorm.layer_norm_backward(dy, x, mean, rstd, self.normalized_shape,
                                                 weight)
+        dx = self._finish_residual_backward(dx, dh)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
@@ -411,16 +469,24 @@ class RMSNorm(_RowNorm):
         self.elementwise_affine = check_flag(elementwise_affine, "elementwise_affine")
         self._new_params(self.normalized_shape, self.elementwise_affine, False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """y, or with a residual (y, h): h = x + residual, y = RMSNorm(h)."""
         x = self._check_trailing(x)
+        if residual is not None:
+            y, h, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
+                                         return_stats=True, residual=residual)
+            self._save(h, rstd)
+            return y, h
         y, rstd = cynorm.rms_norm(x, self.normalized_shape, self.weight, self.eps,
                                   return_stats=True)
         self._save(x, rstd)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, dh=None):
+        """dx; after a residual forward, the gradient with respect to h (see LayerNorm)."""
         x, rstd, weight = self._saved_for_backward()
         dx, dw = cynorm.rms_norm_backward(dy, x, rstd, self.normalized_shape, weight)
+        dx = self._finish_residual_backward(dx, dh)
         self._finish_backward(weight=dw)
         return dx
 

@@ -1,6 +1,8 @@
 # Type stubs of cynorm.nn (the layers). Arrays: the layer's dtype (float32 by default)
 # for parameters and buffers; forward/backward keep the input's dtype.
-from typing import Any, Dict, Mapping, Optional, Sequence, SupportsIndex, Tuple, Union
+from typing import (
+    Any, Dict, Literal, Mapping, Optional, Sequence, SupportsIndex, Tuple, Union, overload,
+)
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -8,6 +10,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
 _Floats = NDArray[np.floating[Any]]
+_Activation = Optional[Literal["silu", "gelu", "gelu_tanh", "relu"]]
 
 class _Norm:
     dtype: np.dtype[Any]
@@ -36,15 +39,17 @@ class _RunningStats:
     def reset_running_stats(self) -> None: ...
 
 class GroupNorm(_Norm):
+    activation: Optional[str]
     num_groups: int
     num_channels: int
     eps: float
     affine: bool
     def __init__(self, num_groups: SupportsIndex, num_channels: SupportsIndex,
                  eps: float = ..., affine: bool = ..., dtype: DTypeLike = ..., *,
-                 bias: bool = ...) -> None: ...
+                 bias: bool = ..., activation: _Activation = ...) -> None: ...
 
 class InstanceNorm(_RunningStats, _Norm):
+    activation: Optional[str]
     num_features: int
     eps: float
     momentum: Optional[float]
@@ -53,9 +58,10 @@ class InstanceNorm(_RunningStats, _Norm):
     def __init__(self, num_features: SupportsIndex, eps: float = ...,
                  momentum: Optional[float] = ..., affine: bool = ...,
                  track_running_stats: bool = ..., dtype: DTypeLike = ..., *,
-                 bias: bool = ...) -> None: ...
+                 bias: bool = ..., activation: _Activation = ...) -> None: ...
 
 class BatchNorm(_RunningStats, _Norm):
+    activation: Optional[str]
     num_features: int
     eps: float
     momentum: Optional[float]
@@ -64,11 +70,20 @@ class BatchNorm(_RunningStats, _Norm):
     def __init__(self, num_features: SupportsIndex, eps: float = ...,
                  momentum: Optional[float] = ..., affine: bool = ...,
                  track_running_stats: bool = ..., dtype: DTypeLike = ..., *,
-                 bias: bool = ...) -> None: ...
+                 bias: bool = ..., activation: _Activation = ...) -> None: ...
 
 class _RowNorm(_Norm):
     normalized_shape: Tuple[int, ...]
     elementwise_affine: bool
+    @overload
+    def __call__(self, x: ArrayLike, residual: None = ...) -> _Floats: ...
+    @overload
+    def __call__(self, x: ArrayLike, residual: ArrayLike) -> Tuple[_Floats, _Floats]: ...
+    @overload
+    def forward(self, x: ArrayLike, residual: None = ...) -> _Floats: ...
+    @overload
+    def forward(self, x: ArrayLike, residual: ArrayLike) -> Tuple[_Floats, _Floats]: ...
+    def backward(self, dy: ArrayLike, dh: Optional[ArrayLike] = ...) -> _Floats: ...
 
 class LayerNorm(_RowNorm):
     eps: float

@@ -280,3 +280,58 @@ def dx_scale(dy, rstd, weight=None):
     if weight is not None:
         g *= max(1.0, float(np.max(np.abs(np.asarray(weight, dtype=np.float64)), initial=0.0)))
     return float(np.max(np.abs(rstd), initial=0.0)) * g
+
+
+# ---- activations (the fused epilogue), in float64 --------------------------------------
+
+_K_TANH = np.sqrt(2.0 / np.pi)
+
+
+def _sigmoid(v):
+    e = np.exp(-np.abs(v))
+    return np.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def activation(name, x):
+    """silu, gelu (erf form), gelu_tanh (torch's approximate="tanh") or relu of x, in
+    float64, written so that no tail cancels or overflows; name None: x itself."""
+    from scipy.special import erfc
+
+    x = _f64(x)
+    if name is None:
+        return x
+    with np.errstate(all="ignore"):
+        if name == "silu":
+            y = x * _sigmoid(x)
+        elif name == "gelu":
+            y = 0.5 * x * erfc(-x / np.sqrt(2.0))
+        elif name == "gelu_tanh":
+            # 0.5 x (1 + tanh(u)) = x sigmoid(2u)
+            y = x * _sigmoid(2.0 * _K_TANH * (x + 0.044715 * x ** 3))
+        elif name == "relu":
+            y = np.where(x > 0, x, 0.0)
+        else:
+            raise ValueError(name)
+        return np.where(np.isneginf(x), -0.0, y)
+
+
+def activation_grad(name, x):
+    """The derivative of activation(name, .) at x, float64."""
+    from scipy.special import erfc
+
+    x = _f64(x)
+    if name is None:
+        return np.ones_like(x)
+    with np.errstate(all="ignore"):
+        if name == "silu":
+            s = _sigmoid(x)
+            return s * (1.0 + x * (1.0 - s))
+        if name == "gelu":
+            return (0.5 * erfc(-x / np.sqrt(2.0))
+                    + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi))
+        if name == "gelu_tanh":
+            s = _sigmoid(2.0 * _K_TANH * (x + 0.044715 * x ** 3))
+            return s + x * s * (1.0 - s) * 2.0 * _K_TANH * (1.0 + 3 * 0.044715 * x * x)
+        if name == "relu":
+            return np.where(x > 0, 1.0, 0.0)
+        raise ValueError(name)

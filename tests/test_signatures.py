@@ -7,7 +7,9 @@ Deliberate differences, each checked here:
 - the input is called `x` (torch: `input`); the cynorm.torch bridge keeps `input`;
 - batch_norm's running_mean and running_var default to None (torch requires them as
   arguments, None allowed): with training=True they may be left out;
-- cynorm's extras are keyword-only, after torch's parameters: out, return_stats, stats;
+- cynorm's extras are keyword-only, after torch's parameters: out, return_stats, stats,
+  and the fused epilogues (activation on the NCHW ops, residual and residual_out on the
+  row ops); the layers' activation is keyword-only too;
 - the layers take `dtype` where torch's modules take (device, dtype).
 """
 import inspect
@@ -22,7 +24,9 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 OPS = ["group_norm", "instance_norm", "batch_norm", "layer_norm", "rms_norm"]
-EXTRAS = {"out", "return_stats", "stats"}
+EXTRAS = {"out", "return_stats", "stats", "activation", "residual", "residual_out"}
+# cynorm.nn's keyword-only extras beyond torch's
+LAYER_EXTRAS = {("activation", None)}
 # parameters that torch requires and cynorm lets default (see the module docstring)
 OPTIONAL_IN_CYNORM = {("batch_norm", "running_mean"), ("batch_norm", "running_var")}
 
@@ -124,4 +128,4 @@ def test_layer_constructor_parameters_are_torchs(ours, theirs):
     assert [(p.name, p.default) for p in mine[:-1]] == \
         [(p.name, p.default) for p in torchs[:cut]]
     assert mine[-1].name == "dtype" and [p.name for p in torchs[cut:]] == ["device", "dtype"]
-    assert mine_kw == torchs_kw
+    assert [kw for kw in mine_kw if kw not in LAYER_EXTRAS] == torchs_kw

@@ -525,6 +525,65 @@ cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
         i = e
 
 
+# ---- the activation epilogue (_activations.h) ------------------------------------------
+# act: 0 none, 1 silu, 2 gelu, 3 gelu_tanh, 4 relu. The forward applies it to the affine's
+# output block by block while the block is in L1; the backward recomputes the
+# pre-activation with the forward's own affine (the same bits) and multiplies dy by the
+# derivative there, so nothing beyond mean and rstd is saved.
+
+cdef extern from "_activations.h":
+    void cn_act_f32(const float* a, float* y, Py_ssize_t n, int act) noexcept nogil
+    void cn_act_f64(const double* a, double* y, Py_ssize_t n, int act) noexcept nogil
+    void cn_act_grad_f32(const float* a, const float* dy, float* g, Py_ssize_t n,
+                         int act) noexcept nogil
+    void cn_act_grad_f64(const double* a, const double* dy, double* g, Py_ssize_t n,
+                         int act) noexcept nogil
+
+cdef enum:
+    # elements per activation block: 2 KiB of float32, in L1 between affine and activation
+    ACT_BLOCK = 512
+
+
+cdef inline void act_run(floating* y, Py_ssize_t n, int act) noexcept nogil:
+    """y = act(y) in place (act 0: nothing)."""
+    if floating is float:
+        cn_act_f32(y, y, n, act)
+    else:
+        cn_act_f64(y, y, n, act)
+
+
+cdef inline void affine_act(const floating* x, floating* y, Py_ssize_t n, double mean,
+                            double rstd, double weight, double shift, int act) noexcept nogil:
+    """y = act((x - mean) * rstd * weight + shift): affine_const, then the activation on
+    each block while it is in L1. y may be x."""
+    cdef Py_ssize_t i = 0, e
+    if act == 0:
+        affine_const(x, y, n, mean, rstd, weight, shift)
+        return
+    while i < n:
+        e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+        affine_const(x + i, y + i, e - i, mean, rstd, weight, shift)
+        act_run(y + i, e - i, act)
+        i = e
+
+
+cdef inline void act_grad_const(const floating* dy, const floating* x, floating* g,
+                                Py_ssize_t n, double mean, double rstd, double weight,
+                                double shift, int act) noexcept nogil:
+    """g = dy * act'(a), a = (x - mean) * rstd * weight + shift recomputed exactly as
+    affine_act computed it in the forward. g may be dy (not x)."""
+    cdef floating a[ACT_BLOCK]
+    cdef Py_ssize_t i = 0, e
+    while i < n:
+        e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+        affine_const(x + i, a, e - i, mean, rstd, weight, shift)
+        if floating is float:
+            cn_act_grad_f32(a, dy + i, g + i, e - i, act)
+        else:
+            cn_act_grad_f64(a, dy + i, g + i, e - i, act)
+        i = e
+
+
 cdef inline void* data(object a):
     """The data pointer of a C-contiguous ndarray, or NULL for None (an absent weight)."""
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)

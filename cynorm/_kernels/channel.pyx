@@ -30,9 +30,10 @@ from libc.math cimport sqrt
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
-    affine_const, grad_const, chan_merge, inv_std, data, set_ddof, var_divisor,
-    COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge,
+    affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
+    set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge,
 )
+from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
 
 import numpy as np
 
@@ -85,16 +86,16 @@ cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t HW,
 cdef void _col_apply(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t r0,
                      Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
                      const double* mean, const double* rstd, const double* var,
-                     double eps, const floating* w, const floating* b) noexcept nogil:
-    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, in float64.
-    rstd NULL (eval mode, no (C,) array for it): 1 / sqrt(var + eps), formed once per
-    channel here."""
+                     double eps, const floating* w, const floating* b,
+                     int act) noexcept nogil:
+    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, in float64,
+    then the activation act on each row's segment. rstd NULL (eval mode, no (C,) array
+    for it): 1 / sqrt(var + eps), formed once per channel here."""
     cdef double rsl[COL_WIDTH]
     cdef const double* rs = rstd
     cdef const floating* xr
     cdef floating* yr
-    cdef Py_ssize_t c, h, r
-    cdef double m, rc, wc, bc
+    cdef Py_ssize_t c, r
     if rstd == NULL:
         for c in range(c0, c1):
             rsl[c - c0] = 1.0 / sqrt(var[c] + eps)
@@ -102,25 +103,52 @@ cdef void _col_apply(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t r0
     for r in range(r0, r1):
         xr = x + r * D
         yr = y + r * D
-        if HW == 1:
-            for c in range(c0, c1):
-                yr[c] = <floating>(((xr[c] - mean[c]) * rs[c]) *
-                                   (1.0 if w == NULL else w[c]) + (0.0 if b == NULL else b[c]))
-            continue
+        _col_affine_row(xr, yr, c0, c1, HW, mean, rs, w, b)
+        if act:
+            act_run(yr + c0 * HW, (c1 - c0) * HW, act)
+
+
+cdef inline void _col_affine_row(const floating* xr, floating* yr, Py_ssize_t c0,
+                                 Py_ssize_t c1, Py_ssize_t HW, const double* mean,
+                                 const double* rs, const floating* w,
+                                 const floating* b) noexcept nogil:
+    """Channels [c0, c1) of one row: yr = ((xr - mean) * rs) * w + b, in float64."""
+    cdef Py_ssize_t c, h
+    cdef double m, rc, wc, bc
+    if HW == 1:
         for c in range(c0, c1):
-            m = mean[c]
-            rc = rs[c]
-            wc = 1.0 if w == NULL else w[c]
-            bc = 0.0 if b == NULL else b[c]
-            for h in range(c * HW, (c + 1) * HW):
-                yr[h] = <floating>(((xr[h] - m) * rc) * wc + bc)
+            yr[c] = <floating>(((xr[c] - mean[c]) * rs[c]) *
+                               (1.0 if w == NULL else w[c]) + (0.0 if b == NULL else b[c]))
+        return
+    for c in range(c0, c1):
+        m = mean[c]
+        rc = rs[c]
+        wc = 1.0 if w == NULL else w[c]
+        bc = 0.0 if b == NULL else b[c]
+        for h in range(c * HW, (c + 1) * HW):
+            yr[h] = <floating>(((xr[h] - m) * rc) * wc + bc)
+
+
+cdef void _col_act_grad(const floating* dy, const floating* x, floating* g, Py_ssize_t D,
+                        Py_ssize_t r, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+                        const double* mean, const double* rstd, const floating* w,
+                        const floating* b, int act) noexcept nogil:
+    """Row r, channels [c0, c1) (at most COL_WIDTH columns): g = dy * act'(a), a the
+    forward's pre-activation, recomputed as _col_apply computes it. g may be dy."""
+    cdef floating a[COL_WIDTH]
+    cdef Py_ssize_t o = r * D + c0 * HW, n = (c1 - c0) * HW
+    _col_affine_row(x + r * D, a - c0 * HW, c0, c1, HW, mean, rstd, w, b)
+    if floating is float:
+        cn_act_grad_f32(a, dy + o, g + o, n, act)
+    else:
+        cn_act_grad_f64(a, dy + o, g + o, n, act)
 
 
 cdef void _col_forward(const floating* x, floating* y, const floating* w,
                        const floating* b, double* mean, double* rstd, double* var,
                        double* part, const double* shift, Py_ssize_t N, Py_ssize_t C,
                        Py_ssize_t HW, double eps, double ddof, int welford, int training,
-                       int nt) noexcept nogil:
+                       int act, int nt) noexcept nogil:
     """Forward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1
     (one block: the moments go to mean and var, or rstd when var is NULL). Eval mode
     with rstd NULL: var is the running variance, rstd formed per channel. y NULL: the
@@ -161,7 +189,7 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
         c0 = (t % n_tiles) * cpt
         r0 = (t // n_tiles) * APPLY_ROWS
         _col_apply(x, y, D, r0, min(r0 + APPLY_ROWS, N), c0, min(c0 + cpt, C), HW, mean,
-                   rstd, var, eps, w, b)
+                   rstd, var, eps, w, b, act)
 
 
 cdef void _col_tile_grad_sums(const floating* dy, const floating* x, const double* mean,
@@ -255,15 +283,23 @@ cdef void _col_tile_backward(const floating* dy, const floating* x, floating* dx
 
 
 cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
-                        const floating* w, floating* dw, floating* db, const double* mean,
-                        const double* rstd, double* part, Py_ssize_t N, Py_ssize_t C,
-                        Py_ssize_t HW, int training, int nt) noexcept nogil:
-    """Backward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1."""
+                        const floating* w, const floating* b, floating* g, floating* dw,
+                        floating* db, const double* mean, const double* rstd,
+                        double* part, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                        int training, int act, int nt) noexcept nogil:
+    """Backward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1.
+    act != 0: first g = dy * act'(a) row by row, which then takes dy's place."""
     cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
     cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, q, c0, r0, blk
     cdef double* ps = part
     cdef double* psx = part + nb * C
     cdef double sdy, sdyx, M = <double>(N * HW)
+    if act:
+        for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+            c0 = (t % n_tiles) * cpt
+            _col_act_grad(dy, x, g, D, t // n_tiles, c0, min(c0 + cpt, C), HW, mean, rstd,
+                          w, b, act)
+        dy = g
     if nb == 1:
         for t in prange(n_tiles, nogil=True, num_threads=nt, schedule="static"):
             c0 = t * cpt
@@ -296,20 +332,21 @@ cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
 cdef inline void _apply_channel(const floating* x, floating* y, const floating* w,
                                 const floating* b, const double* mean,
                                 const double* rstd, Py_ssize_t n0, Py_ssize_t n1,
-                                Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW) noexcept nogil:
-    """Normalise runs x[n, c, :] for n in [n0, n1)."""
+                                Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW,
+                                int act) noexcept nogil:
+    """Normalise runs x[n, c, :] for n in [n0, n1), then the activation act."""
     cdef double wc = 1.0 if w == NULL else w[c]
     cdef double shift = 0.0 if b == NULL else b[c]
     cdef Py_ssize_t n
     for n in range(n0, n1):
-        affine_const(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], rstd[c], wc,
-                     shift)
+        affine_act(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], rstd[c], wc,
+                   shift, act)
 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* var, double* parts, Py_ssize_t N,
                    Py_ssize_t C, Py_ssize_t HW, double eps, double ddof, int welford,
-                   int training, int nt) noexcept nogil:
+                   int training, int act, int nt) noexcept nogil:
     """y = NULL: the statistics only."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
@@ -319,7 +356,7 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
             set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c],
                       NULL if var == NULL else &var[c])
             if y != NULL:
-                _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW)
+                _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW, act)
         return
     if training:
         split_set_stats(x, &L, C, HW, parts, welford, 1, eps, mean, rstd, var, nt)
@@ -327,18 +364,20 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
         return
     # statistics known: every (n, c) run is independent
     for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-        _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW)
+        _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW, act)
 
 
 def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mean,
             object rstd, object var, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
-            double eps, int welford, int training, double ddof=0.0, object shift=None):
+            double eps, int welford, int training, double ddof=0.0, object shift=None,
+            int act=0):
     """Normalise x (N, C, HW) per channel into y. training: compute mean, rstd and (var
     not None) the var (C float64; m2 / (N * HW - ddof), NaN if that is <= 0; biased with
     ddof 0) from x; else apply the given mean and rstd, or, rstd None, rstd = 1 /
     sqrt(var + eps) from the given (running) var. y None (training only): the statistics
     alone. shift ((C,) float64, column path only: HW < SHORT_RUN): statistics of
-    x - shift, mean relative to it."""
+    x - shift, mean relative to it. act: the activation applied to the affine's output
+    (codes as in slab.forward)."""
     if training and N * HW == 0:  # an empty batch: nothing to read (statistics as torch)
         mean.fill(0)
         rstd.fill(np.nan)
@@ -373,16 +412,16 @@ def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mea
     with nogil:
         if columns and single:
             _col_forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv,
-                         parts, psh, N, C, HW, eps, ddof, welford, training, nt)
+                         parts, psh, N, C, HW, eps, ddof, welford, training, act, nt)
         elif columns:
             _col_forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                         parts, psh, N, C, HW, eps, ddof, welford, training, nt)
+                         parts, psh, N, C, HW, eps, ddof, welford, training, act, nt)
         elif single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
-                     N, C, HW, eps, ddof, welford, training, nt)
+                     N, C, HW, eps, ddof, welford, training, act, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv,
-                     parts, N, C, HW, eps, ddof, welford, training, nt)
+                     parts, N, C, HW, eps, ddof, welford, training, act, nt)
 
 
 # ---- backward -------------------------------------------------------------------------
@@ -405,24 +444,47 @@ cdef inline void _grad_channel(const floating* dy, const floating* x, floating* 
                    HW, wc, mg, mgx, mean[c], rs, NULL, NULL)
 
 
+cdef inline void _act_grad_channel(const floating* dy, const floating* x, floating* g,
+                                   const floating* w, const floating* b,
+                                   const double* mean, const double* rstd, Py_ssize_t n0,
+                                   Py_ssize_t n1, Py_ssize_t c, Py_ssize_t C,
+                                   Py_ssize_t HW, int act) noexcept nogil:
+    """g = dy * act'(a) over runs [n0, n1) of channel c, a the forward's pre-activation."""
+    cdef double wc = 1.0 if w == NULL else w[c]
+    cdef double shift = 0.0 if b == NULL else b[c]
+    cdef Py_ssize_t n, o
+    for n in range(n0, n1):
+        o = (n * C + c) * HW
+        act_grad_const(dy + o, x + o, g + o, HW, mean[c], rstd[c], wc, shift, act)
+
+
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
-                    const floating* w, floating* dw, floating* db, const double* mean,
-                    const double* rstd, double* sdy, double* sdyx, double* parts,
-                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training,
-                    int nt) noexcept nogil:
+                    const floating* w, const floating* b, floating* g, floating* dw,
+                    floating* db, const double* mean, const double* rstd, double* sdy,
+                    double* sdyx, double* parts, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                    int training, int act, int nt) noexcept nogil:
+    """act != 0: g = dy * act'(a) is formed into g (per channel, or in a pass of its
+    own when channels are split) and takes dy's place."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
+    cdef const floating* gd = <const floating*>g if act else dy
     if parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
-            set_grad_sums(dy + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
+            if act:
+                _act_grad_channel(dy, x, g, w, b, mean, rstd, 0, N, c, C, HW, act)
+            set_grad_sums(gd + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
                           &sdy[c], &sdyx[c])
-            _grad_channel(dy, x, dx, w, mean, rstd, sdy, sdyx, 0, N, c, N, C, HW,
+            _grad_channel(gd, x, dx, w, mean, rstd, sdy, sdyx, 0, N, c, N, C, HW,
                           training)
     else:
-        split_grad_sums(dy, x, <const floating*>NULL, &L, C, HW, mean, parts, sdy, sdyx,
+        if act:
+            for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+                _act_grad_channel(dy, x, g, w, b, mean, rstd, r // C, r // C + 1, r % C, C,
+                                  HW, act)
+        split_grad_sums(gd, x, <const floating*>NULL, &L, C, HW, mean, parts, sdy, sdyx,
                         nt)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _grad_channel(dy, x, dx, w, mean, rstd, sdy, sdyx, r // C, r // C + 1, r % C,
+            _grad_channel(gd, x, dx, w, mean, rstd, sdy, sdyx, r // C, r // C + 1, r % C,
                           N, C, HW, training)
     for c in range(C):
         dw[c] = <floating>(sdyx[c] * rstd[c])
@@ -431,8 +493,11 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
-             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training):
-    """dx, dweight, dbias of batch normalisation with the given per-channel statistics."""
+             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, int training, int act=0,
+             object bias=None, object gbuf=None):
+    """dx, dweight, dbias of batch normalisation with the given per-channel statistics.
+    act != 0: of act(normalisation), with the forward's bias; gbuf: an array of x's shape
+    for dy * act'(a), dx itself unless dx is x."""
     if N * HW == 0:  # no elements: parameter gradients are empty sums
         dweight.fill(0)
         dbias.fill(0)
@@ -463,20 +528,25 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef void* pw = data(weight)
     cdef void* pdw = data(dweight)
     cdef void* pdb = data(dbias)
+    cdef void* pb = data(bias)
+    cdef void* pg = data(gbuf) if act else NULL
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
     with nogil:
         if columns and single:
-            _col_backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
-                          <float*>pdb, pm, pr, parts, N, C, HW, training, nt)
+            _col_backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
+                          <float*>pg, <float*>pdw, <float*>pdb, pm, pr, parts, N, C, HW,
+                          training, act, nt)
         elif columns:
             _col_backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw,
-                          <double*>pdw, <double*>pdb, pm, pr, parts, N, C, HW,
-                          training, nt)
+                          <double*>pb, <double*>pg, <double*>pdw, <double*>pdb, pm, pr,
+                          parts, N, C, HW, training, act, nt)
         elif single:
-            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
-                      <float*>pdb, pm, pr, sdy, sdyx, parts, N, C, HW, training, nt)
+            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
+                      <float*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, parts, N,
+                      C, HW, training, act, nt)
         else:
-            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pdw,
-                      <double*>pdb, pm, pr, sdy, sdyx, parts, N, C, HW, training, nt)
+            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, <double*>pb,
+                      <double*>pg, <double*>pdw, <double*>pdb, pm, pr, sdy, sdyx, parts,
+                      N, C, HW, training, act, nt)

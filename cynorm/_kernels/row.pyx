@@ -111,12 +111,36 @@ cdef inline void _apply_piece(const floating* x, floating* y, const floating* w,
                NULL if b == NULL else b + e0, elen, mean[r], rstd[r])
 
 
+cdef inline void _add_span(const floating* a, const floating* b, floating* h,
+                           Py_ssize_t n) noexcept nogil:
+    """h = a + b elementwise; h may be a or b."""
+    cdef Py_ssize_t k
+    for k in range(n):
+        h[k] = a[k] + b[k]
+
+
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* parts, Py_ssize_t R, Py_ssize_t K,
-                   double eps, double ddof, int welford, int rms, int nt) noexcept nogil:
+                   double eps, double ddof, int welford, int rms, const floating* res,
+                   floating* h, int nt) noexcept nogil:
+    """res != NULL: the residual prologue, h = x + res (written to h, which may be x or
+    res), then h is normalised; a row's sum is formed just before its statistics, so it
+    is read from cache."""
     cdef SetLayout L = make_layout(1, K, K)
-    cdef Py_ssize_t r, k
+    cdef Py_ssize_t r, k, e0
     set_ddof(&L, ddof)
+    if res != NULL:
+        if parts == NULL:
+            for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
+                _add_span(x + r * K, res + r * K, h + r * K, K)
+                set_stats(h + r * K, &L, welford, not rms, eps,
+                          x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
+                _apply_row(h + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+            return
+        for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
+            e0 = k * CHUNK
+            _add_span(x + e0, res + e0, h + e0, min(CHUNK, R * K - e0))
+        x = h
     if parts == NULL:
         for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
             set_stats(x + r * K, &L, welford, not rms, eps,
@@ -130,9 +154,11 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, Py_ssize_t R, Py_ssize_t K, double eps, int welford,
-            int rms, double ddof=0.0):
+            int rms, double ddof=0.0, object residual=None, object h=None):
     """Normalise each row of x (R, K) into y; write mean (0 for RMSNorm) and rstd
-    (of the variance m2 / max(K - ddof, 0), biased for ddof = 0)."""
+    (of the variance m2 / max(K - ddof, 0), biased for ddof = 0). residual, h: normalise
+    h = x + residual instead, writing h (h may be x or residual; y must be neither h nor,
+    unless it is x or residual itself, overlap them)."""
     cdef int nt = cynorm_threads_for(R * K)
     cdef SetLayout L = make_layout(1, K, K)
     cdef cnp.ndarray work = None
@@ -146,14 +172,16 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef void* pb = data(bias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
+    cdef void* pres = data(residual)
+    cdef void* ph = data(h)
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
     with nogil:
         if single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
-                     R, K, eps, ddof, welford, rms, nt)
+                     R, K, eps, ddof, welford, rms, <float*>pres, <float*>ph, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
-                     R, K, eps, ddof, welford, rms, nt)
+                     R, K, eps, ddof, welford, rms, <double*>pres, <double*>ph, nt)
 
 
 # ---- backward -------------------------------------------------------------------------

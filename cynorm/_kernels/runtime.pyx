@@ -4,6 +4,8 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.string cimport memcpy
 
+import numpy as np
+
 from cynorm._openmp cimport CYNORM_HAVE_OPENMP, cynorm_init_fork_guard, cynorm_num_threads
 
 from cynorm._kernels import INHERITED_OPENMP_POOL
@@ -73,3 +75,54 @@ def build_info():
     compiler flags, "isa": the widest vector instruction set the compiler could use}."""
     return {"level": CYNORM_LEVEL.decode(), "flags": CYNORM_FLAGS.decode(),
             "isa": CYNORM_WIDEST_ISA.decode()}
+
+
+cdef extern from "_activations.h":
+    void cn_act_f32(const float* a, float* y, Py_ssize_t n, int act) noexcept nogil
+    void cn_act_f64(const double* a, double* y, Py_ssize_t n, int act) noexcept nogil
+    void cn_act_grad_f32(const float* a, const float* dy, float* g, Py_ssize_t n,
+                         int act) noexcept nogil
+    void cn_act_grad_f64(const double* a, const double* dy, double* g, Py_ssize_t n,
+                         int act) noexcept nogil
+
+
+def _check_act_arrays(arrays, int act):
+    if not 0 <= act <= 4:
+        raise ValueError(f"act must be a code 0..4, got {act}")
+    first = arrays[0]
+    for a in arrays:
+        if (not isinstance(a, cnp.ndarray) or a.dtype not in (np.float32, np.float64)
+                or a.dtype != first.dtype or a.size != first.size
+                or not a.flags.c_contiguous):
+            raise ValueError("arrays must be C-contiguous float32 or float64 ndarrays "
+                             "of one dtype and size")
+
+
+def activation(cnp.ndarray a, cnp.ndarray y, int act):
+    """y = act(a) elementwise, with the kernels' activation code (1 silu, 2 gelu,
+    3 gelu_tanh, 4 relu); y may be a. Exposes the epilogue for its tests."""
+    _check_act_arrays((a, y), act)
+    cdef Py_ssize_t n = a.size
+    cdef void* pa = cnp.PyArray_DATA(a)
+    cdef void* py = cnp.PyArray_DATA(y)
+    cdef bint single = a.dtype == np.float32
+    with nogil:
+        if single:
+            cn_act_f32(<float*>pa, <float*>py, n, act)
+        else:
+            cn_act_f64(<double*>pa, <double*>py, n, act)
+
+
+def activation_grad(cnp.ndarray a, cnp.ndarray dy, cnp.ndarray g, int act):
+    """g = dy * act'(a) elementwise (codes as in activation); g may be a or dy."""
+    _check_act_arrays((a, dy, g), act)
+    cdef Py_ssize_t n = a.size
+    cdef void* pa = cnp.PyArray_DATA(a)
+    cdef void* pd = cnp.PyArray_DATA(dy)
+    cdef void* pg = cnp.PyArray_DATA(g)
+    cdef bint single = a.dtype == np.float32
+    with nogil:
+        if single:
+            cn_act_grad_f32(<float*>pa, <float*>pd, <float*>pg, n, act)
+        else:
+            cn_act_grad_f64(<double*>pa, <double*>pd, <double*>pg, n, act)

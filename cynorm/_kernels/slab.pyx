@@ -15,8 +15,8 @@ from cython.parallel cimport prange
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_const,
-    lane_grad_sums, grad_const, data,
+    SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_act,
+    act_grad_const, lane_grad_sums, grad_const, data,
 )
 
 import numpy as np
@@ -30,8 +30,9 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start,
                               Py_ssize_t end, Py_ssize_t HW, Py_ssize_t c_first,
                               double mean, double rstd, const floating* w,
-                              const floating* b) noexcept nogil:
-    """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i."""
+                              const floating* b, int act) noexcept nogil:
+    """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i.
+    act: the activation epilogue (0: none)."""
     cdef Py_ssize_t i = start, j, stop
     cdef double wc, shift
     while i < end:
@@ -41,24 +42,24 @@ cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start
             stop = end
         wc = 1.0 if w == NULL else w[c_first + j]
         shift = 0.0 if b == NULL else b[c_first + j]
-        affine_const(xs + i, ys + i, stop - i, mean, rstd, wc, shift)
+        affine_act(xs + i, ys + i, stop - i, mean, rstd, wc, shift, act)
         i = stop
 
 
 cdef inline void _split_apply(const floating* x, floating* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
                               const SetLayout* L, Py_ssize_t k, Py_ssize_t C,
-                              Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
+                              Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
     """Apply over piece k (of all N * G * n_pieces) of the split forward."""
     cdef Py_ssize_t cpg = C // G, s = k // L.n_pieces, run0, nruns, e0, elen
     piece_bounds(L, k - s * L.n_pieces, &run0, &nruns, &e0, &elen)
     _apply_range(x + s * L.size, y + s * L.size, e0, e0 + elen, HW, (s % G) * cpg,
-                 mean[s], rstd[s], w, b)
+                 mean[s], rstd[s], w, b, act)
 
 
 cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* parts, Py_ssize_t N, Py_ssize_t C,
-                   Py_ssize_t HW, Py_ssize_t G, double eps, int welford,
+                   Py_ssize_t HW, Py_ssize_t G, double eps, int welford, int act,
                    int nt) noexcept nogil:
     cdef Py_ssize_t cpg = C // G, M = cpg * HW, n_sets = N * G
     cdef SetLayout L = make_layout(1, M, M)
@@ -68,17 +69,19 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
             set_stats(x + s * M, &L, welford, 1, eps,
                       x + (s + 1) * M if s + 1 < n_sets else NULL, &mean[s], &rstd[s], NULL)
             _apply_range(x + s * M, y + s * M, 0, M, HW, (s % G) * cpg, mean[s],
-                         rstd[s], w, b)
+                         rstd[s], w, b, act)
         return
     split_set_stats(x, &L, n_sets, M, parts, welford, 1, eps, mean, rstd, NULL, nt)
     for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
-        _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G)
+        _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G, act)
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
-            double eps, int welford):
-    """Normalise x (N, C, HW) over G groups into y; write mean and rstd (N * G float64)."""
+            double eps, int welford, int act=0):
+    """Normalise x (N, C, HW) over G groups into y; write mean and rstd (N * G float64).
+    act: the activation applied to the affine's output (0 none, 1 silu, 2 gelu,
+    3 gelu_tanh, 4 relu)."""
     if G == 0:  # no channels: nothing to normalise
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
@@ -98,10 +101,10 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     with nogil:
         if single:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
-                     N, C, HW, G, eps, welford, nt)
+                     N, C, HW, G, eps, welford, act, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
-                     N, C, HW, G, eps, welford, nt)
+                     N, C, HW, G, eps, welford, act, nt)
 
 
 # ---- backward -------------------------------------------------------------------------
@@ -139,30 +142,47 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
                dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
 
 
+cdef inline void _run_act_grad(const floating* dy, const floating* x, floating* g,
+                               const floating* w, const floating* b, const double* mean,
+                               const double* rstd, Py_ssize_t r, Py_ssize_t C,
+                               Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
+    """g = dy * act'(a) over run r = n * C + c, a the forward's pre-activation."""
+    cdef Py_ssize_t c = r % C, s = (r // C) * G + c // (C // G)
+    act_grad_const(dy + r * HW, x + r * HW, g + r * HW, HW, mean[s], rstd[s],
+                   1.0 if w == NULL else w[c], 0.0 if b == NULL else b[c], act)
+
+
 cdef void _backward(const floating* dy, const floating* x, floating* dx,
-                    const floating* w, floating* dw, floating* db, const double* mean,
-                    const double* rstd, double* sdy, double* sdyx, double* acc,
-                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G, int last,
-                    int nt) noexcept nogil:
+                    const floating* w, const floating* b, floating* g, floating* dw,
+                    floating* db, const double* mean, const double* rstd, double* sdy,
+                    double* sdyx, double* acc, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
+                    Py_ssize_t G, int last, int act, int nt) noexcept nogil:
     """Samples [0, N) (a chunk of the batch): dx, and the dweight/dbias sums continued
-    in acc[c], acc[C + c] (float64), written to dw/db when last."""
+    in acc[c], acc[C + c] (float64), written to dw/db when last. act != 0: the gradient
+    reaching the affine's output, g = dy * act'(a), is formed run by run into g (dx's
+    buffer or a scratch one) and takes dy's place."""
     cdef Py_ssize_t cpg = C // G, s, r, j, n, c
     cdef double acc_w, acc_b
+    cdef const floating* gd = <const floating*>g if act else dy
     if N * G >= 4 * nt:
         # fused: a slab's sums, then its dx while the slab is still in cache (and the
         # next slab, this thread's next under the static schedule, is prefetched)
         for s in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             r = (s // G) * C + (s % G) * cpg
             for j in range(cpg):
-                _run_sums(dy, x, mean, sdy, sdyx, r + j, C, HW, G)
+                if act:
+                    _run_act_grad(dy, x, g, w, b, mean, rstd, r + j, C, HW, G, act)
+                _run_sums(gd, x, mean, sdy, sdyx, r + j, C, HW, G)
             for j in range(cpg):
-                _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G,
+                _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G,
                           cpg * HW if s + 1 < N * G else 0)
     else:
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _run_sums(dy, x, mean, sdy, sdyx, r, C, HW, G)
+            if act:
+                _run_act_grad(dy, x, g, w, b, mean, rstd, r, C, HW, G, act)
+            _run_sums(gd, x, mean, sdy, sdyx, r, C, HW, G)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _run_grad(dy, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
+            _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
     # dweight and dbias: reduce the per-(n, c) sums over n in order (continuing the
     # previous chunks' sums: the same additions as over the whole batch at once)
     for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
@@ -180,8 +200,11 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
-             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G):
+             Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G, int act=0,
+             object bias=None, object gbuf=None):
     """dx, dweight, dbias of the slab normalisation (see DESIGN.md, "Backward").
+    act != 0: of act(normalisation), with the forward's bias; gbuf: an array of x's
+    shape for dy * act'(a), dx itself unless dx is x.
 
     Two float64 sums per (n, c) run: with short runs (under 128 bytes) the batch is
     done in chunks of samples whose sums take at most 1/16 of the input."""
@@ -204,6 +227,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef void* pw = data(weight)
     cdef void* pdw = data(dweight)
     cdef void* pdb = data(dbias)
+    cdef void* pb = data(bias)
+    cdef char* pg = <char*>data(gbuf) if act else NULL
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef Py_ssize_t step = C * HW * isz
@@ -213,12 +238,14 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
             n1 = min(n0 + nc, N)
             if isz == 4:
                 _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
-                          <float*>(pdx + n0 * step), <float*>pw, <float*>pdw, <float*>pdb,
-                          pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0, C, HW, G,
-                          n1 == N, nt)
+                          <float*>(pdx + n0 * step), <float*>pw, <float*>pb,
+                          <float*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
+                          C, HW, G, n1 == N, act, nt)
             else:
                 _backward(<double*>(pdy + n0 * step), <double*>(px + n0 * step),
-                          <double*>(pdx + n0 * step), <double*>pw, <double*>pdw,
+                          <double*>(pdx + n0 * step), <double*>pw, <double*>pb,
+                          <double*>(pg + n0 * step if act else NULL), <double*>pdw,
                           <double*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
-                          C, HW, G, n1 == N, nt)
+                          C, HW, G, n1 == N, act, nt)
             n0 = n1

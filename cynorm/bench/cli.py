@@ -207,6 +207,10 @@ def add_parser(sub):
     b.add_argument("--bandwidth", action="store_true",
                    help="also time forward and backward with out= on arrays far larger "
                         "than the cache (always on in the full suite)")
+    b.add_argument("--fused", action="store_true",
+                   help="time the fused blocks instead (GroupNorm+SiLU, residual add + "
+                        "LayerNorm/RMSNorm, float32) against torch's unfused composites "
+                        "and cynorm's normalization alone; with --quick, fewer shapes")
     b.add_argument("--torch-modules", action="store_true",
                    help="run the torch module section instead: each cynorm.torch module "
                         "against its torch.nn twin (suite shapes, tiny calls by minimum "
@@ -226,6 +230,8 @@ def run(args, parser):
         # at once, not after minutes of measuring
         parser.error("--plot needs matplotlib: pip install cynorm[plot] "
                      "(or pip install matplotlib)")
+    if args.fused:
+        return run_fused_bench(cfg, args.json)
     if args.torch_modules:
         return run_torch_module_section(cfg, args.json, parser)
     return run_bench(cfg, args.json, args.plot)
@@ -249,5 +255,26 @@ def run_torch_module_section(cfg, json_path, parser):
     doc = run_torch_modules(cfg.suite_name, cases, cfg.threads, cfg.repeats, cn, torch)
     if json_path:
         _write_json(json_path, {"meta": meta, "torch_modules": doc})
+        print(f"\nwrote {json_path}")
+    return 0
+
+
+def run_fused_bench(cfg, json_path=None):
+    """The fused-block suite (cynorm.bench.fused) with the run's threads and repeats."""
+    import cynorm as cn
+    from cynorm.bench.fused import HEADER, print_fused_report, run_fused, summary
+
+    torch = _import_torch()
+    meta = _meta(cn, torch, cfg)
+    print(f"fused blocks, float32; cynorm {meta['cynorm']}, torch "
+          f"{meta['torch'] or '(not installed)'}; CPU: {meta['cpu']}, {meta['cores']} "
+          f"cores; threads {cfg.threads}; median of {cfg.repeats} repeats; times in ms")
+    print(HEADER)
+    rows = run_fused(cn, torch, cfg.threads, cfg.repeats, quick=cfg.suite_name != "full",
+                     tiny=cfg.suite_name == "tiny")
+    print_fused_report(rows, cfg.threads)
+    if json_path:
+        _write_json(json_path, {"meta": meta, "fused": rows,
+                                "summary": summary(rows, cfg.threads)})
         print(f"\nwrote {json_path}")
     return 0

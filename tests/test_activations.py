@@ -1,0 +1,156 @@
+"""The activation epilogue's functions (cynorm/_kernels/_activations.h) on their own:
+accuracy over a dense sweep of the float32 range against float64 formulas, special
+values, and the same bits wherever a value sits in an array."""
+import numpy as np
+import pytest
+
+from cynorm._kernels import runtime
+from reference import activation as act_ref, activation_grad as grad_ref
+
+CODES = {"silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
+
+
+def _ordinal(a):
+    """float32 values as integers in the order of the floats (ulp distance = difference)."""
+    i = a.view(np.int32).astype(np.int64)
+    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+def _float32_sweep():
+    """Every 997th float32 bit pattern (4.3 million finite values of either sign, from
+    subnormals to the largest) plus a fine grid over the range where the functions bend
+    and exp under- or overflows."""
+    bits = np.arange(0, 2 ** 32, 997, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    return np.concatenate([x, np.linspace(-120, 40, 400_001, dtype=np.float32)])
+
+
+SWEEP = _float32_sweep()
+
+
+def _apply(name, x):
+    y = np.empty_like(x)
+    runtime.activation(x, y, CODES[name])
+    return y
+
+
+def _apply_grad(name, x, dy):
+    g = np.empty_like(x)
+    runtime.activation_grad(x, dy, g, CODES[name])
+    return g
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
+def test_float32_activation_within_2_ulp_of_correctly_rounded_over_whole_range(name):
+    y = _apply(name, SWEEP)
+    with np.errstate(over="ignore"):
+        want = act_ref(name, SWEEP).astype(np.float32)  # correctly rounded
+    ulps = np.abs(_ordinal(y) - _ordinal(want))
+    worst = int(np.argmax(ulps))
+    assert ulps.max() <= 2, (name, SWEEP[worst], y[worst], want[worst])
+
+
+def test_float32_relu_is_exact():
+    assert np.array_equal(_apply("relu", SWEEP), np.maximum(SWEEP, 0).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "relu"])
+def test_float32_activation_derivative_within_2_ulp(name):
+    dy = np.ones_like(SWEEP)
+    g = _apply_grad(name, SWEEP, dy)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = grad_ref(name, SWEEP)
+    ok = np.isfinite(want)
+    assert ok.mean() > 0.99
+    ulps = np.abs(_ordinal(g[ok]) - _ordinal(want[ok].astype(np.float32)))
+    assert ulps.max() <= 2, name
+
+
+def test_float32_silu_derivative_within_8_roundings_of_its_terms():
+    # silu' = s (1 + x (1 - s)) crosses zero near x = -1.28, where no relative bound
+    # holds: the error is bounded by float32 roundings of the terms' size instead
+    g = _apply_grad("silu", SWEEP, np.ones_like(SWEEP))
+    x = SWEEP.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = grad_ref("silu", x)
+        s = 1.0 / (1.0 + np.exp(-x))
+        terms = s * (1.0 + np.abs(x) * (1.0 - s))
+    ok = np.isfinite(want)
+    err = np.abs(g[ok] - want[ok]) / (terms[ok] * 2.0 ** -24 + 2.0 ** -149)
+    assert err.max() <= 8
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_activation_grad_multiplies_dy(name):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(1001) * 4
+    dy = rng.standard_normal(1001)
+    g = _apply_grad(name, x, dy)
+    np.testing.assert_allclose(g, dy * grad_ref(name, x), rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_float64_activation_matches_float64_formula(name):
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal(20000) * 6, np.linspace(-30, 30, 20001),
+                        [0.0, 1e-300, -1e-300, 1e300, -1e300, 700.0, -700.0]])
+    y = _apply(name, x)
+    want = act_ref(name, x)
+    # the far negative tails of gelu and gelu_tanh go through the rounding of their
+    # argument (x / sqrt(2), 2u), in the reference as in the kernel: ~1e-13 there
+    np.testing.assert_allclose(y, want, rtol=4e-15 if name in ("silu", "relu") else 1e-12,
+                               atol=1e-300)
+    g = _apply_grad(name, x, np.ones_like(x))
+    with np.errstate(invalid="ignore"):
+        gw = grad_ref(name, x)
+    ok = np.isfinite(gw)
+    np.testing.assert_allclose(g[ok], gw[ok], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
+def test_special_values(name, dtype):
+    x = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0, -1e30, 1e30], dtype=dtype)
+    y = _apply(name, x)
+    assert y[0] == 0 and np.signbit(y[0])          # act(-inf) = -0
+    assert y[1] == np.inf
+    assert np.isnan(y[2])
+    assert y[3] == 0 and y[4] == 0
+    assert y[5] == 0 and np.signbit(y[5])
+    assert y[6] == dtype(1e30)
+    g = _apply_grad(name, x, np.ones_like(x))
+    assert g[0] == 0 and g[1] == 1 and np.isnan(g[2]) and g[3] == 0.5
+    assert g[5] == 0 and g[6] == 1
+
+
+def test_relu_special_values():
+    x = np.array([-np.inf, np.inf, np.nan, -0.0, -1.0], dtype=np.float32)
+    y = _apply("relu", x)
+    assert y[0] == 0 and y[1] == np.inf and np.isnan(y[2]) and y[3] == 0 and y[4] == 0
+    g = _apply_grad("relu", x, np.full_like(x, 2.0))
+    assert g[0] == 0 and g[1] == 2 and np.isnan(g[2]) and g[3] == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_same_bits_at_every_offset_and_in_place(name, dtype):
+    # the vector body and the padded tail compute each lane the same way
+    x = (np.random.default_rng(5).standard_normal(203) * 5).astype(dtype)
+    full = _apply(name, x)
+    for off in range(1, 9):
+        part = _apply(name, np.ascontiguousarray(x[off:]))
+        assert np.array_equal(part.view(np.uint8), full[off:].view(np.uint8))
+    y = x.copy()
+    runtime.activation(y, y, CODES[name])
+    assert np.array_equal(y.view(np.uint8), full.view(np.uint8))
+
+
+def test_hook_rejects_bad_arrays():
+    x = np.zeros(8, np.float32)
+    with pytest.raises(ValueError):
+        runtime.activation(x, np.zeros(8, np.float64), 1)
+    with pytest.raises(ValueError):
+        runtime.activation(x, np.zeros(7, np.float32), 1)
+    with pytest.raises(ValueError):
+        runtime.activation(x, x.copy(), 9)
