@@ -202,6 +202,21 @@ class _Activated:
 class _RunningStats:
     """Running statistics buffers (BatchNorm, InstanceNorm), under torch's names."""
 
+    def _init_channel_layer(self, num_features, eps, momentum, affine,
+                            track_running_stats, dtype, bias, activation):
+        """The constructor BatchNorm and InstanceNorm share (torch's arguments, checked)."""
+        super().__init__(dtype)  # the next class in the layer's MRO: _Norm
+        self._set_activation(activation)
+        self.num_features = check_int(num_features, "num_features", 1)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum, allow_none=True)
+        self.affine = check_flag(affine, "affine")
+        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
+        self._new_params((self.num_features,), self.affine,
+                         self.affine and check_flag(bias, "bias"))
+        if self.track_running_stats:
+            self._new_running_stats(self.num_features)
+
     def _new_running_stats(self, num_features):
         self._buffers["running_mean"] = np.zeros(num_features, dtype=self.dtype)
         self._buffers["running_var"] = np.ones(num_features, dtype=self.dtype)
@@ -283,17 +298,8 @@ class InstanceNorm(_Activated, _RunningStats, _Norm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
                  track_running_stats=False, dtype=np.float32, *, bias=True,
                  activation=None):
-        super().__init__(dtype)
-        self._set_activation(activation)
-        self.num_features = check_int(num_features, "num_features", 1)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum, allow_none=True)
-        self.affine = check_flag(affine, "affine")
-        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
-        self._new_params((self.num_features,), self.affine,
-                         self.affine and check_flag(bias, "bias"))
-        if self.track_running_stats:
-            self._new_running_stats(self.num_features)
+        self._init_channel_layer(num_features, eps, momentum, affine, track_running_stats,
+                                 dtype, bias, activation)
 
     def forward(self, x):
         x = self._check_channels(x, self.num_features)
@@ -341,17 +347,8 @@ class BatchNorm(_Activated, _RunningStats, _Norm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, *, bias=True,
                  activation=None):
-        super().__init__(dtype)
-        self._set_activation(activation)
-        self.num_features = check_int(num_features, "num_features", 1)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum, allow_none=True)
-        self.affine = check_flag(affine, "affine")
-        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
-        self._new_params((self.num_features,), self.affine,
-                         self.affine and check_flag(bias, "bias"))
-        if self.track_running_stats:
-            self._new_running_stats(self.num_features)
+        self._init_channel_layer(num_features, eps, momentum, affine, track_running_stats,
+                                 dtype, bias, activation)
 
     def forward(self, x):
         x = self._check_channels(x, self.num_features)
