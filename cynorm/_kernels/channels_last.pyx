@@ -16,7 +16,7 @@ from NCHW.
 
 Work items are (sample, tile of whole groups) whose rows stay in L2 between the
 statistics and the apply (fused: x read from DRAM once). With fewer than 4 items per
-thread and more than one row block, the row blocks are shared out among the threads
+thread and at least 4 row blocks, the row blocks are shared out among the threads
 instead and the apply is a pass of its own. Each column's arithmetic is the same in both
 schedules and for every tile width: the bits depend only on the shape.
 
@@ -282,7 +282,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t gpt = _groups_per_tile(N, HW, C, G, isz, nt)
-    cdef bint fused = N * ((G + gpt - 1) // gpt) >= 4 * nt or nb < 2
+    # split: per-block moments, at most 1/16 of a float32 input with 4 blocks or more
+    cdef bint fused = N * ((G + gpt - 1) // gpt) >= 4 * nt or nb < 4
     cdef Py_ssize_t size = nt * (1 + 2 * nb) * gpt * (C // G) if fused else (
         (1 + 2 * nb) * N * C)
     cdef cnp.ndarray work = np.empty(size, dtype=np.float64)
@@ -546,8 +547,9 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     """dx, dweight, dbias of the channels-last group normalisation (see DESIGN.md,
     "Backward"); act, bias, gbuf as in slab.backward.
 
-    Four float64 sums per (n, c): when a sample has fewer than 64 rows, the batch is
-    done in chunks of samples whose sums take at most 1/16 of the input."""
+    Up to four float64 sums per (n, c): when a sample is under 512 bytes, the batch is
+    done in chunks of samples whose sums take at most 1/16 of the input; the split
+    schedule's per-block sums (4 blocks or more) another 1/16 at most."""
     if N * HW == 0 or C == 0:  # no elements: parameter gradients are empty sums
         dweight.fill(0)
         dbias.fill(0)
@@ -555,10 +557,10 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t nc = N, n0, n1, gpt
-    if HW < COL_ROWS:
+    if HW * isz < 512:
         nc = max(1, (N * HW * isz) // 512)
     gpt = _groups_per_tile(nc, HW, C, G, isz, nt)
-    cdef bint fused = nc * ((G + gpt - 1) // gpt) >= 4 * nt or nb < 2
+    cdef bint fused = nc * ((G + gpt - 1) // gpt) >= 4 * nt or nb < 4
     cdef cnp.ndarray work = np.empty(2 * nc * C + 2 * nc * G, dtype=np.float64)
     cdef cnp.ndarray blocks = None if fused else np.empty(2 * nc * nb * C, dtype=np.float64)
     cdef cnp.ndarray accs = np.zeros(2 * C, dtype=np.float64)
