@@ -14,10 +14,14 @@ run row by row with per-channel coefficients and the slab family's arithmetic pe
 element (the same constants give the same bits); only the order of the sums differs
 from NCHW.
 
-Work items are (sample, tile of whole groups) whose rows stay in L2 between the
-statistics and the apply (fused: x read from DRAM once). With fewer than 4 items per
-thread and at least 4 row blocks, the row blocks are shared out among the threads
-instead and the apply is a pass of its own. Each column's arithmetic is the same in both
+Work items are (sample, tile of whole groups, up to CL_WIDTH channels): the statistics,
+then the apply while the tile's rows are still in L2 or L3 (fused). Tiles are whole rows
+where possible: narrow tiles read strided row pieces, which the caches and prefetchers
+serve worse than whole rows (measured: tiles of 40 channels of a 256-channel row, sized
+so that their rows stay in L2, were slower than whole rows). With several threads and
+fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
+blocks, the row blocks are shared out among the threads instead and the apply is a pass
+of its own. Each column's arithmetic is the same in both
 schedules and for every tile width: the bits depend only on the shape.
 
 The callers in cynorm._api validate everything; these functions trust their arguments:
@@ -44,9 +48,6 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef enum:
     # channels per coefficient sub-tile (the per-channel constants live on the stack)
     CL_WIDTH = 512
-    # bytes of a tile's rows (HW rows of its channels) that should stay in L2 between
-    # its statistics and its apply
-    TILE_BYTES = 512 * 1024
     # rows per work item of the split schedule's apply
     APPLY_ROWS = 16
 
@@ -247,24 +248,32 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
                cpg, r0, min(r0 + APPLY_ROWS, HW), j0, min(j0 + CL_WIDTH, C), act)
 
 
-cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
-                                 Py_ssize_t isz, int nt) noexcept nogil:
-    """Groups per fused work item: as many as keep the tile's rows within TILE_BYTES
-    and its channels within CL_WIDTH (at least one group), and few enough for 4 items
-    per thread when the groups allow."""
+cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
+                                 int nt) noexcept nogil:
+    """Groups per fused work item: whole rows of up to CL_WIDTH channels (at least one
+    group), fewer when that gives several threads 4 items each."""
     cdef Py_ssize_t cpg = C // G, need, gpt
-    cdef Py_ssize_t strip = cpg * HW * isz
-    gpt = TILE_BYTES // strip if strip > 0 else G
-    if gpt * cpg > CL_WIDTH:
-        gpt = CL_WIDTH // cpg
+    gpt = CL_WIDTH // cpg
     if gpt > G:
         gpt = G
     if gpt < 1:
         gpt = 1
     need = (4 * nt + N - 1) // N  # tiles per sample for 4 items per thread
-    if (G + gpt - 1) // gpt < need:
+    if nt > 1 and (G + gpt - 1) // gpt < need:
         gpt = G // need
     return gpt if gpt > 1 else 1
+
+
+cdef inline bint _fuse(Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
+                       Py_ssize_t gpt, int nt) noexcept nogil:
+    """Whether the fused items are the schedule: one thread, or 4 items per thread, each
+    reading row pieces of at least 256 channels (or whole rows); else the split
+    schedule, when there are at least 4 row blocks to share out (its per-block moments
+    then stay within 1/16 of a float32 input)."""
+    cdef Py_ssize_t width = gpt * (C // G)
+    if (HW + COL_ROWS - 1) // COL_ROWS < 4:
+        return True
+    return nt == 1 or (N * ((G + gpt - 1) // gpt) >= 4 * nt and width >= min(C, 256))
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
@@ -281,9 +290,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nb = (HW + COL_ROWS - 1) // COL_ROWS
-    cdef Py_ssize_t gpt = _groups_per_tile(N, HW, C, G, isz, nt)
-    # split: per-block moments, at most 1/16 of a float32 input with 4 blocks or more
-    cdef bint fused = N * ((G + gpt - 1) // gpt) >= 4 * nt or nb < 4
+    cdef Py_ssize_t gpt = _groups_per_tile(N, C, G, nt)
+    cdef bint fused = _fuse(N, HW, C, G, gpt, nt)
     cdef Py_ssize_t size = nt * (1 + 2 * nb) * gpt * (C // G) if fused else (
         (1 + 2 * nb) * N * C)
     cdef cnp.ndarray work = np.empty(size, dtype=np.float64)
@@ -559,8 +567,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef Py_ssize_t nc = N, n0, n1, gpt
     if HW * isz < 512:
         nc = max(1, (N * HW * isz) // 512)
-    gpt = _groups_per_tile(nc, HW, C, G, isz, nt)
-    cdef bint fused = nc * ((G + gpt - 1) // gpt) >= 4 * nt or nb < 4
+    gpt = _groups_per_tile(nc, C, G, nt)
+    cdef bint fused = _fuse(nc, HW, C, G, gpt, nt)
     cdef cnp.ndarray work = np.empty(2 * nc * C + 2 * nc * G, dtype=np.float64)
     cdef cnp.ndarray blocks = None if fused else np.empty(2 * nc * nb * C, dtype=np.float64)
     cdef cnp.ndarray accs = np.zeros(2 * C, dtype=np.float64)
