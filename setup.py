@@ -35,7 +35,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # one extension per kernel family, plus the runtime helpers; each is compiled per level
-MODULES = ["slab", "channel", "row", "columns", "runtime", "partial"]
+MODULES = ["slab", "channel", "row", "columns", "runtime", "partial", "channels_last"]
 # the argument checks and dispatch, compiled for the baseline only (see below)
 API_MODULES = ["_validate", "_api"]
 

@@ -8,21 +8,25 @@ import operator
 
 import numpy as np
 
-from cynorm._kernels import channel, row, slab
+from cynorm._kernels import channel, channels_last, row, slab
 from cynorm._validate import (
-    as_input, as_param, as_running, as_stats, check_activation, check_eps, check_flag,
+    as_input, as_param, as_running, as_stats, check_activation, check_channel_axis,
+    check_eps, check_flag,
     check_int, check_momentum, check_stats, prepare_out, same_shape,
 )
 
 
-def _nchw(x, name="x"):
-    """x (N, C, *spatial) as (N, C, HW)."""
+def _layout(x, channel_axis, name="x"):
+    """x with its channel axis: (x, N, C, HW, last), last True for channels-last x of
+    shape (N, *spatial, C) (HW the product of the spatial dims), False for (N, C,
+    *spatial)."""
     x = as_input(x, name, min_ndim=2)
+    last = check_channel_axis(channel_axis, x.ndim) == -1
     shape = x.shape
     hw = 1
-    for d in shape[2:]:
+    for d in (shape[1:-1] if last else shape[2:]):
         hw *= d
-    return x, shape[0], shape[1], hw
+    return x, shape[0], shape[-1] if last else shape[1], hw, last
 
 
 def _stats_pair(shape):
@@ -68,8 +72,8 @@ def _groups(num_groups, N, C):
 # ---- slab family: GroupNorm, InstanceNorm ---------------------------------------------
 
 def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=(),
-                  activation=None):
-    x, N, C, HW = _nchw(x)
+                  activation=None, channel_axis=1):
+    x, N, C, HW, last = _layout(x, channel_axis)
     G = _groups(G, N, C) if G is not None else C
     welford = check_stats(stats)
     act = check_activation(activation)
@@ -78,14 +82,18 @@ def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=(),
     b = as_param(bias, "bias", (C,), x.dtype)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b) + running, may_alias=(x,))
     mean, rstd = _stats_pair((N, G))
-    slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford, act)
+    if last:
+        channels_last.forward(x, y, w, b, mean, rstd, N, HW, C, G, eps, welford, act)
+    else:
+        slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford, act)
     if return_stats:
         return y, mean, rstd
     return y
 
 
-def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None):
-    x, N, C, HW = _nchw(x)
+def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None,
+                   channel_axis=1):
+    x, N, C, HW, last = _layout(x, channel_axis)
     dy = _like(dy, "dy", x)
     G = _groups(G, N, C) if G is not None else C
     act = check_activation(activation)
@@ -97,13 +105,14 @@ def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    slab.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, G, act, b,
-                  _grad_buffer(act, dx, x))
+    kernel = channels_last.backward if last else slab.backward
+    kernel(dy, x, dx, w, dw, db, mean, rstd, N, HW if last else C, C if last else HW, G,
+           act, b, _grad_buffer(act, dx, x))
     return dx, dw, db
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False, stats="two_pass", activation=None):
+               return_stats=False, stats="two_pass", activation=None, channel_axis=1):
     """Group normalisation (Wu & He, 2018), as torch.nn.functional.group_norm.
 
     x: float32 or float64 array (N, C, *spatial), any number of spatial dims (also none).
@@ -121,17 +130,21 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
     or "relu": y = activation(normalised x * weight + bias), fused into the same pass
     (x read once, y written once). float32 results are within 1 ulp of the activation
     of the float32 affine output; the backward takes the same `activation` and `bias`.
+    channel_axis: 1 (default) for x of shape (N, C, *spatial), or -1 for channels-last
+    x of shape (N, *spatial, C) (Keras' GroupNormalization(axis=-1), Flax's GroupNorm,
+    torch's channels_last memory format), read in place: the same groups, statistics
+    ((N, num_groups)) and results, y of x's shape.
 
     Returns y, or (y, mean, rstd).
     """
     if num_groups is None:
         raise TypeError("num_groups must be an int, got NoneType")
     return _slab_forward(x, num_groups, weight, bias, eps, out, return_stats, stats,
-                         activation=activation)
+                         activation=activation, channel_axis=channel_axis)
 
 
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None,
-                        bias=None, activation=None):
+                        bias=None, activation=None, channel_axis=1):
     """Gradients of group_norm: returns (dx, dweight, dbias).
 
     dy, x: arrays of the forward's shape and dtype; mean, rstd: the forward's statistics
@@ -141,15 +154,17 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, out=None,
     activation, bias: the forward's; with an activation, dy is the gradient of the
     activated output, and the activation's derivative is recomputed from x, mean, rstd,
     weight and bias (nothing else is saved).
+    channel_axis: the forward's (1, or -1 for channels-last x of shape (N, *spatial, C)).
     """
     if num_groups is None:
         raise TypeError("num_groups must be an int, got NoneType")
-    return _slab_backward(dy, x, mean, rstd, num_groups, weight, out, bias, activation)
+    return _slab_backward(dy, x, mean, rstd, num_groups, weight, out, bias, activation,
+                          channel_axis)
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None,
-                  return_stats=False, stats="two_pass", activation=None):
+                  return_stats=False, stats="two_pass", activation=None, channel_axis=1):
     """Instance normalisation, as torch.nn.functional.instance_norm (same arguments in
     the same order): each (sample, channel) of x (N, C, *spatial) is normalised over its
     spatial elements.
@@ -169,11 +184,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     return_stats: also return mean and rstd (float64), those used to normalise: (N, C)
     with input statistics, (C,) with running statistics; instance_norm_backward takes
     them with the same use_input_stats. activation: as in group_norm, with either kind
-    of statistics.
+    of statistics. channel_axis: 1, or -1 for channels-last x (N, *spatial, C), as in
+    group_norm.
 
     Returns y, or (y, mean, rstd).
     """
-    x, N, C, HW = _nchw(x)
+    x, N, C, HW, last = _layout(x, channel_axis)
     use_input_stats = check_flag(use_input_stats, "use_input_stats", allow_int=True)
     check_activation(activation)
     eps = check_eps(eps)
@@ -185,18 +201,20 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         if rm is None:
             raise ValueError("running_mean and running_var are required when "
                              "use_input_stats=False")
-        y, mean, rstd = _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps,
-                                               out, stats, return_stats, activation)
+        y, mean, rstd = _running_stats_forward(x, N * HW if last else N, C,
+                                               1 if last else HW, rm, rv, weight, bias,
+                                               eps, out, stats, return_stats, activation)
     else:
         momentum = check_momentum(momentum)
         if rm is None:
             return _slab_forward(x, None, weight, bias, eps, out, return_stats, stats,
-                                 activation=activation)
+                                 activation=activation, channel_axis=channel_axis)
         if HW == 1:
             raise ValueError("instance_norm: updating running_var needs more than 1 "
                              f"spatial element per channel, got x of shape {x.shape}")
         y, mean, rstd = _slab_forward(x, None, weight, bias, eps, out, True, stats,
-                                      running=(rm, rv), activation=activation)
+                                      running=(rm, rv), activation=activation,
+                                      channel_axis=channel_axis)
         if N > 0 and HW > 0:
             # the per-instance variance back from rstd = 1 / sqrt(var + eps), in float64
             var = np.maximum(1.0 / (rstd * rstd) - eps, 0.0) * (HW / (HW - 1))
@@ -208,7 +226,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True, *,
-                           out=None, bias=None, activation=None):
+                           out=None, bias=None, activation=None, channel_axis=1):
     """Gradients of instance_norm: returns (dx, dweight, dbias), dweight/dbias of shape
     (C,) and x's dtype.
 
@@ -216,11 +234,13 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True,
     (N, C) per-instance statistics (functions of x), or with use_input_stats=False the
     (C,) running statistics, constants (then dx = dy * weight * rstd, as
     batch_norm_backward with training=False). weight, out, bias, activation: as in
-    group_norm_backward.
+    group_norm_backward. channel_axis: the forward's.
     """
     if check_flag(use_input_stats, "use_input_stats", allow_int=True):
-        return _slab_backward(dy, x, mean, rstd, None, weight, out, bias, activation)
-    return _channel_backward(dy, x, mean, rstd, weight, False, out, bias, activation)
+        return _slab_backward(dy, x, mean, rstd, None, weight, out, bias, activation,
+                              channel_axis)
+    return _channel_backward(dy, x, mean, rstd, weight, False, out, bias, activation,
+                             channel_axis)
 
 
 # ---- channel family: BatchNorm ----------------------------------------------------------
@@ -250,7 +270,7 @@ def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats,
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, out=None, return_stats=False,
-               stats="two_pass", activation=None):
+               stats="two_pass", activation=None, channel_axis=1):
     """Batch normalisation, as torch.nn.functional.batch_norm (same arguments in the
     same order).
 
@@ -267,10 +287,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     return_stats: also return mean and rstd (C,) float64, those used to normalise, which
     batch_norm_backward takes (with the same `training`).
     activation: as in group_norm, in training and eval mode.
+    channel_axis: 1, or -1 for channels-last x (N, *spatial, C), as in group_norm: each
+    channel is then a column of the (N * spatial, C) matrix, read in place.
 
     Returns y, or (y, mean, rstd).
     """
-    x, N, C, HW = _nchw(x)
+    x, N, C, HW, last = _layout(x, channel_axis)
+    if last:  # channel c's values: column c of the (N * HW, C) matrix
+        N, HW = N * HW, 1
     training = check_flag(training, "training", allow_int=True)
     act = check_activation(activation)
     rm = as_running(running_mean, "running_mean", C, training)
@@ -311,8 +335,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
 
 
 def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
-                      activation=None):
-    x, N, C, HW = _nchw(x)
+                      activation=None, channel_axis=1):
+    x, N, C, HW, last = _layout(x, channel_axis)
+    if last:
+        N, HW = N * HW, 1
     dy = _like(dy, "dy", x)
     act = check_activation(activation)
     mean = as_stats(mean, "mean", (C,))
@@ -329,16 +355,17 @@ def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, *, out=None,
-                        bias=None, activation=None):
+                        bias=None, activation=None, channel_axis=1):
     """Gradients of batch_norm: returns (dx, dweight, dbias), dweight/dbias of shape (C,).
 
     mean, rstd: the (C,) statistics batch_norm returned. training=True: they are the
     batch's, functions of x; training=False: constants (the running statistics), so
     dx = dy * weight * rstd. out: as in group_norm_backward. activation, bias: the
-    forward's, as in group_norm_backward.
+    forward's, as in group_norm_backward. channel_axis: the forward's.
     """
     training = check_flag(training, "training", allow_int=True)
-    return _channel_backward(dy, x, mean, rstd, weight, training, out, bias, activation)
+    return _channel_backward(dy, x, mean, rstd, weight, training, out, bias, activation,
+                             channel_axis)
 
 
 # ---- row family: LayerNorm, RMSNorm -------------------------------------------------------

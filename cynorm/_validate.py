@@ -170,6 +170,28 @@ def check_int(v, name, low, high=None):
     return i
 
 
+def check_channel_axis(axis, ndim):
+    """channel_axis of x with ndim dimensions: 1 (channels first, (N, C, *spatial)) or
+    -1 (channels last, (N, *spatial, C)); an axis naming the same dimension (ndim - 1,
+    or 1 - ndim) is taken too. Returns 1 or -1 (1 when both name dim 1: ndim == 2)."""
+    if type(axis) is int and (axis == 1 or axis == -1) and ndim > 2:
+        return axis
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"channel_axis must be an int, got {type(axis).__name__}")
+    try:
+        a = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"channel_axis must be an int, got {type(axis).__name__}") from None
+    if -ndim <= a < 0:
+        a += ndim
+    if a == 1:
+        return 1
+    if a == ndim - 1 and a > 0:
+        return -1
+    raise ValueError(f"channel_axis must be 1 (x of shape (N, C, *spatial)) or -1 (x of "
+                     f"shape (N, *spatial, C)), got {axis!r} for x with {ndim} dimensions")
+
+
 def check_stats(stats):
     try:
         return _STATS[stats]

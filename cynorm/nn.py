@@ -177,13 +177,29 @@ class _Norm:
 
     def _check_channels(self, x, num_channels):
         x = as_input(x, "x")
+        last = self.channel_axis == -1
         if x.ndim < 2:
-            raise ValueError(f"{type(self).__name__}: x must be (N, C, *spatial), "
+            raise ValueError(f"{type(self).__name__}: x must be "
+                             f"{'(N, *spatial, C)' if last else '(N, C, *spatial)'}, "
                              f"got shape {x.shape}")
-        if x.shape[1] != num_channels:
-            raise ValueError(f"{type(self).__name__}: x has {x.shape[1]} channels "
-                             f"(dim 1), expected {num_channels}")
+        c = x.shape[-1 if last else 1]
+        if c != num_channels:
+            raise ValueError(f"{type(self).__name__}: x has {c} channels "
+                             f"({'last dim' if last else 'dim 1'}), expected {num_channels}")
         return x
+
+    def _set_channel_axis(self, channel_axis):
+        """1 (x of shape (N, C, *spatial)) or -1 (channels last: (N, *spatial, C))."""
+        if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(
+                channel_axis, numbers.Integral):
+            raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
+        if channel_axis not in (1, -1):
+            raise ValueError(f"channel_axis must be 1 (x of shape (N, C, *spatial)) or -1 "
+                             f"(x of shape (N, *spatial, C)), got {channel_axis!r}")
+        self.channel_axis = int(channel_axis)
+
+    def _axis_repr(self):
+        return ", channel_axis=-1" if self.channel_axis == -1 else ""
 
 
 class _Activated:
@@ -203,10 +219,11 @@ class _RunningStats:
     """Running statistics buffers (BatchNorm, InstanceNorm), under torch's names."""
 
     def _init_channel_layer(self, num_features, eps, momentum, affine,
-                            track_running_stats, dtype, bias, activation):
+                            track_running_stats, dtype, bias, activation, channel_axis=1):
         """The constructor BatchNorm and InstanceNorm share (torch's arguments, checked)."""
         super().__init__(dtype)  # the next class in the layer's MRO: _Norm
         self._set_activation(activation)
+        self._set_channel_axis(channel_axis)
         self.num_features = check_int(num_features, "num_features", 1)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum, allow_none=True)
@@ -245,12 +262,15 @@ class _RunningStats:
 class GroupNorm(_Activated, _Norm):
     """Group normalisation over x of shape (N, C, *spatial), as torch.nn.GroupNorm
     (bias=False: a weight and no bias, as torch's keyword). activation: None, "silu",
-    "gelu", "gelu_tanh" or "relu", fused into the same pass."""
+    "gelu", "gelu_tanh" or "relu", fused into the same pass. channel_axis=-1: x of
+    shape (N, *spatial, C) (channels last, as Keras' GroupNormalization(axis=-1) and
+    Flax's GroupNorm), read in place; dx has x's layout."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32,
-                 *, bias=True, activation=None):
+                 *, bias=True, activation=None, channel_axis=1):
         super().__init__(dtype)
         self._set_activation(activation)
+        self._set_channel_axis(channel_axis)
         self.num_groups = check_int(num_groups, "num_groups", 1)
         self.num_channels = check_int(num_channels, "num_channels", 1)
         if self.num_channels % self.num_groups:
@@ -265,7 +285,8 @@ class GroupNorm(_Activated, _Norm):
         x = self._check_channels(x, self.num_channels)
         y, mean, rstd = cynorm.group_norm(x, self.num_groups, self.weight, self.bias,
                                           self.eps, return_stats=True,
-                                          activation=self.activation)
+                                          activation=self.activation,
+                                          channel_axis=self.channel_axis)
         self._save(x, mean, rstd, self._bias_for_backward())
         return y
 
@@ -273,13 +294,15 @@ class GroupNorm(_Activated, _Norm):
         x, mean, rstd, bias, weight = self._saved_for_backward()
         dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, self.num_groups,
                                                 weight, bias=bias,
-                                                activation=self.activation)
+                                                activation=self.activation,
+                                                channel_axis=self.channel_axis)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
         return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
-                f"affine={self.affine}{self._bias_repr()}{_act_repr(self.activation)})")
+                f"affine={self.affine}{self._bias_repr()}{_act_repr(self.activation)}"
+                f"{self._axis_repr()})")
 
 
 class InstanceNorm(_Activated, _RunningStats, _Norm):
@@ -292,19 +315,20 @@ class InstanceNorm(_Activated, _RunningStats, _Norm):
     mean and (unbiased) variance, averaged over the batch, are updated with `momentum`
     (momentum=None means no update, as torch does), and eval normalises with them;
     num_batches_tracked is kept for torch's state_dict but, as in torch, not counted.
-    bias=False: a weight and no bias, as torch's keyword. activation: as in GroupNorm.
+    bias=False: a weight and no bias, as torch's keyword. activation, channel_axis: as
+    in GroupNorm.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
                  track_running_stats=False, dtype=np.float32, *, bias=True,
-                 activation=None):
+                 activation=None, channel_axis=1):
         self._init_channel_layer(num_features, eps, momentum, affine, track_running_stats,
-                                 dtype, bias, activation)
+                                 dtype, bias, activation, channel_axis)
 
     def forward(self, x):
         x = self._check_channels(x, self.num_features)
         use_input_stats = self.training or not self.track_running_stats
-        if use_input_stats and x.size and x.size // (x.shape[0] * x.shape[1]) == 1:
+        if use_input_stats and x.size and x.size // (x.shape[0] * self.num_features) == 1:
             # each output would be just the bias; torch rejects this too
             raise ValueError("InstanceNorm: expected more than 1 spatial element per "
                              f"channel, got shape {x.shape}")
@@ -314,7 +338,7 @@ class InstanceNorm(_Activated, _RunningStats, _Norm):
         y, mean, rstd = cynorm.instance_norm(
             x, *running, self.weight, self.bias, use_input_stats=use_input_stats,
             momentum=momentum, eps=self.eps, return_stats=True,
-            activation=self.activation)
+            activation=self.activation, channel_axis=self.channel_axis)
         self._save(x, mean, rstd, use_input_stats, self._bias_for_backward())
         return y
 
@@ -322,7 +346,8 @@ class InstanceNorm(_Activated, _RunningStats, _Norm):
         x, mean, rstd, use_input_stats, bias, weight = self._saved_for_backward()
         dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, weight,
                                                    use_input_stats=use_input_stats,
-                                                   bias=bias, activation=self.activation)
+                                                   bias=bias, activation=self.activation,
+                                                   channel_axis=self.channel_axis)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
@@ -330,7 +355,7 @@ class InstanceNorm(_Activated, _RunningStats, _Norm):
         return (f"InstanceNorm({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}{self._bias_repr()}"
-                f"{_act_repr(self.activation)})")
+                f"{_act_repr(self.activation)}{self._axis_repr()})")
 
 
 class BatchNorm(_Activated, _RunningStats, _Norm):
@@ -341,14 +366,14 @@ class BatchNorm(_Activated, _RunningStats, _Norm):
     variance are updated with `momentum`, or as a cumulative moving average when
     momentum is None, and num_batches_tracked counts the batches. Eval: the running
     statistics, or batch statistics when track_running_stats is False. bias=False: a
-    weight and no bias, as torch's keyword. activation: as in GroupNorm.
+    weight and no bias, as torch's keyword. activation, channel_axis: as in GroupNorm.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, *, bias=True,
-                 activation=None):
+                 activation=None, channel_axis=1):
         self._init_channel_layer(num_features, eps, momentum, affine, track_running_stats,
-                                 dtype, bias, activation)
+                                 dtype, bias, activation, channel_axis)
 
     def forward(self, x):
         x = self._check_channels(x, self.num_features)
@@ -363,7 +388,8 @@ class BatchNorm(_Activated, _RunningStats, _Norm):
         y, mean, rstd = cynorm.batch_norm(x, running_mean, running_var, self.weight,
                                           self.bias, training=use_batch_stats,
                                           momentum=momentum, eps=self.eps,
-                                          return_stats=True, activation=self.activation)
+                                          return_stats=True, activation=self.activation,
+                                          channel_axis=self.channel_axis)
         if self.track_running_stats and self.training:
             # counted after the call succeeded, so that a rejected batch is not counted
             self._buffers["num_batches_tracked"] += 1
@@ -374,14 +400,15 @@ class BatchNorm(_Activated, _RunningStats, _Norm):
         x, mean, rstd, use_batch_stats, bias, weight = self._saved_for_backward()
         dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, weight,
                                                 training=use_batch_stats, bias=bias,
-                                                activation=self.activation)
+                                                activation=self.activation,
+                                                channel_axis=self.channel_axis)
         self._finish_backward(weight=dw, bias=db)
         return dx
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-                f"{self._bias_repr()}{_act_repr(self.activation)})")
+                f"{self._bias_repr()}{_act_repr(self.activation)}{self._axis_repr()})")
 
 
 class _RowNorm(_Norm):

@@ -11,6 +11,7 @@ __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
 _Floats = NDArray[np.floating[Any]]
 _Activation = Optional[Literal["silu", "gelu", "gelu_tanh", "relu"]]
+_ChannelAxis = Literal[1, -1]
 
 class _Norm:
     dtype: np.dtype[Any]
@@ -40,16 +41,19 @@ class _RunningStats:
 
 class GroupNorm(_Norm):
     activation: Optional[str]
+    channel_axis: int
     num_groups: int
     num_channels: int
     eps: float
     affine: bool
     def __init__(self, num_groups: SupportsIndex, num_channels: SupportsIndex,
                  eps: float = ..., affine: bool = ..., dtype: DTypeLike = ..., *,
-                 bias: bool = ..., activation: _Activation = ...) -> None: ...
+                 bias: bool = ..., activation: _Activation = ...,
+                 channel_axis: _ChannelAxis = ...) -> None: ...
 
 class InstanceNorm(_RunningStats, _Norm):
     activation: Optional[str]
+    channel_axis: int
     num_features: int
     eps: float
     momentum: Optional[float]
@@ -58,10 +62,12 @@ class InstanceNorm(_RunningStats, _Norm):
     def __init__(self, num_features: SupportsIndex, eps: float = ...,
                  momentum: Optional[float] = ..., affine: bool = ...,
                  track_running_stats: bool = ..., dtype: DTypeLike = ..., *,
-                 bias: bool = ..., activation: _Activation = ...) -> None: ...
+                 bias: bool = ..., activation: _Activation = ...,
+                 channel_axis: _ChannelAxis = ...) -> None: ...
 
 class BatchNorm(_RunningStats, _Norm):
     activation: Optional[str]
+    channel_axis: int
     num_features: int
     eps: float
     momentum: Optional[float]
@@ -70,7 +76,8 @@ class BatchNorm(_RunningStats, _Norm):
     def __init__(self, num_features: SupportsIndex, eps: float = ...,
                  momentum: Optional[float] = ..., affine: bool = ...,
                  track_running_stats: bool = ..., dtype: DTypeLike = ..., *,
-                 bias: bool = ..., activation: _Activation = ...) -> None: ...
+                 bias: bool = ..., activation: _Activation = ...,
+                 channel_axis: _ChannelAxis = ...) -> None: ...
 
 class _RowNorm(_Norm):
     normalized_shape: Tuple[int, ...]

@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(cynorm.__file__))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 RUNNABLE = [lv for lv in kernels.BUILT_LEVELS if lv in kernels.CPU_LEVELS]
 
-# Every determinism case (tests/test_determinism.py), forward and backward, both dtypes,
-# under one forced level; the arrays go to an .npz named by the case.
+# Every determinism case (tests/test_determinism.py; GroupNorm's also channels-last),
+# forward and backward, both dtypes, under one forced level; the arrays go to an .npz
+# named by the case.
 WORKER = r"""
 import json, sys
 import numpy as np
@@ -43,6 +44,15 @@ for dt in (np.float32, np.float64):
             put(f"gn {shape} {G} {stats} {t}", (y, m, r))
             put(f"gn bwd {shape} {G} {stats} {t}",
                 cynorm.group_norm_backward(dy, x, m, r, G, w))
+        if len(shape) > 2:  # channels last (N, *spatial, C), with an activation
+            x, dy = np.moveaxis(d(shape), 1, -1).copy(), np.moveaxis(d(shape, 3), 1, -1).copy()
+            w, b = d(shape[1], 1, 1.0), d(shape[1], 2)
+            y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, activation="silu",
+                                        channel_axis=-1)
+            put(f"gn last {shape} {G} {t}", (y, m, r))
+            put(f"gn last bwd {shape} {G} {t}",
+                cynorm.group_norm_backward(dy, x, m, r, G, w, bias=b, activation="silu",
+                                           channel_axis=-1))
     for shape in td.IN_SHAPES:
         x, dy = d(shape), d(shape, 3)
         w, b = d(shape[1], 1, 1.0), d(shape[1], 2)
@@ -118,7 +128,7 @@ def test_the_kernels_in_use_are_the_chosen_levels():
         module = sys.modules[f"cynorm._kernels.{name}"]
         assert module is getattr(kernels, name)
         assert module.__name__ == f"cynorm._kernels._{kernels.LEVEL}.{name}"
-    for name in ("slab", "channel", "row", "columns", "runtime"):
+    for name in ("slab", "channel", "row", "columns", "runtime", "channels_last"):
         assert name in kernels.MODULE_NAMES
     assert kernels.runtime.build_info()["level"] == kernels.LEVEL
 

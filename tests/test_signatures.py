@@ -8,8 +8,9 @@ Deliberate differences, each checked here:
 - batch_norm's running_mean and running_var default to None (torch requires them as
   arguments, None allowed): with training=True they may be left out;
 - cynorm's extras are keyword-only, after torch's parameters: out, return_stats, stats,
-  and the fused epilogues (activation on the NCHW ops, residual and residual_out on the
-  row ops); the layers' activation is keyword-only too;
+  the fused epilogues (activation on the channel ops, residual and residual_out on the
+  row ops) and channel_axis (the channel ops' layout); the layers' activation and
+  channel_axis are keyword-only too;
 - the layers take `dtype` where torch's modules take (device, dtype).
 """
 import inspect
@@ -24,9 +25,10 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 OPS = ["group_norm", "instance_norm", "batch_norm", "layer_norm", "rms_norm"]
-EXTRAS = {"out", "return_stats", "stats", "activation", "residual", "residual_out"}
+EXTRAS = {"out", "return_stats", "stats", "activation", "residual", "residual_out",
+          "channel_axis"}
 # cynorm.nn's keyword-only extras beyond torch's
-LAYER_EXTRAS = {("activation", None)}
+LAYER_EXTRAS = {("activation", None), ("channel_axis", 1)}
 # parameters that torch requires and cynorm lets default (see the module docstring)
 OPTIONAL_IN_CYNORM = {("batch_norm", "running_mean"), ("batch_norm", "running_var")}
 

@@ -1,0 +1,607 @@
+"""Channels-last family: GroupNorm and InstanceNorm (G = C) of x of shape (N, *spatial, C).
+
+x is viewed as (N, HW, C): sample n is an (HW, C) row-major matrix, and the (n, g) set
+is HW row pieces of the group's C / G contiguous channels, C apart. These are column
+reductions (as BatchNorm's column path and the batched columns of standardize), so the
+loops run along the rows, vectorised across the contiguous channels; no transpose.
+
+Statistics: per-channel moments of blocks of COL_ROWS rows (col_tile_moments: channels
+in vector lanes, of x minus the channel's first value), merged per channel pairwise
+(tree_merge), then the group's channels merged in channel order (Chan's formula, exact
+up to rounding). Backward: per-channel sums of dy and dy * (x - mean) over each block,
+the blocks added in order, folded per group as the slab family does. The apply and dx
+run row by row with per-channel coefficients and the slab family's arithmetic per
+element (the same constants give the same bits); only the order of the sums differs
+from NCHW.
+
+Work items are (sample, tile of whole groups, up to CL_WIDTH channels): the statistics,
+then the apply while the tile's rows are still in L2 or L3 (fused). Tiles are whole rows
+where possible: narrow tiles read strided row pieces, which the caches and prefetchers
+serve worse than whole rows (measured: tiles of 40 channels of a 256-channel row, sized
+so that their rows stay in L2, were slower than whole rows). With several threads and
+fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
+blocks, the row blocks are shared out among the threads instead and the apply is a pass
+of its own. Each column's arithmetic is the same in both
+schedules and for every tile width: the bits depend only on the shape.
+
+The callers in cynorm._api validate everything; these functions trust their arguments:
+C-contiguous arrays of one float dtype, statistics float64 of shape (N, G).
+"""
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+
+from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
+from cynorm._kernels._common cimport (
+    COL_ROWS, col_tile_moments, tree_merge, chan_merge, inv_std, f32_xhat_ok,
+    split_mean, act_run, data,
+)
+from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
+
+import numpy as np
+
+from cynorm._kernels import INHERITED_OPENMP_POOL
+
+cnp.import_array()
+cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
+
+cdef enum:
+    # channels per coefficient sub-tile (the per-channel constants live on the stack)
+    CL_WIDTH = 512
+    # rows per work item of the split schedule's apply
+    APPLY_ROWS = 16
+
+
+# ---- per-channel coefficients and the row loops ------------------------------------
+
+ctypedef struct AffineCoefs:
+    # channels [c0, c0 + n) of one sample: y = ((x - m) * r) * w + b (float64 data),
+    # the slab family's float32 form from mh, ml, rf, wf, bf where ok (f32_xhat_ok)
+    int all_ok
+    double m[CL_WIDTH]
+    double r[CL_WIDTH]
+    double w[CL_WIDTH]
+    double b[CL_WIDTH]
+    float mh[CL_WIDTH]
+    float ml[CL_WIDTH]
+    float rf[CL_WIDTH]
+    float wf[CL_WIDTH]
+    float bf[CL_WIDTH]
+    unsigned char ok[CL_WIDTH]
+
+
+cdef inline void _affine_coefs(AffineCoefs* k, const double* mean, const double* rstd,
+                               const floating* w, const floating* b, Py_ssize_t c0,
+                               Py_ssize_t c1, Py_ssize_t cpg) noexcept nogil:
+    """The constants of channels [c0, c1) of one sample (mean, rstd: its G groups')."""
+    cdef Py_ssize_t c, j, s
+    k.all_ok = 1
+    for c in range(c0, c1):
+        j = c - c0
+        s = c // cpg
+        k.m[j] = mean[s]
+        k.r[j] = rstd[s]
+        k.w[j] = 1.0 if w == NULL else w[c]
+        k.b[j] = 0.0 if b == NULL else b[c]
+        if floating is float:
+            split_mean(mean[s], &k.mh[j], &k.ml[j])
+            k.rf[j] = <float>rstd[s]
+            k.wf[j] = <float>k.w[j]
+            k.bf[j] = <float>k.b[j]
+            k.ok[j] = f32_xhat_ok(rstd[s])
+            if not k.ok[j]:
+                k.all_ok = 0
+
+
+cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
+                             const AffineCoefs* k) noexcept nogil:
+    """y = ((x - mean) * rstd) * weight + bias over n channels of one row, element by
+    element as the slab family's affine (_affine_span in _common.pxd). y may be x."""
+    cdef Py_ssize_t j
+    cdef const float* mh = k.mh
+    cdef const float* ml = k.ml
+    cdef const float* rf = k.rf
+    cdef const float* wf = k.wf
+    cdef const float* bf = k.bf
+    cdef const double* m = k.m
+    cdef const double* r = k.r
+    cdef const double* wd = k.w
+    cdef const double* bd = k.b
+    if floating is float:
+        if k.all_ok:
+            for j in range(n):
+                y[j] = (((x[j] - mh[j]) - ml[j]) * rf[j]) * wf[j] + bf[j]
+        else:
+            for j in range(n):
+                if k.ok[j]:
+                    y[j] = (((x[j] - mh[j]) - ml[j]) * rf[j]) * wf[j] + bf[j]
+                else:
+                    y[j] = <float>((x[j] - m[j]) * r[j]) * wf[j] + bf[j]
+    else:
+        for j in range(n):
+            y[j] = ((x[j] - m[j]) * r[j]) * wd[j] + bd[j]
+
+
+cdef void _apply(const floating* x, floating* y, const floating* w, const floating* b,
+                 const double* mean, const double* rstd, Py_ssize_t HW, Py_ssize_t C,
+                 Py_ssize_t cpg, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                 Py_ssize_t c1, int act) noexcept nogil:
+    """Rows [r0, r1), channels [c0, c1) of one sample (x, y at the sample; mean, rstd
+    its groups'): the affine, then the activation act on each row's piece."""
+    cdef AffineCoefs k
+    cdef Py_ssize_t s0, s1, r
+    s0 = c0
+    while s0 < c1:
+        s1 = min(s0 + CL_WIDTH, c1)
+        _affine_coefs(&k, mean, rstd, w, b, s0, s1, cpg)
+        for r in range(r0, r1):
+            _affine_row(x + r * C + s0, y + r * C + s0, s1 - s0, &k)
+            if act:
+                act_run(y + r * C + s0, s1 - s0, act)
+        s0 = s1
+
+
+# ---- statistics ------------------------------------------------------------------------
+
+cdef inline void _block_moments(const floating* xs, const double* shift, double* pm,
+                                double* pq, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t blk,
+                                Py_ssize_t c0, Py_ssize_t c1, int welford) noexcept nogil:
+    """Moments of rows [blk * COL_ROWS, ...) of channels [c0, c1) of one sample xs,
+    shifted by shift[c], into pm[c], pq[c]."""
+    cdef Py_ssize_t r0 = blk * COL_ROWS
+    col_tile_moments(xs, C, r0, min(r0 + COL_ROWS, HW), c0, c1, welford, shift, pm, pq)
+
+
+cdef inline void _channel_merge(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t nb,
+                                Py_ssize_t HW, double shift) noexcept nogil:
+    """A channel's nb block moments (stride apart) merged pairwise into pm[0], pq[0];
+    the mean made absolute."""
+    tree_merge(pm, pq, stride, nb, COL_ROWS, HW, pm, pq)
+    pm[0] += shift
+
+
+cdef inline void _group_stats(const double* cm, const double* cq, Py_ssize_t cpg,
+                              Py_ssize_t HW, double eps, double* mean,
+                              double* rstd) noexcept nogil:
+    """One group's mean and rstd from its channels' moments cm[j], cq[j] (HW values
+    each), merged in channel order."""
+    cdef double cnt = 0, m = 0, q = 0
+    cdef Py_ssize_t j
+    for j in range(cpg):
+        chan_merge(&cnt, &m, &q, <double>HW, cm[j], cq[j])
+    mean[0] = m
+    rstd[0] = inv_std(q, <double>(cpg * HW), eps)
+
+
+cdef void _fused_item(const floating* x, floating* y, const floating* w,
+                      const floating* b, double* mean, double* rstd, double* buf,
+                      Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
+                      Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t nb, Py_ssize_t wmax,
+                      double eps, int welford, int act) noexcept nogil:
+    """Sample n, groups [g0, g1): statistics, then the apply while the rows are in L2.
+    buf: this thread's (1 + 2 * nb) * wmax doubles."""
+    cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, j, blk, g
+    cdef const floating* xs = x + n * HW * C
+    cdef double* sh = buf
+    cdef double* pm = buf + wmax
+    cdef double* pq = pm + nb * wmax
+    for j in range(c1 - c0):
+        sh[j] = xs[c0 + j]
+    for blk in range(nb):
+        _block_moments(xs, sh - c0, pm + blk * wmax - c0, pq + blk * wmax - c0, HW, C,
+                       blk, c0, c1, welford)
+    for j in range(c1 - c0):
+        _channel_merge(pm + j, pq + j, wmax, nb, HW, sh[j])
+    for g in range(g0, g1):
+        _group_stats(pm + (g - g0) * cpg, pq + (g - g0) * cpg, cpg, HW, eps,
+                     &mean[n * G + g], &rstd[n * G + g])
+    if y != NULL:
+        _apply(xs, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C, cpg, 0, HW,
+               c0, c1, act)
+
+
+cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
+                   double* mean, double* rstd, double* buf, Py_ssize_t N, Py_ssize_t HW,
+                   Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt, bint fused, double eps,
+                   int welford, int act, int nt) noexcept nogil:
+    """fused: work items (sample, gpt groups), buf per thread; else the split schedule,
+    buf (1 + 2 * nb) * N * C doubles."""
+    cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
+    cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
+    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc
+    cdef Py_ssize_t t, n, g0, blk, j0, i, r0
+    cdef double* sh = buf
+    cdef double* pm = buf + N * C
+    cdef double* pq = pm + N * nb * C
+    if fused:
+        for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+            g0 = (t % n_tiles) * gpt
+            _fused_item(x, y, w, b, mean, rstd, buf + threadid() * (1 + 2 * nb) * wmax,
+                        HW, C, G, t // n_tiles, g0, min(g0 + gpt, G), nb, wmax, eps,
+                        welford, act)
+        return
+    # split: row blocks of every sample shared out, block-major within a sample
+    for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+        sh[i] = x[(i // C) * HW * C + i % C]
+    for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
+        n = t // (nb * nct)
+        blk = (t // nct) % nb
+        j0 = (t % nct) * CL_WIDTH
+        _block_moments(x + n * HW * C, sh + n * C, pm + (n * nb + blk) * C,
+                       pq + (n * nb + blk) * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
+                       welford)
+    for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+        _channel_merge(pm + (i // C) * nb * C + i % C, pq + (i // C) * nb * C + i % C, C,
+                       nb, HW, sh[i])
+    for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
+        _group_stats(pm + (i // G) * nb * C + (i % G) * cpg,
+                     pq + (i // G) * nb * C + (i % G) * cpg, cpg, HW, eps, &mean[i],
+                     &rstd[i])
+    if y == NULL:
+        return
+    nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
+    for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
+        n = t // (nrc * nct)
+        r0 = ((t // nct) % nrc) * APPLY_ROWS
+        j0 = (t % nct) * CL_WIDTH
+        _apply(x + n * HW * C, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C,
+               cpg, r0, min(r0 + APPLY_ROWS, HW), j0, min(j0 + CL_WIDTH, C), act)
+
+
+cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
+                                 int nt) noexcept nogil:
+    """Groups per fused work item: whole rows of up to CL_WIDTH channels (at least one
+    group), fewer when that gives several threads 4 items each."""
+    cdef Py_ssize_t cpg = C // G, need, gpt
+    gpt = CL_WIDTH // cpg
+    if gpt > G:
+        gpt = G
+    if gpt < 1:
+        gpt = 1
+    need = (4 * nt + N - 1) // N  # tiles per sample for 4 items per thread
+    if nt > 1 and (G + gpt - 1) // gpt < need:
+        gpt = G // need
+    return gpt if gpt > 1 else 1
+
+
+cdef inline bint _fuse(Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
+                       Py_ssize_t gpt, int nt) noexcept nogil:
+    """Whether the fused items are the schedule: one thread, or 4 items per thread, each
+    reading row pieces of at least 256 channels (or whole rows); else the split
+    schedule, when there are at least 4 row blocks to share out (its per-block moments
+    then stay within 1/16 of a float32 input)."""
+    cdef Py_ssize_t width = gpt * (C // G)
+    if (HW + COL_ROWS - 1) // COL_ROWS < 4:
+        return True
+    return nt == 1 or (N * ((G + gpt - 1) // gpt) >= 4 * nt and width >= min(C, 256))
+
+
+def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
+            cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
+            double eps, int welford, int act=0):
+    """Normalise x (N, HW, C) over G groups of channels into y; write mean and rstd
+    (N * G float64). act: the activation applied to the affine's output (codes as in
+    slab.forward)."""
+    if N * G == 0:
+        return
+    if HW * C == 0:  # empty sets: the statistics of no values, as the slab family's
+        mean.fill(0.0)
+        rstd.fill(np.nan)
+        return
+    cdef int nt = cynorm_threads_for(N * C * HW)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nb = (HW + COL_ROWS - 1) // COL_ROWS
+    cdef Py_ssize_t gpt = _groups_per_tile(N, C, G, nt)
+    cdef bint fused = _fuse(N, HW, C, G, gpt, nt)
+    cdef Py_ssize_t size = nt * (1 + 2 * nb) * gpt * (C // G) if fused else (
+        (1 + 2 * nb) * N * C)
+    cdef cnp.ndarray work = np.empty(size, dtype=np.float64)
+    cdef double* buf = <double*>data(work)
+    cdef void* px = data(x)
+    cdef void* py = data(y)
+    cdef void* pw = data(weight)
+    cdef void* pb = data(bias)
+    cdef double* pm = <double*>data(mean)
+    cdef double* pr = <double*>data(rstd)
+    with nogil:
+        if isz == 4:
+            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, buf, N, HW,
+                     C, G, gpt, fused, eps, welford, act, nt)
+        else:
+            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, buf, N,
+                     HW, C, G, gpt, fused, eps, welford, act, nt)
+
+
+# ---- backward --------------------------------------------------------------------------
+
+ctypedef struct GradCoefs:
+    # channels [c0, c0 + n) of one sample: dx = r * ((w * dy - g) - ((x - m) * r) * k)
+    # (float64 data), the slab family's float32 form (grad_const) where ok
+    int all_ok
+    double m[CL_WIDTH]
+    double r[CL_WIDTH]
+    double w[CL_WIDTH]
+    double g[CL_WIDTH]
+    double k[CL_WIDTH]
+    float mh[CL_WIDTH]
+    float ml[CL_WIDTH]
+    float rf[CL_WIDTH]
+    float wf[CL_WIDTH]
+    float gf[CL_WIDTH]
+    float kf[CL_WIDTH]
+    unsigned char ok[CL_WIDTH]
+
+
+cdef inline void _grad_coefs(GradCoefs* k, const double* mean, const double* rstd,
+                             const double* gc, const floating* w, Py_ssize_t c0,
+                             Py_ssize_t c1, Py_ssize_t cpg) noexcept nogil:
+    """dx's constants of channels [c0, c1) of one sample; gc[2 s], gc[2 s + 1]: group
+    s's mean(g) and mean(g * xhat)."""
+    cdef Py_ssize_t c, j, s
+    k.all_ok = 1
+    for c in range(c0, c1):
+        j = c - c0
+        s = c // cpg
+        k.m[j] = mean[s]
+        k.r[j] = rstd[s]
+        k.w[j] = 1.0 if w == NULL else w[c]
+        k.g[j] = gc[2 * s]
+        k.k[j] = gc[2 * s + 1]
+        if floating is float:
+            k.ok[j] = f32_xhat_ok(rstd[s])
+            if not k.ok[j]:
+                k.all_ok = 0
+            split_mean(mean[s], &k.mh[j], &k.ml[j])
+            k.rf[j] = <float>rstd[s]
+            k.wf[j] = <float>k.w[j]
+            k.gf[j] = <float>k.g[j]
+            k.kf[j] = <float>k.k[j]
+
+
+cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
+                           Py_ssize_t n, const GradCoefs* k) noexcept nogil:
+    """dx over n channels of one row, element by element as grad_const (_common.pxd)."""
+    cdef Py_ssize_t j
+    cdef const float* mh = k.mh
+    cdef const float* ml = k.ml
+    cdef const float* rf = k.rf
+    cdef const float* wf = k.wf
+    cdef const float* gf = k.gf
+    cdef const float* kf = k.kf
+    cdef const double* m = k.m
+    cdef const double* r = k.r
+    cdef const double* wd = k.w
+    cdef const double* g = k.g
+    cdef const double* kd = k.k
+    if floating is float and k.all_ok:
+        for j in range(n):
+            dx[j] = ((wf[j] * dy[j] - gf[j]) - (((x[j] - mh[j]) - ml[j]) * rf[j]) * kf[j]) * rf[j]
+    elif floating is float:
+        for j in range(n):
+            if k.ok[j]:
+                dx[j] = (((wf[j] * dy[j] - gf[j]) - (((x[j] - mh[j]) - ml[j]) * rf[j]) * kf[j])
+                         * rf[j])
+            else:
+                dx[j] = <float>(r[j] * ((wd[j] * dy[j] - g[j]) - ((x[j] - m[j]) * r[j]) * kd[j]))
+    else:
+        for j in range(n):
+            dx[j] = r[j] * ((wd[j] * dy[j] - g[j]) - ((x[j] - m[j]) * r[j]) * kd[j])
+
+
+cdef void _block_grad_sums(const floating* dy, const floating* x, floating* g,
+                           const floating* w, const floating* b, const double* mean,
+                           const double* rstd, Py_ssize_t HW, Py_ssize_t C,
+                           Py_ssize_t cpg, Py_ssize_t blk, Py_ssize_t c0, Py_ssize_t c1,
+                           int act, double* ps, double* psx) noexcept nogil:
+    """Rows [blk * COL_ROWS, ...) of channels [c0, c1) (at most CL_WIDTH) of one sample:
+    ps[j] = sum(dy), psx[j] = sum(dy * (x - mean)) of channel c0 + j, the rows in order.
+    act != 0: first g = dy * act'(a) row by row (a the forward's pre-activation,
+    recomputed with its arithmetic), which takes dy's place."""
+    cdef double mc[CL_WIDTH]
+    cdef floating a[CL_WIDTH]
+    cdef AffineCoefs kk
+    cdef Py_ssize_t j, r, n = c1 - c0, r0 = blk * COL_ROWS, r1 = min(r0 + COL_ROWS, HW)
+    cdef const floating* dyr
+    cdef const floating* xr
+    if act:
+        _affine_coefs(&kk, mean, rstd, w, b, c0, c1, cpg)
+    for j in range(n):
+        mc[j] = mean[(c0 + j) // cpg]
+        ps[j] = 0
+        psx[j] = 0
+    for r in range(r0, r1):
+        dyr = dy + r * C + c0
+        xr = x + r * C + c0
+        if act:
+            _affine_row(xr, a, n, &kk)
+            if floating is float:
+                cn_act_grad_f32(a, dyr, g + r * C + c0, n, act)
+            else:
+                cn_act_grad_f64(a, dyr, g + r * C + c0, n, act)
+            dyr = g + r * C + c0
+        for j in range(n):
+            ps[j] += dyr[j]
+            psx[j] += dyr[j] * (xr[j] - mc[j])
+
+
+cdef inline void _group_grad(const double* sdy, const double* sdyx, const floating* w,
+                             const double* rstd, Py_ssize_t g, Py_ssize_t cpg,
+                             Py_ssize_t HW, double* gc) noexcept nogil:
+    """Group g's mean(g) and mean(g * xhat) from its channels' sums, as the slab
+    family's _run_grad folds them."""
+    cdef double A = 0, B = 0, wj, M = <double>(cpg * HW), rs = rstd[g]
+    cdef Py_ssize_t j
+    for j in range(cpg):
+        wj = 1.0 if w == NULL else w[g * cpg + j]
+        A += wj * sdy[g * cpg + j]
+        B += wj * sdyx[g * cpg + j]
+    gc[2 * g] = A / M
+    gc[2 * g + 1] = rs * B / M
+
+
+cdef void _grad_rows(const floating* dy, const floating* x, floating* dx,
+                     const floating* w, const double* mean, const double* rstd,
+                     const double* gc, Py_ssize_t C, Py_ssize_t cpg, Py_ssize_t r0,
+                     Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """dx over rows [r0, r1), channels [c0, c1) of one sample."""
+    cdef GradCoefs k
+    cdef Py_ssize_t s0 = c0, s1, r
+    while s0 < c1:
+        s1 = min(s0 + CL_WIDTH, c1)
+        _grad_coefs(&k, mean, rstd, gc, w, s0, s1, cpg)
+        for r in range(r0, r1):
+            _grad_row(dy + r * C + s0, x + r * C + s0, dx + r * C + s0, s1 - s0, &k)
+        s0 = s1
+
+
+cdef void _bwd_fused_item(const floating* dy, const floating* x, floating* dx,
+                          const floating* w, const floating* b, floating* g,
+                          const double* mean, const double* rstd, double* sdy,
+                          double* sdyx, double* gc, Py_ssize_t HW, Py_ssize_t C,
+                          Py_ssize_t G, Py_ssize_t n, Py_ssize_t g0, Py_ssize_t g1,
+                          Py_ssize_t nb, int act) noexcept nogil:
+    """Sample n, groups [g0, g1): the sums, then dx while the rows are in L2."""
+    cdef double ps[CL_WIDTH]
+    cdef double psx[CL_WIDTH]
+    cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, s0, s1, blk, j, gg
+    cdef Py_ssize_t o = n * HW * C
+    cdef const floating* gd = <const floating*>g + o if act else dy + o
+    s0 = c0
+    while s0 < c1:
+        s1 = min(s0 + CL_WIDTH, c1)
+        for j in range(s0, s1):
+            sdy[n * C + j] = 0
+            sdyx[n * C + j] = 0
+        for blk in range(nb):
+            _block_grad_sums(dy + o, x + o, g + o if act else NULL, w, b, mean + n * G,
+                             rstd + n * G, HW, C, cpg, blk, s0, s1, act, ps, psx)
+            for j in range(s0, s1):
+                sdy[n * C + j] = sdy[n * C + j] + ps[j - s0]
+                sdyx[n * C + j] = sdyx[n * C + j] + psx[j - s0]
+        s0 = s1
+    for gg in range(g0, g1):
+        _group_grad(sdy + n * C, sdyx + n * C, w, rstd + n * G, gg, cpg, HW, gc + 2 * n * G)
+    _grad_rows(gd, x + o, dx + o, w, mean + n * G, rstd + n * G, gc + 2 * n * G, C, cpg,
+               0, HW, c0, c1)
+
+
+cdef void _backward(const floating* dy, const floating* x, floating* dx,
+                    const floating* w, const floating* b, floating* g, floating* dw,
+                    floating* db, const double* mean, const double* rstd, double* sdy,
+                    double* sdyx, double* gc, double* part, double* acc, Py_ssize_t N,
+                    Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt,
+                    int last, int act, int nt) noexcept nogil:
+    """Samples [0, N) (a chunk of the batch): dx, and the dweight/dbias sums continued
+    in acc[c], acc[C + c], written to dw/db when last. part NULL: fused items of gpt
+    groups; else the split schedule, part 2 * N * nb * C doubles."""
+    cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
+    cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, nct = (C + CL_WIDTH - 1) // CL_WIDTH
+    cdef Py_ssize_t t, n, g0, blk, j0, i, q, r0, c, nrc
+    cdef double* ps = part
+    cdef double* psx = part + N * nb * C if part != NULL else NULL
+    cdef double a_w, a_b, s, sx
+    cdef const floating* gd = <const floating*>g if act else dy
+    if part == NULL:
+        for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
+            g0 = (t % n_tiles) * gpt
+            _bwd_fused_item(dy, x, dx, w, b, g, mean, rstd, sdy, sdyx, gc, HW, C, G,
+                            t // n_tiles, g0, min(g0 + gpt, G), nb, act)
+    else:
+        for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
+            n = t // (nb * nct)
+            blk = (t // nct) % nb
+            j0 = (t % nct) * CL_WIDTH
+            _block_grad_sums(dy + n * HW * C, x + n * HW * C,
+                             g + n * HW * C if act else NULL, w, b, mean + n * G,
+                             rstd + n * G, HW, C, cpg, blk, j0, min(j0 + CL_WIDTH, C), act,
+                             ps + (n * nb + blk) * C + j0, psx + (n * nb + blk) * C + j0)
+        for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+            s = 0
+            sx = 0
+            for q in range(nb):
+                s = s + ps[((i // C) * nb + q) * C + i % C]
+                sx = sx + psx[((i // C) * nb + q) * C + i % C]
+            sdy[i] = s
+            sdyx[i] = sx
+        for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
+            _group_grad(sdy + (i // G) * C, sdyx + (i // G) * C, w, rstd + (i // G) * G,
+                        i % G, cpg, HW, gc + 2 * (i // G) * G)
+        nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
+        for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
+            n = t // (nrc * nct)
+            r0 = ((t // nct) % nrc) * APPLY_ROWS
+            j0 = (t % nct) * CL_WIDTH
+            _grad_rows(gd + n * HW * C, x + n * HW * C, dx + n * HW * C, w, mean + n * G,
+                       rstd + n * G, gc + 2 * n * G, C, cpg, r0, min(r0 + APPLY_ROWS, HW),
+                       j0, min(j0 + CL_WIDTH, C))
+    # dweight and dbias: the per-(n, c) sums over n in order, continuing the previous
+    # chunks' (as the slab family)
+    for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
+        a_w = acc[c]
+        a_b = acc[C + c]
+        for n in range(N):
+            a_b = a_b + sdy[n * C + c]
+            a_w = a_w + sdyx[n * C + c] * rstd[n * G + c // cpg]
+        acc[c] = a_w
+        acc[C + c] = a_b
+        if last:
+            dw[c] = <floating>a_w
+            db[c] = <floating>a_b
+
+
+def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
+             cnp.ndarray dweight, cnp.ndarray dbias, cnp.ndarray mean, cnp.ndarray rstd,
+             Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, int act=0,
+             object bias=None, object gbuf=None):
+    """dx, dweight, dbias of the channels-last group normalisation (see DESIGN.md,
+    "Backward"); act, bias, gbuf as in slab.backward.
+
+    Up to four float64 sums per (n, c): when a sample is under 512 bytes, the batch is
+    done in chunks of samples whose sums take at most 1/16 of the input; the split
+    schedule's per-block sums (4 blocks or more) another 1/16 at most."""
+    if N * HW == 0 or C == 0:  # no elements: parameter gradients are empty sums
+        dweight.fill(0)
+        dbias.fill(0)
+        return
+    cdef int nt = cynorm_threads_for(N * C * HW)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nb = (HW + COL_ROWS - 1) // COL_ROWS
+    cdef Py_ssize_t nc = N, n0, n1, gpt
+    if HW * isz < 512:
+        nc = max(1, (N * HW * isz) // 512)
+    gpt = _groups_per_tile(nc, C, G, nt)
+    cdef bint fused = _fuse(nc, HW, C, G, gpt, nt)
+    cdef cnp.ndarray work = np.empty(2 * nc * C + 2 * nc * G, dtype=np.float64)
+    cdef cnp.ndarray blocks = None if fused else np.empty(2 * nc * nb * C, dtype=np.float64)
+    cdef cnp.ndarray accs = np.zeros(2 * C, dtype=np.float64)
+    cdef double* sdy = <double*>data(work)
+    cdef double* sdyx = sdy + nc * C
+    cdef double* gc = sdyx + nc * C
+    cdef double* part = <double*>data(blocks)
+    cdef double* acc = <double*>data(accs)
+    cdef char* pdy = <char*>data(dy)
+    cdef char* px = <char*>data(x)
+    cdef char* pdx = <char*>data(dx)
+    cdef void* pw = data(weight)
+    cdef void* pdw = data(dweight)
+    cdef void* pdb = data(dbias)
+    cdef void* pb = data(bias)
+    cdef char* pg = <char*>data(gbuf) if act else NULL
+    cdef double* pm = <double*>data(mean)
+    cdef double* pr = <double*>data(rstd)
+    cdef Py_ssize_t step = HW * C * isz
+    with nogil:
+        n0 = 0
+        while n0 < N:
+            n1 = min(n0 + nc, N)
+            if isz == 4:
+                _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
+                          <float*>(pdx + n0 * step), <float*>pw, <float*>pb,
+                          <float*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
+                          n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
+            else:
+                _backward(<double*>(pdy + n0 * step), <double*>(px + n0 * step),
+                          <double*>(pdx + n0 * step), <double*>pw, <double*>pb,
+                          <double*>(pg + n0 * step if act else NULL), <double*>pdw,
+                          <double*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
+                          n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
+            n0 = n1
