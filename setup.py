@@ -117,8 +117,8 @@ class BuildExt(build_ext):
         # no -ffast-math (NaN/Inf must propagate); no FMA contraction, so that every
         # instruction set gives the same bits
         compile_args += ["-ffp-contract=off", "-fno-math-errno"]
-        # _lanes.h's static inline helpers return vectors wider than the baseline's
-        # registers; GCC's note that such an ABI would differ is moot for them
+        # _lanes.h's static inline helpers take and return vectors by value; GCC's notes
+        # on the ABI of vector arguments are moot for them
         compile_args.append("-Wno-psabi")
         link_args = []
         if not DEBUG and not SANITIZE and sys.platform.startswith("linux"):

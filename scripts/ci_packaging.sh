@@ -14,7 +14,7 @@
 # as `pip install cynorm-*.tar.gz` does (1.5: three levels compiled); install into a
 # fresh venv and `python -m cynorm` (0.3); auditwheel repair to a manylinux wheel and
 # checks of its contents with unzip and objdump (0.2); that wheel in another fresh venv:
-# the dispatch tests natively (0.5), then under qemu-x86_64 for each CPU the self-check
+# the dispatch tests and the fork guard's view of the vendored libgomp natively (0.5), then under qemu-x86_64 for each CPU the self-check
 # and the determinism tests (1 each). Exit status non-zero on the first failure.
 set -euo pipefail
 
@@ -92,6 +92,21 @@ VPY="$W/venv-wheel/bin/python"
 cd "$W"
 "$VPY" -c "import cynorm, sys; assert cynorm.__file__.startswith('$W'), cynorm.__file__"
 "$VPY" -m pytest -q -p no:cacheprovider "$REPO/tests/test_dispatch.py" || die "dispatch tests on the wheel"
+# the fork guard must find the OpenMP runtime that auditwheel vendored under a hashed name
+# (cynorm.libs/libgomp-<hash>.so...), in this process and as inherited by a fork child
+"$VPY" - <<'EOF' || die "the fork guard does not see the wheel's vendored OpenMP runtime"
+import os
+import cynorm._kernels as k
+names = k.OPENMP_LIBRARIES
+maps = k._library_mappings("/proc/self/maps", names)
+assert maps and all("/cynorm.libs/libgomp" in path for _, _, path in maps), (names, maps)
+assert not k.INHERITED_OPENMP_POOL
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if k._maybe_inherited_openmp_pool(names) else 1)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "not seen in a fork child"
+print("ci_packaging.sh: the fork guard sees", ", ".join(names))
+EOF
 for cpu in $CPUS; do
     case "$cpu" in Nehalem) want=baseline ;; Haswell) want=v3 ;; *) want="" ;; esac
     say "emulated CPU: $cpu (expecting the ${want:-best} kernels)"

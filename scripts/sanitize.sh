@@ -25,7 +25,7 @@ case "$DEST" in
     /|"$REPO"|"$REPO"/*) echo "sanitize.sh: refusing to use $DEST as scratch dir" >&2; exit 2 ;;
 esac
 
-if [ "${CYNORM_ASAN_REUSE:-0}" = 1 ] && compgen -G "$DEST/cynorm/_kernels/*.so" >/dev/null; then
+if [ "${CYNORM_ASAN_REUSE:-0}" = 1 ] && compgen -G "$DEST/cynorm/_kernels/_*/*.so" >/dev/null; then
     echo "sanitize.sh: reusing the build in $DEST (tests/ refreshed)" >&2
     rm -rf "$DEST/tests"
     cp -r "$REPO/tests" "$DEST/tests"

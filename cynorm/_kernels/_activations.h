@@ -1,13 +1,14 @@
 /* The activation epilogue: silu, gelu (erf form), gelu_tanh (torch's approximate="tanh")
  * and relu, and their derivatives, over contiguous runs of float32 or float64.
  *
- * Written, like _lanes.h, with GCC/Clang vector extensions: 8 float64 lanes, only
+ * Written, like _lanes.h, with GCC/Clang vector extensions on vectors of the level's
+ * native width (cn_vd: CN_DW float64 lanes, cn_vf: CN_FW float32 lanes), only
  * +, -, *, /, comparisons and bit operations, every step the same IEEE operation in
  * every lane, no libm call. With -ffp-contract=off (setup.py) the bits are the same on
  * SSE2, AVX2 and AVX-512 and do not depend on a value's position in the array (the
  * tail of a run is padded to a full vector and computed the same way).
  *
- * float32 data: silu runs in 16 float32 lanes (below: within 2 ulp of the correctly
+ * float32 data: silu runs in float32 lanes (below: within 2 ulp of the correctly
  * rounded value); gelu and gelu_tanh are widened to float64, computed there with
  * polynomials of float32-grade accuracy (relative error below 1e-8 before the final
  * rounding) and rounded once on the store: within 1 ulp. Both over the whole float32
@@ -32,40 +33,38 @@
 enum { CN_ACT_NONE = 0, CN_ACT_SILU = 1, CN_ACT_GELU = 2, CN_ACT_GELU_TANH = 3,
        CN_ACT_RELU = 4 };
 
-typedef long long cn_v8l __attribute__((vector_size(64)));
-
-/* the vector helpers must inline: called, they would pass 64-byte vectors in memory */
+/* the vector helpers must inline: called, they could pass their vectors in memory */
 #if defined(__GNUC__) || defined(__clang__)
 #define CN_VINLINE static inline __attribute__((always_inline))
 #else
 #define CN_VINLINE static inline
 #endif
 
-#define CN_SPLAT(c) ((cn_v8d){c, c, c, c, c, c, c, c})
-#define CN_ISPLAT(c) ((cn_v8l){c, c, c, c, c, c, c, c})
+#define CN_SPLAT(c) ((cn_vd){CN_DLANES(c)})
+#define CN_ISPLAT(c) ((cn_vl){CN_DLANES(c)})
 
 /* m ? a : b, lane by lane (m: all ones or all zeros per lane, as comparisons give) */
-CN_VINLINE cn_v8d cn_sel(cn_v8l m, cn_v8d a, cn_v8d b) {
-    return (cn_v8d)(((cn_v8l)a & m) | ((cn_v8l)b & ~m));
+CN_VINLINE cn_vd cn_sel(cn_vl m, cn_vd a, cn_vd b) {
+    return (cn_vd)(((cn_vl)a & m) | ((cn_vl)b & ~m));
 }
 
-CN_VINLINE cn_v8d cn_fabs(cn_v8d v) {
-    return (cn_v8d)((cn_v8l)v & CN_ISPLAT(0x7fffffffffffffffLL));
+CN_VINLINE cn_vd cn_fabs(cn_vd v) {
+    return (cn_vd)((cn_vl)v & CN_ISPLAT(0x7fffffffffffffffLL));
 }
 
 /* ---- exp ----------------------------------------------------------------------------
  * full = 0: Taylor degree 7 (relative error < 4e-9: float32 results), full = 1: degree
  * 13 (< 1e-17: float64 results). A constant argument, so each caller compiles one. */
-CN_VINLINE cn_v8d cn_exp(cn_v8d v, int full) {
-    const cn_v8d magic = CN_SPLAT(6755399441055744.0); /* 1.5 * 2^52: round to integer */
-    cn_v8d vc, kf, n, r, p;
-    cn_v8l ni, n1, n2;
+CN_VINLINE cn_vd cn_exp(cn_vd v, int full) {
+    const cn_vd magic = CN_SPLAT(6755399441055744.0); /* 1.5 * 2^52: round to integer */
+    cn_vd vc, kf, n, r, p;
+    cn_vl ni, n1, n2;
     /* clamp so that 2^n stays in two normal factors; NaN passes (comparisons false) */
     vc = cn_sel(v < CN_SPLAT(-746.0), CN_SPLAT(-746.0), v);
     vc = cn_sel(vc > CN_SPLAT(710.0), CN_SPLAT(710.0), vc);
     kf = vc * CN_SPLAT(1.4426950408889634) + magic;
     n = kf - magic;
-    ni = (cn_v8l)kf - (cn_v8l)magic;
+    ni = (cn_vl)kf - (cn_vl)magic;
     /* ln2 split: the high part has 32 significant bits, so n * hi is exact */
     r = (vc - n * CN_SPLAT(6.93147180369123816490e-01)) - n * CN_SPLAT(1.90821492927058770002e-10);
     if (full) {
@@ -88,15 +87,15 @@ CN_VINLINE cn_v8d cn_exp(cn_v8d v, int full) {
     p = p * r + CN_SPLAT(1.0);
     n1 = ni >> 1;
     n2 = ni - n1;
-    return (p * (cn_v8d)((n1 + 1023) << 52)) * (cn_v8d)((n2 + 1023) << 52);
+    return (p * (cn_vd)((n1 + 1023) << 52)) * (cn_vd)((n2 + 1023) << 52);
 }
 
 /* exp(-y * y) for y >= 0; full: with y split as in Cody's CALERF so that the rounding
  * of y * y does not cost accuracy (y = k / 16 + d, k / 16 squared exactly) */
-CN_VINLINE cn_v8d cn_exp_negsq(cn_v8d y, int full) {
-    const cn_v8d magic = CN_SPLAT(6755399441055744.0);
-    cn_v8d yh, del;
-    cn_v8l small = y < CN_SPLAT(1e6);
+CN_VINLINE cn_vd cn_exp_negsq(cn_vd y, int full) {
+    const cn_vd magic = CN_SPLAT(6755399441055744.0);
+    cn_vd yh, del;
+    cn_vl small = y < CN_SPLAT(1e6);
     if (!full)
         return cn_exp(-(y * y), 0);
     yh = cn_sel(small, ((y * CN_SPLAT(16.0) + magic) - magic) * CN_SPLAT(0.0625), y);
@@ -111,9 +110,9 @@ CN_VINLINE cn_v8d cn_exp_negsq(cn_v8d y, int full) {
  * (divisions are the slow part). The third interval's polynomials in s = 1 / z^2 are
  * multiplied through by z^10 (with |z| capped at 30, where erfc is 0 in float64 anyway),
  * so that no 1 / z^2 is formed either. */
-CN_VINLINE cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
-    cn_v8d y = cn_fabs(z), t, n, d, num, den, yc, tc, res;
-    cn_v8l in_a = y <= CN_SPLAT(0.46875), in_c = y > CN_SPLAT(4.0);
+CN_VINLINE cn_vd cn_erfc(cn_vd z, cn_vd ez) {
+    cn_vd y = cn_fabs(z), t, n, d, num, den, yc, tc, res;
+    cn_vl in_a = y <= CN_SPLAT(0.46875), in_c = y > CN_SPLAT(4.0);
     /* first interval: erf(y) = y NA(y^2) / DA(y^2), erfc = (DA - y NA) / DA */
     t = y * y;
     n = CN_SPLAT(1.85777706184603153e-1) * t;
@@ -174,7 +173,7 @@ CN_VINLINE cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
     return cn_sel(z < CN_ZERO, CN_SPLAT(2.0) - res, res);
 }
 
-/* ---- the activations and their derivatives on 8 float64 lanes ------------------------ */
+/* ---- the activations and their derivatives on float64 lanes ------------------------- */
 
 #define CN_NEG_INF (-__builtin_inf())
 #define CN_INV_SQRT2 0.70710678118654752440
@@ -183,21 +182,21 @@ CN_VINLINE cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
 #define CN_GT_A 0.044715
 
 /* sigmoid pieces of v: t = exp(-|v|), p = 1 / (1 + t); sigmoid(v) = p (v >= 0) or t p */
-CN_VINLINE void cn_sigmoid_parts(cn_v8d v, int full, cn_v8d* t, cn_v8d* p) {
+CN_VINLINE void cn_sigmoid_parts(cn_vd v, int full, cn_vd* t, cn_vd* p) {
     *t = cn_exp(-cn_fabs(v), full);
     *p = CN_SPLAT(1.0) / (CN_SPLAT(1.0) + *t);
 }
 
-CN_VINLINE cn_v8d cn_silu8(cn_v8d x, int full) {
-    cn_v8d t, p, y;
+CN_VINLINE cn_vd cn_silu8(cn_vd x, int full) {
+    cn_vd t, p, y;
     cn_sigmoid_parts(x, full, &t, &p);
     y = x * cn_sel(x >= CN_ZERO, p, t * p);
     return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
 }
 
-CN_VINLINE cn_v8d cn_silu_grad8(cn_v8d x, int full) {
-    cn_v8d t, p, q, s, sc, d;
-    cn_v8l pos = x >= CN_ZERO;
+CN_VINLINE cn_vd cn_silu_grad8(cn_vd x, int full) {
+    cn_vd t, p, q, s, sc, d;
+    cn_vl pos = x >= CN_ZERO;
     cn_sigmoid_parts(x, full, &t, &p);
     q = t * p;
     s = cn_sel(pos, p, q);     /* sigmoid(x) */
@@ -207,33 +206,33 @@ CN_VINLINE cn_v8d cn_silu_grad8(cn_v8d x, int full) {
                   cn_sel(pos, CN_SPLAT(1.0), CN_ZERO), d);
 }
 
-CN_VINLINE cn_v8d cn_gelu8(cn_v8d x, int full) {
-    cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
-    cn_v8d y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
+CN_VINLINE cn_vd cn_gelu8(cn_vd x, int full) {
+    cn_vd z = x * CN_SPLAT(-CN_INV_SQRT2);
+    cn_vd y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
     return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
 }
 
-CN_VINLINE cn_v8d cn_gelu_grad8(cn_v8d x, int full) {
-    cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
-    cn_v8d ez = cn_exp_negsq(cn_fabs(z), full);
-    cn_v8d d = CN_SPLAT(0.5) * cn_erfc(z, ez) + x * (ez * CN_SPLAT(CN_INV_SQRT_2PI));
+CN_VINLINE cn_vd cn_gelu_grad8(cn_vd x, int full) {
+    cn_vd z = x * CN_SPLAT(-CN_INV_SQRT2);
+    cn_vd ez = cn_exp_negsq(cn_fabs(z), full);
+    cn_vd d = CN_SPLAT(0.5) * cn_erfc(z, ez) + x * (ez * CN_SPLAT(CN_INV_SQRT_2PI));
     return cn_sel(cn_fabs(x) == CN_SPLAT(__builtin_inf()),
                   cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO), d);
 }
 
 /* gelu_tanh(x) = x / 2 (1 + tanh(u)) = x sigmoid(2u), 2u = K (x + A x^3) */
-CN_VINLINE cn_v8d cn_gelu_tanh8(cn_v8d x, int full) {
-    cn_v8d u2 = CN_SPLAT(CN_GT_K) * (x + CN_SPLAT(CN_GT_A) * (x * x * x));
-    cn_v8d t, p, y;
+CN_VINLINE cn_vd cn_gelu_tanh8(cn_vd x, int full) {
+    cn_vd u2 = CN_SPLAT(CN_GT_K) * (x + CN_SPLAT(CN_GT_A) * (x * x * x));
+    cn_vd t, p, y;
     cn_sigmoid_parts(u2, full, &t, &p);
     y = x * cn_sel(u2 >= CN_ZERO, p, t * p);
     return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
 }
 
-CN_VINLINE cn_v8d cn_gelu_tanh_grad8(cn_v8d x, int full) {
-    cn_v8d u2 = CN_SPLAT(CN_GT_K) * (x + CN_SPLAT(CN_GT_A) * (x * x * x));
-    cn_v8d du2 = CN_SPLAT(CN_GT_K) * (CN_SPLAT(1.0) + CN_SPLAT(3.0 * CN_GT_A) * (x * x));
-    cn_v8d t, p, s, sps, d;
+CN_VINLINE cn_vd cn_gelu_tanh_grad8(cn_vd x, int full) {
+    cn_vd u2 = CN_SPLAT(CN_GT_K) * (x + CN_SPLAT(CN_GT_A) * (x * x * x));
+    cn_vd du2 = CN_SPLAT(CN_GT_K) * (CN_SPLAT(1.0) + CN_SPLAT(3.0 * CN_GT_A) * (x * x));
+    cn_vd t, p, s, sps, d;
     cn_sigmoid_parts(u2, full, &t, &p);
     s = cn_sel(u2 >= CN_ZERO, p, t * p);
     sps = t * p * p;           /* sigmoid(2u) (1 - sigmoid(2u)) */
@@ -241,12 +240,12 @@ CN_VINLINE cn_v8d cn_gelu_tanh_grad8(cn_v8d x, int full) {
     return cn_sel(x != x, x, d);
 }
 
-CN_VINLINE cn_v8d cn_relu8(cn_v8d x, int full) {
+CN_VINLINE cn_vd cn_relu8(cn_vd x, int full) {
     (void)full;
     return cn_sel((x > CN_ZERO) | (x != x), x, CN_ZERO);
 }
 
-CN_VINLINE cn_v8d cn_relu_grad8(cn_v8d x, int full) {
+CN_VINLINE cn_vd cn_relu_grad8(cn_vd x, int full) {
     (void)full;
     return cn_sel(x != x, x, cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO));
 }
@@ -261,33 +260,30 @@ CN_VINLINE cn_v8d cn_relu_grad8(cn_v8d x, int full) {
  * within 2 ulp of the correctly rounded result (the sweep in tests/test_activations.py
  * measures 1 ulp). Also exact: silu(x) = x for x > 87, -0 for x < -120. */
 
-typedef float cn_v16f __attribute__((vector_size(64)));
-typedef int cn_v16i __attribute__((vector_size(64)));
+#define CN_FSPLAT(c) ((cn_vf){CN_FLANES(c)})
+#define CN_IZERO ((cn_vi){0})
 
-#define CN_FSPLAT(c) ((cn_v16f){c, c, c, c, c, c, c, c, c, c, c, c, c, c, c, c})
-#define CN_IZERO ((cn_v16i){0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
-
-CN_VINLINE cn_v16f cn_self(cn_v16i m, cn_v16f a, cn_v16f b) {
-    return (cn_v16f)(((cn_v16i)a & m) | ((cn_v16i)b & ~m));
+CN_VINLINE cn_vf cn_self(cn_vi m, cn_vf a, cn_vf b) {
+    return (cn_vf)(((cn_vi)a & m) | ((cn_vi)b & ~m));
 }
 
 /* 2^j for integer lanes j in [-126, 127] */
-CN_VINLINE cn_v16f cn_pow2f(cn_v16i j) {
-    return (cn_v16f)((j + 127) << 23);
+CN_VINLINE cn_vf cn_pow2f(cn_vi j) {
+    return (cn_vf)((j + 127) << 23);
 }
 
 /* the pieces of 1 + exp(-x) = 2^k d: d, u = 2^(n-k), p, and the halves k1 + k2 = k of
  * the final scaling (each 2^-k1, 2^-k2 normal) */
-CN_VINLINE void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
-                                   cn_v16i* k1, cn_v16i* k2) {
-    const cn_v16f magic = CN_FSPLAT(12582912.0f); /* 1.5 * 2^23: round to integer */
-    cn_v16f a = -x, kf, nf, r, q;
-    cn_v16i n, k, kc;
+CN_VINLINE void cn_silu_parts16(cn_vf x, cn_vf* d, cn_vf* u, cn_vf* p,
+                                   cn_vi* k1, cn_vi* k2) {
+    const cn_vf magic = CN_FSPLAT(12582912.0f); /* 1.5 * 2^23: round to integer */
+    cn_vf a = -x, kf, nf, r, q;
+    cn_vi n, k, kc;
     a = cn_self(a < CN_FSPLAT(-87.0f), CN_FSPLAT(-87.0f), a);
     a = cn_self(a > CN_FSPLAT(120.0f), CN_FSPLAT(120.0f), a);
     kf = a * CN_FSPLAT(1.44269504f) + magic;
     nf = kf - magic;
-    n = (cn_v16i)kf - (cn_v16i)magic;
+    n = (cn_vi)kf - (cn_vi)magic;
     /* ln2 = 0.693359375 (9 bits: nf * hi exact) - 2.12194440e-4 */
     r = (a - nf * CN_FSPLAT(0.693359375f)) - nf * CN_FSPLAT(-2.12194440e-4f);
     q = CN_FSPLAT(1.0f / 5040.0f);
@@ -305,9 +301,9 @@ CN_VINLINE void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
     *k2 = k - *k1;
 }
 
-CN_VINLINE cn_v16f cn_silu16(cn_v16f x) {
-    cn_v16f d, u, p, y;
-    cn_v16i k1, k2;
+CN_VINLINE cn_vf cn_silu16(cn_vf x) {
+    cn_vf d, u, p, y;
+    cn_vi k1, k2;
     cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
     y = ((x / d) * cn_pow2f(-k1)) * cn_pow2f(-k2);
     return cn_self(x < CN_FSPLAT(-120.0f), CN_FSPLAT(-0.0f), y);
@@ -315,9 +311,9 @@ CN_VINLINE cn_v16f cn_silu16(cn_v16f x) {
 
 /* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) = 2^-k / d, 1 - s = u (1 + p) / d;
  * within a few float32 roundings of the size of the terms, s (1 + |x| (1 - s)) */
-CN_VINLINE cn_v16f cn_silu_grad16(cn_v16f x) {
-    cn_v16f d, u, p, inv, g;
-    cn_v16i k1, k2;
+CN_VINLINE cn_vf cn_silu_grad16(cn_vf x) {
+    cn_vf d, u, p, inv, g;
+    cn_vi k1, k2;
     cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
     inv = CN_FSPLAT(1.0f) / d;
     /* scaled by 2^-k last, so that a subnormal result is rounded once */
@@ -328,27 +324,27 @@ CN_VINLINE cn_v16f cn_silu_grad16(cn_v16f x) {
 }
 
 /* ---- runs ----------------------------------------------------------------------------
- * One loop per function, chosen by a switch before the loop. The tail (< 8 elements)
- * goes through the same vector code, padded with zeros. */
+ * One loop per function, chosen by a switch before the loop. The tail (less than a
+ * vector) goes through the same vector code, padded with zeros. */
 
 #define CN_ACT_RUN_F32(F)                                                              \
-    for (; i + 8 <= n; i += 8)                                                         \
-        cn_storef(y + i, __builtin_convertvector(F(cn_load_f32(a + i), 0), cn_v8f));  \
+    for (; i + CN_DW <= n; i += CN_DW)                                                 \
+        cn_store_f32(y + i, F(cn_load_f32(a + i), 0));                                 \
     if (i < n) {                                                                       \
-        float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                       \
+        float buf[CN_DW] = {0};                                                        \
         memcpy(buf, a + i, (size_t)(n - i) * sizeof(float));                           \
-        cn_storef(buf, __builtin_convertvector(F(cn_load_f32(buf), 0), cn_v8f));      \
+        cn_store_f32(buf, F(cn_load_f32(buf), 0));                                     \
         memcpy(y + i, buf, (size_t)(n - i) * sizeof(float));                           \
     }
 
 #define CN_ACT_RUN_F64(F)                                                              \
-    for (; i + 8 <= n; i += 8) {                                                       \
-        cn_v8d v = F(cn_load_f64(a + i), 1);                                           \
+    for (; i + CN_DW <= n; i += CN_DW) {                                               \
+        cn_vd v = F(cn_load_f64(a + i), 1);                                            \
         memcpy(y + i, &v, sizeof v);                                                   \
     }                                                                                  \
     if (i < n) {                                                                       \
-        double buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
-        cn_v8d v;                                                                      \
+        double buf[CN_DW] = {0};                                                       \
+        cn_vd v;                                                                       \
         memcpy(buf, a + i, (size_t)(n - i) * sizeof(double));                          \
         v = F(cn_load_f64(buf), 1);                                                    \
         memcpy(y + i, &v, (size_t)(n - i) * sizeof(double));                           \
@@ -356,26 +352,24 @@ CN_VINLINE cn_v16f cn_silu_grad16(cn_v16f x) {
 
 /* g = dy * act'(a), the product in float64, rounded once */
 #define CN_GRAD_RUN_F32(F)                                                             \
-    for (; i + 8 <= n; i += 8)                                                         \
-        cn_storef(g + i, __builtin_convertvector(                                      \
-                             cn_load_f32(dy + i) * F(cn_load_f32(a + i), 0), cn_v8f)); \
+    for (; i + CN_DW <= n; i += CN_DW)                                                 \
+        cn_store_f32(g + i, cn_load_f32(dy + i) * F(cn_load_f32(a + i), 0));           \
     if (i < n) {                                                                       \
-        float ba[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bd[8] = {0, 0, 0, 0, 0, 0, 0, 0};      \
+        float ba[CN_DW] = {0}, bd[CN_DW] = {0};                                        \
         memcpy(ba, a + i, (size_t)(n - i) * sizeof(float));                            \
         memcpy(bd, dy + i, (size_t)(n - i) * sizeof(float));                           \
-        cn_storef(ba, __builtin_convertvector(                                         \
-                          cn_load_f32(bd) * F(cn_load_f32(ba), 0), cn_v8f));           \
+        cn_store_f32(ba, cn_load_f32(bd) * F(cn_load_f32(ba), 0));                     \
         memcpy(g + i, ba, (size_t)(n - i) * sizeof(float));                            \
     }
 
 #define CN_GRAD_RUN_F64(F)                                                             \
-    for (; i + 8 <= n; i += 8) {                                                       \
-        cn_v8d v = cn_load_f64(dy + i) * F(cn_load_f64(a + i), 1);                     \
+    for (; i + CN_DW <= n; i += CN_DW) {                                               \
+        cn_vd v = cn_load_f64(dy + i) * F(cn_load_f64(a + i), 1);                      \
         memcpy(g + i, &v, sizeof v);                                                   \
     }                                                                                  \
     if (i < n) {                                                                       \
-        double ba[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bd[8] = {0, 0, 0, 0, 0, 0, 0, 0};     \
-        cn_v8d v;                                                                      \
+        double ba[CN_DW] = {0}, bd[CN_DW] = {0};                                       \
+        cn_vd v;                                                                       \
         memcpy(ba, a + i, (size_t)(n - i) * sizeof(double));                           \
         memcpy(bd, dy + i, (size_t)(n - i) * sizeof(double));                          \
         v = cn_load_f64(bd) * F(cn_load_f64(ba), 1);                                   \
@@ -383,29 +377,29 @@ CN_VINLINE cn_v16f cn_silu_grad16(cn_v16f x) {
     }
 
 #define CN_ACT16_RUN(F)                                                                \
-    for (; i + 16 <= n; i += 16) {                                                     \
-        cn_v16f v;                                                                     \
+    for (; i + CN_FW <= n; i += CN_FW) {                                               \
+        cn_vf v;                                                                       \
         memcpy(&v, a + i, sizeof v);                                                   \
         v = F(v);                                                                      \
         memcpy(y + i, &v, sizeof v);                                                   \
     }                                                                                  \
     if (i < n) {                                                                       \
-        cn_v16f v = CN_FSPLAT(0.0f);                                                   \
+        cn_vf v = CN_FSPLAT(0.0f);                                                     \
         memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
         v = F(v);                                                                      \
         memcpy(y + i, &v, (size_t)(n - i) * sizeof(float));                            \
     }
 
 #define CN_GRAD16_RUN(F)                                                               \
-    for (; i + 16 <= n; i += 16) {                                                     \
-        cn_v16f v, w;                                                                  \
+    for (; i + CN_FW <= n; i += CN_FW) {                                               \
+        cn_vf v, w;                                                                    \
         memcpy(&v, a + i, sizeof v);                                                   \
         memcpy(&w, dy + i, sizeof w);                                                  \
         v = w * F(v);                                                                  \
         memcpy(g + i, &v, sizeof v);                                                   \
     }                                                                                  \
     if (i < n) {                                                                       \
-        cn_v16f v = CN_FSPLAT(0.0f), w = CN_FSPLAT(0.0f);                              \
+        cn_vf v = CN_FSPLAT(0.0f), w = CN_FSPLAT(0.0f);                                \
         memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
         memcpy(&w, dy + i, (size_t)(n - i) * sizeof(float));                           \
         v = w * F(v);                                                                  \

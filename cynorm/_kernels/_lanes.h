@@ -1,12 +1,17 @@
 /* The reductions under every kernel: sums over one contiguous run in float64 lanes.
  *
  * Written with GCC/Clang vector extensions so that the lanes are explicit: each
- * function keeps 16 float64 accumulators (two vectors of 8) per quantity and combines
- * them in a fixed tree, and a scalar tail in its own accumulator. The compiler maps the
- * 8-wide vectors onto AVX-512, AVX2 or SSE2 registers; the arithmetic per lane is the
- * same on each, so the bits depend neither on the instruction set nor on the data's
- * alignment. (Plain C loops with several accumulator arrays vectorise badly: GCC splits
- * them into a mix of vector and scalar code.)
+ * function keeps 16 float64 accumulators per quantity (lane k sums the elements i with
+ * i % 16 == k) and combines them in a fixed tree (cn_total), and a scalar tail in its
+ * own accumulator. The 16 lanes are held as CN_NV vectors of the level's native width,
+ * CN_DW float64 lanes each: 2 x 512 bits with AVX-512, 4 x 256 with AVX, 8 x 128
+ * otherwise, so that they stay in registers on every level (a vector wider than the
+ * registers is split by the compiler through the stack). The arithmetic per lane and
+ * the tree are the same on each, so the bits depend neither on the instruction set nor
+ * on the data's alignment. (Plain C loops with several accumulator arrays vectorise
+ * badly: GCC splits them into a mix of vector and scalar code.) The loops over the CN_NV
+ * vectors have a constant trip count; -O3 unrolls them and keeps the vectors in
+ * registers.
  *
  * No -ffast-math and no FMA contraction (setup.py): NaN and Inf propagate.
  */
@@ -15,9 +20,44 @@
 
 #include <stddef.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
-typedef double cn_v8d __attribute__((vector_size(64)));
-typedef float cn_v8f __attribute__((vector_size(32)));
+/* the native vector width in bytes */
+#if defined(__AVX512F__)
+#define CN_VB 64
+#elif defined(__AVX__)
+#define CN_VB 32
+#else
+#define CN_VB 16
+#endif
+#define CN_DW (CN_VB / 8)  /* float64 lanes per vector: 8, 4 or 2 */
+#define CN_FW (CN_VB / 4)  /* float32 lanes per vector: 16, 8 or 4 */
+#define CN_NV (16 / CN_DW) /* vectors per 16 float64 lanes: 2, 4 or 8 */
+
+typedef double cn_vd __attribute__((vector_size(CN_VB)));
+typedef long long cn_vl __attribute__((vector_size(CN_VB)));
+typedef float cn_vf __attribute__((vector_size(CN_VB)));
+typedef int cn_vi __attribute__((vector_size(CN_VB)));
+typedef float cn_vh __attribute__((vector_size(CN_VB / 2))); /* CN_DW float32 lanes */
+
+/* initialiser lists with c in every lane of a cn_vd / cn_vl (CN_DLANES) or of a
+ * cn_vf / cn_vi (CN_FLANES) */
+#define CN_L2_(c) c, c
+#define CN_L4_(c) CN_L2_(c), CN_L2_(c)
+#define CN_L8_(c) CN_L4_(c), CN_L4_(c)
+#define CN_L16_(c) CN_L8_(c), CN_L8_(c)
+#if CN_DW == 8
+#define CN_DLANES(c) CN_L8_(c)
+#define CN_FLANES(c) CN_L16_(c)
+#elif CN_DW == 4
+#define CN_DLANES(c) CN_L4_(c)
+#define CN_FLANES(c) CN_L8_(c)
+#else
+#define CN_DLANES(c) CN_L2_(c)
+#define CN_FLANES(c) CN_L4_(c)
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CN_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
@@ -25,40 +65,85 @@ typedef float cn_v8f __attribute__((vector_size(32)));
 #define CN_PREFETCH(p) ((void)(p))
 #endif
 
-/* float32 -> float64, 8 lanes */
+/* float32 <-> float64: CN_DW lanes loaded and widened (cn_load_f32), the low or high
+ * half of a cn_vf widened (cn_widen_lo/hi), CN_DW lanes narrowed and stored
+ * (cn_store_f32). One conversion instruction each: GCC lowers __builtin_convertvector
+ * to slower shuffle sequences. */
 #if defined(__AVX512F__)
-#include <immintrin.h>
-/* one vcvtps2pd: GCC lowers __builtin_convertvector to a slower shuffle sequence */
-static inline cn_v8d cn_widen(cn_v8f v) {
-    return (cn_v8d)_mm512_cvtps_pd((__m256)v);
+static inline cn_vd cn_load_f32(const float* p) {
+    return (cn_vd)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+}
+static inline cn_vd cn_widen_lo(cn_vf v) {
+    return (cn_vd)_mm512_cvtps_pd(_mm512_castps512_ps256((__m512)v));
+}
+static inline cn_vd cn_widen_hi(cn_vf v) {
+    return (cn_vd)_mm512_cvtps_pd(
+        _mm256_castpd_ps(_mm512_extractf64x4_pd((__m512d)v, 1)));
+}
+static inline void cn_store_f32(float* p, cn_vd v) {
+    _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
 }
 #elif defined(__AVX__)
-#include <immintrin.h>
-static inline cn_v8d cn_widen(cn_v8f v) {
-    union { __m256d h[2]; cn_v8d v; } u;
-    union { cn_v8f v; __m128 h[2]; } f = {v};
-    u.h[0] = _mm256_cvtps_pd(f.h[0]);
-    u.h[1] = _mm256_cvtps_pd(f.h[1]);
-    return u.v;
+static inline cn_vd cn_load_f32(const float* p) {
+    return (cn_vd)_mm256_cvtps_pd(_mm_loadu_ps(p));
+}
+static inline cn_vd cn_widen_lo(cn_vf v) {
+    return (cn_vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v));
+}
+static inline cn_vd cn_widen_hi(cn_vf v) {
+    return (cn_vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1));
+}
+static inline void cn_store_f32(float* p, cn_vd v) {
+    _mm_storeu_ps(p, _mm256_cvtpd_ps((__m256d)v));
+}
+#elif defined(__SSE2__)
+static inline cn_vd cn_load_f32(const float* p) {
+    return (cn_vd)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline cn_vd cn_widen_lo(cn_vf v) {
+    return (cn_vd)_mm_cvtps_pd((__m128)v);
+}
+static inline cn_vd cn_widen_hi(cn_vf v) {
+    return (cn_vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)v, (__m128)v));
+}
+static inline void cn_store_f32(float* p, cn_vd v) {
+    _mm_storel_epi64((__m128i*)p, _mm_castps_si128(_mm_cvtpd_ps((__m128d)v)));
 }
 #else
-static inline cn_v8d cn_widen(cn_v8f v) {
-    return __builtin_convertvector(v, cn_v8d);
+static inline cn_vd cn_load_f32(const float* p) {
+    cn_vh h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, cn_vd);
+}
+static inline cn_vd cn_widen_lo(cn_vf v) {
+    cn_vh h;
+    memcpy(&h, &v, sizeof h);
+    return __builtin_convertvector(h, cn_vd);
+}
+static inline cn_vd cn_widen_hi(cn_vf v) {
+    cn_vh h;
+    memcpy(&h, (const char*)&v + sizeof h, sizeof h);
+    return __builtin_convertvector(h, cn_vd);
+}
+static inline void cn_store_f32(float* p, cn_vd v) {
+    cn_vh h = __builtin_convertvector(v, cn_vh);
+    memcpy(p, &h, sizeof h);
 }
 #endif
 
-static inline cn_v8f cn_loadf(const float* p) {
-    cn_v8f v;
+/* the half hi (0: low, 1: high) of v, widened */
+static inline cn_vd cn_widen_half(cn_vf v, int hi) {
+    return hi ? cn_widen_hi(v) : cn_widen_lo(v);
+}
+
+static inline cn_vf cn_loadf(const float* p) {
+    cn_vf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void cn_storef(float* p, cn_v8f v) {
+static inline void cn_storef(float* p, cn_vf v) {
     memcpy(p, &v, sizeof v);
-}
-
-static inline cn_v8d cn_load_f32(const float* p) {
-    return cn_widen(cn_loadf(p));
 }
 
 /* prefetch [p, p + nbytes) into L1, one request per cache line */
@@ -67,75 +152,87 @@ static inline void cn_prefetch_range(const void* p, ptrdiff_t nbytes) {
     for (ptrdiff_t i = 0; i < nbytes; i += 64) CN_PREFETCH(c + i);
 }
 
-static inline cn_v8d cn_load_f64(const double* p) {
-    cn_v8d v;
+static inline cn_vd cn_load_f64(const double* p) {
+    cn_vd v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-/* lanes a + b, then 8 -> 4 -> 2 -> 1, always in this order */
-static inline double cn_total(cn_v8d a, cn_v8d b) {
-    cn_v8d s = a + b;
-    double t0 = (s[0] + s[4]) + (s[2] + s[6]);
-    double t1 = (s[1] + s[5]) + (s[3] + s[7]);
-    return t0 + t1;
+static inline void cn_store_f64(double* p, cn_vd v) {
+    memcpy(p, &v, sizeof v);
 }
 
-#define CN_ZERO ((cn_v8d){0, 0, 0, 0, 0, 0, 0, 0})
+#define CN_ZERO ((cn_vd){0})
+
+/* the 16 lanes l[0..CN_NV) combined, always in this order: lane k + lane k + 8, then
+ * 8 -> 4 -> 2 -> 1 the same way (lane k + lane k + half) */
+static inline double cn_total(const cn_vd* l) {
+    cn_vd v[CN_NV];
+    double s[CN_DW];
+    int h, k;
+    for (k = 0; k < CN_NV; k++) v[k] = l[k];
+    for (h = CN_NV / 2; h >= 1; h /= 2)
+        for (k = 0; k < h; k++) v[k] = v[k] + v[k + h];
+    for (k = 0; k < CN_DW; k++) s[k] = v[0][k];
+    for (h = CN_DW / 2; h >= 1; h /= 2)
+        for (k = 0; k < h; k++) s[k] = s[k] + s[k + h];
+    return s[0];
+}
+
+/* 16 lanes, all zero */
+#define CN_LANES(a)                                                                     \
+    cn_vd a[CN_NV];                                                                     \
+    for (int a##_j = 0; a##_j < CN_NV; a##_j++) a[a##_j] = CN_ZERO
+
+/* for each of the CN_NV vectors j of 16 lanes (element offset CN_DW * j) */
+#define CN_EACH(j) for (int j = 0; j < CN_NV; j++)
 
 /* ---- sum(x) ------------------------------------------------------------------------ */
 
 /* sum(x[i:n]) of float32 data, each value widened to float64 first, continuing the
- * lanes a, b */
-static inline double cn_sum_f32_wide(const float* x, ptrdiff_t n, ptrdiff_t i, cn_v8d a,
-                                     cn_v8d b) {
+ * lanes a */
+static inline double cn_sum_f32_wide(const float* x, ptrdiff_t n, ptrdiff_t i,
+                                     cn_vd* a) {
     double tail = 0;
-    for (; i + 16 <= n; i += 16) {
-        a += cn_load_f32(x + i);
-        b += cn_load_f32(x + i + 8);
-    }
+    for (; i + 16 <= n; i += 16)
+        CN_EACH(j) a[j] += cn_load_f32(x + i + CN_DW * j);
     for (; i < n; i++) tail += x[i];
-    return cn_total(a, b) + tail;
+    return cn_total(a) + tail;
 }
 
 /* float32: the first pass of the two-pass moments only needs a mean close enough for
  * the corrected second pass, so runs of 8 steps are summed in float32 (32 float lanes,
- * error at most 8 float32 ulps of their magnitude) and those partials in float64. */
+ * error at most 8 float32 ulps of their magnitude) and those partials in float64:
+ * float lanes k and k + 16 go to float64 lane k. */
 static inline double cn_sum_f32(const float* x, ptrdiff_t n) {
     double r;
-    cn_v8d a = CN_ZERO, b = CN_ZERO;
+    CN_LANES(a);
     ptrdiff_t i = 0;
     while (i + 256 <= n) {
-        cn_v8f p0, p1, p2, p3, v;
-        memcpy(&p0, x + i, 32); memcpy(&p1, x + i + 8, 32);
-        memcpy(&p2, x + i + 16, 32); memcpy(&p3, x + i + 24, 32);
-        for (int t = 1; t < 8; t++) {
-            const float* q = x + i + 32 * t;
-            memcpy(&v, q, 32); p0 += v;
-            memcpy(&v, q + 8, 32); p1 += v;
-            memcpy(&v, q + 16, 32); p2 += v;
-            memcpy(&v, q + 24, 32); p3 += v;
-        }
-        a += cn_widen(p0) + cn_widen(p2);
-        b += cn_widen(p1) + cn_widen(p3);
+        cn_vf p[CN_NV]; /* 32 float32 lanes */
+        CN_EACH(v) p[v] = cn_loadf(x + i + CN_FW * v);
+        for (int t = 1; t < 8; t++)
+            CN_EACH(v) p[v] += cn_loadf(x + i + 32 * t + CN_FW * v);
+        CN_EACH(j) a[j] += cn_widen_half(p[j / 2], j % 2) +
+                           cn_widen_half(p[j / 2 + CN_NV / 2], j % 2);
         i += 256;
     }
-    r = cn_sum_f32_wide(x, n, i, a, b);
+    r = cn_sum_f32_wide(x, n, i, a);
     /* a float32 partial overflows for data near the float32 limit: widen everything
        then (also taken, to the same NaN or Inf, when the data hold NaN or Inf) */
-    return (r - r == 0) ? r : cn_sum_f32_wide(x, n, 0, CN_ZERO, CN_ZERO);
+    if (r - r == 0) return r;
+    CN_EACH(j) a[j] = CN_ZERO;
+    return cn_sum_f32_wide(x, n, 0, a);
 }
 
 static inline double cn_sum_f64(const double* x, ptrdiff_t n) {
-    cn_v8d a = CN_ZERO, b = CN_ZERO;
+    CN_LANES(a);
     double tail = 0;
     ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a += cn_load_f64(x + i);
-        b += cn_load_f64(x + i + 8);
-    }
+    for (; i + 16 <= n; i += 16)
+        CN_EACH(j) a[j] += cn_load_f64(x + i + CN_DW * j);
     for (; i < n; i++) tail += x[i];
-    return cn_total(a, b) + tail;
+    return cn_total(a) + tail;
 }
 
 /* ---- sum((x - m)^2) and sum(x - m) ------------------------------------------------
@@ -143,17 +240,20 @@ static inline double cn_sum_f64(const double* x, ptrdiff_t n) {
  * elements at pf (the next piece) meanwhile. pf may be x itself (a no-op). */
 
 #define CN_SQDEV_BODY(LOAD, STEP_PREFETCH)                                              \
-    cn_v8d q0 = CN_ZERO, q1 = CN_ZERO, s0 = CN_ZERO, s1 = CN_ZERO, d;                  \
+    CN_LANES(q);                                                                        \
+    CN_LANES(s);                                                                        \
+    cn_vd d;                                                                            \
     double qt = 0, st = 0, e;                                                           \
     ptrdiff_t i = 0;                                                                    \
     for (; i + 16 <= n; i += 16) {                                                      \
         STEP_PREFETCH;                                                                  \
-        d = LOAD(x + i) - m; s0 += d; q0 += d * d;                                      \
-        d = LOAD(x + i + 8) - m; s1 += d; q1 += d * d;                                  \
+        CN_EACH(j) {                                                                    \
+            d = LOAD(x + i + CN_DW * j) - m; s[j] += d; q[j] += d * d;                  \
+        }                                                                               \
     }                                                                                   \
     for (; i < n; i++) { e = x[i] - m; st += e; qt += e * e; }                          \
-    *sdev += cn_total(s0, s1) + st;                                                     \
-    return cn_total(q0, q1) + qt;
+    *sdev += cn_total(s) + st;                                                          \
+    return cn_total(q) + qt;
 
 static inline double cn_sqdev_f32(const float* x, ptrdiff_t n, double m, double* sdev,
                                   const float* pf) {
@@ -169,28 +269,34 @@ static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double
  * *sdy += sum(g), *sdyx += sum(g * (x - m)) */
 
 #define CN_GRAD_BODY(LOAD)                                                              \
-    cn_v8d a0 = CN_ZERO, a1 = CN_ZERO, b0 = CN_ZERO, b1 = CN_ZERO, g0, g1;             \
+    CN_LANES(a);                                                                        \
+    CN_LANES(b);                                                                        \
+    cn_vd g;                                                                            \
     double at = 0, bt = 0, gt;                                                          \
     ptrdiff_t i = 0;                                                                    \
     if (w == NULL) {                                                                    \
         for (; i + 16 <= n; i += 16) {                                                  \
-            g0 = LOAD(dy + i); g1 = LOAD(dy + i + 8);                                   \
-            a0 += g0; a1 += g1;                                                         \
-            b0 += g0 * (LOAD(x + i) - m); b1 += g1 * (LOAD(x + i + 8) - m);             \
+            CN_EACH(j) {                                                                \
+                g = LOAD(dy + i + CN_DW * j);                                           \
+                a[j] += g;                                                              \
+                b[j] += g * (LOAD(x + i + CN_DW * j) - m);                              \
+            }                                                                           \
         }                                                                               \
         for (; i < n; i++) { gt = dy[i]; at += gt; bt += gt * (x[i] - m); }             \
     } else {                                                                            \
         for (; i + 16 <= n; i += 16) {                                                  \
-            g0 = LOAD(dy + i) * LOAD(w + i); g1 = LOAD(dy + i + 8) * LOAD(w + i + 8);   \
-            a0 += g0; a1 += g1;                                                         \
-            b0 += g0 * (LOAD(x + i) - m); b1 += g1 * (LOAD(x + i + 8) - m);             \
+            CN_EACH(j) {                                                                \
+                g = LOAD(dy + i + CN_DW * j) * LOAD(w + i + CN_DW * j);                 \
+                a[j] += g;                                                              \
+                b[j] += g * (LOAD(x + i + CN_DW * j) - m);                              \
+            }                                                                           \
         }                                                                               \
         for (; i < n; i++) {                                                            \
             gt = (double)dy[i] * w[i]; at += gt; bt += gt * (x[i] - m);                 \
         }                                                                               \
     }                                                                                   \
-    *sdy += cn_total(a0, a1) + at;                                                      \
-    *sdyx += cn_total(b0, b1) + bt;
+    *sdy += cn_total(a) + at;                                                           \
+    *sdyx += cn_total(b) + bt;
 
 static inline void cn_grad_sums_f32(const float* dy, const float* x, const float* w,
                                     ptrdiff_t n, double m, double* sdy, double* sdyx) {
@@ -209,26 +315,30 @@ static inline void cn_grad_sums_f64(const double* dy, const double* x, const dou
  * with the row coefficients coef[5 r ...] = mh, ml, rs, mg, mgx: the mean as hi + lo,
  * mg = mean(dy * w), mgx = mean(dy * w * xhat) (w may be NULL). rstd is factored out of
  * dx so that g - mean(g) cancels before it is scaled (a constant row gets dx exact).
- * Row by row, so dy, x and dx stream; the column sums (n <= 1024: 16 KiB) stay in L1. */
+ * Row by row, so dy, x and dx stream; the column sums (n <= 1024: 16 KiB) stay in L1.
+ * Every column is computed alone, so the vector width does not change a bit. */
 static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
                                    const float* w, ptrdiff_t K, ptrdiff_t nrows,
                                    ptrdiff_t n, const float* coef, double* acc_w,
                                    double* acc_b) {
-    static const cn_v8f ones = {1, 1, 1, 1, 1, 1, 1, 1};
+    static const cn_vf ones = {CN_FLANES(1)};
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const float* c = coef + 5 * r;
         const float* dyr = dy + r * K;
         const float* xr = x + r * K;
         float* dxr = dx + r * K;
         ptrdiff_t k = 0;
-        for (; k + 8 <= n; k += 8) {
-            cn_v8f d = cn_loadf(dyr + k);
-            cn_v8f h = ((cn_loadf(xr + k) - c[0]) - c[1]) * c[2];
-            cn_v8f wk = w != NULL ? cn_loadf(w + k) : ones;
-            cn_v8d aw = cn_load_f64(acc_w + k) + cn_widen(d * h);
-            cn_v8d ab = cn_load_f64(acc_b + k) + cn_widen(d);
-            memcpy(acc_w + k, &aw, sizeof aw);
-            memcpy(acc_b + k, &ab, sizeof ab);
+        for (; k + CN_FW <= n; k += CN_FW) {
+            cn_vf d = cn_loadf(dyr + k);
+            cn_vf h = ((cn_loadf(xr + k) - c[0]) - c[1]) * c[2];
+            cn_vf wk = w != NULL ? cn_loadf(w + k) : ones;
+            cn_vf dh = d * h;
+            cn_store_f64(acc_w + k, cn_load_f64(acc_w + k) + cn_widen_lo(dh));
+            cn_store_f64(acc_w + k + CN_DW,
+                         cn_load_f64(acc_w + k + CN_DW) + cn_widen_hi(dh));
+            cn_store_f64(acc_b + k, cn_load_f64(acc_b + k) + cn_widen_lo(d));
+            cn_store_f64(acc_b + k + CN_DW,
+                         cn_load_f64(acc_b + k + CN_DW) + cn_widen_hi(d));
             cn_storef(dxr + k, (((d * wk) - c[3]) - h * c[4]) * c[2]);
         }
         for (; k < n; k++) {
@@ -251,53 +361,47 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
  * whole row pieces, never a narrow column strip down the rows, keeps the tile's lines
  * in distinct cache sets even when D is a power of two. Each lane is one column summed
  * row by row in order, so a column's bits are those of the plain scalar loop (used for
- * the last n % 8 columns), whatever the chunk or the instruction set. m2 < 0 from
+ * the last n % CN_DW columns), whatever the chunk or the instruction set. m2 < 0 from
  * rounding becomes 0; NaN stays NaN. */
 
 #define CN_COL_CHUNK 256
 
-typedef long long cn_v8l __attribute__((vector_size(64)));
-
-static inline cn_v8d cn_clamp0(cn_v8d q) {
-    cn_v8l neg = (cn_v8l)(q < CN_ZERO);  /* false for NaN */
-    return (cn_v8d)((cn_v8l)q & ~neg);
-}
-
-static inline void cn_store_f64(double* p, cn_v8d v) {
-    memcpy(p, &v, sizeof v);
+static inline cn_vd cn_clamp0(cn_vd q) {
+    cn_vl neg = (cn_vl)(q < CN_ZERO);  /* false for NaN */
+    return (cn_vd)((cn_vl)q & ~neg);
 }
 
 #define CN_COL_MOMENTS_BODY(T, LOAD)                                                    \
     const double cnt = (double)nrows;                                                   \
-    cn_v8d s[CN_COL_CHUNK / 8], d[CN_COL_CHUNK / 8], q[CN_COL_CHUNK / 8];               \
-    cn_v8d kv[CN_COL_CHUNK / 8];                                                        \
+    cn_vd s[CN_COL_CHUNK / CN_DW], d[CN_COL_CHUNK / CN_DW], q[CN_COL_CHUNK / CN_DW];    \
+    cn_vd kv[CN_COL_CHUNK / CN_DW];                                                     \
     ptrdiff_t j0, j, r, v, nv;                                                          \
-    for (j0 = 0; j0 + 8 <= n; j0 += CN_COL_CHUNK) {                                     \
-        nv = (n - j0) / 8;                                                              \
-        if (nv > CN_COL_CHUNK / 8) nv = CN_COL_CHUNK / 8;                               \
+    for (j0 = 0; j0 + CN_DW <= n; j0 += CN_COL_CHUNK) {                                 \
+        nv = (n - j0) / CN_DW;                                                          \
+        if (nv > CN_COL_CHUNK / CN_DW) nv = CN_COL_CHUNK / CN_DW;                       \
         for (v = 0; v < nv; v++) {                                                      \
             s[v] = d[v] = q[v] = CN_ZERO;                                               \
-            kv[v] = cn_load_f64(k + j0 + 8 * v);                                        \
+            kv[v] = cn_load_f64(k + j0 + CN_DW * v);                                    \
         }                                                                               \
         for (r = 0; r < nrows; r++) {                                                   \
             const T* xr = x + r * D + j0;                                               \
-            for (v = 0; v < nv; v++) s[v] += LOAD(xr + 8 * v) - kv[v];                  \
+            for (v = 0; v < nv; v++) s[v] += LOAD(xr + CN_DW * v) - kv[v];              \
         }                                                                               \
         for (v = 0; v < nv; v++) s[v] = s[v] / cnt;                                     \
         for (r = 0; r < nrows; r++) {                                                   \
             const T* xr = x + r * D + j0;                                               \
             for (v = 0; v < nv; v++) {                                                  \
-                cn_v8d e = (LOAD(xr + 8 * v) - kv[v]) - s[v];                           \
+                cn_vd e = (LOAD(xr + CN_DW * v) - kv[v]) - s[v];                        \
                 d[v] += e;                                                              \
                 q[v] += e * e;                                                          \
             }                                                                           \
         }                                                                               \
         for (v = 0; v < nv; v++) {                                                      \
-            cn_store_f64(pm + j0 + 8 * v, s[v] + d[v] / cnt);                           \
-            cn_store_f64(pq + j0 + 8 * v, cn_clamp0(q[v] - d[v] * d[v] / cnt));         \
+            cn_store_f64(pm + j0 + CN_DW * v, s[v] + d[v] / cnt);                       \
+            cn_store_f64(pq + j0 + CN_DW * v, cn_clamp0(q[v] - d[v] * d[v] / cnt));     \
         }                                                                               \
     }                                                                                   \
-    for (j = n - n % 8; j < n; j++) {                                                   \
+    for (j = n - n % CN_DW; j < n; j++) {                                               \
         double sj = 0, dj = 0, qj = 0, m, e;                                            \
         for (r = 0; r < nrows; r++) sj += x[r * D + j] - k[j];                          \
         m = sj / cnt;                                                                   \

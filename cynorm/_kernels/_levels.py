@@ -17,7 +17,9 @@ X86_64_LEVELS = (
     # AVX2; -ffp-contract=off (on every build) keeps FMA from changing any result
     ("v3", ("-march=x86-64-v3",), "X86_V3",
      ("AVX", "AVX2", "F16C", "FMA3", "BMI", "BMI2", "LZCNT", "MOVBE")),
-    # AVX-512, with 512-bit vectors (GCC prefers 256-bit ones by default)
+    # AVX-512, with 512-bit vectors (GCC prefers 256-bit ones by default). Generic
+    # tuning: on an AMD EPYC, -march=native (GCC 12: znver3 tuning and the later AVX-512
+    # extensions) gave kernels no faster than these (benchmarks/results/isa_levels.txt)
     ("v4", ("-march=x86-64-v4", "-mprefer-vector-width=512"), "X86_V4",
      ("AVX512F", "AVX512CD", "AVX512BW", "AVX512DQ", "AVX512VL")),
 )
