@@ -165,6 +165,30 @@ static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double
     CN_SQDEV_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
 }
 
+/* ---- sum(x^2): the second pass of RMSNorm's statistics (no mean) -------------------
+ * The same lanes and order as cn_sqdev with m = 0 (x - 0 is x), so the same bits,
+ * without the deviations' sum that only a centred set needs. */
+
+#define CN_SUMSQ_BODY(LOAD, STEP_PREFETCH)                                              \
+    cn_v8d q0 = CN_ZERO, q1 = CN_ZERO, d;                                               \
+    double qt = 0, e;                                                                   \
+    ptrdiff_t i = 0;                                                                    \
+    for (; i + 16 <= n; i += 16) {                                                      \
+        STEP_PREFETCH;                                                                  \
+        d = LOAD(x + i); q0 += d * d;                                                   \
+        d = LOAD(x + i + 8); q1 += d * d;                                               \
+    }                                                                                   \
+    for (; i < n; i++) { e = x[i]; qt += e * e; }                                       \
+    return cn_total(q0, q1) + qt;
+
+static inline double cn_sumsq_f32(const float* x, ptrdiff_t n, const float* pf) {
+    CN_SUMSQ_BODY(cn_load_f32, CN_PREFETCH(pf + i))
+}
+
+static inline double cn_sumsq_f64(const double* x, ptrdiff_t n, const double* pf) {
+    CN_SUMSQ_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
+}
+
 /* ---- gradient sums: g = dy * w (w may be NULL: g = dy) ----------------------------
  * *sdy += sum(g), *sdyx += sum(g * (x - m)) */
 
