@@ -111,6 +111,9 @@ cdef extern from "_lanes.h":
                           double m, double* sdy, double* sdyx) noexcept nogil
     void cn_grad_sums_f64(const double* dy, const double* x, const double* w,
                           Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_tree_merge_cols(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t n_blocks,
+                            Py_ssize_t block_rows, Py_ssize_t n_rows,
+                            Py_ssize_t n) noexcept nogil
     void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
     void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
                             const double* k, double* pm, double* pq) noexcept nogil
@@ -226,6 +229,20 @@ cdef inline void tree_merge(double* pm, double* pq, Py_ssize_t stride,
         step *= 2
     mean[0] = pm[0]
     m2[0] = pq[0]
+
+
+# Columns per work item of a vectorised tree merge: 4 cache lines of each block's row.
+cdef enum:
+    MERGE_COLS = 32
+
+
+cdef inline void tree_merge_cols(double* pm, double* pq, Py_ssize_t stride,
+                                 Py_ssize_t n_blocks, Py_ssize_t block_rows,
+                                 Py_ssize_t n_rows, Py_ssize_t n) noexcept nogil:
+    """tree_merge of the n adjacent columns pm[j], pq[j] (block q at pm[q * stride + j]),
+    in place, the results in pm[j], pq[j]: the same bits as tree_merge per column,
+    8 columns to a vector (cn_tree_merge_cols in _lanes.h)."""
+    cn_tree_merge_cols(pm, pq, stride, n_blocks, block_rows, n_rows, n)
 
 
 cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_t p,
