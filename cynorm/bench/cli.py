@@ -235,10 +235,12 @@ def run_bench(cfg, json_path=None, plot_path=None):
 def add_parser(sub):
     """The `bench` subcommand's options, on an argparse subparsers object."""
     b = sub.add_parser(
-        "bench", help="benchmark cynorm against PyTorch (CPU) and NumPy",
+        "bench", help="benchmark cynorm against PyTorch (CPU), NumPy and the optional "
+                      "anchors (ONNX Runtime, OpenVINO, JAX)",
         description="Time every op, forward and forward+backward, for cynorm, PyTorch "
-                    "(CPU, if importable) and NumPy on the same arrays; report medians, "
-                    "torch/cynorm ratios and GB/s against the copy bandwidth.")
+                    "(CPU, if importable), NumPy and, where importable, ONNX Runtime, "
+                    "OpenVINO and JAX jit on the same arrays; report medians, other/cynorm "
+                    "ratios and GB/s against the copy bandwidth.")
     b.add_argument("--quick", action="store_true",
                    help="a reduced suite (float32, 3 repeats), about a minute on 2 cores")
     b.add_argument("--ops", help=f"comma list of ops (default: all of {','.join(OPS)})")
