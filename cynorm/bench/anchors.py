@@ -112,10 +112,11 @@ def check_close(name, got, want, dtype):
     bad = ~(err <= atol + rtol * np.abs(want))
     if bad.any():
         raise AnchorUnavailable(f"{name} differs from the float64 reference (max abs "
-                                f"error {np.nanmax(err):.2e}; {x_what(dtype)}), not timed")
+                                f"error {np.nanmax(err):.2e}; {_tolerance_text(dtype)}), "
+                                "not timed")
 
 
-def x_what(dtype):
+def _tolerance_text(dtype):
     rtol, atol = tolerance(dtype)
     return f"tolerance {atol:g} + {rtol:g}|ref| for {np.dtype(dtype).name}"
 
@@ -316,29 +317,29 @@ def _jax_norm(jnp, case, eps, groups=None):
     def f(x, w, b):
         if op in ROW_OPS:
             if op == "rms_norm":
-                n = x * jax_lax_rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+                n = x * _rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
                 return n * w
             m = jnp.mean(x, axis=-1, keepdims=True)
             v = jnp.mean(jnp.square(x - m), axis=-1, keepdims=True)
-            return (x - m) * jax_lax_rsqrt(v + eps) * w + b
+            return (x - m) * _rsqrt(v + eps) * w + b
         N, C = x.shape[:2]
         bshape = (1, C) + (1,) * (x.ndim - 2)
         if op == "batch_norm":
             red = (0,) + tuple(range(2, x.ndim))
             m = jnp.mean(x, axis=red, keepdims=True)
             v = jnp.mean(jnp.square(x - m), axis=red, keepdims=True)
-            n = (x - m) * jax_lax_rsqrt(v + eps)
+            n = (x - m) * _rsqrt(v + eps)
         else:
             G = groups if op == "group_norm" else C
             xs = x.reshape(N, G, -1)
             m = jnp.mean(xs, axis=-1, keepdims=True)
             v = jnp.mean(jnp.square(xs - m), axis=-1, keepdims=True)
-            n = ((xs - m) * jax_lax_rsqrt(v + eps)).reshape(x.shape)
+            n = ((xs - m) * _rsqrt(v + eps)).reshape(x.shape)
         return n * w.reshape(bshape) + b.reshape(bshape)
     return f
 
 
-def jax_lax_rsqrt(v):
+def _rsqrt(v):
     import jax
     return jax.lax.rsqrt(v)
 
