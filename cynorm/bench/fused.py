@@ -269,4 +269,5 @@ def print_fused_report(rows, threads, anchors=()):
         print(f"{s['block']:<15}{s['threads']:>4}{s['torch_over_cn_fwd']:14.2f}"
               f"{s['torch_over_cn_fwd_bwd']:14.2f}{s['fused_over_alone_fwd']:17.2f}"
               f"{s['fused_over_alone_fwd_bwd']:17.2f}"
-              + "".join(f"{s.get(k, float('nan')):{len(h) + 2}.2f}" for h, k in heads))
+              + "".join(f"{s[k]:{len(h) + 2}.2f}" if s.get(k, float("nan")) == s.get(k)
+                        else f"{'-':>{len(h) + 2}}" for h, k in heads))
