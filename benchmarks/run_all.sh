@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full benchmark suite, as used for the README figures. Writes into benchmarks/results/:
-#   bench.txt / bench.json / bench.png   python -m cynorm bench (cynorm vs torch vs NumPy)
+#   bench.txt / bench.json / bench.png   python -m cynorm bench (cynorm vs torch vs NumPy, and
+#                                        ONNX Runtime / OpenVINO / JAX where importable)
 #   stats.txt / stats.json               benchmarks/bench_stats_algorithms.py
 #   torch_modules.txt / .json            python -m cynorm bench --torch-modules
 #   standardize.txt / standardize.json   benchmarks/bench_standardize.py

@@ -105,10 +105,15 @@ cdef extern from "_lanes.h":
                         const float* pf) noexcept nogil
     double cn_sqdev_f64(const double* x, Py_ssize_t n, double m, double* sdev,
                         const double* pf) noexcept nogil
+    double cn_sumsq_f32(const float* x, Py_ssize_t n, const float* pf) noexcept nogil
+    double cn_sumsq_f64(const double* x, Py_ssize_t n, const double* pf) noexcept nogil
     void cn_grad_sums_f32(const float* dy, const float* x, const float* w, Py_ssize_t n,
                           double m, double* sdy, double* sdyx) noexcept nogil
     void cn_grad_sums_f64(const double* dy, const double* x, const double* w,
                           Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_tree_merge_cols(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t n_blocks,
+                            Py_ssize_t block_rows, Py_ssize_t n_rows,
+                            Py_ssize_t n) noexcept nogil
     void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
     void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
                             const double* k, double* pm, double* pq) noexcept nogil
@@ -138,6 +143,17 @@ cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m, double*
         return cn_sqdev_f32(x, n, m, sdev, pf)
     else:
         return cn_sqdev_f64(x, n, m, sdev, pf)
+
+
+cdef inline double lane_sumsq(const floating* x, Py_ssize_t n,
+                              const floating* pf) noexcept nogil:
+    """sum(x**2): lane_sqdev with m = 0 (the same bits), prefetching pf likewise."""
+    if pf == NULL:
+        pf = x
+    if floating is float:
+        return cn_sumsq_f32(x, n, pf)
+    else:
+        return cn_sumsq_f64(x, n, pf)
 
 
 cdef inline void welford_update(const floating* x, Py_ssize_t n, double* cnt, double* mean,
@@ -215,6 +231,20 @@ cdef inline void tree_merge(double* pm, double* pq, Py_ssize_t stride,
     m2[0] = pq[0]
 
 
+# Columns per work item of a vectorised tree merge: 4 cache lines of each block's row.
+cdef enum:
+    MERGE_COLS = 32
+
+
+cdef inline void tree_merge_cols(double* pm, double* pq, Py_ssize_t stride,
+                                 Py_ssize_t n_blocks, Py_ssize_t block_rows,
+                                 Py_ssize_t n_rows, Py_ssize_t n) noexcept nogil:
+    """tree_merge of the n adjacent columns pm[j], pq[j] (block q at pm[q * stride + j]),
+    in place, the results in pm[j], pq[j]: the same bits as tree_merge per column,
+    8 columns to a vector (cn_tree_merge_cols in _lanes.h)."""
+    cn_tree_merge_cols(pm, pq, stride, n_blocks, block_rows, n_rows, n)
+
+
 cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_t p,
                                int welford, int centered, const floating* pf,
                                double* cnt, double* mean, double* m2) noexcept nogil:
@@ -240,8 +270,12 @@ cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_
         m = s / c
     s = 0
     for r in range(nruns):
-        q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s,
-                        pf if nruns == 1 else NULL)
+        if centered:
+            q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s,
+                            pf if nruns == 1 else NULL)
+        else:
+            q += lane_sumsq(xs + (run0 + r) * L.run_stride + e0, elen,
+                            pf if nruns == 1 else NULL)
     if centered:
         # corrected two-pass (Chan, Golub & LeVeque): the deviations' sum s recovers
         # the error of the first pass's mean (constant data gives var exactly 0)

@@ -265,6 +265,30 @@ static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double
     CN_SQDEV_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
 }
 
+/* ---- sum(x^2): the second pass of RMSNorm's statistics (no mean) -------------------
+ * The same lanes and order as cn_sqdev with m = 0 (x - 0 is x), so the same bits,
+ * without the deviations' sum that only a centred set needs. */
+
+#define CN_SUMSQ_BODY(LOAD, STEP_PREFETCH)                                              \
+    cn_v8d q0 = CN_ZERO, q1 = CN_ZERO, d;                                               \
+    double qt = 0, e;                                                                   \
+    ptrdiff_t i = 0;                                                                    \
+    for (; i + 16 <= n; i += 16) {                                                      \
+        STEP_PREFETCH;                                                                  \
+        d = LOAD(x + i); q0 += d * d;                                                   \
+        d = LOAD(x + i + 8); q1 += d * d;                                               \
+    }                                                                                   \
+    for (; i < n; i++) { e = x[i]; qt += e * e; }                                       \
+    return cn_total(q0, q1) + qt;
+
+static inline double cn_sumsq_f32(const float* x, ptrdiff_t n, const float* pf) {
+    CN_SUMSQ_BODY(cn_load_f32, CN_PREFETCH(pf + i))
+}
+
+static inline double cn_sumsq_f64(const double* x, ptrdiff_t n, const double* pf) {
+    CN_SUMSQ_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
+}
+
 /* ---- gradient sums: g = dy * w (w may be NULL: g = dy) ----------------------------
  * *sdy += sum(g), *sdyx += sum(g * (x - m)) */
 
@@ -425,6 +449,50 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
                                       ptrdiff_t n, const double* k, double* pm,
                                       double* pq) {
     CN_COL_MOMENTS_BODY(double, cn_load_f64)
+}
+
+/* ---- pairwise block merge of n adjacent columns --------------------------------------
+ * tree_merge (_common.pxd) for the n adjacent columns pm[j], pq[j] (block q of column j
+ * at pm[q * stride + j]): the same tree, and per column the same operations in the same
+ * order as its chan_merge, so the same bits. The counts of a merge are the same for
+ * every column, so its two factors are formed once, and 8 columns share each vector
+ * operation and each cache line of the blocks' partials (a column at a time walks a
+ * stride-apart line per block and divides twice per merge). */
+static inline void cn_tree_merge_cols(double* pm, double* pq, ptrdiff_t stride,
+                                      ptrdiff_t n_blocks, ptrdiff_t block_rows,
+                                      ptrdiff_t n_rows, ptrdiff_t n) {
+    for (ptrdiff_t step = 1; step < n_blocks; step *= 2) {
+        for (ptrdiff_t q = 0; q + step < n_blocks; q += 2 * step) {
+            double ca = (double)(step * block_rows);
+            double cb = (double)((q + 2 * step >= n_blocks ? n_rows
+                                  : (q + 2 * step) * block_rows) - (q + step) * block_rows);
+            double* am = pm + q * stride;
+            double* aq = pq + q * stride;
+            const double* bm = pm + (q + step) * stride;
+            const double* bq = pq + (q + step) * stride;
+            ptrdiff_t j = 0;
+            if (cb == 0) continue;
+            if (ca == 0) {
+                memcpy(am, bm, n * sizeof(double));
+                memcpy(aq, bq, n * sizeof(double));
+                continue;
+            }
+            double tot = ca + cb;
+            double fm = cb / tot, fq = (ca * cb) / tot;
+            for (; j + 8 <= n; j += 8) {
+                cn_v8d ma = cn_load_f64(am + j), d = cn_load_f64(bm + j) - ma;
+                cn_v8d qa = (cn_load_f64(aq + j) + cn_load_f64(bq + j)) + (d * d) * fq;
+                ma = ma + d * fm;
+                memcpy(am + j, &ma, sizeof ma);
+                memcpy(aq + j, &qa, sizeof qa);
+            }
+            for (; j < n; j++) {
+                double d = bm[j] - am[j];
+                am[j] = am[j] + d * fm;
+                aq[j] = (aq[j] + bq[j]) + (d * d) * fq;
+            }
+        }
+    }
 }
 
 #endif

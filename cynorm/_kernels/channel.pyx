@@ -13,7 +13,7 @@ rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column moments
 (col_tile_moments, shared with the batched columns of standardize; of x minus the
 channel's first value, or a given shift, so that block means keep the spread's digits on
 offset data) or gradient sums with contiguous, vectorised loops and merges them per
-channel in column order; the per-block moments merge per channel pairwise (tree_merge),
+channel in column order; the per-block moments merge per channel pairwise (tree_merge_cols),
 the gradient sums in block order; the apply runs row by row with per-channel
 coefficients. Scratch: two float64 per channel and row block beyond the first, at most
 1/16 of a float32 input; with a single row block the moments go straight into the
@@ -31,7 +31,8 @@ from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
     affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
-    set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge,
+    set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
+    MERGE_COLS,
 )
 from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
 
@@ -170,11 +171,15 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
             _col_tile_moments(x, D, HW, r0, N if blk == nb - 1 else r0 + COL_ROWS, c0,
                               min(c0 + cpt, C), welford, shift, pm + blk * C,
                               pq + blk * C)
+        if nb > 1:
+            # the blocks pairwise, in place in block 0's slots (block q holds
+            # COL_ROWS * HW elements, the last the rest), MERGE_COLS channels at once
+            for t in prange((C + MERGE_COLS - 1) // MERGE_COLS, nogil=True,
+                            num_threads=nt, schedule="static"):
+                c0 = t * MERGE_COLS
+                tree_merge_cols(pm + c0, pq + c0, C, nb, COL_ROWS * HW, N * HW,
+                                min(MERGE_COLS, C - c0))
         for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-            if nb > 1:
-                # the blocks pairwise, in place in block 0's slots (block q holds
-                # COL_ROWS * HW elements, the last the rest)
-                tree_merge(pm + c, pq + c, C, nb, COL_ROWS * HW, N * HW, pm + c, pq + c)
             m = pm[c]
             m2 = pq[c]
             mean[c] = m if shift != NULL else x[c * HW] + m

@@ -10,7 +10,7 @@ column path): no gathers, no transposes.
 A work item is a tile: batch b, columns [j0, j0 + width), all M rows. Its statistics are
 COL_ROWS-row blocks of per-column moments of x - x[b, 0, j] (the shift keeps the block
 means small, so merging them loses nothing to the data's offset) merged pairwise in a
-fixed tree (tree_merge); the width
+fixed tree (tree_merge_cols); the width
 is chosen so that the tile (M rows) stays in L2 for the apply that follows, so x is read
 from DRAM once. When even a narrow tile would not fit (large M), or there are fewer than
 4 tiles per thread, the (block, tile) moments are shared out among the threads instead,
@@ -29,7 +29,7 @@ from cython.parallel cimport prange
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge, inv_std, var_divisor, data,
+    COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols, inv_std, var_divisor, data,
 )
 
 import numpy as np
@@ -85,16 +85,15 @@ cdef inline void _tile_merge(double* part, const double* shift, double* mean,
                              Py_ssize_t b, Py_ssize_t j0, Py_ssize_t j1, double div,
                              double eps) noexcept nogil:
     """mean[b * J + j], rstd[b * J + j] for j in [j0, j1): the blocks' moments merged
-    pairwise (tree_merge; overwrites their part entries)."""
+    pairwise (tree_merge_cols, all the tile's columns at once; overwrites their part
+    entries)."""
     cdef Py_ssize_t n_blocks = (M + COL_ROWS - 1) // COL_ROWS, j
-    cdef double* pm
-    cdef double m2
+    cdef double* pm = part + b * n_blocks * J
+    cdef double* pq = pm + B * n_blocks * J
+    tree_merge_cols(pm + j0, pq + j0, J, n_blocks, COL_ROWS, M, j1 - j0)
     for j in range(j0, j1):
-        pm = part + b * n_blocks * J + j
-        tree_merge(pm, pm + B * n_blocks * J, J, n_blocks, COL_ROWS, M, &mean[b * J + j],
-                   &m2)
-        mean[b * J + j] += shift[b * J + j]
-        rstd[b * J + j] = inv_std(m2, div, eps)
+        mean[b * J + j] = pm[j] + shift[b * J + j]
+        rstd[b * J + j] = inv_std(pq[j], div, eps)
 
 
 cdef inline void _apply_row(const floating* x, floating* y, const double* cm,

@@ -57,7 +57,15 @@ cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
     if floating is float and f32_xhat_ok(rstd):
         split_mean(mean, &mh, &ml)
         rs = <float>rstd
-        if w != NULL and b != NULL:
+        if mean == 0 and b == NULL:
+            # RMSNorm: x - 0 is x, so the same bits without the two subtractions
+            if w != NULL:
+                for k in range(k0, k1):
+                    y[k] = x[k] * rs * w[k]
+            else:
+                for k in range(k0, k1):
+                    y[k] = x[k] * rs
+        elif w != NULL and b != NULL:
             for k in range(k0, k1):
                 y[k] = ((x[k] - mh) - ml) * rs * w[k] + b[k]
         elif w != NULL:

@@ -8,6 +8,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from cynorm.bench import anchors as anchor_mod
 from cynorm.bench.impls import Missing, cynorm_op
 from cynorm.bench.machine import (
     _cpu_name,
@@ -23,6 +24,7 @@ from cynorm.bench.report import (
     BANDWIDTH_COLUMNS,
     Progress,
     _write_json,
+    anchor_summaries,
     geomean_summary,
     print_report,
     print_table,
@@ -61,8 +63,38 @@ def parse_threads(text):
     return out
 
 
-Config = namedtuple("Config",
-                    "suite_name cases ops dtypes threads repeats copy_bytes bandwidth")
+Config = namedtuple("Config", "suite_name cases ops dtypes threads repeats copy_bytes "
+                              "bandwidth anchors")
+
+
+def parse_anchors(text):
+    """The --anchors option: None for every importable anchor ("auto"), [] for "none",
+    else the listed keys (ValueError on an unknown one)."""
+    text = (text or "auto").strip()
+    if text == "auto":
+        return None
+    if text == "none":
+        return []
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    known = [k for k, _, _ in anchor_mod.ANCHORS]
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ValueError(f"unknown anchor(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(known)}, auto or none")
+    return keys
+
+
+def resolve_anchors(cfg):
+    """{key: version} of the anchors this run times: those asked for (all by default)
+    that are importable. Before JAX is imported, a run at 1 thread only sizes XLA's
+    pool to one thread."""
+    if cfg.anchors == []:
+        return {}
+    if cfg.threads == [1]:
+        import sys
+        if "jax" not in sys.modules:
+            anchor_mod.limit_jax_threads()
+    return anchor_mod.available(cfg.anchors)
 
 
 def bench_config(args):
@@ -84,15 +116,21 @@ def bench_config(args):
         threads = parse_threads(args.threads)
     except ValueError as e:
         raise ValueError(f"--threads: {e}") from None
+    try:
+        anchor_keys = parse_anchors(getattr(args, "anchors", None))
+    except ValueError as e:
+        raise ValueError(f"--anchors: {e}") from None
     return Config(suite_name, [c for c in suite if c.op in ops], ops, dtypes, threads,
                   args.repeats or (7 if suite_name == "full" else 3),
-                  TINY_COPY_BYTES if args.tiny else copy_array_bytes(), args.bandwidth)
+                  TINY_COPY_BYTES if args.tiny else copy_array_bytes(), args.bandwidth,
+                  anchor_keys)
 
 
-def _meta(cn, torch, cfg):
+def _meta(cn, torch, cfg, anchors=None):
     import cynorm._kernels as kernels
     from cynorm._kernels.runtime import openmp_enabled
     return {
+        "anchors": {anchor_mod.LABELS[k]: v for k, v in (anchors or {}).items()},
         "cynorm": cn.__version__, "numpy": np.__version__, "kernels": kernels.LEVEL,
         "torch": torch.__version__ if torch else None, "openmp": openmp_enabled(),
         "python": platform.python_version(), "cpu": _cpu_name(), "cores": all_threads(),
@@ -115,10 +153,13 @@ def run_bench(cfg, json_path=None, plot_path=None):
     runnable = [op for op in cfg.ops if not any(s.startswith(op + ":") for s in skipped)]
     cases = [c for c in cfg.cases if c.op in runnable]
 
-    meta = _meta(cn, torch, cfg)
+    anchors = resolve_anchors(cfg)
+    meta = _meta(cn, torch, cfg, anchors)
     print(f"cynorm {meta['cynorm']}  numpy {meta['numpy']}  "
           f"torch {meta['torch'] or '(not installed)'}  "
           f"OpenMP {'on' if meta['openmp'] else 'off'}  kernels {meta['kernels']}")
+    if anchors:
+        print("anchors: " + "; ".join(f"{k} {v}" for k, v in meta["anchors"].items()))
     print(f"CPU: {meta['cpu']}, {meta['cores']} usable cores; L3 "
           f"{(meta['llc_bytes'] or 0) >> 20} MiB; threads {cfg.threads}; "
           f"median of {cfg.repeats} repeats")
@@ -143,7 +184,7 @@ def run_bench(cfg, json_path=None, plot_path=None):
                                f"~{need >> 20} MiB, {avail >> 20} MiB available")
                 continue
             rows += bench_case(case, dtype, cfg.threads, cfg.repeats, cn, torch, copy_bw,
-                               rng, progress)
+                               rng, progress, anchors=list(anchors), notes=skipped)
     progress.close()
     tiny_rows = []
     if TINY_CALL.op in runnable and cfg.suite_name != "tiny":
@@ -156,7 +197,8 @@ def run_bench(cfg, json_path=None, plot_path=None):
         bw_rows = bench_bandwidth(bw_cases, cfg.threads, cfg.repeats, cn, copy_bw, rng)
 
     summary = geomean_summary(rows, cfg.threads)
-    print_report(rows, tiny_rows, summary, cfg.threads)
+    others = anchor_summaries(rows, cfg.threads, list(anchors))
+    print_report(rows, tiny_rows, summary, cfg.threads, list(anchors), others)
     if bw_rows:
         print(f"\nfloat32 arrays of {cfg.copy_bytes >> 20} MiB (as the copy's), out=: GB/s "
               "moved (fwd: x, y; bwd: dy, x, dx) and % of the copy bandwidth")
@@ -173,6 +215,10 @@ def run_bench(cfg, json_path=None, plot_path=None):
             "summary_geomean_torch_over_cynorm": [
                 {k if isinstance(k, str) else f"{k}_threads": v for k, v in s.items()}
                 for s in summary],
+            "summary_geomean_anchor_over_cynorm": {
+                anchor_mod.LABELS[k]: [{kk if isinstance(kk, str) else f"{kk}_threads": v
+                                        for kk, v in s.items()} for s in summ]
+                for k, summ in others.items()},
             "skipped": skipped,
         })
         print(f"\nwrote {json_path}")
@@ -189,10 +235,12 @@ def run_bench(cfg, json_path=None, plot_path=None):
 def add_parser(sub):
     """The `bench` subcommand's options, on an argparse subparsers object."""
     b = sub.add_parser(
-        "bench", help="benchmark cynorm against PyTorch (CPU) and NumPy",
+        "bench", help="benchmark cynorm against PyTorch (CPU), NumPy and the optional "
+                      "anchors (ONNX Runtime, OpenVINO, JAX)",
         description="Time every op, forward and forward+backward, for cynorm, PyTorch "
-                    "(CPU, if importable) and NumPy on the same arrays; report medians, "
-                    "torch/cynorm ratios and GB/s against the copy bandwidth.")
+                    "(CPU, if importable), NumPy and, where importable, ONNX Runtime, "
+                    "OpenVINO and JAX jit on the same arrays; report medians, other/cynorm "
+                    "ratios and GB/s against the copy bandwidth.")
     b.add_argument("--quick", action="store_true",
                    help="a reduced suite (float32, 3 repeats), about a minute on 2 cores")
     b.add_argument("--ops", help=f"comma list of ops (default: all of {','.join(OPS)})")
@@ -216,6 +264,12 @@ def add_parser(sub):
                         "against its torch.nn twin (suite shapes, tiny calls by minimum "
                         "and p90, a mixed conv model), inference and training step; "
                         "a few minutes with --quick")
+    b.add_argument("--anchors", default="auto",
+                   help="optional comparison columns: a comma list of ort (ONNX Runtime), "
+                        "ov (OpenVINO), jax (JAX jit); 'auto' (default) = each one that is "
+                        "importable, 'none' = torch only. Each is checked against the "
+                        "float64 reference before it is timed. JAX runs only at the "
+                        "thread count its pool has (all cores; 1 with --threads 1)")
     b.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     return b
 
@@ -262,19 +316,27 @@ def run_torch_module_section(cfg, json_path, parser):
 def run_fused_bench(cfg, json_path=None):
     """The fused-block suite (cynorm.bench.fused) with the run's threads and repeats."""
     import cynorm as cn
-    from cynorm.bench.fused import HEADER, print_fused_report, run_fused, summary
+    from cynorm.bench.fused import FUSED_ANCHORS, header, print_fused_report, run_fused, \
+        summary
 
     torch = _import_torch()
-    meta = _meta(cn, torch, cfg)
+    anchors = {k: v for k, v in resolve_anchors(cfg).items() if k in FUSED_ANCHORS}
+    meta = _meta(cn, torch, cfg, anchors)
     print(f"fused blocks, float32; cynorm {meta['cynorm']}, torch "
           f"{meta['torch'] or '(not installed)'}; CPU: {meta['cpu']}, {meta['cores']} "
           f"cores; threads {cfg.threads}; median of {cfg.repeats} repeats; times in ms")
-    print(HEADER)
+    if anchors:
+        print("anchors (allocating rows; time over cynorm's fused time): "
+              + "; ".join(f"{k} {v}" for k, v in meta["anchors"].items()))
+    print(header(list(anchors)))
+    notes = []
     rows = run_fused(cn, torch, cfg.threads, cfg.repeats, quick=cfg.suite_name != "full",
-                     tiny=cfg.suite_name == "tiny")
-    print_fused_report(rows, cfg.threads)
+                     tiny=cfg.suite_name == "tiny", anchors=list(anchors), notes=notes)
+    print_fused_report(rows, cfg.threads, list(anchors))
+    for m in notes:
+        print("note: " + m)
     if json_path:
-        _write_json(json_path, {"meta": meta, "fused": rows,
+        _write_json(json_path, {"meta": meta, "fused": rows, "notes": notes,
                                 "summary": summary(rows, cfg.threads)})
         print(f"\nwrote {json_path}")
     return 0

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from cynorm.bench.anchors import LABELS, fused_anchor_calls
 from cynorm.bench.timing import thread_count, time_calls
 
 GN_SHAPES = [(2, 320, 64, 64), (4, 128, 64, 64), (8, 256, 56, 56), (1, 512, 128, 128),
@@ -34,6 +35,10 @@ def fused_cases(quick=False, tiny=False):
             + [("add_rms_norm", s) for s in rows])
 
 
+class _Calls(dict):
+    """{name: fn}, with .arrays: the block's inputs (for the anchors)."""
+
+
 def _gn_calls(cn, torch, shape, rng, out_mode):
     """{name: fn} for one GroupNorm+SiLU shape: forward and forward+backward."""
     C = shape[1]
@@ -43,10 +48,10 @@ def _gn_calls(cn, torch, shape, rng, out_mode):
     b = (0.1 * rng.standard_normal(C)).astype(np.float32)
     y = np.empty_like(x) if out_mode else None
     dx = np.empty_like(x) if out_mode else None
-    calls = {
+    calls = _Calls({
         "cn_fused_fwd": lambda: cn.group_norm(x, GROUPS, w, b, out=y, activation="silu"),
         "cn_alone_fwd": lambda: cn.group_norm(x, GROUPS, w, b, out=y),
-    }
+    })
 
     def cn_fused_fb():
         yy, m, r = cn.group_norm(x, GROUPS, w, b, out=y, activation="silu",
@@ -59,6 +64,7 @@ def _gn_calls(cn, torch, shape, rng, out_mode):
 
     calls["cn_fused_fb"] = cn_fused_fb
     calls["cn_alone_fb"] = cn_alone_fb
+    calls.arrays = dict(x=x, w=w, b=b, dy=dy)
     if torch is not None:
         F = torch.nn.functional
         xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
@@ -112,12 +118,13 @@ def _row_calls(cn, torch, block, shape, rng, out_mode):
         res = norm(s, out=y, return_stats=True)
         norm_bwd(dy, s, res, out=dx)
 
-    calls = {
+    calls = _Calls({
         "cn_fused_fwd": lambda: norm(x, out=y, residual=r, residual_out=h),
         "cn_alone_fwd": lambda: norm(s, out=y),
         "cn_fused_fb": cn_fused_fb,
         "cn_alone_fb": cn_alone_fb,
-    }
+    })
+    calls.arrays = dict(x=x, w=w, b=b, r=r, dy=dy)
     if torch is not None:
         F = torch.nn.functional
         xt, rt, dyt = torch.from_numpy(x), torch.from_numpy(r), torch.from_numpy(dy)
@@ -152,10 +159,18 @@ def _ratio(a, b):
     return a / b if a and b else float("nan")
 
 
-def run_fused(cn, torch, threads, repeats, quick=False, tiny=False, progress=print):
-    """Time every fused case; a list of result dicts (times in seconds)."""
+FUSED_ANCHORS = ("ov", "jax")  # the anchors with a fused graph (OpenVINO) or jit (JAX)
+
+
+def run_fused(cn, torch, threads, repeats, quick=False, tiny=False, progress=print,
+              anchors=(), notes=None):
+    """Time every fused case; a list of result dicts (times in seconds). anchors: keys
+    of the optional anchors (cynorm.bench.anchors) timed beside, allocating, in the
+    allocating rows only; each is checked against the float64 composite first and
+    `notes` receives why one has no cell."""
     rng = np.random.default_rng(0)
     rows = []
+    keys = [k for k in anchors if k in FUSED_ANCHORS]
     for block, shape in fused_cases(quick, tiny):
         for out_mode in (False, True):
             if block == "gn_silu":
@@ -163,12 +178,19 @@ def run_fused(cn, torch, threads, repeats, quick=False, tiny=False, progress=pri
             else:
                 calls = _row_calls(cn, torch, block, shape, rng, out_mode)
             for n in threads:
+                extra = {}
                 with thread_count(n, torch):
-                    t = time_calls(calls, repeats)
+                    if keys and not out_mode:
+                        a = calls.arrays
+                        extra, why = fused_anchor_calls(block, n, keys, a["x"], a["w"],
+                                                        a["b"], a.get("r"), a["dy"], GROUPS)
+                        if notes is not None:
+                            notes += [m for m in why if m not in notes]
+                    t = time_calls({**calls, **extra}, repeats)
                 row = {"block": block, "shape": list(shape), "threads": n,
                        "out": out_mode, **{k: v for k, v in t.items()}}
                 rows.append(row)
-                progress(format_row(row))
+                progress(format_row(row, keys))
     return rows
 
 
@@ -177,7 +199,28 @@ HEADER = (f"{'block':<15}{'shape':<20}{'thr':>4} {'mode':<6}"
           f"   |{'fwd+bwd cn':>11}{'torch':>10}{'torch/cn':>9}{'fused/alone':>12}")
 
 
-def format_row(row):
+def header(anchors=()):
+    """HEADER with the anchor ratio columns of format_row."""
+    return HEADER + _anchor_cells(anchors, None)
+
+
+def _anchor_cells(anchors, row):
+    """The anchors' ratio cells (their time over cynorm's fused time), or their heads."""
+    out = "   |" if anchors else ""
+    for k in anchors:
+        for kind, ours in (("fwd", "cn_fused_fwd"), ("fb", "cn_fused_fb")):
+            if kind == "fb" and k != "jax":
+                continue
+            head = f"{LABELS[k]}/cn" + (" f+b" if kind == "fb" else "")
+            if row is None:
+                out += f"{head:>{len(head) + 2}}"
+            else:
+                v = _ratio(row.get(f"{k}_{kind}"), row[ours])
+                out += f"{v:{len(head) + 2}.2f}" if v == v else f"{'-':>{len(head) + 2}}"
+    return out
+
+
+def format_row(row, anchors=()):
     ms = lambda v: f"{v * 1e3:10.3f}" if v else f"{'-':>10}"  # noqa: E731
     f, a, t = row["cn_fused_fwd"], row["cn_alone_fwd"], row.get("torch_fwd")
     fb, ab, tb = row["cn_fused_fb"], row["cn_alone_fb"], row.get("torch_fb")
@@ -185,7 +228,7 @@ def format_row(row):
     return (f"{row['block']:<15}{shape:<20}{row['threads']:>4} "
             f"{'out=' if row['out'] else 'alloc':<6}{ms(f)}{ms(a)}{ms(t)}"
             f"{_ratio(t, f):9.2f}{_ratio(f, a):12.2f}   |{ms(fb)} {ms(tb)}"
-            f"{_ratio(tb, fb):9.2f}{_ratio(fb, ab):12.2f}")
+            f"{_ratio(tb, fb):9.2f}{_ratio(fb, ab):12.2f}" + _anchor_cells(anchors, row))
 
 
 def summary(rows, threads):
@@ -203,7 +246,10 @@ def summary(rows, threads):
                 vals = [v for v in vals if v == v]
                 return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else float("nan")
 
-            out.append({"block": block, "threads": n,
+            extra = {f"{k}_over_cn_{kind}": gm(f"{k}_{kind}", f"cn_fused_{kind}")
+                     for k in ("ov", "jax") for kind in ("fwd", "fb")
+                     if any(r.get(f"{k}_{kind}") for r in sel)}
+            out.append({"block": block, "threads": n, **extra,
                         "torch_over_cn_fwd": gm("torch_fwd", "cn_fused_fwd"),
                         "torch_over_cn_fwd_bwd": gm("torch_fb", "cn_fused_fb"),
                         "fused_over_alone_fwd": gm("cn_fused_fwd", "cn_alone_fwd"),
@@ -211,11 +257,17 @@ def summary(rows, threads):
     return out
 
 
-def print_fused_report(rows, threads):
-    print("\ngeometric means over shapes and output modes:")
+def print_fused_report(rows, threads, anchors=()):
+    keys = [k for k in anchors if k in FUSED_ANCHORS]
+    heads = [(f"{LABELS[k]}/cn {'f+b' if kind == 'fb' else kind}", f"{k}_over_cn_{kind}")
+             for k in keys for kind in ("fwd", "fb") if kind == "fwd" or k == "jax"]
+    print("\ngeometric means over shapes and output modes (anchors: allocating rows):")
     print(f"{'block':<15}{'thr':>4}{'torch/cn fwd':>14}{'torch/cn f+b':>14}"
-          f"{'fused/alone fwd':>17}{'fused/alone f+b':>17}")
+          f"{'fused/alone fwd':>17}{'fused/alone f+b':>17}"
+          + "".join(f"{h:>{len(h) + 2}}" for h, _ in heads))
     for s in summary(rows, threads):
         print(f"{s['block']:<15}{s['threads']:>4}{s['torch_over_cn_fwd']:14.2f}"
               f"{s['torch_over_cn_fwd_bwd']:14.2f}{s['fused_over_alone_fwd']:17.2f}"
-              f"{s['fused_over_alone_fwd_bwd']:17.2f}")
+              f"{s['fused_over_alone_fwd_bwd']:17.2f}"
+              + "".join(f"{s[k]:{len(h) + 2}.2f}" if s.get(k, float("nan")) == s.get(k)
+                        else f"{'-':>{len(h) + 2}}" for h, k in heads))

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 
+from cynorm.bench.anchors import CaseAnchors
 from cynorm.bench.impls import _impls, cynorm_op
 from cynorm.bench.suite import PASSES, Case, case_label, make_arrays
 from cynorm.bench.timing import thread_count, time_calls
@@ -37,24 +38,43 @@ def _instability(spreads, row, first):
     return "unstable: " + ", ".join(why) if why else None
 
 
+def anchor_fields(t, anchor_keys, graphs=None):
+    """The row's anchor cells from the timings t (seconds by column key): `<key>_s` and
+    `<key>_over_cynorm` (None where the anchor has no time for this row)."""
+    out = {}
+    for key in anchor_keys:
+        s = t.get(key)
+        out[f"{key}_s"] = s
+        out[f"{key}_over_cynorm"] = s / t["cynorm"] if s and t.get("cynorm") else None
+        if graphs and key in graphs:
+            out[f"{key}_graph"] = graphs[key]
+    return out
+
+
 def bench_case(case, dtype, thread_counts, repeats, cn, torch, copy_bw, rng,
-               progress=None):
+               progress=None, anchors=(), notes=None):
     """One row per (thread count, pass) for one case and dtype. NumPy is single-threaded
-    and is timed once, at the first thread count, and reported on every row."""
+    and is timed once, at the first thread count, and reported on every row.
+    anchors: the keys of the optional anchors to time beside (cynorm.bench.anchors),
+    each checked against the float64 reference first; notes: a list that receives why
+    an anchor has no cell."""
     x, dy, w, b = make_arrays(case, dtype, rng)
     impls = _impls(case, cn, torch, x, dy, w, b)
+    extra = CaseAnchors(case, x, dy, w, b, anchors) if anchors else None
     rows, numpy_s = [], {}
     for i, n in enumerate(thread_counts):
         if i == 1:
             for fns in impls.values():
                 fns.pop("numpy", None)
         with thread_count(n, torch):
+            anchor_calls = extra.calls(n) if extra else {}
             for pass_ in PASSES:
                 if progress:
                     progress.step(f"{case.op} {case_label(case)} {np.dtype(dtype).name} "
                                   f"t={n} {pass_}")
                 spreads = {}
-                t = time_calls(impls[pass_], repeats, spreads=spreads)
+                t = time_calls({**impls[pass_], **anchor_calls.get(pass_, {})}, repeats,
+                               spreads=spreads)
                 if i == 0:
                     numpy_s[pass_] = t.get("numpy")
                 nbytes = bytes_moved(case, np.dtype(dtype).itemsize, pass_)
@@ -70,11 +90,14 @@ def bench_case(case, dtype, thread_counts, repeats, cn, torch, copy_bw, rng,
                     "gbps": gbps,
                     "pct_copy": 100.0 * gbps / copy_bw[n] if n in copy_bw else None,
                     "spread": spreads,
+                    **anchor_fields(t, anchors, extra.graphs if extra else None),
                 })
                 first = next((r for r in rows if r["pass"] == pass_), None)
                 row = rows[-1]
                 row["unstable"] = _instability(spreads, row,
                                                first if first is not row else None)
+    if extra is not None and notes is not None:
+        notes += [m for m in extra.notes if m not in notes]
     return rows
 
 

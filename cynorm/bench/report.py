@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+from cynorm.bench.anchors import LABELS
 from cynorm.bench.suite import OPS, PASSES, TINY_CALL, Case, case_label
 
 
@@ -58,6 +59,19 @@ MAIN_COLUMNS = [
     ("note", lambda r: r.get("unstable") or "", ""),
 ]
 
+def _stable_ratio(key):
+    return lambda r: None if r.get("unstable") else r.get(key)
+
+
+def main_columns(anchor_keys=()):
+    """MAIN_COLUMNS with one ratio column per optional anchor in the run (other's time /
+    cynorm's, > 1: cynorm is faster), after torch's."""
+    at = next(i for i, c in enumerate(MAIN_COLUMNS) if c[0] == "torch/cy") + 1
+    extra = [(f"{LABELS[k]}/cy", _stable_ratio(f"{k}_over_cynorm"), ".2f")
+             for k in anchor_keys]
+    return MAIN_COLUMNS[:at] + extra + MAIN_COLUMNS[at:]
+
+
 TINY_COLUMNS = [
     ("op", "op", ""),
     ("shape", lambda r: case_label(Case(r["op"], tuple(r["shape"]), r["groups"])), ""),
@@ -82,16 +96,17 @@ BANDWIDTH_COLUMNS = [
 ]
 
 
-def geomean_summary(rows, thread_counts):
-    """Per op and pass: geometric mean of torch/cynorm at each thread count."""
+def geomean_summary(rows, thread_counts, key="torch_over_cynorm"):
+    """Per op and pass: geometric mean of a ratio (torch/cynorm by default; an anchor's
+    `<key>_over_cynorm`) at each thread count, over the stable rows that have it."""
     out = []
     for op in OPS:
         for pass_ in PASSES:
             line = {"op": op, "pass": pass_}
             for n in thread_counts:
-                r = [row["torch_over_cynorm"] for row in rows
+                r = [row[key] for row in rows
                      if row["op"] == op and row["pass"] == pass_ and row["threads"] == n
-                     and row["torch_over_cynorm"] and not row.get("unstable")]
+                     and row.get(key) and not row.get("unstable")]
                 line[n] = math.exp(sum(map(math.log, r)) / len(r)) if r else None
             if any(line[n] is not None for n in thread_counts):
                 out.append(line)
@@ -147,8 +162,18 @@ def _write_json(path, doc):
 
 
 
-def print_report(rows, tiny_rows, summary, threads):
-    print_table(rows, MAIN_COLUMNS)
+def anchor_summaries(rows, threads, anchor_keys):
+    """{anchor key: geomean_summary of its ratio} for the anchors with any ratio."""
+    out = {}
+    for k in anchor_keys:
+        s = geomean_summary(rows, threads, f"{k}_over_cynorm")
+        if s:
+            out[k] = s
+    return out
+
+
+def print_report(rows, tiny_rows, summary, threads, anchor_keys=(), anchor_summary=None):
+    print_table(rows, main_columns(anchor_keys))
     print("\nnumpy: plain NumPy in the input dtype, single-threaded, timed once per case. "
           "out= : cynorm writing into preallocated outputs.\nGB/s: bytes that must move "
           "(fwd: read x, write y; bwd: read dy and x, write dx) / cynorm time; "
@@ -156,10 +181,17 @@ def print_report(rows, tiny_rows, summary, threads):
           "measurement (timing rounds more than 2x apart, or several threads over 5x "
           "slower than one: the machine was busy) shows no ratio and is left out of the "
           "summary; run again on a quieter machine.")
-    if summary:
-        print("\ngeometric mean of torch/cynorm (> 1: cynorm is faster)")
-        print_table(summary, [("op", "op", ""), ("pass", "pass", "")]
-                    + [(f"{n} thr", n, ".2f") for n in threads])
+    if anchor_keys:
+        print(", ".join(f"{LABELS[k]}/cy" for k in anchor_keys) + ": that library's "
+              "time over cynorm's (allocating, as its users call it; ORT and OpenVINO "
+              "inference only), checked first against the float64 reference; '-': not "
+              "run for this row (see the notes).")
+    for name, summ in [("torch", summary)] + [
+            (LABELS[k], s) for k, s in (anchor_summary or {}).items()]:
+        if summ:
+            print(f"\ngeometric mean of {name}/cynorm (> 1: cynorm is faster)")
+            print_table(summ, [("op", "op", ""), ("pass", "pass", "")]
+                        + [(f"{n} thr", n, ".2f") for n in threads])
     if tiny_rows:
         print(f"\nper-call overhead: {TINY_CALL.op} {case_label(TINY_CALL)} float32, "
               "microseconds per call")
