@@ -270,16 +270,16 @@ static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double
  * without the deviations' sum that only a centred set needs. */
 
 #define CN_SUMSQ_BODY(LOAD, STEP_PREFETCH)                                              \
-    cn_v8d q0 = CN_ZERO, q1 = CN_ZERO, d;                                               \
+    CN_LANES(q);                                                                        \
+    cn_vd d;                                                                            \
     double qt = 0, e;                                                                   \
     ptrdiff_t i = 0;                                                                    \
     for (; i + 16 <= n; i += 16) {                                                      \
         STEP_PREFETCH;                                                                  \
-        d = LOAD(x + i); q0 += d * d;                                                   \
-        d = LOAD(x + i + 8); q1 += d * d;                                               \
+        CN_EACH(j) { d = LOAD(x + i + CN_DW * j); q[j] += d * d; }                      \
     }                                                                                   \
     for (; i < n; i++) { e = x[i]; qt += e * e; }                                       \
-    return cn_total(q0, q1) + qt;
+    return cn_total(q) + qt;
 
 static inline double cn_sumsq_f32(const float* x, ptrdiff_t n, const float* pf) {
     CN_SUMSQ_BODY(cn_load_f32, CN_PREFETCH(pf + i))
@@ -455,7 +455,7 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
  * tree_merge (_common.pxd) for the n adjacent columns pm[j], pq[j] (block q of column j
  * at pm[q * stride + j]): the same tree, and per column the same operations in the same
  * order as its chan_merge, so the same bits. The counts of a merge are the same for
- * every column, so its two factors are formed once, and 8 columns share each vector
+ * every column, so its two factors are formed once, and CN_DW columns share each vector
  * operation and each cache line of the blocks' partials (a column at a time walks a
  * stride-apart line per block and divides twice per merge). */
 static inline void cn_tree_merge_cols(double* pm, double* pq, ptrdiff_t stride,
@@ -479,9 +479,9 @@ static inline void cn_tree_merge_cols(double* pm, double* pq, ptrdiff_t stride,
             }
             double tot = ca + cb;
             double fm = cb / tot, fq = (ca * cb) / tot;
-            for (; j + 8 <= n; j += 8) {
-                cn_v8d ma = cn_load_f64(am + j), d = cn_load_f64(bm + j) - ma;
-                cn_v8d qa = (cn_load_f64(aq + j) + cn_load_f64(bq + j)) + (d * d) * fq;
+            for (; j + CN_DW <= n; j += CN_DW) {
+                cn_vd ma = cn_load_f64(am + j), d = cn_load_f64(bm + j) - ma;
+                cn_vd qa = (cn_load_f64(aq + j) + cn_load_f64(bq + j)) + (d * d) * fq;
                 ma = ma + d * fm;
                 memcpy(am + j, &ma, sizeof ma);
                 memcpy(aq + j, &qa, sizeof qa);
