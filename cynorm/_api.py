@@ -95,6 +95,15 @@ def _param_grads(grads, weight, x):
                  for g in grads)
 
 
+def _update_running(r, momentum, stat):
+    """r = (1 - momentum) * r + momentum * stat in place (stat float64); a 16-bit buffer
+    is widened first, so that only the stored result is rounded."""
+    if is_lowp(r.dtype):
+        r[...] = ((1.0 - momentum) * r.astype(np.float64) + momentum * stat).astype(r.dtype)
+    else:
+        r[...] = (1.0 - momentum) * r + momentum * stat
+
+
 def _grad_buffer(act, dx, x):
     """Where a backward with an activation forms dy * act'(a): dx's own buffer, unless dx
     is x (whose values the kernel still reads), then a scratch array."""
@@ -260,8 +269,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         if N > 0 and HW > 0:
             # the per-instance variance back from rstd = 1 / sqrt(var + eps), in float64
             var = np.maximum(1.0 / (rstd * rstd) - eps, 0.0) * (HW / (HW - 1))
-            rm[...] = (1.0 - momentum) * rm + momentum * mean.mean(axis=0)
-            rv[...] = (1.0 - momentum) * rv + momentum * var.mean(axis=0)
+            _update_running(rm, momentum, mean.mean(axis=0))
+            _update_running(rv, momentum, var.mean(axis=0))
     if return_stats:
         return y, mean, rstd
     return y
@@ -376,9 +385,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         _store(yk, y)
     if count > 1:
         if rm is not None:
-            rm[...] = (1.0 - momentum) * rm + momentum * mean
+            _update_running(rm, momentum, mean)
         if rv is not None:
-            rv[...] = (1.0 - momentum) * rv + momentum * (var * (count / (count - 1)))
+            _update_running(rv, momentum, var * (count / (count - 1)))
     if return_stats:
         return y, mean, rstd
     return y

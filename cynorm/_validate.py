@@ -118,14 +118,14 @@ def as_stats(s, name, shape):
 
 
 def as_running(a, name, C, updated):
-    """A running-statistics buffer (running_mean, running_var): None, or a float ndarray
-    of shape (C,), writable when `updated` (the forward updates it in place)."""
+    """A running-statistics buffer (running_mean, running_var): None, or a float (or
+    bfloat16) ndarray of shape (C,), writable when `updated` (the forward updates it in place)."""
     if a is None:
         return None
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(a).__name__}")
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and not is_bfloat16(a.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape {(C,)}, got {a.shape}")

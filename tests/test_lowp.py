@@ -379,7 +379,7 @@ def test_subnormal_and_huge_data_keep_their_digits(dt):
     big = np.float64(4e3 if dt == F16 else 1e37)
     for s in (tiny, big):
         x = (data((4, 64), np.float64, 24) * s).astype(dt)
-        assert np.isfinite(wide(x)).all() and (wide(x) != 0).all()
+        assert np.isfinite(wide(x)).all() and np.ptp(wide(x), axis=1).min() > 0
         y = cynorm.layer_norm(x, 64)
         assert_within_one_ulp(y, ref.layer_norm(wide(x), 64)[0], terms=None)
 

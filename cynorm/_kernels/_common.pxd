@@ -265,6 +265,7 @@ cdef inline void lane_grad_sums(const storage* dy, const storage* x, const float
     """With g = dy * w (w = NULL: g = dy): sdy += sum(g); sdyx += sum(g * (x - m))."""
     cdef float bdy[STAGE]
     cdef float bx[STAGE]
+    cdef const float* wi = NULL
     cdef Py_ssize_t i = 0, e
     if storage is float:
         cn_grad_sums_f32(dy, x, <const float*>w, n, m, sdy, sdyx)
@@ -275,8 +276,9 @@ cdef inline void lane_grad_sums(const storage* dy, const storage* x, const float
             e = i + STAGE if i + STAGE < n else n
             widen(dy + i, bdy, e - i)
             widen(x + i, bx, e - i)
-            cn_grad_sums_f32(bdy, bx, NULL if w == NULL else <const float*>w + i, e - i,
-                             m, sdy, sdyx)
+            if w != NULL:
+                wi = <const float*>w + i
+            cn_grad_sums_f32(bdy, bx, wi, e - i, m, sdy, sdyx)
             i = e
 
 
@@ -336,10 +338,23 @@ cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t
 
     Two-pass (a mean, then the deviations from it while the piece is in L1, corrected)
     or Welford. centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
-    pf: the next piece's data, prefetched during the second pass (single-run pieces)."""
+    pf: the next piece's data, prefetched during the second pass (single-run pieces).
+    16-bit data: the piece (at most CHUNK values) is widened once into a float32 buffer
+    on the stack, whose moments (as one run) are those of the piece."""
     cdef Py_ssize_t run0, nruns, e0, elen, r
     cdef double s = 0, q = 0, m = 0, c = 0
+    cdef float buf[CHUNK]
+    cdef SetLayout B
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
+    if storage is cn_f16 or storage is cn_bf16:
+        for r in range(nruns):
+            widen(xs + (run0 + r) * L.run_stride + e0, buf + r * elen, elen)
+        if pf != NULL:
+            cn_prefetch_range(pf, nruns * elen * sizeof(storage))
+        B = make_layout(1, nruns * elen, nruns * elen)
+        piece_moments(<const float*>buf, &B, 0, welford, centered, <const float*>NULL, cnt,
+                      mean, m2)
+        return
     if welford and centered:
         for r in range(nruns):
             welford_update(xs + (run0 + r) * L.run_stride + e0, elen, &c, &m, &q)

@@ -24,7 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -91,15 +91,30 @@ static inline cn_f16 cn_float_to_f16(float f) {
 
 /* ---- 8 lanes ---------------------------------------------------------------------- */
 
+/* 8 16-bit values zero-extended to 32-bit lanes, and back (v < 2**16 in every lane):
+   one vpmovzxwd / vpmovdw where the level has them (GCC's generic lowering takes a few
+   shuffles more); the same bits everywhere */
 static inline cn_lp_v8u cn_lp_load8(const void* p) {
+#if defined(__AVX2__)
+    return (cn_lp_v8u)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+#else
     cn_lp_v8h h;
     memcpy(&h, p, sizeof h);
     return __builtin_convertvector(h, cn_lp_v8u);
+#endif
 }
 
 static inline void cn_lp_store8(void* p, cn_lp_v8u v) {
+#if defined(__AVX512VL__)
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtepi32_epi16((__m256i)v));
+#elif defined(__AVX2__)
+    /* packus per 128-bit half, then the two low quadwords together */
+    __m256i q = _mm256_packus_epi32((__m256i)v, (__m256i)v);
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(q, 0x08)));
+#else
     cn_lp_v8h h = __builtin_convertvector(v, cn_lp_v8h);
     memcpy(p, &h, sizeof h);
+#endif
 }
 
 static inline cn_lp_v8f cn_bf16_to_float8(const cn_bf16* p) {

@@ -103,6 +103,8 @@ cdef inline void _apply_row(const storage* x, storage* y, const floating* w,
     """Normalise n elements of a row (w, b: the row's slice, or NULL). The casts of w
     and b are no-ops in the pairings that run (see _common.pxd)."""
     cdef float buf[STAGE]
+    cdef const float* wi = NULL
+    cdef const float* bi = NULL
     cdef Py_ssize_t h, i = 0, e
     if storage is float or storage is double:
         h = aligned_head(y, n, sizeof(storage))
@@ -112,10 +114,11 @@ cdef inline void _apply_row(const storage* x, storage* y, const floating* w,
         while i < n:
             e = i + STAGE if i + STAGE < n else n
             widen(x + i, buf, e - i)
-            _apply_span(<const float*>buf, buf,
-                        <const float*>NULL if w == NULL else <const float*>w + i,
-                        <const float*>NULL if b == NULL else <const float*>b + i, 0, e - i,
-                        mean, rstd)
+            if w != NULL:
+                wi = <const float*>w + i
+            if b != NULL:
+                bi = <const float*>b + i
+            _apply_span(<const float*>buf, buf, wi, bi, 0, e - i, mean, rstd)
             narrow(buf, y + i, e - i)
             i = e
 
@@ -291,9 +294,11 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
     cdef float coef[10 * ROWS_PER_BLOCK]
     cdef float bdy[TILE_COLS]
     cdef float bx[TILE_COLS]
-    cdef const float* wf = NULL if w == NULL else <const float*>w + k0
+    cdef const float* wf = NULL
     cdef Py_ssize_t r, j, ra
     cdef double mg, mgx
+    if w != NULL:
+        wf = <const float*>w + k0
     if storage is cn_f16 or storage is cn_bf16:
         for r in range(r0, r1):
             _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
