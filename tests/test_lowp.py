@@ -523,3 +523,41 @@ def test_in_place_out_is_allowed(dt):
     expect = cynorm.group_norm(x, 2)
     y = cynorm.group_norm(x, 2, out=x)
     assert y is x and np.array_equal(x.view(np.uint16), expect.view(np.uint16))
+
+
+# ---- layers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_layers_take_16bit_parameters_with_float32_running_stats(dt):
+    from cynorm import nn
+    bn = nn.BatchNorm(4, dtype=dt)
+    assert bn.weight.dtype == bn.bias.dtype == dt
+    assert bn.running_mean.dtype == bn.running_var.dtype == np.float32
+    x, dy = data((6, 4, 9, 9), dt, 31), data((6, 4, 9, 9), dt, 32)
+    y = bn(x)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    e, m, r = cynorm.batch_norm(x, rm, rv, bn.weight, bn.bias, training=True,
+                                return_stats=True)
+    assert y.dtype == dt and np.array_equal(y.view(np.uint16), e.view(np.uint16))
+    np.testing.assert_array_equal(bn.running_mean, rm)
+    np.testing.assert_array_equal(bn.running_var, rv)
+    dx = bn.backward(dy)
+    edx, edw, edb = cynorm.batch_norm_backward(dy, x, m, r, bn.weight)
+    assert dx.dtype == dt and np.array_equal(dx.view(np.uint16), edx.view(np.uint16))
+    assert bn.grads["weight"].dtype == bn.grads["bias"].dtype == dt
+    # the state round-trips with its dtypes
+    other = nn.BatchNorm(4, dtype=dt)
+    other.load_state_dict(bn.state_dict())
+    for k, v in bn.state_dict().items():
+        assert other.state_dict()[k].dtype == v.dtype
+        assert np.array_equal(wide(other.state_dict()[k]), wide(v))
+    for layer, shape in ((nn.GroupNorm(2, 4, dtype=dt, activation="silu"), (2, 4, 5, 5)),
+                         (nn.InstanceNorm(4, affine=True, track_running_stats=True,
+                                          dtype=dt), (2, 4, 7)),
+                         (nn.LayerNorm(16, dtype=dt), (3, 16)),
+                         (nn.RMSNorm(16, dtype=dt), (3, 16))):
+        xx = data(shape, dt, 33)
+        yy = layer(xx)
+        assert yy.dtype == dt
+        assert layer.backward(data(shape, dt, 34)).dtype == dt
+        assert all(g.dtype == dt for g in layer.grads.values())
