@@ -561,3 +561,22 @@ def test_layers_take_16bit_parameters_with_float32_running_stats(dt):
         assert yy.dtype == dt
         assert layer.backward(data(shape, dt, 34)).dtype == dt
         assert all(g.dtype == dt for g in layer.grads.values())
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 100), (2, 3, 5)])
+def test_instance_norm_with_running_stats_within_one_ulp(dt, shape):
+    # use_input_stats=False normalises per channel with the running statistics: the
+    # channel kernels (runs of 100: in 16 bits; runs of 5: through float32 copies)
+    x, dy = data(shape, dt, 35), data(shape, dt, 36)
+    w, b = data(3, dt, 1, 1.0), data(3, dt, 2)
+    rm, rv = data(3, np.float32, 5), np.abs(data(3, np.float32, 6)) + 0.5
+    y, m, r = cynorm.instance_norm(x, rm, rv, w, b, use_input_stats=False,
+                                   return_stats=True)
+    e = ref.batch_norm(wide(x), rm, rv, wide(w), wide(b), training=False)[0]
+    bb = wide(b).reshape(1, 3, 1)
+    assert_within_one_ulp(y, e, terms=np.abs(e - bb) + np.abs(bb))
+    dx, dw, db = cynorm.instance_norm_backward(dy, x, m, r, w, use_input_stats=False)
+    edx = ref.batch_norm_backward(wide(dy), wide(x), m, r, wide(w), False)[0]
+    assert_within_one_ulp(dx, edx, what="dx")
+    assert dx.dtype == dw.dtype == db.dtype == dt
