@@ -14,11 +14,13 @@
 # (float64, float32, float16, bfloat16); the parameters (weight, bias and their
 # gradients) of the fused type `floating`: float64 for float64 data, float32 for every
 # other storage (the callers convert them). 16-bit data are computed in float32 lanes,
-# exactly as float32 data: each helper below widens a block of at most STAGE values
-# into a float32 buffer on the stack (_lowp.h, exact), runs the float32 code on it and
-# narrows its results back (round to nearest even, once). So a 16-bit result is the
-# float32 result on the widened data, rounded once; and the bits depend on nothing but
-# the shape, as for the other dtypes. Only float32 parameters are ever paired with
+# exactly as float32 data: each helper below widens a block (STAGE values; a whole
+# piece, at most CHUNK, for the moments) into a float32 buffer on the stack (_lowp.h,
+# exact), runs the float32 code on it and narrows its results back (round to nearest
+# even, once). So a 16-bit result is the float32 result on the widened data, rounded
+# once; and the bits depend on nothing but the shape, as for the other dtypes. (The
+# 16-bit branches of lane_sum, lane_sqdev and welford_update are fallbacks that
+# piece_moments, which stages whole pieces, does not reach.) Only float32 parameters are ever paired with
 # 16-bit or float32 data, float64 ones with float64 data; the other pairings are
 # compiled (fused types are a product) but never called.
 
