@@ -1,7 +1,7 @@
 """cynorm: normalization layers for NumPy on the CPU, as Cython/OpenMP kernels.
 
 Forward and backward of GroupNorm, InstanceNorm, LayerNorm, BatchNorm and RMSNorm on
-float32/float64 arrays, and standardize (z-scores over any axes) for NumPy pipelines;
+float32/float64 arrays (and float16/bfloat16 storage), and standardize (z-scores over any axes) for NumPy pipelines;
 bitwise reproducible for any thread count.
 """
 from cynorm._api import (

@@ -3,6 +3,11 @@
 
 Semantics follow torch.nn.functional: biased variance, eps inside the square root.
 Statistics are returned as float64 `mean` and `rstd` = 1 / sqrt(var + eps).
+
+Storage dtypes: x may be float64, float32, float16 or bfloat16 (ml_dtypes.bfloat16,
+recognised without importing ml_dtypes). Outputs have x's dtype; parameters are taken in
+float32 for every dtype but float64 (converted here); 16-bit data are computed in
+float32 lanes inside the kernels and rounded once on store.
 """
 import operator
 
@@ -11,16 +16,22 @@ import numpy as np
 from cynorm._kernels import channel, channels_last, row, slab
 from cynorm._validate import (
     as_input, as_param, as_running, as_stats, check_activation, check_channel_axis,
-    check_eps, check_flag,
-    check_int, check_momentum, check_stats, prepare_out, same_shape,
+    check_eps, check_flag, check_int, check_momentum, check_stats, is_lowp, param_dtype,
+    prepare_out, same_shape,
 )
+
+# channel.pyx's SHORT_RUN: BatchNorm's runs shorter than this take the column path,
+# which reads float32 and float64 only (16-bit data go through float32 copies there)
+_SHORT_RUN = 64
+# numpy.finfo(...).eps of the 16-bit storages (rms_norm's default eps, as torch's)
+_LOWP_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 
 
 def _layout(x, channel_axis, name="x"):
     """x with its channel axis: (x, N, C, HW, last), last True for channels-last x of
     shape (N, *spatial, C) (HW the product of the spatial dims), False for (N, C,
     *spatial)."""
-    x = as_input(x, name, min_ndim=2)
+    x = as_input(x, name, min_ndim=2, lowp=True)
     last = check_channel_axis(channel_axis, x.ndim) == -1
     shape = x.shape
     hw = 1
@@ -38,11 +49,63 @@ def _stats_pair(shape):
 
 def _like(a, name, x):
     """An array that must match x in shape and dtype (dy)."""
-    a = as_input(a, name)
+    a = as_input(a, name, lowp=True)
     same_shape(a, name, x.shape)
     if a.dtype != x.dtype:
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
     return a
+
+
+def _params(weight, bias, shape, x):
+    """weight and bias checked and converted to the kernels' parameter dtype for x."""
+    pd = param_dtype(x.dtype)
+    return as_param(weight, "weight", shape, pd), as_param(bias, "bias", shape, pd)
+
+
+def _to_f32(a):
+    """A float32 copy of 16-bit data (exact), by the kernels' own conversion."""
+    wide = np.empty(a.shape, dtype=np.float32)
+    row.convert(a, wide)
+    return wide
+
+
+def _store(src, dst):
+    """dst[...] = src (float32), rounded to dst's dtype: 16-bit storages by the kernels'
+    conversion (round to nearest even), any other dtype by NumPy."""
+    if is_lowp(dst.dtype) and dst.flags.c_contiguous:
+        row.convert(np.ascontiguousarray(src, dtype=np.float32), dst)
+    elif is_lowp(dst.dtype):
+        tmp = np.empty(dst.shape, dtype=dst.dtype)
+        row.convert(np.ascontiguousarray(src, dtype=np.float32), tmp)
+        dst[...] = tmp
+    else:
+        dst[...] = src
+    return dst
+
+
+def _param_grads(grads, weight, x):
+    """dweight (and dbias), computed in the parameter dtype for x, in the dtype they are
+    returned in: x's for float32/float64 data (the parameters are cast to it); for 16-bit
+    data, the weight's dtype when weight is a float (or bfloat16) array, else x's."""
+    if not is_lowp(x.dtype):
+        return grads
+    dt = x.dtype
+    wdt = getattr(weight, "dtype", None)
+    if isinstance(wdt, np.dtype) and (wdt.kind == "f" or is_lowp(wdt)):
+        dt = wdt
+    if dt == np.float32:
+        return grads
+    return tuple(None if g is None else _store(g, np.empty(g.shape, dtype=dt))
+                 for g in grads)
+
+
+def _update_running(r, momentum, stat):
+    """r = (1 - momentum) * r + momentum * stat in place (stat float64); a 16-bit buffer
+    is widened first, so that only the stored result is rounded."""
+    if is_lowp(r.dtype):
+        r[...] = ((1.0 - momentum) * r.astype(np.float64) + momentum * stat).astype(r.dtype)
+    else:
+        r[...] = (1.0 - momentum) * r + momentum * stat
 
 
 def _grad_buffer(act, dx, x):
@@ -78,11 +141,16 @@ def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=(),
     welford = check_stats(stats)
     act = check_activation(activation)
     eps = check_eps(eps)
-    w = as_param(weight, "weight", (C,), x.dtype)
-    b = as_param(bias, "bias", (C,), x.dtype)
+    w, b = _params(weight, bias, (C,), x)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b) + running, may_alias=(x,))
     mean, rstd = _stats_pair((N, G))
-    if last:
+    if last and is_lowp(x.dtype):
+        # the channels-last kernel reads float32/float64: float32 copies
+        y32 = np.empty(x.shape, dtype=np.float32)
+        channels_last.forward(_to_f32(x), y32, w, b, mean, rstd, N, HW, C, G, eps,
+                              welford, act)
+        _store(y32, y)
+    elif last:
         channels_last.forward(x, y, w, b, mean, rstd, N, HW, C, G, eps, welford, act)
     else:
         slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford, act)
@@ -99,15 +167,24 @@ def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None
     act = check_activation(activation)
     mean = as_stats(mean, "mean", (N, G))
     rstd = as_stats(rstd, "rstd", (N, G))
-    w = as_param(weight, "weight", (C,), x.dtype)
-    b = as_param(bias, "bias", (C,), x.dtype)
+    w, b = _params(weight, bias, (C,), x)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, b, mean, rstd),
                      may_alias=(dy, x))
-    dw = np.empty(C, dtype=x.dtype)
-    db = np.empty(C, dtype=x.dtype)
+    dw = np.empty(C, dtype=param_dtype(x.dtype))
+    db = np.empty(C, dtype=param_dtype(x.dtype))
     kernel = channels_last.backward if last else slab.backward
-    kernel(dy, x, dx, w, dw, db, mean, rstd, N, HW if last else C, C if last else HW, G,
-           act, b, _grad_buffer(act, dx, x))
+    dims = (N, HW, C) if last else (N, C, HW)
+    if is_lowp(x.dtype) and (act or last):
+        # the activation's gradient dy * act'(a) keeps float32 digits, and the
+        # channels-last kernel reads float32/float64: float32 copies
+        dx32 = _to_f32(x)
+        kernel(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, *dims, G, act, b,
+               np.empty_like(dx32) if act else None)
+        _store(dx32, dx)
+    else:
+        kernel(dy, x, dx, w, dw, db, mean, rstd, *dims, G, act, b,
+               _grad_buffer(act, dx, x))
+    dw, db = _param_grads((dw, db), weight, x)
     return dx, dw, db
 
 
@@ -218,8 +295,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         if N > 0 and HW > 0:
             # the per-instance variance back from rstd = 1 / sqrt(var + eps), in float64
             var = np.maximum(1.0 / (rstd * rstd) - eps, 0.0) * (HW / (HW - 1))
-            rm[...] = (1.0 - momentum) * rm + momentum * mean.mean(axis=0)
-            rv[...] = (1.0 - momentum) * rv + momentum * var.mean(axis=0)
+            _update_running(rm, momentum, mean.mean(axis=0))
+            _update_running(rv, momentum, var.mean(axis=0))
     if return_stats:
         return y, mean, rstd
     return y
@@ -253,19 +330,31 @@ def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats,
     welford = check_stats(stats)
     act = check_activation(activation)
     eps = check_eps(eps)
-    w = as_param(weight, "weight", (C,), x.dtype)
-    b = as_param(bias, "bias", (C,), x.dtype)
+    w, b = _params(weight, bias, (C,), x)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
+    xk, yk = _channel_io(x, y, HW)
     if not return_stats:
         if N * HW:  # the kernel forms rstd from running_var: no (C,) temporaries
-            channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64),
+            channel.forward(xk, yk, w, b, np.ascontiguousarray(rm, dtype=np.float64),
                             None, np.ascontiguousarray(rv, dtype=np.float64), N, C, HW,
                             eps, welford, 0, act=act)
+            if yk is not y:
+                _store(yk, y)
         return y, None, None
     mean = np.array(rm, dtype=np.float64)
     rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-    channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act=act)
+    channel.forward(xk, yk, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act=act)
+    if yk is not y:
+        _store(yk, y)
     return y, mean, rstd
+
+
+def _channel_io(x, y, HW):
+    """The arrays channel.forward reads and writes: x and y, or float32 copies of
+    16-bit data whose runs are too short for the kernel's 16-bit path."""
+    if HW >= _SHORT_RUN or not is_lowp(x.dtype):
+        return x, y
+    return _to_f32(x), np.empty(x.shape, dtype=np.float32)
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
@@ -311,8 +400,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     welford = check_stats(stats)
     eps = check_eps(eps)
     momentum = check_momentum(momentum)
-    w = as_param(weight, "weight", (C,), x.dtype)
-    b = as_param(bias, "bias", (C,), x.dtype)
+    w, b = _params(weight, bias, (C,), x)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
     count = N * HW
     if count == 0 and not return_stats:
@@ -323,12 +411,15 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     mean = np.empty(C)
     rstd = np.empty(C)
     var = np.empty(C) if rv is not None else None  # only the update needs it
-    channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act=act)
+    xk, yk = _channel_io(x, y, HW)
+    channel.forward(xk, yk, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act=act)
+    if yk is not y:
+        _store(yk, y)
     if count > 1:
         if rm is not None:
-            rm[...] = (1.0 - momentum) * rm + momentum * mean
+            _update_running(rm, momentum, mean)
         if rv is not None:
-            rv[...] = (1.0 - momentum) * rv + momentum * (var * (count / (count - 1)))
+            _update_running(rv, momentum, var * (count / (count - 1)))
     if return_stats:
         return y, mean, rstd
     return y
@@ -343,14 +434,22 @@ def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
     act = check_activation(activation)
     mean = as_stats(mean, "mean", (C,))
     rstd = as_stats(rstd, "rstd", (C,))
-    w = as_param(weight, "weight", (C,), x.dtype)
-    b = as_param(bias, "bias", (C,), x.dtype)
+    w, b = _params(weight, bias, (C,), x)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, b, mean, rstd),
                      may_alias=(dy, x))
-    dw = np.empty(C, dtype=x.dtype)
-    db = np.empty(C, dtype=x.dtype)
-    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training), act, b,
-                     _grad_buffer(act, dx, x))
+    dw = np.empty(C, dtype=param_dtype(x.dtype))
+    db = np.empty(C, dtype=param_dtype(x.dtype))
+    if is_lowp(x.dtype) and (act or HW < _SHORT_RUN):
+        # float32 copies: the column path reads float32/float64 only, and an
+        # activation's gradient dy * act'(a) keeps float32 digits
+        dx32 = _to_f32(x)
+        channel.backward(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, N, C, HW,
+                         int(training), act, b, np.empty_like(dx32) if act else None)
+        _store(dx32, dx)
+    else:
+        channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training), act,
+                         b, _grad_buffer(act, dx, x))
+    dw, db = _param_grads((dw, db), weight, x)
     return dx, dw, db
 
 
@@ -386,7 +485,7 @@ def _rows(x, normalized_shape):
                             f"{type(normalized_shape).__name__}") from None
     if not ns:
         raise ValueError("normalized_shape must name at least one dimension")
-    x = as_input(x, "x", min_ndim=len(ns))
+    x = as_input(x, "x", min_ndim=len(ns), lowp=True)
     if x.shape[x.ndim - len(ns):] != ns:
         raise ValueError(f"normalized_shape {ns} must match the trailing dimensions of x, "
                          f"got x of shape {x.shape}")
@@ -440,8 +539,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     x, ns, lead, R, K = _rows(x, normalized_shape)
     welford = check_stats(stats)
     eps = check_eps(eps)
-    w = as_param(weight, "weight", ns, x.dtype)
-    b = as_param(bias, "bias", ns, x.dtype)
+    w, b = _params(weight, bias, ns, x)
     res, h = _residual(x, residual, residual_out, out)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, res), may_alias=(x, res))
     mean, rstd = _stats_pair(lead)
@@ -460,12 +558,13 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, out
     dy = _like(dy, "dy", x)
     mean = as_stats(mean, "mean", lead)
     rstd = as_stats(rstd, "rstd", lead)
-    w = as_param(weight, "weight", ns, x.dtype)
+    w, _ = _params(weight, None, ns, x)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
                      may_alias=(dy, x))
-    dw = np.empty(ns, dtype=x.dtype)
-    db = np.empty(ns, dtype=x.dtype)
+    dw = np.empty(ns, dtype=param_dtype(x.dtype))
+    db = np.empty(ns, dtype=param_dtype(x.dtype))
     row.backward(dy, x, dx, w, dw, db, mean, rstd, R, K, 0)
+    dw, db = _param_grads((dw, db), weight, x)
     return dx, dw, db
 
 
@@ -483,8 +582,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_sta
     Returns y, or (y, rstd); with residual (y, h) or (y, h, rstd).
     """
     x, ns, lead, R, K = _rows(x, normalized_shape)
-    eps = float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
-    w = as_param(weight, "weight", ns, x.dtype)
+    if eps is None:
+        eps = _LOWP_EPS[x.dtype.name] if is_lowp(x.dtype) else float(np.finfo(x.dtype).eps)
+    else:
+        eps = check_eps(eps)
+    w, _ = _params(weight, None, ns, x)
     res, h = _residual(x, residual, residual_out, out)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, res), may_alias=(x, res))
     mean, rstd = _stats_pair(lead)
@@ -501,8 +603,9 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
     x, ns, lead, R, K = _rows(x, normalized_shape)
     dy = _like(dy, "dy", x)
     rstd = as_stats(rstd, "rstd", lead)
-    w = as_param(weight, "weight", ns, x.dtype)
+    w, _ = _params(weight, None, ns, x)
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, rstd), may_alias=(dy, x))
-    dw = np.empty(ns, dtype=x.dtype)
+    dw = np.empty(ns, dtype=param_dtype(x.dtype))
     row.backward(dy, x, dx, w, dw, None, None, rstd, R, K, 1)
+    dw, = _param_grads((dw,), weight, x)
     return dx, dw

@@ -1,14 +1,15 @@
 # Type stubs of cynorm's public functions (cynorm/_api.py, compiled by Cython).
 #
-# Arrays: x is float32 or float64 (anything array-like is converted); y, dx, dweight and
-# dbias have x's dtype, mean and rstd are float64. `return_stats=True` adds the
+# Arrays: x is float32, float64 or float16 (anything array-like is converted; bfloat16
+# arrays of ml_dtypes, which has no dtype stubs, match the overloads taking any array);
+# y and dx have x's dtype, mean and rstd are float64. `return_stats=True` adds the
 # statistics to the result.
 from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, TypeVar, Union, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-_F = TypeVar("_F", np.float32, np.float64)
+_F = TypeVar("_F", np.float32, np.float64, np.float16)
 _Floats = NDArray[np.floating[Any]]
 _Stat = NDArray[np.float64]
 Stats = Literal["two_pass", "welford"]

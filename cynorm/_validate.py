@@ -11,20 +11,42 @@ import numpy as np
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
 _STATS = {"two_pass": 0, "welford": 1}
 # the activation epilogue's kernel codes
 ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
 _INF = float("inf")
 
 
-def _dtype_error(name, dtype):
-    if dtype == np.float16:
-        return TypeError(f"{name}: float16 is not supported yet; convert to float32")
+def is_bfloat16(dt):
+    """Whether dt is ml_dtypes' bfloat16, recognised without importing ml_dtypes (it
+    registers its types with NumPy as kind 'V')."""
+    return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16" and dt.names is None
+
+
+def is_lowp(dt):
+    """Whether dt is a 16-bit storage dtype: NumPy's float16 or bfloat16."""
+    return dt == _F16 or is_bfloat16(dt)
+
+
+def param_dtype(dt):
+    """The dtype the kernels take parameters in for data of dtype dt: float64 for
+    float64 data, float32 for float32 and the 16-bit storages."""
+    return _F64 if dt == _F64 else _F32
+
+
+def _dtype_error(name, dtype, lowp):
+    if lowp:
+        return TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array, "
+                         f"got dtype {dtype}")
+    if is_lowp(dtype):
+        return TypeError(f"{name}: {dtype} is not supported here; convert to float32")
     return TypeError(f"{name} must be a float32 or float64 array, got dtype {dtype}")
 
 
-def as_input(a, name, min_ndim=1):
-    """a as a C-contiguous float32/float64 ndarray (copied only when needed)."""
+def as_input(a, name, min_ndim=1, lowp=False):
+    """a as a C-contiguous float32/float64 ndarray (copied only when needed); lowp:
+    float16 and bfloat16 too."""
     if type(a) is not np.ndarray:
         if not isinstance(a, np.ndarray):
             a = _asarray(a, name)
@@ -34,8 +56,11 @@ def as_input(a, name, min_ndim=1):
     if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
         if dt.kind == "f" and dt.itemsize in (4, 8):
             a = a.astype(dt.newbyteorder("="))  # non-native byte order
-        else:
-            raise _dtype_error(name, dt)
+        elif lowp and dt.kind == "f" and dt.itemsize == 2:
+            if not dt.isnative:
+                a = a.astype(dt.newbyteorder("="))
+        elif not (lowp and is_bfloat16(dt)):
+            raise _dtype_error(name, dt, lowp)
     if a.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {a.shape}")
     return _contiguous(a)
@@ -59,16 +84,26 @@ def _asarray(a, name):
 
 
 def as_param(p, name, shape, dtype):
-    """An optional parameter (weight, bias) of exactly `shape`, cast to `dtype`."""
+    """An optional parameter (weight, bias) of exactly `shape`, cast to `dtype` (a
+    float16 or bfloat16 parameter is widened exactly first)."""
     if p is None:
         return None
     if type(p) is not np.ndarray:
         p = _asarray(p, name)
     if p.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got dtype {p.dtype}")
+        if not is_bfloat16(p.dtype):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {p.dtype}")
+        p = widen_bfloat16(p)
     if p.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {p.shape}")
     return _contiguous(p, dtype)
+
+
+def widen_bfloat16(a):
+    """A bfloat16 array as float32, exactly (its bits are a float32's upper half),
+    without ml_dtypes."""
+    bits = np.ascontiguousarray(a).view(np.uint16)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def as_stats(s, name, shape):
@@ -83,14 +118,14 @@ def as_stats(s, name, shape):
 
 
 def as_running(a, name, C, updated):
-    """A running-statistics buffer (running_mean, running_var): None, or a float ndarray
-    of shape (C,), writable when `updated` (the forward updates it in place)."""
+    """A running-statistics buffer (running_mean, running_var): None, or a float (or
+    bfloat16) ndarray of shape (C,), writable when `updated` (the forward updates it in place)."""
     if a is None:
         return None
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(a).__name__}")
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and not is_bfloat16(a.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape {(C,)}, got {a.shape}")

@@ -34,7 +34,7 @@ import numpy as np
 
 import cynorm
 from cynorm._validate import (
-    as_input, as_state_entry, check_activation, check_eps, check_flag, check_int,
+    as_input, as_state_entry, check_activation, check_eps, check_flag, check_int, is_lowp,
     check_momentum,
 )
 
@@ -45,14 +45,24 @@ def _act_repr(activation):
     return "" if activation is None else f", activation={activation!r}"
 
 
+_DTYPES = "float32, float64, float16 or bfloat16"
+
+
 def _param_dtype(dtype):
+    """The parameters' dtype: float32, float64, float16 or bfloat16 (ml_dtypes')."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        raise TypeError(f"dtype must be {_DTYPES}, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)) and not is_lowp(dt):
+        raise TypeError(f"dtype must be {_DTYPES}, got {dt}")
     return dt
+
+
+def _stats_dtype(dtype):
+    """Running statistics of 16-bit layers are kept in float32, as torch's mixed
+    precision does; those of the other layers in the parameters' dtype."""
+    return np.dtype(np.float32) if is_lowp(dtype) else dtype
 
 
 def _normalized_shape(v):
@@ -176,7 +186,7 @@ class _Norm:
         return ", bias=False" if self.weight is not None and self.bias is None else ""
 
     def _check_channels(self, x, num_channels):
-        x = as_input(x, "x")
+        x = as_input(x, "x", lowp=True)
         last = self.channel_axis == -1
         if x.ndim < 2:
             raise ValueError(f"{type(self).__name__}: x must be "
@@ -235,8 +245,8 @@ class _RunningStats:
             self._new_running_stats(self.num_features)
 
     def _new_running_stats(self, num_features):
-        self._buffers["running_mean"] = np.zeros(num_features, dtype=self.dtype)
-        self._buffers["running_var"] = np.ones(num_features, dtype=self.dtype)
+        self._buffers["running_mean"] = np.zeros(num_features, dtype=_stats_dtype(self.dtype))
+        self._buffers["running_var"] = np.ones(num_features, dtype=_stats_dtype(self.dtype))
         self._buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
 
     @property
@@ -428,7 +438,7 @@ class _RowNorm(_Norm):
         return dx + dh
 
     def _check_trailing(self, x):
-        x = as_input(x, "x")
+        x = as_input(x, "x", lowp=True)
         k = len(self.normalized_shape)
         if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
             raise ValueError(f"{type(self).__name__}: x's trailing dimensions must be "

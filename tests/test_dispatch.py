@@ -19,8 +19,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 RUNNABLE = [lv for lv in kernels.BUILT_LEVELS if lv in kernels.CPU_LEVELS]
 
 # Every determinism case (tests/test_determinism.py; GroupNorm's also channels-last),
-# forward and backward, both dtypes, under one forced level; the arrays go to an .npz
-# named by the case.
+# forward and backward, every storage dtype (float32, float64, float16, and bfloat16
+# where ml_dtypes is installed), under one forced level; the arrays go to an .npz named
+# by the case.
 WORKER = r"""
 import json, sys
 import numpy as np
@@ -31,9 +32,16 @@ import test_determinism as td
 res = {}
 def put(name, arrays):
     for i, a in enumerate(arrays if isinstance(arrays, tuple) else (arrays,)):
-        res[f"{name}/{i}"] = a
+        # 16-bit results as their bits (an .npz cannot hold ml_dtypes' bfloat16)
+        res[f"{name}/{i}"] = a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
-for dt in (np.float32, np.float64):
+DTYPES = [np.float32, np.float64, np.float16]
+try:
+    import ml_dtypes
+    DTYPES.append(ml_dtypes.bfloat16)
+except ImportError:
+    pass
+for dt in DTYPES:
     d = lambda shape, seed=0, loc=0.3: td.data(shape, dt, seed, loc)
     t = np.dtype(dt).name
     for shape, G in td.GN_CASES:

@@ -132,7 +132,7 @@ _OVERLAP = np.zeros(X.size + 1)
 
 ERRORS = {
     "num_groups_not_dividing": lambda: cynorm.group_norm(X_F, 3),
-    "x_float16": lambda: cynorm.group_norm(X.astype(np.float16), 8),
+    "x_int16": lambda: cynorm.group_norm(X.astype(np.int16), 8),
     "x_int_list": lambda: cynorm.layer_norm([[1, 2], [3, 4]], 2),
     "weight_shape": lambda: cynorm.group_norm(X, 8, np.ones(7)),
     "eps_negative": lambda: cynorm.instance_norm(X_F, eps=-1.0),

@@ -659,7 +659,7 @@ def test_backward_uses_the_parameters_of_its_forward(name, rng):
     (lambda: nn.LayerNorm((3, 0)), ValueError),
     (lambda: nn.LayerNorm("3"), TypeError),
     (lambda: nn.LayerNorm(3, dtype=np.int32), TypeError),
-    (lambda: nn.LayerNorm(3, dtype=np.float16), TypeError),
+    (lambda: nn.LayerNorm(3, dtype=np.int16), TypeError),
     (lambda: nn.RMSNorm(3, eps=-1e-6), ValueError),
     (lambda: nn.RMSNorm(3.5), TypeError),
     (lambda: nn.RMSNorm(3, elementwise_affine=1), TypeError),

@@ -9,6 +9,20 @@
 # Vectorisation without -ffast-math: the reductions (in _lanes.h) keep 16 independent
 # float64 accumulators in explicit SIMD vectors, combined in a fixed tree at the end.
 # Their result does not depend on the instruction set or on the data's alignment.
+#
+# Storage dtypes: the data (x, y, dy, dx, residual) are of the fused type `storage`
+# (float64, float32, float16, bfloat16); the parameters (weight, bias and their
+# gradients) of the fused type `floating`: float64 for float64 data, float32 for every
+# other storage (the callers convert them). 16-bit data are computed in float32 lanes,
+# exactly as float32 data: each helper below widens a block (STAGE values; a whole
+# piece, at most CHUNK, for the moments) into a float32 buffer on the stack (_lowp.h,
+# exact), runs the float32 code on it and narrows its results back (round to nearest
+# even, once). So a 16-bit result is the float32 result on the widened data, rounded
+# once; and the bits depend on nothing but the shape, as for the other dtypes. (The
+# 16-bit branches of lane_sum, lane_sqdev and welford_update are fallbacks that
+# piece_moments, which stages whole pieces, does not reach.) Only float32 parameters are ever paired with
+# 16-bit or float32 data, float64 ones with float64 data; the other pairings are
+# compiled (fused types are a product) but never called.
 
 cimport numpy as cnp
 from cython cimport floating
@@ -96,6 +110,76 @@ cdef inline void piece_bounds(const SetLayout* L, Py_ssize_t p, Py_ssize_t* run0
         elen[0] = L.run_len
 
 
+# ---- 16-bit storage (_lowp.h) ------------------------------------------------------
+
+cdef extern from "_lowp.h":
+    ctypedef struct cn_f16:
+        unsigned short bits
+    ctypedef struct cn_bf16:
+        unsigned short bits
+    float cn_f16_to_float(cn_f16 h) noexcept nogil
+    float cn_bf16_to_float(cn_bf16 h) noexcept nogil
+    cn_f16 cn_float_to_f16(float f) noexcept nogil
+    cn_bf16 cn_float_to_bf16(float f) noexcept nogil
+    void cn_f16_widen(const cn_f16* x, float* y, Py_ssize_t n) noexcept nogil
+    void cn_bf16_widen(const cn_bf16* x, float* y, Py_ssize_t n) noexcept nogil
+    void cn_f16_narrow(const float* x, cn_f16* y, Py_ssize_t n) noexcept nogil
+    void cn_bf16_narrow(const float* x, cn_bf16* y, Py_ssize_t n) noexcept nogil
+
+ctypedef fused storage:
+    float
+    double
+    cn_f16
+    cn_bf16
+
+cdef enum:
+    # values per staging block of 16-bit data: 4 KiB of float32, in L1
+    STAGE = 1024
+    # storage_kind codes, which the kernels' entry points dispatch on
+    KIND_F64 = 0
+    KIND_F32 = 1
+    KIND_F16 = 2
+    KIND_BF16 = 3
+
+
+cdef inline int storage_kind(cnp.ndarray a) noexcept:
+    """The storage of a validated data array: float16 is NumPy's own ('f', 2 bytes);
+    any other 2-byte dtype reaching a kernel is bfloat16 (cynorm._validate lets no other
+    through), recognised without importing ml_dtypes."""
+    cdef Py_ssize_t n = cnp.PyArray_ITEMSIZE(a)
+    if n == 8:
+        return KIND_F64
+    if n == 4:
+        return KIND_F32
+    return KIND_F16 if a.dtype.kind == "f" else KIND_BF16
+
+
+cdef inline void widen(const storage* x, float* buf, Py_ssize_t n) noexcept nogil:
+    """buf[0:n] = x[0:n] as float32 (16-bit storage only; exact)."""
+    if storage is cn_f16:
+        cn_f16_widen(x, buf, n)
+    elif storage is cn_bf16:
+        cn_bf16_widen(x, buf, n)
+
+
+cdef inline void narrow(const float* buf, storage* y, Py_ssize_t n) noexcept nogil:
+    """y[0:n] = buf[0:n] rounded to nearest even (16-bit storage only)."""
+    if storage is cn_f16:
+        cn_f16_narrow(buf, y, n)
+    elif storage is cn_bf16:
+        cn_bf16_narrow(buf, y, n)
+
+
+cdef inline double ld(const storage* x, Py_ssize_t i) noexcept nogil:
+    """x[i] as a number, for the few scalar reads (float64 exactly as stored)."""
+    if storage is cn_f16:
+        return cn_f16_to_float(x[i])
+    elif storage is cn_bf16:
+        return cn_bf16_to_float(x[i])
+    else:
+        return x[i]
+
+
 # ---- reductions over one contiguous run (_lanes.h: explicit float64 lanes) -----------
 
 cdef extern from "_lanes.h":
@@ -122,47 +206,79 @@ cdef extern from "_lanes.h":
                             double* pq) noexcept nogil
 
 
-cdef inline double lane_sum(const floating* x, Py_ssize_t n) noexcept nogil:
+cdef inline double lane_sum(const storage* x, Py_ssize_t n) noexcept nogil:
     """sum(x); for float32 data accurate enough for a first pass (see _lanes.h)."""
-    if floating is float:
+    cdef float buf[STAGE]
+    cdef double s = 0
+    cdef Py_ssize_t i = 0, e
+    if storage is float:
         return cn_sum_f32(x, n)
-    else:
+    elif storage is double:
         return cn_sum_f64(x, n)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(x + i, buf, e - i)
+            s += cn_sum_f32(buf, e - i)
+            i = e
+        return s
 
 
-cdef inline double lane_sqdev(const floating* x, Py_ssize_t n, double m, double* sdev,
-                              const floating* pf) noexcept nogil:
+cdef inline double lane_sqdev(const storage* x, Py_ssize_t n, double m, double* sdev,
+                              const storage* pf) noexcept nogil:
     """sum((x - m)**2), and sdev += sum(x - m); with m = 0, the sum of squares.
 
     This second pass works on data already in L1, so it also prefetches the n elements
     at pf (the next piece, which the next first pass will read) to overlap that memory
     traffic with this arithmetic; pf = NULL prefetches x itself, a no-op."""
+    cdef float buf[STAGE]
+    cdef double q = 0
+    cdef Py_ssize_t i = 0, e
     if pf == NULL:
         pf = x
-    if floating is float:
+    if storage is float:
         return cn_sqdev_f32(x, n, m, sdev, pf)
-    else:
+    elif storage is double:
         return cn_sqdev_f64(x, n, m, sdev, pf)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            cn_prefetch_range(pf + i, (e - i) * sizeof(storage))
+            widen(x + i, buf, e - i)
+            q += cn_sqdev_f32(buf, e - i, m, sdev, buf)
+            i = e
+        return q
 
 
-cdef inline double lane_sumsq(const floating* x, Py_ssize_t n,
-                              const floating* pf) noexcept nogil:
+cdef inline double lane_sumsq(const storage* x, Py_ssize_t n,
+                              const storage* pf) noexcept nogil:
     """sum(x**2): lane_sqdev with m = 0 (the same bits), prefetching pf likewise."""
+    cdef float buf[STAGE]
+    cdef double q = 0
+    cdef Py_ssize_t i = 0, e
     if pf == NULL:
         pf = x
-    if floating is float:
+    if storage is float:
         return cn_sumsq_f32(x, n, pf)
-    else:
+    elif storage is double:
         return cn_sumsq_f64(x, n, pf)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            cn_prefetch_range(pf + i, (e - i) * sizeof(storage))
+            widen(x + i, buf, e - i)
+            q += cn_sumsq_f32(buf, e - i, buf)
+            i = e
+        return q
 
 
-cdef inline void welford_update(const floating* x, Py_ssize_t n, double* cnt, double* mean,
+cdef inline void welford_update(const storage* x, Py_ssize_t n, double* cnt, double* mean,
                               double* m2) noexcept nogil:
     """Welford's update, element by element, continuing the running (cnt, mean, m2)."""
     cdef double c = cnt[0], m = mean[0], q = m2[0], d, v
     cdef Py_ssize_t i
     for i in range(n):
-        v = x[i]
+        v = ld(x, i)
         c += 1.0
         d = v - m
         m += d / c
@@ -172,14 +288,27 @@ cdef inline void welford_update(const floating* x, Py_ssize_t n, double* cnt, do
     m2[0] = q
 
 
-cdef inline void lane_grad_sums(const floating* dy, const floating* x, const floating* w,
+cdef inline void lane_grad_sums(const storage* dy, const storage* x, const floating* w,
                                 Py_ssize_t n, double m, double* sdy,
                                 double* sdyx) noexcept nogil:
     """With g = dy * w (w = NULL: g = dy): sdy += sum(g); sdyx += sum(g * (x - m))."""
-    if floating is float:
-        cn_grad_sums_f32(dy, x, w, n, m, sdy, sdyx)
+    cdef float bdy[STAGE]
+    cdef float bx[STAGE]
+    cdef const float* wi = NULL
+    cdef Py_ssize_t i = 0, e
+    if storage is float:
+        cn_grad_sums_f32(dy, x, <const float*>w, n, m, sdy, sdyx)
+    elif storage is double:
+        cn_grad_sums_f64(dy, x, <const double*>w, n, m, sdy, sdyx)
     else:
-        cn_grad_sums_f64(dy, x, w, n, m, sdy, sdyx)
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(dy + i, bdy, e - i)
+            widen(x + i, bx, e - i)
+            if w != NULL:
+                wi = <const float*>w + i
+            cn_grad_sums_f32(bdy, bx, wi, e - i, m, sdy, sdyx)
+            i = e
 
 
 # ---- statistics of pieces and sets ---------------------------------------------------
@@ -241,21 +370,34 @@ cdef inline void tree_merge_cols(double* pm, double* pq, Py_ssize_t stride,
                                  Py_ssize_t n_rows, Py_ssize_t n) noexcept nogil:
     """tree_merge of the n adjacent columns pm[j], pq[j] (block q at pm[q * stride + j]),
     in place, the results in pm[j], pq[j]: the same bits as tree_merge per column,
-    8 columns to a vector (cn_tree_merge_cols in _lanes.h)."""
+    CN_DW columns to a vector (cn_tree_merge_cols in _lanes.h)."""
     cn_tree_merge_cols(pm, pq, stride, n_blocks, block_rows, n_rows, n)
 
 
-cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_t p,
-                               int welford, int centered, const floating* pf,
+cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t p,
+                               int welford, int centered, const storage* pf,
                                double* cnt, double* mean, double* m2) noexcept nogil:
     """Moments of piece p of the set starting at xs.
 
     Two-pass (a mean, then the deviations from it while the piece is in L1, corrected)
     or Welford. centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
-    pf: the next piece's data, prefetched during the second pass (single-run pieces)."""
+    pf: the next piece's data, prefetched during the second pass (single-run pieces).
+    16-bit data: the piece (at most CHUNK values) is widened once into a float32 buffer
+    on the stack, whose moments (as one run) are those of the piece."""
     cdef Py_ssize_t run0, nruns, e0, elen, r
     cdef double s = 0, q = 0, m = 0, c = 0
+    cdef float buf[CHUNK]
+    cdef SetLayout B
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
+    if storage is cn_f16 or storage is cn_bf16:
+        for r in range(nruns):
+            widen(xs + (run0 + r) * L.run_stride + e0, buf + r * elen, elen)
+        if pf != NULL:
+            cn_prefetch_range(pf, nruns * elen * sizeof(storage))
+        B = make_layout(1, nruns * elen, nruns * elen)
+        piece_moments(<const float*>buf, &B, 0, welford, centered, <const float*>NULL, cnt,
+                      mean, m2)
+        return
     if welford and centered:
         for r in range(nruns):
             welford_update(xs + (run0 + r) * L.run_stride + e0, elen, &c, &m, &q)
@@ -288,15 +430,15 @@ cdef inline void piece_moments(const floating* xs, const SetLayout* L, Py_ssize_
     m2[0] = q
 
 
-cdef inline void set_moments(const floating* xs, const SetLayout* L, int welford,
-                             int centered, const floating* next_set, double* mean,
+cdef inline void set_moments(const storage* xs, const SetLayout* L, int welford,
+                             int centered, const storage* next_set, double* mean,
                              double* m2) noexcept nogil:
     """Moments of the whole set: the fold of its pieces' moments, in piece order.
     next_set: the set this thread handles next (prefetched during the last piece), or
     NULL."""
     cdef double c = 0, m = 0, q = 0, pc, pm, pq
     cdef Py_ssize_t p
-    cdef const floating* pf
+    cdef const storage* pf
     for p in range(L.n_pieces):
         pf = next_set
         if L.n_runs == 1 and p + 1 < L.n_pieces:
@@ -369,8 +511,8 @@ cdef inline double inv_std(double m2, double var_div, double eps) noexcept nogil
     return 1.0 / sqrt(m2 / var_div + eps)
 
 
-cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
-                           int centered, double eps, const floating* next_set,
+cdef inline void set_stats(const storage* xs, const SetLayout* L, int welford,
+                           int centered, double eps, const storage* next_set,
                            double* mean, double* rstd, double* var) noexcept nogil:
     """mean, rstd (and, when var is not NULL, the biased variance) of one set."""
     cdef double m2
@@ -380,7 +522,7 @@ cdef inline void set_stats(const floating* xs, const SetLayout* L, int welford,
     rstd[0] = inv_std(m2, L.var_div, eps)
 
 
-cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize_t n_sets,
+cdef inline void split_set_stats(const storage* x, const SetLayout* L, Py_ssize_t n_sets,
                                  Py_ssize_t set_stride, double* parts, int welford,
                                  int centered, double eps, double* mean, double* rstd,
                                  double* var, int nt) noexcept nogil:
@@ -397,7 +539,7 @@ cdef inline void split_set_stats(const floating* x, const SetLayout* L, Py_ssize
         rstd[s] = inv_std(rstd[s], L.var_div, eps)
 
 
-cdef inline void piece_grad_sums(const floating* dy, const floating* x, const floating* w,
+cdef inline void piece_grad_sums(const storage* dy, const storage* x, const floating* w,
                                  const SetLayout* L, Py_ssize_t p, double mean,
                                  double* sdy, double* sdyx) noexcept nogil:
     """lane_grad_sums over piece p of the set at dy, x. An elementwise w (row family)
@@ -408,11 +550,12 @@ cdef inline void piece_grad_sums(const floating* dy, const floating* x, const fl
     sdyx[0] = 0
     for r in range(nruns):
         off = (run0 + r) * L.run_stride + e0
-        lane_grad_sums(dy + off, x + off, NULL if w == NULL else w + off, elen, mean,
+        lane_grad_sums(dy + off, x + off, <const floating*>NULL if w == NULL else w + off,
+                       elen, mean,
                        sdy, sdyx)
 
 
-cdef inline void set_grad_sums(const floating* dy, const floating* x, const floating* w,
+cdef inline void set_grad_sums(const storage* dy, const storage* x, const floating* w,
                                const SetLayout* L, double mean, double* sdy,
                                double* sdyx) noexcept nogil:
     """The fold, in piece order, of piece_grad_sums over one set."""
@@ -426,7 +569,7 @@ cdef inline void set_grad_sums(const floating* dy, const floating* x, const floa
         sdyx[0] += b
 
 
-cdef inline void split_grad_sums(const floating* dy, const floating* x, const floating* w,
+cdef inline void split_grad_sums(const storage* dy, const storage* x, const floating* w,
                                  const SetLayout* L, Py_ssize_t n_sets,
                                  Py_ssize_t set_stride, const double* mean, double* parts,
                                  double* sdy, double* sdyx, int nt) noexcept nogil:
@@ -503,12 +646,16 @@ cdef inline void _affine_span(const floating* x, floating* y, Py_ssize_t i0, Py_
             y[i] = ((x[i] - mean) * rstd) * weight + shift
 
 
-cdef inline void affine_const(const floating* x, floating* y, Py_ssize_t n, double mean,
+cdef inline void affine_const(const storage* x, storage* y, Py_ssize_t n, double mean,
                               double rstd, double weight, double shift) noexcept nogil:
     """y = (x - mean) * rstd * weight + shift. y may be x."""
-    cdef Py_ssize_t h = aligned_head(y, n, sizeof(floating))
-    _affine_span(x, y, 0, h, mean, rstd, weight, shift)
-    _affine_span(x, y, h, n, mean, rstd, weight, shift)
+    cdef Py_ssize_t h
+    if storage is float or storage is double:
+        h = aligned_head(y, n, sizeof(storage))
+        _affine_span(x, y, 0, h, mean, rstd, weight, shift)
+        _affine_span(x, y, h, n, mean, rstd, weight, shift)
+    else:
+        affine_act(x, y, n, mean, rstd, weight, shift, 0)
 
 
 cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
@@ -535,10 +682,10 @@ cdef enum:
     PREFETCH_BLOCK = 256
 
 
-cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
+cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
                             Py_ssize_t n, double weight, double mg, double mgx,
-                            double mean, double rstd, const floating* pf_dy,
-                            const floating* pf_x) noexcept nogil:
+                            double mean, double rstd, const storage* pf_dy,
+                            const storage* pf_x) noexcept nogil:
     """dx = rstd * ((weight * dy - mg) - xhat * mgx) with xhat = (x - mean) * rstd, where
     mg = mean(g) and mgx = mean(g * xhat) over the set, g = weight * dy; dx may be dy or
     x. rstd is factored out, so g - mean(g) cancels before it is scaled: a constant set
@@ -547,16 +694,32 @@ cdef inline void grad_const(const floating* dy, const floating* x, floating* dx,
 
     pf_dy, pf_x: n elements the caller reads next (the next set), prefetched block by
     block meanwhile, so that this L2-bound pass overlaps the next pass's memory reads;
-    NULL for none."""
-    cdef Py_ssize_t i = aligned_head(dx, n, sizeof(floating)), e
-    _grad_span(dy, x, dx, 0, i, weight, mg, mgx, mean, rstd)
-    while i < n:
-        e = i + PREFETCH_BLOCK if i + PREFETCH_BLOCK < n else n
-        if pf_dy != NULL:
-            cn_prefetch_range(pf_dy + i, (e - i) * sizeof(floating))
-            cn_prefetch_range(pf_x + i, (e - i) * sizeof(floating))
-        _grad_span(dy, x, dx, i, e, weight, mg, mgx, mean, rstd)
-        i = e
+    NULL for none. 16-bit data: dx in float32 on the widened block, rounded once."""
+    cdef float bdy[STAGE]
+    cdef float bx[STAGE]
+    cdef Py_ssize_t i = 0, e
+    if storage is float or storage is double:
+        i = aligned_head(dx, n, sizeof(storage))
+        _grad_span(dy, x, dx, 0, i, weight, mg, mgx, mean, rstd)
+        while i < n:
+            e = i + PREFETCH_BLOCK if i + PREFETCH_BLOCK < n else n
+            if pf_dy != NULL:
+                cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
+                cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
+            _grad_span(dy, x, dx, i, e, weight, mg, mgx, mean, rstd)
+            i = e
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            if pf_dy != NULL:
+                cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
+                cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
+            widen(dy + i, bdy, e - i)
+            widen(x + i, bx, e - i)
+            _grad_span(<const float*>bdy, <const float*>bx, bdy, 0, e - i, weight, mg, mgx,
+                       mean, rstd)
+            narrow(bdy, dx + i, e - i)
+            i = e
 
 
 # ---- the activation epilogue (_activations.h) ------------------------------------------
@@ -586,35 +749,58 @@ cdef inline void act_run(floating* y, Py_ssize_t n, int act) noexcept nogil:
         cn_act_f64(y, y, n, act)
 
 
-cdef inline void affine_act(const floating* x, floating* y, Py_ssize_t n, double mean,
+cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double mean,
                             double rstd, double weight, double shift, int act) noexcept nogil:
     """y = act((x - mean) * rstd * weight + shift): affine_const, then the activation on
-    each block while it is in L1. y may be x."""
+    each block while it is in L1. y may be x. 16-bit data: both on the widened block in
+    float32, then rounded once."""
+    cdef float buf[STAGE]
     cdef Py_ssize_t i = 0, e
-    if act == 0:
-        affine_const(x, y, n, mean, rstd, weight, shift)
-        return
-    while i < n:
-        e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
-        affine_const(x + i, y + i, e - i, mean, rstd, weight, shift)
-        act_run(y + i, e - i, act)
-        i = e
+    if storage is float or storage is double:
+        if act == 0:
+            affine_const(x, y, n, mean, rstd, weight, shift)
+            return
+        while i < n:
+            e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+            affine_const(x + i, y + i, e - i, mean, rstd, weight, shift)
+            act_run(y + i, e - i, act)
+            i = e
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(x + i, buf, e - i)
+            _affine_span(<const float*>buf, buf, 0, e - i, mean, rstd, weight, shift)
+            if act:
+                cn_act_f32(buf, buf, e - i, act)
+            narrow(buf, y + i, e - i)
+            i = e
 
 
-cdef inline void act_grad_const(const floating* dy, const floating* x, floating* g,
+cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
                                 Py_ssize_t n, double mean, double rstd, double weight,
                                 double shift, int act) noexcept nogil:
     """g = dy * act'(a), a = (x - mean) * rstd * weight + shift recomputed exactly as
-    affine_act computed it in the forward. g may be dy (not x)."""
-    cdef floating a[ACT_BLOCK]
+    affine_act computed it in the forward. g may be dy (not x). 16-bit data: g is
+    rounded to the storage type (cynorm._api widens such a backward to float32 first,
+    keeping g's digits, and does not call this with 16-bit data)."""
+    cdef float a[ACT_BLOCK]
+    cdef float bd[ACT_BLOCK]
+    cdef double a64[ACT_BLOCK]
     cdef Py_ssize_t i = 0, e
     while i < n:
         e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
-        affine_const(x + i, a, e - i, mean, rstd, weight, shift)
-        if floating is float:
+        if storage is float:
+            affine_const(x + i, a, e - i, mean, rstd, weight, shift)
             cn_act_grad_f32(a, dy + i, g + i, e - i, act)
+        elif storage is double:
+            affine_const(x + i, a64, e - i, mean, rstd, weight, shift)
+            cn_act_grad_f64(a64, dy + i, g + i, e - i, act)
         else:
-            cn_act_grad_f64(a, dy + i, g + i, e - i, act)
+            widen(x + i, a, e - i)
+            _affine_span(<const float*>a, a, 0, e - i, mean, rstd, weight, shift)
+            widen(dy + i, bd, e - i)
+            cn_act_grad_f32(a, bd, bd, e - i, act)
+            narrow(bd, g + i, e - i)
         i = e
 
 

@@ -20,6 +20,11 @@ coefficients. Scratch: two float64 per channel and row block beyond the first, a
 outputs and the backward handles each tile's dx while it is in cache, with no scratch
 at all.
 
+Storage dtypes (see _common.pxd): the long-run path takes every storage (float16 and
+bfloat16 computed in float32 lanes), parameters float32 for all but float64 data; the
+column path takes float32 and float64 only (cynorm._api widens 16-bit data with short
+runs to float32 first).
+
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
 cimport numpy as cnp
@@ -32,7 +37,7 @@ from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
     affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
-    MERGE_COLS,
+    MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
 from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
 
@@ -334,7 +339,7 @@ cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
                   dx + (t // n_tiles) * D, c0, min(c0 + cpt, C), HW, mean, rstd, w, ps, psx)
 
 
-cdef inline void _apply_channel(const floating* x, floating* y, const floating* w,
+cdef inline void _apply_channel(const storage* x, storage* y, const floating* w,
                                 const floating* b, const double* mean,
                                 const double* rstd, Py_ssize_t n0, Py_ssize_t n1,
                                 Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW,
@@ -348,7 +353,7 @@ cdef inline void _apply_channel(const floating* x, floating* y, const floating* 
                    shift, act)
 
 
-cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
+cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* var, double* parts, Py_ssize_t N,
                    Py_ssize_t C, Py_ssize_t HW, double eps, double ddof, int welford,
                    int training, int act, int nt) noexcept nogil:
@@ -413,9 +418,18 @@ def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mea
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef double* pv = <double*>data(var)
-    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef int kind = storage_kind(x)
+    cdef bint single = kind == KIND_F32
+    if columns and kind != KIND_F32 and kind != KIND_F64:
+        raise TypeError("channel.forward: 16-bit data needs runs of at least SHORT_RUN")
     with nogil:
-        if columns and single:
+        if kind == KIND_F16:
+            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
+                     N, C, HW, eps, ddof, welford, training, act, nt)
+        elif kind != KIND_F32 and kind != KIND_F64:
+            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, pv,
+                     parts, N, C, HW, eps, ddof, welford, training, act, nt)
+        elif columns and single:
             _col_forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv,
                          parts, psh, N, C, HW, eps, ddof, welford, training, act, nt)
         elif columns:
@@ -431,7 +445,7 @@ def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mea
 
 # ---- backward -------------------------------------------------------------------------
 
-cdef inline void _grad_channel(const floating* dy, const floating* x, floating* dx,
+cdef inline void _grad_channel(const storage* dy, const storage* x, storage* dx,
                                const floating* w, const double* mean, const double* rstd,
                                const double* sdy, const double* sdyx, Py_ssize_t n0,
                                Py_ssize_t n1, Py_ssize_t c, Py_ssize_t N, Py_ssize_t C,
@@ -449,7 +463,7 @@ cdef inline void _grad_channel(const floating* dy, const floating* x, floating* 
                    HW, wc, mg, mgx, mean[c], rs, NULL, NULL)
 
 
-cdef inline void _act_grad_channel(const floating* dy, const floating* x, floating* g,
+cdef inline void _act_grad_channel(const storage* dy, const storage* x, storage* g,
                                    const floating* w, const floating* b,
                                    const double* mean, const double* rstd, Py_ssize_t n0,
                                    Py_ssize_t n1, Py_ssize_t c, Py_ssize_t C,
@@ -463,8 +477,8 @@ cdef inline void _act_grad_channel(const floating* dy, const floating* x, floati
         act_grad_const(dy + o, x + o, g + o, HW, mean[c], rstd[c], wc, shift, act)
 
 
-cdef void _backward(const floating* dy, const floating* x, floating* dx,
-                    const floating* w, const floating* b, floating* g, floating* dw,
+cdef void _backward(const storage* dy, const storage* x, storage* dx,
+                    const floating* w, const floating* b, storage* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
                     double* sdyx, double* parts, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                     int training, int act, int nt) noexcept nogil:
@@ -472,7 +486,7 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
     own when channels are split) and takes dy's place."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
-    cdef const floating* gd = <const floating*>g if act else dy
+    cdef const storage* gd = <const storage*>g if act else dy
     if parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
             if act:
@@ -537,9 +551,20 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef void* pg = data(gbuf) if act else NULL
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
-    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef int kind = storage_kind(x)
+    cdef bint single = kind == KIND_F32
+    if columns and kind != KIND_F32 and kind != KIND_F64:
+        raise TypeError("channel.backward: 16-bit data needs runs of at least SHORT_RUN")
     with nogil:
-        if columns and single:
+        if kind == KIND_F16:
+            _backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, <float*>pb,
+                      <cn_f16*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, parts, N,
+                      C, HW, training, act, nt)
+        elif kind != KIND_F32 and kind != KIND_F64:
+            _backward(<cn_bf16*>pdy, <cn_bf16*>px, <cn_bf16*>pdx, <float*>pw,
+                      <float*>pb, <cn_bf16*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy,
+                      sdyx, parts, N, C, HW, training, act, nt)
+        elif columns and single:
             _col_backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pb,
                           <float*>pg, <float*>pdw, <float*>pdb, pm, pr, parts, N, C, HW,
                           training, act, nt)

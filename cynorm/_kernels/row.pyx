@@ -11,6 +11,9 @@ row order, into float64 column sums; the blocks are then added in block order. B
 and tiles depend only on the shape, never on the thread count.
 
 rms = 1 (RMSNorm): no mean is subtracted, rstd = 1 / sqrt(mean(x**2) + eps).
+Storage dtypes (see _common.pxd): data of the fused type `storage`, parameters of
+`floating` (float32 for every storage but float64). 16-bit rows are computed block by
+block on float32 copies in L1, with the float32 path's arithmetic, and rounded once.
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
 cimport numpy as cnp
@@ -21,6 +24,8 @@ from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, set_ddof,
     set_grad_sums, split_grad_sums, aligned_head, f32_xhat_ok, split_mean, data,
+    storage, storage_kind, widen, narrow, cn_f16, cn_bf16, STAGE, KIND_F64, KIND_F32,
+    KIND_F16,
 )
 
 import numpy as np
@@ -100,37 +105,68 @@ cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
                 y[k] = (x[k] - mean) * rstd
 
 
-cdef inline void _apply_row(const floating* x, floating* y, const floating* w,
+cdef inline void _apply_row(const storage* x, storage* y, const floating* w,
                             const floating* b, Py_ssize_t n, double mean,
                             double rstd) noexcept nogil:
-    """Normalise n elements of a row (w, b: the row's slice, or NULL)."""
-    cdef Py_ssize_t h = aligned_head(y, n, sizeof(floating))
-    _apply_span(x, y, w, b, 0, h, mean, rstd)
-    _apply_span(x, y, w, b, h, n, mean, rstd)
+    """Normalise n elements of a row (w, b: the row's slice, or NULL). The casts of w
+    and b are no-ops in the pairings that run (see _common.pxd)."""
+    cdef float buf[STAGE]
+    cdef const float* wi = NULL
+    cdef const float* bi = NULL
+    cdef Py_ssize_t h, i = 0, e
+    if storage is float or storage is double:
+        h = aligned_head(y, n, sizeof(storage))
+        _apply_span(x, y, <const storage*>w, <const storage*>b, 0, h, mean, rstd)
+        _apply_span(x, y, <const storage*>w, <const storage*>b, h, n, mean, rstd)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(x + i, buf, e - i)
+            if w != NULL:
+                wi = <const float*>w + i
+            if b != NULL:
+                bi = <const float*>b + i
+            _apply_span(<const float*>buf, buf, wi, bi, 0, e - i, mean, rstd)
+            narrow(buf, y + i, e - i)
+            i = e
 
 
-cdef inline void _apply_piece(const floating* x, floating* y, const floating* w,
+cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
                               const SetLayout* L, Py_ssize_t k) noexcept nogil:
     """Apply over piece k (of all R * n_pieces) of the split forward."""
     cdef Py_ssize_t r = k // L.n_pieces, run0, nruns, e0, elen
     piece_bounds(L, k - r * L.n_pieces, &run0, &nruns, &e0, &elen)
-    _apply_row(x + r * L.size + e0, y + r * L.size + e0, NULL if w == NULL else w + e0,
-               NULL if b == NULL else b + e0, elen, mean[r], rstd[r])
+    _apply_row(x + r * L.size + e0, y + r * L.size + e0,
+               <const floating*>NULL if w == NULL else w + e0,
+               <const floating*>NULL if b == NULL else b + e0, elen, mean[r], rstd[r])
 
 
-cdef inline void _add_span(const floating* a, const floating* b, floating* h,
+cdef inline void _add_span(const storage* a, const storage* b, storage* h,
                            Py_ssize_t n) noexcept nogil:
-    """h = a + b elementwise; h may be a or b."""
-    cdef Py_ssize_t k
-    for k in range(n):
-        h[k] = a[k] + b[k]
+    """h = a + b elementwise; h may be a or b. 16-bit data: added in float32, rounded
+    once."""
+    cdef float ba[STAGE]
+    cdef float bb[STAGE]
+    cdef Py_ssize_t k, i = 0, e
+    if storage is float or storage is double:
+        for k in range(n):
+            h[k] = a[k] + b[k]
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(a + i, ba, e - i)
+            widen(b + i, bb, e - i)
+            for k in range(e - i):
+                ba[k] = ba[k] + bb[k]
+            narrow(ba, h + i, e - i)
+            i = e
 
 
-cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
+cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* parts, Py_ssize_t R, Py_ssize_t K,
-                   double eps, double ddof, int welford, int rms, const floating* res,
-                   floating* h, int nt) noexcept nogil:
+                   double eps, double ddof, int welford, int rms, const storage* res,
+                   storage* h, int nt) noexcept nogil:
     """res != NULL: the residual prologue, h = x + res (written to h, which may be x or
     res), then h is normalised; a row's sum is formed just before its statistics, so it
     is read from cache."""
@@ -182,11 +218,17 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef double* pr = <double*>data(rstd)
     cdef void* pres = data(residual)
     cdef void* ph = data(h)
-    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef int kind = storage_kind(x)
     with nogil:
-        if single:
+        if kind == KIND_F32:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
                      R, K, eps, ddof, welford, rms, <float*>pres, <float*>ph, nt)
+        elif kind == KIND_F16:
+            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, parts,
+                     R, K, eps, ddof, welford, rms, <cn_f16*>pres, <cn_f16*>ph, nt)
+        elif kind != KIND_F64:
+            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, parts,
+                     R, K, eps, ddof, welford, rms, <cn_bf16*>pres, <cn_bf16*>ph, nt)
         else:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
                      R, K, eps, ddof, welford, rms, <double*>pres, <double*>ph, nt)
@@ -248,17 +290,39 @@ cdef inline Py_ssize_t acc_blocks(Py_ssize_t R) noexcept nogil:
     return (sub + per - 1) // per
 
 
-cdef void _tile(const floating* dy, const floating* x, floating* dx, const floating* w,
+cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating* w,
                 const double* mean, const double* rstd, const double* sdy,
                 const double* sdyx, Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1,
                 Py_ssize_t k0, Py_ssize_t kn, int rms, double* acc_w,
                 double* acc_b) noexcept nogil:
     """Rows [r0, r1) (a sub-block), columns [k0, k0 + kn): write dx, and add
-    dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row."""
+    dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row. 16-bit
+    data: each row's dy and x widened to float32 (kn <= TILE_COLS values), the float32
+    path's arithmetic on them, dx rounded once."""
     cdef float coef[10 * ROWS_PER_BLOCK]
+    cdef float bdy[TILE_COLS]
+    cdef float bx[TILE_COLS]
+    cdef const float* wf = NULL
     cdef Py_ssize_t r, j, ra
     cdef double mg, mgx
-    if floating is float:
+    if w != NULL:
+        wf = <const float*>w + k0
+    if storage is cn_f16 or storage is cn_bf16:
+        for r in range(r0, r1):
+            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
+            widen(dy + r * K + k0, bdy, kn)
+            widen(x + r * K + k0, bx, kn)
+            if f32_xhat_ok(rstd[r]):
+                split_mean(_mean_at(mean, r), &coef[0], &coef[1])
+                coef[2] = <float>rstd[r]
+                coef[3] = <float>mg
+                coef[4] = <float>mgx
+                cn_row_tile_f32(bdy, bx, bdy, wf, kn, 1, kn, coef, acc_w, acc_b)
+            else:
+                _tile_row(<const float*>bdy, <const float*>bx, bdy, wf, kn,
+                          _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
+            narrow(bdy, dx + r * K + k0, kn)
+    elif storage is float:
         # runs of rows whose xhat float32 can form: float32 coefficients per row (the
         # mean as hi + lo), then the vector tile; other rows in float64
         r = r0
@@ -274,23 +338,22 @@ cdef void _tile(const floating* dy, const floating* x, floating* dx, const float
                 r += 1
             if r > ra:
                 cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                NULL if w == NULL else w + k0, K, r - ra, kn, coef, acc_w,
-                                acc_b)
+                                wf, K, r - ra, kn, coef, acc_w, acc_b)
             if r < r1:
                 _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
                 _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                          NULL if w == NULL else w + k0, kn, _mean_at(mean, r), rstd[r], mg, mgx,
-                          acc_w, acc_b)
+                          wf, kn, _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
                 r += 1
     else:
         for r in range(r0, r1):
             _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
             _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                      NULL if w == NULL else w + k0, kn, _mean_at(mean, r), rstd[r], mg, mgx,
-                      acc_w, acc_b)
+                      <const storage*>NULL if w == NULL else <const storage*>w + k0, kn,
+                      _mean_at(mean, r),
+                      rstd[r], mg, mgx, acc_w, acc_b)
 
 
-cdef void _block_tiles(const floating* dy, const floating* x, floating* dx,
+cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
                        const floating* w, floating* dw, floating* db, const double* mean,
                        const double* rstd, double* sdy, double* sdyx, double* part,
                        Py_ssize_t R, Py_ssize_t K, Py_ssize_t blk, Py_ssize_t j0,
@@ -347,7 +410,7 @@ cdef void _block_tiles(const floating* dy, const floating* x, floating* dx,
         s0 = s1
 
 
-cdef void _backward(const floating* dy, const floating* x, floating* dx,
+cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     const floating* w, floating* dw, floating* db, const double* mean,
                     const double* rstd, double* sdy, double* sdyx, double* parts,
                     double* part, Py_ssize_t R, Py_ssize_t K, int rms,
@@ -414,12 +477,40 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef void* pdb = data(dbias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
-    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef int kind = storage_kind(x)
     with nogil:
-        if single:
+        if kind == KIND_F32:
             _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
                       <float*>pdb, pm, pr, sdy, sdyx, parts, part, R, K, rms, nt)
+        elif kind == KIND_F16:
+            _backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, <float*>pdw,
+                      <float*>pdb, pm, pr, sdy, sdyx, parts, part, R, K, rms, nt)
+        elif kind != KIND_F64:
+            _backward(<cn_bf16*>pdy, <cn_bf16*>px, <cn_bf16*>pdx, <float*>pw,
+                      <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, parts, part, R, K,
+                      rms, nt)
         else:
             _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw,
                       <double*>pdw, <double*>pdb, pm, pr, sdy, sdyx, parts, part, R, K,
                       rms, nt)
+
+
+def convert(cnp.ndarray src, cnp.ndarray dst):
+    """dst = src between float32 and a 16-bit storage (float16 or bfloat16), in either
+    direction, with the kernels' own conversions (exact widening; rounding to nearest
+    even): C-contiguous arrays of the same size, checked by the caller."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src), i
+    cdef int ks = storage_kind(src), kd = storage_kind(dst)
+    cdef int nt = cynorm_threads_for(n)
+    cdef void* ps = data(src)
+    cdef void* pd = data(dst)
+    with nogil:
+        for i in prange(0, n, CHUNK, num_threads=nt, schedule="static"):
+            if ks == KIND_F16:
+                widen(<cn_f16*>ps + i, <float*>pd + i, min(CHUNK, n - i))
+            elif ks != KIND_F32:
+                widen(<cn_bf16*>ps + i, <float*>pd + i, min(CHUNK, n - i))
+            elif kd == KIND_F16:
+                narrow(<float*>ps + i, <cn_f16*>pd + i, min(CHUNK, n - i))
+            else:
+                narrow(<float*>ps + i, <cn_bf16*>pd + i, min(CHUNK, n - i))

@@ -7,7 +7,9 @@ than 4 per thread the kernel splits them: forward into fixed pieces, backward in
 (n, c) runs. Both ways compute the same bits (see _common.pxd).
 
 The callers in cynorm._api validate everything; these functions trust their arguments:
-C-contiguous arrays of one float dtype, statistics float64 of shape (N, G).
+C-contiguous data arrays of one storage dtype (float64, float32, float16, bfloat16),
+parameters float64 for float64 data and float32 otherwise, statistics float64 of shape
+(N, G).
 """
 cimport numpy as cnp
 from cython cimport floating
@@ -16,7 +18,8 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_act,
-    act_grad_const, lane_grad_sums, grad_const, data,
+    act_grad_const, lane_grad_sums, grad_const, data, storage, storage_kind, cn_f16,
+    cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
 
 import numpy as np
@@ -27,7 +30,7 @@ cnp.import_array()
 cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 
 
-cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start,
+cdef inline void _apply_range(const storage* xs, storage* ys, Py_ssize_t start,
                               Py_ssize_t end, Py_ssize_t HW, Py_ssize_t c_first,
                               double mean, double rstd, const floating* w,
                               const floating* b, int act) noexcept nogil:
@@ -46,7 +49,7 @@ cdef inline void _apply_range(const floating* xs, floating* ys, Py_ssize_t start
         i = stop
 
 
-cdef inline void _split_apply(const floating* x, floating* y, const floating* w,
+cdef inline void _split_apply(const storage* x, storage* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
                               const SetLayout* L, Py_ssize_t k, Py_ssize_t C,
                               Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
@@ -57,7 +60,7 @@ cdef inline void _split_apply(const floating* x, floating* y, const floating* w,
                  mean[s], rstd[s], w, b, act)
 
 
-cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
+cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* parts, Py_ssize_t N, Py_ssize_t C,
                    Py_ssize_t HW, Py_ssize_t G, double eps, int welford, int act,
                    int nt) noexcept nogil:
@@ -97,30 +100,36 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef void* pb = data(bias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
-    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef int kind = storage_kind(x)
     with nogil:
-        if single:
+        if kind == KIND_F32:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, parts,
                      N, C, HW, G, eps, welford, act, nt)
-        else:
+        elif kind == KIND_F64:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, parts,
+                     N, C, HW, G, eps, welford, act, nt)
+        elif kind == KIND_F16:
+            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, parts,
+                     N, C, HW, G, eps, welford, act, nt)
+        else:
+            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, parts,
                      N, C, HW, G, eps, welford, act, nt)
 
 
 # ---- backward -------------------------------------------------------------------------
 
-cdef inline void _run_sums(const floating* dy, const floating* x, const double* mean,
+cdef inline void _run_sums(const storage* dy, const storage* x, const double* mean,
                            double* sdy, double* sdyx, Py_ssize_t r, Py_ssize_t C,
                            Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
     """sum(dy) and sum(dy * (x - mean)) over run r = n * C + c."""
     cdef Py_ssize_t s = (r // C) * G + (r % C) // (C // G)
     sdy[r] = 0
     sdyx[r] = 0
-    lane_grad_sums(dy + r * HW, x + r * HW, <const floating*>NULL, HW, mean[s], &sdy[r],
+    lane_grad_sums(dy + r * HW, x + r * HW, <const float*>NULL, HW, mean[s], &sdy[r],
                    &sdyx[r])
 
 
-cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
+cdef inline void _run_grad(const storage* dy, const storage* x, storage* dx,
                            const floating* w, const double* mean, const double* rstd,
                            const double* sdy, const double* sdyx, Py_ssize_t r,
                            Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
@@ -142,7 +151,7 @@ cdef inline void _run_grad(const floating* dy, const floating* x, floating* dx,
                dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
 
 
-cdef inline void _run_act_grad(const floating* dy, const floating* x, floating* g,
+cdef inline void _run_act_grad(const storage* dy, const storage* x, storage* g,
                                const floating* w, const floating* b, const double* mean,
                                const double* rstd, Py_ssize_t r, Py_ssize_t C,
                                Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
@@ -152,8 +161,8 @@ cdef inline void _run_act_grad(const floating* dy, const floating* x, floating* 
                    1.0 if w == NULL else w[c], 0.0 if b == NULL else b[c], act)
 
 
-cdef void _backward(const floating* dy, const floating* x, floating* dx,
-                    const floating* w, const floating* b, floating* g, floating* dw,
+cdef void _backward(const storage* dy, const storage* x, storage* dx,
+                    const floating* w, const floating* b, storage* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
                     double* sdyx, double* acc, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                     Py_ssize_t G, int last, int act, int nt) noexcept nogil:
@@ -163,7 +172,7 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
     buffer or a scratch one) and takes dy's place."""
     cdef Py_ssize_t cpg = C // G, s, r, j, n, c
     cdef double acc_w, acc_b
-    cdef const floating* gd = <const floating*>g if act else dy
+    cdef const storage* gd = <const storage*>g if act else dy
     if N * G >= 4 * nt:
         # fused: a slab's sums, then its dx while the slab is still in cache (and the
         # next slab, this thread's next under the static schedule, is prefetched)
@@ -232,11 +241,24 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef Py_ssize_t step = C * HW * isz
+    cdef int kind = storage_kind(x)
     with nogil:
         n0 = 0
         while n0 < N:
             n1 = min(n0 + nc, N)
-            if isz == 4:
+            if kind == KIND_F16:
+                _backward(<cn_f16*>(pdy + n0 * step), <cn_f16*>(px + n0 * step),
+                          <cn_f16*>(pdx + n0 * step), <float*>pw, <float*>pb,
+                          <cn_f16*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
+                          C, HW, G, n1 == N, act, nt)
+            elif kind != KIND_F64 and kind != KIND_F32:
+                _backward(<cn_bf16*>(pdy + n0 * step), <cn_bf16*>(px + n0 * step),
+                          <cn_bf16*>(pdx + n0 * step), <float*>pw, <float*>pb,
+                          <cn_bf16*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
+                          C, HW, G, n1 == N, act, nt)
+            elif isz == 4:
                 _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
                           <float*>(pdx + n0 * step), <float*>pw, <float*>pb,
                           <float*>(pg + n0 * step if act else NULL), <float*>pdw,

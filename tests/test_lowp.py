@@ -1,0 +1,638 @@
+"""float16 and bfloat16 storage: every op, forward and backward, within 1 ulp of the
+storage dtype of an independent float64 reference on the widened data; the fused
+activation and residual; NaN, Inf and overflow on store; mixed parameter dtypes; the
+same bits for every thread count; torch as an oracle; and clear errors.
+
+The promise (README, "Accuracy"): a 16-bit result is the float32 computation on the
+widened data rounded once to the storage dtype, so it is at most 1 ulp of the storage
+dtype from the exact (float64) value, except where the result is a difference of much
+larger terms (y = xhat * weight + bias near 0, dx near 0); there the error is bounded
+by a few float32 ulps of those terms instead.
+"""
+import numpy as np
+import pytest
+
+import cynorm
+import reference as ref
+from test_determinism import across_threads
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+LOWP = [F16, BF16]
+ACTS = [None, "silu", "gelu", "gelu_tanh", "relu"]
+
+# mantissa bits and smallest normal exponent of each 16-bit format
+_FORMAT = {F16: (10, -14), BF16: (7, -126)}
+# float32 rounding of the terms a result is a difference of (a few float32 ulps)
+_F32_TERMS = 8 * 2.0 ** -24
+
+
+def wide(a):
+    """A 16-bit (or any float) array as float64, exactly (NumPy / ml_dtypes casts)."""
+    with np.errstate(invalid="ignore"):  # signalling NaN patterns
+        return np.asarray(a).astype(np.float64)
+
+
+def grid_position(v, dt):
+    """The position of float64 values v on dt's grid of finite values, counted in ulps
+    from 0 (an integer for a representable value, fractional in between; negative for
+    negative v): the distance of two values in ulps is the difference of positions."""
+    p, emin = _FORMAT[dt]
+    a = np.abs(v)
+    m, e = np.frexp(a)  # a = m * 2**e, m in [0.5, 1)
+    e = e - 1
+    normal = (e - emin + 1) * 2.0 ** p + (2 * m - 1) * 2.0 ** p
+    sub = a / 2.0 ** (emin - p)
+    pos = np.where(e >= emin, normal, sub)
+    return np.where(a == 0, 0.0, np.copysign(pos, v))
+
+
+def bits_position(y):
+    """The grid position of 16-bit values from their bit patterns (sign-magnitude)."""
+    u = np.ascontiguousarray(y).view(np.uint16).astype(np.int64)
+    mag = u & 0x7FFF
+    return np.where(u & 0x8000, -mag, mag).astype(np.float64)
+
+
+def assert_within_one_ulp(y, expected, terms=None, what="result"):
+    """y (16-bit) within 1 ulp of float64 `expected`; NaN exactly where expected is NaN,
+    infinities equal. terms: the elementwise size of the terms y is a difference of;
+    where given, an error within a few float32 ulps of them passes too."""
+    dt = y.dtype
+    assert dt in LOWP, dt
+    expected = np.asarray(expected, dtype=np.float64)
+    assert y.shape == expected.shape
+    yw = wide(y)
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(yw), nan), f"{what}: NaN where the reference has none"
+    inf = np.isinf(expected)
+    assert np.array_equal(yw[inf], expected[inf]), f"{what}: infinities differ"
+    fin = ~nan & ~inf
+    assert np.isfinite(yw[fin]).all(), f"{what}: overflow where the reference is finite"
+    dist = np.abs(bits_position(y)[fin] - grid_position(expected[fin], dt))
+    ok = dist <= 1.0
+    if terms is not None:
+        t = np.broadcast_to(np.asarray(terms, dtype=np.float64), expected.shape)[fin]
+        ok |= np.abs(yw[fin] - expected[fin]) <= _F32_TERMS * t
+    assert ok.all(), (f"{what}: {np.count_nonzero(~ok)} of {ok.size} values beyond 1 ulp "
+                      f"of {dt}; worst {dist.max():.3g} ulps")
+
+
+def data(shape, dt, seed=0, loc=0.3, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (loc + scale * rng.standard_normal(shape)).astype(dt)
+
+
+# ---- the helpers themselves --------------------------------------------------------------
+
+def test_ulp_helper_counts_grid_steps():
+    for dt in LOWP:
+        v = np.array([1.0, -1.0, 0.0, 3.5, 1e-6, -2.0 ** -20], dtype=np.float64)
+        y = v.astype(dt)
+        assert np.array_equal(bits_position(y), grid_position(wide(y), dt))
+        up = np.nextafter(y.astype(dt), np.asarray(np.inf, dtype=dt))
+        assert np.array_equal(bits_position(up) - bits_position(y), np.ones(v.size))
+    with pytest.raises(AssertionError, match="beyond 1 ulp"):
+        y = np.array([1.0], dtype=F16)
+        assert_within_one_ulp(y, np.array([1.0 + 2.5 * 2.0 ** -10]))
+
+
+def test_conversions_are_exact_and_round_to_nearest_even():
+    from cynorm._kernels import row
+    for dt in LOWP:
+        bits = np.arange(65536, dtype=np.uint16)
+        h = bits.view(dt)
+        w = np.empty(h.shape, dtype=np.float32)
+        row.convert(h, w)
+        nan = np.isnan(wide(h))
+        assert np.array_equal(w[~nan], h[~nan].astype(np.float32))
+        assert np.isnan(w[nan]).all()
+        # every float32 halfway case, its neighbours, and overflow to Inf
+        f = np.random.default_rng(1).standard_normal(200_000).astype(np.float32)
+        f *= np.float32(2.0) ** np.random.default_rng(2).integers(-30, 30, f.size)
+        f = np.concatenate([f, [np.inf, -np.inf, 3.0e38, 65519.0, 65520.0, -7e4,
+                                2.0 ** -25, 3 * 2.0 ** -26]]).astype(np.float32)
+        back = np.empty(f.shape, dtype=dt)
+        row.convert(f, back)
+        with np.errstate(over="ignore"):
+            expect = f.astype(np.float64).astype(dt) if dt == F16 else f.astype(dt)
+        assert np.array_equal(back.view(np.uint16), expect.view(np.uint16))
+        q = np.empty(2, dtype=dt)
+        row.convert(np.array([np.nan, -np.nan], dtype=np.float32), q)
+        assert np.isnan(wide(q)).all()
+
+
+# ---- forward, every op, every dtype, with and without activation ------------------------
+
+def _gn_ref(x, G, w, b, act, eps=1e-5):
+    y, mean, rstd = ref.group_norm(wide(x), G, wide(w), wide(b), eps)
+    terms = np.abs((y - wide(b).reshape(1, -1, *([1] * (x.ndim - 2))))) + np.abs(
+        wide(b).reshape(1, -1, *([1] * (x.ndim - 2))))
+    return ref.activation(act, y), mean, rstd, terms
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,G", [((2, 8, 5, 7), 4), ((1, 4, 96, 96), 1),
+                                      ((3, 6, 33), 6)])
+def test_group_norm_forward_within_one_ulp(dt, shape, G, act):
+    x = data(shape, dt, 0, loc=2.0, scale=3.0)
+    w, b = data(shape[1], np.float32, 1, 1.0), data(shape[1], np.float32, 2)
+    y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, activation=act)
+    assert y.dtype == dt and m.dtype == r.dtype == np.float64
+    e, mean, rstd, terms = _gn_ref(x, G, w, b, act)
+    np.testing.assert_allclose(m, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r, rstd, rtol=1e-12)
+    assert_within_one_ulp(y, e, terms=terms if act in (None, "relu") else terms + 1.0)
+
+
+@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_instance_norm_forward_within_one_ulp(dt, act):
+    x = data((2, 5, 17, 19), dt, 3)
+    w, b = data(5, dt, 1, 1.0), data(5, dt, 2)
+    y, m, r = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True, activation=act)
+    e, mean, rstd, terms = _gn_ref(x, 5, w, b, act)
+    assert_within_one_ulp(y, e, terms=terms + (act is not None))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(4, 6, 10, 10), (64, 3), (5, 4, 7)])
+def test_batch_norm_forward_within_one_ulp(dt, shape, training):
+    # (64, 3) and (5, 4, 7): runs shorter than 64 (the column path)
+    x = data(shape, dt, 4, loc=-1.0, scale=2.0)
+    C = shape[1]
+    w, b = data(C, np.float32, 1, 1.0), data(C, np.float32, 2)
+    rm, rv = data(C, np.float32, 5), np.abs(data(C, np.float32, 6)) + 0.5
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, m, r = cynorm.batch_norm(x, rm, rv, w, b, training=training, return_stats=True)
+    assert y.dtype == dt
+    e, mean, rstd, nrm, nrv = ref.batch_norm(wide(x), rm0, rv0, w, b, training=training)
+    np.testing.assert_allclose(m, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r, rstd, rtol=1e-12)
+    if training:
+        np.testing.assert_allclose(rm, nrm, rtol=1e-6)
+        np.testing.assert_allclose(rv, nrv, rtol=1e-6)
+    bb = wide(b).reshape(1, C, *([1] * (len(shape) - 2)))
+    assert_within_one_ulp(y, e, terms=np.abs(e - bb) + np.abs(bb))
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,ns", [((64, 300), 300), ((2, 3, 5000), 5000),
+                                       ((3, 8, 24), (8, 24))])
+def test_layer_norm_forward_within_one_ulp(dt, shape, ns):
+    x = data(shape, dt, 7, loc=5.0, scale=2.0)
+    nst = (ns,) if isinstance(ns, int) else ns
+    w, b = data(nst, dt, 1, 1.0), data(nst, dt, 2)
+    y, m, r = cynorm.layer_norm(x, ns, w, b, return_stats=True)
+    e, mean, rstd = ref.layer_norm(wide(x), ns, wide(w), wide(b))
+    np.testing.assert_allclose(m, mean, rtol=1e-12)
+    np.testing.assert_allclose(r, rstd, rtol=1e-12)
+    assert_within_one_ulp(y, e, terms=np.abs(e - wide(b)) + np.abs(wide(b)))
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,ns", [((64, 300), 300), ((2, 9000), 9000)])
+def test_rms_norm_forward_within_one_ulp(dt, shape, ns):
+    x = data(shape, dt, 8, scale=4.0)
+    w = data(ns, dt, 1, 1.0)
+    y, r = cynorm.rms_norm(x, ns, w, eps=1e-6, return_stats=True)
+    e, rstd = ref.rms_norm(wide(x), ns, wide(w), eps=1e-6)
+    np.testing.assert_allclose(r, rstd, rtol=1e-12)
+    assert_within_one_ulp(y, e)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_rms_norm_default_eps_is_the_storage_epsilon(dt):
+    x = np.zeros((2, 8), dtype=dt)
+    _, r = cynorm.rms_norm(x, 8, return_stats=True)
+    eps = {F16: 2.0 ** -10, BF16: 2.0 ** -7}[dt]
+    np.testing.assert_allclose(r, 1.0 / np.sqrt(eps), rtol=1e-15)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_residual_sum_is_rounded_once_and_normalised(dt, op):
+    x, res = data((16, 520), dt, 9, scale=3.0), data((16, 520), dt, 10)
+    w = data(520, dt, 1, 1.0)
+    if op == "layer_norm":
+        y, h = cynorm.layer_norm(x, 520, w, residual=res)
+    else:
+        y, h = cynorm.rms_norm(x, 520, w, eps=1e-6, residual=res)
+    assert h.dtype == y.dtype == dt
+    hsum = wide(x) + wide(res)
+    assert_within_one_ulp(h, hsum)  # the float32 sum rounded to the storage dtype
+    if op == "layer_norm":
+        e = ref.layer_norm(wide(h), 520, wide(w))[0]
+    else:
+        e = ref.rms_norm(wide(h), 520, wide(w), eps=1e-6)[0]
+    assert_within_one_ulp(y, e)
+
+
+# ---- backward ---------------------------------------------------------------------------
+
+def _dx_terms(dy, xhat, rstd, w, shape):
+    g = np.abs(wide(dy) * w)
+    return rstd * (g + np.max(g) + np.abs(xhat) * np.max(g))
+
+
+@pytest.mark.parametrize("act", [None, "silu", "relu"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,G", [((2, 8, 9, 10), 4), ((1, 4, 80, 80), 1),
+                                      ((3, 4, 2, 3), 4)])
+def test_group_norm_backward_within_one_ulp(dt, shape, G, act):
+    x, dy = data(shape, dt, 11, loc=1.0), data(shape, dt, 12)
+    C = shape[1]
+    w, b = data(C, np.float32, 1, 1.0), data(C, np.float32, 2)
+    _, mean, rstd = ref.group_norm(wide(x), G, w, b)
+    dx, dw, db = cynorm.group_norm_backward(dy, x, mean, rstd, G, w, bias=b,
+                                            activation=act)
+    assert dx.dtype == dt and dw.dtype == db.dtype == np.float32
+    # the reference: dy through the activation's derivative at the float64 pre-activation
+    a = ref.group_norm(wide(x), G, w, b)[0]
+    g = wide(dy) * ref.activation_grad(act, a)
+    edx, edw, edb = ref.group_norm_backward(g, wide(x), mean, rstd, G, w)
+    M = x.size // (shape[0] * G)
+    rs = np.repeat(rstd, C // G, axis=1).reshape(shape[0], C, *([1] * (len(shape) - 2)))
+    scale = rs * np.max(np.abs(g)) * np.max(np.abs(w)) * 4
+    assert_within_one_ulp(dx, edx, terms=scale + 0 * edx, what="dx")
+    # float32 dweight/dbias: float32 products summed in float64, rounded to float32
+    axes = (0,) + tuple(range(2, len(shape)))
+    xhat = (a - b.reshape(1, C, *([1] * (len(shape) - 2)))) / w.reshape(
+        1, C, *([1] * (len(shape) - 2)))
+    np.testing.assert_allclose(dw, edw, rtol=2e-7,
+                               atol=1e-6 * np.abs(g * xhat).sum(axis=axes).max())
+    np.testing.assert_allclose(db, edb, rtol=2e-7, atol=1e-6 * np.abs(g).sum(axis=axes).max())
+    assert M > 0
+
+
+@pytest.mark.parametrize("wdt", [None, "same", np.float32], ids=str)
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,ns", [((64, 300), 300), ((3, 5000), 5000)])
+def test_layer_norm_backward_within_one_ulp(dt, shape, ns, wdt):
+    x, dy = data(shape, dt, 13, loc=2.0), data(shape, dt, 14)
+    w = None if wdt is None else data(ns, dt if wdt == "same" else wdt, 1, 1.0)
+    _, mean, rstd = ref.layer_norm(wide(x), ns)
+    dx, dw, db = cynorm.layer_norm_backward(dy, x, mean, rstd, ns, w)
+    assert dx.dtype == dt
+    assert dw.dtype == db.dtype == (dt if wdt in (None, "same") else np.float32)
+    wf = np.ones(ns) if w is None else wide(w)
+    edx, edw, edb = ref.layer_norm_backward(wide(dy), wide(x), mean, rstd, ns, wf)
+    scale = rstd[:, None] * np.max(np.abs(wide(dy) * wf)) * 4
+    assert_within_one_ulp(dx, edx, terms=scale + 0 * edx, what="dx")
+    xhat = (wide(x) - mean[:, None]) * rstd[:, None]
+    if dw.dtype == np.float32:
+        np.testing.assert_allclose(dw, edw, rtol=2e-7,
+                                   atol=1e-6 * np.abs(wide(dy) * xhat).sum(0).max())
+    else:
+        assert_within_one_ulp(dw, edw, terms=np.abs(wide(dy) * xhat).sum(0), what="dw")
+        assert_within_one_ulp(db, edb, terms=np.abs(wide(dy)).sum(0), what="db")
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,ns", [((64, 300), 300), ((2, 9000), 9000)])
+def test_rms_norm_backward_within_one_ulp(dt, shape, ns):
+    x, dy = data(shape, dt, 15, scale=3.0), data(shape, dt, 16)
+    w = data(ns, dt, 1, 1.0)
+    _, rstd = ref.rms_norm(wide(x), ns, wide(w), eps=1e-6)
+    dx, dw = cynorm.rms_norm_backward(dy, x, rstd, ns, w)
+    assert dx.dtype == dw.dtype == dt
+    edx, edw = ref.rms_norm_backward(wide(dy), wide(x), rstd, ns, wide(w))
+    scale = rstd[:, None] * np.max(np.abs(wide(dy) * wide(w))) * 4
+    assert_within_one_ulp(dx, edx, terms=scale + 0 * edx, what="dx")
+    assert_within_one_ulp(dw, edw, terms=np.abs(wide(dy) * wide(x) * rstd[:, None]).sum(0),
+                          what="dw")
+
+
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(4, 6, 10, 10), (64, 3)])
+def test_batch_norm_backward_within_one_ulp(dt, shape, training, act):
+    x, dy = data(shape, dt, 17, loc=0.5), data(shape, dt, 18)
+    C = shape[1]
+    w, b = data(C, dt, 1, 1.0), data(C, dt, 2)
+    rm, rv = data(C, np.float64, 5), np.abs(data(C, np.float64, 6)) + 0.5
+    a, mean, rstd, _, _ = ref.batch_norm(wide(x), rm, rv, wide(w), wide(b),
+                                         training=training)
+    dx, dw, db = cynorm.batch_norm_backward(dy, x, mean, rstd, w, training=training,
+                                            bias=b, activation=act)
+    assert dx.dtype == dw.dtype == db.dtype == dt
+    g = wide(dy) * ref.activation_grad(act, a)
+    edx, edw, edb = ref.batch_norm_backward(g, wide(x), mean, rstd, wide(w), training)
+    shp = (1, C) + (1,) * (len(shape) - 2)
+    scale = rstd.reshape(shp) * np.max(np.abs(g)) * np.max(np.abs(wide(w))) * 4
+    assert_within_one_ulp(dx, edx, terms=scale + 0 * edx, what="dx")
+    axes = (0,) + tuple(range(2, len(shape)))
+    xhat = (wide(x) - mean.reshape(shp)) * rstd.reshape(shp)
+    assert_within_one_ulp(dw, edw, terms=np.abs(g * xhat).sum(axis=axes), what="dw")
+    assert_within_one_ulp(db, edb, terms=np.abs(g).sum(axis=axes), what="db")
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_instance_norm_backward_within_one_ulp(dt):
+    x, dy = data((2, 3, 12, 12), dt, 19), data((2, 3, 12, 12), dt, 20)
+    w = data(3, dt, 1, 1.0)
+    _, mean, rstd = ref.instance_norm(wide(x))
+    dx, dw, db = cynorm.instance_norm_backward(dy, x, mean, rstd, w)
+    edx, edw, edb = ref.instance_norm_backward(wide(dy), wide(x), mean, rstd, wide(w))
+    scale = np.repeat(rstd, 1, axis=1)[:, :, None, None] * np.max(np.abs(wide(dy))) * 4
+    assert_within_one_ulp(dx, edx, terms=scale + 0 * edx, what="dx")
+    assert dw.dtype == db.dtype == dt
+
+
+# ---- special values -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_nan_and_inf_stay_in_their_sets(dt):
+    x = data((2, 4, 6, 6), dt, 21)
+    x[0, 0, 1, 1] = np.nan
+    x[1, 3, 0, 0] = np.inf
+    y = cynorm.group_norm(x, 2)
+    yw = wide(y)
+    assert np.isnan(yw[0, :2]).all() and np.isnan(yw[1, 2:]).all()
+    assert np.isfinite(yw[0, 2:]).all() and np.isfinite(yw[1, :2]).all()
+    r = data((3, 40), dt, 22)
+    r[1, 5] = -np.inf
+    yr = wide(cynorm.layer_norm(r, 40))
+    assert np.isnan(yr[1]).all() and np.isfinite(yr[[0, 2]]).all()
+
+
+def test_float32_results_beyond_float16_overflow_to_inf_on_store():
+    x = data((2, 4, 8, 8), F16, 23)
+    w = np.array([1e5, -1e5, 1.0, 3e4], dtype=np.float32)
+    y = cynorm.group_norm(x, 2, w)
+    e = ref.group_norm(wide(x), 2, w)[0]
+    assert_within_one_ulp(y, np.where(np.abs(e) >= 65520.0, np.copysign(np.inf, e), e))
+    yw = wide(y)
+    assert np.isinf(yw[:, 0]).any() and np.isinf(yw[:, 1]).any()
+    assert np.isfinite(yw[:, 2]).all()
+    # bfloat16 shares float32's range: the same weights stay finite
+    assert np.isfinite(wide(cynorm.group_norm(x.astype(BF16), 2, w))).all()
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_subnormal_and_huge_data_keep_their_digits(dt):
+    tiny = np.float64(2.0 ** -20 if dt == F16 else 2.0 ** -120)
+    big = np.float64(4e3 if dt == F16 else 1e37)
+    for s in (tiny, big):
+        x = (data((4, 64), np.float64, 24) * s).astype(dt)
+        assert np.isfinite(wide(x)).all() and np.ptp(wide(x), axis=1).min() > 0
+        y = cynorm.layer_norm(x, 64)
+        assert_within_one_ulp(y, ref.layer_norm(wide(x), 64)[0], terms=None)
+
+
+# ---- mixed parameter dtypes ----------------------------------------------------------------
+
+@pytest.mark.parametrize("pdt", [np.float32, np.float64, F16, BF16], ids=str)
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_mixed_parameter_dtypes_are_accepted(dt, pdt):
+    x, dy = data((2, 6, 9, 9), dt, 25), data((2, 6, 9, 9), dt, 26)
+    w, b = data(6, pdt, 1, 1.0), data(6, pdt, 2)
+    y, m, r = cynorm.group_norm(x, 3, w, b, return_stats=True)
+    # float64 parameters are used in float32 (the compute precision of 16-bit data)
+    wf, bf = wide(w.astype(np.float32)), wide(b.astype(np.float32))
+    e = ref.group_norm(wide(x), 3, wf, bf)[0]
+    assert_within_one_ulp(y, e, terms=np.abs(e - bf.reshape(1, 6, 1, 1)) + np.abs(bf.reshape(1, 6, 1, 1)))
+    dx, dw, db = cynorm.group_norm_backward(dy, x, m, r, 3, w)
+    assert dx.dtype == dt and dw.dtype == db.dtype == np.dtype(pdt)
+
+
+# ---- determinism ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,G", [((1, 4, 128, 128), 1), ((8, 32, 16, 16), 8),
+                                      ((2, 6, 4097), 6)])
+def test_group_norm_bitwise_identical_across_thread_counts(dt, shape, G):
+    x, dy = data(shape, dt), data(shape, dt, 3)
+    w, b = data(shape[1], dt, 1, 1.0), data(shape[1], dt, 2)
+
+    def run():
+        y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, activation="silu")
+        return (y, m, r) + cynorm.group_norm_backward(dy, x, m, r, G, w)
+    across_threads(run)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(2, 20000), (200, 768), (70, 33)])
+def test_row_ops_bitwise_identical_across_thread_counts(dt, shape):
+    x, dy, res = data(shape, dt), data(shape, dt, 3), data(shape, dt, 4)
+    K = shape[-1]
+    w, b = data(K, dt, 1, 1.0), data(K, dt, 2)
+
+    def run():
+        y, h, m, r = cynorm.layer_norm(x, K, w, b, return_stats=True, residual=res)
+        y2, r2 = cynorm.rms_norm(x, K, w, return_stats=True)
+        return ((y, h, m, r, y2, r2) + cynorm.layer_norm_backward(dy, h, m, r, K, w)
+                + cynorm.rms_norm_backward(dy, x, r2, K, w))
+    across_threads(run)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(8, 3, 40, 40), (256, 16)])
+def test_batch_norm_bitwise_identical_across_thread_counts(dt, shape):
+    x, dy = data(shape, dt), data(shape, dt, 3)
+    C = shape[1]
+    w, b = data(C, dt, 1, 1.0), data(C, dt, 2)
+
+    def run():
+        y, m, r = cynorm.batch_norm(x, None, None, w, b, training=True, return_stats=True)
+        return (y, m, r) + cynorm.batch_norm_backward(dy, x, m, r, w)
+    across_threads(run)
+
+
+# ---- torch as an oracle ---------------------------------------------------------------------
+
+def _torch_lowp(torch, dt):
+    return torch.bfloat16 if dt == BF16 else torch.float16
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_group_and_layer_norm_match_torch_within_two_ulps(dt):
+    torch = pytest.importorskip("torch")
+    tdt = _torch_lowp(torch, dt)
+    x, dy = data((2, 8, 6, 6), dt, 27), data((2, 8, 6, 6), dt, 28)
+    w, b = data(8, dt, 1, 1.0), data(8, dt, 2)
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(tdt)
+
+    def back(tt):
+        return tt.detach().contiguous().view(torch.int16).numpy().view(dt)
+
+    tx = t(x).clone().requires_grad_(True)
+    tw, tb = t(w).clone().requires_grad_(True), t(b).clone().requires_grad_(True)
+    try:
+        ty = torch.nn.functional.group_norm(tx, 4, tw, tb, 1e-5)
+        ty.backward(t(dy))
+    except RuntimeError as e:  # a dtype torch's CPU kernels lack
+        pytest.skip(f"torch: {e}")
+    y, m, r = cynorm.group_norm(x, 4, w, b, return_stats=True)
+    dx, dw, db = cynorm.group_norm_backward(dy, x, m, r, 4, w)
+    for mine, theirs in ((y, ty), (dx, tx.grad)):
+        dist = np.abs(bits_position(mine) - bits_position(back(theirs)))
+        scale = np.max(np.abs(wide(mine)))
+        close = np.abs(wide(mine) - wide(back(theirs))) <= 2.0 ** -7 * scale
+        assert ((dist <= 2) | close).all(), dist.max()
+    # LayerNorm over the trailing dims
+    xr = data((16, 64), dt, 29)
+    wr, br = data(64, dt, 1, 1.0), data(64, dt, 2)
+    ty = torch.nn.functional.layer_norm(t(xr), (64,), t(wr), t(br), 1e-5)
+    y = cynorm.layer_norm(xr, 64, wr, br)
+    dist = np.abs(bits_position(y) - bits_position(back(ty)))
+    close = np.abs(wide(y) - wide(back(ty))) <= 2.0 ** -7 * np.max(np.abs(wide(y)))
+    assert ((dist <= 2) | close).all(), dist.max()
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_out_of_another_dtype_is_a_type_error_naming_out(dt):
+    x = data((2, 4, 3, 3), dt)
+    with pytest.raises(TypeError, match="out must have dtype"):
+        cynorm.group_norm(x, 2, out=np.empty(x.shape, dtype=np.float32))
+    other = BF16 if dt == F16 else F16
+    with pytest.raises(TypeError, match="out must have dtype"):
+        cynorm.layer_norm(x, (3,), out=np.empty(x.shape, dtype=other))
+    with pytest.raises(TypeError, match="dy must have the dtype of x"):
+        cynorm.rms_norm_backward(np.zeros(x.shape, np.float32), x, np.ones((2, 4, 3)), 3)
+    with pytest.raises(TypeError, match="residual must have the dtype of x"):
+        cynorm.rms_norm(x, 3, residual=np.zeros(x.shape, dtype=other))
+
+
+def test_other_dtypes_are_type_errors_naming_x():
+    for bad in (np.int16, np.uint16, np.complex64):
+        with pytest.raises(TypeError, match="x must be a float32, float64, float16 or "
+                                            "bfloat16 array"):
+            cynorm.group_norm(np.zeros((2, 4, 3), dtype=bad), 2)
+    with pytest.raises(TypeError, match="weight must be a floating-point array"):
+        cynorm.layer_norm(np.zeros((2, 4), F16), 4, np.zeros(4, dtype=np.int16))
+
+
+def test_ops_without_16bit_kernels_reject_it_naming_x():
+    x = np.zeros((4, 5), dtype=F16)
+    with pytest.raises(TypeError, match="x: float16 is not supported here"):
+        cynorm.standardize(x)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_in_place_out_is_allowed(dt):
+    x = data((3, 4, 70), dt, 30)
+    expect = cynorm.group_norm(x, 2)
+    y = cynorm.group_norm(x, 2, out=x)
+    assert y is x and np.array_equal(x.view(np.uint16), expect.view(np.uint16))
+
+
+# ---- layers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_layers_take_16bit_parameters_with_float32_running_stats(dt):
+    from cynorm import nn
+    bn = nn.BatchNorm(4, dtype=dt)
+    assert bn.weight.dtype == bn.bias.dtype == dt
+    assert bn.running_mean.dtype == bn.running_var.dtype == np.float32
+    x, dy = data((6, 4, 9, 9), dt, 31), data((6, 4, 9, 9), dt, 32)
+    y = bn(x)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    e, m, r = cynorm.batch_norm(x, rm, rv, bn.weight, bn.bias, training=True,
+                                return_stats=True)
+    assert y.dtype == dt and np.array_equal(y.view(np.uint16), e.view(np.uint16))
+    np.testing.assert_array_equal(bn.running_mean, rm)
+    np.testing.assert_array_equal(bn.running_var, rv)
+    dx = bn.backward(dy)
+    edx, edw, edb = cynorm.batch_norm_backward(dy, x, m, r, bn.weight)
+    assert dx.dtype == dt and np.array_equal(dx.view(np.uint16), edx.view(np.uint16))
+    assert bn.grads["weight"].dtype == bn.grads["bias"].dtype == dt
+    # the state round-trips with its dtypes
+    other = nn.BatchNorm(4, dtype=dt)
+    other.load_state_dict(bn.state_dict())
+    for k, v in bn.state_dict().items():
+        assert other.state_dict()[k].dtype == v.dtype
+        assert np.array_equal(wide(other.state_dict()[k]), wide(v))
+    for layer, shape in ((nn.GroupNorm(2, 4, dtype=dt, activation="silu"), (2, 4, 5, 5)),
+                         (nn.InstanceNorm(4, affine=True, track_running_stats=True,
+                                          dtype=dt), (2, 4, 7)),
+                         (nn.LayerNorm(16, dtype=dt), (3, 16)),
+                         (nn.RMSNorm(16, dtype=dt), (3, 16))):
+        xx = data(shape, dt, 33)
+        yy = layer(xx)
+        assert yy.dtype == dt
+        assert layer.backward(data(shape, dt, 34)).dtype == dt
+        assert all(g.dtype == dt for g in layer.grads.values())
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 100), (2, 3, 5)])
+def test_instance_norm_with_running_stats_within_one_ulp(dt, shape):
+    # use_input_stats=False normalises per channel with the running statistics: the
+    # channel kernels (runs of 100: in 16 bits; runs of 5: through float32 copies)
+    x, dy = data(shape, dt, 35), data(shape, dt, 36)
+    w, b = data(3, dt, 1, 1.0), data(3, dt, 2)
+    rm, rv = data(3, np.float32, 5), np.abs(data(3, np.float32, 6)) + 0.5
+    y, m, r = cynorm.instance_norm(x, rm, rv, w, b, use_input_stats=False,
+                                   return_stats=True)
+    e = ref.batch_norm(wide(x), rm, rv, wide(w), wide(b), training=False)[0]
+    bb = wide(b).reshape(1, 3, 1)
+    assert_within_one_ulp(y, e, terms=np.abs(e - bb) + np.abs(bb))
+    dx, dw, db = cynorm.instance_norm_backward(dy, x, m, r, w, use_input_stats=False)
+    edx = ref.batch_norm_backward(wide(dy), wide(x), m, r, wide(w), False)[0]
+    assert_within_one_ulp(dx, edx, what="dx")
+    assert dx.dtype == dw.dtype == db.dtype == dt
+
+
+# ---- 16-bit storage with channels-last x (channel_axis=-1) --------------------------------
+
+@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("op", ["group_norm", "instance_norm", "batch_norm"])
+def test_channels_last_storage_forward_and_backward_within_one_ulp(dt, op, act):
+    """A 16-bit channels-last x (N, H, W, C): y, dx within 1 ulp of the float64
+    reference on the transposed (NCHW) data, y and dx in x's dtype, in x's layout."""
+    N, H, W, C, G = 2, 5, 7, 8, 4
+    xl = data((N, H, W, C), dt, 3, loc=2.0, scale=3.0)
+    dyl = data((N, H, W, C), dt, 4)
+    w, b = data(C, np.float32, 5, 1.0), data(C, np.float32, 6)
+    xc = np.moveaxis(wide(xl), -1, 1)
+    dyc = np.moveaxis(wide(dyl), -1, 1)
+    if op == "group_norm":
+        y, m, r = cynorm.group_norm(xl, G, w, b, return_stats=True, activation=act,
+                                    channel_axis=-1)
+        dx, dw, db = cynorm.group_norm_backward(dyl, xl, m, r, G, w, bias=b,
+                                                activation=act, channel_axis=-1)
+        groups = G
+    elif op == "instance_norm":
+        y, m, r = cynorm.instance_norm(xl, weight=w, bias=b, return_stats=True,
+                                       activation=act, channel_axis=-1)
+        dx, dw, db = cynorm.instance_norm_backward(dyl, xl, m, r, w, bias=b,
+                                                   activation=act, channel_axis=-1)
+        groups = C
+    else:
+        y, m, r = cynorm.batch_norm(xl, None, None, w, b, training=True,
+                                    return_stats=True, activation=act, channel_axis=-1)
+        dx, dw, db = cynorm.batch_norm_backward(dyl, xl, m, r, w, bias=b,
+                                                activation=act, channel_axis=-1)
+    assert y.dtype == dx.dtype == dt and y.shape == dx.shape == xl.shape
+    if op == "batch_norm":
+        ey, mean, rstd = ref.batch_norm(xc, None, None, wide(w), wide(b), training=True)[:3]
+    else:
+        ey, mean, rstd = ref.group_norm(xc, groups, wide(w), wide(b), 1e-5)
+    np.testing.assert_allclose(m, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r, rstd, rtol=1e-12)
+    bb = wide(b).reshape(1, -1, 1, 1)
+    terms = np.abs(ey - bb) + np.abs(bb) + (0.0 if act is None else 1.0)
+    assert_within_one_ulp(y, np.moveaxis(ref.activation(act, ey), 1, -1),
+                          terms=np.moveaxis(terms, 1, -1))
+    # dx: dy through the activation's derivative at the float64 pre-activation, then the
+    # plain backward, all in float64 on the transposed (NCHW) data
+    g = dyc * ref.activation_grad(act, ey)
+    if op == "batch_norm":
+        edx = ref.batch_norm_backward(g, xc, mean, rstd, wide(w), training=True)[0]
+        rs = rstd.reshape(1, C, 1, 1)
+    else:
+        edx = ref.group_norm_backward(g, xc, mean, rstd, groups, wide(w))[0]
+        rs = np.repeat(rstd, C // groups, axis=1).reshape(N, C, 1, 1)
+    scale = rs * np.max(np.abs(g)) * np.max(np.abs(w)) * 4 + 0 * edx
+    assert_within_one_ulp(dx, np.moveaxis(edx, 1, -1), terms=np.moveaxis(scale, 1, -1),
+                          what="dx")
