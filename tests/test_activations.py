@@ -146,6 +146,36 @@ def test_same_bits_at_every_offset_and_in_place(name, dtype):
     assert np.array_equal(y.view(np.uint8), full.view(np.uint8))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_float32_silu_value_does_not_depend_on_its_neighbours_being_in_the_tails(grad):
+    # a vector of 16 lanes with a lane below -87 (where exp(-x) overflows float32) takes
+    # the tail formula for that lane only: every other lane keeps its bits
+    rng = np.random.default_rng(7)
+    core = rng.uniform(-87, 100, 4096).astype(np.float32)
+    core[:8] = [-87.0, -86.99, 87.0, 87.01, 0.0, -0.0, np.inf, np.nan]
+    tails = np.array([-87.01, -100.0, -104.5, -121.0, -1e30, -np.inf], np.float32)
+    mixed = core.copy()
+    at = np.arange(3, mixed.size, 16)          # one tail value in every vector
+    mixed[at] = np.resize(tails, at.size)
+
+    def f(x):
+        if grad:
+            return _apply_grad("silu", x, np.ones_like(x))
+        return _apply("silu", x)
+
+    got, alone = f(mixed), f(core)
+    keep = np.ones(mixed.size, bool)
+    keep[at] = False
+    assert np.array_equal(got[keep].view(np.uint32), alone[keep].view(np.uint32))
+    tail_alone = f(np.ascontiguousarray(mixed[at]))   # vectors of tail values only
+    assert np.array_equal(got[at].view(np.uint32), tail_alone.view(np.uint32))
+    x = mixed[at].astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = (grad_ref if grad else act_ref)("silu", x).astype(np.float32)
+    want[x == -np.inf] = 0.0 if grad else -0.0
+    assert np.all(np.abs(_ordinal(got[at]) - _ordinal(want)) <= 2)
+
+
 def test_hook_rejects_bad_arrays():
     x = np.zeros(8, np.float32)
     with pytest.raises(ValueError):

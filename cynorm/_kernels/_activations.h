@@ -53,6 +53,32 @@ CN_VINLINE cn_v8d cn_fabs(cn_v8d v) {
     return (cn_v8d)((cn_v8l)v & CN_ISPLAT(0x7fffffffffffffffLL));
 }
 
+/* v clamped to [lo, hi] lane by lane (NaN passes: its comparisons are false) */
+CN_VINLINE cn_v8d cn_clamp(cn_v8d v, double lo, double hi) {
+    v = cn_sel(v < CN_SPLAT(lo), CN_SPLAT(lo), v);
+    return cn_sel(v > CN_SPLAT(hi), CN_SPLAT(hi), v);
+}
+
+/* whether any lane of a comparison's result is set */
+CN_VINLINE int cn_any(cn_v8l m) {
+    unsigned long long w[sizeof(cn_v8l) / 8], acc = 0;
+    size_t j;
+    memcpy(w, &m, sizeof w);
+    for (j = 0; j < sizeof(cn_v8l) / 8; j++) acc |= w[j];
+    return acc != 0;
+}
+
+/* the limits at the infinities, which the formulas reach only as inf - inf or 0 * inf:
+ * act(-inf) = -0 (y elsewhere) and act'(-inf) = 0, act'(+inf) = 1 (d elsewhere) */
+CN_VINLINE cn_v8d cn_at_neg_inf(cn_v8d x, cn_v8d y) {
+    return cn_sel(x == CN_SPLAT(-__builtin_inf()), CN_SPLAT(-0.0), y);
+}
+
+CN_VINLINE cn_v8d cn_grad_at_inf(cn_v8d x, cn_v8d d) {
+    return cn_sel(cn_fabs(x) == CN_SPLAT(__builtin_inf()),
+                  cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO), d);
+}
+
 /* ---- exp ----------------------------------------------------------------------------
  * full = 0: Taylor degree 7 (relative error < 4e-9: float32 results), full = 1: degree
  * 13 (< 1e-17: float64 results). A constant argument, so each caller compiles one. */
@@ -61,8 +87,7 @@ CN_VINLINE cn_v8d cn_exp(cn_v8d v, int full) {
     cn_v8d vc, kf, n, r, p;
     cn_v8l ni, n1, n2;
     /* clamp so that 2^n stays in two normal factors; NaN passes (comparisons false) */
-    vc = cn_sel(v < CN_SPLAT(-746.0), CN_SPLAT(-746.0), v);
-    vc = cn_sel(vc > CN_SPLAT(710.0), CN_SPLAT(710.0), vc);
+    vc = cn_clamp(v, -746.0, 710.0);
     kf = vc * CN_SPLAT(1.4426950408889634) + magic;
     n = kf - magic;
     ni = (cn_v8l)kf - (cn_v8l)magic;
@@ -110,64 +135,71 @@ CN_VINLINE cn_v8d cn_exp_negsq(cn_v8d y, int full) {
  * a denominator, the interval of each lane picks its pair, and one division ends it
  * (divisions are the slow part). The third interval's polynomials in s = 1 / z^2 are
  * multiplied through by z^10 (with |z| capped at 30, where erfc is 0 in float64 anyway),
- * so that no 1 / z^2 is formed either. */
+ * so that no 1 / z^2 is formed either. An interval no lane of the vector is in is
+ * skipped (the other lanes' values do not depend on it). */
 CN_VINLINE cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
-    cn_v8d y = cn_fabs(z), t, n, d, num, den, yc, tc, res;
+    cn_v8d y = cn_fabs(z), t, n, d, num = CN_ZERO, den = CN_ZERO, yc, tc, res;
     cn_v8l in_a = y <= CN_SPLAT(0.46875), in_c = y > CN_SPLAT(4.0);
     /* first interval: erf(y) = y NA(y^2) / DA(y^2), erfc = (DA - y NA) / DA */
-    t = y * y;
-    n = CN_SPLAT(1.85777706184603153e-1) * t;
-    d = t;
-    n = (n + CN_SPLAT(3.16112374387056560e00)) * t;
-    d = (d + CN_SPLAT(2.36012909523441209e01)) * t;
-    n = (n + CN_SPLAT(1.13864154151050156e02)) * t;
-    d = (d + CN_SPLAT(2.44024637934444173e02)) * t;
-    n = (n + CN_SPLAT(3.77485237685302021e02)) * t;
-    d = (d + CN_SPLAT(1.28261652607737228e03)) * t;
-    n = n + CN_SPLAT(3.20937758913846947e03);
-    d = d + CN_SPLAT(2.84423683343917062e03);
-    num = d - y * n;
-    den = d;
-    /* second interval: erfc(y) = exp(-y^2) NB(y) / DB(y) */
-    n = CN_SPLAT(2.15311535474403846e-8) * y;
-    d = y;
-    n = (n + CN_SPLAT(5.64188496988670089e-1)) * y;
-    d = (d + CN_SPLAT(1.57449261107098347e01)) * y;
-    n = (n + CN_SPLAT(8.88314979438837594e00)) * y;
-    d = (d + CN_SPLAT(1.17693950891312499e02)) * y;
-    n = (n + CN_SPLAT(6.61191906371416295e01)) * y;
-    d = (d + CN_SPLAT(5.37181101862009858e02)) * y;
-    n = (n + CN_SPLAT(2.98635138197400131e02)) * y;
-    d = (d + CN_SPLAT(1.62138957456669019e03)) * y;
-    n = (n + CN_SPLAT(8.81952221241769090e02)) * y;
-    d = (d + CN_SPLAT(3.29079923573345963e03)) * y;
-    n = (n + CN_SPLAT(1.71204761263407058e03)) * y;
-    d = (d + CN_SPLAT(4.36261909014324716e03)) * y;
-    n = (n + CN_SPLAT(2.05107837782607147e03)) * y;
-    d = (d + CN_SPLAT(3.43936767414372164e03)) * y;
-    n = n + CN_SPLAT(1.23033935479799725e03);
-    d = d + CN_SPLAT(1.23033935480374942e03);
-    num = cn_sel(in_a, num, ez * n);
-    den = cn_sel(in_a, den, d);
+    if (cn_any(in_a)) {
+        t = y * y;
+        n = CN_SPLAT(1.85777706184603153e-1) * t;
+        d = t;
+        n = (n + CN_SPLAT(3.16112374387056560e00)) * t;
+        d = (d + CN_SPLAT(2.36012909523441209e01)) * t;
+        n = (n + CN_SPLAT(1.13864154151050156e02)) * t;
+        d = (d + CN_SPLAT(2.44024637934444173e02)) * t;
+        n = (n + CN_SPLAT(3.77485237685302021e02)) * t;
+        d = (d + CN_SPLAT(1.28261652607737228e03)) * t;
+        n = n + CN_SPLAT(3.20937758913846947e03);
+        d = d + CN_SPLAT(2.84423683343917062e03);
+        num = d - y * n;
+        den = d;
+    }
+    /* second interval: erfc(y) = exp(-y^2) NB(y) / DB(y) (and NaN) */
+    if (cn_any(~(in_a | in_c))) {
+        n = CN_SPLAT(2.15311535474403846e-8) * y;
+        d = y;
+        n = (n + CN_SPLAT(5.64188496988670089e-1)) * y;
+        d = (d + CN_SPLAT(1.57449261107098347e01)) * y;
+        n = (n + CN_SPLAT(8.88314979438837594e00)) * y;
+        d = (d + CN_SPLAT(1.17693950891312499e02)) * y;
+        n = (n + CN_SPLAT(6.61191906371416295e01)) * y;
+        d = (d + CN_SPLAT(5.37181101862009858e02)) * y;
+        n = (n + CN_SPLAT(2.98635138197400131e02)) * y;
+        d = (d + CN_SPLAT(1.62138957456669019e03)) * y;
+        n = (n + CN_SPLAT(8.81952221241769090e02)) * y;
+        d = (d + CN_SPLAT(3.29079923573345963e03)) * y;
+        n = (n + CN_SPLAT(1.71204761263407058e03)) * y;
+        d = (d + CN_SPLAT(4.36261909014324716e03)) * y;
+        n = (n + CN_SPLAT(2.05107837782607147e03)) * y;
+        d = (d + CN_SPLAT(3.43936767414372164e03)) * y;
+        n = n + CN_SPLAT(1.23033935479799725e03);
+        d = d + CN_SPLAT(1.23033935480374942e03);
+        num = cn_sel(in_a, num, ez * n);
+        den = cn_sel(in_a, den, d);
+    }
     /* third interval: erfc(y) = exp(-y^2) (1/sqrt(pi) - s P(s) / Q(s)) / y, s = 1 / y^2;
      * with tc = y^2 and N = tc^5 P(1 / tc), D = tc^5 Q(1 / tc):
      * erfc(y) = exp(-y^2) (tc D / sqrt(pi) - N) / (y tc D) */
-    yc = cn_sel(y < CN_SPLAT(30.0), y, CN_SPLAT(30.0));
-    tc = yc * yc;
-    n = CN_SPLAT(6.58749161529837803e-4) * tc;
-    d = CN_SPLAT(2.33520497626869185e-3) * tc;
-    n = (n + CN_SPLAT(1.60837851487422766e-2)) * tc;
-    d = (d + CN_SPLAT(6.05183413124413191e-2)) * tc;
-    n = (n + CN_SPLAT(1.25781726111229246e-1)) * tc;
-    d = (d + CN_SPLAT(5.27905102951428412e-1)) * tc;
-    n = (n + CN_SPLAT(3.60344899949804439e-1)) * tc;
-    d = (d + CN_SPLAT(1.87295284992346047e00)) * tc;
-    n = (n + CN_SPLAT(3.05326634961232344e-1)) * tc;
-    d = (d + CN_SPLAT(2.56852019228982242e00)) * tc;
-    n = n + CN_SPLAT(1.63153871373020978e-2);
-    d = d + CN_SPLAT(1.0);
-    num = cn_sel(in_c, ez * (tc * d * CN_SPLAT(0.56418958354775628695) - n), num);
-    den = cn_sel(in_c, y * (tc * d), den);
+    if (cn_any(in_c)) {
+        yc = cn_sel(y < CN_SPLAT(30.0), y, CN_SPLAT(30.0));
+        tc = yc * yc;
+        n = CN_SPLAT(6.58749161529837803e-4) * tc;
+        d = CN_SPLAT(2.33520497626869185e-3) * tc;
+        n = (n + CN_SPLAT(1.60837851487422766e-2)) * tc;
+        d = (d + CN_SPLAT(6.05183413124413191e-2)) * tc;
+        n = (n + CN_SPLAT(1.25781726111229246e-1)) * tc;
+        d = (d + CN_SPLAT(5.27905102951428412e-1)) * tc;
+        n = (n + CN_SPLAT(3.60344899949804439e-1)) * tc;
+        d = (d + CN_SPLAT(1.87295284992346047e00)) * tc;
+        n = (n + CN_SPLAT(3.05326634961232344e-1)) * tc;
+        d = (d + CN_SPLAT(2.56852019228982242e00)) * tc;
+        n = n + CN_SPLAT(1.63153871373020978e-2);
+        d = d + CN_SPLAT(1.0);
+        num = cn_sel(in_c, ez * (tc * d * CN_SPLAT(0.56418958354775628695) - n), num);
+        den = cn_sel(in_c, y * (tc * d), den);
+    }
     res = num / den;
     /* NaN: y itself; erfc(+-inf) = 0 or 2 (ez = 0, den = inf) */
     res = cn_sel(y == y, res, y);
@@ -176,7 +208,6 @@ CN_VINLINE cn_v8d cn_erfc(cn_v8d z, cn_v8d ez) {
 
 /* ---- the activations and their derivatives on 8 float64 lanes ------------------------ */
 
-#define CN_NEG_INF (-__builtin_inf())
 #define CN_INV_SQRT2 0.70710678118654752440
 #define CN_INV_SQRT_2PI 0.39894228040143267794
 #define CN_GT_K 1.5957691216057307593   /* 2 * sqrt(2 / pi) */
@@ -192,7 +223,7 @@ CN_VINLINE cn_v8d cn_silu8(cn_v8d x, int full) {
     cn_v8d t, p, y;
     cn_sigmoid_parts(x, full, &t, &p);
     y = x * cn_sel(x >= CN_ZERO, p, t * p);
-    return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
+    return cn_at_neg_inf(x, y);
 }
 
 CN_VINLINE cn_v8d cn_silu_grad8(cn_v8d x, int full) {
@@ -203,22 +234,20 @@ CN_VINLINE cn_v8d cn_silu_grad8(cn_v8d x, int full) {
     s = cn_sel(pos, p, q);     /* sigmoid(x) */
     sc = cn_sel(pos, q, p);    /* 1 - sigmoid(x) */
     d = s * (CN_SPLAT(1.0) + x * sc);
-    return cn_sel(cn_fabs(x) == CN_SPLAT(__builtin_inf()),
-                  cn_sel(pos, CN_SPLAT(1.0), CN_ZERO), d);
+    return cn_grad_at_inf(x, d);
 }
 
 CN_VINLINE cn_v8d cn_gelu8(cn_v8d x, int full) {
     cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
     cn_v8d y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
-    return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
+    return cn_at_neg_inf(x, y);
 }
 
 CN_VINLINE cn_v8d cn_gelu_grad8(cn_v8d x, int full) {
     cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
     cn_v8d ez = cn_exp_negsq(cn_fabs(z), full);
     cn_v8d d = CN_SPLAT(0.5) * cn_erfc(z, ez) + x * (ez * CN_SPLAT(CN_INV_SQRT_2PI));
-    return cn_sel(cn_fabs(x) == CN_SPLAT(__builtin_inf()),
-                  cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO), d);
+    return cn_grad_at_inf(x, d);
 }
 
 /* gelu_tanh(x) = x / 2 (1 + tanh(u)) = x sigmoid(2u), 2u = K (x + A x^3) */
@@ -227,7 +256,7 @@ CN_VINLINE cn_v8d cn_gelu_tanh8(cn_v8d x, int full) {
     cn_v8d t, p, y;
     cn_sigmoid_parts(u2, full, &t, &p);
     y = x * cn_sel(u2 >= CN_ZERO, p, t * p);
-    return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
+    return cn_at_neg_inf(x, y);
 }
 
 CN_VINLINE cn_v8d cn_gelu_tanh_grad8(cn_v8d x, int full) {
@@ -253,22 +282,56 @@ CN_VINLINE cn_v8d cn_relu_grad8(cn_v8d x, int full) {
 
 /* ---- silu in float32 lanes ------------------------------------------------------------
  * The epilogue of the common case (GroupNorm + SiLU on float32) at twice the lanes and
- * without conversions: silu(x) = x / (1 + E), E = exp(-x) = 2^n (1 + p) with 1 + p
- * never rounded. With k = max(n, 0), 1 + E = 2^k d, d = 2^-k + 2^(n-k) (1 + p), every
- * term of d in range for any x (2^-k and 2^(n-k) are 1 or below), and
- * silu(x) = (x / d) 2^-k, the scaling last (exact, or the one rounding of a subnormal
- * result). Three roundings (d, the quotient, p's last add) and p's truncation (< 1e-8):
- * within 2 ulp of the correctly rounded result (the sweep in tests/test_activations.py
- * measures 1 ulp). Also exact: silu(x) = x for x > 87, -0 for x < -120. */
+ * without conversions: silu(x) = x / (1 + E), E = exp(-x) = 2^n (1 + p), |r| <= ln2 / 2
+ * and p = e^r - 1 never added to 1 on its own.
+ *
+ * The core (x >= -87, NaN and +inf included; nearly every vector of real data): with
+ * u = 2^n (n <= 126, normal), d = (1 + u) + u p and silu(x) = x / d, every value normal.
+ * The tails (x < -87, where E overflows and the result goes subnormal, then to -0): with
+ * k = max(n, 0), 1 + E = 2^k d', d' = 2^-k + 2^(n-k) (1 + p), every term of d' in range
+ * for any x (2^-k and 2^(n-k) are 1 or below), and silu(x) = (x / d') 2^-k, the scaling
+ * last (exact, or the one rounding of a subnormal result). In the core both are the
+ * same roundings up to exact powers of 2. A vector takes the tail formula only when one
+ * of its lanes is in the tails, and then only for those lanes: a lane's bits never
+ * depend on its neighbours. Three roundings (d, the quotient, p's last add) and p's
+ * truncation (< 1e-8): within 2 ulp of the correctly rounded result (the sweep in
+ * tests/test_activations.py measures 1 ulp). Also exact: silu(x) = x for x > 87, -0 for
+ * x < -120. */
 
 typedef float cn_v16f __attribute__((vector_size(64)));
 typedef int cn_v16i __attribute__((vector_size(64)));
 
 #define CN_FSPLAT(c) ((cn_v16f){c, c, c, c, c, c, c, c, c, c, c, c, c, c, c, c})
 #define CN_IZERO ((cn_v16i){0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
+#define CN_SILU_CORE_LO (-87.0f)
 
 CN_VINLINE cn_v16f cn_self(cn_v16i m, cn_v16f a, cn_v16f b) {
     return (cn_v16f)(((cn_v16i)a & m) | ((cn_v16i)b & ~m));
+}
+
+/* v clamped to [lo, hi] lane by lane (NaN passes: its comparisons are false) */
+CN_VINLINE cn_v16f cn_clampf(cn_v16f v, float lo, float hi) {
+    v = cn_self(v < CN_FSPLAT(lo), CN_FSPLAT(lo), v);
+    return cn_self(v > CN_FSPLAT(hi), CN_FSPLAT(hi), v);
+}
+
+/* whether any lane of x is below lo (NaN is not) */
+CN_VINLINE int cn_any_below(cn_v16f x, float lo) {
+#if defined(__AVX512F__)
+    if (sizeof(cn_v16f) == sizeof(__m512)) {  /* one compare into a mask register */
+        __m512 v;
+        memcpy(&v, &x, sizeof x);
+        return _mm512_cmp_ps_mask(v, _mm512_set1_ps(lo), _CMP_LT_OQ) != 0;
+    }
+#endif
+    {
+        cn_v16i m = x < CN_FSPLAT(lo);
+        unsigned long long w[sizeof(cn_v16i) / 8], acc = 0;
+        size_t j;
+        memcpy(w, &m, sizeof w);
+        for (j = 0; j < sizeof(cn_v16i) / 8; j++) acc |= w[j];
+        return acc != 0;
+    }
 }
 
 /* 2^j for integer lanes j in [-126, 127] */
@@ -276,27 +339,43 @@ CN_VINLINE cn_v16f cn_pow2f(cn_v16i j) {
     return (cn_v16f)((j + 127) << 23);
 }
 
-/* the pieces of 1 + exp(-x) = 2^k d: d, u = 2^(n-k), p, and the halves k1 + k2 = k of
- * the final scaling (each 2^-k1, 2^-k2 normal) */
-CN_VINLINE void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
-                                   cn_v16i* k1, cn_v16i* k2) {
+/* exp(-x) = 2^n (1 + p) for x in [-120, 120]: -x = n ln2 + r, |r| <= ln2 / 2 (and a
+ * rounding), p = e^r - 1 = r + r^2 q(r), q of degree 4 fitted to (e^r - 1 - r) / r^2
+ * (weighted minimax; with its coefficients rounded to float32, 1 + p is within 4.3e-9
+ * relative of e^r before the float32 roundings). Written in s = -r = (x + n hi) + n lo
+ * so that -x is never formed: every step is the negation of the one in r (rounding is
+ * symmetric), p = s^2 Q(s) - s with Q(s) = q(-s), the same bits. */
+CN_VINLINE cn_v16f cn_expm1_neg16(cn_v16f x, cn_v16i* n) {
     const cn_v16f magic = CN_FSPLAT(12582912.0f); /* 1.5 * 2^23: round to integer */
-    cn_v16f a = -x, kf, nf, r, q;
-    cn_v16i n, k, kc;
-    a = cn_self(a < CN_FSPLAT(-87.0f), CN_FSPLAT(-87.0f), a);
-    a = cn_self(a > CN_FSPLAT(120.0f), CN_FSPLAT(120.0f), a);
-    kf = a * CN_FSPLAT(1.44269504f) + magic;
-    nf = kf - magic;
-    n = (cn_v16i)kf - (cn_v16i)magic;
+    cn_v16f kf = x * CN_FSPLAT(-1.44269504f) + magic, nf = kf - magic, s, q;
+    *n = (cn_v16i)kf - (cn_v16i)magic;
     /* ln2 = 0.693359375 (9 bits: nf * hi exact) - 2.12194440e-4 */
-    r = (a - nf * CN_FSPLAT(0.693359375f)) - nf * CN_FSPLAT(-2.12194440e-4f);
-    q = CN_FSPLAT(1.0f / 5040.0f);
-    q = q * r + CN_FSPLAT(1.0f / 720.0f);
-    q = q * r + CN_FSPLAT(1.0f / 120.0f);
-    q = q * r + CN_FSPLAT(1.0f / 24.0f);
-    q = q * r + CN_FSPLAT(1.0f / 6.0f);
-    q = q * r + CN_FSPLAT(0.5f);
-    *p = r + (r * r) * q;                     /* e^r - 1 */
+    s = (x + nf * CN_FSPLAT(0.693359375f)) + nf * CN_FSPLAT(-2.12194440e-4f);
+    q = CN_FSPLAT(1.38142065e-3f);
+    q = q * s - CN_FSPLAT(8.36882554e-3f);
+    q = q * s + CN_FSPLAT(4.16684002e-2f);
+    q = q * s - CN_FSPLAT(1.66665196e-1f);
+    q = q * s + CN_FSPLAT(4.99999940e-1f);
+    return (s * s) * q - s;
+}
+
+/* the core: d = 1 + exp(-x) and e = exp(-x), for x >= -87 (and x = NaN, +inf) */
+CN_VINLINE cn_v16f cn_silu_core16(cn_v16f x, cn_v16f* e) {
+    cn_v16i n;
+    cn_v16f p, u;
+    x = cn_self(x < CN_FSPLAT(87.0f), x, CN_FSPLAT(87.0f));  /* NaN: 87 (y = NaN still) */
+    p = cn_expm1_neg16(x, &n);
+    u = cn_pow2f(n);
+    *e = u + u * p;
+    return (CN_FSPLAT(1.0f) + u) + u * p;
+}
+
+/* the tails: the pieces of 1 + exp(-x) = 2^k d: d, u = 2^(n-k), p, and the halves
+ * k1 + k2 = k of the final scaling (each 2^-k1, 2^-k2 normal); any x */
+CN_VINLINE void cn_silu_tail_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
+                                     cn_v16i* k1, cn_v16i* k2) {
+    cn_v16i n, k, kc;
+    *p = cn_expm1_neg16(cn_clampf(x, -120.0f, 87.0f), &n);
     k = n & (n > CN_IZERO);                   /* max(n, 0) */
     *u = cn_pow2f(n - k);
     kc = k - ((k - 126) & (k > 126));         /* min(k, 126): 2^-k matters only when small */
@@ -305,160 +384,185 @@ CN_VINLINE void cn_silu_parts16(cn_v16f x, cn_v16f* d, cn_v16f* u, cn_v16f* p,
     *k2 = k - *k1;
 }
 
-CN_VINLINE cn_v16f cn_silu16(cn_v16f x) {
+CN_VINLINE cn_v16f cn_silu_tails16(cn_v16f x) {
     cn_v16f d, u, p, y;
     cn_v16i k1, k2;
-    cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
+    cn_silu_tail_parts16(x, &d, &u, &p, &k1, &k2);
     y = ((x / d) * cn_pow2f(-k1)) * cn_pow2f(-k2);
     return cn_self(x < CN_FSPLAT(-120.0f), CN_FSPLAT(-0.0f), y);
 }
 
-/* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) = 2^-k / d, 1 - s = u (1 + p) / d;
- * within a few float32 roundings of the size of the terms, s (1 + |x| (1 - s)) */
-CN_VINLINE cn_v16f cn_silu_grad16(cn_v16f x) {
+CN_VINLINE cn_v16f cn_silu16(cn_v16f x) {
+    cn_v16f e, y = x / cn_silu_core16(x, &e);
+    if (cn_any_below(x, CN_SILU_CORE_LO))
+        y = cn_self(x < CN_FSPLAT(CN_SILU_CORE_LO), cn_silu_tails16(x), y);
+    return y;
+}
+
+/* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) = 1 / d, 1 - s = e / d (core; tails:
+ * s = 2^-k / d, 1 - s = u (1 + p) / d, scaled by 2^-k last so that a subnormal result is
+ * rounded once); within a few float32 roundings of the size of the terms,
+ * s (1 + |x| (1 - s)) */
+CN_VINLINE cn_v16f cn_silu_grad_tails16(cn_v16f x) {
     cn_v16f d, u, p, inv, g;
     cn_v16i k1, k2;
-    cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
+    cn_silu_tail_parts16(x, &d, &u, &p, &k1, &k2);
     inv = CN_FSPLAT(1.0f) / d;
-    /* scaled by 2^-k last, so that a subnormal result is rounded once */
     g = inv * (CN_FSPLAT(1.0f) + x * ((u + u * p) * inv));
     g = (g * cn_pow2f(-k1)) * cn_pow2f(-k2);
     g = cn_self(x > CN_FSPLAT(87.0f), CN_FSPLAT(1.0f), g);
     return cn_self(x < CN_FSPLAT(-120.0f), CN_FSPLAT(0.0f), g);
 }
 
+CN_VINLINE cn_v16f cn_silu_grad16(cn_v16f x) {
+    cn_v16f e, inv = CN_FSPLAT(1.0f) / cn_silu_core16(x, &e), g;
+    g = inv * (CN_FSPLAT(1.0f) + x * (e * inv));
+    g = cn_self(x > CN_FSPLAT(87.0f), CN_FSPLAT(1.0f), g);
+    if (cn_any_below(x, CN_SILU_CORE_LO))
+        g = cn_self(x < CN_FSPLAT(CN_SILU_CORE_LO), cn_silu_grad_tails16(x), g);
+    return g;
+}
+
+/* relu on float32 lanes: exact, so the same bits as through float64 */
+CN_VINLINE cn_v16f cn_relu16(cn_v16f x) {
+    return cn_self((x > CN_FSPLAT(0.0f)) | (x != x), x, CN_FSPLAT(0.0f));
+}
+
+CN_VINLINE cn_v16f cn_relu_grad16(cn_v16f x) {
+    return cn_self(x != x, x, cn_self(x > CN_FSPLAT(0.0f), CN_FSPLAT(1.0f), CN_FSPLAT(0.0f)));
+}
+
 /* ---- runs ----------------------------------------------------------------------------
- * One loop per function, chosen by a switch before the loop. The tail (< 8 elements)
- * goes through the same vector code, padded with zeros. */
+ * Elements [i, e) in chunks of W lanes; the last partial chunk is padded with zeros and
+ * computed the same way (a lane's bits never depend on its position). BODY sees the
+ * chunk at i with m valid elements (m == W, a constant, in the loop). */
 
-#define CN_ACT_RUN_F32(F)                                                              \
-    for (; i + 8 <= n; i += 8)                                                         \
-        cn_storef(y + i, __builtin_convertvector(F(cn_load_f32(a + i), 0), cn_v8f));  \
-    if (i < n) {                                                                       \
-        float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                       \
-        memcpy(buf, a + i, (size_t)(n - i) * sizeof(float));                           \
-        cn_storef(buf, __builtin_convertvector(F(cn_load_f32(buf), 0), cn_v8f));      \
-        memcpy(y + i, buf, (size_t)(n - i) * sizeof(float));                           \
-    }
+#define CN_PLOAD(v, src, m)                                                            \
+    do {                                                                               \
+        memset(&(v), 0, sizeof(v));                                                    \
+        memcpy(&(v), (src), (size_t)(m) * sizeof(*(src)));                             \
+    } while (0)
 
-#define CN_ACT_RUN_F64(F)                                                              \
-    for (; i + 8 <= n; i += 8) {                                                       \
-        cn_v8d v = F(cn_load_f64(a + i), 1);                                           \
-        memcpy(y + i, &v, sizeof v);                                                   \
+#define CN_PSTORE(dst, v, m) memcpy((dst), &(v), (size_t)(m) * sizeof(*(dst)))
+
+#define CN_CHUNKS(W, BODY)                                                             \
+    for (; i + (W) <= e; i += (W)) {                                                   \
+        const ptrdiff_t m = (W);                                                       \
+        BODY                                                                           \
     }                                                                                  \
-    if (i < n) {                                                                       \
-        double buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
-        cn_v8d v;                                                                      \
-        memcpy(buf, a + i, (size_t)(n - i) * sizeof(double));                          \
-        v = F(cn_load_f64(buf), 1);                                                    \
-        memcpy(y + i, &v, (size_t)(n - i) * sizeof(double));                           \
+    if (i < e) {                                                                       \
+        const ptrdiff_t m = e - i;                                                     \
+        BODY                                                                           \
+        i = e;                                                                         \
     }
 
-/* g = dy * act'(a), the product in float64, rounded once */
-#define CN_GRAD_RUN_F32(F)                                                             \
-    for (; i + 8 <= n; i += 8)                                                         \
-        cn_storef(g + i, __builtin_convertvector(                                      \
-                             cn_load_f32(dy + i) * F(cn_load_f32(a + i), 0), cn_v8f)); \
-    if (i < n) {                                                                       \
-        float ba[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bd[8] = {0, 0, 0, 0, 0, 0, 0, 0};      \
-        memcpy(ba, a + i, (size_t)(n - i) * sizeof(float));                            \
-        memcpy(bd, dy + i, (size_t)(n - i) * sizeof(float));                           \
-        cn_storef(ba, __builtin_convertvector(                                         \
-                          cn_load_f32(bd) * F(cn_load_f32(ba), 0), cn_v8f));           \
-        memcpy(g + i, ba, (size_t)(n - i) * sizeof(float));                            \
+/* the forward's float32 affine, operation for operation as _common.pxd's _affine_span */
+#define CN_AFFINE(v) (((((v) - mh) - ml) * rf) * wf + t)
+
+/* y = act(v) (v = a, or v = affine(a) when aff): silu and relu in 16 float32 lanes, the
+ * others in float64 lanes (8) rounded once on the store */
+#define CN_ACT16_BODY(F)                                                               \
+    { cn_v16f v; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);                     \
+      v = F(v); CN_PSTORE(y + i, v, m); }
+#define CN_ACT8_BODY(F)                                                                \
+    { cn_v8f v; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);                      \
+      v = __builtin_convertvector(F(cn_widen(v), 0), cn_v8f); CN_PSTORE(y + i, v, m); }
+/* g = dy * act'(v); the others: the product in float64, rounded once */
+#define CN_GRAD16_BODY(F)                                                              \
+    { cn_v16f v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                     \
+      if (aff) v = CN_AFFINE(v); v = w * F(v); CN_PSTORE(g + i, v, m); }
+#define CN_GRAD8_BODY(F)                                                               \
+    { cn_v8f v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                      \
+      if (aff) v = CN_AFFINE(v);                                                       \
+      v = __builtin_convertvector(cn_widen(w) * F(cn_widen(v), 0), cn_v8f);            \
+      CN_PSTORE(g + i, v, m); }
+#define CN_ACT64_BODY(F)                                                               \
+    { cn_v8d v; CN_PLOAD(v, a + i, m); v = F(v, 1); CN_PSTORE(y + i, v, m); }
+#define CN_GRAD64_BODY(F)                                                              \
+    { cn_v8d v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                      \
+      v = w * F(v, 1); CN_PSTORE(g + i, v, m); }
+
+/* elements before p + i is 64-byte aligned (at most n): run on their own, so that the
+ * vector stores do not split cache lines */
+static inline ptrdiff_t cn_aligned_head(const void* p, ptrdiff_t n, ptrdiff_t size) {
+    ptrdiff_t h = (ptrdiff_t)((-(size_t)p) & 63) / size;
+    return h < n ? h : n;
+}
+
+/* the two spans (the unaligned head, the rest) with one chunk loop per function, the
+ * function chosen by a switch before the loops */
+#define CN_SPANS(OUT, B16, W16, B8, SILU, GELU, GELU_TANH, RELU)                     \
+    ptrdiff_t i = 0, e = cn_aligned_head(OUT, n, sizeof(*(OUT))), pass;                \
+    for (pass = 0; pass < 2; pass++, e = n) {                                          \
+        switch (act) {                                                                 \
+        case CN_ACT_SILU: CN_CHUNKS(W16, B16(SILU)) break;                             \
+        case CN_ACT_GELU: CN_CHUNKS(8, B8(GELU)) break;                                \
+        case CN_ACT_GELU_TANH: CN_CHUNKS(8, B8(GELU_TANH)) break;                      \
+        case CN_ACT_RELU: CN_CHUNKS(W16, B16(RELU)) break;                             \
+        default: i = e; break;                                                         \
+        }                                                                              \
     }
 
-#define CN_GRAD_RUN_F64(F)                                                             \
-    for (; i + 8 <= n; i += 8) {                                                       \
-        cn_v8d v = cn_load_f64(dy + i) * F(cn_load_f64(a + i), 1);                     \
-        memcpy(g + i, &v, sizeof v);                                                   \
-    }                                                                                  \
-    if (i < n) {                                                                       \
-        double ba[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bd[8] = {0, 0, 0, 0, 0, 0, 0, 0};     \
-        cn_v8d v;                                                                      \
-        memcpy(ba, a + i, (size_t)(n - i) * sizeof(double));                           \
-        memcpy(bd, dy + i, (size_t)(n - i) * sizeof(double));                          \
-        v = cn_load_f64(bd) * F(cn_load_f64(ba), 1);                                   \
-        memcpy(g + i, &v, (size_t)(n - i) * sizeof(double));                           \
-    }
+CN_VINLINE void cn_act_f32_impl(const float* a, float* y, ptrdiff_t n, int act, int aff,
+                                float mh, float ml, float rf, float wf, float t) {
+    CN_SPANS(y, CN_ACT16_BODY, 16, CN_ACT8_BODY, cn_silu16, cn_gelu8, cn_gelu_tanh8,
+             cn_relu16)
+}
 
-#define CN_ACT16_RUN(F)                                                                \
-    for (; i + 16 <= n; i += 16) {                                                     \
-        cn_v16f v;                                                                     \
-        memcpy(&v, a + i, sizeof v);                                                   \
-        v = F(v);                                                                      \
-        memcpy(y + i, &v, sizeof v);                                                   \
-    }                                                                                  \
-    if (i < n) {                                                                       \
-        cn_v16f v = CN_FSPLAT(0.0f);                                                   \
-        memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
-        v = F(v);                                                                      \
-        memcpy(y + i, &v, (size_t)(n - i) * sizeof(float));                            \
+CN_VINLINE void cn_act_grad_f32_impl(const float* a, const float* dy, float* g,
+                                     ptrdiff_t n, int act, int aff, float mh, float ml,
+                                     float rf, float wf, float t) {
+    if (act == CN_ACT_NONE) {
+        if (g != dy) memmove(g, dy, (size_t)n * sizeof(float));
+        return;
     }
-
-#define CN_GRAD16_RUN(F)                                                               \
-    for (; i + 16 <= n; i += 16) {                                                     \
-        cn_v16f v, w;                                                                  \
-        memcpy(&v, a + i, sizeof v);                                                   \
-        memcpy(&w, dy + i, sizeof w);                                                  \
-        v = w * F(v);                                                                  \
-        memcpy(g + i, &v, sizeof v);                                                   \
-    }                                                                                  \
-    if (i < n) {                                                                       \
-        cn_v16f v = CN_FSPLAT(0.0f), w = CN_FSPLAT(0.0f);                              \
-        memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
-        memcpy(&w, dy + i, (size_t)(n - i) * sizeof(float));                           \
-        v = w * F(v);                                                                  \
-        memcpy(g + i, &v, (size_t)(n - i) * sizeof(float));                            \
+    {
+        CN_SPANS(g, CN_GRAD16_BODY, 16, CN_GRAD8_BODY, cn_silu_grad16, cn_gelu_grad8,
+                 cn_gelu_tanh_grad8, cn_relu_grad16)
     }
-
-#define CN_ACT_SWITCH(RUN, GRAD)                                                       \
-    switch (act) {                                                                     \
-    case CN_ACT_SILU: RUN(cn_silu##GRAD##8) break;                                     \
-    case CN_ACT_GELU: RUN(cn_gelu##GRAD##8) break;                                     \
-    case CN_ACT_GELU_TANH: RUN(cn_gelu_tanh##GRAD##8) break;                           \
-    case CN_ACT_RELU: RUN(cn_relu##GRAD##8) break;                                     \
-    default: break;                                                                    \
-    }
+}
 
 /* y = act(a) over n elements; y may be a. act = CN_ACT_NONE: nothing (y untouched). */
 static inline void cn_act_f32(const float* a, float* y, ptrdiff_t n, int act) {
-    ptrdiff_t i = 0;
-    if (act == CN_ACT_SILU) {
-        CN_ACT16_RUN(cn_silu16)
-        return;
-    }
-    CN_ACT_SWITCH(CN_ACT_RUN_F32, )
+    cn_act_f32_impl(a, y, n, act, 0, 0, 0, 0, 0, 0);
+}
+
+/* y = act(((a - mh) - ml) * rf * wf + t): the float32 affine and the activation in one
+ * pass, a read once; the affine's bits are those of affine_const (_common.pxd). y may
+ * be a. */
+static inline void cn_affine_act_f32(const float* a, float* y, ptrdiff_t n, float mh,
+                                     float ml, float rf, float wf, float t, int act) {
+    cn_act_f32_impl(a, y, n, act, 1, mh, ml, rf, wf, t);
 }
 
 static inline void cn_act_f64(const double* a, double* y, ptrdiff_t n, int act) {
-    ptrdiff_t i = 0;
-    CN_ACT_SWITCH(CN_ACT_RUN_F64, )
+    CN_SPANS(y, CN_ACT64_BODY, 8, CN_ACT64_BODY, cn_silu8, cn_gelu8, cn_gelu_tanh8, cn_relu8)
 }
 
 /* g = dy * act'(a) over n elements; g may be a or dy. act = CN_ACT_NONE: g = dy. */
 static inline void cn_act_grad_f32(const float* a, const float* dy, float* g, ptrdiff_t n,
                                    int act) {
-    ptrdiff_t i = 0;
-    if (act == CN_ACT_NONE) {
-        if (g != dy) memmove(g, dy, (size_t)n * sizeof(float));
-        return;
-    }
-    if (act == CN_ACT_SILU) {
-        CN_GRAD16_RUN(cn_silu_grad16)
-        return;
-    }
-    CN_ACT_SWITCH(CN_GRAD_RUN_F32, _grad)
+    cn_act_grad_f32_impl(a, dy, g, n, act, 0, 0, 0, 0, 0, 0);
+}
+
+/* g = dy * act'(((a - mh) - ml) * rf * wf + t), the pre-activation recomputed with the
+ * forward's own affine (the same bits); g may be dy (not a). */
+static inline void cn_affine_act_grad_f32(const float* a, const float* dy, float* g,
+                                          ptrdiff_t n, float mh, float ml, float rf,
+                                          float wf, float t, int act) {
+    cn_act_grad_f32_impl(a, dy, g, n, act, 1, mh, ml, rf, wf, t);
 }
 
 static inline void cn_act_grad_f64(const double* a, const double* dy, double* g,
                                    ptrdiff_t n, int act) {
-    ptrdiff_t i = 0;
     if (act == CN_ACT_NONE) {
         if (g != dy) memmove(g, dy, (size_t)n * sizeof(double));
         return;
     }
-    CN_ACT_SWITCH(CN_GRAD_RUN_F64, _grad)
+    {
+        CN_SPANS(g, CN_GRAD64_BODY, 8, CN_GRAD64_BODY, cn_silu_grad8, cn_gelu_grad8,
+                 cn_gelu_tanh_grad8, cn_relu_grad8)
+    }
 }
 
 #endif
