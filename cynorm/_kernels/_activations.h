@@ -7,21 +7,26 @@
  * SSE2, AVX2 and AVX-512 and do not depend on a value's position in the array (the
  * tail of a run is padded to a full vector and computed the same way).
  *
- * float32 data: silu runs in 16 float32 lanes (below: within 2 ulp of the correctly
- * rounded value); gelu and gelu_tanh are widened to float64, computed there with
- * polynomials of float32-grade accuracy (relative error below 1e-8 before the final
- * rounding) and rounded once on the store: within 1 ulp. Both over the whole float32
- * range (tests/test_activations.py sweeps it). float64 data use full-precision polynomials (a few ulp; in the far negative
- * tails, where the result is tiny, gelu and gelu_tanh lose up to ~1e-13 relative through
- * the rounding of their argument, x / sqrt(2) or 2u, as any float64 formula does).
+ * float32 data: silu and relu run in 16 float32 lanes (silu: within 2 ulp of the
+ * correctly rounded value, checked on every float32); gelu and gelu_tanh are widened to
+ * float64, computed there with approximations of float32-grade accuracy (relative error
+ * below 1e-8 before the final rounding; gelu: a rational function of |x| times
+ * exp(-x^2 / 2), its derivative Cody's erfc) and rounded once on the store: within 1
+ * ulp. All over the whole float32 range (tests/test_activations.py sweeps it). The
+ * kernels' float32 affine runs in the same pass (cn_affine_act_f32), so x is read once.
+ * float64 data use full-precision polynomials (a few ulp; in the far negative tails,
+ * where the result is tiny, gelu and gelu_tanh lose up to ~1e-13 relative through the
+ * rounding of their argument, x / sqrt(2) or 2u, as any float64 formula does).
  *
- * exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a Taylor polynomial for e^r,
- * and the scaling by 2^n in two factors so that underflow to subnormals rounds once.
+ * exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a polynomial for e^r (Taylor
+ * in float64 lanes, a fitted one in float32 lanes), and the scaling by 2^n in two
+ * factors where underflow to subnormals must round once.
  * erfc: W. J. Cody's rational Chebyshev approximations (Math. Comp. 23, 1969, as in
  * netlib's specfun CALERF), three intervals, one division.
  *
  * Special values: silu(-inf) = gelu(-inf) = gelu_tanh(-inf) = -0, act(+inf) = +inf,
- * NaN propagates through every function and derivative; the derivatives at -inf are 0
+ * NaN propagates through every function and derivative (a NaN input's own NaN, the same
+ * bits on every instruction set); the derivatives at -inf are 0
  * and at +inf 1 (their limits).
  */
 #ifndef CYNORM_ACTIVATIONS_H
@@ -237,12 +242,49 @@ CN_VINLINE cn_v8d cn_silu_grad8(cn_v8d x, int full) {
     return cn_grad_at_inf(x, d);
 }
 
+/* The normal distribution function for float32 data (full = 0), in float64 lanes:
+ * Phi(x) = Phi(-t) or 1 - Phi(-t), t = |x|, with Phi(-t) = exp(-t^2 / 2) R(t) and
+ * R(t) = erfcx(t / sqrt(2)) / 2 = P(t) / Q(t) (degrees 6 and 7, a weighted least-squares
+ * fit iterated towards minimax on [0, 16]: relative error below 1.4e-9). x comes from a
+ * float32, so t^2 / 2 is exact: no rounding of the argument of exp to amplify (the
+ * reason float64 data take Cody's erfc instead). Beyond t = 16 the result is below the
+ * float32 range and R(16) stands in. With exp's 4e-9 the value before the final
+ * rounding to float32 is within 6e-9 relative: gelu within 1 ulp. */
+CN_VINLINE cn_v8d cn_phi_f32(cn_v8d x) {
+    cn_v8d t = cn_fabs(x), tc = cn_sel(t < CN_SPLAT(16.0), t, CN_SPLAT(16.0)), n, d, q;
+    n = CN_SPLAT(1.932397601795365e-06) * tc;
+    d = CN_SPLAT(4.842918685435591e-06) * tc;
+    n = (n + CN_SPLAT(-9.959629391976482e-05)) * tc;
+    d = (d + CN_SPLAT(-0.0002495842810776981)) * tc;
+    n = (n + CN_SPLAT(0.0021425825825464604)) * tc;
+    d = (d + CN_SPLAT(0.005373291891079799)) * tc;
+    n = (n + CN_SPLAT(0.029155705823689395)) * tc;
+    d = (d + CN_SPLAT(0.07287583340523476)) * tc;
+    n = (n + CN_SPLAT(0.15103019027451245)) * tc;
+    d = (d + CN_SPLAT(0.38338692885918324)) * tc;
+    n = (n + CN_SPLAT(0.3953834737554378)) * tc;
+    d = (d + CN_SPLAT(1.0696196011012427)) * tc;
+    n = n + CN_SPLAT(0.5000000006977866);
+    d = (d + CN_SPLAT(1.5886516175012197)) * tc;
+    d = d + CN_SPLAT(1.0);
+    q = cn_exp((t * t) * CN_SPLAT(-0.5), 0) * (n / d);   /* Phi(-t) */
+    return cn_sel(x >= CN_ZERO, CN_SPLAT(1.0) - q, q);
+}
+
 CN_VINLINE cn_v8d cn_gelu8(cn_v8d x, int full) {
-    cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
-    cn_v8d y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
+    cn_v8d y;
+    if (full) {
+        cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
+        y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
+    } else {
+        y = x * cn_phi_f32(x);
+    }
     return cn_at_neg_inf(x, y);
 }
 
+/* gelu'(x) = Phi(x) + x phi(x) crosses zero near x = -0.75, where the two terms cancel:
+ * there only an erfc accurate far beyond float32 (Cody's) keeps the result within
+ * 2 ulp, so the derivative takes it for every dtype. */
 CN_VINLINE cn_v8d cn_gelu_grad8(cn_v8d x, int full) {
     cn_v8d z = x * CN_SPLAT(-CN_INV_SQRT2);
     cn_v8d ez = cn_exp_negsq(cn_fabs(z), full);
@@ -429,7 +471,8 @@ CN_VINLINE cn_v16f cn_relu16(cn_v16f x) {
 }
 
 CN_VINLINE cn_v16f cn_relu_grad16(cn_v16f x) {
-    return cn_self(x != x, x, cn_self(x > CN_FSPLAT(0.0f), CN_FSPLAT(1.0f), CN_FSPLAT(0.0f)));
+    cn_v16f one = CN_FSPLAT(1.0f), zero = CN_FSPLAT(0.0f);
+    return cn_self(x != x, x, cn_self(x > zero, one, zero));
 }
 
 /* ---- runs ----------------------------------------------------------------------------
@@ -460,27 +503,32 @@ CN_VINLINE cn_v16f cn_relu_grad16(cn_v16f x) {
 #define CN_AFFINE(v) (((((v) - mh) - ml) * rf) * wf + t)
 
 /* y = act(v) (v = a, or v = affine(a) when aff): silu and relu in 16 float32 lanes, the
- * others in float64 lanes (8) rounded once on the store */
+ * others in float64 lanes (8) rounded once on the store. Where v is NaN the result is
+ * v's own NaN: an operation on two NaNs returns the one the compiler happened to put
+ * first, which differs between instruction sets (silu16 and relu16 never meet two) */
 #define CN_ACT16_BODY(F)                                                               \
     { cn_v16f v; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);                     \
       v = F(v); CN_PSTORE(y + i, v, m); }
 #define CN_ACT8_BODY(F)                                                                \
-    { cn_v8f v; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);                      \
-      v = __builtin_convertvector(F(cn_widen(v), 0), cn_v8f); CN_PSTORE(y + i, v, m); }
+    { cn_v8f v; cn_v8d u; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);            \
+      u = cn_widen(v); u = cn_sel(u != u, u, F(u, 0));                                 \
+      v = __builtin_convertvector(u, cn_v8f); CN_PSTORE(y + i, v, m); }
 /* g = dy * act'(v); the others: the product in float64, rounded once */
 #define CN_GRAD16_BODY(F)                                                              \
     { cn_v16f v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                     \
-      if (aff) v = CN_AFFINE(v); v = w * F(v); CN_PSTORE(g + i, v, m); }
-#define CN_GRAD8_BODY(F)                                                               \
-    { cn_v8f v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                      \
-      if (aff) v = CN_AFFINE(v);                                                       \
-      v = __builtin_convertvector(cn_widen(w) * F(cn_widen(v), 0), cn_v8f);            \
+      if (aff) v = CN_AFFINE(v); v = cn_self(v != v, v, w * F(v));                     \
       CN_PSTORE(g + i, v, m); }
+#define CN_GRAD8_BODY(F)                                                               \
+    { cn_v8f v, w; cn_v8d u; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);            \
+      if (aff) v = CN_AFFINE(v);                                                       \
+      u = cn_widen(v); u = cn_sel(u != u, u, cn_widen(w) * F(u, 0));                   \
+      v = __builtin_convertvector(u, cn_v8f); CN_PSTORE(g + i, v, m); }
 #define CN_ACT64_BODY(F)                                                               \
-    { cn_v8d v; CN_PLOAD(v, a + i, m); v = F(v, 1); CN_PSTORE(y + i, v, m); }
+    { cn_v8d v; CN_PLOAD(v, a + i, m); v = cn_sel(v != v, v, F(v, 1));                 \
+      CN_PSTORE(y + i, v, m); }
 #define CN_GRAD64_BODY(F)                                                              \
     { cn_v8d v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                      \
-      v = w * F(v, 1); CN_PSTORE(g + i, v, m); }
+      v = cn_sel(v != v, v, w * F(v, 1)); CN_PSTORE(g + i, v, m); }
 
 /* elements before p + i is 64-byte aligned (at most n): run on their own, so that the
  * vector stores do not split cache lines */
@@ -536,7 +584,8 @@ static inline void cn_affine_act_f32(const float* a, float* y, ptrdiff_t n, floa
 }
 
 static inline void cn_act_f64(const double* a, double* y, ptrdiff_t n, int act) {
-    CN_SPANS(y, CN_ACT64_BODY, 8, CN_ACT64_BODY, cn_silu8, cn_gelu8, cn_gelu_tanh8, cn_relu8)
+    CN_SPANS(y, CN_ACT64_BODY, 8, CN_ACT64_BODY, cn_silu8, cn_gelu8, cn_gelu_tanh8,
+             cn_relu8)
 }
 
 /* g = dy * act'(a) over n elements; g may be a or dy. act = CN_ACT_NONE: g = dy. */
