@@ -1,9 +1,15 @@
 """The activation epilogue's functions (cynorm/_kernels/_activations.h) on their own:
 accuracy over a dense sweep of the float32 range against float64 formulas, special
 values, and the same bits wherever a value sits in an array."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+import cynorm
+import cynorm._kernels as kernels
 from cynorm._kernels import runtime
 from reference import activation as act_ref, activation_grad as grad_ref
 
@@ -146,6 +152,36 @@ def test_same_bits_at_every_offset_and_in_place(name, dtype):
     assert np.array_equal(y.view(np.uint8), full.view(np.uint8))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_float32_silu_value_does_not_depend_on_its_neighbours_being_in_the_tails(grad):
+    # a vector of 16 lanes with a lane below -87 (where exp(-x) overflows float32) takes
+    # the tail formula for that lane only: every other lane keeps its bits
+    rng = np.random.default_rng(7)
+    core = rng.uniform(-87, 100, 4096).astype(np.float32)
+    core[:8] = [-87.0, -86.99, 87.0, 87.01, 0.0, -0.0, np.inf, np.nan]
+    tails = np.array([-87.01, -100.0, -104.5, -121.0, -1e30, -np.inf], np.float32)
+    mixed = core.copy()
+    at = np.arange(3, mixed.size, 16)          # one tail value in every vector
+    mixed[at] = np.resize(tails, at.size)
+
+    def f(x):
+        if grad:
+            return _apply_grad("silu", x, np.ones_like(x))
+        return _apply("silu", x)
+
+    got, alone = f(mixed), f(core)
+    keep = np.ones(mixed.size, bool)
+    keep[at] = False
+    assert np.array_equal(got[keep].view(np.uint32), alone[keep].view(np.uint32))
+    tail_alone = f(np.ascontiguousarray(mixed[at]))   # vectors of tail values only
+    assert np.array_equal(got[at].view(np.uint32), tail_alone.view(np.uint32))
+    x = mixed[at].astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = (grad_ref if grad else act_ref)("silu", x).astype(np.float32)
+    want[x == -np.inf] = 0.0 if grad else -0.0
+    assert np.all(np.abs(_ordinal(got[at]) - _ordinal(want)) <= 2)
+
+
 def test_hook_rejects_bad_arrays():
     x = np.zeros(8, np.float32)
     with pytest.raises(ValueError):
@@ -154,3 +190,57 @@ def test_hook_rejects_bad_arrays():
         runtime.activation(x, np.zeros(7, np.float32), 1)
     with pytest.raises(ValueError):
         runtime.activation(x, x.copy(), 9)
+
+
+# Every function and derivative over a sweep with tails, NaN and Inf mixed into the
+# vectors, and the fused GroupNorm forward and backward, under one forced level.
+LEVEL_WORKER = r"""
+import sys
+import numpy as np
+import cynorm
+from cynorm._kernels import runtime
+rng = np.random.default_rng(11)
+res = {}
+x32 = np.concatenate([np.arange(0, 2 ** 32, 65537, dtype=np.uint64).astype(np.uint32)
+                      .view(np.float32), np.linspace(-130, 40, 20001, dtype=np.float32)])
+rng.shuffle(x32)
+for dt in (np.float32, np.float64):
+    x = x32.astype(dt)
+    dy = rng.standard_normal(x.size).astype(dt)
+    for code in (1, 2, 3, 4):
+        y = np.empty_like(x)
+        runtime.activation(x, y, code)
+        g = np.empty_like(x)
+        runtime.activation_grad(x, dy, g, code)
+        res[f"act {code} {dt.__name__}"] = y
+        res[f"grad {code} {dt.__name__}"] = g
+    xs = (rng.standard_normal((2, 64, 9, 11)) * 3).astype(dt)
+    dys = rng.standard_normal(xs.shape).astype(dt)
+    w, b = rng.standard_normal(64).astype(dt), rng.standard_normal(64).astype(dt)
+    for act in ("silu", "gelu", "gelu_tanh", "relu"):
+        y, m, r = cynorm.group_norm(xs, 8, w, b, activation=act, return_stats=True)
+        dx, dw, db = cynorm.group_norm_backward(dys, xs, m, r, 8, w, bias=b, activation=act)
+        for i, a in enumerate((y, dx, dw, db)):
+            res[f"gn {act} {dt.__name__} {i}"] = a
+np.savez(sys.argv[1], **res)
+"""
+
+
+def test_every_instruction_set_level_gives_the_same_activation_bits(tmp_path):
+    runnable = [lv for lv in kernels.BUILT_LEVELS if lv in kernels.CPU_LEVELS]
+    if len(runnable) < 2:
+        pytest.skip(f"only {runnable} of the built levels run here: nothing to compare")
+    root = os.path.dirname(os.path.dirname(cynorm.__file__))
+    out = {}
+    for level in runnable:
+        env = dict(os.environ, CYNORM_ISA=level, OMP_NUM_THREADS="2")
+        proc = subprocess.run([sys.executable, "-c", LEVEL_WORKER, str(tmp_path / level)],
+                              env=env, cwd=root, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        out[level] = np.load(tmp_path / f"{level}.npz")
+    base = out[runnable[0]]
+    assert len(base.files) == 2 * (8 + 16)
+    for level in runnable[1:]:
+        for name in base.files:
+            assert base[name].tobytes() == out[level][name].tobytes(), (name, level)

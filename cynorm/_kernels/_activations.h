@@ -8,21 +8,26 @@
  * SSE2, AVX2 and AVX-512 and do not depend on a value's position in the array (the
  * tail of a run is padded to a full vector and computed the same way).
  *
- * float32 data: silu runs in float32 lanes (below: within 2 ulp of the correctly
- * rounded value); gelu and gelu_tanh are widened to float64, computed there with
- * polynomials of float32-grade accuracy (relative error below 1e-8 before the final
- * rounding) and rounded once on the store: within 1 ulp. Both over the whole float32
- * range (tests/test_activations.py sweeps it). float64 data use full-precision polynomials (a few ulp; in the far negative
- * tails, where the result is tiny, gelu and gelu_tanh lose up to ~1e-13 relative through
- * the rounding of their argument, x / sqrt(2) or 2u, as any float64 formula does).
+ * float32 data: silu and relu run in float32 lanes (silu: within 2 ulp of the
+ * correctly rounded value, checked on every float32); gelu and gelu_tanh are widened to
+ * float64, computed there with approximations of float32-grade accuracy (relative error
+ * below 1e-8 before the final rounding; gelu: a rational function of |x| times
+ * exp(-x^2 / 2), its derivative Cody's erfc) and rounded once on the store: within 1
+ * ulp. All over the whole float32 range (tests/test_activations.py sweeps it). The
+ * kernels' float32 affine runs in the same pass (cn_affine_act_f32), so x is read once.
+ * float64 data use full-precision polynomials (a few ulp; in the far negative tails,
+ * where the result is tiny, gelu and gelu_tanh lose up to ~1e-13 relative through the
+ * rounding of their argument, x / sqrt(2) or 2u, as any float64 formula does).
  *
- * exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a Taylor polynomial for e^r,
- * and the scaling by 2^n in two factors so that underflow to subnormals rounds once.
+ * exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a polynomial for e^r (Taylor
+ * in float64 lanes, a fitted one in float32 lanes), and the scaling by 2^n in two
+ * factors where underflow to subnormals must round once.
  * erfc: W. J. Cody's rational Chebyshev approximations (Math. Comp. 23, 1969, as in
  * netlib's specfun CALERF), three intervals, one division.
  *
  * Special values: silu(-inf) = gelu(-inf) = gelu_tanh(-inf) = -0, act(+inf) = +inf,
- * NaN propagates through every function and derivative; the derivatives at -inf are 0
+ * NaN propagates through every function and derivative (a NaN input's own NaN, the same
+ * bits on every instruction set); the derivatives at -inf are 0
  * and at +inf 1 (their limits).
  */
 #ifndef CYNORM_ACTIVATIONS_H
@@ -43,6 +48,22 @@ enum { CN_ACT_NONE = 0, CN_ACT_SILU = 1, CN_ACT_GELU = 2, CN_ACT_GELU_TANH = 3,
 #define CN_SPLAT(c) ((cn_vd){CN_DLANES(c)})
 #define CN_ISPLAT(c) ((cn_vl){CN_DLANES(c)})
 
+/* a half vector (cn_vh: CN_DW float32 lanes) widened to CN_DW float64 lanes, and back
+ * (round to nearest): one conversion instruction each (cn_load_f32 / cn_store_f32) */
+CN_VINLINE cn_vd cn_widen_h(cn_vh v) {
+    float b[CN_DW];
+    memcpy(b, &v, sizeof b);
+    return cn_load_f32(b);
+}
+
+CN_VINLINE cn_vh cn_narrow_h(cn_vd u) {
+    float b[CN_DW];
+    cn_vh v;
+    cn_store_f32(b, u);
+    memcpy(&v, b, sizeof v);
+    return v;
+}
+
 /* m ? a : b, lane by lane (m: all ones or all zeros per lane, as comparisons give) */
 CN_VINLINE cn_vd cn_sel(cn_vl m, cn_vd a, cn_vd b) {
     return (cn_vd)(((cn_vl)a & m) | ((cn_vl)b & ~m));
@@ -50,6 +71,32 @@ CN_VINLINE cn_vd cn_sel(cn_vl m, cn_vd a, cn_vd b) {
 
 CN_VINLINE cn_vd cn_fabs(cn_vd v) {
     return (cn_vd)((cn_vl)v & CN_ISPLAT(0x7fffffffffffffffLL));
+}
+
+/* v clamped to [lo, hi] lane by lane (NaN passes: its comparisons are false) */
+CN_VINLINE cn_vd cn_clamp(cn_vd v, double lo, double hi) {
+    v = cn_sel(v < CN_SPLAT(lo), CN_SPLAT(lo), v);
+    return cn_sel(v > CN_SPLAT(hi), CN_SPLAT(hi), v);
+}
+
+/* whether any lane of a comparison's result is set */
+CN_VINLINE int cn_any(cn_vl m) {
+    unsigned long long w[sizeof(cn_vl) / 8], acc = 0;
+    size_t j;
+    memcpy(w, &m, sizeof w);
+    for (j = 0; j < sizeof(cn_vl) / 8; j++) acc |= w[j];
+    return acc != 0;
+}
+
+/* the limits at the infinities, which the formulas reach only as inf - inf or 0 * inf:
+ * act(-inf) = -0 (y elsewhere) and act'(-inf) = 0, act'(+inf) = 1 (d elsewhere) */
+CN_VINLINE cn_vd cn_at_neg_inf(cn_vd x, cn_vd y) {
+    return cn_sel(x == CN_SPLAT(-__builtin_inf()), CN_SPLAT(-0.0), y);
+}
+
+CN_VINLINE cn_vd cn_grad_at_inf(cn_vd x, cn_vd d) {
+    return cn_sel(cn_fabs(x) == CN_SPLAT(__builtin_inf()),
+                  cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO), d);
 }
 
 /* ---- exp ----------------------------------------------------------------------------
@@ -60,8 +107,7 @@ CN_VINLINE cn_vd cn_exp(cn_vd v, int full) {
     cn_vd vc, kf, n, r, p;
     cn_vl ni, n1, n2;
     /* clamp so that 2^n stays in two normal factors; NaN passes (comparisons false) */
-    vc = cn_sel(v < CN_SPLAT(-746.0), CN_SPLAT(-746.0), v);
-    vc = cn_sel(vc > CN_SPLAT(710.0), CN_SPLAT(710.0), vc);
+    vc = cn_clamp(v, -746.0, 710.0);
     kf = vc * CN_SPLAT(1.4426950408889634) + magic;
     n = kf - magic;
     ni = (cn_vl)kf - (cn_vl)magic;
@@ -109,64 +155,71 @@ CN_VINLINE cn_vd cn_exp_negsq(cn_vd y, int full) {
  * a denominator, the interval of each lane picks its pair, and one division ends it
  * (divisions are the slow part). The third interval's polynomials in s = 1 / z^2 are
  * multiplied through by z^10 (with |z| capped at 30, where erfc is 0 in float64 anyway),
- * so that no 1 / z^2 is formed either. */
+ * so that no 1 / z^2 is formed either. An interval no lane of the vector is in is
+ * skipped (the other lanes' values do not depend on it). */
 CN_VINLINE cn_vd cn_erfc(cn_vd z, cn_vd ez) {
-    cn_vd y = cn_fabs(z), t, n, d, num, den, yc, tc, res;
+    cn_vd y = cn_fabs(z), t, n, d, num = CN_ZERO, den = CN_ZERO, yc, tc, res;
     cn_vl in_a = y <= CN_SPLAT(0.46875), in_c = y > CN_SPLAT(4.0);
     /* first interval: erf(y) = y NA(y^2) / DA(y^2), erfc = (DA - y NA) / DA */
-    t = y * y;
-    n = CN_SPLAT(1.85777706184603153e-1) * t;
-    d = t;
-    n = (n + CN_SPLAT(3.16112374387056560e00)) * t;
-    d = (d + CN_SPLAT(2.36012909523441209e01)) * t;
-    n = (n + CN_SPLAT(1.13864154151050156e02)) * t;
-    d = (d + CN_SPLAT(2.44024637934444173e02)) * t;
-    n = (n + CN_SPLAT(3.77485237685302021e02)) * t;
-    d = (d + CN_SPLAT(1.28261652607737228e03)) * t;
-    n = n + CN_SPLAT(3.20937758913846947e03);
-    d = d + CN_SPLAT(2.84423683343917062e03);
-    num = d - y * n;
-    den = d;
-    /* second interval: erfc(y) = exp(-y^2) NB(y) / DB(y) */
-    n = CN_SPLAT(2.15311535474403846e-8) * y;
-    d = y;
-    n = (n + CN_SPLAT(5.64188496988670089e-1)) * y;
-    d = (d + CN_SPLAT(1.57449261107098347e01)) * y;
-    n = (n + CN_SPLAT(8.88314979438837594e00)) * y;
-    d = (d + CN_SPLAT(1.17693950891312499e02)) * y;
-    n = (n + CN_SPLAT(6.61191906371416295e01)) * y;
-    d = (d + CN_SPLAT(5.37181101862009858e02)) * y;
-    n = (n + CN_SPLAT(2.98635138197400131e02)) * y;
-    d = (d + CN_SPLAT(1.62138957456669019e03)) * y;
-    n = (n + CN_SPLAT(8.81952221241769090e02)) * y;
-    d = (d + CN_SPLAT(3.29079923573345963e03)) * y;
-    n = (n + CN_SPLAT(1.71204761263407058e03)) * y;
-    d = (d + CN_SPLAT(4.36261909014324716e03)) * y;
-    n = (n + CN_SPLAT(2.05107837782607147e03)) * y;
-    d = (d + CN_SPLAT(3.43936767414372164e03)) * y;
-    n = n + CN_SPLAT(1.23033935479799725e03);
-    d = d + CN_SPLAT(1.23033935480374942e03);
-    num = cn_sel(in_a, num, ez * n);
-    den = cn_sel(in_a, den, d);
+    if (cn_any(in_a)) {
+        t = y * y;
+        n = CN_SPLAT(1.85777706184603153e-1) * t;
+        d = t;
+        n = (n + CN_SPLAT(3.16112374387056560e00)) * t;
+        d = (d + CN_SPLAT(2.36012909523441209e01)) * t;
+        n = (n + CN_SPLAT(1.13864154151050156e02)) * t;
+        d = (d + CN_SPLAT(2.44024637934444173e02)) * t;
+        n = (n + CN_SPLAT(3.77485237685302021e02)) * t;
+        d = (d + CN_SPLAT(1.28261652607737228e03)) * t;
+        n = n + CN_SPLAT(3.20937758913846947e03);
+        d = d + CN_SPLAT(2.84423683343917062e03);
+        num = d - y * n;
+        den = d;
+    }
+    /* second interval: erfc(y) = exp(-y^2) NB(y) / DB(y) (and NaN) */
+    if (cn_any(~(in_a | in_c))) {
+        n = CN_SPLAT(2.15311535474403846e-8) * y;
+        d = y;
+        n = (n + CN_SPLAT(5.64188496988670089e-1)) * y;
+        d = (d + CN_SPLAT(1.57449261107098347e01)) * y;
+        n = (n + CN_SPLAT(8.88314979438837594e00)) * y;
+        d = (d + CN_SPLAT(1.17693950891312499e02)) * y;
+        n = (n + CN_SPLAT(6.61191906371416295e01)) * y;
+        d = (d + CN_SPLAT(5.37181101862009858e02)) * y;
+        n = (n + CN_SPLAT(2.98635138197400131e02)) * y;
+        d = (d + CN_SPLAT(1.62138957456669019e03)) * y;
+        n = (n + CN_SPLAT(8.81952221241769090e02)) * y;
+        d = (d + CN_SPLAT(3.29079923573345963e03)) * y;
+        n = (n + CN_SPLAT(1.71204761263407058e03)) * y;
+        d = (d + CN_SPLAT(4.36261909014324716e03)) * y;
+        n = (n + CN_SPLAT(2.05107837782607147e03)) * y;
+        d = (d + CN_SPLAT(3.43936767414372164e03)) * y;
+        n = n + CN_SPLAT(1.23033935479799725e03);
+        d = d + CN_SPLAT(1.23033935480374942e03);
+        num = cn_sel(in_a, num, ez * n);
+        den = cn_sel(in_a, den, d);
+    }
     /* third interval: erfc(y) = exp(-y^2) (1/sqrt(pi) - s P(s) / Q(s)) / y, s = 1 / y^2;
      * with tc = y^2 and N = tc^5 P(1 / tc), D = tc^5 Q(1 / tc):
      * erfc(y) = exp(-y^2) (tc D / sqrt(pi) - N) / (y tc D) */
-    yc = cn_sel(y < CN_SPLAT(30.0), y, CN_SPLAT(30.0));
-    tc = yc * yc;
-    n = CN_SPLAT(6.58749161529837803e-4) * tc;
-    d = CN_SPLAT(2.33520497626869185e-3) * tc;
-    n = (n + CN_SPLAT(1.60837851487422766e-2)) * tc;
-    d = (d + CN_SPLAT(6.05183413124413191e-2)) * tc;
-    n = (n + CN_SPLAT(1.25781726111229246e-1)) * tc;
-    d = (d + CN_SPLAT(5.27905102951428412e-1)) * tc;
-    n = (n + CN_SPLAT(3.60344899949804439e-1)) * tc;
-    d = (d + CN_SPLAT(1.87295284992346047e00)) * tc;
-    n = (n + CN_SPLAT(3.05326634961232344e-1)) * tc;
-    d = (d + CN_SPLAT(2.56852019228982242e00)) * tc;
-    n = n + CN_SPLAT(1.63153871373020978e-2);
-    d = d + CN_SPLAT(1.0);
-    num = cn_sel(in_c, ez * (tc * d * CN_SPLAT(0.56418958354775628695) - n), num);
-    den = cn_sel(in_c, y * (tc * d), den);
+    if (cn_any(in_c)) {
+        yc = cn_sel(y < CN_SPLAT(30.0), y, CN_SPLAT(30.0));
+        tc = yc * yc;
+        n = CN_SPLAT(6.58749161529837803e-4) * tc;
+        d = CN_SPLAT(2.33520497626869185e-3) * tc;
+        n = (n + CN_SPLAT(1.60837851487422766e-2)) * tc;
+        d = (d + CN_SPLAT(6.05183413124413191e-2)) * tc;
+        n = (n + CN_SPLAT(1.25781726111229246e-1)) * tc;
+        d = (d + CN_SPLAT(5.27905102951428412e-1)) * tc;
+        n = (n + CN_SPLAT(3.60344899949804439e-1)) * tc;
+        d = (d + CN_SPLAT(1.87295284992346047e00)) * tc;
+        n = (n + CN_SPLAT(3.05326634961232344e-1)) * tc;
+        d = (d + CN_SPLAT(2.56852019228982242e00)) * tc;
+        n = n + CN_SPLAT(1.63153871373020978e-2);
+        d = d + CN_SPLAT(1.0);
+        num = cn_sel(in_c, ez * (tc * d * CN_SPLAT(0.56418958354775628695) - n), num);
+        den = cn_sel(in_c, y * (tc * d), den);
+    }
     res = num / den;
     /* NaN: y itself; erfc(+-inf) = 0 or 2 (ez = 0, den = inf) */
     res = cn_sel(y == y, res, y);
@@ -175,7 +228,6 @@ CN_VINLINE cn_vd cn_erfc(cn_vd z, cn_vd ez) {
 
 /* ---- the activations and their derivatives on float64 lanes ------------------------- */
 
-#define CN_NEG_INF (-__builtin_inf())
 #define CN_INV_SQRT2 0.70710678118654752440
 #define CN_INV_SQRT_2PI 0.39894228040143267794
 #define CN_GT_K 1.5957691216057307593   /* 2 * sqrt(2 / pi) */
@@ -191,7 +243,7 @@ CN_VINLINE cn_vd cn_silu8(cn_vd x, int full) {
     cn_vd t, p, y;
     cn_sigmoid_parts(x, full, &t, &p);
     y = x * cn_sel(x >= CN_ZERO, p, t * p);
-    return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
+    return cn_at_neg_inf(x, y);
 }
 
 CN_VINLINE cn_vd cn_silu_grad8(cn_vd x, int full) {
@@ -202,22 +254,57 @@ CN_VINLINE cn_vd cn_silu_grad8(cn_vd x, int full) {
     s = cn_sel(pos, p, q);     /* sigmoid(x) */
     sc = cn_sel(pos, q, p);    /* 1 - sigmoid(x) */
     d = s * (CN_SPLAT(1.0) + x * sc);
-    return cn_sel(cn_fabs(x) == CN_SPLAT(__builtin_inf()),
-                  cn_sel(pos, CN_SPLAT(1.0), CN_ZERO), d);
+    return cn_grad_at_inf(x, d);
+}
+
+/* The normal distribution function for float32 data (full = 0), in float64 lanes:
+ * Phi(x) = Phi(-t) or 1 - Phi(-t), t = |x|, with Phi(-t) = exp(-t^2 / 2) R(t) and
+ * R(t) = erfcx(t / sqrt(2)) / 2 = P(t) / Q(t) (degrees 6 and 7, a weighted least-squares
+ * fit iterated towards minimax on [0, 16]: relative error below 1.4e-9). x comes from a
+ * float32, so t^2 / 2 is exact: no rounding of the argument of exp to amplify (the
+ * reason float64 data take Cody's erfc instead). Beyond t = 16 the result is below the
+ * float32 range and R(16) stands in. With exp's 4e-9 the value before the final
+ * rounding to float32 is within 6e-9 relative: gelu within 1 ulp. */
+CN_VINLINE cn_vd cn_phi_f32(cn_vd x) {
+    cn_vd t = cn_fabs(x), tc = cn_sel(t < CN_SPLAT(16.0), t, CN_SPLAT(16.0)), n, d, q;
+    n = CN_SPLAT(1.932397601795365e-06) * tc;
+    d = CN_SPLAT(4.842918685435591e-06) * tc;
+    n = (n + CN_SPLAT(-9.959629391976482e-05)) * tc;
+    d = (d + CN_SPLAT(-0.0002495842810776981)) * tc;
+    n = (n + CN_SPLAT(0.0021425825825464604)) * tc;
+    d = (d + CN_SPLAT(0.005373291891079799)) * tc;
+    n = (n + CN_SPLAT(0.029155705823689395)) * tc;
+    d = (d + CN_SPLAT(0.07287583340523476)) * tc;
+    n = (n + CN_SPLAT(0.15103019027451245)) * tc;
+    d = (d + CN_SPLAT(0.38338692885918324)) * tc;
+    n = (n + CN_SPLAT(0.3953834737554378)) * tc;
+    d = (d + CN_SPLAT(1.0696196011012427)) * tc;
+    n = n + CN_SPLAT(0.5000000006977866);
+    d = (d + CN_SPLAT(1.5886516175012197)) * tc;
+    d = d + CN_SPLAT(1.0);
+    q = cn_exp((t * t) * CN_SPLAT(-0.5), 0) * (n / d);   /* Phi(-t) */
+    return cn_sel(x >= CN_ZERO, CN_SPLAT(1.0) - q, q);
 }
 
 CN_VINLINE cn_vd cn_gelu8(cn_vd x, int full) {
-    cn_vd z = x * CN_SPLAT(-CN_INV_SQRT2);
-    cn_vd y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
-    return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
+    cn_vd y;
+    if (full) {
+        cn_vd z = x * CN_SPLAT(-CN_INV_SQRT2);
+        y = CN_SPLAT(0.5) * x * cn_erfc(z, cn_exp_negsq(cn_fabs(z), full));
+    } else {
+        y = x * cn_phi_f32(x);
+    }
+    return cn_at_neg_inf(x, y);
 }
 
+/* gelu'(x) = Phi(x) + x phi(x) crosses zero near x = -0.75, where the two terms cancel:
+ * there only an erfc accurate far beyond float32 (Cody's) keeps the result within
+ * 2 ulp, so the derivative takes it for every dtype. */
 CN_VINLINE cn_vd cn_gelu_grad8(cn_vd x, int full) {
     cn_vd z = x * CN_SPLAT(-CN_INV_SQRT2);
     cn_vd ez = cn_exp_negsq(cn_fabs(z), full);
     cn_vd d = CN_SPLAT(0.5) * cn_erfc(z, ez) + x * (ez * CN_SPLAT(CN_INV_SQRT_2PI));
-    return cn_sel(cn_fabs(x) == CN_SPLAT(__builtin_inf()),
-                  cn_sel(x > CN_ZERO, CN_SPLAT(1.0), CN_ZERO), d);
+    return cn_grad_at_inf(x, d);
 }
 
 /* gelu_tanh(x) = x / 2 (1 + tanh(u)) = x sigmoid(2u), 2u = K (x + A x^3) */
@@ -226,7 +313,7 @@ CN_VINLINE cn_vd cn_gelu_tanh8(cn_vd x, int full) {
     cn_vd t, p, y;
     cn_sigmoid_parts(u2, full, &t, &p);
     y = x * cn_sel(u2 >= CN_ZERO, p, t * p);
-    return cn_sel(x == CN_SPLAT(CN_NEG_INF), CN_SPLAT(-0.0), y);
+    return cn_at_neg_inf(x, y);
 }
 
 CN_VINLINE cn_vd cn_gelu_tanh_grad8(cn_vd x, int full) {
@@ -252,19 +339,53 @@ CN_VINLINE cn_vd cn_relu_grad8(cn_vd x, int full) {
 
 /* ---- silu in float32 lanes ------------------------------------------------------------
  * The epilogue of the common case (GroupNorm + SiLU on float32) at twice the lanes and
- * without conversions: silu(x) = x / (1 + E), E = exp(-x) = 2^n (1 + p) with 1 + p
- * never rounded. With k = max(n, 0), 1 + E = 2^k d, d = 2^-k + 2^(n-k) (1 + p), every
- * term of d in range for any x (2^-k and 2^(n-k) are 1 or below), and
- * silu(x) = (x / d) 2^-k, the scaling last (exact, or the one rounding of a subnormal
- * result). Three roundings (d, the quotient, p's last add) and p's truncation (< 1e-8):
- * within 2 ulp of the correctly rounded result (the sweep in tests/test_activations.py
- * measures 1 ulp). Also exact: silu(x) = x for x > 87, -0 for x < -120. */
+ * without conversions: silu(x) = x / (1 + E), E = exp(-x) = 2^n (1 + p), |r| <= ln2 / 2
+ * and p = e^r - 1 never added to 1 on its own.
+ *
+ * The core (x >= -87, NaN and +inf included; nearly every vector of real data): with
+ * u = 2^n (n <= 126, normal), d = (1 + u) + u p and silu(x) = x / d, every value normal.
+ * The tails (x < -87, where E overflows and the result goes subnormal, then to -0): with
+ * k = max(n, 0), 1 + E = 2^k d', d' = 2^-k + 2^(n-k) (1 + p), every term of d' in range
+ * for any x (2^-k and 2^(n-k) are 1 or below), and silu(x) = (x / d') 2^-k, the scaling
+ * last (exact, or the one rounding of a subnormal result). In the core both are the
+ * same roundings up to exact powers of 2. A vector takes the tail formula only when one
+ * of its lanes is in the tails, and then only for those lanes: a lane's bits never
+ * depend on its neighbours. Three roundings (d, the quotient, p's last add) and p's
+ * truncation (< 1e-8): within 2 ulp of the correctly rounded result (the sweep in
+ * tests/test_activations.py measures 1 ulp). Also exact: silu(x) = x for x > 87, -0 for
+ * x < -120. */
 
 #define CN_FSPLAT(c) ((cn_vf){CN_FLANES(c)})
 #define CN_IZERO ((cn_vi){0})
+#define CN_SILU_CORE_LO (-87.0f)
 
 CN_VINLINE cn_vf cn_self(cn_vi m, cn_vf a, cn_vf b) {
     return (cn_vf)(((cn_vi)a & m) | ((cn_vi)b & ~m));
+}
+
+/* v clamped to [lo, hi] lane by lane (NaN passes: its comparisons are false) */
+CN_VINLINE cn_vf cn_clampf(cn_vf v, float lo, float hi) {
+    v = cn_self(v < CN_FSPLAT(lo), CN_FSPLAT(lo), v);
+    return cn_self(v > CN_FSPLAT(hi), CN_FSPLAT(hi), v);
+}
+
+/* whether any lane of x is below lo (NaN is not) */
+CN_VINLINE int cn_any_below(cn_vf x, float lo) {
+#if defined(__AVX512F__)
+    if (sizeof(cn_vf) == sizeof(__m512)) {  /* one compare into a mask register */
+        __m512 v;
+        memcpy(&v, &x, sizeof x);
+        return _mm512_cmp_ps_mask(v, _mm512_set1_ps(lo), _CMP_LT_OQ) != 0;
+    }
+#endif
+    {
+        cn_vi m = x < CN_FSPLAT(lo);
+        unsigned long long w[sizeof(cn_vi) / 8], acc = 0;
+        size_t j;
+        memcpy(w, &m, sizeof w);
+        for (j = 0; j < sizeof(cn_vi) / 8; j++) acc |= w[j];
+        return acc != 0;
+    }
 }
 
 /* 2^j for integer lanes j in [-126, 127] */
@@ -272,27 +393,43 @@ CN_VINLINE cn_vf cn_pow2f(cn_vi j) {
     return (cn_vf)((j + 127) << 23);
 }
 
-/* the pieces of 1 + exp(-x) = 2^k d: d, u = 2^(n-k), p, and the halves k1 + k2 = k of
- * the final scaling (each 2^-k1, 2^-k2 normal) */
-CN_VINLINE void cn_silu_parts16(cn_vf x, cn_vf* d, cn_vf* u, cn_vf* p,
-                                   cn_vi* k1, cn_vi* k2) {
+/* exp(-x) = 2^n (1 + p) for x in [-120, 120]: -x = n ln2 + r, |r| <= ln2 / 2 (and a
+ * rounding), p = e^r - 1 = r + r^2 q(r), q of degree 4 fitted to (e^r - 1 - r) / r^2
+ * (weighted minimax; with its coefficients rounded to float32, 1 + p is within 4.3e-9
+ * relative of e^r before the float32 roundings). Written in s = -r = (x + n hi) + n lo
+ * so that -x is never formed: every step is the negation of the one in r (rounding is
+ * symmetric), p = s^2 Q(s) - s with Q(s) = q(-s), the same bits. */
+CN_VINLINE cn_vf cn_expm1_neg16(cn_vf x, cn_vi* n) {
     const cn_vf magic = CN_FSPLAT(12582912.0f); /* 1.5 * 2^23: round to integer */
-    cn_vf a = -x, kf, nf, r, q;
-    cn_vi n, k, kc;
-    a = cn_self(a < CN_FSPLAT(-87.0f), CN_FSPLAT(-87.0f), a);
-    a = cn_self(a > CN_FSPLAT(120.0f), CN_FSPLAT(120.0f), a);
-    kf = a * CN_FSPLAT(1.44269504f) + magic;
-    nf = kf - magic;
-    n = (cn_vi)kf - (cn_vi)magic;
+    cn_vf kf = x * CN_FSPLAT(-1.44269504f) + magic, nf = kf - magic, s, q;
+    *n = (cn_vi)kf - (cn_vi)magic;
     /* ln2 = 0.693359375 (9 bits: nf * hi exact) - 2.12194440e-4 */
-    r = (a - nf * CN_FSPLAT(0.693359375f)) - nf * CN_FSPLAT(-2.12194440e-4f);
-    q = CN_FSPLAT(1.0f / 5040.0f);
-    q = q * r + CN_FSPLAT(1.0f / 720.0f);
-    q = q * r + CN_FSPLAT(1.0f / 120.0f);
-    q = q * r + CN_FSPLAT(1.0f / 24.0f);
-    q = q * r + CN_FSPLAT(1.0f / 6.0f);
-    q = q * r + CN_FSPLAT(0.5f);
-    *p = r + (r * r) * q;                     /* e^r - 1 */
+    s = (x + nf * CN_FSPLAT(0.693359375f)) + nf * CN_FSPLAT(-2.12194440e-4f);
+    q = CN_FSPLAT(1.38142065e-3f);
+    q = q * s - CN_FSPLAT(8.36882554e-3f);
+    q = q * s + CN_FSPLAT(4.16684002e-2f);
+    q = q * s - CN_FSPLAT(1.66665196e-1f);
+    q = q * s + CN_FSPLAT(4.99999940e-1f);
+    return (s * s) * q - s;
+}
+
+/* the core: d = 1 + exp(-x) and e = exp(-x), for x >= -87 (and x = NaN, +inf) */
+CN_VINLINE cn_vf cn_silu_core16(cn_vf x, cn_vf* e) {
+    cn_vi n;
+    cn_vf p, u;
+    x = cn_self(x < CN_FSPLAT(87.0f), x, CN_FSPLAT(87.0f));  /* NaN: 87 (y = NaN still) */
+    p = cn_expm1_neg16(x, &n);
+    u = cn_pow2f(n);
+    *e = u + u * p;
+    return (CN_FSPLAT(1.0f) + u) + u * p;
+}
+
+/* the tails: the pieces of 1 + exp(-x) = 2^k d: d, u = 2^(n-k), p, and the halves
+ * k1 + k2 = k of the final scaling (each 2^-k1, 2^-k2 normal); any x */
+CN_VINLINE void cn_silu_tail_parts16(cn_vf x, cn_vf* d, cn_vf* u, cn_vf* p,
+                                     cn_vi* k1, cn_vi* k2) {
+    cn_vi n, k, kc;
+    *p = cn_expm1_neg16(cn_clampf(x, -120.0f, 87.0f), &n);
     k = n & (n > CN_IZERO);                   /* max(n, 0) */
     *u = cn_pow2f(n - k);
     kc = k - ((k - 126) & (k > 126));         /* min(k, 126): 2^-k matters only when small */
@@ -301,158 +438,210 @@ CN_VINLINE void cn_silu_parts16(cn_vf x, cn_vf* d, cn_vf* u, cn_vf* p,
     *k2 = k - *k1;
 }
 
-CN_VINLINE cn_vf cn_silu16(cn_vf x) {
+CN_VINLINE cn_vf cn_silu_tails16(cn_vf x) {
     cn_vf d, u, p, y;
     cn_vi k1, k2;
-    cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
+    cn_silu_tail_parts16(x, &d, &u, &p, &k1, &k2);
     y = ((x / d) * cn_pow2f(-k1)) * cn_pow2f(-k2);
     return cn_self(x < CN_FSPLAT(-120.0f), CN_FSPLAT(-0.0f), y);
 }
 
-/* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) = 2^-k / d, 1 - s = u (1 + p) / d;
- * within a few float32 roundings of the size of the terms, s (1 + |x| (1 - s)) */
-CN_VINLINE cn_vf cn_silu_grad16(cn_vf x) {
+CN_VINLINE cn_vf cn_silu16(cn_vf x) {
+    cn_vf e, y = x / cn_silu_core16(x, &e);
+    if (cn_any_below(x, CN_SILU_CORE_LO))
+        y = cn_self(x < CN_FSPLAT(CN_SILU_CORE_LO), cn_silu_tails16(x), y);
+    return y;
+}
+
+/* silu of two vectors, each lane as cn_silu16: their long dependency chains interleave
+ * (about 7% faster on AVX-512) */
+CN_VINLINE void cn_silu16x2(cn_vf* v, cn_vf* w) {
+    cn_vf e, x1 = *v, x2 = *w;
+    cn_vf y1 = x1 / cn_silu_core16(x1, &e), y2 = x2 / cn_silu_core16(x2, &e);
+    if (cn_any_below(x1, CN_SILU_CORE_LO) | cn_any_below(x2, CN_SILU_CORE_LO)) {
+        y1 = cn_silu16(x1);
+        y2 = cn_silu16(x2);
+    }
+    *v = y1;
+    *w = y2;
+}
+
+/* silu'(x) = s (1 + x (1 - s)), s = sigmoid(x) = 1 / d, 1 - s = e / d (core; tails:
+ * s = 2^-k / d, 1 - s = u (1 + p) / d, scaled by 2^-k last so that a subnormal result is
+ * rounded once); within a few float32 roundings of the size of the terms,
+ * s (1 + |x| (1 - s)) */
+CN_VINLINE cn_vf cn_silu_grad_tails16(cn_vf x) {
     cn_vf d, u, p, inv, g;
     cn_vi k1, k2;
-    cn_silu_parts16(x, &d, &u, &p, &k1, &k2);
+    cn_silu_tail_parts16(x, &d, &u, &p, &k1, &k2);
     inv = CN_FSPLAT(1.0f) / d;
-    /* scaled by 2^-k last, so that a subnormal result is rounded once */
     g = inv * (CN_FSPLAT(1.0f) + x * ((u + u * p) * inv));
     g = (g * cn_pow2f(-k1)) * cn_pow2f(-k2);
     g = cn_self(x > CN_FSPLAT(87.0f), CN_FSPLAT(1.0f), g);
     return cn_self(x < CN_FSPLAT(-120.0f), CN_FSPLAT(0.0f), g);
 }
 
+CN_VINLINE cn_vf cn_silu_grad16(cn_vf x) {
+    cn_vf e, inv = CN_FSPLAT(1.0f) / cn_silu_core16(x, &e), g;
+    g = inv * (CN_FSPLAT(1.0f) + x * (e * inv));
+    g = cn_self(x > CN_FSPLAT(87.0f), CN_FSPLAT(1.0f), g);
+    if (cn_any_below(x, CN_SILU_CORE_LO))
+        g = cn_self(x < CN_FSPLAT(CN_SILU_CORE_LO), cn_silu_grad_tails16(x), g);
+    return g;
+}
+
+/* relu on float32 lanes: exact, so the same bits as through float64 */
+CN_VINLINE cn_vf cn_relu16(cn_vf x) {
+    return cn_self((x > CN_FSPLAT(0.0f)) | (x != x), x, CN_FSPLAT(0.0f));
+}
+
+CN_VINLINE cn_vf cn_relu_grad16(cn_vf x) {
+    cn_vf one = CN_FSPLAT(1.0f), zero = CN_FSPLAT(0.0f);
+    return cn_self(x != x, x, cn_self(x > zero, one, zero));
+}
+
 /* ---- runs ----------------------------------------------------------------------------
- * One loop per function, chosen by a switch before the loop. The tail (less than a
- * vector) goes through the same vector code, padded with zeros. */
+ * Elements [i, e) in chunks of W lanes; the last partial chunk is padded with zeros and
+ * computed the same way (a lane's bits never depend on its position). BODY sees the
+ * chunk at i with m valid elements (m == W, a constant, in the loop). */
 
-#define CN_ACT_RUN_F32(F)                                                              \
-    for (; i + CN_DW <= n; i += CN_DW)                                                 \
-        cn_store_f32(y + i, F(cn_load_f32(a + i), 0));                                 \
-    if (i < n) {                                                                       \
-        float buf[CN_DW] = {0};                                                        \
-        memcpy(buf, a + i, (size_t)(n - i) * sizeof(float));                           \
-        cn_store_f32(buf, F(cn_load_f32(buf), 0));                                     \
-        memcpy(y + i, buf, (size_t)(n - i) * sizeof(float));                           \
-    }
+#define CN_PLOAD(v, src, m)                                                            \
+    do {                                                                               \
+        memset(&(v), 0, sizeof(v));                                                    \
+        memcpy(&(v), (src), (size_t)(m) * sizeof(*(src)));                             \
+    } while (0)
 
-#define CN_ACT_RUN_F64(F)                                                              \
-    for (; i + CN_DW <= n; i += CN_DW) {                                               \
-        cn_vd v = F(cn_load_f64(a + i), 1);                                            \
-        memcpy(y + i, &v, sizeof v);                                                   \
+#define CN_PSTORE(dst, v, m) memcpy((dst), &(v), (size_t)(m) * sizeof(*(dst)))
+
+#define CN_CHUNKS(W, BODY)                                                             \
+    for (; i + (W) <= e; i += (W)) {                                                   \
+        const ptrdiff_t m = (W);                                                       \
+        BODY                                                                           \
     }                                                                                  \
-    if (i < n) {                                                                       \
-        double buf[CN_DW] = {0};                                                       \
-        cn_vd v;                                                                       \
-        memcpy(buf, a + i, (size_t)(n - i) * sizeof(double));                          \
-        v = F(cn_load_f64(buf), 1);                                                    \
-        memcpy(y + i, &v, (size_t)(n - i) * sizeof(double));                           \
+    if (i < e) {                                                                       \
+        const ptrdiff_t m = e - i;                                                     \
+        BODY                                                                           \
+        i = e;                                                                         \
     }
 
-/* g = dy * act'(a), the product in float64, rounded once */
-#define CN_GRAD_RUN_F32(F)                                                             \
-    for (; i + CN_DW <= n; i += CN_DW)                                                 \
-        cn_store_f32(g + i, cn_load_f32(dy + i) * F(cn_load_f32(a + i), 0));           \
-    if (i < n) {                                                                       \
-        float ba[CN_DW] = {0}, bd[CN_DW] = {0};                                        \
-        memcpy(ba, a + i, (size_t)(n - i) * sizeof(float));                            \
-        memcpy(bd, dy + i, (size_t)(n - i) * sizeof(float));                           \
-        cn_store_f32(ba, cn_load_f32(bd) * F(cn_load_f32(ba), 0));                     \
-        memcpy(g + i, ba, (size_t)(n - i) * sizeof(float));                            \
+/* the forward's float32 affine, operation for operation as _common.pxd's _affine_span */
+#define CN_AFFINE(v) (((((v) - mh) - ml) * rf) * wf + t)
+
+/* y = act(v) (v = a, or v = affine(a) when aff): silu and relu in float32 lanes, the
+ * others in float64 lanes rounded once on the store. Where v is NaN the result is
+ * v's own NaN: an operation on two NaNs returns the one the compiler happened to put
+ * first, which differs between instruction sets (silu16 and relu16 never meet two) */
+#define CN_ACT16_BODY(F)                                                               \
+    { cn_vf v; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);                     \
+      v = F(v); CN_PSTORE(y + i, v, m); }
+#define CN_SILU32_BODY(F)                                                              \
+    { cn_vf v, w = CN_FSPLAT(0.0f); const ptrdiff_t m1 = m < CN_FW ? m : CN_FW, m2 = m - m1; \
+      CN_PLOAD(v, a + i, m1); if (m2 > 0) CN_PLOAD(w, a + i + CN_FW, m2);                 \
+      if (aff) { v = CN_AFFINE(v); w = CN_AFFINE(w); }                                 \
+      F(&v, &w); CN_PSTORE(y + i, v, m1); if (m2 > 0) CN_PSTORE(y + i + CN_FW, w, m2); }
+#define CN_ACT8_BODY(F)                                                                \
+    { cn_vh v; cn_vd u; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);            \
+      u = cn_widen_h(v); u = cn_sel(u != u, u, F(u, 0));                               \
+      v = cn_narrow_h(u); CN_PSTORE(y + i, v, m); }
+/* g = dy * act'(v); the others: the product in float64, rounded once */
+#define CN_GRAD16_BODY(F)                                                              \
+    { cn_vf v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                     \
+      if (aff) v = CN_AFFINE(v); v = cn_self(v != v, v, w * F(v));                     \
+      CN_PSTORE(g + i, v, m); }
+#define CN_GRAD8_BODY(F)                                                               \
+    { cn_vh v, w; cn_vd u; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);            \
+      if (aff) v = CN_AFFINE(v);                                                       \
+      u = cn_widen_h(v); u = cn_sel(u != u, u, cn_widen_h(w) * F(u, 0));               \
+      v = cn_narrow_h(u); CN_PSTORE(g + i, v, m); }
+#define CN_ACT64_BODY(F)                                                               \
+    { cn_vd v; CN_PLOAD(v, a + i, m); v = cn_sel(v != v, v, F(v, 1));                 \
+      CN_PSTORE(y + i, v, m); }
+#define CN_GRAD64_BODY(F)                                                              \
+    { cn_vd v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                      \
+      v = cn_sel(v != v, v, w * F(v, 1)); CN_PSTORE(g + i, v, m); }
+
+/* elements before p + i is 64-byte aligned (at most n): run on their own, so that the
+ * vector stores do not split cache lines */
+static inline ptrdiff_t cn_aligned_head(const void* p, ptrdiff_t n, ptrdiff_t size) {
+    ptrdiff_t h = (ptrdiff_t)((-(size_t)p) & 63) / size;
+    return h < n ? h : n;
+}
+
+/* the two spans (the unaligned head, the rest) with one chunk loop per function, the
+ * function chosen by a switch before the loops */
+#define CN_SPANS(OUT, BS, WS, B16, W16, B8, SILU, GELU, GELU_TANH, RELU)            \
+    ptrdiff_t i = 0, e = cn_aligned_head(OUT, n, sizeof(*(OUT))), pass;                \
+    for (pass = 0; pass < 2; pass++, e = n) {                                          \
+        switch (act) {                                                                 \
+        case CN_ACT_SILU: CN_CHUNKS(WS, BS(SILU)) break;                               \
+        case CN_ACT_GELU: CN_CHUNKS(CN_DW, B8(GELU)) break;                                \
+        case CN_ACT_GELU_TANH: CN_CHUNKS(CN_DW, B8(GELU_TANH)) break;                      \
+        case CN_ACT_RELU: CN_CHUNKS(W16, B16(RELU)) break;                             \
+        default: i = e; break;                                                         \
+        }                                                                              \
     }
 
-#define CN_GRAD_RUN_F64(F)                                                             \
-    for (; i + CN_DW <= n; i += CN_DW) {                                               \
-        cn_vd v = cn_load_f64(dy + i) * F(cn_load_f64(a + i), 1);                      \
-        memcpy(g + i, &v, sizeof v);                                                   \
-    }                                                                                  \
-    if (i < n) {                                                                       \
-        double ba[CN_DW] = {0}, bd[CN_DW] = {0};                                       \
-        cn_vd v;                                                                       \
-        memcpy(ba, a + i, (size_t)(n - i) * sizeof(double));                           \
-        memcpy(bd, dy + i, (size_t)(n - i) * sizeof(double));                          \
-        v = cn_load_f64(bd) * F(cn_load_f64(ba), 1);                                   \
-        memcpy(g + i, &v, (size_t)(n - i) * sizeof(double));                           \
-    }
+CN_VINLINE void cn_act_f32_impl(const float* a, float* y, ptrdiff_t n, int act, int aff,
+                                float mh, float ml, float rf, float wf, float t) {
+    CN_SPANS(y, CN_SILU32_BODY, 2 * CN_FW, CN_ACT16_BODY, CN_FW, CN_ACT8_BODY, cn_silu16x2,
+             cn_gelu8, cn_gelu_tanh8, cn_relu16)
+}
 
-#define CN_ACT16_RUN(F)                                                                \
-    for (; i + CN_FW <= n; i += CN_FW) {                                               \
-        cn_vf v;                                                                       \
-        memcpy(&v, a + i, sizeof v);                                                   \
-        v = F(v);                                                                      \
-        memcpy(y + i, &v, sizeof v);                                                   \
-    }                                                                                  \
-    if (i < n) {                                                                       \
-        cn_vf v = CN_FSPLAT(0.0f);                                                     \
-        memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
-        v = F(v);                                                                      \
-        memcpy(y + i, &v, (size_t)(n - i) * sizeof(float));                            \
+CN_VINLINE void cn_act_grad_f32_impl(const float* a, const float* dy, float* g,
+                                     ptrdiff_t n, int act, int aff, float mh, float ml,
+                                     float rf, float wf, float t) {
+    if (act == CN_ACT_NONE) {
+        if (g != dy) memmove(g, dy, (size_t)n * sizeof(float));
+        return;
     }
-
-#define CN_GRAD16_RUN(F)                                                               \
-    for (; i + CN_FW <= n; i += CN_FW) {                                               \
-        cn_vf v, w;                                                                    \
-        memcpy(&v, a + i, sizeof v);                                                   \
-        memcpy(&w, dy + i, sizeof w);                                                  \
-        v = w * F(v);                                                                  \
-        memcpy(g + i, &v, sizeof v);                                                   \
-    }                                                                                  \
-    if (i < n) {                                                                       \
-        cn_vf v = CN_FSPLAT(0.0f), w = CN_FSPLAT(0.0f);                                \
-        memcpy(&v, a + i, (size_t)(n - i) * sizeof(float));                            \
-        memcpy(&w, dy + i, (size_t)(n - i) * sizeof(float));                           \
-        v = w * F(v);                                                                  \
-        memcpy(g + i, &v, (size_t)(n - i) * sizeof(float));                            \
+    {
+        CN_SPANS(g, CN_GRAD16_BODY, CN_FW, CN_GRAD16_BODY, CN_FW, CN_GRAD8_BODY, cn_silu_grad16,
+                 cn_gelu_grad8, cn_gelu_tanh_grad8, cn_relu_grad16)
     }
-
-#define CN_ACT_SWITCH(RUN, GRAD)                                                       \
-    switch (act) {                                                                     \
-    case CN_ACT_SILU: RUN(cn_silu##GRAD##8) break;                                     \
-    case CN_ACT_GELU: RUN(cn_gelu##GRAD##8) break;                                     \
-    case CN_ACT_GELU_TANH: RUN(cn_gelu_tanh##GRAD##8) break;                           \
-    case CN_ACT_RELU: RUN(cn_relu##GRAD##8) break;                                     \
-    default: break;                                                                    \
-    }
+}
 
 /* y = act(a) over n elements; y may be a. act = CN_ACT_NONE: nothing (y untouched). */
 static inline void cn_act_f32(const float* a, float* y, ptrdiff_t n, int act) {
-    ptrdiff_t i = 0;
-    if (act == CN_ACT_SILU) {
-        CN_ACT16_RUN(cn_silu16)
-        return;
-    }
-    CN_ACT_SWITCH(CN_ACT_RUN_F32, )
+    cn_act_f32_impl(a, y, n, act, 0, 0, 0, 0, 0, 0);
+}
+
+/* y = act(((a - mh) - ml) * rf * wf + t): the float32 affine and the activation in one
+ * pass, a read once; the affine's bits are those of affine_const (_common.pxd). y may
+ * be a. */
+static inline void cn_affine_act_f32(const float* a, float* y, ptrdiff_t n, float mh,
+                                     float ml, float rf, float wf, float t, int act) {
+    cn_act_f32_impl(a, y, n, act, 1, mh, ml, rf, wf, t);
 }
 
 static inline void cn_act_f64(const double* a, double* y, ptrdiff_t n, int act) {
-    ptrdiff_t i = 0;
-    CN_ACT_SWITCH(CN_ACT_RUN_F64, )
+    CN_SPANS(y, CN_ACT64_BODY, CN_DW, CN_ACT64_BODY, CN_DW, CN_ACT64_BODY, cn_silu8, cn_gelu8,
+             cn_gelu_tanh8, cn_relu8)
 }
 
 /* g = dy * act'(a) over n elements; g may be a or dy. act = CN_ACT_NONE: g = dy. */
 static inline void cn_act_grad_f32(const float* a, const float* dy, float* g, ptrdiff_t n,
                                    int act) {
-    ptrdiff_t i = 0;
-    if (act == CN_ACT_NONE) {
-        if (g != dy) memmove(g, dy, (size_t)n * sizeof(float));
-        return;
-    }
-    if (act == CN_ACT_SILU) {
-        CN_GRAD16_RUN(cn_silu_grad16)
-        return;
-    }
-    CN_ACT_SWITCH(CN_GRAD_RUN_F32, _grad)
+    cn_act_grad_f32_impl(a, dy, g, n, act, 0, 0, 0, 0, 0, 0);
+}
+
+/* g = dy * act'(((a - mh) - ml) * rf * wf + t), the pre-activation recomputed with the
+ * forward's own affine (the same bits); g may be dy (not a). */
+static inline void cn_affine_act_grad_f32(const float* a, const float* dy, float* g,
+                                          ptrdiff_t n, float mh, float ml, float rf,
+                                          float wf, float t, int act) {
+    cn_act_grad_f32_impl(a, dy, g, n, act, 1, mh, ml, rf, wf, t);
 }
 
 static inline void cn_act_grad_f64(const double* a, const double* dy, double* g,
                                    ptrdiff_t n, int act) {
-    ptrdiff_t i = 0;
     if (act == CN_ACT_NONE) {
         if (g != dy) memmove(g, dy, (size_t)n * sizeof(double));
         return;
     }
-    CN_ACT_SWITCH(CN_GRAD_RUN_F64, _grad)
+    {
+        CN_SPANS(g, CN_GRAD64_BODY, CN_DW, CN_GRAD64_BODY, CN_DW, CN_GRAD64_BODY, cn_silu_grad8,
+                 cn_gelu_grad8, cn_gelu_tanh_grad8, cn_relu_grad8)
+    }
 }
 
 #endif

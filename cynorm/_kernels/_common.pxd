@@ -723,10 +723,13 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
 
 
 # ---- the activation epilogue (_activations.h) ------------------------------------------
-# act: 0 none, 1 silu, 2 gelu, 3 gelu_tanh, 4 relu. The forward applies it to the affine's
-# output block by block while the block is in L1; the backward recomputes the
-# pre-activation with the forward's own affine (the same bits) and multiplies dy by the
-# derivative there, so nothing beyond mean and rstd is saved.
+# act: 0 none, 1 silu, 2 gelu, 3 gelu_tanh, 4 relu. float32 (the usual case): the affine
+# and the activation run in one pass in C, x read once, the affine operation for
+# operation as _affine_span's float32 path. Otherwise (float64, or a set whose xhat needs
+# float64, see f32_xhat_ok) the activation is applied to the affine's output block by
+# block while the block is in L1. The backward recomputes the pre-activation with the
+# forward's own affine (the same bits) and multiplies dy by the derivative there, so
+# nothing beyond mean and rstd is saved.
 
 cdef extern from "_activations.h":
     void cn_act_f32(const float* a, float* y, Py_ssize_t n, int act) noexcept nogil
@@ -735,6 +738,11 @@ cdef extern from "_activations.h":
                          int act) noexcept nogil
     void cn_act_grad_f64(const double* a, const double* dy, double* g, Py_ssize_t n,
                          int act) noexcept nogil
+    void cn_affine_act_f32(const float* a, float* y, Py_ssize_t n, float mh, float ml,
+                           float rf, float wf, float t, int act) noexcept nogil
+    void cn_affine_act_grad_f32(const float* a, const float* dy, float* g, Py_ssize_t n,
+                                float mh, float ml, float rf, float wf, float t,
+                                int act) noexcept nogil
 
 cdef enum:
     # elements per activation block: 2 KiB of float32, in L1 between affine and activation
@@ -756,10 +764,18 @@ cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double m
     float32, then rounded once."""
     cdef float buf[STAGE]
     cdef Py_ssize_t i = 0, e
+    cdef float mh, ml
     if storage is float or storage is double:
         if act == 0:
             affine_const(x, y, n, mean, rstd, weight, shift)
             return
+        if storage is float:
+            if f32_xhat_ok(rstd):
+                # the affine and the activation in one pass, x read once
+                split_mean(mean, &mh, &ml)
+                cn_affine_act_f32(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                  <float>shift, act)
+                return
         while i < n:
             e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
             affine_const(x + i, y + i, e - i, mean, rstd, weight, shift)
@@ -787,6 +803,13 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
     cdef float bd[ACT_BLOCK]
     cdef double a64[ACT_BLOCK]
     cdef Py_ssize_t i = 0, e
+    cdef float mh, ml
+    if storage is float:
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            cn_affine_act_grad_f32(x, dy, g, n, mh, ml, <float>rstd, <float>weight,
+                                   <float>shift, act)
+            return
     while i < n:
         e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
         if storage is float:
