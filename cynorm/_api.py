@@ -479,3 +479,56 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
     dw = np.empty(ns, dtype=x.dtype)
     row.backward(dy, x, dx, w, dw, None, None, rstd, R, K, 1)
     return dx, dw
+
+
+# ---- checked entries: cynorm.torch's inference route --------------------------------------
+# For a caller that has already made every check the public functions make: x a
+# C-contiguous, aligned float32/float64 array; weight, bias (and residual) None or
+# C-contiguous arrays of x's dtype and the right shape; num_groups >= 1 dividing C; eps
+# a finite float >= 0; act a kernel code (_validate.ACTIVATIONS); running statistics
+# (C,) arrays. Each allocates the output and calls one kernel, nothing else.
+
+def _slab_forward_checked(x, G, w, b, eps, act):
+    """y of group_norm (G groups; G = C: instance_norm with input statistics)."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    HW = 1
+    for d in shape[2:]:
+        HW *= d
+    y = np.empty_like(x)
+    mean, rstd = _stats_pair((N, G))
+    slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, 0, act)
+    return y
+
+
+def _channel_eval_checked(x, rm, rv, w, b, eps, act):
+    """y of batch_norm with training=False (running statistics of any float dtype)."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    HW = 1
+    for d in shape[2:]:
+        HW *= d
+    y = np.empty_like(x)
+    if N * HW:
+        channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64), None,
+                        np.ascontiguousarray(rv, dtype=np.float64), N, C, HW, eps, 0, 0,
+                        act=act)
+    return y
+
+
+def _row_forward_checked(x, n_dims, w, b, eps, rms, res):
+    """y of layer_norm (rms=0) or rms_norm (rms=1) over the trailing n_dims dims; with a
+    residual res, (y, h)."""
+    shape = x.shape
+    cut = len(shape) - n_dims
+    K = 1
+    for d in shape[cut:]:
+        K *= d
+    R = 1
+    for d in shape[:cut]:
+        R *= d
+    y = np.empty_like(x)
+    h = None if res is None else np.empty_like(x)
+    mean, rstd = _stats_pair(shape[:cut])
+    row.forward(x, y, w, b, mean, rstd, R, K, eps, 0, rms, residual=res, h=h)
+    return y if h is None else (y, h)
