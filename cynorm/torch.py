@@ -468,6 +468,10 @@ class _ModuleFunction(torch.autograd.Function):
         ht = _from_numpy(h)
         ctx.save_for_backward(ht, weight, bias)
         ctx.x = h
+        # a double backward rebuilds h = input + residual in torch operations (autograd
+        # cannot differentiate through the saved h, an output of this very node); the
+        # versions tell whether they were changed in place since
+        ctx.inputs = (input, residual, input._version, residual._version)
         return out, ht
 
     @staticmethod
@@ -478,6 +482,8 @@ class _ModuleFunction(torch.autograd.Function):
         need = (n[2] or (residual and n[7]), n[3], n[4])
         mean, rstd = ctx.stats
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            if residual:
+                x_t = _residual_sum(*ctx.inputs)
             dx, dw, db = _composite_grads(ctx.p, dy, x_t, weight, bias, mean, rstd, need)
         else:
             dx, dw, db = _kernel_backward(ctx.p, _input(dy, "grad_output")[0], ctx.x,
@@ -493,6 +499,16 @@ class _ModuleFunction(torch.autograd.Function):
             dx = dx + dh
         gr = (dx.clone() if n[2] else dx) if n[7] else None
         return None, None, dx if n[2] else None, dw, db, None, None, gr
+
+
+def _residual_sum(input, residual, input_version, residual_version):
+    """h = input + residual as a graph of torch operations, for a double backward."""
+    if input._version != input_version or residual._version != residual_version:
+        raise RuntimeError("cynorm.torch: input or residual of a residual norm was "
+                           "modified in place after the forward; its double backward "
+                           "(create_graph=True) needs their values")
+    with torch.enable_grad():
+        return input + residual
 
 
 def _apply(p, input, weight, bias, running_mean, running_var, residual=None):
@@ -640,18 +656,21 @@ def _op_setup_context(ctx, inputs, output):
      momentum, eps, activation) = inputs
     # the normalised tensor: h = input + residual (an output) or the input
     ctx.save_for_backward(input if residual is None else output[1], weight, bias,
-                          output[2], output[3])
+                          output[2], output[3], input, residual)
     ctx.residual = residual is not None
     ctx.p = (kind, num_groups, tuple(normalized_shape), flag, momentum, eps, activation)
 
 
 def _op_autograd(ctx, dy, dh, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd, input, residual = ctx.saved_tensors
     n = ctx.needs_input_grad
     need = (n[1] or n[6], n[2], n[3])
     p = ctx.p
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (dy, x, weight, bias)):
+        if ctx.residual:  # h rebuilt in torch operations (see _ModuleFunction.forward)
+            with torch.enable_grad():
+                x = input + residual
         dx, dw, db = _composite_grads(p, dy, x, weight, bias, mean, rstd, need)
     else:
         dx, dw, db = torch.ops.cynorm.norm_backward(p[0], dy, x, weight, bias, mean, rstd,
