@@ -213,11 +213,12 @@ def _kernel_backward(p, dy, x, w, b, mean, rstd):
     return cynorm.batch_norm_backward(dy, x, mean, rstd, w, flag, bias=b, activation=act)
 
 
-def _lean_checked(p, x, w, b, rm, rv, r):
-    """The inference output from the NumPy API's checked entries, for arguments the
-    bridge can check cheaply here (the common case: parameters of x's dtype and shape,
-    a float eps); None when the call must go through the public functions' checks
-    (which raise the errors, or cast, as they do)."""
+def _checked_forward(p, x, w, b, rm, rv, r, need_stats):
+    """(y, h, mean, rstd) from the NumPy API's checked entries, for arguments the bridge
+    can check cheaply here (the common case: parameters of x's dtype and shape, a float
+    eps); None when the call must go through the public functions' checks (which raise
+    the errors, or cast, as they do), and for batch norm's running statistics when
+    need_stats."""
     kind, groups, shape, flag, momentum, eps, act = p
     dt = x.dtype
     if type(eps) is not float or not 0.0 <= eps < _INF:
@@ -241,7 +242,8 @@ def _lean_checked(p, x, w, b, rm, rv, r):
     if kind == "group":
         if type(groups) is not int or groups < 1 or xs[1] % groups:
             return None
-        return _api._slab_forward_checked(x, groups, w, b, eps, _ACT_CODES[act])
+        y, mean, rstd = _api._slab_forward_checked(x, groups, w, b, eps, _ACT_CODES[act])
+        return y, None, mean, rstd
     if kind == "layer" or kind == "rms":
         if r is not None and (r.dtype != dt or r.shape != x.shape):
             return None
@@ -249,10 +251,35 @@ def _lean_checked(p, x, w, b, rm, rv, r):
     if kind == "instance":
         if not flag or rm is not None or rv is not None or math.prod(xs[2:]) <= 1:
             return None
-        return _api._slab_forward_checked(x, xs[1], w, b, eps, _ACT_CODES[act])
-    if flag or rm is None or rv is None or rm.shape != pshape or rv.shape != pshape:
+        y, mean, rstd = _api._slab_forward_checked(x, xs[1], w, b, eps, _ACT_CODES[act])
+        return y, None, mean, rstd
+    if (need_stats or flag or rm is None or rv is None or rm.shape != pshape
+            or rv.shape != pshape):
         return None
-    return _api._channel_eval_checked(x, rm, rv, w, b, eps, _ACT_CODES[act])
+    return _api._channel_eval_checked(x, rm, rv, w, b, eps, _ACT_CODES[act]), None, None, None
+
+
+def _checked_backward(p, dy, x, w, b, mean, rstd):
+    """(dx, dweight, dbias) from the checked entries, for a forward that went through
+    _checked_forward (so every argument but dy is known good); None when dy needs the
+    public function's checks."""
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        return None
+    kind, groups, shape, flag, momentum, eps, act = p
+    if kind == "layer" or kind == "rms":
+        return _api._row_backward_checked(dy, x, mean, rstd, len(shape), w, kind == "rms")
+    G = groups if kind == "group" else x.shape[1]
+    return _api._slab_backward_checked(dy, x, mean, rstd, G, w,
+                                       None if act is None else b, _ACT_CODES[act])
+
+
+def _lean_checked(p, x, w, b, rm, rv, r):
+    """The inference output (y, or (y, h) with a residual) from the checked entries, or
+    None (see _checked_forward)."""
+    res = _checked_forward(p, x, w, b, rm, rv, r, False)
+    if res is None:
+        return None
+    return res[0] if r is None else (res[0], res[1])
 
 
 def _lean_arrays(p, x, w, b, rm, rv, r):
@@ -450,7 +477,9 @@ class _ModuleFunction(torch.autograd.Function):
         else:
             w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
         r = None if residual is None else _input(residual, "residual")[0]
-        y, h, mean, rstd = _kernel_forward(p, x, w, b, rm, rv, r)
+        res = _checked_forward(p, x, w, b, rm, rv, r, True)
+        ctx.checked = res is not None
+        y, h, mean, rstd = _kernel_forward(p, x, w, b, rm, rv, r) if res is None else res
         ctx.stats = (mean, rstd)
         ctx.p = p
         ctx.w, ctx.b = w, b
@@ -486,8 +515,11 @@ class _ModuleFunction(torch.autograd.Function):
                 x_t = _residual_sum(*ctx.inputs)
             dx, dw, db = _composite_grads(ctx.p, dy, x_t, weight, bias, mean, rstd, need)
         else:
-            dx, dw, db = _kernel_backward(ctx.p, _input(dy, "grad_output")[0], ctx.x,
-                                          ctx.w, ctx.b, mean, rstd)
+            dyn = _input(dy, "grad_output")[0]
+            grads = (_checked_backward(ctx.p, dyn, ctx.x, ctx.w, ctx.b, mean, rstd)
+                     if ctx.checked else None)
+            dx, dw, db = (_kernel_backward(ctx.p, dyn, ctx.x, ctx.w, ctx.b, mean, rstd)
+                          if grads is None else grads)
             dx = _grad(dx, x_t, need[0])
             dw = _grad(dw, weight, need[1])
             db = _grad(db, bias, need[2])
