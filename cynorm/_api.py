@@ -609,3 +609,91 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
     row.backward(dy, x, dx, w, dw, None, None, rstd, R, K, 1)
     dw, = _param_grads((dw,), weight, x)
     return dx, dw
+
+
+# ---- checked entries: cynorm.torch's inference and autograd routes -------------------------
+# For a caller that has already made every check the public functions make: x (and dy) a
+# C-contiguous, aligned float32/float64 array; weight, bias (and residual) None or
+# C-contiguous arrays of x's dtype and the right shape; num_groups >= 1 dividing C; eps
+# a finite float >= 0; act a kernel code (_validate.ACTIVATIONS); running statistics
+# (C,) arrays; mean and rstd those the matching forward returned. Each allocates the
+# outputs and calls one kernel, nothing else.
+
+def _slab_forward_checked(x, G, w, b, eps, act):
+    """(y, mean, rstd) of group_norm (G groups; G = C: instance_norm with input
+    statistics)."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    HW = 1
+    for d in shape[2:]:
+        HW *= d
+    y = np.empty_like(x)
+    mean, rstd = _stats_pair((N, G))
+    slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, 0, act)
+    return y, mean, rstd
+
+
+def _slab_backward_checked(dy, x, mean, rstd, G, w, b, act):
+    """(dx, dweight, dbias) of _slab_forward_checked."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    HW = 1
+    for d in shape[2:]:
+        HW *= d
+    dx = np.empty_like(x)
+    dw = np.empty(C, dtype=x.dtype)
+    db = np.empty(C, dtype=x.dtype)
+    slab.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, G, act, b,
+                  _grad_buffer(act, dx, x))
+    return dx, dw, db
+
+
+def _channel_eval_checked(x, rm, rv, w, b, eps, act):
+    """y of batch_norm with training=False (running statistics of any float dtype)."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    HW = 1
+    for d in shape[2:]:
+        HW *= d
+    y = np.empty_like(x)
+    if N * HW:
+        channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64), None,
+                        np.ascontiguousarray(rv, dtype=np.float64), N, C, HW, eps, 0, 0,
+                        act=act)
+    return y
+
+
+def _row_shape(shape, n_dims):
+    cut = len(shape) - n_dims
+    K = 1
+    for d in shape[cut:]:
+        K *= d
+    R = 1
+    for d in shape[:cut]:
+        R *= d
+    return cut, R, K
+
+
+def _row_forward_checked(x, n_dims, w, b, eps, rms, res):
+    """(y, h, mean, rstd) of layer_norm (rms=0) or rms_norm (rms=1) over the trailing
+    n_dims dims; h (x + res) is None without a residual res."""
+    shape = x.shape
+    cut, R, K = _row_shape(shape, n_dims)
+    y = np.empty_like(x)
+    h = None if res is None else np.empty_like(x)
+    mean, rstd = _stats_pair(shape[:cut])
+    row.forward(x, y, w, b, mean, rstd, R, K, eps, 0, rms, residual=res, h=h)
+    return y, h, mean, rstd
+
+
+def _row_backward_checked(dy, x, mean, rstd, n_dims, w, rms):
+    """(dx, dweight, dbias) of _row_forward_checked (x: h with a residual; dbias None
+    for rms)."""
+    shape = x.shape
+    cut, R, K = _row_shape(shape, n_dims)
+    ns = shape[cut:]
+    dx = np.empty_like(x)
+    dw = np.empty(ns, dtype=x.dtype)
+    db = None if rms else np.empty(ns, dtype=x.dtype)
+    row.backward(dy, x, dx, w, dw, db, None if rms else mean, rstd, R, K, rms)
+    return dx, dw, db

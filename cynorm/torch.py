@@ -4,23 +4,31 @@ nn.Modules.
 Importing this module imports torch (`import cynorm` alone never does). It offers
 
 - functions with torch.nn.functional's signatures, differentiable through autograd:
-  `group_norm`, `instance_norm`, `batch_norm`, `layer_norm`, `rms_norm`;
+  `group_norm`, `instance_norm`, `batch_norm`, `layer_norm`, `rms_norm`, plus the fused
+  epilogues as keyword-only options: `activation=` (None, "silu", "gelu", "gelu_tanh",
+  "relu") on group_norm, instance_norm and batch_norm, `residual=` on layer_norm and
+  rms_norm (returns (y, h), h = input + residual, y = norm(h));
 - drop-in modules, subclasses of the torch modules of the same name (same constructor
   arguments, parameters, buffers and state_dict keys) whose forward runs cynorm:
-  `GroupNorm`, `InstanceNorm1d/2d/3d`, `BatchNorm1d/2d/3d`, `LayerNorm`, `RMSNorm`.
+  `GroupNorm`, `InstanceNorm1d/2d/3d`, `BatchNorm1d/2d/3d` (keyword-only `activation=`),
+  `LayerNorm`, `RMSNorm` (`layer(x, residual=r)` returns (y, h));
+- `convert(module)`: a model's torch.nn norms replaced by these, a norm directly
+  followed by nn.SiLU / nn.GELU / nn.ReLU in an nn.Sequential fused with it.
 
 Tensors must live on the CPU and be float32 or float64. Three routes, one set of kernels:
 
 - **Inference** (no input or parameter requires grad, or grad mode is off, or
   `torch.inference_mode()`): the kernel is called directly, without an autograd
-  Function; arguments are checked once, contiguous tensors are handed over without a
-  copy (`tensor.numpy()` shares memory) and the output is the kernel's array wrapped by
+  Function; the bridge checks the arguments once and calls the NumPy API's checked entry
+  points (no second check), contiguous tensors are handed over without a copy
+  (`tensor.numpy()` shares memory) and the output is the kernel's array wrapped by
   `torch.from_numpy` (no copy). The output has no grad_fn.
-- **Training**: a `torch.autograd.Function` (`GroupNormFunction`, ...) whose backward
-  runs cynorm's backward kernels. Double backward (`create_graph=True`, e.g. a gradient
-  penalty) is supported: when a graph of the backward is requested, the backward is
-  computed with torch operations from the same formulas, which autograd can
-  differentiate again.
+- **Training**: one `torch.autograd.Function` (`_ModuleFunction`; `GroupNormFunction`
+  and the other named Functions are thin wrappers of it) whose backward runs cynorm's
+  backward kernels. Double backward (`create_graph=True`, e.g. a gradient penalty) is
+  supported: when a graph of the backward is requested, the backward is computed with
+  torch operations from the same formulas (activation and residual included), which
+  autograd can differentiate again.
 - **torch.compile**: while compiling, the functions call the custom operators
   `torch.ops.cynorm.norm_forward` / `norm_backward` (registered with `torch.library`, with
   an autograd formula and a fake implementation), so the graph holds each norm as one
@@ -43,6 +51,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import numpy as np
 
 import cynorm
+from cynorm import _api
+from cynorm._validate import ACTIVATIONS as _ACT_CODES
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction",
@@ -50,20 +60,34 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "InstanceNormFunction",
     "LayerNorm", "LayerNormFunction",
     "RMSNorm", "RMSNormFunction", "SyncBatchNorm",
-    "batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm",
+    "batch_norm", "convert", "group_norm", "instance_norm", "layer_norm", "rms_norm",
 ]
 
 _F32, _F64 = torch.float32, torch.float64
 _Tensor = torch.Tensor
+_INF = float("inf")
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_from_numpy = torch.from_numpy
 # ops whose torch implementation keeps a channels_last input's layout in its output
 _KEEPS_FORMAT = ("group", "batch", "rms")
+_PER_CHANNEL = ("group", "instance", "batch")
 
 # An op call is described by one tuple, p = (kind, num_groups, normalized_shape, flag,
-# momentum, eps): kind is "group", "instance", "batch", "layer" or "rms"; flag is
-# use_input_stats (instance) or training (batch).
+# momentum, eps, activation): kind is "group", "instance", "batch", "layer" or "rms";
+# flag is use_input_stats (instance) or training (batch); activation is None or the
+# name of the fused activation (per-channel kinds only).
 
 
 # ---- argument checks (once per call) ---------------------------------------------------
+
+def _activation(v):
+    """activation checked: None, "silu", "gelu", "gelu_tanh" or "relu"."""
+    if v is None or (type(v) is str and v in _ACT_CODES):
+        return v
+    raise ValueError("activation must be None, 'silu', 'gelu', 'gelu_tanh' or 'relu', "
+                     f"got {v!r}")
+
 
 def _input(t, name="input"):
     """(ndarray, memory format): t's values as a C-contiguous NumPy array sharing t's
@@ -125,114 +149,229 @@ def _shape(normalized_shape):
                         f"{type(normalized_shape).__name__}") from None
 
 
-def _needs_grad(input, weight, bias):
+def _needs_grad(input, weight, bias, residual=None):
     """Whether autograd must record this call."""
-    if not torch.is_grad_enabled():
+    if not _grad_enabled():
         return False
     return (getattr(input, "requires_grad", False)
             or getattr(weight, "requires_grad", False)
-            or getattr(bias, "requires_grad", False))
+            or getattr(bias, "requires_grad", False)
+            or getattr(residual, "requires_grad", False))
 
 
 # ---- the kernels, on NumPy arrays ------------------------------------------------------
 
-def _kernel_forward(p, x, w, b, rm, rv):
-    """(y, mean, rstd) from cynorm's forward; mean is None for rms."""
-    kind, groups, shape, flag, momentum, eps = p
+def _kernel_forward(p, x, w, b, rm, rv, r=None):
+    """(y, h, mean, rstd) from cynorm's forward (the public API's checks included); h is
+    None without a residual, mean None for rms."""
+    kind, groups, shape, flag, momentum, eps, act = p
+    h = None
     if kind == "group":
-        return cynorm.group_norm(x, num_groups=groups, weight=w, bias=b, eps=eps,
-                                 return_stats=True)
-    if kind == "batch":
-        return cynorm.batch_norm(x, running_mean=rm, running_var=rv, weight=w, bias=b,
-                                 training=flag, momentum=momentum, eps=eps,
-                                 return_stats=True)
-    if kind == "layer":
-        return cynorm.layer_norm(x, normalized_shape=shape, weight=w, bias=b, eps=eps,
-                                 return_stats=True)
-    if kind == "rms":
-        y, rstd = cynorm.rms_norm(x, normalized_shape=shape, weight=w, eps=eps,
-                                  return_stats=True)
-        return y, None, rstd
-    # instance: cynorm.instance_norm has torch's semantics, running statistics included
-    if flag and x.ndim >= 2 and math.prod(x.shape[2:]) == 1:
-        raise ValueError("Expected more than 1 spatial element when training, "
-                         f"got input size {tuple(x.shape)}")
-    return cynorm.instance_norm(x, running_mean=rm, running_var=rv, weight=w, bias=b,
-                                use_input_stats=flag, momentum=momentum, eps=eps,
-                                return_stats=True)
+        y, mean, rstd = cynorm.group_norm(x, groups, w, b, eps, return_stats=True,
+                                          activation=act)
+    elif kind == "batch":
+        y, mean, rstd = cynorm.batch_norm(x, rm, rv, w, b, flag, momentum, eps,
+                                          return_stats=True, activation=act)
+    elif kind == "layer":
+        if r is None:
+            y, mean, rstd = cynorm.layer_norm(x, shape, w, b, eps, return_stats=True)
+        else:
+            y, h, mean, rstd = cynorm.layer_norm(x, shape, w, b, eps, return_stats=True,
+                                                 residual=r)
+    elif kind == "rms":
+        mean = None
+        if r is None:
+            y, rstd = cynorm.rms_norm(x, shape, w, eps, return_stats=True)
+        else:
+            y, h, rstd = cynorm.rms_norm(x, shape, w, eps, return_stats=True, residual=r)
+    else:  # instance: cynorm.instance_norm has torch's semantics, running stats included
+        if flag and x.ndim >= 2 and math.prod(x.shape[2:]) == 1:
+            raise ValueError("Expected more than 1 spatial element when training, "
+                             f"got input size {tuple(x.shape)}")
+        y, mean, rstd = cynorm.instance_norm(x, rm, rv, w, b, flag, momentum, eps,
+                                             return_stats=True, activation=act)
+    return y, h, mean, rstd
 
 
-def _kernel_backward(p, dy, x, w, mean, rstd):
-    """(dx, dweight, dbias) from cynorm's backward; dbias is None for rms."""
-    kind, groups, shape, flag, momentum, eps = p
+def _kernel_backward(p, dy, x, w, b, mean, rstd):
+    """(dx, dweight, dbias) from cynorm's backward; dbias is None for rms. x is h for a
+    residual call; b (the forward's bias) is needed only with an activation."""
+    kind, groups, shape, flag, momentum, eps, act = p
+    if act is None:
+        b = None
     if kind == "group":
-        return cynorm.group_norm_backward(dy, x, mean, rstd, num_groups=groups, weight=w)
+        return cynorm.group_norm_backward(dy, x, mean, rstd, groups, w, bias=b,
+                                          activation=act)
     if kind == "layer":
-        return cynorm.layer_norm_backward(dy, x, mean, rstd, normalized_shape=shape,
-                                          weight=w)
+        return cynorm.layer_norm_backward(dy, x, mean, rstd, shape, w)
     if kind == "rms":
-        dx, dw = cynorm.rms_norm_backward(dy, x, rstd, normalized_shape=shape, weight=w)
+        dx, dw = cynorm.rms_norm_backward(dy, x, rstd, shape, w)
         return dx, dw, None
     if kind == "instance":
-        return cynorm.instance_norm_backward(dy, x, mean, rstd, weight=w,
-                                             use_input_stats=flag)
-    return cynorm.batch_norm_backward(dy, x, mean, rstd, weight=w, training=flag)
+        return cynorm.instance_norm_backward(dy, x, mean, rstd, w, flag, bias=b,
+                                             activation=act)
+    return cynorm.batch_norm_backward(dy, x, mean, rstd, w, flag, bias=b, activation=act)
+
+
+def _checked_forward(p, x, w, b, rm, rv, r, need_stats):
+    """(y, h, mean, rstd) from the NumPy API's checked entries, for arguments the bridge
+    can check cheaply here (the common case: parameters of x's dtype and shape, a float
+    eps); None when the call must go through the public functions' checks (which raise
+    the errors, or cast, as they do), and for batch norm's running statistics when
+    need_stats."""
+    kind, groups, shape, flag, momentum, eps, act = p
+    dt = x.dtype
+    if type(eps) is not float or not 0.0 <= eps < _INF:
+        if not (eps is None and kind == "rms"):
+            return None
+        eps = float(np.finfo(dt).eps)
+    if kind in _PER_CHANNEL:
+        xs = x.shape
+        if len(xs) < 2:
+            return None
+        pshape = (xs[1],)
+    else:
+        nd = len(shape)
+        if not nd or x.shape[x.ndim - nd:] != shape:
+            return None
+        pshape = shape
+    if w is not None and (w.dtype != dt or w.shape != pshape):
+        return None
+    if b is not None and (b.dtype != dt or b.shape != pshape):
+        return None
+    if kind == "group":
+        if type(groups) is not int or groups < 1 or xs[1] % groups:
+            return None
+        y, mean, rstd = _api._slab_forward_checked(x, groups, w, b, eps, _ACT_CODES[act])
+        return y, None, mean, rstd
+    if kind == "layer" or kind == "rms":
+        if r is not None and (r.dtype != dt or r.shape != x.shape):
+            return None
+        return _api._row_forward_checked(x, nd, w, b, eps, kind == "rms", r)
+    if kind == "instance":
+        if not flag or rm is not None or rv is not None or math.prod(xs[2:]) <= 1:
+            return None
+        y, mean, rstd = _api._slab_forward_checked(x, xs[1], w, b, eps, _ACT_CODES[act])
+        return y, None, mean, rstd
+    if (need_stats or flag or rm is None or rv is None or rm.shape != pshape
+            or rv.shape != pshape):
+        return None
+    return _api._channel_eval_checked(x, rm, rv, w, b, eps, _ACT_CODES[act]), None, None, None
+
+
+def _checked_backward(p, dy, x, w, b, mean, rstd):
+    """(dx, dweight, dbias) from the checked entries, for a forward that went through
+    _checked_forward (so every argument but dy is known good); None when dy needs the
+    public function's checks."""
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        return None
+    kind, groups, shape, flag, momentum, eps, act = p
+    if kind == "layer" or kind == "rms":
+        return _api._row_backward_checked(dy, x, mean, rstd, len(shape), w, kind == "rms")
+    G = groups if kind == "group" else x.shape[1]
+    return _api._slab_backward_checked(dy, x, mean, rstd, G, w,
+                                       None if act is None else b, _ACT_CODES[act])
+
+
+def _lean_checked(p, x, w, b, rm, rv, r):
+    """The inference output (y, or (y, h) with a residual) from the checked entries, or
+    None (see _checked_forward)."""
+    res = _checked_forward(p, x, w, b, rm, rv, r, False)
+    if res is None:
+        return None
+    return res[0] if r is None else (res[0], res[1])
+
+
+def _lean_arrays(p, x, w, b, rm, rv, r):
+    """y (or (y, h) with a residual) of an inference call, as NumPy arrays."""
+    y = _lean_checked(p, x, w, b, rm, rv, r)
+    if y is None:
+        y, h, _, _ = _kernel_forward(p, x, w, b, rm, rv, r)
+        if r is not None:
+            return y, h
+    return y
 
 
 def _output(y, fmt, kind):
-    t = torch.from_numpy(y)
+    t = _from_numpy(y)
     if fmt is not None and kind in _KEEPS_FORMAT:
         return t.contiguous(memory_format=fmt)
     return t
 
 
-def _lean(p, input, weight, bias, running_mean, running_var):
-    """The inference route: no autograd record; the kernel's output array becomes the
-    output tensor (torch.from_numpy: about 0.6 us, where a torch.empty whose NumPy view the
-    kernel fills through out= costs about 2.5 us, measured on a (1, 32, 8, 8) call)."""
+def _lean_output(y, fmt, kind, residual):
+    if residual is None:
+        return _output(y, fmt, kind)
+    return _output(y[0], fmt, kind), _from_numpy(y[1])
+
+
+def _lean(p, input, weight, bias, running_mean, running_var, residual=None):
+    """The functions' inference route: no autograd record; the kernel's output array
+    becomes the output tensor (torch.from_numpy: about 0.6 us, where a torch.empty whose
+    NumPy view the kernel fills through out= costs about 2.5 us, measured on a
+    (1, 32, 8, 8) call)."""
     x, fmt = _input(input)
-    y = _kernel_forward(p, x, _param(weight, "weight"), _param(bias, "bias"),
-                        _running(running_mean, "running_mean"),
-                        _running(running_var, "running_var"))[0]
-    return _output(y, fmt, p[0])
+    r = None if residual is None else _input(residual, "residual")[0]
+    y = _lean_arrays(p, x, _param(weight, "weight"), _param(bias, "bias"),
+                     _running(running_mean, "running_mean"),
+                     _running(running_var, "running_var"), r)
+    return _lean_output(y, fmt, p[0], residual)
 
 
-def _module_view(views, name, t):
-    """A module tensor's NumPy view, kept between calls in the module's `views` dict.
-    Reused only while the module holds the same tensor object on the same memory with
-    the same shape and dtype (`.data =`, `.to()`, `load_state_dict` and in-place updates
-    are all seen); a non-contiguous tensor is not kept (its view is a copy)."""
-    if t is None:
-        return None
-    c = views.get(name)
-    if (c is not None and c[0] is t and c[1] == t.data_ptr() and c[2] == t.shape
-            and c[3] is t.dtype):
-        return c[4]
-    a = _running(t, name) if name[0] == "r" else _param(t, name)
-    ptr = t.data_ptr()
-    if a.__array_interface__["data"][0] == ptr:
-        views[name] = (t, ptr, t.shape, t.dtype, a)
-    return a
+def _module_views(module, weight, bias, running_mean, running_var):
+    """The NumPy views of a module's parameters and buffers, kept between calls on the
+    module (a Parameter's detach().numpy() costs about 1.5 us, the checks here a few
+    tenths). Reused only while the module holds the same tensor objects on the same
+    memory (`.data =`, `.to()`, `load_state_dict` and in-place updates are all seen;
+    each view holds its tensor's memory alive); not kept when a tensor is
+    non-contiguous (its view is a copy)."""
+    c = module.__dict__.get("_cynorm_views")
+    if (c is not None and c[0] is weight and c[1] is bias and c[2] is running_mean
+            and c[3] is running_var):
+        ptrs = c[4]
+        if ((weight is None or ptrs[0] == weight.data_ptr())
+                and (bias is None or ptrs[1] == bias.data_ptr())
+                and (running_mean is None or ptrs[2] == running_mean.data_ptr())
+                and (running_var is None or ptrs[3] == running_var.data_ptr())):
+            return c[5]
+    tensors = (weight, bias, running_mean, running_var)
+    arrays = (_param(weight, "weight"), _param(bias, "bias"),
+              _running(running_mean, "running_mean"), _running(running_var, "running_var"))
+    ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
+    if all(a is None or a.__array_interface__["data"][0] == q
+           for a, q in zip(arrays, ptrs)):
+        module.__dict__["_cynorm_views"] = tensors + (ptrs, arrays)
+    return arrays
 
 
-def _module_call(module, p, input, weight, bias, running_mean, running_var):
+def _module_call(module, p, input, weight, bias, running_mean, running_var,
+                 residual=None):
     """A module's eager call: the inference route, or _ModuleFunction when autograd must
-    record it. The parameters' and buffers' NumPy views come from a cache kept on the
-    module (a Parameter's detach().numpy() costs about 1.5 us, the cache's checks
-    0.3 us)."""
-    try:
-        views = module._cynorm_views
-    except AttributeError:
-        views = module.__dict__["_cynorm_views"] = {}
-    if _needs_grad(input, weight, bias):
-        return _ModuleFunction.apply(p, views, input, weight, bias, running_mean,
-                                     running_var)
-    x, fmt = _input(input)
-    y = _kernel_forward(p, x, _module_view(views, "weight", weight),
-                        _module_view(views, "bias", bias),
-                        _module_view(views, "running_mean", running_mean),
-                        _module_view(views, "running_var", running_var))[0]
-    return _output(y, fmt, p[0])
+    record it. The parameters' and buffers' NumPy views come from the module's cache."""
+    if _grad_enabled() and (getattr(input, "requires_grad", False)
+                            or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)
+                            or getattr(residual, "requires_grad", False)):
+        return _ModuleFunction.apply(p, module, input, weight, bias, running_mean,
+                                     running_var, residual)
+    x = None
+    if (type(input) is _Tensor and not input.requires_grad and input.is_contiguous()
+            and input.is_cpu):
+        dt = input.dtype
+        if dt is _F32 or dt is _F64:
+            try:
+                x, fmt = input.numpy(), None
+            except RuntimeError:  # a negative view: _input resolves it
+                pass
+    if x is None:
+        x, fmt = _input(input)
+    w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
+    if residual is None and fmt is None:
+        y = _lean_checked(p, x, w, b, rm, rv, None)
+        if y is not None:
+            return _from_numpy(y)
+    r = None if residual is None else _input(residual, "residual")[0]
+    return _lean_output(_lean_arrays(p, x, w, b, rm, rv, r), fmt, p[0], residual)
 
 
 class _ViewCache:
@@ -246,12 +385,25 @@ class _ViewCache:
 
 # ---- the same maths in torch operations (differentiable twice) -------------------------
 
+def _torch_activation(act, y):
+    if act == "silu":
+        return torch.nn.functional.silu(y)
+    if act == "gelu":
+        return torch.nn.functional.gelu(y)
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    if act == "relu":
+        return torch.nn.functional.relu(y)
+    return y
+
+
 def _composite(p, x, w, b, mean, rstd):
     """y from x, w, b in torch operations, for a backward that must itself be
-    differentiable. mean and rstd (float64, NumPy or torch) are used only where the
-    statistics are constants (batch norm in eval, instance norm with running stats)."""
-    kind, groups, shape, flag, momentum, eps = p
-    per_channel = kind in ("group", "instance", "batch")
+    differentiable (x is h for a residual call). mean and rstd (float64, NumPy or torch)
+    are used only where the statistics are constants (batch norm in eval, instance norm
+    with running stats)."""
+    kind, groups, shape, flag, momentum, eps, act = p
+    per_channel = kind in _PER_CHANNEL
     if kind == "group" or (kind == "instance" and flag):
         N, C = x.shape[0], x.shape[1]
         G = groups if kind == "group" else C
@@ -286,7 +438,7 @@ def _composite(p, x, w, b, mean, rstd):
             y = y * w
         if b is not None:
             y = y + b
-    return y
+    return _torch_activation(act, y)
 
 
 def _composite_grads(p, dy, x, w, b, mean, rstd, need):
@@ -300,148 +452,161 @@ def _composite_grads(p, dy, x, w, b, mean, rstd, need):
                  for t, n in zip((x, w, b), need))
 
 
-# ---- autograd Functions ----------------------------------------------------------------
+# ---- the autograd Function -------------------------------------------------------------
 
 def _grad(a, like, needed):
     """A NumPy gradient as a tensor of `like`'s dtype, or None when not needed."""
     if not needed or like is None or a is None:
         return None
-    g = torch.from_numpy(a)
+    g = _from_numpy(a)
     return g if g.dtype == like.dtype else g.to(like.dtype)
 
 
-def _function_forward(ctx, p, input, weight, bias, running_mean, running_var, views=None):
-    """The autograd route's forward; views: a module's cache of NumPy views, or None."""
-    x, fmt = _input(input)
-    if views is None:
-        w, b = _param(weight, "weight"), _param(bias, "bias")
-        rm = _running(running_mean, "running_mean")
-        rv = _running(running_var, "running_var")
-    else:
-        w, b = _module_view(views, "weight", weight), _module_view(views, "bias", bias)
-        rm = _module_view(views, "running_mean", running_mean)
-        rv = _module_view(views, "running_var", running_var)
-    y, mean, rstd = _kernel_forward(p, x, w, b, rm, rv)
-    # the tensors themselves are saved (torch then detects an in-place change before the
-    # backward, and a double backward differentiates through them); x and w are the
-    # kernel's views of the same memory
-    ctx.save_for_backward(input, weight, bias)
-    ctx.x, ctx.w = x, w
-    ctx.stats = (mean, rstd)
-    ctx.p = p
-    return _output(y, fmt, p[0])
-
-
-def _function_backward(ctx, dy, need):
-    """Gradients of (input, weight, bias); need: which of them are wanted."""
-    input, weight, bias = ctx.saved_tensors
-    mean, rstd = ctx.stats
-    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
-        return _composite_grads(ctx.p, dy, input, weight, bias, mean, rstd, need)
-    dx, dw, db = _kernel_backward(ctx.p, _input(dy, "grad_output")[0], ctx.x, ctx.w,
-                                  mean, rstd)
-    return _grad(dx, input, need[0]), _grad(dw, weight, need[1]), _grad(db, weight, need[2])
-
-
 class _ModuleFunction(torch.autograd.Function):
-    """The modules' autograd route: apply(p, views, input, weight, bias, running_mean,
-    running_var), the parameters' NumPy views taken from the module's cache."""
+    """The autograd route of every function and module: apply(p, module, input, weight,
+    bias, running_mean, running_var, residual); module: the module whose cached NumPy
+    views to use, or None. Returns y, or (y, h) with a residual."""
 
     @staticmethod
-    def forward(ctx, p, views, input, weight, bias, running_mean, running_var):
-        return _function_forward(ctx, p, input, weight, bias, running_mean, running_var,
-                                 views)
+    def forward(ctx, p, module, input, weight, bias, running_mean, running_var, residual):
+        x, fmt = _input(input)
+        if module is None:
+            w, b = _param(weight, "weight"), _param(bias, "bias")
+            rm = _running(running_mean, "running_mean")
+            rv = _running(running_var, "running_var")
+        else:
+            w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
+        r = None if residual is None else _input(residual, "residual")[0]
+        res = _checked_forward(p, x, w, b, rm, rv, r, True)
+        ctx.checked = res is not None
+        y, h, mean, rstd = _kernel_forward(p, x, w, b, rm, rv, r) if res is None else res
+        ctx.stats = (mean, rstd)
+        ctx.p = p
+        ctx.w, ctx.b = w, b
+        ctx.residual = h is not None
+        out = _output(y, fmt, p[0])
+        if h is None:
+            # the tensors themselves are saved (torch then detects an in-place change
+            # before the backward, and a double backward differentiates through them); x
+            # and w are the kernel's views of the same memory
+            ctx.save_for_backward(input, weight, bias)
+            ctx.x = x
+            return out
+        # a residual call: the backward needs h (an output, saved as such), not input
+        # or residual
+        ht = _from_numpy(h)
+        ctx.save_for_backward(ht, weight, bias)
+        ctx.x = h
+        # a double backward rebuilds h = input + residual in torch operations (autograd
+        # cannot differentiate through the saved h, an output of this very node); the
+        # versions tell whether they were changed in place since
+        ctx.inputs = (input, residual, input._version, residual._version)
+        return out, ht
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dh=None):
         n = ctx.needs_input_grad
-        dx, dw, db = _function_backward(ctx, dy, (n[2], n[3], n[4]))
-        return None, None, dx, dw, db, None, None
+        x_t, weight, bias = ctx.saved_tensors
+        residual = ctx.residual
+        need = (n[2] or (residual and n[7]), n[3], n[4])
+        mean, rstd = ctx.stats
+        if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            if residual:
+                x_t = _residual_sum(*ctx.inputs)
+            dx, dw, db = _composite_grads(ctx.p, dy, x_t, weight, bias, mean, rstd, need)
+        else:
+            dyn = _input(dy, "grad_output")[0]
+            grads = (_checked_backward(ctx.p, dyn, ctx.x, ctx.w, ctx.b, mean, rstd)
+                     if ctx.checked else None)
+            dx, dw, db = (_kernel_backward(ctx.p, dyn, ctx.x, ctx.w, ctx.b, mean, rstd)
+                          if grads is None else grads)
+            dx = _grad(dx, x_t, need[0])
+            dw = _grad(dw, weight, need[1])
+            db = _grad(db, bias, need[2])
+        if not residual:
+            return None, None, dx, dw, db, None, None, None
+        # the gradient of h (through y, plus what reached h directly) is that of input
+        # and of residual alike
+        if dx is not None and dh is not None:
+            dx = dx + dh
+        gr = (dx.clone() if n[2] else dx) if n[7] else None
+        return None, None, dx if n[2] else None, dw, db, None, None, gr
 
 
-class GroupNormFunction(torch.autograd.Function):
-    """apply(input, num_groups, weight, bias, eps)"""
-
-    @staticmethod
-    def forward(ctx, input, num_groups, weight, bias, eps):
-        return _function_forward(ctx, ("group", num_groups, None, True, 0.0, eps),
-                                 input, weight, bias, None, None)
-
-    @staticmethod
-    def backward(ctx, dy):
-        n = ctx.needs_input_grad
-        dx, dw, db = _function_backward(ctx, dy, (n[0], n[2], n[3]))
-        return dx, None, dw, db, None
+def _residual_sum(input, residual, input_version, residual_version):
+    """h = input + residual as a graph of torch operations, for a double backward."""
+    if input._version != input_version or residual._version != residual_version:
+        raise RuntimeError("cynorm.torch: input or residual of a residual norm was "
+                           "modified in place after the forward; its double backward "
+                           "(create_graph=True) needs their values")
+    with torch.enable_grad():
+        return input + residual
 
 
-class InstanceNormFunction(torch.autograd.Function):
+def _apply(p, input, weight, bias, running_mean, running_var, residual=None):
+    return _ModuleFunction.apply(p, None, input, weight, bias, running_mean, running_var,
+                                 residual)
+
+
+class GroupNormFunction(_ModuleFunction):
+    """apply(input, num_groups, weight, bias, eps, activation=None): the autograd route
+    of group_norm."""
+
+    @classmethod
+    def apply(cls, input, num_groups, weight, bias, eps, activation=None):
+        p = ("group", num_groups, None, True, 0.0, eps, _activation(activation))
+        return super().apply(p, None, input, weight, bias, None, None, None)
+
+
+class InstanceNormFunction(_ModuleFunction):
     """apply(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
-    eps), as torch.nn.functional.instance_norm.
+    eps, activation=None), as torch.nn.functional.instance_norm.
 
     With input statistics, given running buffers are updated in place with the mean over
     the batch of each instance's mean and unbiased variance (what torch does). Without
     (eval with tracked statistics), every instance is normalised with the running
     statistics, which is batch_norm in eval mode."""
 
-    @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, use_input_stats,
-                momentum, eps):
-        p = ("instance", 0, None, bool(use_input_stats), momentum, eps)
-        return _function_forward(ctx, p, input, weight, bias, running_mean, running_var)
-
-    @staticmethod
-    def backward(ctx, dy):
-        n = ctx.needs_input_grad
-        dx, dw, db = _function_backward(ctx, dy, (n[0], n[3], n[4]))
-        return dx, None, None, dw, db, None, None, None
+    @classmethod
+    def apply(cls, input, running_mean, running_var, weight, bias, use_input_stats,
+              momentum, eps, activation=None):
+        p = ("instance", 0, None, bool(use_input_stats), momentum, eps,
+             _activation(activation))
+        return super().apply(p, None, input, weight, bias, running_mean, running_var,
+                             None)
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """apply(input, running_mean, running_var, weight, bias, training, momentum, eps), as
-    torch.nn.functional.batch_norm (running buffers updated in place when training)."""
+class BatchNormFunction(_ModuleFunction):
+    """apply(input, running_mean, running_var, weight, bias, training, momentum, eps,
+    activation=None), as torch.nn.functional.batch_norm (running buffers updated in place
+    when training)."""
 
-    @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, training, momentum,
-                eps):
-        p = ("batch", 0, None, bool(training), momentum, eps)
-        return _function_forward(ctx, p, input, weight, bias, running_mean, running_var)
-
-    @staticmethod
-    def backward(ctx, dy):
-        n = ctx.needs_input_grad
-        dx, dw, db = _function_backward(ctx, dy, (n[0], n[3], n[4]))
-        return dx, None, None, dw, db, None, None, None
+    @classmethod
+    def apply(cls, input, running_mean, running_var, weight, bias, training, momentum, eps,
+              activation=None):
+        p = ("batch", 0, None, bool(training), momentum, eps, _activation(activation))
+        return super().apply(p, None, input, weight, bias, running_mean, running_var,
+                             None)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """apply(input, normalized_shape, weight, bias, eps)"""
+class LayerNormFunction(_ModuleFunction):
+    """apply(input, normalized_shape, weight, bias, eps, residual=None): y, or (y, h)
+    with a residual."""
 
-    @staticmethod
-    def forward(ctx, input, normalized_shape, weight, bias, eps):
-        p = ("layer", 0, _shape(normalized_shape), True, 0.0, eps)
-        return _function_forward(ctx, p, input, weight, bias, None, None)
-
-    @staticmethod
-    def backward(ctx, dy):
-        n = ctx.needs_input_grad
-        dx, dw, db = _function_backward(ctx, dy, (n[0], n[2], n[3]))
-        return dx, None, dw, db, None
+    @classmethod
+    def apply(cls, input, normalized_shape, weight, bias, eps, residual=None):
+        p = ("layer", 0, _shape(normalized_shape), True, 0.0, eps, None)
+        return super().apply(p, None, input, weight, bias, None, None, residual)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """apply(input, normalized_shape, weight, eps); eps=None: machine epsilon of the
-    input's dtype, as torch.nn.functional.rms_norm."""
+class RMSNormFunction(_ModuleFunction):
+    """apply(input, normalized_shape, weight, eps, residual=None); eps=None: machine
+    epsilon of the input's dtype, as torch.nn.functional.rms_norm."""
 
-    @staticmethod
-    def forward(ctx, input, normalized_shape, weight, eps):
-        p = ("rms", 0, _shape(normalized_shape), True, 0.0, eps)
-        return _function_forward(ctx, p, input, weight, None, None, None)
-
-    @staticmethod
-    def backward(ctx, dy):
-        n = ctx.needs_input_grad
-        dx, dw, _ = _function_backward(ctx, dy, (n[0], n[2], False))
-        return dx, None, dw, None
+    @classmethod
+    def apply(cls, input, normalized_shape, weight, eps, residual=None):
+        p = ("rms", 0, _shape(normalized_shape), True, 0.0, eps, None)
+        return super().apply(p, None, input, weight, None, None, None, residual)
 
 
 # ---- custom operators for torch.compile ------------------------------------------------
@@ -467,92 +632,112 @@ def _param_shape(kind, shape, normalized_shape):
 @torch.library.custom_op("cynorm::norm_forward", mutates_args=())
 def _op_forward(kind: str, input: torch.Tensor, weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], num_groups: int,
-                normalized_shape: List[int], flag: bool, momentum: float,
-                eps: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = (kind, num_groups, tuple(normalized_shape), flag, momentum, eps)
-    x = _input(input)[0]
-    y, mean, rstd = _kernel_forward(p, x, _param(weight, "weight"), _param(bias, "bias"),
-                                    _running(running_mean, "running_mean"),
-                                    _running(running_var, "running_var"))
+                running_var: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                num_groups: int, normalized_shape: List[int], flag: bool, momentum: float,
+                eps: Optional[float], activation: Optional[str]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd); h is empty without a residual, mean for rms."""
+    p = (kind, num_groups, tuple(normalized_shape), flag, momentum, eps, activation)
+    y, h, mean, rstd = _kernel_forward(
+        p, _input(input)[0], _param(weight, "weight"), _param(bias, "bias"),
+        _running(running_mean, "running_mean"), _running(running_var, "running_var"),
+        None if residual is None else _input(residual, "residual")[0])
     if mean is None:
         mean = np.empty(0)
-    return torch.from_numpy(y), torch.from_numpy(mean), torch.from_numpy(rstd)
+    if h is None:
+        h = np.empty(0, dtype=y.dtype)
+    return _from_numpy(y), _from_numpy(h), _from_numpy(mean), _from_numpy(rstd)
 
 
 @_op_forward.register_fake
-def _op_forward_fake(kind, input, weight, bias, running_mean, running_var, num_groups,
-                     normalized_shape, flag, momentum, eps):
+def _op_forward_fake(kind, input, weight, bias, running_mean, running_var, residual,
+                     num_groups, normalized_shape, flag, momentum, eps, activation):
     stats = _stats_shape(kind, input.shape, num_groups, normalized_shape, flag)
     return (input.new_empty(input.shape),
+            input.new_empty((0,) if residual is None else input.shape),
             input.new_empty((0,) if kind == "rms" else stats, dtype=_F64),
             input.new_empty(stats, dtype=_F64))
 
 
 @torch.library.custom_op("cynorm::norm_backward", mutates_args=())
 def _op_backward(kind: str, grad_output: torch.Tensor, input: torch.Tensor,
-                 weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                 num_groups: int, normalized_shape: List[int], flag: bool,
-                 eps: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = (kind, num_groups, tuple(normalized_shape), flag, 0.0, eps)
+                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                 normalized_shape: List[int], flag: bool, eps: Optional[float],
+                 activation: Optional[str]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = (kind, num_groups, tuple(normalized_shape), flag, 0.0, eps, activation)
     dx, dw, db = _kernel_backward(p, _input(grad_output, "grad_output")[0],
                                   _input(input)[0], _param(weight, "weight"),
-                                  mean.numpy(), rstd.numpy())
+                                  _param(bias, "bias"), mean.numpy(), rstd.numpy())
     if db is None:
         db = np.empty(0, dtype=dx.dtype)
-    return torch.from_numpy(dx), torch.from_numpy(dw), torch.from_numpy(db)
+    return _from_numpy(dx), _from_numpy(dw), _from_numpy(db)
 
 
 @_op_backward.register_fake
-def _op_backward_fake(kind, grad_output, input, weight, mean, rstd, num_groups,
-                      normalized_shape, flag, eps):
+def _op_backward_fake(kind, grad_output, input, weight, bias, mean, rstd, num_groups,
+                      normalized_shape, flag, eps, activation):
     pshape = _param_shape(kind, input.shape, normalized_shape)
     return (input.new_empty(input.shape), input.new_empty(pshape),
             input.new_empty((0,) if kind == "rms" else pshape))
 
 
 def _op_setup_context(ctx, inputs, output):
-    (kind, input, weight, bias, _, _, num_groups, normalized_shape, flag, momentum,
-     eps) = inputs
-    ctx.save_for_backward(input, weight, bias, output[1], output[2])
-    ctx.p = (kind, num_groups, tuple(normalized_shape), flag, momentum, eps)
+    (kind, input, weight, bias, _, _, residual, num_groups, normalized_shape, flag,
+     momentum, eps, activation) = inputs
+    # the normalised tensor: h = input + residual (an output) or the input
+    ctx.save_for_backward(input if residual is None else output[1], weight, bias,
+                          output[2], output[3], input, residual)
+    ctx.residual = residual is not None
+    ctx.p = (kind, num_groups, tuple(normalized_shape), flag, momentum, eps, activation)
 
 
-def _op_autograd(ctx, dy, _dmean, _drstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
+def _op_autograd(ctx, dy, dh, _dmean, _drstd):
+    x, weight, bias, mean, rstd, input, residual = ctx.saved_tensors
     n = ctx.needs_input_grad
-    need = (n[1], n[2], n[3])
+    need = (n[1] or n[6], n[2], n[3])
     p = ctx.p
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (dy, input, weight, bias)):
-        dx, dw, db = _composite_grads(p, dy, input, weight, bias, mean, rstd, need)
+                                       for t in (dy, x, weight, bias)):
+        if ctx.residual:  # h rebuilt in torch operations (see _ModuleFunction.forward)
+            with torch.enable_grad():
+                x = input + residual
+        dx, dw, db = _composite_grads(p, dy, x, weight, bias, mean, rstd, need)
     else:
-        dx, dw, db = torch.ops.cynorm.norm_backward(p[0], dy, input, weight, mean, rstd,
-                                                    p[1], list(p[2]), p[3], p[5])
+        dx, dw, db = torch.ops.cynorm.norm_backward(p[0], dy, x, weight, bias, mean, rstd,
+                                                    p[1], list(p[2]), p[3], p[5], p[6])
         dx = dx if need[0] else None
         dw = dw.to(weight.dtype) if need[1] else None
         db = db.to(bias.dtype) if need[2] else None
-    return None, dx, dw, db, None, None, None, None, None, None, None
+    gr = None
+    if ctx.residual:
+        if dx is not None and dh is not None:
+            dx = dx + dh
+        gr = (dx.clone() if n[1] else dx) if n[6] else None
+        dx = dx if n[1] else None
+    return None, dx, dw, db, None, None, gr, None, None, None, None, None, None
 
 
 _op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 
-def _compiled(p, input, weight, bias, running_mean, running_var):
-    kind, groups, shape, flag, momentum, eps = p
+def _compiled(p, input, weight, bias, running_mean, running_var, residual=None):
+    kind, groups, shape, flag, momentum, eps, act = p
     fmt = _format(input) if kind in _KEEPS_FORMAT else None
     # an operator with an autograd formula must not mutate its inputs: the running
     # statistics are updated next to it, in torch operations the compiler traces
     update = flag and kind in ("batch", "instance") and (running_mean is not None
                                                          or running_var is not None)
-    y, mean, rstd = torch.ops.cynorm.norm_forward(
+    y, h, mean, rstd = torch.ops.cynorm.norm_forward(
         kind, input, weight, bias, None if update else running_mean,
-        None if update else running_var, int(groups), list(shape or ()), bool(flag),
-        float(momentum), eps)
+        None if update else running_var, residual, int(groups), list(shape or ()),
+        bool(flag), float(momentum), eps, act)
     if update:
         _update_running(kind, input.shape, mean.detach(), rstd.detach(), running_mean,
                         running_var, float(momentum), eps)
-    return y if fmt is None else y.contiguous(memory_format=fmt)
+    y = y if fmt is None else y.contiguous(memory_format=fmt)
+    return y if residual is None else (y, h)
 
 
 def _update_running(kind, shape, mean, rstd, running_mean, running_var, momentum, eps):
@@ -573,73 +758,86 @@ def _update_running(kind, shape, mean, rstd, running_mean, running_var, momentum
 
 # ---- functional API, with torch.nn.functional's signatures -----------------------------
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    if torch.compiler.is_compiling():
-        return _compiled(("group", num_groups, None, True, 0.0, eps),
-                         input, weight, bias, None, None)
-    if _needs_grad(input, weight, bias):
-        return GroupNormFunction.apply(input, num_groups, weight, bias, eps)
-    return _lean(("group", num_groups, None, True, 0.0, eps), input, weight, bias,
-                 None, None)
+def _call(p, input, weight, bias, running_mean, running_var, residual=None):
+    if _is_compiling():
+        return _compiled(p, input, weight, bias, running_mean, running_var, residual)
+    if _needs_grad(input, weight, bias, residual):
+        return _apply(p, input, weight, bias, running_mean, running_var, residual)
+    return _lean(p, input, weight, bias, running_mean, running_var, residual)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None):
+    """torch.nn.functional.group_norm on cynorm; activation: None, "silu", "gelu",
+    "gelu_tanh" or "relu", applied in the same pass (F.silu(F.group_norm(...)) etc.)."""
+    return _call(("group", num_groups, None, True, 0.0, eps, _activation(activation)),
+                 input, weight, bias, None, None)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5):
-    p = ("instance", 0, None, bool(use_input_stats), momentum, eps)
-    if torch.compiler.is_compiling():
-        return _compiled(p, input, weight, bias, running_mean, running_var)
-    if _needs_grad(input, weight, bias):
-        return InstanceNormFunction.apply(input, running_mean, running_var, weight, bias,
-                                          use_input_stats, momentum, eps)
-    return _lean(p, input, weight, bias, running_mean, running_var)
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, activation=None):
+    """torch.nn.functional.instance_norm on cynorm; activation as in group_norm."""
+    p = ("instance", 0, None, bool(use_input_stats), momentum, eps, _activation(activation))
+    return _call(p, input, weight, bias, running_mean, running_var)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
-    p = ("batch", 0, None, bool(training), momentum, eps)
-    if torch.compiler.is_compiling():
-        return _compiled(p, input, weight, bias, running_mean, running_var)
-    if _needs_grad(input, weight, bias):
-        return BatchNormFunction.apply(input, running_mean, running_var, weight, bias,
-                                       training, momentum, eps)
-    return _lean(p, input, weight, bias, running_mean, running_var)
+               momentum=0.1, eps=1e-5, *, activation=None):
+    """torch.nn.functional.batch_norm on cynorm; activation as in group_norm."""
+    p = ("batch", 0, None, bool(training), momentum, eps, _activation(activation))
+    return _call(p, input, weight, bias, running_mean, running_var)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    p = ("layer", 0, _shape(normalized_shape), True, 0.0, eps)
-    if torch.compiler.is_compiling():
-        return _compiled(p, input, weight, bias, None, None)
-    if _needs_grad(input, weight, bias):
-        return LayerNormFunction.apply(input, p[2], weight, bias, eps)
-    return _lean(p, input, weight, bias, None, None)
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+               residual=None):
+    """torch.nn.functional.layer_norm on cynorm. residual (a tensor of input's shape and
+    dtype): returns (y, h), h = input + residual and y its layer_norm, the add fused
+    into the same pass; gradients of h reach both input and residual."""
+    p = ("layer", 0, _shape(normalized_shape), True, 0.0, eps, None)
+    return _call(p, input, weight, bias, None, None, residual)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
-    p = ("rms", 0, _shape(normalized_shape), True, 0.0, eps)
-    if torch.compiler.is_compiling():
-        return _compiled(p, input, weight, None, None, None)
-    if _needs_grad(input, weight, None):
-        return RMSNormFunction.apply(input, p[2], weight, eps)
-    return _lean(p, input, weight, None, None, None)
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
+    """torch.nn.functional.rms_norm on cynorm; residual as in layer_norm."""
+    p = ("rms", 0, _shape(normalized_shape), True, 0.0, eps, None)
+    return _call(p, input, weight, None, None, None, residual)
 
 
 # ---- modules: torch's own classes with a cynorm forward --------------------------------
 
-class GroupNorm(_ViewCache, torch.nn.GroupNorm):
-    """torch.nn.GroupNorm computed by cynorm."""
+class _Activated(_ViewCache):
+    """The activation epilogue of the per-channel modules: `activation` (keyword-only in
+    the constructor, an attribute that convert() and users may set), shown in repr."""
+
+    activation = None  # modules unpickled from before the option existed
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation = _activation(activation)
+
+    def extra_repr(self):
+        base = super().extra_repr()
+        a = self.activation
+        return base if a is None else f"{base}, activation={a!r}"
+
+
+class GroupNorm(_Activated, torch.nn.GroupNorm):
+    """torch.nn.GroupNorm computed by cynorm; activation=None|"silu"|"gelu"|"gelu_tanh"|
+    "relu" (keyword-only) is applied in the same pass."""
 
     def forward(self, input):
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"expected input of shape (N, {self.num_channels}, *), got "
                              f"{tuple(input.shape)}")
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if torch.compiler.is_compiling():
-            return group_norm(input, self.num_groups, weight, bias, self.eps)
-        return _module_call(self, ("group", self.num_groups, None, True, 0.0, self.eps),
-                            input, weight, bias, None, None)
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        p = ("group", self.num_groups, None, True, 0.0, self.eps,
+             _activation(self.activation))
+        if _is_compiling():
+            return _compiled(p, input, weight, bias, None, None)
+        return _module_call(self, p, input, weight, bias, None, None)
 
 
-class _BatchNorm(_ViewCache):
+class _BatchNorm(_Activated):
     """forward of torch.nn.modules.batchnorm._BatchNorm, computed by cynorm; the flags
     torch lets users change after construction (track_running_stats, momentum=None for a
     cumulative average, weight/bias set to None) behave as in torch."""
@@ -652,32 +850,34 @@ class _BatchNorm(_ViewCache):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
-        running_mean = self._buffers["running_mean"]
-        running_var = self._buffers["running_var"]
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if torch.compiler.is_compiling():
-            return batch_norm(input, running_mean, running_var, weight, bias,
-                              use_batch_stats, factor, self.eps)
-        return _module_call(self, ("batch", 0, None, use_batch_stats, factor, self.eps),
-                            input, weight, bias, running_mean, running_var)
+        params = self._parameters
+        p = ("batch", 0, None, use_batch_stats, factor, self.eps,
+             _activation(self.activation))
+        if _is_compiling():
+            return _compiled(p, input, params["weight"], params["bias"], running_mean,
+                             running_var)
+        return _module_call(self, p, input, params["weight"], params["bias"],
+                            running_mean, running_var)
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
-    """torch.nn.BatchNorm1d computed by cynorm."""
+    """torch.nn.BatchNorm1d computed by cynorm (activation= as in GroupNorm)."""
 
 
 class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
-    """torch.nn.BatchNorm2d computed by cynorm."""
+    """torch.nn.BatchNorm2d computed by cynorm (activation= as in GroupNorm)."""
 
 
 class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
-    """torch.nn.BatchNorm3d computed by cynorm."""
+    """torch.nn.BatchNorm3d computed by cynorm (activation= as in GroupNorm)."""
 
 
-class _InstanceNorm(_ViewCache):
+class _InstanceNorm(_Activated):
     """forward of torch.nn.modules.instancenorm._InstanceNorm, computed by cynorm
     (unbatched input accepted, as torch does)."""
 
@@ -696,47 +896,128 @@ class _InstanceNorm(_ViewCache):
         momentum = self.momentum if self.momentum is not None else 0.0
         running_mean = self._buffers["running_mean"]
         running_var = self._buffers["running_var"]
-        if torch.compiler.is_compiling():
-            y = instance_norm(input, running_mean, running_var, weight, bias,
-                              use_input_stats, momentum, self.eps)
+        p = ("instance", 0, None, use_input_stats, momentum, self.eps,
+             _activation(self.activation))
+        if _is_compiling():
+            y = _compiled(p, input, weight, bias, running_mean, running_var)
         else:
-            p = ("instance", 0, None, use_input_stats, momentum, self.eps)
             y = _module_call(self, p, input, weight, bias, running_mean, running_var)
         return y.squeeze(0) if unbatched else y
 
 
 class InstanceNorm1d(_InstanceNorm, torch.nn.InstanceNorm1d):
-    """torch.nn.InstanceNorm1d computed by cynorm."""
+    """torch.nn.InstanceNorm1d computed by cynorm (activation= as in GroupNorm)."""
 
 
 class InstanceNorm2d(_InstanceNorm, torch.nn.InstanceNorm2d):
-    """torch.nn.InstanceNorm2d computed by cynorm."""
+    """torch.nn.InstanceNorm2d computed by cynorm (activation= as in GroupNorm)."""
 
 
 class InstanceNorm3d(_InstanceNorm, torch.nn.InstanceNorm3d):
-    """torch.nn.InstanceNorm3d computed by cynorm."""
+    """torch.nn.InstanceNorm3d computed by cynorm (activation= as in GroupNorm)."""
 
 
 class LayerNorm(_ViewCache, torch.nn.LayerNorm):
-    """torch.nn.LayerNorm computed by cynorm."""
+    """torch.nn.LayerNorm computed by cynorm; module(x, residual=r) returns (y, h),
+    h = x + r, y = LayerNorm(h), the add fused into the normalization's pass."""
 
-    def forward(self, input):
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if torch.compiler.is_compiling():
-            return layer_norm(input, self.normalized_shape, weight, bias, self.eps)
-        return _module_call(self, ("layer", 0, _shape(self.normalized_shape), True, 0.0,
-                                   self.eps), input, weight, bias, None, None)
+    def forward(self, input, residual=None):
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        ns = self.normalized_shape
+        p = ("layer", 0, ns if type(ns) is tuple else _shape(ns), True, 0.0, self.eps, None)
+        if _is_compiling():
+            return _compiled(p, input, weight, bias, None, None, residual)
+        return _module_call(self, p, input, weight, bias, None, None, residual)
 
 
 class RMSNorm(_ViewCache, torch.nn.RMSNorm):
-    """torch.nn.RMSNorm computed by cynorm."""
+    """torch.nn.RMSNorm computed by cynorm; module(x, residual=r) returns (y, h) as in
+    LayerNorm."""
 
-    def forward(self, input):
+    def forward(self, input, residual=None):
         weight = self._parameters["weight"]
-        if torch.compiler.is_compiling():
-            return rms_norm(input, self.normalized_shape, weight, self.eps)
-        return _module_call(self, ("rms", 0, _shape(self.normalized_shape), True, 0.0,
-                                   self.eps), input, weight, None, None, None)
+        ns = self.normalized_shape
+        p = ("rms", 0, ns if type(ns) is tuple else _shape(ns), True, 0.0, self.eps, None)
+        if _is_compiling():
+            return _compiled(p, input, weight, None, None, None, residual)
+        return _module_call(self, p, input, weight, None, None, None, residual)
+
+
+# ---- convert -------------------------------------------------------------------------------
+
+def _replacement(m):
+    """cynorm's module for a torch.nn normalization module m (None for anything else,
+    cynorm's own modules and torch's subclasses included)."""
+    nn = torch.nn
+    kind = type(m)
+    if kind is nn.GroupNorm:
+        return GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine)
+    for ours, theirs in ((BatchNorm1d, nn.BatchNorm1d), (BatchNorm2d, nn.BatchNorm2d),
+                         (BatchNorm3d, nn.BatchNorm3d), (InstanceNorm1d, nn.InstanceNorm1d),
+                         (InstanceNorm2d, nn.InstanceNorm2d),
+                         (InstanceNorm3d, nn.InstanceNorm3d)):
+        if kind is theirs:
+            return ours(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    if kind is nn.LayerNorm:
+        return LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine,
+                         bias=m.bias is not None)
+    if kind is nn.RMSNorm:
+        return RMSNorm(m.normalized_shape, m.eps, m.elementwise_affine)
+    return None
+
+
+def _carry_over(new, old):
+    """new takes old's parameters and buffers (the same tensor objects, so that an
+    optimizer holding them keeps working) and its train/eval mode."""
+    for name, p in old._parameters.items():
+        new._parameters[name] = p
+    for name, b in old._buffers.items():
+        new._buffers[name] = b
+    new.train(old.training)
+    return new
+
+
+def _activation_of(m):
+    """The activation name of a module that can be fused into a norm, else None."""
+    nn = torch.nn
+    kind = type(m)
+    if kind is nn.SiLU:
+        return "silu"
+    if kind is nn.ReLU:
+        return "relu"
+    if kind is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
+    return None
+
+
+def convert(module):
+    """Replace, in place, every torch.nn GroupNorm, InstanceNorm1d/2d/3d,
+    BatchNorm1d/2d/3d, LayerNorm and RMSNorm in the tree by cynorm's module, carrying
+    over parameters, buffers (the same tensor objects) and train/eval mode (like
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm). Inside an nn.Sequential, a
+    GroupNorm, InstanceNorm or BatchNorm directly followed by nn.SiLU, nn.GELU
+    (approximate "none" or "tanh") or nn.ReLU takes the activation as its fused epilogue
+    and the activation module becomes nn.Identity, so indices and state_dict keys stay
+    valid. Returns the converted module (a new object when `module` itself is a
+    normalization layer)."""
+    new = _replacement(module)
+    if new is not None:
+        return _carry_over(new, module)
+    for name, child in module.named_children():
+        converted = convert(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    if isinstance(module, torch.nn.Sequential):
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            norm, act = module._modules[first], module._modules[second]
+            name = _activation_of(act)
+            if (name is not None and isinstance(norm, _Activated)
+                    and norm.activation is None):
+                norm.activation = name
+                module._modules[second] = torch.nn.Identity()
+    return module
 
 
 from cynorm._torch_sync import SyncBatchNorm  # noqa: E402

@@ -13,7 +13,7 @@ import reference as ref
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-ct = pytest.importorskip("cynorm._torch_convert")
+ct = pytest.importorskip("cynorm.torch")
 
 
 def data(shape, dtype=np.float64, seed=0, scale=1.0):

@@ -58,10 +58,14 @@ def test_functional_positional_parameters_are_torchs(op):
 @pytest.mark.parametrize("op", OPS)
 def test_torch_bridge_signatures_are_torchs(op):
     import cynorm.torch as ct
-    ours = inspect.signature(getattr(ct, op)).parameters
-    theirs = inspect.signature(getattr(F, op)).parameters
-    assert [(p.name, p.default) for p in ours.values()] == \
-        [(p.name, p.default) for p in theirs.values()]
+    ours = list(inspect.signature(getattr(ct, op)).parameters.values())
+    theirs = list(inspect.signature(getattr(F, op)).parameters.values())
+    assert [(p.name, p.default) for p in ours[:len(theirs)]] == \
+        [(p.name, p.default) for p in theirs]
+    # then the fused epilogue, keyword-only, off by default
+    extra = {"layer_norm": "residual", "rms_norm": "residual"}.get(op, "activation")
+    assert [(p.name, p.kind, p.default) for p in ours[len(theirs):]] == \
+        [(extra, inspect.Parameter.KEYWORD_ONLY, None)]
 
 
 def _args(rng, op):
