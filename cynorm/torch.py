@@ -322,25 +322,29 @@ def _module_views(module, weight, bias, running_mean, running_var):
     """The NumPy views of a module's parameters and buffers, kept between calls on the
     module (a Parameter's detach().numpy() costs about 1.5 us, the checks here a few
     tenths). Reused only while the module holds the same tensor objects on the same
-    memory (`.data =`, `.to()`, `load_state_dict` and in-place updates are all seen;
-    each view holds its tensor's memory alive); not kept when a tensor is
-    non-contiguous (its view is a copy)."""
+    memory with the same shape and dtype (`.data =`, `.to()`, `load_state_dict` and
+    in-place updates are all seen; each view holds its tensor's memory alive); not kept
+    when a tensor is non-contiguous (its view is a copy)."""
     c = module.__dict__.get("_cynorm_views")
     if (c is not None and c[0] is weight and c[1] is bias and c[2] is running_mean
             and c[3] is running_var):
-        ptrs = c[4]
-        if ((weight is None or ptrs[0] == weight.data_ptr())
-                and (bias is None or ptrs[1] == bias.data_ptr())
-                and (running_mean is None or ptrs[2] == running_mean.data_ptr())
-                and (running_var is None or ptrs[3] == running_var.data_ptr())):
+        keys = c[4]
+        if ((weight is None or keys[0] == (weight.data_ptr(), weight.shape, weight.dtype))
+                and (bias is None or keys[1] == (bias.data_ptr(), bias.shape, bias.dtype))
+                and (running_mean is None or keys[2] == (running_mean.data_ptr(),
+                                                         running_mean.shape,
+                                                         running_mean.dtype))
+                and (running_var is None or keys[3] == (running_var.data_ptr(),
+                                                        running_var.shape,
+                                                        running_var.dtype))):
             return c[5]
     tensors = (weight, bias, running_mean, running_var)
     arrays = (_param(weight, "weight"), _param(bias, "bias"),
               _running(running_mean, "running_mean"), _running(running_var, "running_var"))
-    ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
-    if all(a is None or a.__array_interface__["data"][0] == q
-           for a, q in zip(arrays, ptrs)):
-        module.__dict__["_cynorm_views"] = tensors + (ptrs, arrays)
+    keys = tuple(None if t is None else (t.data_ptr(), t.shape, t.dtype) for t in tensors)
+    if all(a is None or a.__array_interface__["data"][0] == k[0]
+           for a, k in zip(arrays, keys)):
+        module.__dict__["_cynorm_views"] = tensors + (keys, arrays)
     return arrays
 
 

@@ -655,3 +655,15 @@ def test_torch_compile_graph_holds_cynorm_operators():
                          for g in joint)
     assert forward.count(torch.ops.cynorm.norm_forward.default) == 5
     assert backward.count(torch.ops.cynorm.norm_backward.default) == 5
+
+
+def test_view_cache_sees_a_parameter_reshaped_in_place():
+    """`.data =` a view at the same address but of another shape is not served from the
+    module's cached NumPy view: the shape check runs and names the argument."""
+    m = cynorm.torch.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        m(x)
+        m.weight.data = m.weight.data[:4]
+        with pytest.raises(ValueError, match="weight"):
+            m(x)
