@@ -663,6 +663,46 @@ def _channel_eval_checked(x, rm, rv, w, b, eps, act):
     return y
 
 
+def _channel_train_checked(x, rm, rv, w, b, eps, momentum, act):
+    """(y, mean, rstd) of batch_norm with training=True (N * HW > 1): the batch's
+    statistics, the given running statistics (None, or (C,) arrays) updated in place as
+    batch_norm updates them (momentum a float in [0, 1])."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    HW = 1
+    for d in shape[2:]:
+        HW *= d
+    count = N * HW
+    y = np.empty_like(x)
+    mean, rstd = _stats_pair((C,))
+    var = None if rv is None else np.empty(C)
+    xk, yk = _channel_io(x, y, HW)
+    channel.forward(xk, yk, w, b, mean, rstd, var, N, C, HW, eps, 0, 1, act=act)
+    if yk is not y:
+        _store(yk, y)
+    if rm is not None:
+        _update_running(rm, momentum, mean)
+    if rv is not None:
+        _update_running(rv, momentum, var * (count / (count - 1)))
+    return y, mean, rstd
+
+
+def _channel_backward_checked(dy, x, mean, rstd, w, b, act, training):
+    """(dx, dweight, dbias) of batch_norm (float32/float64 x; training as in the
+    forward)."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    HW = 1
+    for d in shape[2:]:
+        HW *= d
+    dx = np.empty_like(x)
+    dw = np.empty(C, dtype=x.dtype)
+    db = np.empty(C, dtype=x.dtype)
+    channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, training, act, b,
+                     _grad_buffer(act, dx, x))
+    return dx, dw, db
+
+
 def _row_shape(shape, n_dims):
     cut = len(shape) - n_dims
     K = 1

@@ -253,10 +253,25 @@ def _checked_forward(p, x, w, b, rm, rv, r, need_stats):
             return None
         y, mean, rstd = _api._slab_forward_checked(x, xs[1], w, b, eps, _ACT_CODES[act])
         return y, None, mean, rstd
-    if (need_stats or flag or rm is None or rv is None or rm.shape != pshape
+    if flag:  # batch norm with the batch's statistics
+        if (type(momentum) is not float or not 0.0 <= momentum <= 1.0
+                or (dt != np.float32 and dt != np.float64)
+                or math.prod(xs) <= xs[1]
+                or not _running_ok(rm, pshape) or not _running_ok(rv, pshape)):
+            return None
+        y, mean, rstd = _api._channel_train_checked(x, rm, rv, w, b, eps, momentum,
+                                                    _ACT_CODES[act])
+        return y, None, mean, rstd
+    if (need_stats or rm is None or rv is None or rm.shape != pshape
             or rv.shape != pshape):
         return None
     return _api._channel_eval_checked(x, rm, rv, w, b, eps, _ACT_CODES[act]), None, None, None
+
+
+def _running_ok(r, pshape):
+    """Whether a running buffer's view can go to a checked entry unchecked: None, or a
+    writable float array of the parameters' shape."""
+    return r is None or (r.shape == pshape and r.dtype.kind == "f" and r.flags.writeable)
 
 
 def _checked_backward(p, dy, x, w, b, mean, rstd):
@@ -268,6 +283,10 @@ def _checked_backward(p, dy, x, w, b, mean, rstd):
     kind, groups, shape, flag, momentum, eps, act = p
     if kind == "layer" or kind == "rms":
         return _api._row_backward_checked(dy, x, mean, rstd, len(shape), w, kind == "rms")
+    if kind == "batch":
+        return _api._channel_backward_checked(dy, x, mean, rstd, w,
+                                              None if act is None else b, _ACT_CODES[act],
+                                              1 if flag else 0)
     G = groups if kind == "group" else x.shape[1]
     return _api._slab_backward_checked(dy, x, mean, rstd, G, w,
                                        None if act is None else b, _ACT_CODES[act])
@@ -356,8 +375,8 @@ def _module_call(module, p, input, weight, bias, running_mean, running_var,
                             or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)
                             or getattr(residual, "requires_grad", False)):
-        return _ModuleFunction.apply(p, module, input, weight, bias, running_mean,
-                                     running_var, residual)
+        return _record(p, module, input, weight, bias, running_mean, running_var,
+                       residual)
     x = None
     if (type(input) is _Tensor and not input.requires_grad and input.is_contiguous()
             and input.is_cpu):
@@ -473,7 +492,16 @@ class _ModuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, module, input, weight, bias, running_mean, running_var, residual):
-        x, fmt = _input(input)
+        x = None
+        if type(input) is _Tensor and input.is_contiguous() and input.is_cpu:
+            dt = input.dtype
+            if dt is _F32 or dt is _F64:
+                try:
+                    x, fmt = input.detach().numpy(), None
+                except RuntimeError:  # a negative view: _input resolves it
+                    pass
+        if x is None:
+            x, fmt = _input(input)
         if module is None:
             w, b = _param(weight, "weight"), _param(bias, "bias")
             rm = _running(running_mean, "running_mean")
@@ -482,25 +510,21 @@ class _ModuleFunction(torch.autograd.Function):
             w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
         r = None if residual is None else _input(residual, "residual")[0]
         res = _checked_forward(p, x, w, b, rm, rv, r, True)
-        ctx.checked = res is not None
         y, h, mean, rstd = _kernel_forward(p, x, w, b, rm, rv, r) if res is None else res
-        ctx.stats = (mean, rstd)
-        ctx.p = p
-        ctx.w, ctx.b = w, b
-        ctx.residual = h is not None
         out = _output(y, fmt, p[0])
         if h is None:
             # the tensors themselves are saved (torch then detects an in-place change
             # before the backward, and a double backward differentiates through them); x
-            # and w are the kernel's views of the same memory
+            # and w are the kernel's views of the same memory. Everything else the
+            # backward needs goes in one attribute.
             ctx.save_for_backward(input, weight, bias)
-            ctx.x = x
+            ctx.state = (p, res is not None, mean, rstd, x, w, b, False)
             return out
         # a residual call: the backward needs h (an output, saved as such), not input
         # or residual
         ht = _from_numpy(h)
         ctx.save_for_backward(ht, weight, bias)
-        ctx.x = h
+        ctx.state = (p, res is not None, mean, rstd, h, w, b, True)
         # a double backward rebuilds h = input + residual in torch operations (autograd
         # cannot differentiate through the saved h, an output of this very node); the
         # versions tell whether they were changed in place since
@@ -511,22 +535,33 @@ class _ModuleFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         n = ctx.needs_input_grad
         x_t, weight, bias = ctx.saved_tensors
-        residual = ctx.residual
+        p, checked, mean, rstd, x, w, b, residual = ctx.state
         need = (n[2] or (residual and n[7]), n[3], n[4])
-        mean, rstd = ctx.stats
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
             if residual:
                 x_t = _residual_sum(*ctx.inputs)
-            dx, dw, db = _composite_grads(ctx.p, dy, x_t, weight, bias, mean, rstd, need)
+            dx, dw, db = _composite_grads(p, dy, x_t, weight, bias, mean, rstd, need)
         else:
-            dyn = _input(dy, "grad_output")[0]
-            grads = (_checked_backward(ctx.p, dyn, ctx.x, ctx.w, ctx.b, mean, rstd)
-                     if ctx.checked else None)
-            dx, dw, db = (_kernel_backward(ctx.p, dyn, ctx.x, ctx.w, ctx.b, mean, rstd)
-                          if grads is None else grads)
-            dx = _grad(dx, x_t, need[0])
-            dw = _grad(dw, weight, need[1])
-            db = _grad(db, bias, need[2])
+            dyn = None
+            if (checked and type(dy) is _Tensor and dy.dtype is x_t.dtype
+                    and dy.is_contiguous() and not dy.requires_grad):
+                try:
+                    dyn = dy.numpy()
+                except RuntimeError:  # a negative or conjugate view: _input resolves it
+                    pass
+            if dyn is None:
+                dyn = _input(dy, "grad_output")[0]
+            grads = _checked_backward(p, dyn, x, w, b, mean, rstd) if checked else None
+            if grads is not None:  # every gradient has its tensor's dtype already
+                dx, dw, db = grads
+                dx = _from_numpy(dx) if need[0] else None
+                dw = _from_numpy(dw) if need[1] and weight is not None else None
+                db = _from_numpy(db) if need[2] and db is not None else None
+            else:
+                dx, dw, db = _kernel_backward(p, dyn, x, w, b, mean, rstd)
+                dx = _grad(dx, x_t, need[0])
+                dw = _grad(dw, weight, need[1])
+                db = _grad(db, bias, need[2])
         if not residual:
             return None, None, dx, dw, db, None, None, None
         # the gradient of h (through y, plus what reached h directly) is that of input
@@ -547,9 +582,26 @@ def _residual_sum(input, residual, input_version, residual_version):
         return input + residual
 
 
+# torch.autograd.Function.apply is a Python wrapper (about 4 us per call) around the C
+# apply: outside functorch transforms it only unwraps dead functorch wrappers, which
+# _record does itself
+_c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _ModuleFunction)
+_functorch_active = torch._C._are_functorch_transforms_active
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _record(p, module, input, weight, bias, running_mean, running_var, residual):
+    """_ModuleFunction.apply(p, module, input, ...) (what it does, faster)."""
+    if _functorch_active():
+        return _ModuleFunction.apply(p, module, input, weight, bias, running_mean,
+                                     running_var, residual)
+    return _c_apply(p, module, *[_unwrap_if_dead(t) if isinstance(t, _Tensor) else t
+                                 for t in (input, weight, bias, running_mean, running_var,
+                                           residual)])
+
+
 def _apply(p, input, weight, bias, running_mean, running_var, residual=None):
-    return _ModuleFunction.apply(p, None, input, weight, bias, running_mean, running_var,
-                                 residual)
+    return _record(p, None, input, weight, bias, running_mean, running_var, residual)
 
 
 class GroupNormFunction(_ModuleFunction):

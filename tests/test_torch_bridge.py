@@ -204,23 +204,27 @@ def _address(a):
     return a.__array_interface__["data"][0]
 
 
-@pytest.mark.parametrize("owner, name, module, shape", [
+@pytest.mark.parametrize("owner, names, module, shape", [
     # the autograd route calls the NumPy API's checked entries where it can, the public
-    # functions otherwise (batch norm's running statistics)
-    ("_api", "_slab", lambda: ct.GroupNorm(2, 4), (2, 4, 3)),
-    ("_api", "_slab", lambda: ct.InstanceNorm1d(4, affine=True), (2, 4, 3)),
-    ("cynorm", "batch_norm", lambda: ct.BatchNorm1d(4), (3, 4, 2)),
-    ("_api", "_row", lambda: ct.LayerNorm(4), (3, 4)),
-    ("_api", "_row", lambda: ct.RMSNorm(4), (3, 4)),
+    # functions otherwise (instance norm's running statistics)
+    ("_api", ("_slab_forward_checked", "_slab_backward_checked"),
+     lambda: ct.GroupNorm(2, 4), (2, 4, 3)),
+    ("_api", ("_slab_forward_checked", "_slab_backward_checked"),
+     lambda: ct.InstanceNorm1d(4, affine=True), (2, 4, 3)),
+    ("_api", ("_channel_train_checked", "_channel_backward_checked"),
+     lambda: ct.BatchNorm1d(4), (3, 4, 2)),
+    ("cynorm", ("instance_norm", "instance_norm_backward"),
+     lambda: ct.InstanceNorm1d(4, affine=True, track_running_stats=True), (3, 4, 2)),
+    ("_api", ("_row_forward_checked", "_row_backward_checked"), lambda: ct.LayerNorm(4), (3, 4)),
+    ("_api", ("_row_forward_checked", "_row_backward_checked"), lambda: ct.RMSNorm(4), (3, 4)),
 ])
-def test_kernels_see_the_tensors_memory(monkeypatch, owner, name, module, shape):
+def test_kernels_see_the_tensors_memory(monkeypatch, owner, names, module, shape):
     """The forward hands cynorm the input's and the parameters' own memory, and the
     output tensor is the array cynorm wrote (and likewise for the backward)."""
     from cynorm import _api
     seen = {}
     where = _api if owner == "_api" else cynorm
-    suffix = ("_forward_checked", "_backward_checked") if owner == "_api" else ("", "_backward")
-    forward, backward = (getattr(where, name + s) for s in suffix)
+    forward, backward = (getattr(where, n) for n in names)
 
     def spy_forward(x, *args, **kwargs):
         seen["x"] = _address(x)
@@ -236,8 +240,8 @@ def test_kernels_see_the_tensors_memory(monkeypatch, owner, name, module, shape)
         seen["dx"] = _address(out[0])
         return out
 
-    monkeypatch.setattr(where, name + suffix[0], spy_forward)
-    monkeypatch.setattr(where, name + suffix[1], spy_backward)
+    monkeypatch.setattr(where, names[0], spy_forward)
+    monkeypatch.setattr(where, names[1], spy_backward)
     m = module().double()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     y = m(x)
