@@ -584,15 +584,19 @@ def _residual_sum(input, residual, input_version, residual_version):
 
 # torch.autograd.Function.apply is a Python wrapper (about 4 us per call) around the C
 # apply: outside functorch transforms it only unwraps dead functorch wrappers, which
-# _record does itself
-_c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _ModuleFunction)
-_functorch_active = torch._C._are_functorch_transforms_active
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# _record does itself. These are torch internals: a torch without them takes the
+# public apply.
+try:
+    _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _ModuleFunction)
+    _functorch_active = torch._C._are_functorch_transforms_active
+    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+except (AttributeError, KeyError):
+    _c_apply = None
 
 
 def _record(p, module, input, weight, bias, running_mean, running_var, residual):
     """_ModuleFunction.apply(p, module, input, ...) (what it does, faster)."""
-    if _functorch_active():
+    if _c_apply is None or _functorch_active():
         return _ModuleFunction.apply(p, module, input, weight, bias, running_mean,
                                      running_var, residual)
     return _c_apply(p, module, *[_unwrap_if_dead(t) if isinstance(t, _Tensor) else t
