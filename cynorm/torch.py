@@ -448,8 +448,8 @@ def _module_call(module, p, input, weight, bias, running_mean, running_var,
     w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
     if residual is None and fmt is None:
         y = _lean_checked(p, x, w, b, rm, rv, None)
-        if y is not None:
-            return _from_numpy(y)
+        if y is not None:  # float32/float64 (the checked entries' dtypes)
+            return _torch_from_numpy(y)
     r = None if residual is None else _input(residual, "residual")[0]
     return _lean_output(_lean_arrays(p, x, w, b, rm, rv, r, fmt), fmt, p[0], residual)
 
