@@ -15,7 +15,10 @@ Importing this module imports torch (`import cynorm` alone never does). It offer
 - `convert(module)`: a model's torch.nn norms replaced by these, a norm directly
   followed by nn.SiLU / nn.GELU / nn.ReLU in an nn.Sequential fused with it.
 
-Tensors must live on the CPU and be float32 or float64. Three routes, one set of kernels:
+Tensors must live on the CPU and be float32, float64, float16 or bfloat16 (a bfloat16
+tensor's memory is handed over as ml_dtypes.bfloat16, so it needs ml_dtypes); outputs have
+the input's dtype, parameter gradients their parameter's. Three routes, one set of
+kernels:
 
 - **Inference** (no input or parameter requires grad, or grad mode is off, or
   `torch.inference_mode()`): the kernel is called directly, without an autograd
@@ -34,10 +37,12 @@ Tensors must live on the CPU and be float32 or float64. Three routes, one set of
   an autograd formula and a fake implementation), so the graph holds each norm as one
   opaque operator, without graph breaks.
 
-A non-contiguous input is made contiguous first. The output's memory format follows
-torch's: GroupNorm, BatchNorm and RMSNorm give a channels_last output for a
-channels_last input, InstanceNorm and LayerNorm a contiguous one. Running statistics are
-updated in place, as torch does.
+Layout: a channels_last / channels_last_3d input of GroupNorm, InstanceNorm or BatchNorm
+runs the channels-last kernels on its own memory (the (N, *spatial, C) view) and gives a
+channels_last output (and input gradient), decided once per call in _input. Any other
+non-contiguous input is made contiguous first; RMSNorm's output is then channels_last
+again for a channels_last input (as torch's), LayerNorm's contiguous. Running statistics
+are updated in place, as torch does.
 """
 import math
 import operator

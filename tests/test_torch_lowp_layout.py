@@ -313,3 +313,16 @@ def test_bfloat16_without_ml_dtypes_says_how_to_install(monkeypatch):
         ct.group_norm(x.bfloat16(), 2)
     with pytest.raises(TypeError, match="weight.*pip install ml-dtypes"):
         ct.group_norm(x, 2, torch.ones(4, dtype=torch.bfloat16))
+
+
+def test_channels_last_double_backward():
+    """gradgradcheck (float64) of a channels_last GroupNorm with an activation, and of
+    BatchNorm in training."""
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: ct.group_norm(x, 2, w, b, activation="gelu"), (x, w, b))
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: ct.batch_norm(x, None, None, w, b, True), (x, w, b))
