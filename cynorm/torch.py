@@ -114,24 +114,27 @@ def _input(t, name="input", kind=None, layout=None):
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {dt}")
     if t.requires_grad:
         t = t.detach()
-    if t.is_neg():  # a negative view (torch._neg_view): its values, resolved
-        t = t.resolve_neg()
-    if kind in _PER_CHANNEL:
-        fmt = _format(t) if layout is None else layout
-        if fmt is not None:  # channels-last: the (N, *spatial, C) view, no copy
-            return _numpy(t.contiguous(memory_format=fmt).permute(_TO_LAST[fmt]), name), fmt
-    fmt = None
-    if not t.is_contiguous():
+    if layout is None:
+        if t.is_contiguous():
+            return _numpy(t, name), None
         fmt = _format(t)
-        t = t.contiguous()
-    return _numpy(t, name), fmt
+    else:
+        fmt = layout
+    if fmt is not None and kind in _PER_CHANNEL:  # the (N, *spatial, C) view, no copy
+        return _numpy(t.contiguous(memory_format=fmt).permute(_TO_LAST[fmt]), name), fmt
+    return _numpy(t.contiguous(), name), fmt
 
 
 def _numpy(t, name):
     """A tensor's NumPy view (same memory); a bfloat16 tensor's storage viewed as
-    ml_dtypes.bfloat16."""
+    ml_dtypes.bfloat16; a negative view (torch._neg_view) as its resolved values."""
     if t.dtype is not _BF16:
-        return t.numpy()
+        try:
+            return t.numpy()
+        except RuntimeError:
+            return t.resolve_neg().numpy()
+    if t.is_neg():
+        t = t.resolve_neg()
     bf16 = _bfloat16()
     if bf16 is None:
         raise TypeError(f"{name}: bfloat16 tensors need the ml_dtypes package "
@@ -164,9 +167,9 @@ def _from_numpy(a):
 def _format(t):
     """t's channels_last / channels_last_3d memory format, or None (contiguous tensors,
     whose layout is ambiguous, included)."""
-    dim = t.dim()
     if t.is_contiguous():
         return None
+    dim = t.dim()
     if dim == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     if dim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):

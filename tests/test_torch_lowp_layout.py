@@ -326,3 +326,19 @@ def test_channels_last_double_backward():
         lambda x, w, b: ct.group_norm(x, 2, w, b, activation="gelu"), (x, w, b))
     assert torch.autograd.gradgradcheck(
         lambda x, w, b: ct.batch_norm(x, None, None, w, b, True), (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_negative_views_are_read_as_their_values(dtype, fmt):
+    """A negative view (torch._neg_view) is normalised as the values it shows."""
+    x = torch.randn(2, 4, 3, 5).to(getattr(torch, dtype))
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    neg = torch._neg_view(x)
+    assert neg.is_neg()
+    with torch.no_grad():
+        got = ct.group_norm(neg, 2)
+        want = ct.group_norm(-x, 2)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, ct.group_norm(x, 2))
