@@ -15,7 +15,10 @@ Importing this module imports torch (`import cynorm` alone never does). It offer
 - `convert(module)`: a model's torch.nn norms replaced by these, a norm directly
   followed by nn.SiLU / nn.GELU / nn.ReLU in an nn.Sequential fused with it.
 
-Tensors must live on the CPU and be float32 or float64. Three routes, one set of kernels:
+Tensors must live on the CPU and be float32, float64, float16 or bfloat16 (a bfloat16
+tensor's memory is handed over as ml_dtypes.bfloat16, so it needs ml_dtypes); outputs have
+the input's dtype, parameter gradients their parameter's. Three routes, one set of
+kernels:
 
 - **Inference** (no input or parameter requires grad, or grad mode is off, or
   `torch.inference_mode()`): the kernel is called directly, without an autograd
@@ -34,10 +37,12 @@ Tensors must live on the CPU and be float32 or float64. Three routes, one set of
   an autograd formula and a fake implementation), so the graph holds each norm as one
   opaque operator, without graph breaks.
 
-A non-contiguous input is made contiguous first. The output's memory format follows
-torch's: GroupNorm, BatchNorm and RMSNorm give a channels_last output for a
-channels_last input, InstanceNorm and LayerNorm a contiguous one. Running statistics are
-updated in place, as torch does.
+Layout: a channels_last / channels_last_3d input of GroupNorm, InstanceNorm or BatchNorm
+runs the channels-last kernels on its own memory (the (N, *spatial, C) view) and gives a
+channels_last output (and input gradient), decided once per call in _input. Any other
+non-contiguous input is made contiguous first; RMSNorm's output is then channels_last
+again for a channels_last input (as torch's), LayerNorm's contiguous. Running statistics
+are updated in place, as torch does.
 """
 import math
 import operator
@@ -68,7 +73,9 @@ _Tensor = torch.Tensor
 _INF = float("inf")
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
-_from_numpy = torch.from_numpy
+_torch_from_numpy = torch.from_numpy
+_F16, _BF16 = torch.float16, torch.bfloat16
+_I16 = torch.int16
 # ops whose torch implementation keeps a channels_last input's layout in its output
 _KEEPS_FORMAT = ("group", "batch", "rms")
 _PER_CHANNEL = ("group", "instance", "batch")
@@ -89,35 +96,95 @@ def _activation(v):
                      f"got {v!r}")
 
 
-def _input(t, name="input"):
+def _input(t, name="input", kind=None, layout=None):
     """(ndarray, memory format): t's values as a C-contiguous NumPy array sharing t's
-    memory when t is contiguous, and t's channels_last format (or None)."""
+    memory when t is contiguous, and t's channels_last format (or None).
+
+    The layout decision of a call: for a per-channel kind (GroupNorm, InstanceNorm,
+    BatchNorm) a channels_last / channels_last_3d input is handed over as its own memory,
+    the C-contiguous (N, *spatial, C) view (the kernels then run with channel_axis=-1),
+    and the returned format says so (see _is_last). layout: force that layout (a
+    gradient must have its forward input's), None: t's own."""
     if not isinstance(t, _Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_cpu:
         raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
     dt = t.dtype
-    if dt is not _F32 and dt is not _F64:
-        raise TypeError(f"{name} must be float32 or float64, got {dt}")
-    fmt = None
-    if not t.is_contiguous():
-        fmt = _format(t)
-        t = t.contiguous()
+    if dt is not _F32 and dt is not _F64 and dt is not _F16 and dt is not _BF16:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {dt}")
     if t.requires_grad:
         t = t.detach()
-    try:
-        return t.numpy(), fmt
-    except RuntimeError:  # a negative view (torch._neg_view): its values, resolved
-        return t.resolve_neg().numpy(), fmt
+    if layout is None:
+        if t.is_contiguous():
+            return _numpy(t, name), None
+        fmt = _format(t)
+    else:
+        fmt = layout
+    if fmt is not None and kind in _PER_CHANNEL:  # the (N, *spatial, C) view, no copy
+        return _numpy(t.contiguous(memory_format=fmt).permute(_TO_LAST[fmt]), name), fmt
+    return _numpy(t.contiguous(), name), fmt
+
+
+def _numpy(t, name):
+    """A tensor's NumPy view (same memory); a bfloat16 tensor's storage viewed as
+    ml_dtypes.bfloat16; a negative view (torch._neg_view) as its resolved values."""
+    if t.dtype is not _BF16:
+        try:
+            return t.numpy()
+        except RuntimeError:
+            return t.resolve_neg().numpy()
+    if t.is_neg():
+        t = t.resolve_neg()
+    bf16 = _bfloat16()
+    if bf16 is None:
+        raise TypeError(f"{name}: bfloat16 tensors need the ml_dtypes package "
+                        "(pip install ml-dtypes)")
+    return t.view(_I16).numpy().view(bf16)
+
+
+_BF16_NP = []
+
+
+def _bfloat16():
+    """ml_dtypes.bfloat16, or None when ml_dtypes is not installed (imported once, at the
+    first bfloat16 tensor)."""
+    if not _BF16_NP:
+        try:
+            import ml_dtypes
+            _BF16_NP.append(ml_dtypes.bfloat16)
+        except ImportError:
+            return None
+    return _BF16_NP[0]
+
+
+def _from_numpy(a):
+    """A NumPy array as a tensor of the same memory (bfloat16 arrays included)."""
+    if a.dtype.kind != "V":
+        return _torch_from_numpy(a)
+    return _torch_from_numpy(a.view(np.int16)).view(_BF16)
 
 
 def _format(t):
+    """t's channels_last / channels_last_3d memory format, or None (contiguous tensors,
+    whose layout is ambiguous, included)."""
+    if t.is_contiguous():
+        return None
     dim = t.dim()
     if dim == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     if dim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return None
+
+
+# permutations from (N, C, *spatial) to the (N, *spatial, C) view and back
+_TO_LAST = {torch.channels_last: (0, 2, 3, 1), torch.channels_last_3d: (0, 2, 3, 4, 1)}
+_FROM_LAST = {torch.channels_last: (0, 3, 1, 2), torch.channels_last_3d: (0, 4, 1, 2, 3)}
+
+
+def _is_last(kind, fmt):
+    """Whether a call of this kind with _input's format runs the channels-last kernels."""
+    return fmt is not None and kind in _PER_CHANNEL
 
 
 def _param(t, name):
@@ -161,17 +228,19 @@ def _needs_grad(input, weight, bias, residual=None):
 
 # ---- the kernels, on NumPy arrays ------------------------------------------------------
 
-def _kernel_forward(p, x, w, b, rm, rv, r=None):
+def _kernel_forward(p, x, w, b, rm, rv, r=None, fmt=None):
     """(y, h, mean, rstd) from cynorm's forward (the public API's checks included); h is
-    None without a residual, mean None for rms."""
+    None without a residual, mean None for rms. fmt: _input's format of x."""
     kind, groups, shape, flag, momentum, eps, act = p
+    ca = -1 if _is_last(kind, fmt) else 1
     h = None
     if kind == "group":
         y, mean, rstd = cynorm.group_norm(x, groups, w, b, eps, return_stats=True,
-                                          activation=act)
+                                          activation=act, channel_axis=ca)
     elif kind == "batch":
         y, mean, rstd = cynorm.batch_norm(x, rm, rv, w, b, flag, momentum, eps,
-                                          return_stats=True, activation=act)
+                                          return_stats=True, activation=act,
+                                          channel_axis=ca)
     elif kind == "layer":
         if r is None:
             y, mean, rstd = cynorm.layer_norm(x, shape, w, b, eps, return_stats=True)
@@ -185,23 +254,28 @@ def _kernel_forward(p, x, w, b, rm, rv, r=None):
         else:
             y, h, rstd = cynorm.rms_norm(x, shape, w, eps, return_stats=True, residual=r)
     else:  # instance: cynorm.instance_norm has torch's semantics, running stats included
-        if flag and x.ndim >= 2 and math.prod(x.shape[2:]) == 1:
+        spatial = x.shape[1:-1] if ca == -1 else x.shape[2:]
+        if flag and x.ndim >= 2 and math.prod(spatial) == 1:
+            size = x.shape[:1] + x.shape[-1:] + spatial if ca == -1 else x.shape
             raise ValueError("Expected more than 1 spatial element when training, "
-                             f"got input size {tuple(x.shape)}")
+                             f"got input size {tuple(size)}")
         y, mean, rstd = cynorm.instance_norm(x, rm, rv, w, b, flag, momentum, eps,
-                                             return_stats=True, activation=act)
+                                             return_stats=True, activation=act,
+                                             channel_axis=ca)
     return y, h, mean, rstd
 
 
-def _kernel_backward(p, dy, x, w, b, mean, rstd):
+def _kernel_backward(p, dy, x, w, b, mean, rstd, fmt=None):
     """(dx, dweight, dbias) from cynorm's backward; dbias is None for rms. x is h for a
-    residual call; b (the forward's bias) is needed only with an activation."""
+    residual call; b (the forward's bias) is needed only with an activation; fmt: the
+    forward's format of x (dy in the same layout)."""
     kind, groups, shape, flag, momentum, eps, act = p
+    ca = -1 if _is_last(kind, fmt) else 1
     if act is None:
         b = None
     if kind == "group":
         return cynorm.group_norm_backward(dy, x, mean, rstd, groups, w, bias=b,
-                                          activation=act)
+                                          activation=act, channel_axis=ca)
     if kind == "layer":
         return cynorm.layer_norm_backward(dy, x, mean, rstd, shape, w)
     if kind == "rms":
@@ -209,18 +283,22 @@ def _kernel_backward(p, dy, x, w, b, mean, rstd):
         return dx, dw, None
     if kind == "instance":
         return cynorm.instance_norm_backward(dy, x, mean, rstd, w, flag, bias=b,
-                                             activation=act)
-    return cynorm.batch_norm_backward(dy, x, mean, rstd, w, flag, bias=b, activation=act)
+                                             activation=act, channel_axis=ca)
+    return cynorm.batch_norm_backward(dy, x, mean, rstd, w, flag, bias=b, activation=act,
+                                      channel_axis=ca)
 
 
-def _checked_forward(p, x, w, b, rm, rv, r, need_stats):
+def _checked_forward(p, x, w, b, rm, rv, r, need_stats, fmt=None):
     """(y, h, mean, rstd) from the NumPy API's checked entries, for arguments the bridge
     can check cheaply here (the common case: parameters of x's dtype and shape, a float
     eps); None when the call must go through the public functions' checks (which raise
     the errors, or cast, as they do), and for batch norm's running statistics when
-    need_stats."""
+    need_stats. The checked entries take float32/float64 data in (N, C, *spatial)
+    layout: 16-bit and channels-last calls (fmt) go through the public functions."""
     kind, groups, shape, flag, momentum, eps, act = p
     dt = x.dtype
+    if dt.itemsize < 4 or _is_last(kind, fmt):
+        return None
     if type(eps) is not float or not 0.0 <= eps < _INF:
         if not (eps is None and kind == "rms"):
             return None
@@ -292,28 +370,34 @@ def _checked_backward(p, dy, x, w, b, mean, rstd):
                                        None if act is None else b, _ACT_CODES[act])
 
 
-def _lean_checked(p, x, w, b, rm, rv, r):
+def _lean_checked(p, x, w, b, rm, rv, r, fmt=None):
     """The inference output (y, or (y, h) with a residual) from the checked entries, or
     None (see _checked_forward)."""
-    res = _checked_forward(p, x, w, b, rm, rv, r, False)
+    res = _checked_forward(p, x, w, b, rm, rv, r, False, fmt)
     if res is None:
         return None
     return res[0] if r is None else (res[0], res[1])
 
 
-def _lean_arrays(p, x, w, b, rm, rv, r):
+def _lean_arrays(p, x, w, b, rm, rv, r, fmt=None):
     """y (or (y, h) with a residual) of an inference call, as NumPy arrays."""
-    y = _lean_checked(p, x, w, b, rm, rv, r)
+    y = _lean_checked(p, x, w, b, rm, rv, r, fmt)
     if y is None:
-        y, h, _, _ = _kernel_forward(p, x, w, b, rm, rv, r)
+        y, h, _, _ = _kernel_forward(p, x, w, b, rm, rv, r, fmt)
         if r is not None:
             return y, h
     return y
 
 
 def _output(y, fmt, kind):
+    """The output tensor of the kernel's y (fmt: _input's format of x): a channels-last
+    y, (N, *spatial, C), becomes the channels_last tensor of its memory."""
     t = _from_numpy(y)
-    if fmt is not None and kind in _KEEPS_FORMAT:
+    if fmt is None:
+        return t
+    if kind in _PER_CHANNEL:
+        return t.permute(_FROM_LAST[fmt])
+    if kind in _KEEPS_FORMAT:
         return t.contiguous(memory_format=fmt)
     return t
 
@@ -329,11 +413,11 @@ def _lean(p, input, weight, bias, running_mean, running_var, residual=None):
     becomes the output tensor (torch.from_numpy: about 0.6 us, where a torch.empty whose
     NumPy view the kernel fills through out= costs about 2.5 us, measured on a
     (1, 32, 8, 8) call)."""
-    x, fmt = _input(input)
+    x, fmt = _input(input, "input", p[0])
     r = None if residual is None else _input(residual, "residual")[0]
     y = _lean_arrays(p, x, _param(weight, "weight"), _param(bias, "bias"),
                      _running(running_mean, "running_mean"),
-                     _running(running_var, "running_var"), r)
+                     _running(running_var, "running_var"), r, fmt)
     return _lean_output(y, fmt, p[0], residual)
 
 
@@ -387,14 +471,14 @@ def _module_call(module, p, input, weight, bias, running_mean, running_var,
             except RuntimeError:  # a negative view: _input resolves it
                 pass
     if x is None:
-        x, fmt = _input(input)
+        x, fmt = _input(input, "input", p[0])
     w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
     if residual is None and fmt is None:
         y = _lean_checked(p, x, w, b, rm, rv, None)
-        if y is not None:
-            return _from_numpy(y)
+        if y is not None:  # float32/float64 (the checked entries' dtypes)
+            return _torch_from_numpy(y)
     r = None if residual is None else _input(residual, "residual")[0]
-    return _lean_output(_lean_arrays(p, x, w, b, rm, rv, r), fmt, p[0], residual)
+    return _lean_output(_lean_arrays(p, x, w, b, rm, rv, r, fmt), fmt, p[0], residual)
 
 
 class _ViewCache:
@@ -477,12 +561,22 @@ def _composite_grads(p, dy, x, w, b, mean, rstd, need):
 
 # ---- the autograd Function -------------------------------------------------------------
 
-def _grad(a, like, needed):
-    """A NumPy gradient as a tensor of `like`'s dtype, or None when not needed."""
+def _grad(a, like, needed, fmt=None, kind=None):
+    """A NumPy gradient as a tensor of `like`'s dtype, or None when not needed; fmt and
+    kind: dx of a channels-last call (see _output)."""
     if not needed or like is None or a is None:
         return None
-    g = _from_numpy(a)
+    g = _from_numpy(a) if fmt is None else _output(a, fmt, kind)
     return g if g.dtype == like.dtype else g.to(like.dtype)
+
+
+def _grad_output(dy, kind, fmt):
+    """(ndarray, format) of the gradient of a forward whose x had _input's format fmt:
+    dy in x's layout (made so when it is not: a channels-last forward takes a
+    channels_last dy without a copy)."""
+    if _is_last(kind, fmt):
+        return _input(dy, "grad_output", kind, fmt)
+    return _input(dy, "grad_output")[0], None
 
 
 class _ModuleFunction(torch.autograd.Function):
@@ -501,7 +595,7 @@ class _ModuleFunction(torch.autograd.Function):
                 except RuntimeError:  # a negative view: _input resolves it
                     pass
         if x is None:
-            x, fmt = _input(input)
+            x, fmt = _input(input, "input", p[0])
         if module is None:
             w, b = _param(weight, "weight"), _param(bias, "bias")
             rm = _running(running_mean, "running_mean")
@@ -509,8 +603,9 @@ class _ModuleFunction(torch.autograd.Function):
         else:
             w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
         r = None if residual is None else _input(residual, "residual")[0]
-        res = _checked_forward(p, x, w, b, rm, rv, r, True)
-        y, h, mean, rstd = _kernel_forward(p, x, w, b, rm, rv, r) if res is None else res
+        res = _checked_forward(p, x, w, b, rm, rv, r, True, fmt)
+        y, h, mean, rstd = (_kernel_forward(p, x, w, b, rm, rv, r, fmt) if res is None
+                            else res)
         out = _output(y, fmt, p[0])
         if h is None:
             # the tensors themselves are saved (torch then detects an in-place change
@@ -518,13 +613,13 @@ class _ModuleFunction(torch.autograd.Function):
             # and w are the kernel's views of the same memory. Everything else the
             # backward needs goes in one attribute.
             ctx.save_for_backward(input, weight, bias)
-            ctx.state = (p, res is not None, mean, rstd, x, w, b, False)
+            ctx.state = (p, res is not None, mean, rstd, x, w, b, False, fmt)
             return out
         # a residual call: the backward needs h (an output, saved as such), not input
         # or residual
         ht = _from_numpy(h)
         ctx.save_for_backward(ht, weight, bias)
-        ctx.state = (p, res is not None, mean, rstd, h, w, b, True)
+        ctx.state = (p, res is not None, mean, rstd, h, w, b, True, fmt)
         # a double backward rebuilds h = input + residual in torch operations (autograd
         # cannot differentiate through the saved h, an output of this very node); the
         # versions tell whether they were changed in place since
@@ -535,7 +630,7 @@ class _ModuleFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         n = ctx.needs_input_grad
         x_t, weight, bias = ctx.saved_tensors
-        p, checked, mean, rstd, x, w, b, residual = ctx.state
+        p, checked, mean, rstd, x, w, b, residual, fmt = ctx.state
         need = (n[2] or (residual and n[7]), n[3], n[4])
         if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
             if residual:
@@ -550,7 +645,7 @@ class _ModuleFunction(torch.autograd.Function):
                 except RuntimeError:  # a negative or conjugate view: _input resolves it
                     pass
             if dyn is None:
-                dyn = _input(dy, "grad_output")[0]
+                dyn, fmt = _grad_output(dy, p[0], fmt)
             grads = _checked_backward(p, dyn, x, w, b, mean, rstd) if checked else None
             if grads is not None:  # every gradient has its tensor's dtype already
                 dx, dw, db = grads
@@ -558,8 +653,8 @@ class _ModuleFunction(torch.autograd.Function):
                 dw = _from_numpy(dw) if need[1] and weight is not None else None
                 db = _from_numpy(db) if need[2] and db is not None else None
             else:
-                dx, dw, db = _kernel_backward(p, dyn, x, w, b, mean, rstd)
-                dx = _grad(dx, x_t, need[0])
+                dx, dw, db = _kernel_backward(p, dyn, x, w, b, mean, rstd, fmt)
+                dx = _grad(dx, x_t, need[0], fmt, p[0])
                 dw = _grad(dw, weight, need[1])
                 db = _grad(db, bias, need[2])
         if not residual:
@@ -698,22 +793,33 @@ def _op_forward(kind: str, input: torch.Tensor, weight: Optional[torch.Tensor],
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, mean, rstd); h is empty without a residual, mean for rms."""
     p = (kind, num_groups, tuple(normalized_shape), flag, momentum, eps, activation)
+    x, fmt = _input(input, "input", kind)
     y, h, mean, rstd = _kernel_forward(
-        p, _input(input)[0], _param(weight, "weight"), _param(bias, "bias"),
+        p, x, _param(weight, "weight"), _param(bias, "bias"),
         _running(running_mean, "running_mean"), _running(running_var, "running_var"),
-        None if residual is None else _input(residual, "residual")[0])
+        None if residual is None else _input(residual, "residual")[0], fmt)
     if mean is None:
         mean = np.empty(0)
     if h is None:
         h = np.empty(0, dtype=y.dtype)
-    return _from_numpy(y), _from_numpy(h), _from_numpy(mean), _from_numpy(rstd)
+    y = _output(y, fmt if _is_last(kind, fmt) else None, kind)
+    return y, _from_numpy(h), _from_numpy(mean), _from_numpy(rstd)
+
+
+def _fake_like(kind, input):
+    """The fake output of x's shape with the layout the real operator gives it."""
+    fmt = _format(input) if kind in _PER_CHANNEL else None
+    if fmt is None:
+        return input.new_empty(input.shape)
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=fmt)
 
 
 @_op_forward.register_fake
 def _op_forward_fake(kind, input, weight, bias, running_mean, running_var, residual,
                      num_groups, normalized_shape, flag, momentum, eps, activation):
     stats = _stats_shape(kind, input.shape, num_groups, normalized_shape, flag)
-    return (input.new_empty(input.shape),
+    return (_fake_like(kind, input),
             input.new_empty((0,) if residual is None else input.shape),
             input.new_empty((0,) if kind == "rms" else stats, dtype=_F64),
             input.new_empty(stats, dtype=_F64))
@@ -727,20 +833,23 @@ def _op_backward(kind: str, grad_output: torch.Tensor, input: torch.Tensor,
                  activation: Optional[str]
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = (kind, num_groups, tuple(normalized_shape), flag, 0.0, eps, activation)
-    dx, dw, db = _kernel_backward(p, _input(grad_output, "grad_output")[0],
-                                  _input(input)[0], _param(weight, "weight"),
-                                  _param(bias, "bias"), mean.numpy(), rstd.numpy())
-    if db is None:
-        db = np.empty(0, dtype=dx.dtype)
-    return _from_numpy(dx), _from_numpy(dw), _from_numpy(db)
+    x, fmt = _input(input, "input", kind)
+    dy, fmt = _grad_output(grad_output, kind, fmt)
+    dx, dw, db = _kernel_backward(p, dy, x, _param(weight, "weight"),
+                                  _param(bias, "bias"), mean.numpy(), rstd.numpy(), fmt)
+    pdt = input.dtype if weight is None else weight.dtype
+    dw = _from_numpy(dw).to(pdt)
+    db = input.new_empty(0, dtype=pdt) if db is None else _from_numpy(db).to(pdt)
+    return _output(dx, fmt, kind), dw, db
 
 
 @_op_backward.register_fake
 def _op_backward_fake(kind, grad_output, input, weight, bias, mean, rstd, num_groups,
                       normalized_shape, flag, eps, activation):
     pshape = _param_shape(kind, input.shape, normalized_shape)
-    return (input.new_empty(input.shape), input.new_empty(pshape),
-            input.new_empty((0,) if kind == "rms" else pshape))
+    pdt = input.dtype if weight is None else weight.dtype
+    return (_fake_like(kind, input), input.new_empty(pshape, dtype=pdt),
+            input.new_empty((0,) if kind == "rms" else pshape, dtype=pdt))
 
 
 def _op_setup_context(ctx, inputs, output):

@@ -291,10 +291,10 @@ def test_rejects_non_cpu_and_non_float_tensors():
     m = ct.LayerNorm(4)
     with pytest.raises(ValueError, match="CPU"):
         m(torch.empty(2, 4, device="meta"))
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="input must be float32, float64, float16 or"):
         ct.layer_norm(torch.ones(2, 4, dtype=torch.int64), (4,))
-    with pytest.raises(TypeError, match="float32 or float64"):
-        m(torch.ones(2, 4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="input must be float32, float64, float16 or"):
+        m(torch.ones(2, 4, dtype=torch.complex64))
 
 
 def test_modules_check_input_like_torch():
@@ -499,9 +499,10 @@ def test_gradient_penalty_matches_torch(name):
 ])
 @pytest.mark.parametrize("route", ["inference", "autograd"])
 def test_output_memory_format_follows_torch(make, shape, route):
-    """A channels_last input gives the memory format torch gives (channels_last for
-    GroupNorm, BatchNorm and RMSNorm; contiguous for InstanceNorm and LayerNorm), with
-    torch's values, on both routes."""
+    """A channels_last input gives a channels_last output for GroupNorm, BatchNorm and
+    RMSNorm (as torch) and InstanceNorm (whose channels-last kernel writes that layout;
+    torch's is contiguous), a contiguous one for LayerNorm (as torch), with torch's
+    values, on both routes."""
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     theirs = _randomize(make(torch.nn).double())
     ours = make(ct).double()
@@ -511,8 +512,11 @@ def test_output_memory_format_follows_torch(make, shape, route):
         yb = theirs(x)
     with torch.enable_grad() if route == "autograd" else torch.no_grad():
         ya = ours(x.clone().requires_grad_(route == "autograd"))
-    assert ya.stride() == yb.stride()
-    assert ya.is_contiguous(memory_format=fmt) == yb.is_contiguous(memory_format=fmt)
+    if isinstance(theirs, torch.nn.InstanceNorm2d):
+        assert ya.is_contiguous(memory_format=fmt)
+    else:
+        assert ya.stride() == yb.stride()
+        assert ya.is_contiguous(memory_format=fmt) == yb.is_contiguous(memory_format=fmt)
     _close(ya, yb, torch.float64)
     if isinstance(theirs, (torch.nn.GroupNorm, torch.nn.BatchNorm2d)):
         assert ya.is_contiguous(memory_format=fmt)
