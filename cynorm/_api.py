@@ -619,14 +619,18 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, out=None):
 # (C,) arrays; mean and rstd those the matching forward returned. Each allocates the
 # outputs and calls one kernel, nothing else.
 
-def _slab_forward_checked(x, G, w, b, eps, act):
-    """(y, mean, rstd) of group_norm (G groups; G = C: instance_norm with input
-    statistics)."""
-    shape = x.shape
-    N, C = shape[0], shape[1]
+def _nchw_shape(shape):
+    """(N, C, HW) of an (N, C, *spatial) shape, HW the product of the spatial dims."""
     HW = 1
     for d in shape[2:]:
         HW *= d
+    return shape[0], shape[1], HW
+
+
+def _slab_forward_checked(x, G, w, b, eps, act):
+    """(y, mean, rstd) of group_norm (G groups; G = C: instance_norm with input
+    statistics)."""
+    N, C, HW = _nchw_shape(x.shape)
     y = np.empty_like(x)
     mean, rstd = _stats_pair((N, G))
     slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, 0, act)
@@ -635,11 +639,7 @@ def _slab_forward_checked(x, G, w, b, eps, act):
 
 def _slab_backward_checked(dy, x, mean, rstd, G, w, b, act):
     """(dx, dweight, dbias) of _slab_forward_checked."""
-    shape = x.shape
-    N, C = shape[0], shape[1]
-    HW = 1
-    for d in shape[2:]:
-        HW *= d
+    N, C, HW = _nchw_shape(x.shape)
     dx = np.empty_like(x)
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
@@ -650,11 +650,7 @@ def _slab_backward_checked(dy, x, mean, rstd, G, w, b, act):
 
 def _channel_eval_checked(x, rm, rv, w, b, eps, act):
     """y of batch_norm with training=False (running statistics of any float dtype)."""
-    shape = x.shape
-    N, C = shape[0], shape[1]
-    HW = 1
-    for d in shape[2:]:
-        HW *= d
+    N, C, HW = _nchw_shape(x.shape)
     y = np.empty_like(x)
     if N * HW:
         channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64), None,
@@ -667,11 +663,7 @@ def _channel_train_checked(x, rm, rv, w, b, eps, momentum, act):
     """(y, mean, rstd) of batch_norm with training=True (N * HW > 1): the batch's
     statistics, the given running statistics (None, or (C,) arrays) updated in place as
     batch_norm updates them (momentum a float in [0, 1])."""
-    shape = x.shape
-    N, C = shape[0], shape[1]
-    HW = 1
-    for d in shape[2:]:
-        HW *= d
+    N, C, HW = _nchw_shape(x.shape)
     count = N * HW
     y = np.empty_like(x)
     mean, rstd = _stats_pair((C,))
@@ -690,11 +682,7 @@ def _channel_train_checked(x, rm, rv, w, b, eps, momentum, act):
 def _channel_backward_checked(dy, x, mean, rstd, w, b, act, training):
     """(dx, dweight, dbias) of batch_norm (float32/float64 x; training as in the
     forward)."""
-    shape = x.shape
-    N, C = shape[0], shape[1]
-    HW = 1
-    for d in shape[2:]:
-        HW *= d
+    N, C, HW = _nchw_shape(x.shape)
     dx = np.empty_like(x)
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
