@@ -642,8 +642,17 @@ cdef inline void _affine_span(const floating* x, floating* y, Py_ssize_t i0, Py_
             for i in range(i0, i1):
                 y[i] = <float>((x[i] - mean) * rstd) * wf + t
     else:
-        for i in range(i0, i1):
-            y[i] = ((x[i] - mean) * rstd) * weight + shift
+        _affine_span_f64(x, y, i0, i1, mean, rstd, weight, shift)
+
+
+cdef inline void _affine_span_f64(const floating* x, floating* y, Py_ssize_t i0,
+                                  Py_ssize_t i1, double mean, double rstd, double weight,
+                                  double shift) noexcept nogil:
+    """The float64 formula: y = ((x - mean) * rstd) * weight + shift in float64, rounded
+    once to y's type (float64 data; float32 data in affine_wide)."""
+    cdef Py_ssize_t i
+    for i in range(i0, i1):
+        y[i] = <floating>(((x[i] - mean) * rstd) * weight + shift)
 
 
 cdef inline void affine_const(const storage* x, storage* y, Py_ssize_t n, double mean,
@@ -656,6 +665,111 @@ cdef inline void affine_const(const storage* x, storage* y, Py_ssize_t n, double
         _affine_span(x, y, h, n, mean, rstd, weight, shift)
     else:
         affine_act(x, y, n, mean, rstd, weight, shift, 0)
+
+
+cdef inline void affine_wide(const storage* x, storage* y, Py_ssize_t n, double mean,
+                             double rstd, double weight, double shift) noexcept nogil:
+    """affine_const computed in float64 for every storage, rounded once to float32 (the
+    channel kernel's column path, BatchNorm with short runs, applies so): float32 data
+    to within half an ulp. 16-bit data are widened block by block, computed so, and
+    rounded from that float32 value to the storage (the column path takes them as float32
+    copies). y may be x."""
+    cdef float buf[STAGE]
+    cdef Py_ssize_t i = 0, e
+    if storage is float or storage is double:
+        _affine_span_f64(x, y, 0, n, mean, rstd, weight, shift)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(x + i, buf, e - i)
+            _affine_span_f64(<const float*>buf, buf, 0, e - i, mean, rstd, weight, shift)
+            narrow(buf, y + i, e - i)
+            i = e
+
+
+cdef inline void _affine_elementwise_span(const floating* x, floating* y,
+                                          const floating* w, const floating* b,
+                                          Py_ssize_t k0, Py_ssize_t k1, double mean,
+                                          double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * w + b over [k0, k1) (w, b: NULL for none); float32 data in
+    float32 with a hi/lo mean, or xhat in float64 where f32_xhat_ok says no, as
+    affine_const."""
+    cdef Py_ssize_t k
+    cdef float mh, ml, rs, v
+    if floating is float and f32_xhat_ok(rstd):
+        split_mean(mean, &mh, &ml)
+        rs = <float>rstd
+        if mean == 0 and b == NULL:
+            # RMSNorm: x - 0 is x, so the same bits without the two subtractions
+            if w != NULL:
+                for k in range(k0, k1):
+                    y[k] = x[k] * rs * w[k]
+            else:
+                for k in range(k0, k1):
+                    y[k] = x[k] * rs
+        elif w != NULL and b != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs * w[k] + b[k]
+        elif w != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs * w[k]
+        elif b != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs + b[k]
+        else:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs
+    elif floating is float:
+        for k in range(k0, k1):
+            v = <float>((x[k] - mean) * rstd)
+            if w != NULL:
+                v = v * w[k]
+            if b != NULL:
+                v = v + b[k]
+            y[k] = v
+    else:
+        if w != NULL and b != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd * w[k] + b[k]
+        elif w != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd * w[k]
+        elif b != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd + b[k]
+        else:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd
+
+
+cdef inline void affine_elementwise(const storage* x, storage* y, const floating* w,
+                                    const floating* b, Py_ssize_t n, double mean,
+                                    double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * w + b with elementwise w, b (n values each, NULL for
+    none): the row family's apply (LayerNorm, RMSNorm). The casts of w and b are no-ops
+    in the pairings that run. 16-bit data: on the widened block in float32, rounded once.
+    y may be x."""
+    cdef float buf[STAGE]
+    cdef const float* wi = NULL
+    cdef const float* bi = NULL
+    cdef Py_ssize_t h, i = 0, e
+    if storage is float or storage is double:
+        h = aligned_head(y, n, sizeof(storage))
+        _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, 0, h, mean,
+                                 rstd)
+        _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, h, n, mean,
+                                 rstd)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(x + i, buf, e - i)
+            if w != NULL:
+                wi = <const float*>w + i
+            if b != NULL:
+                bi = <const float*>b + i
+            _affine_elementwise_span(<const float*>buf, buf, wi, bi, 0, e - i, mean, rstd)
+            narrow(buf, y + i, e - i)
+            i = e
 
 
 cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
@@ -672,8 +786,16 @@ cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
         for i in range(i0, i1):
             dx[i] = ((wf * dy[i] - gf) - (((x[i] - mh) - ml) * rf) * kf) * rf
     else:
-        for i in range(i0, i1):
-            dx[i] = <floating>(rstd * ((weight * dy[i] - mg) - ((x[i] - mean) * rstd) * mgx))
+        _grad_span_f64(dy, x, dx, i0, i1, weight, mg, mgx, mean, rstd)
+
+
+cdef inline void _grad_span_f64(const floating* dy, const floating* x, floating* dx,
+                                Py_ssize_t i0, Py_ssize_t i1, double weight, double mg,
+                                double mgx, double mean, double rstd) noexcept nogil:
+    """grad_const's formula in float64, rounded once to dx's type."""
+    cdef Py_ssize_t i
+    for i in range(i0, i1):
+        dx[i] = <floating>(rstd * ((weight * dy[i] - mg) - ((x[i] - mean) * rstd) * mgx))
 
 
 cdef enum:
@@ -718,6 +840,28 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
             widen(x + i, bx, e - i)
             _grad_span(<const float*>bdy, <const float*>bx, bdy, 0, e - i, weight, mg, mgx,
                        mean, rstd)
+            narrow(bdy, dx + i, e - i)
+            i = e
+
+
+cdef inline void grad_wide(const storage* dy, const storage* x, storage* dx, Py_ssize_t n,
+                           double weight, double mg, double mgx, double mean,
+                           double rstd) noexcept nogil:
+    """grad_const computed in float64 for every storage, rounded once to float32 (the
+    channel kernel's column path computes so), then 16-bit data from that float32 value
+    to the storage, as affine_wide. dx may be dy or x."""
+    cdef float bdy[STAGE]
+    cdef float bx[STAGE]
+    cdef Py_ssize_t i = 0, e
+    if storage is float or storage is double:
+        _grad_span_f64(dy, x, dx, 0, n, weight, mg, mgx, mean, rstd)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(dy + i, bdy, e - i)
+            widen(x + i, bx, e - i)
+            _grad_span_f64(<const float*>bdy, <const float*>bx, bdy, 0, e - i, weight, mg,
+                           mgx, mean, rstd)
             narrow(bdy, dx + i, e - i)
             i = e
 

@@ -23,7 +23,8 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_moments, fold_moments, chan_merge,
-    split_grad_sums, affine_const, aligned_head, grad_const, data,
+    split_grad_sums, affine_const, affine_wide, affine_elementwise, grad_const, grad_wide,
+    data,
 )
 
 import numpy as np
@@ -123,47 +124,6 @@ def merge(cnp.ndarray parts, cnp.ndarray out, Py_ssize_t P, Py_ssize_t S):
 
 # ---- apply with given statistics --------------------------------------------------------
 
-cdef inline void _affine_elementwise(const floating* x, floating* y, const floating* w,
-                                     const floating* b, Py_ssize_t n, double mean,
-                                     double rstd) noexcept nogil:
-    """y = (x - mean) * rstd * w + b elementwise (w, b: NULL for none), in the row
-    family's order of operations; float32 with a hi/lo mean, as affine_const."""
-    cdef Py_ssize_t i
-    cdef float mh, ml, rs
-    if w == NULL:
-        affine_const(x, y, n, mean, rstd, 1.0, 0.0)
-        if b != NULL:
-            for i in range(n):
-                y[i] = y[i] + b[i]
-        return
-    if floating is float:
-        mh = <float>mean
-        ml = <float>(mean - <double>mh)
-        rs = <float>rstd
-        if b != NULL:
-            for i in range(n):
-                y[i] = ((x[i] - mh) - ml) * rs * w[i] + b[i]
-        else:
-            for i in range(n):
-                y[i] = ((x[i] - mh) - ml) * rs * w[i]
-    else:
-        if b != NULL:
-            for i in range(n):
-                y[i] = (x[i] - mean) * rstd * w[i] + b[i]
-        else:
-            for i in range(n):
-                y[i] = (x[i] - mean) * rstd * w[i]
-
-
-cdef inline void _affine_wide(const floating* x, floating* y, Py_ssize_t n, double mean,
-                              double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift computed in float64 and rounded once: the channel
-    kernel's column path (BatchNorm with short runs) applies so."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = <floating>((x[i] - mean) * scale + shift)
-
-
 cdef void _apply(const floating* x, floating* y, const floating* w, const floating* b,
                  const double* mean, const double* rstd, const Py_ssize_t* gidx,
                  Py_ssize_t A, Py_ssize_t K, Py_ssize_t B, Py_ssize_t G, int per_sample,
@@ -178,12 +138,13 @@ cdef void _apply(const floating* x, floating* y, const floating* w, const floati
         n = B - e0 if B - e0 < CHUNK else CHUNK
         off = r * B + e0
         if elementwise:
-            _affine_elementwise(x + off, y + off, NULL if w == NULL else w + k * B + e0,
-                                NULL if b == NULL else b + k * B + e0, n, mean[s], rstd[s])
+            affine_elementwise(x + off, y + off,
+                               <const floating*>NULL if w == NULL else w + k * B + e0,
+                               <const floating*>NULL if b == NULL else b + k * B + e0, n,
+                               mean[s], rstd[s])
         elif wide:
-            _affine_wide(x + off, y + off, n, mean[s],
-                         rstd[s] if w == NULL else rstd[s] * w[k],
-                         0.0 if b == NULL else b[k])
+            affine_wide(x + off, y + off, n, mean[s], rstd[s], 1.0 if w == NULL else w[k],
+                        0.0 if b == NULL else b[k])
         else:
             affine_const(x + off, y + off, n, mean[s], rstd[s], 1.0 if w == NULL else w[k],
                          0.0 if b == NULL else b[k])
@@ -237,16 +198,6 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray out,
                             &L, K, B, pm, parts, po, po + K, nt)
 
 
-cdef inline void _grad_wide(const floating* dy, const floating* x, floating* dx,
-                            Py_ssize_t n, double a, double mean, double kx,
-                            double c0) noexcept nogil:
-    """dx = a * dy - kx * (x - mean) - c0 in float64, rounded once (the channel kernel's
-    column path)."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = <floating>(a * dy[i] - kx * (x[i] - mean) - c0)
-
-
 cdef void _grad_apply(const floating* dy, const floating* x, floating* dx,
                       const floating* w, const double* mean, const double* rstd,
                       const double* sdy, const double* sdyx, double count, Py_ssize_t A,
@@ -262,15 +213,14 @@ cdef void _grad_apply(const floating* dy, const floating* x, floating* dx,
         off = r * B + e0
         rs = rstd[k]
         wc = 1.0 if w == NULL else w[k]
-        # the channel kernel's coefficients, with the global sums and count
+        # the channel kernel's coefficients, with the global sums and count: mean(g)
+        # and mean(g * xhat) over the whole set, g = w * dy (see grad_const)
         if wide:
-            # ordered so that no intermediate leaves the float64 range
-            _grad_wide(dy + off, x + off, dx + off, n, wc * rs, mean[k],
-                       wc * (rs * (rs * (rs * sdyx[k] / count))), wc * rs * sdy[k] / count)
-            continue
-        # mean(g) and mean(g * xhat) over the whole set, g = w * dy (see grad_const)
-        grad_const(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
-                   wc * (rs * sdyx[k] / count), mean[k], rs, NULL, NULL)
+            grad_wide(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
+                      wc * (rs * sdyx[k] / count), mean[k], rs)
+        else:
+            grad_const(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
+                       wc * (rs * sdyx[k] / count), mean[k], rs, NULL, NULL)
 
 
 def grad_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,

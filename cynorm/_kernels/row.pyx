@@ -23,9 +23,9 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, set_ddof,
-    set_grad_sums, split_grad_sums, aligned_head, f32_xhat_ok, split_mean, data,
+    set_grad_sums, split_grad_sums, f32_xhat_ok, split_mean, data,
     storage, storage_kind, widen, narrow, cn_f16, cn_bf16, STAGE, KIND_F64, KIND_F32,
-    KIND_F16,
+    KIND_F16, affine_elementwise,
 )
 
 import numpy as np
@@ -51,95 +51,16 @@ cdef enum:
     MAX_BLOCKS = 64
 
 
-cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
-                             const floating* b, Py_ssize_t k0, Py_ssize_t k1, double mean,
-                             double rstd) noexcept nogil:
-    """y = (x - mean) * rstd * w + b over [k0, k1) (w, b: NULL for none); float32 data in
-    float32 with a hi/lo mean, or xhat in float64 where f32_xhat_ok says no, as
-    affine_const."""
-    cdef Py_ssize_t k
-    cdef float mh, ml, rs, v
-    if floating is float and f32_xhat_ok(rstd):
-        split_mean(mean, &mh, &ml)
-        rs = <float>rstd
-        if mean == 0 and b == NULL:
-            # RMSNorm: x - 0 is x, so the same bits without the two subtractions
-            if w != NULL:
-                for k in range(k0, k1):
-                    y[k] = x[k] * rs * w[k]
-            else:
-                for k in range(k0, k1):
-                    y[k] = x[k] * rs
-        elif w != NULL and b != NULL:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs * w[k] + b[k]
-        elif w != NULL:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs * w[k]
-        elif b != NULL:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs + b[k]
-        else:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs
-    elif floating is float:
-        for k in range(k0, k1):
-            v = <float>((x[k] - mean) * rstd)
-            if w != NULL:
-                v = v * w[k]
-            if b != NULL:
-                v = v + b[k]
-            y[k] = v
-    else:
-        if w != NULL and b != NULL:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd * w[k] + b[k]
-        elif w != NULL:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd * w[k]
-        elif b != NULL:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd + b[k]
-        else:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd
-
-
-cdef inline void _apply_row(const storage* x, storage* y, const floating* w,
-                            const floating* b, Py_ssize_t n, double mean,
-                            double rstd) noexcept nogil:
-    """Normalise n elements of a row (w, b: the row's slice, or NULL). The casts of w
-    and b are no-ops in the pairings that run (see _common.pxd)."""
-    cdef float buf[STAGE]
-    cdef const float* wi = NULL
-    cdef const float* bi = NULL
-    cdef Py_ssize_t h, i = 0, e
-    if storage is float or storage is double:
-        h = aligned_head(y, n, sizeof(storage))
-        _apply_span(x, y, <const storage*>w, <const storage*>b, 0, h, mean, rstd)
-        _apply_span(x, y, <const storage*>w, <const storage*>b, h, n, mean, rstd)
-    else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(x + i, buf, e - i)
-            if w != NULL:
-                wi = <const float*>w + i
-            if b != NULL:
-                bi = <const float*>b + i
-            _apply_span(<const float*>buf, buf, wi, bi, 0, e - i, mean, rstd)
-            narrow(buf, y + i, e - i)
-            i = e
-
-
 cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
                               const SetLayout* L, Py_ssize_t k) noexcept nogil:
     """Apply over piece k (of all R * n_pieces) of the split forward."""
     cdef Py_ssize_t r = k // L.n_pieces, run0, nruns, e0, elen
     piece_bounds(L, k - r * L.n_pieces, &run0, &nruns, &e0, &elen)
-    _apply_row(x + r * L.size + e0, y + r * L.size + e0,
-               <const floating*>NULL if w == NULL else w + e0,
-               <const floating*>NULL if b == NULL else b + e0, elen, mean[r], rstd[r])
+    affine_elementwise(x + r * L.size + e0, y + r * L.size + e0,
+                       <const floating*>NULL if w == NULL else w + e0,
+                       <const floating*>NULL if b == NULL else b + e0, elen, mean[r],
+                       rstd[r])
 
 
 cdef inline void _add_span(const storage* a, const storage* b, storage* h,
@@ -179,7 +100,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
                 _add_span(x + r * K, res + r * K, h + r * K, K)
                 set_stats(h + r * K, &L, welford, not rms, eps,
                           x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
-                _apply_row(h + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+                affine_elementwise(h + r * K, y + r * K, w, b, K, mean[r], rstd[r])
             return
         for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
             e0 = k * CHUNK
@@ -189,7 +110,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
             set_stats(x + r * K, &L, welford, not rms, eps,
                       x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
-            _apply_row(x + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+            affine_elementwise(x + r * K, y + r * K, w, b, K, mean[r], rstd[r])
         return
     split_set_stats(x, &L, R, K, parts, welford, not rms, eps, mean, rstd, NULL, nt)
     for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
