@@ -14,70 +14,14 @@ import pytest
 
 import cynorm
 import reference as ref
+from lowp_reference import (
+    BF16, F16, assert_within_one_ulp, bits_position, grid_position, wide,
+)
 from test_determinism import across_threads
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-BF16 = np.dtype(ml_dtypes.bfloat16)
-F16 = np.dtype(np.float16)
 LOWP = [F16, BF16]
 ACTS = [None, "silu", "gelu", "gelu_tanh", "relu"]
-
-# mantissa bits and smallest normal exponent of each 16-bit format
-_FORMAT = {F16: (10, -14), BF16: (7, -126)}
-# float32 rounding of the terms a result is a difference of (a few float32 ulps)
-_F32_TERMS = 8 * 2.0 ** -24
-
-
-def wide(a):
-    """A 16-bit (or any float) array as float64, exactly (NumPy / ml_dtypes casts)."""
-    with np.errstate(invalid="ignore"):  # signalling NaN patterns
-        return np.asarray(a).astype(np.float64)
-
-
-def grid_position(v, dt):
-    """The position of float64 values v on dt's grid of finite values, counted in ulps
-    from 0 (an integer for a representable value, fractional in between; negative for
-    negative v): the distance of two values in ulps is the difference of positions."""
-    p, emin = _FORMAT[dt]
-    a = np.abs(v)
-    m, e = np.frexp(a)  # a = m * 2**e, m in [0.5, 1)
-    e = e - 1
-    normal = (e - emin + 1) * 2.0 ** p + (2 * m - 1) * 2.0 ** p
-    sub = a / 2.0 ** (emin - p)
-    pos = np.where(e >= emin, normal, sub)
-    return np.where(a == 0, 0.0, np.copysign(pos, v))
-
-
-def bits_position(y):
-    """The grid position of 16-bit values from their bit patterns (sign-magnitude)."""
-    u = np.ascontiguousarray(y).view(np.uint16).astype(np.int64)
-    mag = u & 0x7FFF
-    return np.where(u & 0x8000, -mag, mag).astype(np.float64)
-
-
-def assert_within_one_ulp(y, expected, terms=None, what="result"):
-    """y (16-bit) within 1 ulp of float64 `expected`; NaN exactly where expected is NaN,
-    infinities equal. terms: the elementwise size of the terms y is a difference of;
-    where given, an error within a few float32 ulps of them passes too."""
-    dt = y.dtype
-    assert dt in LOWP, dt
-    expected = np.asarray(expected, dtype=np.float64)
-    assert y.shape == expected.shape
-    yw = wide(y)
-    nan = np.isnan(expected)
-    assert np.array_equal(np.isnan(yw), nan), f"{what}: NaN where the reference has none"
-    inf = np.isinf(expected)
-    assert np.array_equal(yw[inf], expected[inf]), f"{what}: infinities differ"
-    fin = ~nan & ~inf
-    assert np.isfinite(yw[fin]).all(), f"{what}: overflow where the reference is finite"
-    dist = np.abs(bits_position(y)[fin] - grid_position(expected[fin], dt))
-    ok = dist <= 1.0
-    if terms is not None:
-        t = np.broadcast_to(np.asarray(terms, dtype=np.float64), expected.shape)[fin]
-        ok |= np.abs(yw[fin] - expected[fin]) <= _F32_TERMS * t
-    assert ok.all(), (f"{what}: {np.count_nonzero(~ok)} of {ok.size} values beyond 1 ulp "
-                      f"of {dt}; worst {dist.max():.3g} ulps")
-
 
 def data(shape, dt, seed=0, loc=0.3, scale=1.0):
     rng = np.random.default_rng(seed)
@@ -509,12 +453,6 @@ def test_other_dtypes_are_type_errors_naming_x():
             cynorm.group_norm(np.zeros((2, 4, 3), dtype=bad), 2)
     with pytest.raises(TypeError, match="weight must be a floating-point array"):
         cynorm.layer_norm(np.zeros((2, 4), F16), 4, np.zeros(4, dtype=np.int16))
-
-
-def test_ops_without_16bit_kernels_reject_it_naming_x():
-    x = np.zeros((4, 5), dtype=F16)
-    with pytest.raises(TypeError, match="x: float16 is not supported here"):
-        cynorm.standardize(x)
 
 
 @pytest.mark.parametrize("dt", LOWP, ids=str)
