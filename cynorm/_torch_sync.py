@@ -15,6 +15,11 @@ backward: each rank computes sum(dy) and sum(dy * (x - mean)) per channel, all r
 
 Both collectives move 3 * C and 2 * C numbers per rank; all_gather rather than
 all_reduce because the order of an all_reduce's additions is up to the backend.
+
+Tensors: float32, float64, float16 or bfloat16, handed to the kernels as cynorm.torch
+does (a contiguous tensor's own memory, bfloat16 as ml_dtypes.bfloat16, no copy); the
+statistics and gradient sums exchanged are float64 for every dtype; outputs have the
+input's dtype, parameter gradients their parameter's.
 """
 import numpy as np
 import torch
