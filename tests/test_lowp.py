@@ -673,9 +673,15 @@ def test_group_norm_16bit_is_the_float32_computation_rounded_once(dt, shape, G, 
     dx, dw, db = cynorm.group_norm_backward(dy, x, m, r, G, w, bias=b, activation=act)
     dx32, dw32, db32 = cynorm.group_norm_backward(dy.astype(np.float32), x32, m, r, G, w,
                                                   bias=b, activation=act)
-    if act is None:  # with an activation, g = dy * act'(a) is formed in float32 either way
-        _same_bits(dx, dx32, dt, "dx")
-        assert np.array_equal(dw, dw32) and np.array_equal(db, db32)
+    # with an activation too: dy * act'(a) stays in float32, as on float32 data
+    _same_bits(dx, dx32, dt, "dx")
+    assert np.array_equal(dw, dw32) and np.array_equal(db, db32)
+    for target in ("dy", "x"):  # in place: the same bits
+        d2, x2 = dy.copy(), x.copy()
+        out = d2 if target == "dy" else x2
+        got = cynorm.group_norm_backward(d2, x2, m, r, G, w, bias=b, activation=act,
+                                         out=out)[0]
+        assert got is out and np.array_equal(got.view(np.uint16), dx.view(np.uint16))
 
 
 @pytest.mark.parametrize("dt", LOWP, ids=str)

@@ -742,6 +742,22 @@ cdef extern from "_activations.h":
     void cn_affine_act_grad_f32(const float* a, const float* dy, float* g, Py_ssize_t n,
                                 float mh, float ml, float rf, float wf, float t,
                                 int act) noexcept nogil
+    void cn_affine_act_f16(const cn_f16* a, cn_f16* y, Py_ssize_t n, float mh, float ml,
+                           float rf, float wf, float t, int act) noexcept nogil
+    void cn_affine_act_bf16(const cn_bf16* a, cn_bf16* y, Py_ssize_t n, float mh,
+                            float ml, float rf, float wf, float t, int act) noexcept nogil
+    void cn_act_grad_sums_f16(const cn_f16* x, const cn_f16* dy, Py_ssize_t n, float mh,
+                              float ml, float rf, float wf, float t, int act, double m,
+                              double* sdy, double* sdyx) noexcept nogil
+    void cn_act_grad_sums_bf16(const cn_bf16* x, const cn_bf16* dy, Py_ssize_t n,
+                               float mh, float ml, float rf, float wf, float t, int act,
+                               double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_act_grad_dx_f16(const cn_f16* x, const cn_f16* dy, cn_f16* dx, Py_ssize_t n,
+                            float mh, float ml, float rf, float wf, float t, int act,
+                            float gf, float kf) noexcept nogil
+    void cn_act_grad_dx_bf16(const cn_bf16* x, const cn_bf16* dy, cn_bf16* dx,
+                             Py_ssize_t n, float mh, float ml, float rf, float wf, float t,
+                             int act, float gf, float kf) noexcept nogil
 
 cdef enum:
     # elements per activation block: 2 KiB of float32, in L1 between affine and activation
@@ -759,8 +775,8 @@ cdef inline void act_run(floating* y, Py_ssize_t n, int act) noexcept nogil:
 cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double mean,
                             double rstd, double weight, double shift, int act) noexcept nogil:
     """y = act((x - mean) * rstd * weight + shift): affine_const, then the activation on
-    each block while it is in L1. y may be x. 16-bit data: both on the widened block in
-    float32, then rounded once."""
+    each block while it is in L1. y may be x. 16-bit data: both in float32 on the values
+    widened in registers, then rounded once."""
     cdef float buf[STAGE]
     cdef Py_ssize_t i = 0, e
     cdef float mh, ml
@@ -781,13 +797,24 @@ cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double m
             act_run(y + i, e - i, act)
             i = e
     else:
-        if act == 0 and f32_xhat_ok(rstd):
-            # the float32 affine on the values widened in registers, rounded once
+        if f32_xhat_ok(rstd):
+            # the float32 affine (and activation) on the values widened in registers,
+            # rounded once
             split_mean(mean, &mh, &ml)
             if storage is cn_f16:
-                cn_affine_f16(x, y, n, mh, ml, <float>rstd, <float>weight, <float>shift)
+                if act == 0:
+                    cn_affine_f16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                  <float>shift)
+                else:
+                    cn_affine_act_f16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                      <float>shift, act)
             else:
-                cn_affine_bf16(x, y, n, mh, ml, <float>rstd, <float>weight, <float>shift)
+                if act == 0:
+                    cn_affine_bf16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                   <float>shift)
+                else:
+                    cn_affine_act_bf16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                       <float>shift, act)
             return
         while i < n:
             e = i + STAGE if i + STAGE < n else n
@@ -804,8 +831,9 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
                                 double shift, int act) noexcept nogil:
     """g = dy * act'(a), a = (x - mean) * rstd * weight + shift recomputed exactly as
     affine_act computed it in the forward. g may be dy (not x). 16-bit data: g is
-    rounded to the storage type (cynorm._api widens such a backward to float32 first,
-    keeping g's digits, and does not call this with 16-bit data)."""
+    rounded to the storage type (the slab backward uses act_grad_sums and act_grad_dx
+    instead, which keep g in float32; cynorm._api widens other 16-bit backwards with an
+    activation to float32 first)."""
     cdef float a[ACT_BLOCK]
     cdef float bd[ACT_BLOCK]
     cdef double a64[ACT_BLOCK]
@@ -837,3 +865,68 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
 cdef inline void* data(object a):
     """The data pointer of a C-contiguous ndarray, or NULL for None (an absent weight)."""
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline void act_grad_sums(const storage* dy, const storage* x, Py_ssize_t n,
+                               double mean, double rstd, double weight, double shift,
+                               int act, double* sdy, double* sdyx) noexcept nogil:
+    """16-bit data: with g = dy * act'(a) (a = affine_act's pre-activation) kept in
+    float32, sdy += sum(g) and sdyx += sum(g * (x - mean)): lane_grad_sums over the run
+    of g that the float32 path forms, g recomputed in L1-sized stages in registers
+    (cn_act_grad_sums_*), never stored."""
+    cdef float a[ACT_BLOCK]
+    cdef float bd[ACT_BLOCK]
+    cdef float mh, ml
+    cdef Py_ssize_t i = 0, e
+    if storage is cn_f16 or storage is cn_bf16:
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                cn_act_grad_sums_f16(x, dy, n, mh, ml, <float>rstd, <float>weight,
+                                     <float>shift, act, mean, sdy, sdyx)
+            else:
+                cn_act_grad_sums_bf16(x, dy, n, mh, ml, <float>rstd, <float>weight,
+                                      <float>shift, act, mean, sdy, sdyx)
+            return
+        while i < n:  # xhat in float64 (f32_xhat_ok): staged, block by block
+            e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+            widen(x + i, a, e - i)
+            _affine_span(<const float*>a, a, 0, e - i, mean, rstd, weight, shift)
+            widen(dy + i, bd, e - i)
+            cn_act_grad_f32(a, bd, bd, e - i, act)
+            widen(x + i, a, e - i)
+            cn_grad_sums_f32(bd, a, NULL, e - i, mean, sdy, sdyx)
+            i = e
+
+
+cdef inline void act_grad_dx(const storage* dy, const storage* x, storage* dx,
+                             Py_ssize_t n, double weight, double mg, double mgx,
+                             double mean, double rstd, double shift,
+                             int act) noexcept nogil:
+    """16-bit data: grad_const on g = dy * act'(a) in float32, g recomputed as in
+    act_grad_sums; dx rounded once. dx may be dy or x."""
+    cdef float a[ACT_BLOCK]
+    cdef float bd[ACT_BLOCK]
+    cdef float mh, ml
+    cdef Py_ssize_t i = 0, e
+    if storage is cn_f16 or storage is cn_bf16:
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                cn_act_grad_dx_f16(x, dy, dx, n, mh, ml, <float>rstd, <float>weight,
+                                   <float>shift, act, <float>mg, <float>mgx)
+            else:
+                cn_act_grad_dx_bf16(x, dy, dx, n, mh, ml, <float>rstd, <float>weight,
+                                    <float>shift, act, <float>mg, <float>mgx)
+            return
+        while i < n:
+            e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+            widen(x + i, a, e - i)
+            _affine_span(<const float*>a, a, 0, e - i, mean, rstd, weight, shift)
+            widen(dy + i, bd, e - i)
+            cn_act_grad_f32(a, bd, bd, e - i, act)
+            widen(x + i, a, e - i)
+            _grad_span(<const float*>bd, <const float*>a, bd, 0, e - i, weight, mg, mgx, mean,
+                       rstd)
+            narrow(bd, dx + i, e - i)
+            i = e

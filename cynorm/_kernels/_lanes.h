@@ -270,9 +270,20 @@ static inline cn_vf cn_loadf_bf16(const cn_bf16* p) {
 }
 
 static inline void cn_storef_bf16(cn_bf16* p, cn_vf v) {
+#if defined(__AVX512F__)
+    /* the same rounding with the NaN lanes found by one unordered compare into a mask
+       register (NaN exactly where (u & 0x7fffffff) > 0x7f800000) */
+    __m512i u = (__m512i)v, t = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(t, _mm512_set1_epi32(1)));
+    __mmask16 nan = _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, t, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+#else
     cn_vu o;
     CN_BF16_NARROW_BITS(cn_vu, v, o);
     cn_w_store(p, o);
+#endif
 }
 
 static inline cn_vd cn_load_bf16(const cn_bf16* p) {
@@ -605,64 +616,110 @@ CN_ROW_TILE_DEF(cn_bf16, bf16)
 /* ---- elementwise spans of 16-bit (or float32) data in float32 lanes ------------------
  * The float32 applies of _common.pxd and row.pyx, operation for operation, with the
  * storage steps above: an unaligned head (so that the vector stores do not split cache
- * lines), the vector body, a scalar tail; every element is computed alone, so its bits
+ * lines), the vector body, the tail; every element is computed alone, so its bits
  * depend neither on its position nor on the vector width.
  *   cn_affine_T:   y = (((x - mh) - ml) * rf) * wf + t                     (slab apply)
  *   cn_grad_T:     dx = ((wf * dy - gf) - (((x - mh) - ml) * rf) * kf) * rf
  *   cn_row_apply_T: y = ((x - mh) - ml) * rf [* w[k]] [+ b[k]]; rms (mh = ml = 0, no b):
  *                   x * rf [* w[k]]                                        (row apply) */
 
-static inline ptrdiff_t cn_head64(const void* p, ptrdiff_t n, ptrdiff_t size) {
-    ptrdiff_t h = (ptrdiff_t)((-(size_t)p) & 63) / size;
+/* elements before p + h is aligned to a whole vector store (CN_FW elements of size
+ * bytes: 32 bytes for 16-bit data with AVX-512), so that no store splits a cache line;
+ * fewer than CN_FW, and at most n */
+static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size) {
+    ptrdiff_t h = (ptrdiff_t)((-(size_t)p) & (size_t)(CN_FW * size - 1)) / size;
     return h < n ? h : n;
 }
 
-#define CN_SPAN_LOOP(OUT, EXPR_V, EXPR_1)                                               \
-    ptrdiff_t i = 0, h = cn_head64(OUT, n, sizeof(*(OUT)));                             \
-    for (; i < h; i++) EXPR_1;                                                          \
-    for (; i + CN_FW <= n; i += CN_FW) EXPR_V;                                          \
-    for (; i < n; i++) EXPR_1;
+/* elements [0, n) of a span in chunks of CN_FW: CHUNK(k, m) computes the chunk at k
+ * with m valid elements. The unaligned head and the tail are single partial chunks, run
+ * on zero-padded copies (PART), so that no element takes a scalar conversion. */
+#define CN_SPAN_LOOP(OUT, CHUNK)                                                        \
+    ptrdiff_t i = 0, h = cn_head_chunk(OUT, n, sizeof(*(OUT)));                             \
+    if (h > 0) { CHUNK(0, h); i = h; }                                                  \
+    for (; i + CN_FW <= n; i += CN_FW) { CHUNK(i, CN_FW); }                             \
+    if (i < n) { CHUNK(i, n - i); }
 
-#define CN_SPAN_DEFS(TT, NAME)                                                          \
-    static inline void cn_affine_##NAME(const TT* x, TT* y, ptrdiff_t n, float mh,      \
+/* the m elements at p + k into a zeroed CN_FW buffer b (the whole chunk in place when
+ * m is CN_FW), and the buffer's pointer */
+#define CN_PART_IN(T, b, p, k, m)                                                       \
+    T b##_[CN_FW];                                                                      \
+    const T* b = (p) + (k);                                                             \
+    if ((m) < CN_FW) {                                                                  \
+        memset(b##_, 0, sizeof b##_);                                                   \
+        memcpy(b##_, b, (size_t)(m) * sizeof(T));                                       \
+        b = b##_;                                                                       \
+    }
+#define CN_PART_OUT(T, b, p, k, m)                                                      \
+    T b##_[CN_FW];                                                                      \
+    T* b = (m) < CN_FW ? b##_ : (p) + (k)
+#define CN_PART_DONE(T, b, p, k, m)                                                     \
+    if ((m) < CN_FW) memcpy((p) + (k), b##_, (size_t)(m) * sizeof(T))
+
+#define CN_AFFINE_CHUNK(k, m)                                                           \
+    {                                                                                   \
+        CN_PART_IN(TT, xp, x, k, m);                                                    \
+        CN_PART_OUT(TT, yp, y, k, m);                                                   \
+        CN_STF(yp, (((CN_LDF(xp) - mh) - ml) * rf) * wf + t);                           \
+        CN_PART_DONE(TT, yp, y, k, m);                                                  \
+    }
+#define CN_GRAD_CHUNK(k, m)                                                             \
+    {                                                                                   \
+        CN_PART_IN(TT, dp, dy, k, m);                                                   \
+        CN_PART_IN(TT, xp, x, k, m);                                                    \
+        CN_PART_OUT(TT, op, dx, k, m);                                                  \
+        CN_STF(op, ((wf * CN_LDF(dp) - gf) - (((CN_LDF(xp) - mh) - ml) * rf) * kf) * rf); \
+        CN_PART_DONE(TT, op, dx, k, m);                                                 \
+    }
+/* the row apply: xh = ((x - mh) - ml) * rf, or x * rf (rms), then * w, + b where given
+ * (w, b: NULL for none; the branches are hoisted out of the loop by the caller's
+ * constant arguments) */
+#define CN_ROW_CHUNK(k, m)                                                              \
+    {                                                                                   \
+        CN_PART_IN(TT, xp, x, k, m);                                                    \
+        CN_PART_OUT(TT, yp, y, k, m);                                                   \
+        cn_vf v = CN_LDF(xp);                                                           \
+        v = RMS ? v * rf : ((v - mh) - ml) * rf;                                        \
+        if (W) { CN_PART_IN(float, wp, w, k, m); v = v * cn_loadf(wp); }                \
+        if (B) { CN_PART_IN(float, bp, b, k, m); v = v + cn_loadf(bp); }                \
+        CN_STF(yp, v);                                                                  \
+        CN_PART_DONE(TT, yp, y, k, m);                                                  \
+    }
+
+#define CN_SPAN_DEFS(T_, NAME)                                                          \
+    static inline void cn_affine_##NAME(const T_* x, T_* y, ptrdiff_t n, float mh,      \
                                         float ml, float rf, float wf, float t) {        \
-        CN_SPAN_LOOP(y, CN_STF(y + i, (((CN_LDF(x + i) - mh) - ml) * rf) * wf + t),     \
-                     CN_ST1(y + i, (((CN_LD1(x[i]) - mh) - ml) * rf) * wf + t))         \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(y, CN_AFFINE_CHUNK)                                                \
     }                                                                                   \
-    static inline void cn_grad_##NAME(const TT* dy, const TT* x, TT* dx, ptrdiff_t n,   \
+    static inline void cn_grad_##NAME(const T_* dy, const T_* x, T_* dx, ptrdiff_t n,   \
                                       float mh, float ml, float rf, float wf, float gf, \
                                       float kf) {                                       \
-        CN_SPAN_LOOP(dx,                                                                \
-            CN_STF(dx + i, ((wf * CN_LDF(dy + i) - gf) -                                \
-                            (((CN_LDF(x + i) - mh) - ml) * rf) * kf) * rf),             \
-            CN_ST1(dx + i, ((wf * CN_LD1(dy[i]) - gf) -                                 \
-                            (((CN_LD1(x[i]) - mh) - ml) * rf) * kf) * rf))              \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(dx, CN_GRAD_CHUNK)                                                 \
     }                                                                                   \
-    static inline void cn_row_apply_##NAME(const TT* x, TT* y, const float* w,          \
+    static inline __attribute__((always_inline)) void cn_row_apply_##NAME##_(           \
+            const T_* x, T_* y, const float* w, const float* b, ptrdiff_t n, float mh,  \
+            float ml, float rf, const int RMS, const int W, const int B) {              \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(y, CN_ROW_CHUNK)                                                   \
+    }                                                                                   \
+    static inline void cn_row_apply_##NAME(const T_* x, T_* y, const float* w,          \
                                            const float* b, ptrdiff_t n, float mh,       \
                                            float ml, float rf, int rms) {               \
-        if (rms && w != NULL) {                                                         \
-            CN_SPAN_LOOP(y, CN_STF(y + i, CN_LDF(x + i) * rf * cn_loadf(w + i)),        \
-                         CN_ST1(y + i, CN_LD1(x[i]) * rf * w[i]))                       \
-        } else if (rms) {                                                               \
-            CN_SPAN_LOOP(y, CN_STF(y + i, CN_LDF(x + i) * rf),                          \
-                         CN_ST1(y + i, CN_LD1(x[i]) * rf))                              \
-        } else if (w != NULL && b != NULL) {                                            \
-            CN_SPAN_LOOP(y, CN_STF(y + i, ((CN_LDF(x + i) - mh) - ml) * rf *            \
-                                          cn_loadf(w + i) + cn_loadf(b + i)),           \
-                         CN_ST1(y + i, ((CN_LD1(x[i]) - mh) - ml) * rf * w[i] + b[i]))  \
-        } else if (w != NULL) {                                                         \
-            CN_SPAN_LOOP(y, CN_STF(y + i, ((CN_LDF(x + i) - mh) - ml) * rf *            \
-                                          cn_loadf(w + i)),                             \
-                         CN_ST1(y + i, ((CN_LD1(x[i]) - mh) - ml) * rf * w[i]))         \
-        } else if (b != NULL) {                                                         \
-            CN_SPAN_LOOP(y, CN_STF(y + i, ((CN_LDF(x + i) - mh) - ml) * rf +            \
-                                          cn_loadf(b + i)),                             \
-                         CN_ST1(y + i, ((CN_LD1(x[i]) - mh) - ml) * rf + b[i]))         \
-        } else {                                                                        \
-            CN_SPAN_LOOP(y, CN_STF(y + i, ((CN_LDF(x + i) - mh) - ml) * rf),            \
-                         CN_ST1(y + i, ((CN_LD1(x[i]) - mh) - ml) * rf))                \
-        }                                                                               \
+        /* one loop per combination, the choice made once per row (rms: no b) */       \
+        if (rms && w != NULL)                                                           \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 1, 1, 0);                 \
+        else if (rms)                                                                   \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 1, 0, 0);                 \
+        else if (w != NULL && b != NULL)                                                \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 1, 1);                 \
+        else if (w != NULL)                                                             \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 1, 0);                 \
+        else if (b != NULL)                                                             \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 0, 1);                 \
+        else                                                                            \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 0, 0);                 \
     }
 
 CN_SPAN_DEFS(cn_f16, f16)
