@@ -618,6 +618,7 @@ CN_ROW_TILE_DEF(cn_bf16, bf16)
  * storage steps above: an unaligned head (so that the vector stores do not split cache
  * lines), the vector body, the tail; every element is computed alone, so its bits
  * depend neither on its position nor on the vector width.
+ *   cn_add_T:      h = a + b                                       (the residual prologue)
  *   cn_affine_T:   y = (((x - mh) - ml) * rf) * wf + t                     (slab apply)
  *   cn_grad_T:     dx = ((wf * dy - gf) - (((x - mh) - ml) * rf) * kf) * rf
  *   cn_row_apply_T: y = ((x - mh) - ml) * rf [* w[k]] [+ b[k]]; rms (mh = ml = 0, no b):
@@ -635,8 +636,8 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
  * with m valid elements. The unaligned head and the tail are single partial chunks, run
  * on zero-padded copies (PART), so that no element takes a scalar conversion. */
 #define CN_SPAN_LOOP(OUT, CHUNK)                                                        \
-    ptrdiff_t i = 0, h = cn_head_chunk(OUT, n, sizeof(*(OUT)));                             \
-    if (h > 0) { CHUNK(0, h); i = h; }                                                  \
+    ptrdiff_t i = 0, head_ = cn_head_chunk(OUT, n, sizeof(*(OUT)));                     \
+    if (head_ > 0) { CHUNK(0, head_); i = head_; }                                      \
     for (; i + CN_FW <= n; i += CN_FW) { CHUNK(i, CN_FW); }                             \
     if (i < n) { CHUNK(i, n - i); }
 
@@ -686,7 +687,20 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
         CN_PART_DONE(TT, yp, y, k, m);                                                  \
     }
 
+#define CN_ADD_CHUNK(k, m)                                                              \
+    {                                                                                   \
+        CN_PART_IN(TT, ap, a, k, m);                                                    \
+        CN_PART_IN(TT, bp, b, k, m);                                                    \
+        CN_PART_OUT(TT, hp, h, k, m);                                                   \
+        CN_STF(hp, CN_LDF(ap) + CN_LDF(bp));                                            \
+        CN_PART_DONE(TT, hp, h, k, m);                                                  \
+    }
+
 #define CN_SPAN_DEFS(T_, NAME)                                                          \
+    static inline void cn_add_##NAME(const T_* a, const T_* b, T_* h, ptrdiff_t n) {    \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(h, CN_ADD_CHUNK)                                                   \
+    }                                                                                   \
     static inline void cn_affine_##NAME(const T_* x, T_* y, ptrdiff_t n, float mh,      \
                                         float ml, float rf, float wf, float t) {        \
         typedef T_ TT;                                                                  \

@@ -50,6 +50,9 @@ cdef extern from "_lanes.h":
     void cn_row_apply_bf16(const cn_bf16* x, cn_bf16* y, const float* w, const float* b,
                            Py_ssize_t n, float mh, float ml, float rf,
                            int rms) noexcept nogil
+    void cn_add_f16(const cn_f16* a, const cn_f16* b, cn_f16* h, Py_ssize_t n) noexcept nogil
+    void cn_add_bf16(const cn_bf16* a, const cn_bf16* b, cn_bf16* h,
+                     Py_ssize_t n) noexcept nogil
 
 # Rows per backward sub-block: its dy and x (32 rows of up to 4096 float32 each, 1 MiB)
 # stay in L2 between the sums and the dx pass.
@@ -165,23 +168,16 @@ cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
 
 cdef inline void _add_span(const storage* a, const storage* b, storage* h,
                            Py_ssize_t n) noexcept nogil:
-    """h = a + b elementwise; h may be a or b. 16-bit data: added in float32, rounded
-    once."""
-    cdef float ba[STAGE]
-    cdef float bb[STAGE]
-    cdef Py_ssize_t k, i = 0, e
+    """h = a + b elementwise; h may be a or b. 16-bit data: added in float32 (widened in
+    registers), rounded once."""
+    cdef Py_ssize_t k
     if storage is float or storage is double:
         for k in range(n):
             h[k] = a[k] + b[k]
+    elif storage is cn_f16:
+        cn_add_f16(a, b, h, n)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(a + i, ba, e - i)
-            widen(b + i, bb, e - i)
-            for k in range(e - i):
-                ba[k] = ba[k] + bb[k]
-            narrow(ba, h + i, e - i)
-            i = e
+        cn_add_bf16(a, b, h, n)
 
 
 cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
