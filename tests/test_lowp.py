@@ -574,3 +574,76 @@ def test_channels_last_storage_forward_and_backward_within_one_ulp(dt, op, act):
     scale = rs * np.max(np.abs(g)) * np.max(np.abs(w)) * 4 + 0 * edx
     assert_within_one_ulp(dx, np.moveaxis(edx, 1, -1), terms=np.moveaxis(scale, 1, -1),
                           what="dx")
+
+
+def _rounded(a, dt):
+    """A float32 result rounded once to the 16-bit dtype (NumPy / ml_dtypes casts,
+    nearest even), as its bit pattern."""
+    return np.asarray(a, np.float32).astype(dt).view(np.uint16)
+
+
+def _same_bits(y16, y32, dt, what):
+    got, want = y16.view(np.uint16), _rounded(y32, dt)
+    nan = np.isnan(wide(y16))
+    assert np.array_equal(nan, np.isnan(y32)), f"{what}: NaN positions differ"
+    bad = (got != want) & ~nan
+    assert not bad.any(), f"{what}: {bad.sum()} of {bad.size} values differ"
+
+
+# shapes with sets shorter than, equal to and longer than a piece, odd tails
+_EQUIV_GN = [((2, 8, 5, 7), 4), ((1, 4, 96, 96), 1), ((3, 6, 33), 6), ((2, 64, 37, 41), 32)]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,G", _EQUIV_GN)
+def test_group_norm_16bit_is_the_float32_computation_rounded_once(dt, shape, G, act):
+    """The README's promise, bit for bit: the statistics of the float32 computation on
+    the widened data, and its output rounded once to the storage dtype."""
+    x = data(shape, dt, 21, loc=2.0, scale=3.0)
+    w, b = data(shape[1], np.float32, 22, 1.0), data(shape[1], np.float32, 23)
+    x32 = x.astype(np.float32)
+    y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, activation=act)
+    y32, m32, r32 = cynorm.group_norm(x32, G, w, b, return_stats=True, activation=act)
+    assert np.array_equal(m, m32) and np.array_equal(r, r32)
+    _same_bits(y, y32, dt, "y")
+    dy = data(shape, dt, 24)
+    dx, dw, db = cynorm.group_norm_backward(dy, x, m, r, G, w, bias=b, activation=act)
+    dx32, dw32, db32 = cynorm.group_norm_backward(dy.astype(np.float32), x32, m, r, G, w,
+                                                  bias=b, activation=act)
+    # with an activation too: dy * act'(a) stays in float32, as on float32 data
+    _same_bits(dx, dx32, dt, "dx")
+    assert np.array_equal(dw, dw32) and np.array_equal(db, db32)
+    for target in ("dy", "x"):  # in place: the same bits
+        d2, x2 = dy.copy(), x.copy()
+        out = d2 if target == "dy" else x2
+        got = cynorm.group_norm_backward(d2, x2, m, r, G, w, bias=b, activation=act,
+                                         out=out)[0]
+        assert got is out and np.array_equal(got.view(np.uint16), dx.view(np.uint16))
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(64, 300), (3, 5000), (4, 768), (5, 17)])
+@pytest.mark.parametrize("op", ["layer", "rms"])
+def test_row_ops_16bit_are_the_float32_computation_rounded_once(dt, shape, op):
+    x = data(shape, dt, 25, loc=2.0)
+    dy = data(shape, dt, 26)
+    K = shape[-1]
+    w, b = data(K, np.float32, 27, 1.0), data(K, np.float32, 28)
+    x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+    if op == "layer":
+        y, m, r = cynorm.layer_norm(x, K, w, b, return_stats=True)
+        y32, m32, r32 = cynorm.layer_norm(x32, K, w, b, return_stats=True)
+        assert np.array_equal(m, m32)
+        dx, dw, db = cynorm.layer_norm_backward(dy, x, m, r, K, w)
+        dx32, dw32, db32 = cynorm.layer_norm_backward(dy32, x32, m, r, K, w)
+        assert np.array_equal(db, db32)
+    else:
+        y, r = cynorm.rms_norm(x, K, w, eps=1e-6, return_stats=True)
+        y32, r32 = cynorm.rms_norm(x32, K, w, eps=1e-6, return_stats=True)
+        dx, dw = cynorm.rms_norm_backward(dy, x, r, K, w)
+        dx32, dw32 = cynorm.rms_norm_backward(dy32, x32, r, K, w)
+    assert np.array_equal(r, r32)
+    _same_bits(y, y32, dt, "y")
+    _same_bits(dx, dx32, dt, "dx")
+    assert np.array_equal(dw, dw32)

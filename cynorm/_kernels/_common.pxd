@@ -204,24 +204,47 @@ cdef extern from "_lanes.h":
     void cn_col_moments_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
                             Py_ssize_t n, const double* k, double* pm,
                             double* pq) noexcept nogil
+    # 16-bit storage: the same loops, widening in registers (the storage loaders)
+    double cn_sum_f16(const cn_f16* x, Py_ssize_t n) noexcept nogil
+    double cn_sum_bf16(const cn_bf16* x, Py_ssize_t n) noexcept nogil
+    double cn_sqdev_f16(const cn_f16* x, Py_ssize_t n, double m, double* sdev,
+                        const cn_f16* pf) noexcept nogil
+    double cn_sqdev_bf16(const cn_bf16* x, Py_ssize_t n, double m, double* sdev,
+                         const cn_bf16* pf) noexcept nogil
+    double cn_sumsq_f16(const cn_f16* x, Py_ssize_t n, const cn_f16* pf) noexcept nogil
+    double cn_sumsq_bf16(const cn_bf16* x, Py_ssize_t n, const cn_bf16* pf) noexcept nogil
+    void cn_grad_sums_f16(const cn_f16* dy, const cn_f16* x, const float* w, Py_ssize_t n,
+                          double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const float* w,
+                           Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_affine_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, float mh, float ml,
+                       float rf, float wf, float t) noexcept nogil
+    void cn_affine_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, float mh, float ml,
+                        float rf, float wf, float t) noexcept nogil
+    void cn_grad_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, Py_ssize_t n,
+                     float mh, float ml, float rf, float wf, float gf,
+                     float kf) noexcept nogil
+    void cn_grad_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n,
+                      float mh, float ml, float rf, float wf, float gf,
+                      float kf) noexcept nogil
+    void cn_row_apply_f16(const cn_f16* x, cn_f16* y, const float* w, const float* b,
+                          Py_ssize_t n, float mh, float ml, float rf, int rms) noexcept nogil
+    void cn_row_apply_bf16(const cn_bf16* x, cn_bf16* y, const float* w, const float* b,
+                           Py_ssize_t n, float mh, float ml, float rf,
+                           int rms) noexcept nogil
 
 
 cdef inline double lane_sum(const storage* x, Py_ssize_t n) noexcept nogil:
-    """sum(x); for float32 data accurate enough for a first pass (see _lanes.h)."""
-    cdef float buf[STAGE]
-    cdef double s = 0
-    cdef Py_ssize_t i = 0, e
+    """sum(x); for float32 (and 16-bit) data accurate enough for a first pass (see
+    _lanes.h)."""
     if storage is float:
         return cn_sum_f32(x, n)
     elif storage is double:
         return cn_sum_f64(x, n)
+    elif storage is cn_f16:
+        return cn_sum_f16(x, n)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(x + i, buf, e - i)
-            s += cn_sum_f32(buf, e - i)
-            i = e
-        return s
+        return cn_sum_bf16(x, n)
 
 
 cdef inline double lane_sqdev(const storage* x, Py_ssize_t n, double m, double* sdev,
@@ -231,45 +254,31 @@ cdef inline double lane_sqdev(const storage* x, Py_ssize_t n, double m, double* 
     This second pass works on data already in L1, so it also prefetches the n elements
     at pf (the next piece, which the next first pass will read) to overlap that memory
     traffic with this arithmetic; pf = NULL prefetches x itself, a no-op."""
-    cdef float buf[STAGE]
-    cdef double q = 0
-    cdef Py_ssize_t i = 0, e
     if pf == NULL:
         pf = x
     if storage is float:
         return cn_sqdev_f32(x, n, m, sdev, pf)
     elif storage is double:
         return cn_sqdev_f64(x, n, m, sdev, pf)
+    elif storage is cn_f16:
+        return cn_sqdev_f16(x, n, m, sdev, pf)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            cn_prefetch_range(pf + i, (e - i) * sizeof(storage))
-            widen(x + i, buf, e - i)
-            q += cn_sqdev_f32(buf, e - i, m, sdev, buf)
-            i = e
-        return q
+        return cn_sqdev_bf16(x, n, m, sdev, pf)
 
 
 cdef inline double lane_sumsq(const storage* x, Py_ssize_t n,
                               const storage* pf) noexcept nogil:
     """sum(x**2): lane_sqdev with m = 0 (the same bits), prefetching pf likewise."""
-    cdef float buf[STAGE]
-    cdef double q = 0
-    cdef Py_ssize_t i = 0, e
     if pf == NULL:
         pf = x
     if storage is float:
         return cn_sumsq_f32(x, n, pf)
     elif storage is double:
         return cn_sumsq_f64(x, n, pf)
+    elif storage is cn_f16:
+        return cn_sumsq_f16(x, n, pf)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            cn_prefetch_range(pf + i, (e - i) * sizeof(storage))
-            widen(x + i, buf, e - i)
-            q += cn_sumsq_f32(buf, e - i, buf)
-            i = e
-        return q
+        return cn_sumsq_bf16(x, n, pf)
 
 
 cdef inline void welford_update(const storage* x, Py_ssize_t n, double* cnt, double* mean,
@@ -292,23 +301,14 @@ cdef inline void lane_grad_sums(const storage* dy, const storage* x, const float
                                 Py_ssize_t n, double m, double* sdy,
                                 double* sdyx) noexcept nogil:
     """With g = dy * w (w = NULL: g = dy): sdy += sum(g); sdyx += sum(g * (x - m))."""
-    cdef float bdy[STAGE]
-    cdef float bx[STAGE]
-    cdef const float* wi = NULL
-    cdef Py_ssize_t i = 0, e
     if storage is float:
         cn_grad_sums_f32(dy, x, <const float*>w, n, m, sdy, sdyx)
     elif storage is double:
         cn_grad_sums_f64(dy, x, <const double*>w, n, m, sdy, sdyx)
+    elif storage is cn_f16:
+        cn_grad_sums_f16(dy, x, <const float*>w, n, m, sdy, sdyx)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(dy + i, bdy, e - i)
-            widen(x + i, bx, e - i)
-            if w != NULL:
-                wi = <const float*>w + i
-            cn_grad_sums_f32(bdy, bx, wi, e - i, m, sdy, sdyx)
-            i = e
+        cn_grad_sums_bf16(dy, x, <const float*>w, n, m, sdy, sdyx)
 
 
 # ---- statistics of pieces and sets ---------------------------------------------------
@@ -382,22 +382,10 @@ cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t
     Two-pass (a mean, then the deviations from it while the piece is in L1, corrected)
     or Welford. centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
     pf: the next piece's data, prefetched during the second pass (single-run pieces).
-    16-bit data: the piece (at most CHUNK values) is widened once into a float32 buffer
-    on the stack, whose moments (as one run) are those of the piece."""
+    16-bit data: the float32 lanes' code on the values widened in registers."""
     cdef Py_ssize_t run0, nruns, e0, elen, r
     cdef double s = 0, q = 0, m = 0, c = 0
-    cdef float buf[CHUNK]
-    cdef SetLayout B
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
-    if storage is cn_f16 or storage is cn_bf16:
-        for r in range(nruns):
-            widen(xs + (run0 + r) * L.run_stride + e0, buf + r * elen, elen)
-        if pf != NULL:
-            cn_prefetch_range(pf, nruns * elen * sizeof(storage))
-        B = make_layout(1, nruns * elen, nruns * elen)
-        piece_moments(<const float*>buf, &B, 0, welford, centered, <const float*>NULL, cnt,
-                      mean, m2)
-        return
     if welford and centered:
         for r in range(nruns):
             welford_update(xs + (run0 + r) * L.run_stride + e0, elen, &c, &m, &q)
@@ -753,12 +741,22 @@ cdef inline void affine_elementwise(const storage* x, storage* y, const floating
     cdef const float* wi = NULL
     cdef const float* bi = NULL
     cdef Py_ssize_t h, i = 0, e
+    cdef float mh, ml
     if storage is float or storage is double:
         h = aligned_head(y, n, sizeof(storage))
         _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, 0, h, mean,
                                  rstd)
         _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, h, n, mean,
                                  rstd)
+    elif f32_xhat_ok(rstd):
+        # _affine_elementwise_span's float32 arithmetic on the values widened in registers
+        split_mean(mean, &mh, &ml)
+        if storage is cn_f16:
+            cn_row_apply_f16(x, y, <const float*>w, <const float*>b, n, mh, ml,
+                             <float>rstd, mean == 0 and b == NULL)
+        else:
+            cn_row_apply_bf16(x, y, <const float*>w, <const float*>b, n, mh, ml,
+                              <float>rstd, mean == 0 and b == NULL)
     else:
         while i < n:
             e = i + STAGE if i + STAGE < n else n
@@ -816,10 +814,12 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
 
     pf_dy, pf_x: n elements the caller reads next (the next set), prefetched block by
     block meanwhile, so that this L2-bound pass overlaps the next pass's memory reads;
-    NULL for none. 16-bit data: dx in float32 on the widened block, rounded once."""
+    NULL for none. 16-bit data: dx in float32 on the values widened in registers,
+    rounded once."""
     cdef float bdy[STAGE]
     cdef float bx[STAGE]
     cdef Py_ssize_t i = 0, e
+    cdef float mh, ml
     if storage is float or storage is double:
         i = aligned_head(dx, n, sizeof(storage))
         _grad_span(dy, x, dx, 0, i, weight, mg, mgx, mean, rstd)
@@ -829,6 +829,20 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
                 cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
                 cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
             _grad_span(dy, x, dx, i, e, weight, mg, mgx, mean, rstd)
+            i = e
+    elif f32_xhat_ok(rstd):
+        split_mean(mean, &mh, &ml)
+        while i < n:
+            e = i + 2 * PREFETCH_BLOCK if i + 2 * PREFETCH_BLOCK < n else n
+            if pf_dy != NULL:
+                cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
+                cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
+            if storage is cn_f16:
+                cn_grad_f16(dy + i, x + i, dx + i, e - i, mh, ml, <float>rstd,
+                            <float>weight, <float>mg, <float>mgx)
+            else:
+                cn_grad_bf16(dy + i, x + i, dx + i, e - i, mh, ml, <float>rstd,
+                             <float>weight, <float>mg, <float>mgx)
             i = e
     else:
         while i < n:
@@ -887,6 +901,22 @@ cdef extern from "_activations.h":
     void cn_affine_act_grad_f32(const float* a, const float* dy, float* g, Py_ssize_t n,
                                 float mh, float ml, float rf, float wf, float t,
                                 int act) noexcept nogil
+    void cn_affine_act_f16(const cn_f16* a, cn_f16* y, Py_ssize_t n, float mh, float ml,
+                           float rf, float wf, float t, int act) noexcept nogil
+    void cn_affine_act_bf16(const cn_bf16* a, cn_bf16* y, Py_ssize_t n, float mh,
+                            float ml, float rf, float wf, float t, int act) noexcept nogil
+    void cn_act_grad_sums_f16(const cn_f16* x, const cn_f16* dy, Py_ssize_t n, float mh,
+                              float ml, float rf, float wf, float t, int act, double m,
+                              double* sdy, double* sdyx) noexcept nogil
+    void cn_act_grad_sums_bf16(const cn_bf16* x, const cn_bf16* dy, Py_ssize_t n,
+                               float mh, float ml, float rf, float wf, float t, int act,
+                               double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_act_grad_dx_f16(const cn_f16* x, const cn_f16* dy, cn_f16* dx, Py_ssize_t n,
+                            float mh, float ml, float rf, float wf, float t, int act,
+                            float gf, float kf) noexcept nogil
+    void cn_act_grad_dx_bf16(const cn_bf16* x, const cn_bf16* dy, cn_bf16* dx,
+                             Py_ssize_t n, float mh, float ml, float rf, float wf, float t,
+                             int act, float gf, float kf) noexcept nogil
 
 cdef enum:
     # elements per activation block: 2 KiB of float32, in L1 between affine and activation
@@ -904,8 +934,8 @@ cdef inline void act_run(floating* y, Py_ssize_t n, int act) noexcept nogil:
 cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double mean,
                             double rstd, double weight, double shift, int act) noexcept nogil:
     """y = act((x - mean) * rstd * weight + shift): affine_const, then the activation on
-    each block while it is in L1. y may be x. 16-bit data: both on the widened block in
-    float32, then rounded once."""
+    each block while it is in L1. y may be x. 16-bit data: both in float32 on the values
+    widened in registers, then rounded once."""
     cdef float buf[STAGE]
     cdef Py_ssize_t i = 0, e
     cdef float mh, ml
@@ -926,6 +956,25 @@ cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double m
             act_run(y + i, e - i, act)
             i = e
     else:
+        if f32_xhat_ok(rstd):
+            # the float32 affine (and activation) on the values widened in registers,
+            # rounded once
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                if act == 0:
+                    cn_affine_f16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                  <float>shift)
+                else:
+                    cn_affine_act_f16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                      <float>shift, act)
+            else:
+                if act == 0:
+                    cn_affine_bf16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                   <float>shift)
+                else:
+                    cn_affine_act_bf16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                       <float>shift, act)
+            return
         while i < n:
             e = i + STAGE if i + STAGE < n else n
             widen(x + i, buf, e - i)
@@ -941,8 +990,9 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
                                 double shift, int act) noexcept nogil:
     """g = dy * act'(a), a = (x - mean) * rstd * weight + shift recomputed exactly as
     affine_act computed it in the forward. g may be dy (not x). 16-bit data: g is
-    rounded to the storage type (cynorm._api widens such a backward to float32 first,
-    keeping g's digits, and does not call this with 16-bit data)."""
+    rounded to the storage type (the slab backward uses act_grad_sums and act_grad_dx
+    instead, which keep g in float32; cynorm._api widens other 16-bit backwards with an
+    activation to float32 first)."""
     cdef float a[ACT_BLOCK]
     cdef float bd[ACT_BLOCK]
     cdef double a64[ACT_BLOCK]
@@ -974,3 +1024,68 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
 cdef inline void* data(object a):
     """The data pointer of a C-contiguous ndarray, or NULL for None (an absent weight)."""
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline void act_grad_sums(const storage* dy, const storage* x, Py_ssize_t n,
+                               double mean, double rstd, double weight, double shift,
+                               int act, double* sdy, double* sdyx) noexcept nogil:
+    """16-bit data: with g = dy * act'(a) (a = affine_act's pre-activation) kept in
+    float32, sdy += sum(g) and sdyx += sum(g * (x - mean)): lane_grad_sums over the run
+    of g that the float32 path forms, g recomputed in L1-sized stages in registers
+    (cn_act_grad_sums_*), never stored."""
+    cdef float a[ACT_BLOCK]
+    cdef float bd[ACT_BLOCK]
+    cdef float mh, ml
+    cdef Py_ssize_t i = 0, e
+    if storage is cn_f16 or storage is cn_bf16:
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                cn_act_grad_sums_f16(x, dy, n, mh, ml, <float>rstd, <float>weight,
+                                     <float>shift, act, mean, sdy, sdyx)
+            else:
+                cn_act_grad_sums_bf16(x, dy, n, mh, ml, <float>rstd, <float>weight,
+                                      <float>shift, act, mean, sdy, sdyx)
+            return
+        while i < n:  # xhat in float64 (f32_xhat_ok): staged, block by block
+            e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+            widen(x + i, a, e - i)
+            _affine_span(<const float*>a, a, 0, e - i, mean, rstd, weight, shift)
+            widen(dy + i, bd, e - i)
+            cn_act_grad_f32(a, bd, bd, e - i, act)
+            widen(x + i, a, e - i)
+            cn_grad_sums_f32(bd, a, NULL, e - i, mean, sdy, sdyx)
+            i = e
+
+
+cdef inline void act_grad_dx(const storage* dy, const storage* x, storage* dx,
+                             Py_ssize_t n, double weight, double mg, double mgx,
+                             double mean, double rstd, double shift,
+                             int act) noexcept nogil:
+    """16-bit data: grad_const on g = dy * act'(a) in float32, g recomputed as in
+    act_grad_sums; dx rounded once. dx may be dy or x."""
+    cdef float a[ACT_BLOCK]
+    cdef float bd[ACT_BLOCK]
+    cdef float mh, ml
+    cdef Py_ssize_t i = 0, e
+    if storage is cn_f16 or storage is cn_bf16:
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                cn_act_grad_dx_f16(x, dy, dx, n, mh, ml, <float>rstd, <float>weight,
+                                   <float>shift, act, <float>mg, <float>mgx)
+            else:
+                cn_act_grad_dx_bf16(x, dy, dx, n, mh, ml, <float>rstd, <float>weight,
+                                    <float>shift, act, <float>mg, <float>mgx)
+            return
+        while i < n:
+            e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+            widen(x + i, a, e - i)
+            _affine_span(<const float*>a, a, 0, e - i, mean, rstd, weight, shift)
+            widen(dy + i, bd, e - i)
+            cn_act_grad_f32(a, bd, bd, e - i, act)
+            widen(x + i, a, e - i)
+            _grad_span(<const float*>bd, <const float*>a, bd, 0, e - i, weight, mg, mgx, mean,
+                       rstd)
+            narrow(bd, dx + i, e - i)
+            i = e

@@ -39,6 +39,15 @@ cdef extern from "_lanes.h":
     void cn_row_tile_f32(const float* dy, const float* x, float* dx, const float* w,
                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
                          double* acc_w, double* acc_b) noexcept nogil
+    void cn_row_tile_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, const float* w,
+                         Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
+                         double* acc_w, double* acc_b) noexcept nogil
+    void cn_row_tile_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, const float* w,
+                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
+                          double* acc_w, double* acc_b) noexcept nogil
+    void cn_add_f16(const cn_f16* a, const cn_f16* b, cn_f16* h, Py_ssize_t n) noexcept nogil
+    void cn_add_bf16(const cn_bf16* a, const cn_bf16* b, cn_bf16* h,
+                     Py_ssize_t n) noexcept nogil
 
 # Rows per backward sub-block: its dy and x (32 rows of up to 4096 float32 each, 1 MiB)
 # stay in L2 between the sums and the dx pass.
@@ -65,23 +74,16 @@ cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
 
 cdef inline void _add_span(const storage* a, const storage* b, storage* h,
                            Py_ssize_t n) noexcept nogil:
-    """h = a + b elementwise; h may be a or b. 16-bit data: added in float32, rounded
-    once."""
-    cdef float ba[STAGE]
-    cdef float bb[STAGE]
-    cdef Py_ssize_t k, i = 0, e
+    """h = a + b elementwise; h may be a or b. 16-bit data: added in float32 (widened in
+    registers), rounded once."""
+    cdef Py_ssize_t k
     if storage is float or storage is double:
         for k in range(n):
             h[k] = a[k] + b[k]
+    elif storage is cn_f16:
+        cn_add_f16(a, b, h, n)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(a + i, ba, e - i)
-            widen(b + i, bb, e - i)
-            for k in range(e - i):
-                ba[k] = ba[k] + bb[k]
-            narrow(ba, h + i, e - i)
-            i = e
+        cn_add_bf16(a, b, h, n)
 
 
 cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
@@ -218,8 +220,8 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
                 double* acc_b) noexcept nogil:
     """Rows [r0, r1) (a sub-block), columns [k0, k0 + kn): write dx, and add
     dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row. 16-bit
-    data: each row's dy and x widened to float32 (kn <= TILE_COLS values), the float32
-    path's arithmetic on them, dx rounded once."""
+    data: the float32 path's arithmetic on the values widened in registers, dx rounded
+    once."""
     cdef float coef[10 * ROWS_PER_BLOCK]
     cdef float bdy[TILE_COLS]
     cdef float bx[TILE_COLS]
@@ -228,24 +230,10 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
     cdef double mg, mgx
     if w != NULL:
         wf = <const float*>w + k0
-    if storage is cn_f16 or storage is cn_bf16:
-        for r in range(r0, r1):
-            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
-            widen(dy + r * K + k0, bdy, kn)
-            widen(x + r * K + k0, bx, kn)
-            if f32_xhat_ok(rstd[r]):
-                split_mean(_mean_at(mean, r), &coef[0], &coef[1])
-                coef[2] = <float>rstd[r]
-                coef[3] = <float>mg
-                coef[4] = <float>mgx
-                cn_row_tile_f32(bdy, bx, bdy, wf, kn, 1, kn, coef, acc_w, acc_b)
-            else:
-                _tile_row(<const float*>bdy, <const float*>bx, bdy, wf, kn,
-                          _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
-            narrow(bdy, dx + r * K + k0, kn)
-    elif storage is float:
+    if storage is float or storage is cn_f16 or storage is cn_bf16:
         # runs of rows whose xhat float32 can form: float32 coefficients per row (the
-        # mean as hi + lo), then the vector tile; other rows in float64
+        # mean as hi + lo), then the vector tile (16-bit data widened in registers);
+        # other rows in float64
         r = r0
         while r < r1:
             ra = r
@@ -258,12 +246,27 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
                 coef[j + 4] = <float>mgx
                 r += 1
             if r > ra:
-                cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                wf, K, r - ra, kn, coef, acc_w, acc_b)
+                if storage is float:
+                    cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                elif storage is cn_f16:
+                    cn_row_tile_f16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                else:
+                    cn_row_tile_bf16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
+                                     wf, K, r - ra, kn, coef, acc_w, acc_b)
             if r < r1:
                 _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
-                _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                          wf, kn, _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
+                if storage is float:
+                    _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
+                              wf, kn, _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
+                else:
+                    # 16-bit: the row widened to float32, the float64 xhat, rounded once
+                    widen(dy + r * K + k0, bdy, kn)
+                    widen(x + r * K + k0, bx, kn)
+                    _tile_row(<const float*>bdy, <const float*>bx, bdy, wf, kn,
+                              _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
+                    narrow(bdy, dx + r * K + k0, kn)
                 r += 1
     else:
         for r in range(r0, r1):
