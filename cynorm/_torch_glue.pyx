@@ -69,6 +69,43 @@ def array_of(t):
     return arr
 
 
+# ---- recording an autograd call --------------------------------------------------------
+# torch.autograd.Function.apply is a Python wrapper (about 4 us per call) around the C
+# apply: outside functorch transforms it only unwraps dead functorch wrappers, which
+# record does itself. These are torch internals: a torch without them takes the public
+# apply.
+_function = None
+_c_apply = None
+_functorch_active = None
+_unwrap_if_dead = None
+
+
+def set_function(cls):
+    """Make record apply the autograd Function cls (cynorm.torch's _ModuleFunction)."""
+    global _function, _c_apply, _functorch_active, _unwrap_if_dead
+    _function = cls
+    try:
+        _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+        _functorch_active = torch._C._are_functorch_transforms_active
+        _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+    except (AttributeError, KeyError):
+        _c_apply = None
+
+
+cdef inline object _live(t):
+    return t if t is None else (_unwrap_if_dead(t) if isinstance(t, _Tensor) else t)
+
+
+def record(p, module, input, weight, bias, running_mean, running_var, residual):
+    """cls.apply(p, module, input, weight, bias, running_mean, running_var, residual) for
+    set_function's cls (what it does, faster)."""
+    if _c_apply is None or _functorch_active():
+        return _function.apply(p, module, input, weight, bias, running_mean, running_var,
+                               residual)
+    return _c_apply(p, module, _live(input), _live(weight), _live(bias),
+                    _live(running_mean), _live(running_var), _live(residual))
+
+
 def cached_views(module, weight, bias, running_mean, running_var):
     """The NumPy views of a module's parameters and buffers that cynorm.torch keeps in
     the module's __dict__ (see cynorm.torch._module_views), or None when there are none
@@ -206,19 +243,27 @@ def train_forward(module, p, input, weight, bias, running_mean, running_var):
     return _from_numpy(res[0]), res[2], res[3], x, w, b
 
 
-def train_backward(p, dy, x, w, b, mean, rstd, need_x, need_w, need_b):
-    """The gradient tensors (dx, dweight, dbias) of a forward that took train_forward
-    (None for those not needed), or None when dy needs the general route."""
+def train_backward(ctx, dy):
+    """_ModuleFunction.backward's common case, for a forward that took train_forward
+    (ctx.state = (p, 2, mean, rstd, x, w, b, ...)) and a backward autograd need not
+    differentiate: its return value, or None when dy needs the general route."""
+    if _grad_enabled():
+        return None
     dyn = array_of(dy)
     if dyn is None:
         return None
-    grads = checked_backward(p, dyn, x, w, b, mean, rstd)
+    state = ctx.state
+    p, x, w, b = state[0], state[4], state[5], state[6]
+    grads = checked_backward(p, dyn, x, w, b, state[2], state[3])
     if grads is None:
         return None
+    ctx.saved_tensors  # torch's check that no saved tensor was changed in place
+    n = ctx.needs_input_grad
     dx, dw, db = grads
-    return (_from_numpy(dx) if need_x else None,
-            _from_numpy(dw) if need_w and w is not None else None,
-            _from_numpy(db) if need_b and db is not None and b is not None else None)
+    return (None, None, _from_numpy(dx) if n[2] else None,
+            _from_numpy(dw) if n[3] and w is not None else None,
+            _from_numpy(db) if n[4] and db is not None and b is not None else None,
+            None, None, None)
 
 
 # ---- module forwards: the common inference call of each module, or None ------------------
@@ -234,7 +279,8 @@ cdef object _act(module):
 
 
 def group_module(module, input):
-    """GroupNorm.forward's inference call (the checks of checked_forward for this kind,
+    """GroupNorm.forward's call: an inference call run here, a call autograd must record
+    handed to record (the checks of checked_forward for this kind,
     made here directly: the smallest calls are the ones this is for)."""
     if type(input) is not _Tensor:
         return None
@@ -253,7 +299,8 @@ def group_module(module, input):
     params = module._parameters
     weight, bias = params["weight"], params["bias"]
     if _needs_record(input, weight, bias):
-        return None
+        return record(("group", G, None, True, 0.0, eps, act), module, input, weight, bias,
+                      None, None, None)
     x = array_of(input)
     if x is None:
         return None
@@ -297,8 +344,8 @@ def batch_module(module, input):
 
 
 def row_module(module, input, kind):
-    """LayerNorm.forward's (kind "layer") or RMSNorm.forward's ("rms") inference call
-    without a residual (the checks of checked_forward for these kinds, made here
+    """LayerNorm.forward's (kind "layer") or RMSNorm.forward's ("rms") call without a
+    residual, as group_module (the checks of checked_forward for these kinds, made here
     directly)."""
     if type(input) is not _Tensor:
         return None
@@ -315,7 +362,8 @@ def row_module(module, input, kind):
     weight = params["weight"]
     bias = None if rms else params["bias"]
     if _needs_record(input, weight, bias):
-        return None
+        return record((kind, 0, ns, True, 0.0, eps, None), module, input, weight, bias, None,
+                      None, None)
     x = array_of(input)
     if x is None:
         return None

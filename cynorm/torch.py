@@ -544,6 +544,10 @@ class _ModuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh=None):
+        if ctx.state[1] == 2:  # a forward of _torch_glue.train_forward
+            grads = _glue.train_backward(ctx, dy)
+            if grads is not None:
+                return grads
         n = ctx.needs_input_grad
         x_t, weight, bias = ctx.saved_tensors
         p, checked, mean, rstd, x, w, b, residual, fmt = ctx.state
@@ -553,11 +557,6 @@ class _ModuleFunction(torch.autograd.Function):
                 x_t = _residual_sum(*ctx.inputs)
             dx, dw, db = _composite_grads(p, dy, x_t, weight, bias, mean, rstd, need)
         else:
-            if checked == 2:
-                grads = _glue.train_backward(p, dy, x, w, b, mean, rstd, need[0],
-                                             need[1], need[2])
-                if grads is not None:
-                    return None, None, grads[0], grads[1], grads[2], None, None, None
             dyn = _glue.array_of(dy) if checked else None
             if dyn is not None and (dyn.dtype is not x.dtype or dyn.shape != x.shape):
                 dyn = None
@@ -594,26 +593,10 @@ def _residual_sum(input, residual, input_version, residual_version):
         return input + residual
 
 
-# torch.autograd.Function.apply is a Python wrapper (about 4 us per call) around the C
-# apply: outside functorch transforms it only unwraps dead functorch wrappers, which
-# _record does itself. These are torch internals: a torch without them takes the
-# public apply.
-try:
-    _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _ModuleFunction)
-    _functorch_active = torch._C._are_functorch_transforms_active
-    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-except (AttributeError, KeyError):
-    _c_apply = None
-
-
-def _record(p, module, input, weight, bias, running_mean, running_var, residual):
-    """_ModuleFunction.apply(p, module, input, ...) (what it does, faster)."""
-    if _c_apply is None or _functorch_active():
-        return _ModuleFunction.apply(p, module, input, weight, bias, running_mean,
-                                     running_var, residual)
-    return _c_apply(p, module, *[_unwrap_if_dead(t) if isinstance(t, _Tensor) else t
-                                 for t in (input, weight, bias, running_mean, running_var,
-                                           residual)])
+_glue.set_function(_ModuleFunction)
+# _ModuleFunction.apply(p, module, input, weight, bias, running_mean, running_var,
+# residual), without the Python wrapper of Function.apply (see _torch_glue.record)
+_record = _glue.record
 
 
 def _apply(p, input, weight, bias, running_mean, running_var, residual=None):
@@ -913,7 +896,7 @@ class GroupNorm(_Activated, torch.nn.GroupNorm):
     def forward(self, input):
         if not _is_compiling():
             y = _glue.group_module(self, input)
-            if y is not None:  # an inference call, done
+            if y is not None:  # done (the common cases)
                 return y
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"expected input of shape (N, {self.num_channels}, *), got "
@@ -1026,7 +1009,7 @@ class LayerNorm(_ViewCache, torch.nn.LayerNorm):
     def forward(self, input, residual=None):
         if residual is None and not _is_compiling():
             y = _glue.row_module(self, input, "layer")
-            if y is not None:  # an inference call, done
+            if y is not None:  # done (the common cases)
                 return y
         params = self._parameters
         weight, bias = params["weight"], params["bias"]
@@ -1044,7 +1027,7 @@ class RMSNorm(_ViewCache, torch.nn.RMSNorm):
     def forward(self, input, residual=None):
         if residual is None and not _is_compiling():
             y = _glue.row_module(self, input, "rms")
-            if y is not None:  # an inference call, done
+            if y is not None:  # done (the common cases)
                 return y
         weight = self._parameters["weight"]
         ns = self.normalized_shape
