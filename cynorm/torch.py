@@ -23,9 +23,11 @@ kernels:
 - **Inference** (no input or parameter requires grad, or grad mode is off, or
   `torch.inference_mode()`): the kernel is called directly, without an autograd
   Function; the bridge checks the arguments once and calls the NumPy API's checked entry
-  points (no second check), contiguous tensors are handed over without a copy
-  (`tensor.numpy()` shares memory) and the output is the kernel's array wrapped by
-  `torch.from_numpy` (no copy). The output has no grad_fn.
+  points (no second check), contiguous tensors are handed over without a copy (an array
+  on the tensor's memory) and the output is the kernel's array wrapped by
+  `torch.from_numpy` (no copy). The output has no grad_fn. The common module calls
+  (float32/float64, contiguous, no residual) run in cynorm._torch_glue, compiled;
+  anything else takes the Python route below, which checks and raises.
 - **Training**: one `torch.autograd.Function` (`_ModuleFunction`; `GroupNormFunction`
   and the other named Functions are thin wrappers of it) whose backward runs cynorm's
   backward kernels. Double backward (`create_graph=True`, e.g. a gradient penalty) is
@@ -665,8 +667,9 @@ class RMSNormFunction(_ModuleFunction):
 
 
 # ---- custom operators for torch.compile ------------------------------------------------
-# Eager calls do not use them: a torch.library custom operator costs about 10 us more per
-# call than the route above (measured on a (1, 32, 8, 8) GroupNorm). Under torch.compile
+# Eager calls do not use them: through a torch.library custom operator a (1, 32, 8, 8)
+# GroupNorm costs about 33 us per inference call and 275 us per training step, against
+# 9 and 58 us through the routes above (one thread, CPU time). Under torch.compile
 # they make each norm one opaque node of the graph (no graph break), with a fake
 # implementation for shape propagation and an autograd formula.
 
