@@ -28,8 +28,8 @@ _INF = float("inf")
 _NP_F32 = np.dtype("float32")
 _NP_F64 = np.dtype("float64")
 
-# the most dimensions array_of wraps itself (more: Tensor.numpy())
-DEF _MAX_DIMS = 16
+cdef enum:
+    _MAX_DIMS = 16  # the most dimensions array_of wraps itself (more: Tensor.numpy())
 
 
 def array_of(t):
@@ -146,7 +146,7 @@ def checked_forward(p, x, w, b, rm, rv, r, need_stats):
     if type(eps) is not float or not 0.0 <= eps < _INF:
         if not (eps is None and kind == "rms"):
             return None
-        eps = float(_api.np.finfo(dt).eps)
+        eps = float(np.finfo(dt).eps)
     per_row = kind == "layer" or kind == "rms"
     xs = x.shape
     if per_row:

@@ -73,7 +73,6 @@ __all__ = [
 
 _F32, _F64 = torch.float32, torch.float64
 _Tensor = torch.Tensor
-_INF = float("inf")
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 _torch_from_numpy = torch.from_numpy
