@@ -12,6 +12,11 @@ from numpy.typing import ArrayLike, NDArray
 _F = TypeVar("_F", np.float32, np.float64, np.float16)
 _Floats = NDArray[np.floating[Any]]
 _Stat = NDArray[np.float64]
+
+# package-internal helpers shared with standardize, StandardScaler and cynorm.dask
+_LOWP_EPS: dict[str, float]
+def _to_f32(a: NDArray[Any]) -> NDArray[np.float32]: ...
+def _store(src: NDArray[Any], dst: NDArray[Any]) -> None: ...
 Stats = Literal["two_pass", "welford"]
 Activation = Optional[Literal["silu", "gelu", "gelu_tanh", "relu"]]
 # 1: x of shape (N, C, *spatial); -1: channels last, (N, *spatial, C)
