@@ -374,82 +374,253 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
     }
 }
 
-/* ---- per-column moments of a tile (column reductions) -----------------------------
- * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n): for each column
- * j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values x - k[j], in
- * float64. The shift k[j] (the caller's: a value of the column) makes the block means
- * that the caller merges small, so that their rounding is relative to the data's
- * spread, not to its offset (a column 1e6 +- 1 keeps its variance's digits).
- * Chunks of CN_COL_CHUNK columns: each pass walks the rows in order, adding a row's
- * chunk (contiguous, vector loads) to per-column float64 lanes that stay in L1. Reading
- * whole row pieces, never a narrow column strip down the rows, keeps the tile's lines
- * in distinct cache sets even when D is a power of two. Each lane is one column summed
- * row by row in order, so a column's bits are those of the plain scalar loop (used for
- * the last n % CN_DW columns), whatever the chunk or the instruction set. m2 < 0 from
- * rounding becomes 0; NaN stays NaN. */
+/* ---- column reductions: per-column sums down the rows of a tile --------------------
+ * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n). Each column is
+ * summed alone, row by row in order, in float64; so a column's bits are those of the
+ * plain scalar loop (which takes the last n % CN_DW columns), whatever the tile width,
+ * the row blocking or the instruction set.
+ *
+ * Register tiles: CN_CT vectors of CN_DW columns (32 columns with AVX-512, 8 with AVX
+ * or SSE) are summed over a block of CN_CR rows in registers, loaded from and stored to
+ * the caller's float64 partials once per block, not once per row: the loads of the data
+ * are then the only memory traffic of the loop. The rows of a block are walked whole
+ * (every tile of row r, then of row r + 1, ... inside a block of CN_CR rows), so the
+ * accesses stay CN_CR contiguous streams, which the prefetchers follow and which land
+ * in distinct cache sets even when D is a power of two. The accumulators, constants and
+ * temporaries of a tile take at most 4 * CN_CT + 2 vector registers: 18 of AVX-512's
+ * 32, 10 of AVX's or SSE's 16, so nothing spills (checked with objdump). */
 
-#define CN_COL_CHUNK 256
+#if defined(__AVX512F__)
+#define CN_CT 4
+#else
+#define CN_CT 2
+#endif
+#define CN_CR 8
 
-static inline cn_vd cn_clamp0(cn_vd q) {
-    cn_vl neg = (cn_vl)(q < CN_ZERO);  /* false for NaN */
-    return (cn_vd)((cn_vl)q & ~neg);
-}
-
-#define CN_COL_MOMENTS_BODY(T, LOAD)                                                    \
-    const double cnt = (double)nrows;                                                   \
-    cn_vd s[CN_COL_CHUNK / CN_DW], d[CN_COL_CHUNK / CN_DW], q[CN_COL_CHUNK / CN_DW];    \
-    cn_vd kv[CN_COL_CHUNK / CN_DW];                                                     \
-    ptrdiff_t j0, j, r, v, nv;                                                          \
-    for (j0 = 0; j0 + CN_DW <= n; j0 += CN_COL_CHUNK) {                                 \
-        nv = (n - j0) / CN_DW;                                                          \
-        if (nv > CN_COL_CHUNK / CN_DW) nv = CN_COL_CHUNK / CN_DW;                       \
-        for (v = 0; v < nv; v++) {                                                      \
-            s[v] = d[v] = q[v] = CN_ZERO;                                               \
-            kv[v] = cn_load_f64(k + j0 + CN_DW * v);                                    \
+/* for each register tile [j, j + w * CN_DW) of the first n - n % CN_DW columns, w =
+ * CN_CT, then single vectors (w = 1) for the rest; then the scalar columns */
+#define CN_COL_TILES(VBODY, SBODY)                                                              \
+    ptrdiff_t r0, r1, r, j, v;                                                          \
+    const ptrdiff_t nvec = n - n % CN_DW;                                               \
+    for (r0 = 0; r0 < nrows; r0 = r1) {                                                 \
+        r1 = r0 + CN_CR < nrows ? r0 + CN_CR : nrows;                                   \
+        for (j = 0; j + CN_CT * CN_DW <= nvec; j += CN_CT * CN_DW) {                    \
+            enum { W = CN_CT };                                                         \
+            VBODY                                                                       \
         }                                                                               \
-        for (r = 0; r < nrows; r++) {                                                   \
-            const T* xr = x + r * D + j0;                                               \
-            for (v = 0; v < nv; v++) s[v] += LOAD(xr + CN_DW * v) - kv[v];              \
+        for (; j < nvec; j += CN_DW) {                                                  \
+            enum { W = 1 };                                                             \
+            VBODY                                                                       \
         }                                                                               \
-        for (v = 0; v < nv; v++) s[v] = s[v] / cnt;                                     \
-        for (r = 0; r < nrows; r++) {                                                   \
-            const T* xr = x + r * D + j0;                                               \
-            for (v = 0; v < nv; v++) {                                                  \
-                cn_vd e = (LOAD(xr + CN_DW * v) - kv[v]) - s[v];                        \
-                d[v] += e;                                                              \
-                q[v] += e * e;                                                          \
+        for (; j < n; j++)                                                              \
+            SBODY                                                                       \
+    }
+
+/* s[j] += sum over the rows of (x - k[j]) */
+#define CN_COL_SUM_BODY(T, LOAD)                                                        \
+    {                                                                                   \
+        cn_vd a[W], kv[W];                                                              \
+        for (v = 0; v < W; v++) {                                                       \
+            a[v] = cn_load_f64(s + j + CN_DW * v);                                      \
+            kv[v] = cn_load_f64(k + j + CN_DW * v);                                     \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) a[v] += LOAD(x + r * D + j + CN_DW * v) - kv[v];    \
+        for (v = 0; v < W; v++) cn_store_f64(s + j + CN_DW * v, a[v]);                  \
+    }
+#define CN_COL_SUM_SCALAR(T)                                                            \
+    {                                                                                   \
+        double a = s[j];                                                                \
+        for (r = r0; r < r1; r++) a += x[r * D + j] - k[j];                             \
+        s[j] = a;                                                                       \
+    }
+
+/* e = (x - k[j]) - m[j]: d[j] += e, q[j] += e * e */
+#define CN_COL_DEV_BODY(T, LOAD)                                                        \
+    {                                                                                   \
+        cn_vd dv[W], qv[W], kv[W], mv[W], e;                                            \
+        for (v = 0; v < W; v++) {                                                       \
+            dv[v] = cn_load_f64(d + j + CN_DW * v);                                     \
+            qv[v] = cn_load_f64(q + j + CN_DW * v);                                     \
+            kv[v] = cn_load_f64(k + j + CN_DW * v);                                     \
+            mv[v] = cn_load_f64(m + j + CN_DW * v);                                     \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) {                                                   \
+                e = (LOAD(x + r * D + j + CN_DW * v) - kv[v]) - mv[v];                  \
+                dv[v] += e;                                                             \
+                qv[v] += e * e;                                                         \
             }                                                                           \
+        for (v = 0; v < W; v++) {                                                       \
+            cn_store_f64(d + j + CN_DW * v, dv[v]);                                     \
+            cn_store_f64(q + j + CN_DW * v, qv[v]);                                     \
         }                                                                               \
-        for (v = 0; v < nv; v++) {                                                      \
-            cn_store_f64(pm + j0 + CN_DW * v, s[v] + d[v] / cnt);                       \
-            cn_store_f64(pq + j0 + CN_DW * v, cn_clamp0(q[v] - d[v] * d[v] / cnt));     \
-        }                                                                               \
-    }                                                                                   \
-    for (j = n - n % CN_DW; j < n; j++) {                                               \
-        double sj = 0, dj = 0, qj = 0, m, e;                                            \
-        for (r = 0; r < nrows; r++) sj += x[r * D + j] - k[j];                          \
-        m = sj / cnt;                                                                   \
-        for (r = 0; r < nrows; r++) {                                                   \
-            e = (x[r * D + j] - k[j]) - m;                                              \
+    }
+#define CN_COL_DEV_SCALAR(T)                                                            \
+    {                                                                                   \
+        double dj = d[j], qj = q[j], e;                                                 \
+        for (r = r0; r < r1; r++) {                                                     \
+            e = (x[r * D + j] - k[j]) - m[j];                                           \
             dj += e;                                                                    \
             qj += e * e;                                                                \
         }                                                                               \
-        pm[j] = m + dj / cnt;                                                           \
-        qj = qj - dj * dj / cnt;                                                        \
-        pq[j] = qj < 0 ? 0 : qj;                                                        \
+        d[j] = dj;                                                                      \
+        q[j] = qj;                                                                      \
+    }
+
+/* g = dy: sg[j] += g, sgx[j] += g * (x - m[j]) */
+#define CN_COL_GRAD_BODY(T, LOAD)                                                       \
+    {                                                                                   \
+        cn_vd av[W], bv[W], mv[W], g;                                                   \
+        for (v = 0; v < W; v++) {                                                       \
+            av[v] = cn_load_f64(sg + j + CN_DW * v);                                    \
+            bv[v] = cn_load_f64(sgx + j + CN_DW * v);                                   \
+            mv[v] = cn_load_f64(m + j + CN_DW * v);                                     \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) {                                                   \
+                g = LOAD(dy + r * D + j + CN_DW * v);                                   \
+                av[v] += g;                                                             \
+                bv[v] += g * (LOAD(x + r * D + j + CN_DW * v) - mv[v]);                 \
+            }                                                                           \
+        for (v = 0; v < W; v++) {                                                       \
+            cn_store_f64(sg + j + CN_DW * v, av[v]);                                    \
+            cn_store_f64(sgx + j + CN_DW * v, bv[v]);                                   \
+        }                                                                               \
+    }
+#define CN_COL_GRAD_SCALAR(T)                                                           \
+    {                                                                                   \
+        double aj = sg[j], bj = sgx[j], g;                                              \
+        for (r = r0; r < r1; r++) {                                                     \
+            g = dy[r * D + j];                                                          \
+            aj += g;                                                                    \
+            bj += g * (x[r * D + j] - m[j]);                                            \
+        }                                                                               \
+        sg[j] = aj;                                                                     \
+        sgx[j] = bj;                                                                    \
+    }
+
+#define CN_COL_FUNCS(T, SFX, LOAD)                                                      \
+    static inline void cn_col_sum_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,       \
+                                        ptrdiff_t n, const double* k, double* s) {      \
+        CN_COL_TILES(CN_COL_SUM_BODY(T, LOAD), CN_COL_SUM_SCALAR(T))                                                 \
+    }                                                                                   \
+    static inline void cn_col_dev_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,       \
+                                        ptrdiff_t n, const double* k, const double* m,  \
+                                        double* d, double* q) {                         \
+        CN_COL_TILES(CN_COL_DEV_BODY(T, LOAD), CN_COL_DEV_SCALAR(T))                                                 \
+    }                                                                                   \
+    static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
+                                              ptrdiff_t nrows, ptrdiff_t n,             \
+                                              const double* m, double* sg,              \
+                                              double* sgx) {                            \
+        CN_COL_TILES(CN_COL_GRAD_BODY(T, LOAD), CN_COL_GRAD_SCALAR(T))                                                \
+    }
+
+CN_COL_FUNCS(float, f32, cn_load_f32)
+CN_COL_FUNCS(double, f64, cn_load_f64)
+
+/* ---- per-column moments of a tile ---------------------------------------------------
+ * For each column j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values
+ * x - k[j], in float64. The shift k[j] (the caller's: a value of the column) makes the
+ * block means that the caller merges small, so that their rounding is relative to the
+ * data's spread, not to its offset (a column 1e6 +- 1 keeps its variance's digits).
+ * Chunks of CN_COL_CHUNK columns (the deviations' sums on the stack): the first pass
+ * (cn_col_sum) over the chunk's rows, the mean, then the second (cn_col_dev) while the
+ * chunk is in L2. m2 < 0 from rounding becomes 0; NaN stays NaN. */
+
+#define CN_COL_CHUNK 256
+
+#define CN_COL_FINISH                                                                   \
+    for (j = 0; j < nn; j++) {                                                          \
+        double qj = pq[j0 + j] - dd[j] * dd[j] / cnt;                                   \
+        pm[j0 + j] = pm[j0 + j] + dd[j] / cnt;                                          \
+        pq[j0 + j] = qj < 0 ? 0 : qj;                                                   \
+    }
+
+#define CN_COL_MOMENTS_BODY(SFX)                                                        \
+    const double cnt = (double)nrows;                                                   \
+    double dd[CN_COL_CHUNK];                                                            \
+    ptrdiff_t j0, j, nn;                                                                \
+    for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                          \
+        nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                             \
+        for (j = 0; j < nn; j++) pm[j0 + j] = pq[j0 + j] = dd[j] = 0;                   \
+        cn_col_sum_##SFX(x + j0, D, nrows, nn, k + j0, pm + j0);                        \
+        for (j = 0; j < nn; j++) pm[j0 + j] = pm[j0 + j] / cnt;                         \
+        cn_col_dev_##SFX(x + j0, D, nrows, nn, k + j0, pm + j0, dd, pq + j0);           \
+        CN_COL_FINISH                                                                   \
     }
 
 static inline void cn_col_moments_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
                                       ptrdiff_t n, const double* k, double* pm,
                                       double* pq) {
-    CN_COL_MOMENTS_BODY(float, cn_load_f32)
+    CN_COL_MOMENTS_BODY(f32)
 }
 
 static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nrows,
                                       ptrdiff_t n, const double* k, double* pm,
                                       double* pq) {
-    CN_COL_MOMENTS_BODY(double, cn_load_f64)
+    CN_COL_MOMENTS_BODY(f64)
 }
+
+/* ---- 16-bit storage: the float32 functions on staged blocks ---------------------------
+ * CN_COL_STAGE rows of a chunk are widened (_lowp.h, exact) into a float32 buffer on the
+ * stack, which the float32 functions read; each column is still summed row by row in
+ * order, so the results are bitwise those of float32 data holding the widened values. */
+
+#include "_lowp.h"
+
+#define CN_COL_STAGE 16
+
+/* rows [r0, r0 + nr) of columns [j0, j0 + nn) of x (row stride D) into buf (row stride
+ * nn), widened */
+#define CN_COL_WIDEN_ROWS(WIDEN, src, buf)                                              \
+    for (ptrdiff_t rr = 0; rr < nr; rr++) WIDEN(src + (r0 + rr) * D + j0, buf + rr * nn, nn)
+
+#define CN_COL_LP_FUNCS(T, SFX, WIDEN)                                                  \
+    static inline void cn_col_moments_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,   \
+                                            ptrdiff_t n, const double* k, double* pm,   \
+                                            double* pq) {                               \
+        const double cnt = (double)nrows;                                               \
+        double dd[CN_COL_CHUNK];                                                        \
+        float buf[CN_COL_STAGE * CN_COL_CHUNK];                                         \
+        ptrdiff_t j0, j, nn, r0, nr;                                                    \
+        for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                      \
+            nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                         \
+            for (j = 0; j < nn; j++) pm[j0 + j] = pq[j0 + j] = dd[j] = 0;               \
+            for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
+                nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
+                CN_COL_WIDEN_ROWS(WIDEN, x, buf);                                       \
+                cn_col_sum_f32(buf, nn, nr, nn, k + j0, pm + j0);                       \
+            }                                                                           \
+            for (j = 0; j < nn; j++) pm[j0 + j] = pm[j0 + j] / cnt;                     \
+            for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
+                nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
+                CN_COL_WIDEN_ROWS(WIDEN, x, buf);                                       \
+                cn_col_dev_f32(buf, nn, nr, nn, k + j0, pm + j0, dd, pq + j0);          \
+            }                                                                           \
+            CN_COL_FINISH                                                               \
+        }                                                                               \
+    }                                                                                   \
+    static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
+                                              ptrdiff_t nrows, ptrdiff_t n,             \
+                                              const double* m, double* sg,              \
+                                              double* sgx) {                            \
+        float bdy[CN_COL_STAGE * CN_COL_CHUNK], bx[CN_COL_STAGE * CN_COL_CHUNK];        \
+        ptrdiff_t j0, nn, r0, nr;                                                       \
+        for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                      \
+            nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                         \
+            for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
+                nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
+                CN_COL_WIDEN_ROWS(WIDEN, dy, bdy);                                      \
+                CN_COL_WIDEN_ROWS(WIDEN, x, bx);                                        \
+                cn_col_grad_sums_f32(bdy, bx, nn, nr, nn, m + j0, sg + j0, sgx + j0);   \
+            }                                                                           \
+        }                                                                               \
+    }
+
+CN_COL_LP_FUNCS(cn_f16, f16, cn_f16_widen)
+CN_COL_LP_FUNCS(cn_bf16, bf16, cn_bf16_widen)
 
 /* ---- pairwise block merge of n adjacent columns --------------------------------------
  * tree_merge (_common.pxd) for the n adjacent columns pm[j], pq[j] (block q of column j
