@@ -200,16 +200,17 @@ cdef extern from "_lanes.h":
                             Py_ssize_t n) noexcept nogil
     void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
     void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
-                            const double* k, double* pm, double* pq) noexcept nogil
+                            const double* k, double* pm, double* pq,
+                            Py_ssize_t pf_rows) noexcept nogil
     void cn_col_moments_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
                             Py_ssize_t n, const double* k, double* pm,
-                            double* pq) noexcept nogil
+                            double* pq, Py_ssize_t pf_rows) noexcept nogil
     void cn_col_moments_f16(const cn_f16* x, Py_ssize_t D, Py_ssize_t nrows,
                             Py_ssize_t n, const double* k, double* pm,
-                            double* pq) noexcept nogil
+                            double* pq, Py_ssize_t pf_rows) noexcept nogil
     void cn_col_moments_bf16(const cn_bf16* x, Py_ssize_t D, Py_ssize_t nrows,
                              Py_ssize_t n, const double* k, double* pm,
-                             double* pq) noexcept nogil
+                             double* pq, Py_ssize_t pf_rows) noexcept nogil
     void cn_col_grad_sums_f32(const float* dy, const float* x, Py_ssize_t D,
                               Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
                               double* sgx) noexcept nogil
@@ -490,8 +491,8 @@ cdef inline void fold_moments(const double* parts, Py_ssize_t n_pieces, int cent
 
 cdef inline void col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t r0,
                                   Py_ssize_t r1, Py_ssize_t j0, Py_ssize_t j1, int welford,
-                                  const double* shift, double* pm,
-                                  double* pq) noexcept nogil:
+                                  const double* shift, double* pm, double* pq,
+                                  Py_ssize_t pf_rows) noexcept nogil:
     """Per-column mean and m2 of x - shift[j], rows [r0, r1), columns [j0, j1) of the
     row-major matrix x with D columns, into pm[j], pq[j]: corrected two-pass
     (cn_col_moments in _lanes.h: columns in register-resident vector lanes) or Welford.
@@ -499,7 +500,8 @@ cdef inline void col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t r0,
     block means of shifted data round relative to the spread, not to the offset. Each
     column's arithmetic is independent of the tile's width, so its bits are too. 16-bit
     data: the float32 arithmetic on the widened values (staged row blocks), the same
-    bits as float32 data holding them. Shared by BatchNorm's column path, the
+    bits as float32 data holding them. pf_rows: rows after r1 (the caller's next block)
+    to prefetch during the second pass. Shared by BatchNorm's column path, the
     channels-last family and the batched columns of standardize."""
     cdef double d, v, k
     cdef Py_ssize_t r, j, n = j1 - j0
@@ -507,16 +509,16 @@ cdef inline void col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t r0,
     if not welford:
         if storage is float:
             cn_col_moments_f32(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
-                               pq + j0)
+                               pq + j0, pf_rows)
         elif storage is double:
             cn_col_moments_f64(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
-                               pq + j0)
+                               pq + j0, pf_rows)
         elif storage is cn_f16:
             cn_col_moments_f16(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
-                               pq + j0)
+                               pq + j0, pf_rows)
         else:
             cn_col_moments_bf16(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
-                                pq + j0)
+                                pq + j0, pf_rows)
         return
     for j in range(n):
         pm[j0 + j] = 0

@@ -61,8 +61,10 @@ typedef float cn_vh __attribute__((vector_size(CN_VB / 2))); /* CN_DW float32 la
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CN_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+#define CN_PREFETCH_L2(p) __builtin_prefetch((const void*)(p), 0, 1)
 #else
 #define CN_PREFETCH(p) ((void)(p))
+#define CN_PREFETCH_L2(p) ((void)(p))
 #endif
 
 /* float32 <-> float64: CN_DW lanes loaded and widened (cn_load_f32), the low or high
@@ -396,6 +398,9 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
 #define CN_CT 2
 #endif
 #define CN_CR 8
+#ifndef CN_CRB
+#define CN_CRB 32
+#endif
 
 /* for each register tile [j, j + w * CN_DW) of the first n - n % CN_DW columns, w =
  * CN_CT, then single vectors (w = 1) for the rest; then the scalar columns */
@@ -435,19 +440,18 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
         s[j] = a;                                                                       \
     }
 
-/* e = (x - k[j]) - m[j]: d[j] += e, q[j] += e * e */
+/* e = x - c[j]: d[j] += e, q[j] += e * e */
 #define CN_COL_DEV_BODY(T, LOAD)                                                        \
     {                                                                                   \
-        cn_vd dv[W], qv[W], kv[W], mv[W], e;                                            \
+        cn_vd dv[W], qv[W], cv[W], e;                                                   \
         for (v = 0; v < W; v++) {                                                       \
             dv[v] = cn_load_f64(d + j + CN_DW * v);                                     \
             qv[v] = cn_load_f64(q + j + CN_DW * v);                                     \
-            kv[v] = cn_load_f64(k + j + CN_DW * v);                                     \
-            mv[v] = cn_load_f64(m + j + CN_DW * v);                                     \
+            cv[v] = cn_load_f64(c + j + CN_DW * v);                                     \
         }                                                                               \
         for (r = r0; r < r1; r++)                                                       \
             for (v = 0; v < W; v++) {                                                   \
-                e = (LOAD(x + r * D + j + CN_DW * v) - kv[v]) - mv[v];                  \
+                e = LOAD(x + r * D + j + CN_DW * v) - cv[v];                            \
                 dv[v] += e;                                                             \
                 qv[v] += e * e;                                                         \
             }                                                                           \
@@ -460,7 +464,7 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
     {                                                                                   \
         double dj = d[j], qj = q[j], e;                                                 \
         for (r = r0; r < r1; r++) {                                                     \
-            e = (x[r * D + j] - k[j]) - m[j];                                           \
+            e = x[r * D + j] - c[j];                                                    \
             dj += e;                                                                    \
             qj += e * e;                                                                \
         }                                                                               \
@@ -506,8 +510,8 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
         CN_COL_TILES(CN_COL_SUM_BODY(T, LOAD), CN_COL_SUM_SCALAR(T))                                                 \
     }                                                                                   \
     static inline void cn_col_dev_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,       \
-                                        ptrdiff_t n, const double* k, const double* m,  \
-                                        double* d, double* q) {                         \
+                                        ptrdiff_t n, const double* c, double* d,        \
+                                        double* q) {                                    \
         CN_COL_TILES(CN_COL_DEV_BODY(T, LOAD), CN_COL_DEV_SCALAR(T))                                                 \
     }                                                                                   \
     static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
@@ -520,6 +524,53 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
 CN_COL_FUNCS(float, f32, cn_load_f32)
 CN_COL_FUNCS(double, f64, cn_load_f64)
 
+/* ---- the first pass of float32 columns --------------------------------------------
+ * s[j] += sum over the rows of (x - k[j]) for float32 data, summed as cn_sum_f32 sums a
+ * run: the rows in groups of CN_CR (counted from row 0) summed per column in float32
+ * (x - (float)k[j], added in order), each group's partial widened and added in float64.
+ * A first pass only needs a mean close enough for the corrected second pass, and this
+ * spares the float64 widening of every value (a group's partial errs by at most CN_CR
+ * float32 ulps of its magnitude). A float32 partial overflows for data near the float32
+ * limit (and NaN or Inf make the sum NaN or Inf): the caller redoes such a column wide
+ * (cn_col_moments). Each column is summed alone, so its bits depend neither on the
+ * tile's width nor on the instruction set. n <= CN_COL_CHUNK. */
+
+#define CN_COL_CHUNK 256
+
+#define CN_COL_SUM8_TILE(W)                                                             \
+    {                                                                                   \
+        cn_vf p[W], kv[W];                                                              \
+        for (v = 0; v < W; v++) {                                                       \
+            p[v] = (cn_vf){0};                                                          \
+            kv[v] = cn_loadf(kf + j + CN_FW * v);                                       \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) p[v] += cn_loadf(x + r * D + j + CN_FW * v) - kv[v];\
+        for (v = 0; v < W; v++) {                                                       \
+            double* sv = s + j + CN_FW * v;                                             \
+            cn_store_f64(sv, cn_load_f64(sv) + cn_widen_lo(p[v]));                      \
+            cn_store_f64(sv + CN_DW, cn_load_f64(sv + CN_DW) + cn_widen_hi(p[v]));      \
+        }                                                                               \
+    }
+
+static inline void cn_col_sum8_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
+                                   ptrdiff_t n, const double* k, double* s) {
+    float kf[CN_COL_CHUNK];
+    ptrdiff_t r0, r1, r, j, v;
+    const ptrdiff_t nvec = n - n % CN_FW;
+    for (j = 0; j < n; j++) kf[j] = (float)k[j];
+    for (r0 = 0; r0 < nrows; r0 = r1) {
+        r1 = r0 + CN_CR < nrows ? r0 + CN_CR : nrows;
+        for (j = 0; j + CN_CT * CN_FW <= nvec; j += CN_CT * CN_FW) CN_COL_SUM8_TILE(CN_CT)
+        for (; j < nvec; j += CN_FW) CN_COL_SUM8_TILE(1)
+        for (; j < n; j++) {
+            float p = 0;
+            for (r = r0; r < r1; r++) p += x[r * D + j] - kf[j];
+            s[j] += (double)p;
+        }
+    }
+}
+
 /* ---- per-column moments of a tile ---------------------------------------------------
  * For each column j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values
  * x - k[j], in float64. The shift k[j] (the caller's: a value of the column) makes the
@@ -529,38 +580,73 @@ CN_COL_FUNCS(double, f64, cn_load_f64)
  * (cn_col_sum) over the chunk's rows, the mean, then the second (cn_col_dev) while the
  * chunk is in L2. m2 < 0 from rounding becomes 0; NaN stays NaN. */
 
-#define CN_COL_CHUNK 256
+/* the first pass's mean m = s / cnt of x - k as an absolute centre c = k + m (in cm),
+ * from which the second pass takes the deviations x - c (one subtraction a value) */
+#define CN_COL_CENTRE                                                                   \
+    for (j = 0; j < nn; j++) cm[j] = k[j0 + j] + pm[j0 + j] / cnt;
 
+/* corrected two-pass: the mean (relative to k) c - k + mean(x - c), m2 = sum((x - c)^2)
+ * - sum(x - c)^2 / cnt. c - k is exact when c and k are within a factor 2 of each
+ * other (offset data), else it rounds relative to the mean itself. */
 #define CN_COL_FINISH                                                                   \
     for (j = 0; j < nn; j++) {                                                          \
         double qj = pq[j0 + j] - dd[j] * dd[j] / cnt;                                   \
-        pm[j0 + j] = pm[j0 + j] + dd[j] / cnt;                                          \
+        pm[j0 + j] = (cm[j] - k[j0 + j]) + dd[j] / cnt;                                 \
         pq[j0 + j] = qj < 0 ? 0 : qj;                                                   \
     }
 
-#define CN_COL_MOMENTS_BODY(SFX)                                                        \
+/* The second pass runs on data already in L2: meanwhile the rows [nrows, nrows +
+ * pf_rows) that follow (the caller's next block) are prefetched, the chunk's columns of
+ * as many of them as rows [r0, r0 + nr) of this block, so that their first pass does not
+ * wait for memory (as cn_sqdev prefetches the next piece). Into L2 (a block is larger
+ * than L1): measured a little faster than into L1, whose fill buffers such bursts
+ * overrun. */
+#define CN_COL_PREFETCH_NEXT(src)                                                       \
+    for (ptrdiff_t rp = nrows + r0; rp < nrows + r0 + nr && rp < nrows + pf_rows; rp++) \
+        for (ptrdiff_t b = 0; b < nn * (ptrdiff_t)sizeof(*src); b += 64)                \
+            CN_PREFETCH_L2((const char*)(src + rp * D + j0) + b)
+
+/* the first pass of float32 data (cn_col_sum8_f32) made wide where it overflowed: each
+ * such column of the chunk summed again value by value in float64 (VALUE(i): element i
+ * as a double) */
+#define CN_COL_REDO_WIDE(VALUE)                                                         \
+    for (j = 0; j < nn; j++) {                                                          \
+        if (pm[j0 + j] - pm[j0 + j] == 0) continue;                                     \
+        double a = 0;                                                                   \
+        for (ptrdiff_t r = 0; r < nrows; r++) a += VALUE(r * D + j0 + j) - k[j0 + j];   \
+        pm[j0 + j] = a;                                                                 \
+    }
+
+#define CN_COL_MOMENTS_BODY(SFX, SUM, REDO)                                             \
     const double cnt = (double)nrows;                                                   \
-    double dd[CN_COL_CHUNK];                                                            \
-    ptrdiff_t j0, j, nn;                                                                \
+    double dd[CN_COL_CHUNK], cm[CN_COL_CHUNK];                                          \
+    ptrdiff_t j0, j, nn, r0, nr;                                                        \
     for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                          \
         nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                             \
         for (j = 0; j < nn; j++) pm[j0 + j] = pq[j0 + j] = dd[j] = 0;                   \
-        cn_col_sum_##SFX(x + j0, D, nrows, nn, k + j0, pm + j0);                        \
-        for (j = 0; j < nn; j++) pm[j0 + j] = pm[j0 + j] / cnt;                         \
-        cn_col_dev_##SFX(x + j0, D, nrows, nn, k + j0, pm + j0, dd, pq + j0);           \
+        SUM(x + j0, D, nrows, nn, k + j0, pm + j0);                                     \
+        REDO                                                                            \
+        CN_COL_CENTRE                                                                   \
+        for (r0 = 0; r0 < nrows; r0 += nr) {                                            \
+            nr = nrows - r0 < CN_CR ? nrows - r0 : CN_CR;                               \
+            CN_COL_PREFETCH_NEXT(x);                                                    \
+            cn_col_dev_##SFX(x + r0 * D + j0, D, nr, nn, cm, dd, pq + j0);              \
+        }                                                                               \
         CN_COL_FINISH                                                                   \
     }
 
+#define CN_COL_X(i) ((double)x[i])
+
 static inline void cn_col_moments_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
                                       ptrdiff_t n, const double* k, double* pm,
-                                      double* pq) {
-    CN_COL_MOMENTS_BODY(f32)
+                                      double* pq, ptrdiff_t pf_rows) {
+    CN_COL_MOMENTS_BODY(f32, cn_col_sum8_f32, CN_COL_REDO_WIDE(CN_COL_X))
 }
 
 static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nrows,
                                       ptrdiff_t n, const double* k, double* pm,
-                                      double* pq) {
-    CN_COL_MOMENTS_BODY(f64)
+                                      double* pq, ptrdiff_t pf_rows) {
+    CN_COL_MOMENTS_BODY(f64, cn_col_sum_f64, )
 }
 
 /* ---- 16-bit storage: the float32 functions on staged blocks ---------------------------
@@ -570,7 +656,10 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
 
 #include "_lowp.h"
 
-#define CN_COL_STAGE 16
+#define CN_COL_STAGE 16 /* a multiple of CN_CR: the float32 groups of the first pass
+                           are those of float32 data */
+#define CN_COL_LP_f16(i) ((double)cn_f16_to_float(x[i]))
+#define CN_COL_LP_bf16(i) ((double)cn_bf16_to_float(x[i]))
 
 /* rows [r0, r0 + nr) of columns [j0, j0 + nn) of x (row stride D) into buf (row stride
  * nn), widened */
@@ -580,9 +669,9 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
 #define CN_COL_LP_FUNCS(T, SFX, WIDEN)                                                  \
     static inline void cn_col_moments_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,   \
                                             ptrdiff_t n, const double* k, double* pm,   \
-                                            double* pq) {                               \
+                                            double* pq, ptrdiff_t pf_rows) {            \
         const double cnt = (double)nrows;                                               \
-        double dd[CN_COL_CHUNK];                                                        \
+        double dd[CN_COL_CHUNK], cm[CN_COL_CHUNK];                                      \
         float buf[CN_COL_STAGE * CN_COL_CHUNK];                                         \
         ptrdiff_t j0, j, nn, r0, nr;                                                    \
         for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                      \
@@ -591,13 +680,15 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
             for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
                 nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
                 CN_COL_WIDEN_ROWS(WIDEN, x, buf);                                       \
-                cn_col_sum_f32(buf, nn, nr, nn, k + j0, pm + j0);                       \
+                cn_col_sum8_f32(buf, nn, nr, nn, k + j0, pm + j0);                      \
             }                                                                           \
-            for (j = 0; j < nn; j++) pm[j0 + j] = pm[j0 + j] / cnt;                     \
+            CN_COL_REDO_WIDE(CN_COL_LP_##SFX)                                           \
+            CN_COL_CENTRE                                                               \
             for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
                 nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
+                CN_COL_PREFETCH_NEXT(x);                                                \
                 CN_COL_WIDEN_ROWS(WIDEN, x, buf);                                       \
-                cn_col_dev_f32(buf, nn, nr, nn, k + j0, pm + j0, dd, pq + j0);          \
+                cn_col_dev_f32(buf, nn, nr, nn, cm, dd, pq + j0);                       \
             }                                                                           \
             CN_COL_FINISH                                                               \
         }                                                                               \

@@ -68,13 +68,14 @@ cdef inline Py_ssize_t _col_blocks(Py_ssize_t N) noexcept nogil:
 
 
 cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
-                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                            int welford, const double* shift, double* pm,
+                            Py_ssize_t N, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                            Py_ssize_t c1, int welford, const double* shift, double* pm,
                             double* pq) noexcept nogil:
     """Per-channel mean and m2 of rows [r0, r1) of channels [c0, c1) of x - k[c] into
     pm[c], pq[c], k[c] = shift[c] (shift not NULL) or the channel's first value x[c * HW]
-    (pm is relative to k): per column (col_tile_moments, results on the stack), then
-    the HW columns of each channel merged in order."""
+    (pm is relative to k): per column (col_tile_moments, results on the stack; the
+    same columns of the rows that follow, up to N, prefetched meanwhile), then the HW
+    columns of each channel merged in order."""
     cdef double cm[COL_WIDTH]
     cdef double cq[COL_WIDTH]
     cdef double ks[COL_WIDTH]
@@ -83,7 +84,8 @@ cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
     for j in range(n):
         c = c0 + j // HW
         ks[j] = ld(x, c * HW) if shift == NULL else shift[c]
-    col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq)
+    col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq,
+                     min(COL_ROWS, N - r1))
     for c in range(c0, c1):
         n_ = 0
         m_ = 0
@@ -208,8 +210,8 @@ cdef void _col_forward(const storage* x, storage* y, const floating* w,
             blk = t // n_tiles
             c0 = (t % n_tiles) * cpt
             r0 = blk * COL_ROWS
-            _col_tile_moments(x, D, HW, r0, N if blk == nb - 1 else r0 + COL_ROWS, c0,
-                              min(c0 + cpt, C), welford, shift, pm + blk * C,
+            _col_tile_moments(x, D, HW, N, r0, N if blk == nb - 1 else r0 + COL_ROWS,
+                              c0, min(c0 + cpt, C), welford, shift, pm + blk * C,
                               pq + blk * C)
         if nb > 1:
             # the blocks pairwise, in place in block 0's slots (block q holds

@@ -24,8 +24,14 @@ blocks, the row blocks are shared out among the threads instead and the apply is
 of its own. Each column's arithmetic is the same in both
 schedules and for every tile width: the bits depend only on the shape.
 
+Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
+float16, bfloat16), parameters float32 for all but float64 data. 16-bit data are read
+in place: the column sums widen staged row blocks (_lanes.h), the apply and dx widened
+row pieces, with the float32 data's arithmetic, rounded once on store; so a 16-bit
+result is bitwise the float32 result on the widened data, rounded once.
+
 The callers in cynorm._api validate everything; these functions trust their arguments:
-C-contiguous arrays of one float dtype, statistics float64 of shape (N, G).
+C-contiguous arrays of one storage dtype, statistics float64 of shape (N, G).
 """
 cimport numpy as cnp
 from cython cimport floating
@@ -168,8 +174,9 @@ cdef inline void _block_moments(const storage* xs, const double* shift, double* 
                                 Py_ssize_t c0, Py_ssize_t c1, int welford) noexcept nogil:
     """Moments of rows [blk * COL_ROWS, ...) of channels [c0, c1) of one sample xs,
     shifted by shift[c], into pm[c], pq[c]."""
-    cdef Py_ssize_t r0 = blk * COL_ROWS
-    col_tile_moments(xs, C, r0, min(r0 + COL_ROWS, HW), c0, c1, welford, shift, pm, pq)
+    cdef Py_ssize_t r0 = blk * COL_ROWS, r1 = min(r0 + COL_ROWS, HW)
+    # the next block's rows prefetched during this one's second pass
+    col_tile_moments(xs, C, r0, r1, c0, c1, welford, shift, pm, pq, min(COL_ROWS, HW - r1))
 
 
 cdef inline void _channel_merge(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t nb,
