@@ -213,16 +213,16 @@ cdef extern from "_lanes.h":
                              double* pq, Py_ssize_t pf_rows) noexcept nogil
     void cn_col_grad_sums_f32(const float* dy, const float* x, Py_ssize_t D,
                               Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
-                              double* sgx) noexcept nogil
+                              double* sgx, int rows) noexcept nogil
     void cn_col_grad_sums_f64(const double* dy, const double* x, Py_ssize_t D,
                               Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
-                              double* sgx) noexcept nogil
+                              double* sgx, int rows) noexcept nogil
     void cn_col_grad_sums_f16(const cn_f16* dy, const cn_f16* x, Py_ssize_t D,
                               Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
-                              double* sgx) noexcept nogil
+                              double* sgx, int rows) noexcept nogil
     void cn_col_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, Py_ssize_t D,
                                Py_ssize_t nrows, Py_ssize_t n, const double* m,
-                               double* sg, double* sgx) noexcept nogil
+                               double* sg, double* sgx, int rows) noexcept nogil
 
 
 cdef inline double lane_sum(const storage* x, Py_ssize_t n) noexcept nogil:
@@ -536,19 +536,20 @@ cdef inline void col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t r0,
 
 cdef inline void col_grad_sums(const storage* dy, const storage* x, Py_ssize_t D,
                                Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
-                               double* sgx) noexcept nogil:
+                               double* sgx, int rows) noexcept nogil:
     """Per column j of the nrows x n tile at dy, x (row stride D): sg[j] += sum(dy),
     sgx[j] += sum(dy * (x - m[j])), each column row by row in order in float64
     (cn_col_grad_sums in _lanes.h: register-resident lanes; 16-bit data staged and
-    widened, the same bits as float32 data holding the widened values)."""
+    widened, the same bits as float32 data holding the widened values). rows: walk each
+    row whole with the sums in L1 instead (long rows streamed from memory; _lanes.h)."""
     if storage is float:
-        cn_col_grad_sums_f32(dy, x, D, nrows, n, m, sg, sgx)
+        cn_col_grad_sums_f32(dy, x, D, nrows, n, m, sg, sgx, rows)
     elif storage is double:
-        cn_col_grad_sums_f64(dy, x, D, nrows, n, m, sg, sgx)
+        cn_col_grad_sums_f64(dy, x, D, nrows, n, m, sg, sgx, rows)
     elif storage is cn_f16:
-        cn_col_grad_sums_f16(dy, x, D, nrows, n, m, sg, sgx)
+        cn_col_grad_sums_f16(dy, x, D, nrows, n, m, sg, sgx, rows)
     else:
-        cn_col_grad_sums_bf16(dy, x, D, nrows, n, m, sg, sgx)
+        cn_col_grad_sums_bf16(dy, x, D, nrows, n, m, sg, sgx, rows)
 
 
 cdef inline void fold_param_grads(const double* sdy, const double* sdyx,

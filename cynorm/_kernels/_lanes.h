@@ -469,12 +469,45 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
         q[j] = qj;                                                                      \
     }
 
-/* g = dy: sg[j] += g, sgx[j] += g * (x - m[j]). The backward's sums are a single pass
- * over dy and x from memory: they walk the rows whole, two contiguous streams, with the
- * per-column float64 sums in L1 (loaded and stored per row). Register tiles over blocks
- * of rows (as the forward's moments) measured 1.5x slower here: the 2 * CN_CR
- * interleaved row streams of a block prefetch worse than two linear ones. Each column is
- * still summed row by row in order, so its bits are those of the scalar loop. */
+/* The same sums walking the rows whole (cn_col_grad_sums_rows), two contiguous streams,
+ * with the per-column float64 sums in L1 (loaded and stored per row): for the
+ * channels-last backward (long rows of up to 512 channels, dy and x from memory once),
+ * where the register tiles' 2 * CN_CR interleaved row streams measured 1.5x slower.
+ * BatchNorm's column path (short rows) keeps the register tiles: there the sums' store
+ * and reload every row measured 2x slower. Either way each column is summed row by row
+ * in order: the same bits. */
+/* g = dy: sg[j] += g, sgx[j] += g * (x - m[j]), register tiles (cn_col_grad_sums) */
+#define CN_COL_GRAD_BODY(T, LOAD)                                                       \
+    {                                                                                   \
+        cn_vd av[W], bv[W], mv[W], g;                                                   \
+        for (v = 0; v < W; v++) {                                                       \
+            av[v] = cn_load_f64(sg + j + CN_DW * v);                                    \
+            bv[v] = cn_load_f64(sgx + j + CN_DW * v);                                   \
+            mv[v] = cn_load_f64(m + j + CN_DW * v);                                     \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) {                                                   \
+                g = LOAD(dy + r * D + j + CN_DW * v);                                   \
+                av[v] += g;                                                             \
+                bv[v] += g * (LOAD(x + r * D + j + CN_DW * v) - mv[v]);                 \
+            }                                                                           \
+        for (v = 0; v < W; v++) {                                                       \
+            cn_store_f64(sg + j + CN_DW * v, av[v]);                                    \
+            cn_store_f64(sgx + j + CN_DW * v, bv[v]);                                   \
+        }                                                                               \
+    }
+#define CN_COL_GRAD_SCALAR(T)                                                           \
+    {                                                                                   \
+        double aj = sg[j], bj = sgx[j], g;                                              \
+        for (r = r0; r < r1; r++) {                                                     \
+            g = dy[r * D + j];                                                          \
+            aj += g;                                                                    \
+            bj += g * (x[r * D + j] - m[j]);                                            \
+        }                                                                               \
+        sg[j] = aj;                                                                     \
+        sgx[j] = bj;                                                                    \
+    }
+
 #define CN_COL_GRAD_ROWS(T, LOAD)                                                       \
     ptrdiff_t r, j;                                                                     \
     for (r = 0; r < nrows; r++) {                                                       \
@@ -506,8 +539,12 @@ static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
     static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
                                               ptrdiff_t nrows, ptrdiff_t n,             \
                                               const double* m, double* sg,              \
-                                              double* sgx) {                            \
-        CN_COL_GRAD_ROWS(T, LOAD)                                                       \
+                                              double* sgx, int rows) {                  \
+        if (rows) {                                                                     \
+            CN_COL_GRAD_ROWS(T, LOAD)                                                   \
+        } else {                                                                        \
+            CN_COL_TILES(CN_COL_GRAD_BODY(T, LOAD), CN_COL_GRAD_SCALAR(T))              \
+        }                                                                               \
     }
 
 CN_COL_FUNCS(float, f32, cn_load_f32)
@@ -685,7 +722,7 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
     static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
                                               ptrdiff_t nrows, ptrdiff_t n,             \
                                               const double* m, double* sg,              \
-                                              double* sgx) {                            \
+                                              double* sgx, int rows) {                  \
         float bdy[CN_COL_STAGE * CN_COL_CHUNK], bx[CN_COL_STAGE * CN_COL_CHUNK];        \
         ptrdiff_t j0, nn, r0, nr;                                                       \
         for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                      \
@@ -694,7 +731,8 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
                 nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
                 CN_COL_WIDEN_ROWS(WIDEN, dy, bdy);                                      \
                 CN_COL_WIDEN_ROWS(WIDEN, x, bx);                                        \
-                cn_col_grad_sums_f32(bdy, bx, nn, nr, nn, m + j0, sg + j0, sgx + j0);   \
+                cn_col_grad_sums_f32(bdy, bx, nn, nr, nn, m + j0, sg + j0, sgx + j0,    \
+                                     rows);                                             \
             }                                                                           \
         }                                                                               \
     }

@@ -255,7 +255,7 @@ cdef void _col_tile_grad_sums(const storage* dy, const storage* x, const double*
         cs[j] = 0
         csx[j] = 0
         mc[j] = mean[c0 + j // HW]
-    col_grad_sums(dy + r0 * D + j0, x + r0 * D + j0, D, r1 - r0, n, mc, cs, csx)
+    col_grad_sums(dy + r0 * D + j0, x + r0 * D + j0, D, r1 - r0, n, mc, cs, csx, 0)
     for c in range(c0, c1):
         a = 0
         bb = 0

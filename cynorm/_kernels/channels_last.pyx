@@ -487,7 +487,7 @@ cdef void _block_grad_sums(const storage* dy, const storage* x, storage* g,
         mc[j] = mean[(c0 + j) // cpg]
         ps[j] = 0
         psx[j] = 0
-    col_grad_sums(src + r0 * C + c0, x + r0 * C + c0, C, r1 - r0, n, mc, ps, psx)
+    col_grad_sums(src + r0 * C + c0, x + r0 * C + c0, C, r1 - r0, n, mc, ps, psx, 1)
 
 
 cdef inline void _group_grad(const double* sdy, const double* sdyx, const floating* w,
