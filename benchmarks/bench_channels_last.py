@@ -1,6 +1,6 @@
 """Channels-last (channel_axis=-1) against NCHW, cynorm and torch side by side.
 
-For each case, float32: cynorm on NCHW x, cynorm on channels-last x (N, *spatial, C)
+For each case, float32 (or --dtype): cynorm on NCHW x, cynorm on channels-last x (N, *spatial, C)
 (read in place), torch (CPU) on the NCHW tensor and on the same data in torch's
 channels_last memory format; forward alone and forward + backward (cynorm: the forward
 with its statistics, then the backward; torch: autograd, weight and bias with
@@ -9,7 +9,7 @@ channels-last over cynorm NCHW (target <= 1.15) and torch channels_last over cyn
 channels-last (target >= 1.3).
 
     PYTHONPATH=. python benchmarks/bench_channels_last.py [--threads 1,2] [--repeats 7]
-        [--quick] [--cpu-time] [--json PATH]
+        [--quick] [--cpu-time] [--dtype float32|bfloat16|float16] [--json PATH]
 
 --quick: the first case only and fewer samples, for a sanity run. A full run takes a
 couple of minutes.
@@ -65,8 +65,8 @@ def _cynorm_calls(op, x, G, w, b, dy, axis):
 
 def _torch_calls(torch, op, xt, G, w, b, dyt):
     F = torch.nn.functional
-    wt = torch.from_numpy(w).requires_grad_(True)
-    bt = torch.from_numpy(b).requires_grad_(True)
+    wt = torch.from_numpy(w).to(xt.dtype).requires_grad_(True)
+    bt = torch.from_numpy(b).to(xt.dtype).requires_grad_(True)
 
     def run(x, wt, bt):
         if op == "group_norm":
@@ -92,16 +92,17 @@ def _torch_calls(torch, op, xt, G, w, b, dyt):
 
 def min_cpu_seconds(fns, repeats):
     """Per function, the least CPU time (process_time) of one call over `repeats`
-    calls: with one thread, what a loaded machine disturbs least."""
-    out = {}
-    for name, fn in fns.items():
+    rounds, the functions interleaved within each round (so that a change of load
+    falls on all of them alike): with one thread, what a loaded machine disturbs
+    least."""
+    out = {name: float("inf") for name in fns}
+    for fn in fns.values():
         fn()
-        best = float("inf")
-        for _ in range(repeats):
+    for _ in range(repeats):
+        for name, fn in fns.items():
             t0 = time.process_time()
             fn()
-            best = min(best, time.process_time() - t0)
-        out[name] = best
+            out[name] = min(out[name], time.process_time() - t0)
     return out
 
 
@@ -110,6 +111,9 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="x and dy's dtype (bfloat16: ml_dtypes); weight and bias float32 "
+                        "for cynorm, x's dtype for torch")
     p.add_argument("--json")
     p.add_argument("--cpu-time", action="store_true",
                    help="with 1 thread, the least CPU time per call instead of the "
@@ -119,16 +123,22 @@ def main(argv=None):
         import torch
     except ImportError:
         torch = None
+    if args.dtype == "bfloat16":
+        import ml_dtypes
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(args.dtype)
     cases = CASES[:1] if args.quick else CASES
     repeats = 3 if args.quick else args.repeats
-    print(f"load: {os.getloadavg()[0]:.2f} (1 min average), cpus: {os.cpu_count()}")
+    print(f"load: {os.getloadavg()[0]:.2f} (1 min average), cpus: {os.cpu_count()}, "
+          f"dtype: {args.dtype}")
     rows = []
     rng = np.random.default_rng(0)
     for n in parse_threads(args.threads):
         for op, shape, G in cases:
             C = shape[1]
-            x = (0.5 + rng.standard_normal(shape)).astype(np.float32)
-            dy = rng.standard_normal(shape).astype(np.float32)
+            x = (0.5 + rng.standard_normal(shape)).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
             w = rng.uniform(0.5, 1.5, C).astype(np.float32)
             b = rng.standard_normal(C).astype(np.float32)
             x_last = np.ascontiguousarray(np.moveaxis(x, 1, -1))
@@ -137,9 +147,10 @@ def main(argv=None):
             fns["nchw"], fns["nchw+bwd"] = _cynorm_calls(op, x, G, w, b, dy, 1)
             fns["last"], fns["last+bwd"] = _cynorm_calls(op, x_last, G, w, b, dy_last, -1)
             if torch is not None:
-                xt = torch.from_numpy(x)
+                tdt = getattr(torch, args.dtype)
+                xt = torch.from_numpy(x.astype(np.float32)).to(tdt)
                 xcl = xt.contiguous(memory_format=torch.channels_last)
-                dyt = torch.from_numpy(dy)
+                dyt = torch.from_numpy(dy.astype(np.float32)).to(tdt)
                 dycl = dyt.contiguous(memory_format=torch.channels_last)
                 fns["torch"], fns["torch+bwd"] = _torch_calls(torch, op, xt, G, w, b, dyt)
                 fns["torch_cl"], fns["torch_cl+bwd"] = _torch_calls(torch, op, xcl, G, w,

@@ -20,9 +20,6 @@ from cynorm._validate import (
     prepare_out, same_shape,
 )
 
-# channel.pyx's SHORT_RUN: BatchNorm's runs shorter than this take the column path,
-# which reads float32 and float64 only (16-bit data go through float32 copies there)
-_SHORT_RUN = 64
 # numpy.finfo(...).eps of the 16-bit storages (rms_norm's default eps, as torch's)
 _LOWP_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 
@@ -144,13 +141,7 @@ def _slab_forward(x, G, weight, bias, eps, out, return_stats, stats, running=(),
     w, b = _params(weight, bias, (C,), x)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b) + running, may_alias=(x,))
     mean, rstd = _stats_pair((N, G))
-    if last and is_lowp(x.dtype):
-        # the channels-last kernel reads float32/float64: float32 copies
-        y32 = np.empty(x.shape, dtype=np.float32)
-        channels_last.forward(_to_f32(x), y32, w, b, mean, rstd, N, HW, C, G, eps,
-                              welford, act)
-        _store(y32, y)
-    elif last:
+    if last:
         channels_last.forward(x, y, w, b, mean, rstd, N, HW, C, G, eps, welford, act)
     else:
         slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, welford, act)
@@ -174,9 +165,9 @@ def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None
     db = np.empty(C, dtype=param_dtype(x.dtype))
     kernel = channels_last.backward if last else slab.backward
     dims = (N, HW, C) if last else (N, C, HW)
-    if is_lowp(x.dtype) and last:
-        # the channels-last kernel reads float32/float64: float32 copies (the slab
-        # kernel keeps a 16-bit backward's dy * act'(a) in float32 itself)
+    if is_lowp(x.dtype) and last and act:
+        # the activation's gradient dy * act'(a) keeps float32 digits: the slab kernel
+        # forms it in float32 itself, the channels-last kernel on float32 copies
         dx32 = _to_f32(x)
         kernel(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, *dims, G, act, b,
                np.empty_like(dx32) if act else None)
@@ -332,29 +323,16 @@ def _running_stats_forward(x, N, C, HW, rm, rv, weight, bias, eps, out, stats,
     eps = check_eps(eps)
     w, b = _params(weight, bias, (C,), x)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, rm, rv), may_alias=(x,))
-    xk, yk = _channel_io(x, y, HW)
     if not return_stats:
         if N * HW:  # the kernel forms rstd from running_var: no (C,) temporaries
-            channel.forward(xk, yk, w, b, np.ascontiguousarray(rm, dtype=np.float64),
+            channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64),
                             None, np.ascontiguousarray(rv, dtype=np.float64), N, C, HW,
                             eps, welford, 0, act=act)
-            if yk is not y:
-                _store(yk, y)
         return y, None, None
     mean = np.array(rm, dtype=np.float64)
     rstd = 1.0 / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-    channel.forward(xk, yk, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act=act)
-    if yk is not y:
-        _store(yk, y)
+    channel.forward(x, y, w, b, mean, rstd, None, N, C, HW, eps, welford, 0, act=act)
     return y, mean, rstd
-
-
-def _channel_io(x, y, HW):
-    """The arrays channel.forward reads and writes: x and y, or float32 copies of
-    16-bit data whose runs are too short for the kernel's 16-bit path."""
-    if HW >= _SHORT_RUN or not is_lowp(x.dtype):
-        return x, y
-    return _to_f32(x), np.empty(x.shape, dtype=np.float32)
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
@@ -411,10 +389,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     mean = np.empty(C)
     rstd = np.empty(C)
     var = np.empty(C) if rv is not None else None  # only the update needs it
-    xk, yk = _channel_io(x, y, HW)
-    channel.forward(xk, yk, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act=act)
-    if yk is not y:
-        _store(yk, y)
+    channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act=act)
     if count > 1:
         if rm is not None:
             _update_running(rm, momentum, mean)
@@ -439,9 +414,8 @@ def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=param_dtype(x.dtype))
     db = np.empty(C, dtype=param_dtype(x.dtype))
-    if is_lowp(x.dtype) and (act or HW < _SHORT_RUN):
-        # float32 copies: the column path reads float32/float64 only, and an
-        # activation's gradient dy * act'(a) keeps float32 digits
+    if is_lowp(x.dtype) and act:
+        # the activation's gradient dy * act'(a) keeps float32 digits: float32 copies
         dx32 = _to_f32(x)
         channel.backward(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, N, C, HW,
                          int(training), act, b, np.empty_like(dx32) if act else None)
@@ -668,10 +642,7 @@ def _channel_train_checked(x, rm, rv, w, b, eps, momentum, act):
     y = np.empty_like(x)
     mean, rstd = _stats_pair((C,))
     var = None if rv is None else np.empty(C)
-    xk, yk = _channel_io(x, y, HW)
-    channel.forward(xk, yk, w, b, mean, rstd, var, N, C, HW, eps, 0, 1, act=act)
-    if yk is not y:
-        _store(yk, y)
+    channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, 0, 1, act=act)
     if rm is not None:
         _update_running(rm, momentum, mean)
     if rv is not None:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cynorm._kernels import partial
+from cynorm._kernels import channel, partial
 from cynorm._validate import (
     as_input, as_param, as_stats, check_count, check_eps, check_int, check_sets,
     check_stats, param_dtype, prepare_out, same_shape,
@@ -27,7 +27,7 @@ from cynorm._validate import (
 
 _F64 = np.dtype(np.float64)
 # batch_norm's channel kernel applies in float64 below this run length (its column path)
-SHORT_RUN = 64
+SHORT_RUN = channel.SHORT_RUN
 
 
 class PartialStats(NamedTuple):

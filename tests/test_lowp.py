@@ -647,3 +647,207 @@ def test_row_ops_16bit_are_the_float32_computation_rounded_once(dt, shape, op):
     _same_bits(y, y32, dt, "y")
     _same_bits(dx, dx32, dt, "dx")
     assert np.array_equal(dw, dw32)
+
+
+# ---- channels-last and BatchNorm's short runs read 16-bit data in place -------------------
+# The channels-last kernel and BatchNorm's column path (runs shorter than 64) take 16-bit
+# data directly: their sums read staged, widened row blocks, the apply and dx run on
+# widened row pieces in the float32 data's arithmetic, rounded once on store. So a 16-bit
+# result is bitwise the float32 result on the widened data, rounded once (the promise
+# the 1-ulp bound rests on), with no x-sized float32 copy.
+
+def round_once(a32, dt):
+    """float32 results rounded to nearest even to dt (float32 -> float64 is exact, so
+    NumPy's float64 -> float16 cast is one rounding of the float32 value)."""
+    a32 = np.asarray(a32, dtype=np.float32)
+    return a32.astype(np.float64).astype(dt) if dt == F16 else a32.astype(dt)
+
+
+def _same_bits(a, e, what):
+    assert a.dtype == e.dtype and a.shape == e.shape, what
+    assert np.array_equal(np.ascontiguousarray(a).view(np.uint16),
+                          np.ascontiguousarray(e).view(np.uint16)), (
+        f"{what}: {np.count_nonzero(a.view(np.uint16) != e.view(np.uint16))} values "
+        "differ from the float32 result rounded once")
+
+
+def _groups_of(C):
+    """The test's GroupNorm groups for C channels: 4 channels each, or 2 groups."""
+    return C // 4 if C % 4 == 0 else (2 if C % 2 == 0 else 1)
+
+
+def _run_op(op, x, dy, w, b, act, axis):
+    """(y, mean, rstd, dx, dw, db) of op on x (channels on `axis`)."""
+    if op == "group_norm":
+        G = _groups_of(x.shape[axis])
+        y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, activation=act,
+                                    channel_axis=axis)
+        return (y, m, r) + cynorm.group_norm_backward(dy, x, m, r, G, w, bias=b,
+                                                      activation=act, channel_axis=axis)
+    if op == "instance_norm":
+        y, m, r = cynorm.instance_norm(x, weight=w, bias=b, return_stats=True,
+                                       activation=act, channel_axis=axis)
+        return (y, m, r) + cynorm.instance_norm_backward(dy, x, m, r, w, bias=b,
+                                                         activation=act, channel_axis=axis)
+    y, m, r = cynorm.batch_norm(x, None, None, w, b, training=True, return_stats=True,
+                                activation=act, channel_axis=axis)
+    return (y, m, r) + cynorm.batch_norm_backward(dy, x, m, r, w, bias=b,
+                                                  activation=act, channel_axis=axis)
+
+
+# channels-last: fused work items, the split schedule (one sample, few wide groups, many
+# row blocks), rows wider than a coefficient tile (512 channels), odd channel counts;
+# NCHW BatchNorm with runs shorter than 64: one row block, several (N >= 128), HW = 1
+_INPLACE_CASES = [
+    ("group_norm", (2, 5, 7, 8), -1), ("group_norm", (1, 48, 40, 16), -1),
+    ("group_norm", (2, 9, 3, 1032), -1), ("instance_norm", (3, 11, 13, 7), -1),
+    ("batch_norm", (2, 9, 10, 12), -1), ("batch_norm", (64, 3), 1),
+    ("batch_norm", (5, 4, 7), 1), ("batch_norm", (300, 5, 6), 1),
+    ("batch_norm", (200, 37), 1),
+]
+
+
+@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("op,shape,axis", _INPLACE_CASES, ids=str)
+def test_16bit_channels_last_and_short_runs_are_the_float32_result_rounded_once(
+        dt, op, shape, axis, act):
+    x = data(shape, dt, 31, loc=1.5, scale=2.0)
+    dy = data(shape, dt, 32)
+    C = shape[axis]
+    w, b = data(C, np.float32, 33, 1.0), data(C, np.float32, 34)
+    got = _run_op(op, x, dy, w, b, act, axis)
+    ref32 = _run_op(op, x.astype(np.float32), dy.astype(np.float32), w, b, act, axis)
+    _same_bits(got[0], round_once(ref32[0], dt), "y")
+    for k, name in ((1, "mean"), (2, "rstd")):
+        assert np.array_equal(got[k], ref32[k]), name
+    if act is None:  # with an activation dx comes from float32 copies (g keeps digits)
+        _same_bits(got[3], round_once(ref32[3], dt), "dx")
+    # float32 parameters: dweight and dbias are the float32 data's
+    assert np.array_equal(got[4], ref32[4]) and np.array_equal(got[5], ref32[5])
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("op,shape,axis", [c for c in _INPLACE_CASES if c[1] != (5, 4, 7)],
+                         ids=str)
+def test_16bit_channels_last_and_short_runs_within_one_ulp(dt, op, shape, axis):
+    """y and dx within 1 ulp of the float64 reference on the widened data (or a few
+    float32 ulps of the terms they are a difference of)."""
+    x = data(shape, dt, 35, loc=-2.0, scale=3.0)
+    dy = data(shape, dt, 36)
+    C = shape[axis]
+    w, b = data(C, np.float32, 37, 1.0), data(C, np.float32, 38)
+    y, m, r, dx, dw, db = _run_op(op, x, dy, w, b, None, axis)
+    xc, dyc = wide(x), wide(dy)
+    if axis == -1:
+        xc, dyc = np.moveaxis(xc, -1, 1), np.moveaxis(dyc, -1, 1)
+    N = shape[0]
+    spatial = (1,) * (xc.ndim - 2)
+    if op == "batch_norm":
+        ey, mean, rstd = ref.batch_norm(xc, None, None, wide(w), wide(b), training=True)[:3]
+        edx = ref.batch_norm_backward(dyc, xc, mean, rstd, wide(w), True)[0]
+        rs = rstd.reshape((1, C) + spatial)
+    else:
+        G = C if op == "instance_norm" else _groups_of(C)
+        ey, mean, rstd = ref.group_norm(xc, G, wide(w), wide(b), 1e-5)
+        edx = ref.group_norm_backward(dyc, xc, mean, rstd, G, wide(w))[0]
+        rs = np.repeat(rstd, C // G, axis=1).reshape((N, C) + spatial)
+    np.testing.assert_allclose(m.ravel(), np.ravel(mean), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r.ravel(), np.ravel(rstd), rtol=1e-12)
+    bb = wide(b).reshape((1, C) + spatial)
+    back = (lambda a: np.moveaxis(a, 1, -1)) if axis == -1 else (lambda a: a)
+    assert_within_one_ulp(y, back(ey), terms=back(np.abs(ey - bb) + np.abs(bb)))
+    scale = rs * np.max(np.abs(dyc)) * np.max(np.abs(w)) * 4 + 0 * edx
+    assert_within_one_ulp(dx, back(edx), terms=back(scale), what="dx")
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("op", ["group_norm", "instance_norm"])
+def test_16bit_channels_last_is_bitwise_the_nchw_result_when_sums_are_exact(dt, op):
+    """Small integers (and power-of-two set sizes) make every sum exact in any order:
+    then the statistics agree to the bit, and y and dx (the same arithmetic per element
+    as the NCHW kernels) are bitwise those of NCHW on the transposed array."""
+    rng = np.random.default_rng(41)
+    N, H, W, C = 2, 8, 4, 16
+    x = rng.integers(-8, 9, (N, H, W, C)).astype(dt)
+    dy = rng.integers(-4, 5, (N, H, W, C)).astype(dt)
+    w = rng.integers(1, 4, C).astype(np.float32)
+    b = rng.integers(-2, 3, C).astype(np.float32)
+    last = _run_op(op, x, dy, w, b, None, -1)
+    nchw = _run_op(op, np.ascontiguousarray(np.moveaxis(x, -1, 1)),
+                   np.ascontiguousarray(np.moveaxis(dy, -1, 1)), w, b, None, 1)
+    _same_bits(last[0], np.ascontiguousarray(np.moveaxis(nchw[0], 1, -1)), "y")
+    _same_bits(last[3], np.ascontiguousarray(np.moveaxis(nchw[3], 1, -1)), "dx")
+    for k in (1, 2, 4, 5):
+        assert np.array_equal(last[k], nchw[k]), k
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("op,shape,axis", [
+    ("group_norm", (1, 96, 96, 16), -1), ("group_norm", (8, 16, 16, 64), -1),
+    ("group_norm", (1, 40, 40, 1030), -1), ("batch_norm", (20, 30, 40), -1),
+    ("batch_norm", (300, 5, 6), 1)], ids=str)
+def test_16bit_channels_last_and_short_runs_bitwise_identical_across_thread_counts(
+        dt, op, shape, axis):
+    x, dy = data(shape, dt, 43), data(shape, dt, 44)
+    C = shape[axis]
+    w, b = data(C, np.float32, 45, 1.0), data(C, np.float32, 46)
+    across_threads(lambda: _run_op(op, x, dy, w, b, "silu", axis)[:3]
+                   + _run_op(op, x, dy, w, b, None, axis))
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("op,shape,axis", [("group_norm", (4, 32, 32, 64), -1),
+                                           ("batch_norm", (4, 32, 32, 64), -1),
+                                           ("batch_norm", (4096, 12, 5), 1)], ids=str)
+def test_16bit_channels_last_and_short_runs_make_no_float32_copy(dt, op, shape, axis):
+    """Beyond the outputs, at most 1/8 of the input's bytes of workspace: no float32
+    copy of x or dy (each would be twice the input)."""
+    import tracemalloc
+    x, dy = data(shape, dt, 47), data(shape, dt, 48)
+    C = shape[axis]
+    w = np.ones(C, np.float32)
+    limit = x.nbytes // 8 + 64 * 1024
+
+    def extra(call):
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            result = call()
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        return peak - sum(a.nbytes for a in result), result
+
+    if op == "group_norm":
+        e, (y, m, r) = extra(lambda: cynorm.group_norm(x, 8, w, w, return_stats=True,
+                                                       channel_axis=axis))
+        assert e <= limit, ("forward", e, x.nbytes)
+        e, _ = extra(lambda: cynorm.group_norm_backward(dy, x, m, r, 8, w,
+                                                        channel_axis=axis))
+    else:
+        e, (y, m, r) = extra(lambda: cynorm.batch_norm(x, None, None, w, w, True,
+                                                       return_stats=True,
+                                                       channel_axis=axis))
+        assert e <= limit, ("forward", e, x.nbytes)
+        e, _ = extra(lambda: cynorm.batch_norm_backward(dy, x, m, r, w,
+                                                        channel_axis=axis))
+    assert e <= limit, ("backward", e, x.nbytes)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_channels_last_bad_inputs_name_the_argument(dt):
+    x = data((2, 4, 5, 8), dt)
+    with pytest.raises(ValueError, match="weight"):
+        cynorm.group_norm(x, 2, np.ones(4, np.float32), channel_axis=-1)
+    with pytest.raises(ValueError, match="bias"):
+        cynorm.batch_norm(x, None, None, None, np.ones(5, np.float32), True,
+                          channel_axis=-1)
+    with pytest.raises(ValueError, match="channel_axis"):
+        cynorm.instance_norm(x, channel_axis=2)
+    _, m, r = cynorm.group_norm(x, 2, return_stats=True, channel_axis=-1)
+    with pytest.raises(TypeError, match="dy"):
+        cynorm.group_norm_backward(x.astype(np.float32), x, m, r, 2, channel_axis=-1)
+    with pytest.raises(ValueError, match="mean"):
+        cynorm.group_norm_backward(x, x, m[:, :1], r, 2, channel_axis=-1)

@@ -200,10 +200,29 @@ cdef extern from "_lanes.h":
                             Py_ssize_t n) noexcept nogil
     void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
     void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
-                            const double* k, double* pm, double* pq) noexcept nogil
+                            const double* k, double* pm, double* pq,
+                            Py_ssize_t pf_rows) noexcept nogil
     void cn_col_moments_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
                             Py_ssize_t n, const double* k, double* pm,
-                            double* pq) noexcept nogil
+                            double* pq, Py_ssize_t pf_rows) noexcept nogil
+    void cn_col_moments_f16(const cn_f16* x, Py_ssize_t D, Py_ssize_t nrows,
+                            Py_ssize_t n, const double* k, double* pm,
+                            double* pq, Py_ssize_t pf_rows) noexcept nogil
+    void cn_col_moments_bf16(const cn_bf16* x, Py_ssize_t D, Py_ssize_t nrows,
+                             Py_ssize_t n, const double* k, double* pm,
+                             double* pq, Py_ssize_t pf_rows) noexcept nogil
+    void cn_col_grad_sums_f32(const float* dy, const float* x, Py_ssize_t D,
+                              Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
+                              double* sgx, int rows) noexcept nogil
+    void cn_col_grad_sums_f64(const double* dy, const double* x, Py_ssize_t D,
+                              Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
+                              double* sgx, int rows) noexcept nogil
+    void cn_col_grad_sums_f16(const cn_f16* dy, const cn_f16* x, Py_ssize_t D,
+                              Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
+                              double* sgx, int rows) noexcept nogil
+    void cn_col_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, Py_ssize_t D,
+                               Py_ssize_t nrows, Py_ssize_t n, const double* m,
+                               double* sg, double* sgx, int rows) noexcept nogil
     # 16-bit storage: the same loops, widening in registers (the storage loaders)
     double cn_sum_f16(const cn_f16* x, Py_ssize_t n) noexcept nogil
     double cn_sum_bf16(const cn_bf16* x, Py_ssize_t n) noexcept nogil
@@ -458,27 +477,36 @@ cdef inline void fold_moments(const double* parts, Py_ssize_t n_pieces, int cent
 
 # ---- column reductions ------------------------------------------------------------
 
-cdef inline void col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0,
+cdef inline void col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t r0,
                                   Py_ssize_t r1, Py_ssize_t j0, Py_ssize_t j1, int welford,
-                                  const double* shift, double* pm,
-                                  double* pq) noexcept nogil:
+                                  const double* shift, double* pm, double* pq,
+                                  Py_ssize_t pf_rows) noexcept nogil:
     """Per-column mean and m2 of x - shift[j], rows [r0, r1), columns [j0, j1) of the
     row-major matrix x with D columns, into pm[j], pq[j]: corrected two-pass
-    (cn_col_moments in _lanes.h: columns in vector lanes) or Welford. shift[j] is a
-    value near column j's (the caller adds it back to the merged mean): block means of
-    shifted data round relative to the spread, not to the offset. Each column's
-    arithmetic is independent of the tile's width, so its bits are too. Shared by
-    BatchNorm's column path and the batched columns of standardize."""
+    (cn_col_moments in _lanes.h: columns in register-resident vector lanes) or Welford.
+    shift[j] is a value near column j's (the caller adds it back to the merged mean):
+    block means of shifted data round relative to the spread, not to the offset. Each
+    column's arithmetic is independent of the tile's width, so its bits are too. 16-bit
+    data: the float32 arithmetic on the widened values (staged row blocks), the same
+    bits as float32 data holding them. pf_rows: rows after r1 (the caller's next block)
+    to prefetch during the second pass. Shared by BatchNorm's column path, the
+    channels-last family and the batched columns of standardize."""
     cdef double d, v, k
     cdef Py_ssize_t r, j, n = j1 - j0
-    cdef const floating* xr
+    cdef const storage* xr
     if not welford:
-        if floating is float:
+        if storage is float:
             cn_col_moments_f32(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
-                               pq + j0)
-        else:
+                               pq + j0, pf_rows)
+        elif storage is double:
             cn_col_moments_f64(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
-                               pq + j0)
+                               pq + j0, pf_rows)
+        elif storage is cn_f16:
+            cn_col_moments_f16(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
+                               pq + j0, pf_rows)
+        else:
+            cn_col_moments_bf16(x + r0 * D + j0, D, r1 - r0, n, shift + j0, pm + j0,
+                                pq + j0, pf_rows)
         return
     for j in range(n):
         pm[j0 + j] = 0
@@ -488,10 +516,52 @@ cdef inline void col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t r0
         xr = x + r * D + j0
         k = k + 1
         for j in range(n):
-            v = xr[j] - shift[j0 + j]
+            v = ld(xr, j) - shift[j0 + j]
             d = v - pm[j0 + j]
             pm[j0 + j] += d / k
             pq[j0 + j] += d * (v - pm[j0 + j])
+
+
+cdef inline void col_grad_sums(const storage* dy, const storage* x, Py_ssize_t D,
+                               Py_ssize_t nrows, Py_ssize_t n, const double* m, double* sg,
+                               double* sgx, int rows) noexcept nogil:
+    """Per column j of the nrows x n tile at dy, x (row stride D): sg[j] += sum(dy),
+    sgx[j] += sum(dy * (x - m[j])), each column row by row in order in float64
+    (cn_col_grad_sums in _lanes.h: register-resident lanes; 16-bit data staged and
+    widened, the same bits as float32 data holding the widened values). rows: walk each
+    row whole with the sums in L1 instead (long rows streamed from memory; _lanes.h)."""
+    if storage is float:
+        cn_col_grad_sums_f32(dy, x, D, nrows, n, m, sg, sgx, rows)
+    elif storage is double:
+        cn_col_grad_sums_f64(dy, x, D, nrows, n, m, sg, sgx, rows)
+    elif storage is cn_f16:
+        cn_col_grad_sums_f16(dy, x, D, nrows, n, m, sg, sgx, rows)
+    else:
+        cn_col_grad_sums_bf16(dy, x, D, nrows, n, m, sg, sgx, rows)
+
+
+cdef inline void fold_param_grads(const double* sdy, const double* sdyx,
+                                  const double* rstd, double* acc, floating* dw,
+                                  floating* db, Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
+                                  int last, int nt) noexcept nogil:
+    """dweight and dbias of a group normalisation (slab and channels-last families):
+    the per-(n, c) sums sdy[n * C + c], sdyx[n * C + c] (dy and dy * (x - mean)) of
+    samples [0, N) reduced over n in order, sdyx scaled by its group's rstd, continuing
+    the previous chunks' sums in acc[c] (dweight) and acc[C + c] (dbias): the same
+    additions as over the whole batch at once. last: written to dw, db."""
+    cdef Py_ssize_t c, n, cpg = C // G
+    cdef double a_w, a_b
+    for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
+        a_w = acc[c]
+        a_b = acc[C + c]
+        for n in range(N):
+            a_b = a_b + sdy[n * C + c]
+            a_w = a_w + sdyx[n * C + c] * rstd[n * G + c // cpg]
+        acc[c] = a_w
+        acc[C + c] = a_b
+        if last:
+            dw[c] = <floating>a_w
+            db[c] = <floating>a_b
 
 
 cdef inline double inv_std(double m2, double var_div, double eps) noexcept nogil:

@@ -62,8 +62,10 @@ typedef float cn_vh __attribute__((vector_size(CN_VB / 2))); /* CN_DW float32 la
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CN_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+#define CN_PREFETCH_L2(p) __builtin_prefetch((const void*)(p), 0, 1)
 #else
 #define CN_PREFETCH(p) ((void)(p))
+#define CN_PREFETCH_L2(p) ((void)(p))
 #endif
 
 /* float32 <-> float64: CN_DW lanes loaded and widened (cn_load_f32), the low or high
@@ -739,82 +741,369 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
 CN_SPAN_DEFS(cn_f16, f16)
 CN_SPAN_DEFS(cn_bf16, bf16)
 
-/* ---- per-column moments of a tile (column reductions) -----------------------------
- * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n): for each column
- * j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values x - k[j], in
- * float64. The shift k[j] (the caller's: a value of the column) makes the block means
- * that the caller merges small, so that their rounding is relative to the data's
- * spread, not to its offset (a column 1e6 +- 1 keeps its variance's digits).
- * Chunks of CN_COL_CHUNK columns: each pass walks the rows in order, adding a row's
- * chunk (contiguous, vector loads) to per-column float64 lanes that stay in L1. Reading
- * whole row pieces, never a narrow column strip down the rows, keeps the tile's lines
- * in distinct cache sets even when D is a power of two. Each lane is one column summed
- * row by row in order, so a column's bits are those of the plain scalar loop (used for
- * the last n % CN_DW columns), whatever the chunk or the instruction set. m2 < 0 from
- * rounding becomes 0; NaN stays NaN. */
+/* ---- column reductions: per-column sums down the rows of a tile --------------------
+ * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n). Each column is
+ * summed alone, row by row in order, in float64; so a column's bits are those of the
+ * plain scalar loop (which takes the last n % CN_DW columns), whatever the tile width,
+ * the row blocking or the instruction set.
+ *
+ * Register tiles: CN_CT vectors of CN_DW columns (32 columns with AVX-512, 8 with AVX
+ * or SSE) are summed over a block of CN_CR rows in registers, loaded from and stored to
+ * the caller's float64 partials once per block, not once per row: the loads of the data
+ * are then the only memory traffic of the loop. The rows of a block are walked whole
+ * (every tile of row r, then of row r + 1, ... inside a block of CN_CR rows), so the
+ * accesses stay CN_CR contiguous streams, which the prefetchers follow and which land
+ * in distinct cache sets even when D is a power of two. The accumulators, constants and
+ * temporaries of a tile take at most 4 * CN_CT + 2 vector registers: 18 of AVX-512's
+ * 32, 10 of AVX's or SSE's 16, so nothing spills (checked with objdump). */
 
-#define CN_COL_CHUNK 256
+#if defined(__AVX512F__)
+#define CN_CT 4
+#else
+#define CN_CT 2
+#endif
+#define CN_CR 8
 
-static inline cn_vd cn_clamp0(cn_vd q) {
-    cn_vl neg = (cn_vl)(q < CN_ZERO);  /* false for NaN */
-    return (cn_vd)((cn_vl)q & ~neg);
-}
-
-#define CN_COL_MOMENTS_BODY(T, LOAD)                                                    \
-    const double cnt = (double)nrows;                                                   \
-    cn_vd s[CN_COL_CHUNK / CN_DW], d[CN_COL_CHUNK / CN_DW], q[CN_COL_CHUNK / CN_DW];    \
-    cn_vd kv[CN_COL_CHUNK / CN_DW];                                                     \
-    ptrdiff_t j0, j, r, v, nv;                                                          \
-    for (j0 = 0; j0 + CN_DW <= n; j0 += CN_COL_CHUNK) {                                 \
-        nv = (n - j0) / CN_DW;                                                          \
-        if (nv > CN_COL_CHUNK / CN_DW) nv = CN_COL_CHUNK / CN_DW;                       \
-        for (v = 0; v < nv; v++) {                                                      \
-            s[v] = d[v] = q[v] = CN_ZERO;                                               \
-            kv[v] = cn_load_f64(k + j0 + CN_DW * v);                                    \
+/* for each register tile [j, j + w * CN_DW) of the first n - n % CN_DW columns, w =
+ * CN_CT, then single vectors (w = 1) for the rest; then the scalar columns */
+#define CN_COL_TILES(VBODY, SBODY)                                                              \
+    ptrdiff_t r0, r1, r, j, v;                                                          \
+    const ptrdiff_t nvec = n - n % CN_DW;                                               \
+    for (r0 = 0; r0 < nrows; r0 = r1) {                                                 \
+        r1 = r0 + CN_CR < nrows ? r0 + CN_CR : nrows;                                   \
+        for (j = 0; j + CN_CT * CN_DW <= nvec; j += CN_CT * CN_DW) {                    \
+            enum { W = CN_CT };                                                         \
+            VBODY                                                                       \
         }                                                                               \
-        for (r = 0; r < nrows; r++) {                                                   \
-            const T* xr = x + r * D + j0;                                               \
-            for (v = 0; v < nv; v++) s[v] += LOAD(xr + CN_DW * v) - kv[v];              \
+        for (; j < nvec; j += CN_DW) {                                                  \
+            enum { W = 1 };                                                             \
+            VBODY                                                                       \
         }                                                                               \
-        for (v = 0; v < nv; v++) s[v] = s[v] / cnt;                                     \
-        for (r = 0; r < nrows; r++) {                                                   \
-            const T* xr = x + r * D + j0;                                               \
-            for (v = 0; v < nv; v++) {                                                  \
-                cn_vd e = (LOAD(xr + CN_DW * v) - kv[v]) - s[v];                        \
-                d[v] += e;                                                              \
-                q[v] += e * e;                                                          \
+        for (; j < n; j++)                                                              \
+            SBODY                                                                       \
+    }
+
+/* s[j] += sum over the rows of (x - k[j]) */
+#define CN_COL_SUM_BODY(T, LOAD)                                                        \
+    {                                                                                   \
+        cn_vd a[W], kv[W];                                                              \
+        for (v = 0; v < W; v++) {                                                       \
+            a[v] = cn_load_f64(s + j + CN_DW * v);                                      \
+            kv[v] = cn_load_f64(k + j + CN_DW * v);                                     \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) a[v] += LOAD(x + r * D + j + CN_DW * v) - kv[v];    \
+        for (v = 0; v < W; v++) cn_store_f64(s + j + CN_DW * v, a[v]);                  \
+    }
+#define CN_COL_SUM_SCALAR(T)                                                            \
+    {                                                                                   \
+        double a = s[j];                                                                \
+        for (r = r0; r < r1; r++) a += x[r * D + j] - k[j];                             \
+        s[j] = a;                                                                       \
+    }
+
+/* e = x - c[j]: d[j] += e, q[j] += e * e */
+#define CN_COL_DEV_BODY(T, LOAD)                                                        \
+    {                                                                                   \
+        cn_vd dv[W], qv[W], cv[W], e;                                                   \
+        for (v = 0; v < W; v++) {                                                       \
+            dv[v] = cn_load_f64(d + j + CN_DW * v);                                     \
+            qv[v] = cn_load_f64(q + j + CN_DW * v);                                     \
+            cv[v] = cn_load_f64(c + j + CN_DW * v);                                     \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) {                                                   \
+                e = LOAD(x + r * D + j + CN_DW * v) - cv[v];                            \
+                dv[v] += e;                                                             \
+                qv[v] += e * e;                                                         \
             }                                                                           \
+        for (v = 0; v < W; v++) {                                                       \
+            cn_store_f64(d + j + CN_DW * v, dv[v]);                                     \
+            cn_store_f64(q + j + CN_DW * v, qv[v]);                                     \
         }                                                                               \
-        for (v = 0; v < nv; v++) {                                                      \
-            cn_store_f64(pm + j0 + CN_DW * v, s[v] + d[v] / cnt);                       \
-            cn_store_f64(pq + j0 + CN_DW * v, cn_clamp0(q[v] - d[v] * d[v] / cnt));     \
-        }                                                                               \
-    }                                                                                   \
-    for (j = n - n % CN_DW; j < n; j++) {                                               \
-        double sj = 0, dj = 0, qj = 0, m, e;                                            \
-        for (r = 0; r < nrows; r++) sj += x[r * D + j] - k[j];                          \
-        m = sj / cnt;                                                                   \
-        for (r = 0; r < nrows; r++) {                                                   \
-            e = (x[r * D + j] - k[j]) - m;                                              \
+    }
+#define CN_COL_DEV_SCALAR(T)                                                            \
+    {                                                                                   \
+        double dj = d[j], qj = q[j], e;                                                 \
+        for (r = r0; r < r1; r++) {                                                     \
+            e = x[r * D + j] - c[j];                                                    \
             dj += e;                                                                    \
             qj += e * e;                                                                \
         }                                                                               \
-        pm[j] = m + dj / cnt;                                                           \
-        qj = qj - dj * dj / cnt;                                                        \
-        pq[j] = qj < 0 ? 0 : qj;                                                        \
+        d[j] = dj;                                                                      \
+        q[j] = qj;                                                                      \
     }
+
+/* The same sums walking the rows whole (cn_col_grad_sums_rows), two contiguous streams,
+ * with the per-column float64 sums in L1 (loaded and stored per row): for the
+ * channels-last backward (long rows of up to 512 channels, dy and x from memory once),
+ * where the register tiles' 2 * CN_CR interleaved row streams measured 1.5x slower.
+ * BatchNorm's column path (short rows) keeps the register tiles: there the sums' store
+ * and reload every row measured 2x slower. Either way each column is summed row by row
+ * in order: the same bits. */
+/* g = dy: sg[j] += g, sgx[j] += g * (x - m[j]), register tiles (cn_col_grad_sums) */
+#define CN_COL_GRAD_BODY(T, LOAD)                                                       \
+    {                                                                                   \
+        cn_vd av[W], bv[W], mv[W], g;                                                   \
+        for (v = 0; v < W; v++) {                                                       \
+            av[v] = cn_load_f64(sg + j + CN_DW * v);                                    \
+            bv[v] = cn_load_f64(sgx + j + CN_DW * v);                                   \
+            mv[v] = cn_load_f64(m + j + CN_DW * v);                                     \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) {                                                   \
+                g = LOAD(dy + r * D + j + CN_DW * v);                                   \
+                av[v] += g;                                                             \
+                bv[v] += g * (LOAD(x + r * D + j + CN_DW * v) - mv[v]);                 \
+            }                                                                           \
+        for (v = 0; v < W; v++) {                                                       \
+            cn_store_f64(sg + j + CN_DW * v, av[v]);                                    \
+            cn_store_f64(sgx + j + CN_DW * v, bv[v]);                                   \
+        }                                                                               \
+    }
+#define CN_COL_GRAD_SCALAR(T)                                                           \
+    {                                                                                   \
+        double aj = sg[j], bj = sgx[j], g;                                              \
+        for (r = r0; r < r1; r++) {                                                     \
+            g = dy[r * D + j];                                                          \
+            aj += g;                                                                    \
+            bj += g * (x[r * D + j] - m[j]);                                            \
+        }                                                                               \
+        sg[j] = aj;                                                                     \
+        sgx[j] = bj;                                                                    \
+    }
+
+#define CN_COL_GRAD_ROWS(T, LOAD)                                                       \
+    ptrdiff_t r, j;                                                                     \
+    for (r = 0; r < nrows; r++) {                                                       \
+        const T* dyr = dy + r * D;                                                      \
+        const T* xr = x + r * D;                                                        \
+        for (j = 0; j + CN_DW <= n; j += CN_DW) {                                       \
+            cn_vd g = LOAD(dyr + j);                                                    \
+            cn_store_f64(sg + j, cn_load_f64(sg + j) + g);                              \
+            cn_store_f64(sgx + j, cn_load_f64(sgx + j) +                                \
+                                      g * (LOAD(xr + j) - cn_load_f64(m + j)));         \
+        }                                                                               \
+        for (; j < n; j++) {                                                            \
+            double g = dyr[j];                                                          \
+            sg[j] += g;                                                                 \
+            sgx[j] += g * (xr[j] - m[j]);                                               \
+        }                                                                               \
+    }
+
+#define CN_COL_FUNCS(T, SFX, LOAD)                                                      \
+    static inline void cn_col_sum_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,       \
+                                        ptrdiff_t n, const double* k, double* s) {      \
+        CN_COL_TILES(CN_COL_SUM_BODY(T, LOAD), CN_COL_SUM_SCALAR(T))                                                 \
+    }                                                                                   \
+    static inline void cn_col_dev_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,       \
+                                        ptrdiff_t n, const double* c, double* d,        \
+                                        double* q) {                                    \
+        CN_COL_TILES(CN_COL_DEV_BODY(T, LOAD), CN_COL_DEV_SCALAR(T))                                                 \
+    }                                                                                   \
+    static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
+                                              ptrdiff_t nrows, ptrdiff_t n,             \
+                                              const double* m, double* sg,              \
+                                              double* sgx, int rows) {                  \
+        if (rows) {                                                                     \
+            CN_COL_GRAD_ROWS(T, LOAD)                                                   \
+        } else {                                                                        \
+            CN_COL_TILES(CN_COL_GRAD_BODY(T, LOAD), CN_COL_GRAD_SCALAR(T))              \
+        }                                                                               \
+    }
+
+CN_COL_FUNCS(float, f32, cn_load_f32)
+CN_COL_FUNCS(double, f64, cn_load_f64)
+
+/* ---- the first pass of float32 columns --------------------------------------------
+ * s[j] += sum over the rows of (x - k[j]) for float32 data, summed as cn_sum_f32 sums a
+ * run: the rows in groups of CN_CR (counted from row 0) summed per column in float32
+ * (x - (float)k[j], added in order), each group's partial widened and added in float64.
+ * A first pass only needs a mean close enough for the corrected second pass, and this
+ * spares the float64 widening of every value (a group's partial errs by at most CN_CR
+ * float32 ulps of its magnitude). A float32 partial overflows for data near the float32
+ * limit (and NaN or Inf make the sum NaN or Inf): the caller redoes such a column wide
+ * (cn_col_moments). Each column is summed alone, so its bits depend neither on the
+ * tile's width nor on the instruction set. n <= CN_COL_CHUNK. */
+
+#define CN_COL_CHUNK 256
+
+#define CN_COL_SUM8_TILE(W)                                                             \
+    {                                                                                   \
+        cn_vf p[W], kv[W];                                                              \
+        for (v = 0; v < W; v++) {                                                       \
+            p[v] = (cn_vf){0};                                                          \
+            kv[v] = cn_loadf(kf + j + CN_FW * v);                                       \
+        }                                                                               \
+        for (r = r0; r < r1; r++)                                                       \
+            for (v = 0; v < W; v++) p[v] += cn_loadf(x + r * D + j + CN_FW * v) - kv[v];\
+        for (v = 0; v < W; v++) {                                                       \
+            double* sv = s + j + CN_FW * v;                                             \
+            cn_store_f64(sv, cn_load_f64(sv) + cn_widen_lo(p[v]));                      \
+            cn_store_f64(sv + CN_DW, cn_load_f64(sv + CN_DW) + cn_widen_hi(p[v]));      \
+        }                                                                               \
+    }
+
+static inline void cn_col_sum8_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
+                                   ptrdiff_t n, const double* k, double* s) {
+    float kf[CN_COL_CHUNK];
+    ptrdiff_t r0, r1, r, j, v;
+    const ptrdiff_t nvec = n - n % CN_FW;
+    for (j = 0; j < n; j++) kf[j] = (float)k[j];
+    for (r0 = 0; r0 < nrows; r0 = r1) {
+        r1 = r0 + CN_CR < nrows ? r0 + CN_CR : nrows;
+        for (j = 0; j + CN_CT * CN_FW <= nvec; j += CN_CT * CN_FW) CN_COL_SUM8_TILE(CN_CT)
+        for (; j < nvec; j += CN_FW) CN_COL_SUM8_TILE(1)
+        for (; j < n; j++) {
+            float p = 0;
+            for (r = r0; r < r1; r++) p += x[r * D + j] - kf[j];
+            s[j] += (double)p;
+        }
+    }
+}
+
+/* ---- per-column moments of a tile ---------------------------------------------------
+ * For each column j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values
+ * x - k[j], in float64. The shift k[j] (the caller's: a value of the column) makes the
+ * block means that the caller merges small, so that their rounding is relative to the
+ * data's spread, not to its offset (a column 1e6 +- 1 keeps its variance's digits).
+ * Chunks of CN_COL_CHUNK columns (the deviations' sums on the stack): the first pass
+ * (cn_col_sum) over the chunk's rows, the mean, then the second (cn_col_dev) while the
+ * chunk is in L2. m2 < 0 from rounding becomes 0; NaN stays NaN. */
+
+/* the first pass's mean m = s / cnt of x - k as an absolute centre c = k + m (in cm),
+ * from which the second pass takes the deviations x - c (one subtraction a value) */
+#define CN_COL_CENTRE                                                                   \
+    for (j = 0; j < nn; j++) cm[j] = k[j0 + j] + pm[j0 + j] / cnt;
+
+/* corrected two-pass: the mean (relative to k) c - k + mean(x - c), m2 = sum((x - c)^2)
+ * - sum(x - c)^2 / cnt. c - k is exact when c and k are within a factor 2 of each
+ * other (offset data), else it rounds relative to the mean itself. */
+#define CN_COL_FINISH                                                                   \
+    for (j = 0; j < nn; j++) {                                                          \
+        double qj = pq[j0 + j] - dd[j] * dd[j] / cnt;                                   \
+        pm[j0 + j] = (cm[j] - k[j0 + j]) + dd[j] / cnt;                                 \
+        pq[j0 + j] = qj < 0 ? 0 : qj;                                                   \
+    }
+
+/* The second pass runs on data already in L2: meanwhile the rows [nrows, nrows +
+ * pf_rows) that follow (the caller's next block) are prefetched, the chunk's columns of
+ * as many of them as rows [r0, r0 + nr) of this block, so that their first pass does not
+ * wait for memory (as cn_sqdev prefetches the next piece). Into L2 (a block is larger
+ * than L1): measured a little faster than into L1, whose fill buffers such bursts
+ * overrun. */
+#define CN_COL_PREFETCH_NEXT(src)                                                       \
+    for (ptrdiff_t rp = nrows + r0; rp < nrows + r0 + nr && rp < nrows + pf_rows; rp++) \
+        for (ptrdiff_t b = 0; b < nn * (ptrdiff_t)sizeof(*src); b += 64)                \
+            CN_PREFETCH_L2((const char*)(src + rp * D + j0) + b)
+
+/* the first pass of float32 data (cn_col_sum8_f32) made wide where it overflowed: each
+ * such column of the chunk summed again value by value in float64 (VALUE(i): element i
+ * as a double) */
+#define CN_COL_REDO_WIDE(VALUE)                                                         \
+    for (j = 0; j < nn; j++) {                                                          \
+        if (pm[j0 + j] - pm[j0 + j] == 0) continue;                                     \
+        double a = 0;                                                                   \
+        for (ptrdiff_t r = 0; r < nrows; r++) a += VALUE(r * D + j0 + j) - k[j0 + j];   \
+        pm[j0 + j] = a;                                                                 \
+    }
+
+#define CN_COL_MOMENTS_BODY(SFX, SUM, REDO)                                             \
+    const double cnt = (double)nrows;                                                   \
+    double dd[CN_COL_CHUNK], cm[CN_COL_CHUNK];                                          \
+    ptrdiff_t j0, j, nn, r0, nr;                                                        \
+    for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                          \
+        nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                             \
+        for (j = 0; j < nn; j++) pm[j0 + j] = pq[j0 + j] = dd[j] = 0;                   \
+        SUM(x + j0, D, nrows, nn, k + j0, pm + j0);                                     \
+        REDO                                                                            \
+        CN_COL_CENTRE                                                                   \
+        for (r0 = 0; r0 < nrows; r0 += nr) {                                            \
+            nr = nrows - r0 < CN_CR ? nrows - r0 : CN_CR;                               \
+            CN_COL_PREFETCH_NEXT(x);                                                    \
+            cn_col_dev_##SFX(x + r0 * D + j0, D, nr, nn, cm, dd, pq + j0);              \
+        }                                                                               \
+        CN_COL_FINISH                                                                   \
+    }
+
+#define CN_COL_X(i) ((double)x[i])
 
 static inline void cn_col_moments_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
                                       ptrdiff_t n, const double* k, double* pm,
-                                      double* pq) {
-    CN_COL_MOMENTS_BODY(float, cn_load_f32)
+                                      double* pq, ptrdiff_t pf_rows) {
+    CN_COL_MOMENTS_BODY(f32, cn_col_sum8_f32, CN_COL_REDO_WIDE(CN_COL_X))
 }
 
 static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nrows,
                                       ptrdiff_t n, const double* k, double* pm,
-                                      double* pq) {
-    CN_COL_MOMENTS_BODY(double, cn_load_f64)
+                                      double* pq, ptrdiff_t pf_rows) {
+    CN_COL_MOMENTS_BODY(f64, cn_col_sum_f64, )
 }
+
+/* ---- 16-bit storage: the float32 functions on staged blocks ---------------------------
+ * CN_COL_STAGE rows of a chunk are widened (_lowp.h, exact) into a float32 buffer on the
+ * stack, which the float32 functions read; each column is still summed row by row in
+ * order, so the results are bitwise those of float32 data holding the widened values. */
+
+#include "_lowp.h"
+
+#define CN_COL_STAGE 16 /* a multiple of CN_CR: the float32 groups of the first pass
+                           are those of float32 data */
+#define CN_COL_LP_f16(i) ((double)cn_f16_to_float(x[i]))
+#define CN_COL_LP_bf16(i) ((double)cn_bf16_to_float(x[i]))
+
+/* rows [r0, r0 + nr) of columns [j0, j0 + nn) of x (row stride D) into buf (row stride
+ * nn), widened */
+#define CN_COL_WIDEN_ROWS(WIDEN, src, buf)                                              \
+    for (ptrdiff_t rr = 0; rr < nr; rr++) WIDEN(src + (r0 + rr) * D + j0, buf + rr * nn, nn)
+
+#define CN_COL_LP_FUNCS(T, SFX, WIDEN)                                                  \
+    static inline void cn_col_moments_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,   \
+                                            ptrdiff_t n, const double* k, double* pm,   \
+                                            double* pq, ptrdiff_t pf_rows) {            \
+        const double cnt = (double)nrows;                                               \
+        double dd[CN_COL_CHUNK], cm[CN_COL_CHUNK];                                      \
+        float buf[CN_COL_STAGE * CN_COL_CHUNK];                                         \
+        ptrdiff_t j0, j, nn, r0, nr;                                                    \
+        for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                      \
+            nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                         \
+            for (j = 0; j < nn; j++) pm[j0 + j] = pq[j0 + j] = dd[j] = 0;               \
+            for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
+                nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
+                CN_COL_WIDEN_ROWS(WIDEN, x, buf);                                       \
+                cn_col_sum8_f32(buf, nn, nr, nn, k + j0, pm + j0);                      \
+            }                                                                           \
+            CN_COL_REDO_WIDE(CN_COL_LP_##SFX)                                           \
+            CN_COL_CENTRE                                                               \
+            for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
+                nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
+                CN_COL_PREFETCH_NEXT(x);                                                \
+                CN_COL_WIDEN_ROWS(WIDEN, x, buf);                                       \
+                cn_col_dev_f32(buf, nn, nr, nn, cm, dd, pq + j0);                       \
+            }                                                                           \
+            CN_COL_FINISH                                                               \
+        }                                                                               \
+    }                                                                                   \
+    static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
+                                              ptrdiff_t nrows, ptrdiff_t n,             \
+                                              const double* m, double* sg,              \
+                                              double* sgx, int rows) {                  \
+        float bdy[CN_COL_STAGE * CN_COL_CHUNK], bx[CN_COL_STAGE * CN_COL_CHUNK];        \
+        ptrdiff_t j0, nn, r0, nr;                                                       \
+        for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                      \
+            nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                         \
+            for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
+                nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
+                CN_COL_WIDEN_ROWS(WIDEN, dy, bdy);                                      \
+                CN_COL_WIDEN_ROWS(WIDEN, x, bx);                                        \
+                cn_col_grad_sums_f32(bdy, bx, nn, nr, nn, m + j0, sg + j0, sgx + j0,    \
+                                     rows);                                             \
+            }                                                                           \
+        }                                                                               \
+    }
+
+CN_COL_LP_FUNCS(cn_f16, f16, cn_f16_widen)
+CN_COL_LP_FUNCS(cn_bf16, bf16, cn_bf16_widen)
 
 /* ---- pairwise block merge of n adjacent columns --------------------------------------
  * tree_merge (_common.pxd) for the n adjacent columns pm[j], pq[j] (block q of column j

@@ -3,6 +3,10 @@
 import numpy as np
 from numpy.typing import NDArray
 
+# runs shorter than this take the column path
+SHORT_RUN: int
+
+
 def forward(x: np.ndarray, y: np.ndarray | None, weight: np.ndarray | None,
             bias: np.ndarray | None, mean: NDArray[np.float64],
             rstd: NDArray[np.float64] | None, var: NDArray[np.float64] | None, N: int,

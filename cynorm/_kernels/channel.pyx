@@ -20,10 +20,11 @@ coefficients. Scratch: two float64 per channel and row block beyond the first, a
 outputs and the backward handles each tile's dx while it is in cache, with no scratch
 at all.
 
-Storage dtypes (see _common.pxd): the long-run path takes every storage (float16 and
-bfloat16 computed in float32 lanes), parameters float32 for all but float64 data; the
-column path takes float32 and float64 only (cynorm._api widens 16-bit data with short
-runs to float32 first).
+Storage dtypes (see _common.pxd): both paths take every storage, parameters float32
+for all but float64 data. 16-bit data are computed in float32 lanes (the long-run path)
+or with the float32 data's arithmetic (the column path: its sums read staged, widened
+row blocks, and its apply and dx run on widened row pieces), rounded once on store: a
+16-bit result is the float32 result on the widened data, rounded to the storage.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
@@ -38,8 +39,9 @@ from cynorm._kernels._common cimport (
     affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
     MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
+    col_grad_sums, widen, narrow, ld,
 )
-from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
+from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
 
 import numpy as np
 
@@ -52,8 +54,11 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 # partials of 16 bytes per block are at most 1/16 of a float32 input) and its tiles at
 # most COL_WIDTH columns (64 x 1024 float32 = 256 KiB stays in L2), from _common.pxd.
 cdef enum:
-    SHORT_RUN = 64    # runs shorter than this take the column path
+    SHORT_RUN_ = 64   # runs shorter than this take the column path
     APPLY_ROWS = 16   # rows per work item of the apply (eval: its rstd formed once)
+
+# the column path's threshold, for cynorm._api and cynorm._stats_api (one definition)
+SHORT_RUN = SHORT_RUN_
 
 
 # ---- column path (short runs) ----------------------------------------------------------
@@ -62,14 +67,15 @@ cdef inline Py_ssize_t _col_blocks(Py_ssize_t N) noexcept nogil:
     return N // COL_ROWS if N >= COL_ROWS else 1
 
 
-cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t HW,
-                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                            int welford, const double* shift, double* pm,
+cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
+                            Py_ssize_t N, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                            Py_ssize_t c1, int welford, const double* shift, double* pm,
                             double* pq) noexcept nogil:
     """Per-channel mean and m2 of rows [r0, r1) of channels [c0, c1) of x - k[c] into
     pm[c], pq[c], k[c] = shift[c] (shift not NULL) or the channel's first value x[c * HW]
-    (pm is relative to k): per column (col_tile_moments, results on the stack), then
-    the HW columns of each channel merged in order."""
+    (pm is relative to k): per column (col_tile_moments, results on the stack; the
+    same columns of the rows that follow, up to N, prefetched meanwhile), then the HW
+    columns of each channel merged in order."""
     cdef double cm[COL_WIDTH]
     cdef double cq[COL_WIDTH]
     cdef double ks[COL_WIDTH]
@@ -77,8 +83,9 @@ cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t HW,
     cdef Py_ssize_t j, c, h, n = (c1 - c0) * HW
     for j in range(n):
         c = c0 + j // HW
-        ks[j] = x[c * HW] if shift == NULL else shift[c]
-    col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq)
+        ks[j] = ld(x, c * HW) if shift == NULL else shift[c]
+    col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq,
+                     min(COL_ROWS, N - r1))
     for c in range(c0, c1):
         n_ = 0
         m_ = 0
@@ -89,7 +96,7 @@ cdef void _col_tile_moments(const floating* x, Py_ssize_t D, Py_ssize_t HW,
         pq[c] = q_
 
 
-cdef void _col_apply(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t r0,
+cdef void _col_apply(const storage* x, storage* y, Py_ssize_t D, Py_ssize_t r0,
                      Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
                      const double* mean, const double* rstd, const double* var,
                      double eps, const floating* w, const floating* b,
@@ -99,58 +106,88 @@ cdef void _col_apply(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t r0
     for it): 1 / sqrt(var + eps), formed once per channel here."""
     cdef double rsl[COL_WIDTH]
     cdef const double* rs = rstd
-    cdef const floating* xr
-    cdef floating* yr
     cdef Py_ssize_t c, r
     if rstd == NULL:
         for c in range(c0, c1):
             rsl[c - c0] = 1.0 / sqrt(var[c] + eps)
         rs = rsl - c0
     for r in range(r0, r1):
-        xr = x + r * D
-        yr = y + r * D
+        _col_affine_act_row(x + r * D, y + r * D, c0, c1, HW, mean, rs, w, b, act)
+
+
+cdef inline void _col_affine_act_row(const storage* xr, storage* yr, Py_ssize_t c0,
+                                     Py_ssize_t c1, Py_ssize_t HW, const double* mean,
+                                     const double* rs, const floating* w,
+                                     const floating* b, int act) noexcept nogil:
+    """_col_affine_row, then the activation act, over channels [c0, c1) (at most
+    COL_WIDTH columns) of one row. 16-bit data: the float32 data's arithmetic on the
+    widened row piece, rounded once to the storage on store."""
+    cdef float buf[COL_WIDTH]
+    cdef Py_ssize_t o = c0 * HW, n = (c1 - c0) * HW
+    if storage is float or storage is double:
         _col_affine_row(xr, yr, c0, c1, HW, mean, rs, w, b)
         if act:
-            act_run(yr + c0 * HW, (c1 - c0) * HW, act)
+            act_run(yr + o, n, act)
+    else:
+        widen(xr + o, buf, n)
+        _col_affine_row(<const float*>buf - o, buf - o, c0, c1, HW, mean, rs, w, b)
+        if act:
+            cn_act_f32(buf, buf, n, act)
+        narrow(buf, yr + o, n)
 
 
-cdef inline void _col_affine_row(const floating* xr, floating* yr, Py_ssize_t c0,
+cdef inline void _col_affine_row(const storage* xr, storage* yr, Py_ssize_t c0,
                                  Py_ssize_t c1, Py_ssize_t HW, const double* mean,
                                  const double* rs, const floating* w,
                                  const floating* b) noexcept nogil:
-    """Channels [c0, c1) of one row: yr = ((xr - mean) * rs) * w + b, in float64."""
+    """Channels [c0, c1) of one row: yr = ((xr - mean) * rs) * w + b, in float64
+    (float32 and float64 data; _col_affine_act_row widens 16-bit data first)."""
     cdef Py_ssize_t c, h
     cdef double m, rc, wc, bc
-    if HW == 1:
+    if storage is float or storage is double:
+        if HW == 1:
+            for c in range(c0, c1):
+                yr[c] = <storage>(((xr[c] - mean[c]) * rs[c]) *
+                                  (1.0 if w == NULL else w[c]) +
+                                  (0.0 if b == NULL else b[c]))
+            return
         for c in range(c0, c1):
-            yr[c] = <floating>(((xr[c] - mean[c]) * rs[c]) *
-                               (1.0 if w == NULL else w[c]) + (0.0 if b == NULL else b[c]))
-        return
-    for c in range(c0, c1):
-        m = mean[c]
-        rc = rs[c]
-        wc = 1.0 if w == NULL else w[c]
-        bc = 0.0 if b == NULL else b[c]
-        for h in range(c * HW, (c + 1) * HW):
-            yr[h] = <floating>(((xr[h] - m) * rc) * wc + bc)
+            m = mean[c]
+            rc = rs[c]
+            wc = 1.0 if w == NULL else w[c]
+            bc = 0.0 if b == NULL else b[c]
+            for h in range(c * HW, (c + 1) * HW):
+                yr[h] = <storage>(((xr[h] - m) * rc) * wc + bc)
 
 
-cdef void _col_act_grad(const floating* dy, const floating* x, floating* g, Py_ssize_t D,
+cdef void _col_act_grad(const storage* dy, const storage* x, storage* g, Py_ssize_t D,
                         Py_ssize_t r, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
                         const double* mean, const double* rstd, const floating* w,
                         const floating* b, int act) noexcept nogil:
     """Row r, channels [c0, c1) (at most COL_WIDTH columns): g = dy * act'(a), a the
-    forward's pre-activation, recomputed as _col_apply computes it. g may be dy."""
-    cdef floating a[COL_WIDTH]
+    forward's pre-activation, recomputed as _col_apply computes it. g may be dy.
+    16-bit data: in float32, g rounded to the storage (cynorm._api runs a 16-bit
+    backward with an activation on float32 copies, so this is not reached)."""
+    cdef float af[COL_WIDTH]
+    cdef double ad[COL_WIDTH]
+    cdef float bd[COL_WIDTH]
     cdef Py_ssize_t o = r * D + c0 * HW, n = (c1 - c0) * HW
-    _col_affine_row(x + r * D, a - c0 * HW, c0, c1, HW, mean, rstd, w, b)
-    if floating is float:
-        cn_act_grad_f32(a, dy + o, g + o, n, act)
+    if storage is float:
+        _col_affine_row(x + r * D, af - c0 * HW, c0, c1, HW, mean, rstd, w, b)
+        cn_act_grad_f32(af, dy + o, g + o, n, act)
+    elif storage is double:
+        _col_affine_row(x + r * D, ad - c0 * HW, c0, c1, HW, mean, rstd, w, b)
+        cn_act_grad_f64(ad, dy + o, g + o, n, act)
     else:
-        cn_act_grad_f64(a, dy + o, g + o, n, act)
+        widen(x + o, af, n)
+        _col_affine_row(<const float*>af - c0 * HW, af - c0 * HW, c0, c1, HW, mean, rstd,
+                        w, b)
+        widen(dy + o, bd, n)
+        cn_act_grad_f32(af, bd, bd, n, act)
+        narrow(bd, g + o, n)
 
 
-cdef void _col_forward(const floating* x, floating* y, const floating* w,
+cdef void _col_forward(const storage* x, storage* y, const floating* w,
                        const floating* b, double* mean, double* rstd, double* var,
                        double* part, const double* shift, Py_ssize_t N, Py_ssize_t C,
                        Py_ssize_t HW, double eps, double ddof, int welford, int training,
@@ -173,8 +210,8 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
             blk = t // n_tiles
             c0 = (t % n_tiles) * cpt
             r0 = blk * COL_ROWS
-            _col_tile_moments(x, D, HW, r0, N if blk == nb - 1 else r0 + COL_ROWS, c0,
-                              min(c0 + cpt, C), welford, shift, pm + blk * C,
+            _col_tile_moments(x, D, HW, N, r0, N if blk == nb - 1 else r0 + COL_ROWS,
+                              c0, min(c0 + cpt, C), welford, shift, pm + blk * C,
                               pq + blk * C)
         if nb > 1:
             # the blocks pairwise, in place in block 0's slots (block q holds
@@ -187,7 +224,7 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
         for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
             m = pm[c]
             m2 = pq[c]
-            mean[c] = m if shift != NULL else x[c * HW] + m
+            mean[c] = m if shift != NULL else ld(x, c * HW) + m
             if var != NULL:
                 var[c] = m2 / div
             rstd[c] = inv_std(m2, div, eps)
@@ -202,32 +239,23 @@ cdef void _col_forward(const floating* x, floating* y, const floating* w,
                    rstd, var, eps, w, b, act)
 
 
-cdef void _col_tile_grad_sums(const floating* dy, const floating* x, const double* mean,
+cdef void _col_tile_grad_sums(const storage* dy, const storage* x, const double* mean,
                               Py_ssize_t D, Py_ssize_t HW, Py_ssize_t r0, Py_ssize_t r1,
                               Py_ssize_t c0, Py_ssize_t c1, double* ps,
                               double* psx) noexcept nogil:
     """Per-channel sum(dy) and sum(dy * (x - mean)) over rows [r0, r1) of channels
-    [c0, c1) into ps[c], psx[c]: per column, then each channel's columns in order."""
+    [c0, c1) into ps[c], psx[c]: per column (col_grad_sums), then each channel's
+    columns in order."""
     cdef double cs[COL_WIDTH]
     cdef double csx[COL_WIDTH]
+    cdef double mc[COL_WIDTH]
     cdef double a, bb
-    cdef Py_ssize_t r, j, c, h, j0 = c0 * HW, n = (c1 - c0) * HW
-    cdef const floating* dyr
-    cdef const floating* xr
+    cdef Py_ssize_t j, c, h, j0 = c0 * HW, n = (c1 - c0) * HW
     for j in range(n):
         cs[j] = 0
         csx[j] = 0
-    for r in range(r0, r1):
-        dyr = dy + r * D + j0
-        xr = x + r * D + j0
-        if HW == 1:
-            for j in range(n):
-                cs[j] += dyr[j]
-                csx[j] += dyr[j] * (xr[j] - mean[c0 + j])
-        else:
-            for j in range(n):
-                cs[j] += dyr[j]
-                csx[j] += dyr[j] * (xr[j] - mean[c0 + j // HW])
+        mc[j] = mean[c0 + j // HW]
+    col_grad_sums(dy + r0 * D + j0, x + r0 * D + j0, D, r1 - r0, n, mc, cs, csx, 0)
     for c in range(c0, c1):
         a = 0
         bb = 0
@@ -246,29 +274,50 @@ cdef inline void _col_coeffs(double sdy, double sdyx, double rs, double wc, doub
     mgx[0] = wc * (rs * sdyx / M) if training else 0.0
 
 
-cdef void _col_grad(const floating* dy, const floating* x, floating* dx, Py_ssize_t c0,
+cdef void _col_grad(const storage* dy, const storage* x, storage* dx, Py_ssize_t c0,
                     Py_ssize_t c1, Py_ssize_t HW, const double* mean, const double* rstd,
                     const floating* w, const double* mg, const double* mgx) noexcept nogil:
-    """Channels [c0, c1) of one row, in float64; mg, mgx indexed by channel."""
+    """Channels [c0, c1) of one row, in float64; mg, mgx indexed by channel (float32 and
+    float64 data; _col_grad_s widens 16-bit data first)."""
     cdef Py_ssize_t c, h
     cdef double m, rs, wc, g0, k
-    if HW == 1:
+    if storage is float or storage is double:
+        if HW == 1:
+            for c in range(c0, c1):
+                rs = rstd[c]
+                dx[c] = <storage>(rs * (((1.0 if w == NULL else w[c]) * dy[c] - mg[c])
+                                        - ((x[c] - mean[c]) * rs) * mgx[c]))
+            return
         for c in range(c0, c1):
+            m = mean[c]
             rs = rstd[c]
-            dx[c] = <floating>(rs * (((1.0 if w == NULL else w[c]) * dy[c] - mg[c])
-                                     - ((x[c] - mean[c]) * rs) * mgx[c]))
-        return
-    for c in range(c0, c1):
-        m = mean[c]
-        rs = rstd[c]
-        wc = 1.0 if w == NULL else w[c]
-        g0 = mg[c]
-        k = mgx[c]
-        for h in range(c * HW, (c + 1) * HW):
-            dx[h] = <floating>(rs * ((wc * dy[h] - g0) - ((x[h] - m) * rs) * k))
+            wc = 1.0 if w == NULL else w[c]
+            g0 = mg[c]
+            k = mgx[c]
+            for h in range(c * HW, (c + 1) * HW):
+                dx[h] = <storage>(rs * ((wc * dy[h] - g0) - ((x[h] - m) * rs) * k))
 
 
-cdef void _col_tile_backward(const floating* dy, const floating* x, floating* dx,
+cdef inline void _col_grad_s(const storage* dy, const storage* x, storage* dx,
+                             Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+                             const double* mean, const double* rstd, const floating* w,
+                             const double* mg, const double* mgx) noexcept nogil:
+    """_col_grad over channels [c0, c1) (at most COL_WIDTH columns) of one row; 16-bit
+    data: the float32 data's arithmetic on the widened row pieces, rounded once."""
+    cdef float bdy[COL_WIDTH]
+    cdef float bx[COL_WIDTH]
+    cdef Py_ssize_t o = c0 * HW, n = (c1 - c0) * HW
+    if storage is float or storage is double:
+        _col_grad(dy, x, dx, c0, c1, HW, mean, rstd, w, mg, mgx)
+    else:
+        widen(dy + o, bdy, n)
+        widen(x + o, bx, n)
+        _col_grad(<const float*>bdy - o, <const float*>bx - o, bdy - o, c0, c1, HW, mean,
+                  rstd, w, mg, mgx)
+        narrow(bdy, dx + o, n)
+
+
+cdef void _col_tile_backward(const storage* dy, const storage* x, storage* dx,
                              const floating* w, floating* dw, floating* db,
                              const double* mean, const double* rstd, Py_ssize_t N,
                              Py_ssize_t C, Py_ssize_t HW, Py_ssize_t c0, Py_ssize_t c1,
@@ -288,12 +337,12 @@ cdef void _col_tile_backward(const floating* dy, const floating* x, floating* dx
         _col_coeffs(sdy, sdyx, rstd[c], 1.0 if w == NULL else w[c], M, training,
                     &ps[c - c0], &psx[c - c0])
     for r in range(N):
-        _col_grad(dy + r * D, x + r * D, dx + r * D, c0, c1, HW, mean, rstd, w, ps - c0,
-                  psx - c0)
+        _col_grad_s(dy + r * D, x + r * D, dx + r * D, c0, c1, HW, mean, rstd, w, ps - c0,
+                    psx - c0)
 
 
-cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
-                        const floating* w, const floating* b, floating* g, floating* dw,
+cdef void _col_backward(const storage* dy, const storage* x, storage* dx,
+                        const floating* w, const floating* b, storage* g, floating* dw,
                         floating* db, const double* mean, const double* rstd,
                         double* part, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                         int training, int act, int nt) noexcept nogil:
@@ -335,8 +384,9 @@ cdef void _col_backward(const floating* dy, const floating* x, floating* dx,
                     &psx[c])
     for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
         c0 = (t % n_tiles) * cpt
-        _col_grad(dy + (t // n_tiles) * D, x + (t // n_tiles) * D,
-                  dx + (t // n_tiles) * D, c0, min(c0 + cpt, C), HW, mean, rstd, w, ps, psx)
+        _col_grad_s(dy + (t // n_tiles) * D, x + (t // n_tiles) * D,
+                    dx + (t // n_tiles) * D, c0, min(c0 + cpt, C), HW, mean, rstd, w, ps,
+                    psx)
 
 
 cdef inline void _apply_channel(const storage* x, storage* y, const floating* w,
@@ -397,7 +447,7 @@ def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mea
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
-    cdef bint columns = HW < SHORT_RUN
+    cdef bint columns = HW < SHORT_RUN_
     cdef cnp.ndarray work = None
     cdef double* parts = NULL
     if shift is not None and not columns:
@@ -420,10 +470,14 @@ def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mea
     cdef double* pv = <double*>data(var)
     cdef int kind = storage_kind(x)
     cdef bint single = kind == KIND_F32
-    if columns and kind != KIND_F32 and kind != KIND_F64:
-        raise TypeError("channel.forward: 16-bit data needs runs of at least SHORT_RUN")
     with nogil:
-        if kind == KIND_F16:
+        if columns and kind == KIND_F16:
+            _col_forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, pv,
+                         parts, psh, N, C, HW, eps, ddof, welford, training, act, nt)
+        elif columns and kind != KIND_F32 and kind != KIND_F64:
+            _col_forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, pv,
+                         parts, psh, N, C, HW, eps, ddof, welford, training, act, nt)
+        elif kind == KIND_F16:
             _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, pv, parts,
                      N, C, HW, eps, ddof, welford, training, act, nt)
         elif kind != KIND_F32 and kind != KIND_F64:
@@ -525,7 +579,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef SetLayout L = make_layout(N, HW, C * HW)
-    cdef bint columns = HW < SHORT_RUN
+    cdef bint columns = HW < SHORT_RUN_
     cdef cnp.ndarray sums = None, work = None
     cdef double* parts = NULL
     cdef double* sdy = NULL
@@ -553,10 +607,16 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* pr = <double*>data(rstd)
     cdef int kind = storage_kind(x)
     cdef bint single = kind == KIND_F32
-    if columns and kind != KIND_F32 and kind != KIND_F64:
-        raise TypeError("channel.backward: 16-bit data needs runs of at least SHORT_RUN")
     with nogil:
-        if kind == KIND_F16:
+        if columns and kind == KIND_F16:
+            _col_backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, <float*>pb,
+                          <cn_f16*>pg, <float*>pdw, <float*>pdb, pm, pr, parts, N, C, HW,
+                          training, act, nt)
+        elif columns and kind != KIND_F32 and kind != KIND_F64:
+            _col_backward(<cn_bf16*>pdy, <cn_bf16*>px, <cn_bf16*>pdx, <float*>pw,
+                          <float*>pb, <cn_bf16*>pg, <float*>pdw, <float*>pdb, pm, pr, parts,
+                          N, C, HW, training, act, nt)
+        elif kind == KIND_F16:
             _backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, <float*>pb,
                       <cn_f16*>pg, <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, parts, N,
                       C, HW, training, act, nt)

@@ -24,8 +24,14 @@ blocks, the row blocks are shared out among the threads instead and the apply is
 of its own. Each column's arithmetic is the same in both
 schedules and for every tile width: the bits depend only on the shape.
 
+Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
+float16, bfloat16), parameters float32 for all but float64 data. 16-bit data are read
+in place: the column sums widen staged row blocks (_lanes.h), the apply and dx widened
+row pieces, with the float32 data's arithmetic, rounded once on store; so a 16-bit
+result is bitwise the float32 result on the widened data, rounded once.
+
 The callers in cynorm._api validate everything; these functions trust their arguments:
-C-contiguous arrays of one float dtype, statistics float64 of shape (N, G).
+C-contiguous arrays of one storage dtype, statistics float64 of shape (N, G).
 """
 cimport numpy as cnp
 from cython cimport floating
@@ -33,10 +39,11 @@ from cython.parallel cimport prange, threadid
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    COL_ROWS, col_tile_moments, tree_merge, chan_merge, inv_std, f32_xhat_ok,
-    split_mean, act_run, data,
+    COL_ROWS, col_tile_moments, col_grad_sums, fold_param_grads, tree_merge, chan_merge,
+    inv_std, f32_xhat_ok, split_mean, act_run, data, storage, storage_kind, widen, narrow,
+    ld, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
-from cynorm._kernels._common cimport cn_act_grad_f32, cn_act_grad_f64
+from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
 
 import numpy as np
 
@@ -56,8 +63,10 @@ cdef enum:
 
 ctypedef struct AffineCoefs:
     # channels [c0, c0 + n) of one sample: y = ((x - m) * r) * w + b (float64 data),
-    # the slab family's float32 form from mh, ml, rf, wf, bf where ok (f32_xhat_ok)
+    # the slab family's float32 form from mh, ml, rf, wf, bf where ok (f32_xhat_ok);
+    # act: the activation (the backward's recomputation)
     int all_ok
+    int act
     double m[CL_WIDTH]
     double r[CL_WIDTH]
     double w[CL_WIDTH]
@@ -83,20 +92,21 @@ cdef inline void _affine_coefs(AffineCoefs* k, const double* mean, const double*
         k.r[j] = rstd[s]
         k.w[j] = 1.0 if w == NULL else w[c]
         k.b[j] = 0.0 if b == NULL else b[c]
-        if floating is float:
-            split_mean(mean[s], &k.mh[j], &k.ml[j])
-            k.rf[j] = <float>rstd[s]
-            k.wf[j] = <float>k.w[j]
-            k.bf[j] = <float>k.b[j]
-            k.ok[j] = f32_xhat_ok(rstd[s])
-            if not k.ok[j]:
-                k.all_ok = 0
+        # the float32 form (float32 and 16-bit data; unused for float64 data)
+        split_mean(mean[s], &k.mh[j], &k.ml[j])
+        k.rf[j] = <float>rstd[s]
+        k.wf[j] = <float>k.w[j]
+        k.bf[j] = <float>k.b[j]
+        k.ok[j] = f32_xhat_ok(rstd[s])
+        if not k.ok[j]:
+            k.all_ok = 0
 
 
 cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
                              const AffineCoefs* k) noexcept nogil:
     """y = ((x - mean) * rstd) * weight + bias over n channels of one row, element by
-    element as the slab family's affine (_affine_span in _common.pxd). y may be x."""
+    element as the slab family's affine (_affine_span in _common.pxd). y may be x.
+    float32: the float32 form (16-bit data run it on their widened values)."""
     cdef Py_ssize_t j
     cdef const float* mh = k.mh
     cdef const float* ml = k.ml
@@ -122,7 +132,25 @@ cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
             y[j] = ((x[j] - m[j]) * r[j]) * wd[j] + bd[j]
 
 
-cdef void _apply(const floating* x, floating* y, const floating* w, const floating* b,
+cdef inline void _affine_act_row(const storage* x, storage* y, Py_ssize_t n,
+                                 const AffineCoefs* k, int act) noexcept nogil:
+    """_affine_row, then the activation act, over n (at most CL_WIDTH) channels of one
+    row. 16-bit data: both on the widened row piece in float32, rounded once on store
+    (as the slab family's affine_act)."""
+    cdef float buf[CL_WIDTH]
+    if storage is float or storage is double:
+        _affine_row(x, y, n, k)
+        if act:
+            act_run(y, n, act)
+    else:
+        widen(x, buf, n)
+        _affine_row(<const float*>buf, buf, n, k)
+        if act:
+            cn_act_f32(buf, buf, n, act)
+        narrow(buf, y, n)
+
+
+cdef void _apply(const storage* x, storage* y, const floating* w, const floating* b,
                  const double* mean, const double* rstd, Py_ssize_t HW, Py_ssize_t C,
                  Py_ssize_t cpg, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
                  Py_ssize_t c1, int act) noexcept nogil:
@@ -135,21 +163,20 @@ cdef void _apply(const floating* x, floating* y, const floating* w, const floati
         s1 = min(s0 + CL_WIDTH, c1)
         _affine_coefs(&k, mean, rstd, w, b, s0, s1, cpg)
         for r in range(r0, r1):
-            _affine_row(x + r * C + s0, y + r * C + s0, s1 - s0, &k)
-            if act:
-                act_run(y + r * C + s0, s1 - s0, act)
+            _affine_act_row(x + r * C + s0, y + r * C + s0, s1 - s0, &k, act)
         s0 = s1
 
 
 # ---- statistics ------------------------------------------------------------------------
 
-cdef inline void _block_moments(const floating* xs, const double* shift, double* pm,
+cdef inline void _block_moments(const storage* xs, const double* shift, double* pm,
                                 double* pq, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t blk,
                                 Py_ssize_t c0, Py_ssize_t c1, int welford) noexcept nogil:
     """Moments of rows [blk * COL_ROWS, ...) of channels [c0, c1) of one sample xs,
     shifted by shift[c], into pm[c], pq[c]."""
-    cdef Py_ssize_t r0 = blk * COL_ROWS
-    col_tile_moments(xs, C, r0, min(r0 + COL_ROWS, HW), c0, c1, welford, shift, pm, pq)
+    cdef Py_ssize_t r0 = blk * COL_ROWS, r1 = min(r0 + COL_ROWS, HW)
+    # the next block's rows prefetched during this one's second pass
+    col_tile_moments(xs, C, r0, r1, c0, c1, welford, shift, pm, pq, min(COL_ROWS, HW - r1))
 
 
 cdef inline void _channel_merge(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t nb,
@@ -173,7 +200,7 @@ cdef inline void _group_stats(const double* cm, const double* cq, Py_ssize_t cpg
     rstd[0] = inv_std(q, <double>(cpg * HW), eps)
 
 
-cdef void _fused_item(const floating* x, floating* y, const floating* w,
+cdef void _fused_item(const storage* x, storage* y, const floating* w,
                       const floating* b, double* mean, double* rstd, double* buf,
                       Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
                       Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t nb, Py_ssize_t wmax,
@@ -181,12 +208,12 @@ cdef void _fused_item(const floating* x, floating* y, const floating* w,
     """Sample n, groups [g0, g1): statistics, then the apply while the rows are in L2.
     buf: this thread's (1 + 2 * nb) * wmax doubles."""
     cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, j, blk, g
-    cdef const floating* xs = x + n * HW * C
+    cdef const storage* xs = x + n * HW * C
     cdef double* sh = buf
     cdef double* pm = buf + wmax
     cdef double* pq = pm + nb * wmax
     for j in range(c1 - c0):
-        sh[j] = xs[c0 + j]
+        sh[j] = ld(xs, c0 + j)
     for blk in range(nb):
         _block_moments(xs, sh - c0, pm + blk * wmax - c0, pq + blk * wmax - c0, HW, C,
                        blk, c0, c1, welford)
@@ -200,7 +227,7 @@ cdef void _fused_item(const floating* x, floating* y, const floating* w,
                c0, c1, act)
 
 
-cdef void _forward(const floating* x, floating* y, const floating* w, const floating* b,
+cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
                    double* mean, double* rstd, double* buf, Py_ssize_t N, Py_ssize_t HW,
                    Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt, bint fused, double eps,
                    int welford, int act, int nt) noexcept nogil:
@@ -222,7 +249,7 @@ cdef void _forward(const floating* x, floating* y, const floating* w, const floa
         return
     # split: row blocks of every sample shared out, block-major within a sample
     for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-        sh[i] = x[(i // C) * HW * C + i % C]
+        sh[i] = ld(x, (i // C) * HW * C + i % C)
     for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
         n = t // (nb * nct)
         blk = (t // nct) % nb
@@ -289,7 +316,7 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
         rstd.fill(np.nan)
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
-    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nb = (HW + COL_ROWS - 1) // COL_ROWS
+    cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t gpt = _groups_per_tile(N, C, G, nt)
     cdef bint fused = _fuse(N, HW, C, G, gpt, nt)
     cdef Py_ssize_t size = nt * (1 + 2 * nb) * gpt * (C // G) if fused else (
@@ -302,16 +329,29 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef void* pb = data(bias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
+    cdef int kind = storage_kind(x)
     with nogil:
-        if isz == 4:
+        if kind == KIND_F32:
             _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, buf, N, HW,
                      C, G, gpt, fused, eps, welford, act, nt)
-        else:
+        elif kind == KIND_F64:
             _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, buf, N,
+                     HW, C, G, gpt, fused, eps, welford, act, nt)
+        elif kind == KIND_F16:
+            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, buf, N,
+                     HW, C, G, gpt, fused, eps, welford, act, nt)
+        else:
+            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, buf, N,
                      HW, C, G, gpt, fused, eps, welford, act, nt)
 
 
 # ---- backward --------------------------------------------------------------------------
+
+ctypedef union floating_a_buf:
+    # a row piece's pre-activation, float32 (float32 and 16-bit data) or float64
+    float f[CL_WIDTH]
+    double d[CL_WIDTH]
+
 
 ctypedef struct GradCoefs:
     # channels [c0, c0 + n) of one sample: dx = r * ((w * dy - g) - ((x - m) * r) * k)
@@ -346,15 +386,15 @@ cdef inline void _grad_coefs(GradCoefs* k, const double* mean, const double* rst
         k.w[j] = 1.0 if w == NULL else w[c]
         k.g[j] = gc[2 * s]
         k.k[j] = gc[2 * s + 1]
-        if floating is float:
-            k.ok[j] = f32_xhat_ok(rstd[s])
-            if not k.ok[j]:
-                k.all_ok = 0
-            split_mean(mean[s], &k.mh[j], &k.ml[j])
-            k.rf[j] = <float>rstd[s]
-            k.wf[j] = <float>k.w[j]
-            k.gf[j] = <float>k.g[j]
-            k.kf[j] = <float>k.k[j]
+        # the float32 form (float32 and 16-bit data; unused for float64 data)
+        k.ok[j] = f32_xhat_ok(rstd[s])
+        if not k.ok[j]:
+            k.all_ok = 0
+        split_mean(mean[s], &k.mh[j], &k.ml[j])
+        k.rf[j] = <float>rstd[s]
+        k.wf[j] = <float>k.w[j]
+        k.gf[j] = <float>k.g[j]
+        k.kf[j] = <float>k.k[j]
 
 
 cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
@@ -387,40 +427,67 @@ cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
             dx[j] = r[j] * ((wd[j] * dy[j] - g[j]) - ((x[j] - m[j]) * r[j]) * kd[j])
 
 
-cdef void _block_grad_sums(const floating* dy, const floating* x, floating* g,
+cdef inline void _grad_row_s(const storage* dy, const storage* x, storage* dx,
+                             Py_ssize_t n, const GradCoefs* k) noexcept nogil:
+    """_grad_row over n (at most CL_WIDTH) channels; 16-bit data: in float32 on the
+    widened row pieces, rounded once on store (as the slab family's grad_const)."""
+    cdef float bdy[CL_WIDTH]
+    cdef float bx[CL_WIDTH]
+    if storage is float or storage is double:
+        _grad_row(dy, x, dx, n, k)
+    else:
+        widen(dy, bdy, n)
+        widen(x, bx, n)
+        _grad_row(<const float*>bdy, <const float*>bx, bdy, n, k)
+        narrow(bdy, dx, n)
+
+
+cdef inline void _act_grad_row(const storage* dy, const storage* x, storage* g,
+                               Py_ssize_t n, const AffineCoefs* kk) noexcept nogil:
+    """g = dy * act'(a) over n (at most CL_WIDTH) channels of one row, a the forward's
+    pre-activation recomputed with its arithmetic (_affine_act_row). 16-bit data: in
+    float32, g rounded to the storage (cynorm._api runs a 16-bit backward with an
+    activation on float32 copies, keeping g's digits, so this is not reached)."""
+    cdef floating_a_buf a
+    cdef float bd[CL_WIDTH]
+    if storage is float:
+        _affine_row(x, a.f, n, kk)
+        cn_act_grad_f32(a.f, dy, g, n, kk.act)
+    elif storage is double:
+        _affine_row(x, a.d, n, kk)
+        cn_act_grad_f64(a.d, dy, g, n, kk.act)
+    else:
+        widen(x, a.f, n)
+        _affine_row(<const float*>a.f, a.f, n, kk)
+        widen(dy, bd, n)
+        cn_act_grad_f32(a.f, bd, bd, n, kk.act)
+        narrow(bd, g, n)
+
+
+cdef void _block_grad_sums(const storage* dy, const storage* x, storage* g,
                            const floating* w, const floating* b, const double* mean,
                            const double* rstd, Py_ssize_t HW, Py_ssize_t C,
                            Py_ssize_t cpg, Py_ssize_t blk, Py_ssize_t c0, Py_ssize_t c1,
                            int act, double* ps, double* psx) noexcept nogil:
     """Rows [blk * COL_ROWS, ...) of channels [c0, c1) (at most CL_WIDTH) of one sample:
-    ps[j] = sum(dy), psx[j] = sum(dy * (x - mean)) of channel c0 + j, the rows in order.
-    act != 0: first g = dy * act'(a) row by row (a the forward's pre-activation,
-    recomputed with its arithmetic), which takes dy's place."""
+    ps[j] = sum(dy), psx[j] = sum(dy * (x - mean)) of channel c0 + j, each column row by
+    row in order (col_grad_sums). act != 0: first g = dy * act'(a) row by row (a the
+    forward's pre-activation, recomputed with its arithmetic), which takes dy's place."""
     cdef double mc[CL_WIDTH]
-    cdef floating a[CL_WIDTH]
     cdef AffineCoefs kk
     cdef Py_ssize_t j, r, n = c1 - c0, r0 = blk * COL_ROWS, r1 = min(r0 + COL_ROWS, HW)
-    cdef const floating* dyr
-    cdef const floating* xr
+    cdef const storage* src = dy
     if act:
         _affine_coefs(&kk, mean, rstd, w, b, c0, c1, cpg)
+        kk.act = act
+        for r in range(r0, r1):
+            _act_grad_row(dy + r * C + c0, x + r * C + c0, g + r * C + c0, n, &kk)
+        src = g
     for j in range(n):
         mc[j] = mean[(c0 + j) // cpg]
         ps[j] = 0
         psx[j] = 0
-    for r in range(r0, r1):
-        dyr = dy + r * C + c0
-        xr = x + r * C + c0
-        if act:
-            _affine_row(xr, a, n, &kk)
-            if floating is float:
-                cn_act_grad_f32(a, dyr, g + r * C + c0, n, act)
-            else:
-                cn_act_grad_f64(a, dyr, g + r * C + c0, n, act)
-            dyr = g + r * C + c0
-        for j in range(n):
-            ps[j] += dyr[j]
-            psx[j] += dyr[j] * (xr[j] - mc[j])
+    col_grad_sums(src + r0 * C + c0, x + r0 * C + c0, C, r1 - r0, n, mc, ps, psx, 1)
 
 
 cdef inline void _group_grad(const double* sdy, const double* sdyx, const floating* w,
@@ -438,7 +505,7 @@ cdef inline void _group_grad(const double* sdy, const double* sdyx, const floati
     gc[2 * g + 1] = rs * B / M
 
 
-cdef void _grad_rows(const floating* dy, const floating* x, floating* dx,
+cdef void _grad_rows(const storage* dy, const storage* x, storage* dx,
                      const floating* w, const double* mean, const double* rstd,
                      const double* gc, Py_ssize_t C, Py_ssize_t cpg, Py_ssize_t r0,
                      Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
@@ -449,12 +516,12 @@ cdef void _grad_rows(const floating* dy, const floating* x, floating* dx,
         s1 = min(s0 + CL_WIDTH, c1)
         _grad_coefs(&k, mean, rstd, gc, w, s0, s1, cpg)
         for r in range(r0, r1):
-            _grad_row(dy + r * C + s0, x + r * C + s0, dx + r * C + s0, s1 - s0, &k)
+            _grad_row_s(dy + r * C + s0, x + r * C + s0, dx + r * C + s0, s1 - s0, &k)
         s0 = s1
 
 
-cdef void _bwd_fused_item(const floating* dy, const floating* x, floating* dx,
-                          const floating* w, const floating* b, floating* g,
+cdef void _bwd_fused_item(const storage* dy, const storage* x, storage* dx,
+                          const floating* w, const floating* b, storage* g,
                           const double* mean, const double* rstd, double* sdy,
                           double* sdyx, double* gc, Py_ssize_t HW, Py_ssize_t C,
                           Py_ssize_t G, Py_ssize_t n, Py_ssize_t g0, Py_ssize_t g1,
@@ -464,7 +531,7 @@ cdef void _bwd_fused_item(const floating* dy, const floating* x, floating* dx,
     cdef double psx[CL_WIDTH]
     cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, s0, s1, blk, j, gg
     cdef Py_ssize_t o = n * HW * C
-    cdef const floating* gd = <const floating*>g + o if act else dy + o
+    cdef const storage* gd = <const storage*>g + o if act else dy + o
     s0 = c0
     while s0 < c1:
         s1 = min(s0 + CL_WIDTH, c1)
@@ -484,8 +551,8 @@ cdef void _bwd_fused_item(const floating* dy, const floating* x, floating* dx,
                0, HW, c0, c1)
 
 
-cdef void _backward(const floating* dy, const floating* x, floating* dx,
-                    const floating* w, const floating* b, floating* g, floating* dw,
+cdef void _backward(const storage* dy, const storage* x, storage* dx,
+                    const floating* w, const floating* b, storage* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
                     double* sdyx, double* gc, double* part, double* acc, Py_ssize_t N,
                     Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt,
@@ -498,8 +565,8 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
     cdef Py_ssize_t t, n, g0, blk, j0, i, q, r0, c, nrc
     cdef double* ps = part
     cdef double* psx = part + N * nb * C if part != NULL else NULL
-    cdef double a_w, a_b, s, sx
-    cdef const floating* gd = <const floating*>g if act else dy
+    cdef double s, sx
+    cdef const storage* gd = <const storage*>g if act else dy
     if part == NULL:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
             g0 = (t % n_tiles) * gpt
@@ -534,18 +601,8 @@ cdef void _backward(const floating* dy, const floating* x, floating* dx,
                        rstd + n * G, gc + 2 * n * G, C, cpg, r0, min(r0 + APPLY_ROWS, HW),
                        j0, min(j0 + CL_WIDTH, C))
     # dweight and dbias: the per-(n, c) sums over n in order, continuing the previous
-    # chunks' (as the slab family)
-    for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-        a_w = acc[c]
-        a_b = acc[C + c]
-        for n in range(N):
-            a_b = a_b + sdy[n * C + c]
-            a_w = a_w + sdyx[n * C + c] * rstd[n * G + c // cpg]
-        acc[c] = a_w
-        acc[C + c] = a_b
-        if last:
-            dw[c] = <floating>a_w
-            db[c] = <floating>a_b
+    # chunks' (the slab family's fold)
+    fold_param_grads(sdy, sdyx, rstd, acc, dw, db, N, C, G, last, nt)
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
@@ -588,20 +645,33 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef Py_ssize_t step = HW * C * isz
+    cdef int kind = storage_kind(x)
     with nogil:
         n0 = 0
         while n0 < N:
             n1 = min(n0 + nc, N)
-            if isz == 4:
+            if kind == KIND_F32:
                 _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
                           <float*>(pdx + n0 * step), <float*>pw, <float*>pb,
                           <float*>(pg + n0 * step if act else NULL), <float*>pdw,
                           <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
                           n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
-            else:
+            elif kind == KIND_F64:
                 _backward(<double*>(pdy + n0 * step), <double*>(px + n0 * step),
                           <double*>(pdx + n0 * step), <double*>pw, <double*>pb,
                           <double*>(pg + n0 * step if act else NULL), <double*>pdw,
                           <double*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
+                          n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
+            elif kind == KIND_F16:
+                _backward(<cn_f16*>(pdy + n0 * step), <cn_f16*>(px + n0 * step),
+                          <cn_f16*>(pdx + n0 * step), <float*>pw, <float*>pb,
+                          <cn_f16*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
+                          n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
+            else:
+                _backward(<cn_bf16*>(pdy + n0 * step), <cn_bf16*>(px + n0 * step),
+                          <cn_bf16*>(pdx + n0 * step), <float*>pw, <float*>pb,
+                          <cn_bf16*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
                           n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
             n0 = n1

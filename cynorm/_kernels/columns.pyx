@@ -69,7 +69,8 @@ cdef inline void _tile_block(const floating* x, double* part, const double* shif
     cdef Py_ssize_t r0 = blk * COL_ROWS
     cdef double* pm = part + (b * n_blocks + blk) * J
     col_tile_moments(x + (b * M + r0) * J, J, 0, min(COL_ROWS, M - r0), j0, j1, welford,
-                     shift + b * J, pm, pm + B * n_blocks * J)
+                     shift + b * J, pm, pm + B * n_blocks * J,
+                     max(0, min(COL_ROWS, M - r0 - COL_ROWS)))
 
 
 cdef inline void _tile_shift(const floating* x, double* shift, Py_ssize_t M, Py_ssize_t J,

@@ -19,7 +19,7 @@ from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_act,
     act_grad_const, act_grad_sums, act_grad_dx, lane_grad_sums, grad_const, data, storage,
-    storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
+    storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16, fold_param_grads,
 )
 
 import numpy as np
@@ -183,8 +183,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     reaching the affine's output, g = dy * act'(a), is formed run by run into g (dx's
     buffer or a scratch one) and takes dy's place; 16-bit data keep it in float32
     instead, recomputed where the sums and dx read it (g unused)."""
-    cdef Py_ssize_t cpg = C // G, s, r, j, n, c
-    cdef double acc_w, acc_b
+    cdef Py_ssize_t cpg = C // G, s, r, j
     cdef int lp_act = 0  # 16-bit: the activation's gradient inside the sums and dx
     if storage is cn_f16 or storage is cn_bf16:
         lp_act = act
@@ -209,19 +208,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
             _run_sums(gd, x, mean, sdy, sdyx, r, C, HW, G, w, b, rstd, lp_act)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0, b, lp_act)
-    # dweight and dbias: reduce the per-(n, c) sums over n in order (continuing the
-    # previous chunks' sums: the same additions as over the whole batch at once)
-    for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-        acc_w = acc[c]
-        acc_b = acc[C + c]
-        for n in range(N):
-            acc_b = acc_b + sdy[n * C + c]
-            acc_w = acc_w + sdyx[n * C + c] * rstd[n * G + c // cpg]
-        acc[c] = acc_w
-        acc[C + c] = acc_b
-        if last:
-            dw[c] = <floating>acc_w
-            db[c] = <floating>acc_b
+    fold_param_grads(sdy, sdyx, rstd, acc, dw, db, N, C, G, last, nt)
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
