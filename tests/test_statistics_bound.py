@@ -1,13 +1,14 @@
 """The error bound of the one-pass statistics of a piece.
 
-A piece's moments are the shifted sums of x - k (k: its first value) in float64 lanes
-where that is as exact as the two-pass algorithm: k within 8 standard deviations of the
-mean (cynorm/_kernels/_common.pxd, SHIFT_SPREAD). Promise: the variance of every set is
-within 1e-11 (relative) of the exact variance of its stored values, and the mean within
-1e-12 standard deviations of the exact mean (plus, for float64 data, the rounding of the
-deviations and of the mean themselves), whatever the first value: data with a large
-mean and a tiny spread, and sets whose first value lies near the shift's limit or far
-outside it (which take the two-pass algorithm). Checked in LayerNorm, GroupNorm and
+A piece's moments are the shifted sums of x - k (k: the mean of its first 16 values) in
+float64 lanes where that is as exact as the two-pass algorithm: k within 8 standard
+deviations of the mean (cynorm/_kernels/_common.pxd, SHIFT_SPREAD). Promise: the
+variance of every set is within 1e-11 (relative) of the exact variance of its stored
+values, and the mean within 1e-12 standard deviations of the exact mean (plus, for
+float64 data, the rounding of the deviations and of the mean themselves), whatever the
+first values: data with a large mean and a tiny spread, an outlier first, and sets whose
+first 16 values lie far from the rest (the shift near or outside the one-pass limit,
+where the two-pass algorithm takes over). Checked in LayerNorm, GroupNorm and
 InstanceNorm with eps = 0 (so that rstd gives the variance back), float32 and float64,
 against a plain float64 two-pass reference of the same values.
 """
@@ -35,13 +36,15 @@ def _check(mean, rstd, sets):
 
 
 def _rows(rng, n_rows, K, offset, spread, dtype):
-    """Normal rows with an offset; row 1 uniform (skewed sums); rows 2 to 4 with their
-    first value moved 5, 30 and 1e6 spreads away (inside the shift's limit, just
-    outside, far outside)."""
+    """Normal rows with an offset; row 1 uniform (skewed sums); row 2 with its first
+    value 1e6 spreads away, rows 3 and 4 with their first 16 values 1e3 and 1e6 spreads
+    away (the shift, the mean of those 16, then lies up to sqrt(n / 16) spreads of the
+    piece from its mean: outside the one-pass limit for pieces of 4096)."""
     x = offset + spread * rng.standard_normal((n_rows, K))
     x[1] = offset + spread * rng.random(K)
-    for r, away in zip((2, 3, 4), (5.0, 30.0, 1e6)):
-        x[r, 0] = offset + away * spread
+    x[2, 0] = offset + 1e6 * spread
+    x[3, :16] = offset + 1e3 * spread
+    x[4, :16] = offset + 1e6 * spread
     return x.astype(dtype)
 
 
