@@ -233,6 +233,12 @@ ext_modules = [
     )
     for level, _ in _levels() for name in MODULES
 ] + [Extension(f"cynorm.{name}", [f"cynorm/{name}.py"], depends=[CONFIG_STAMP])
-     for name in API_MODULES]
+     for name in API_MODULES] + [
+    # cynorm.torch's per-call glue: wraps tensors' memory as arrays through NumPy's C API
+    Extension("cynorm._torch_glue", ["cynorm/_torch_glue.pyx"],
+              include_dirs=[np.get_include()],
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+              depends=[CONFIG_STAMP]),
+]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": CythonizingBuildExt})

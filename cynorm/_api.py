@@ -174,16 +174,16 @@ def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None
     db = np.empty(C, dtype=param_dtype(x.dtype))
     kernel = channels_last.backward if last else slab.backward
     dims = (N, HW, C) if last else (N, C, HW)
-    if is_lowp(x.dtype) and (act or last):
-        # the activation's gradient dy * act'(a) keeps float32 digits, and the
-        # channels-last kernel reads float32/float64: float32 copies
+    if is_lowp(x.dtype) and last:
+        # the channels-last kernel reads float32/float64: float32 copies (the slab
+        # kernel keeps a 16-bit backward's dy * act'(a) in float32 itself)
         dx32 = _to_f32(x)
         kernel(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, *dims, G, act, b,
                np.empty_like(dx32) if act else None)
         _store(dx32, dx)
     else:
         kernel(dy, x, dx, w, dw, db, mean, rstd, *dims, G, act, b,
-               _grad_buffer(act, dx, x))
+               None if is_lowp(x.dtype) else _grad_buffer(act, dx, x))
     dw, db = _param_grads((dw, db), weight, x)
     return dx, dw, db
 

@@ -22,10 +22,16 @@ import operator
 
 import numpy as np
 
+from cynorm._api import _store, _to_f32
 from cynorm._kernels import channel, columns, row
-from cynorm._validate import as_input, check_eps, check_real, prepare_out
+from cynorm._validate import (
+    as_input, check_eps, check_real, is_bfloat16, is_lowp, param_dtype, prepare_out,
+    widen_bfloat16,
+)
 
 _TWO_PASS = 0
+# channel.pyx's SHORT_RUN: runs shorter than this take its column path
+_SHORT_RUN = 64
 
 
 def _axes(axis, ndim):
@@ -77,7 +83,9 @@ def _param(p, name, x):
             p = np.asarray(p)
         except Exception as e:
             raise TypeError(f"{name} must be an array of floats: {e}") from None
-    if p.dtype.kind != "f":
+    if is_bfloat16(p.dtype):
+        p = widen_bfloat16(p)  # exactly
+    elif p.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {p.dtype}")
     if p.ndim > x.ndim:
         raise ValueError(f"{name} of shape {p.shape} does not broadcast to x's shape "
@@ -93,12 +101,12 @@ def _param(p, name, x):
 
 def _fused(p, along, x):
     """p (aligned to x's dims), which varies only over `along`, as the contiguous 1-D
-    array of x's dtype over those axes (in their order)."""
+    array over those axes (in their order) of the kernels' parameter dtype for x."""
     if p is None:
         return None
     full = np.broadcast_to(p, x.shape)
     index = tuple(slice(None) if d in along else 0 for d in range(x.ndim))
-    return np.ascontiguousarray(full[index], dtype=x.dtype).reshape(-1)
+    return np.ascontiguousarray(full[index], dtype=param_dtype(x.dtype)).reshape(-1)
 
 
 def standardize(x, axis=None, *, weight=None, bias=None, eps=0.0, ddof=0, out=None,
@@ -115,8 +123,10 @@ def standardize(x, axis=None, *, weight=None, bias=None, eps=0.0, ddof=0, out=No
     instance_norm is axis=(2, 3, ...), group_norm with G groups is axis=(2, 3, ...) of
     x.reshape(N, G, -1), and ConvNeXt's LayerNorm2d over C of NCHW is axis=1.
 
-    x: float32 or float64 array, any shape (statistics in float64 either way, two-pass
-    and corrected; the output has x's dtype and shape). NaN in a set gives NaN for that
+    x: float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16) array, any shape
+    (statistics in float64 either way, two-pass and corrected; the output has x's dtype
+    and shape; 16-bit x is computed in float32 on the exactly widened values and
+    rounded once, within 1 ulp of x's dtype). NaN in a set gives NaN for that
     set (scipy's default, nan_policy='propagate'). n - ddof <= 0: NaN, as scipy.
     weight, bias: optional arrays broadcastable to x's shape, e.g. per channel as
     BatchNorm's ((C, 1, 1) for NCHW with axis=(0, 2, 3)), or elementwise over the
@@ -129,7 +139,7 @@ def standardize(x, axis=None, *, weight=None, bias=None, eps=0.0, ddof=0, out=No
 
     Returns y, or (y, mean, std).
     """
-    x = as_input(x, "x", min_ndim=0)
+    x = as_input(x, "x", min_ndim=0, lowp=True)
     reduced = _axes(axis, x.ndim)
     eps = check_eps(eps)
     ddof = check_real(ddof, "ddof")
@@ -163,6 +173,17 @@ def _run(x, y, reduced, kept, w, w_axes, b, b_axes, mean, rstd, eps, ddof):
     # the axes along which each family applies weight and bias itself
     along = set(kept) if pattern in ("RK", "RKR") else set(reduced)
     fuse = set(w_axes) <= along and set(b_axes) <= along
+    if is_lowp(x.dtype) and (not fuse or pattern in ("RK", "KRK")
+                             or (pattern == "RKR" and sizes[2] < _SHORT_RUN)):
+        # 16-bit data where a kernel path reads float32/float64 only (the column
+        # reductions: channel.pyx's column path, columns.pyx) or where weight and bias
+        # are applied after the kernel: normalised as an exact float32 copy, the result
+        # rounded once to x's dtype. (A float32 copy until the column reductions take
+        # the 16-bit storages themselves.)
+        y32 = _to_f32(x)
+        _run(y32, y32, reduced, kept, w, w_axes, b, b_axes, mean, rstd, eps, ddof)
+        _store(y32, y)
+        return
     fw = _fused(w, along, x) if fuse else None
     fb = _fused(b, along, x) if fuse else None
     m, r = mean.reshape(-1), rstd.reshape(-1)

@@ -1,12 +1,13 @@
-# Type stub of cynorm.standardize (cynorm/_standardize.py). x is float32 or float64
-# (anything array-like is converted); y has x's dtype; with return_stats=True, mean and
-# std over the kept axes are float64.
+# Type stub of cynorm.standardize (cynorm/_standardize.py). x is float32, float64 or
+# float16 (anything array-like is converted; bfloat16 arrays of ml_dtypes, which has no
+# dtype stubs, match the overloads taking any array); y has x's dtype; with
+# return_stats=True, mean and std over the kept axes are float64.
 from typing import Any, Literal, Optional, SupportsIndex, Sequence, Tuple, TypeVar, Union, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-_F = TypeVar("_F", np.float32, np.float64)
+_F = TypeVar("_F", np.float32, np.float64, np.float16)
 _Floats = NDArray[np.floating[Any]]
 _Stat = NDArray[np.float64]
 Axis = Union[None, SupportsIndex, Sequence[SupportsIndex]]

@@ -22,8 +22,7 @@ import numpy as np
 from cynorm._kernels import partial
 from cynorm._validate import (
     as_input, as_param, as_stats, check_count, check_eps, check_int, check_sets,
-    check_stats,
-    prepare_out, same_shape,
+    check_stats, param_dtype, prepare_out, same_shape,
 )
 
 _F64 = np.dtype(np.float64)
@@ -65,14 +64,14 @@ def _layout(x, sets, num_groups, normalized_ndim, stats_name="x"):
             raise TypeError(f"sets={sets!r} needs normalized_ndim (the number of "
                             "trailing dimensions a row spans)")
         nd = check_int(normalized_ndim, "normalized_ndim", 1)
-        x = as_input(x, stats_name, min_ndim=nd)
+        x = as_input(x, stats_name, min_ndim=nd, lowp=True)
         lead, tail = x.shape[:x.ndim - nd], x.shape[x.ndim - nd:]
         A = int(np.prod(lead, dtype=np.int64))
         B = int(np.prod(tail, dtype=np.int64))
         return x, A, 1, B, np.array([0, 1], dtype=np.intp), 1, lead, tail, True
     if normalized_ndim is not None:
         raise TypeError(f"normalized_ndim applies to sets='layer' or 'rms', not {sets!r}")
-    x = as_input(x, stats_name, min_ndim=2)
+    x = as_input(x, stats_name, min_ndim=2, lowp=True)
     N, C = x.shape[0], x.shape[1]
     B = int(np.prod(x.shape[2:], dtype=np.int64))
     if kind == "group":
@@ -94,7 +93,8 @@ def _layout(x, sets, num_groups, normalized_ndim, stats_name="x"):
 def partial_stats(x, sets="batch", *, num_groups=None, normalized_ndim=None,
                   stats="two_pass"):
     """Moments (count, mean, m2) of every normalisation set of x, as a PartialStats of
-    float64 arrays. x: float32 or float64 array; sets:
+    float64 arrays. x: float32, float64, float16 or bfloat16 array (16-bit values are
+    widened exactly; the moments are accumulated in float64 as for float32); sets:
 
     - "batch": x (N, C, *spatial), one set per channel, shape (C,) (batch_norm);
     - "group": x (N, C, *spatial), sets (N, num_groups) (group_norm);
@@ -156,12 +156,15 @@ def apply_stats(x, mean, rstd, weight=None, bias=None, sets="batch", *, num_grou
 
     mean, rstd: float64 arrays of the sets' shape (for "rms", mean is ignored: pass
     None). weight, bias: (C,) per channel for "batch", "group", "instance"; elementwise
-    over the trailing dims for "layer" and "rms" (no bias for "rms"). out: as in
-    group_norm (out=x allowed).
+    over the trailing dims for "layer" and "rms" (no bias for "rms"), taken in float32
+    for every x but float64 (a float16 or bfloat16 weight exactly). out: as in
+    group_norm (out=x allowed). y has x's dtype: float16 and bfloat16 x are computed in
+    float32 on the widened values and rounded once to x's dtype.
     float64_affine (sets "batch", "group", "instance"): compute the affine of float32
-    data in float64, rounded once, rather than in float32 (within a few ulps);
-    None: as batch_norm does, in float64 exactly when a channel's runs are shorter
-    than 64 elements. Returns y.
+    data in float64, rounded once, rather than in float32 (within a few ulps; 16-bit
+    data: rounded to float32, then to x's dtype, as batch_norm's short runs); None: as
+    batch_norm does, in float64 exactly when a channel's runs are shorter than 64
+    elements. Returns y.
     """
     x, A, K, B, bounds, per_sample, shape, pshape, elementwise = _layout(
         x, sets, num_groups, normalized_ndim)
@@ -173,8 +176,9 @@ def apply_stats(x, mean, rstd, weight=None, bias=None, sets="batch", *, num_grou
         mean = np.zeros(shape)
     mean = as_stats(mean, "mean", tuple(shape))
     rstd = as_stats(rstd, "rstd", tuple(shape))
-    w = as_param(weight, "weight", tuple(pshape), x.dtype)
-    b = as_param(bias, "bias", tuple(pshape), x.dtype)
+    pd = param_dtype(x.dtype)
+    w = as_param(weight, "weight", tuple(pshape), pd)
+    b = as_param(bias, "bias", tuple(pshape), pd)
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, mean, rstd), may_alias=(x,))
     G = len(bounds) - 1
     gidx = np.repeat(np.arange(G, dtype=np.intp), np.diff(bounds))
@@ -191,7 +195,7 @@ def batch_norm_backward_reduce(dy, x, mean):
     global mean (as torch.batch_norm_backward_reduce). Sums of disjoint parts add; this
     part's dbias is sum_dy and its dweight sum_dy_xmu * rstd."""
     x, A, K, B, *_ = _layout(x, "batch", None, None)
-    dy = as_input(dy, "dy")
+    dy = as_input(dy, "dy", lowp=True)
     same_shape(dy, "dy", x.shape)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
@@ -212,7 +216,7 @@ def batch_norm_backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, count, weig
     apply_stats (None: float32 data in float64 exactly when the runs are shorter than
     64 elements, as batch_norm_backward). Returns dx."""
     x, A, K, B, *_ = _layout(x, "batch", None, None)
-    dy = as_input(dy, "dy")
+    dy = as_input(dy, "dy", lowp=True)
     same_shape(dy, "dy", x.shape)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
@@ -221,7 +225,7 @@ def batch_norm_backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, count, weig
     sums = np.stack([as_stats(sum_dy, "sum_dy", (K,)),
                      as_stats(sum_dy_xmu, "sum_dy_xmu", (K,))])
     count = check_count(count)
-    w = as_param(weight, "weight", (K,), x.dtype)
+    w = as_param(weight, "weight", (K,), param_dtype(x.dtype))
     dx = prepare_out(out, "out", x.shape, x.dtype, (dy, x, w, mean, rstd),
                      may_alias=(dy, x))
     if float64_affine is None:

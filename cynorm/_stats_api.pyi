@@ -1,6 +1,7 @@
 # Type stubs of cynorm's scale-out steps (cynorm/_stats_api.py): partial statistics of
 # any op's sets, their exact merge, the apply with given statistics, and BatchNorm's
-# backward reduce/apply. Statistics and sums are float64; y and dx have x's dtype.
+# backward reduce/apply. x and dy are float32, float64, float16 or bfloat16 arrays;
+# statistics and sums are float64; y and dx have x's dtype.
 from typing import Any, Iterable, Literal, NamedTuple, Optional, SupportsIndex, Tuple
 
 import numpy as np

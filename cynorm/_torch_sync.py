@@ -15,6 +15,11 @@ backward: each rank computes sum(dy) and sum(dy * (x - mean)) per channel, all r
 
 Both collectives move 3 * C and 2 * C numbers per rank; all_gather rather than
 all_reduce because the order of an all_reduce's additions is up to the backend.
+
+Tensors: float32, float64, float16 or bfloat16, handed to the kernels as cynorm.torch
+does (a contiguous tensor's own memory, bfloat16 as ml_dtypes.bfloat16, no copy); the
+statistics and gradient sums exchanged are float64 for every dtype; outputs have the
+input's dtype, parameter gradients their parameter's.
 """
 import numpy as np
 import torch
@@ -22,24 +27,16 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 import cynorm
+from cynorm import _api
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction"]
 
-_FLOATS = (torch.float32, torch.float64)
 
-
-def _numpy(t, name):
-    """(tensor, ndarray) of a detached, contiguous CPU float tensor, sharing memory."""
-    if t is None:
-        return None, None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-    t = t.detach().resolve_conj().resolve_neg().contiguous()
-    return t, t.numpy()
+def _bridge():
+    """cynorm.torch's tensor <-> array conversions (imported here, not at the top:
+    cynorm.torch imports this module at its end)."""
+    from cynorm import torch as bridge
+    return bridge
 
 
 def _gather(a, group, world_size):
@@ -54,8 +51,7 @@ def _update_running(buf, stat, momentum):
     """buf = (1 - momentum) * buf + momentum * stat, in place, as cynorm.batch_norm."""
     if buf is None:
         return
-    b = buf.detach().numpy()
-    b[...] = (1.0 - momentum) * b + momentum * stat
+    _api._update_running(_bridge()._running(buf, "running buffer"), momentum, stat)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -66,9 +62,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum,
                 process_group, world_size):
-        xt, x = _numpy(input, "input")
-        w = _numpy(weight, "weight")[1]
-        b = _numpy(bias, "bias")[1]
+        bridge = _bridge()
+        x = bridge._input(input, "input")[0]
+        w = bridge._param(weight, "weight")
+        b = bridge._param(bias, "bias")
         local = cynorm.partial_stats(x, "batch")
         merged = cynorm.merge_stats(_gather(local.stacked(), process_group, world_size))
         count = float(merged.count[0]) if merged.count.size else 0.0
@@ -81,19 +78,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
         _update_running(running_mean, mean, momentum)
         _update_running(running_var, merged.var(unbiased=True), momentum)
         y = cynorm.apply_stats(x, mean, rstd, w, b)
-        ctx.save_for_backward(xt, weight)
+        # input itself (autograd then sees later in-place changes), or the contiguous
+        # copy x is
+        ctx.save_for_backward(input if input.is_contiguous() else bridge._from_numpy(x),
+                              weight)
         ctx.stats = (mean, rstd, count)
         ctx.group = (process_group, world_size)
-        return torch.from_numpy(y)
+        return bridge._from_numpy(y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        bridge = _bridge()
         xt, weight = ctx.saved_tensors
         mean, rstd, count = ctx.stats
         group, world_size = ctx.group
-        x = xt.numpy()
-        dyn = _numpy(dy, "grad_output")[1]
+        x = bridge._input(xt, "input")[0]
+        dyn = bridge._input(dy, "grad_output")[0]
         if dyn.dtype != x.dtype:
             dyn = dyn.astype(x.dtype)
         sum_dy, sum_dy_xmu = cynorm.batch_norm_backward_reduce(dyn, x, mean)
@@ -104,9 +105,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             total = sums[0].copy()
             for s in sums[1:]:  # rank order: the same bits on every rank
                 total += s
-            dx = torch.from_numpy(cynorm.batch_norm_backward_apply(
+            dx = bridge._from_numpy(cynorm.batch_norm_backward_apply(
                 dyn, x, mean, rstd, total[0], total[1], count,
-                _numpy(weight, "weight")[1]))
+                bridge._param(weight, "weight")))
         dw = db = None
         if weight is not None and need[1]:
             dw = torch.from_numpy(sum_dy_xmu * rstd).to(weight.dtype)

@@ -2,8 +2,9 @@
 larger than memory, as lazy Dask computations.
 
 Importing this module imports dask (`import cynorm` alone never does; install it with
-`pip install 'cynorm[dask]'`). Each function takes a `dask.array.Array` of float32 or
-float64 and returns lazy Dask arrays, computed in three steps (DESIGN.md, "Scale-out"):
+`pip install 'cynorm[dask]'`). Each function takes a `dask.array.Array` of float32,
+float64, float16 or bfloat16 (ml_dtypes.bfloat16) and returns lazy Dask arrays of its
+dtype (statistics float64), computed in three steps (DESIGN.md, "Scale-out"):
 
 1. per chunk, the partial moments (count, mean, m2) of the sets it touches
    (cynorm.partial_stats);
@@ -37,9 +38,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       f"(or pip install 'dask[array]') ({e})") from e
 
 import cynorm
+from cynorm._api import _LOWP_EPS, _store
 from cynorm._stats_api import SHORT_RUN
-from cynorm._validate import (as_param, check_eps, check_flag, check_int, check_real,
-                              check_stats)
+from cynorm._validate import (_dtype_error, as_param, check_eps, check_flag, check_int,
+                              check_real, check_stats, is_bfloat16, is_lowp, param_dtype)
 
 __all__ = ["SPLIT_EVERY", "batch_norm", "batch_norm_backward", "group_norm",
            "instance_norm", "layer_norm", "rms_norm"]
@@ -56,8 +58,9 @@ def _dask_input(x, name, min_ndim):
     if not isinstance(x, da.Array):
         raise TypeError(f"{name} must be a dask.array.Array, got {type(x).__name__} "
                         "(for NumPy arrays use cynorm's own functions)")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    dt = x.dtype
+    if not (dt in (np.float32, np.float64) or is_lowp(dt)):
+        raise _dtype_error(name, dt, lowp=True)
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape "
                          f"{x.shape}")
@@ -68,11 +71,12 @@ def _dask_input(x, name, min_ndim):
 
 
 def _param(p, name, shape, dtype, chunks):
-    """An optional parameter as a dask array of `shape`, chunked like x's axes."""
+    """An optional parameter as a dask array of `shape` and `dtype` (the kernels'
+    parameter dtype, or float64 for statistics), chunked like x's axes."""
     if p is None:
         return None
     if isinstance(p, da.Array):
-        if p.dtype.kind != "f":
+        if p.dtype.kind != "f" and not is_bfloat16(p.dtype):
             raise TypeError(f"{name} must be a floating-point array, got dtype {p.dtype}")
         if p.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {p.shape}")
@@ -142,8 +146,8 @@ def _apply_block(xb, stats, w, b, sets, **kw):
 
 def _float64_affine(x):
     """batch_norm's choice in memory, from the whole array's run length (not a
-    chunk's): float32 is applied in float64 for short runs."""
-    return x.dtype == np.float32 and int(np.prod(x.shape[2:])) < SHORT_RUN
+    chunk's): float32 and 16-bit data are applied in float64 for short runs."""
+    return x.dtype != np.float64 and int(np.prod(x.shape[2:])) < SHORT_RUN
 
 
 def _apply(x, stats, sind, w, b, pind, sets, reread=False, **kw):
@@ -187,8 +191,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     eps = check_eps(eps)
     check_real(momentum, "momentum")
     cchunks = (x.chunks[1],)
-    w = _param(weight, "weight", (C,), x.dtype, cchunks)
-    b = _param(bias, "bias", (C,), x.dtype, cchunks)
+    w = _param(weight, "weight", (C,), param_dtype(x.dtype), cchunks)
+    b = _param(bias, "bias", (C,), param_dtype(x.dtype), cchunks)
     if training:
         if running_mean is not None or running_var is not None:
             raise ValueError("cynorm.dask.batch_norm cannot update running statistics "
@@ -217,8 +221,8 @@ def _slab(x, G, weight, bias, eps, return_stats, stats, reread):
     C = x.shape[1]
     eps = check_eps(eps)
     cchunks = (x.chunks[1],)
-    w = _param(weight, "weight", (C,), x.dtype, cchunks)
-    b = _param(bias, "bias", (C,), x.dtype, cchunks)
+    w = _param(weight, "weight", (C,), param_dtype(x.dtype), cchunks)
+    b = _param(bias, "bias", (C,), param_dtype(x.dtype), cchunks)
     # per (sample, channel) moments over all spatial chunks ...
     merged = _merged_stats(x, "instance", (0, 1), stats=stats)
     if G == C:
@@ -299,8 +303,9 @@ def _rows(x, ns, weight, bias, eps, return_stats, stats, sets, reread):
     nd = len(ns)
     lead = x.ndim - nd
     tchunks = x.chunks[lead:]
-    w = _param(weight, "weight", ns, x.dtype, tchunks)
-    b = _param(bias, "bias", ns, x.dtype, tchunks) if sets == "layer" else None
+    w = _param(weight, "weight", ns, param_dtype(x.dtype), tchunks)
+    b = (_param(bias, "bias", ns, param_dtype(x.dtype), tchunks) if sets == "layer"
+         else None)
     merged = _merged_stats(x, sets, tuple(range(lead)), normalized_ndim=nd, stats=stats)
     st = merged.map_blocks(_mean_rstd, eps, chunks=((2,),) + x.chunks[:lead],
                            dtype=np.float64)
@@ -325,7 +330,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, return_stats=False,
     """cynorm.rms_norm on a Dask array chunked along any axes (eps=None: the machine
     epsilon of x's dtype). Returns a lazy y, or (y, rstd)."""
     x, ns = _normalized(x, normalized_shape)
-    eps = float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
+    if eps is None:
+        eps = (_LOWP_EPS[x.dtype.name] if is_lowp(x.dtype)
+               else float(np.finfo(x.dtype).eps))
+    else:
+        eps = check_eps(eps)
     return _rows(x, ns, weight, None, eps, return_stats, "two_pass", "rms", reread)
 
 
@@ -357,7 +366,22 @@ def _grad_block(dyb, xb, stats, sums, w, count, training, float64_affine):
 
 
 def _param_grads(sums, rstd, dtype):
-    return np.stack([sums[1] * rstd, sums[0]]).astype(dtype)
+    """dweight and dbias from the global sums, rounded to `dtype` (a 16-bit dtype from
+    float32, as cynorm.batch_norm_backward computes them)."""
+    g = np.stack([sums[1] * rstd, sums[0]])
+    if is_lowp(np.dtype(dtype)):
+        return _store(g.astype(np.float32), np.empty(g.shape, dtype=dtype))
+    return g.astype(dtype)
+
+
+def _grad_dtype(weight, dtype):
+    """The dtype of dweight and dbias, as cynorm.batch_norm_backward's: x's, except for
+    16-bit x with a float (or bfloat16) weight array, the weight's."""
+    wdt = getattr(weight, "dtype", None)
+    if (is_lowp(dtype) and isinstance(wdt, np.dtype)
+            and (wdt.kind == "f" or is_bfloat16(wdt))):
+        return wdt
+    return dtype
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True):
@@ -379,7 +403,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True):
     cchunks = (x.chunks[1],)
     st = da.stack([_param(mean, "mean", (C,), np.float64, cchunks),
                    _param(rstd, "rstd", (C,), np.float64, cchunks)])
-    w = _param(weight, "weight", (C,), x.dtype, cchunks)
+    w = _param(weight, "weight", (C,), param_dtype(x.dtype), cchunks)
     xind = _ind(x.ndim)
     parts = da.blockwise(_block_grad_sums, "Y" + xind, dy, xind, x, xind, st, "Zb",
                          ndim=x.ndim, dtype=np.float64, concatenate=True,
@@ -396,6 +420,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True):
     dx = da.blockwise(_grad_block, xind, *args, dtype=x.dtype, concatenate=True,
                       meta=np.empty((0,) * x.ndim, dtype=x.dtype), count=count,
                       training=bool(training), float64_affine=_float64_affine(x))
-    pg = da.map_blocks(_param_grads, sums, st[1], x.dtype, chunks=((2,),) + cchunks,
-                       dtype=x.dtype)
+    pdt = _grad_dtype(weight, x.dtype)
+    pg = da.map_blocks(_param_grads, sums, st[1], pdt, chunks=((2,),) + cchunks,
+                       dtype=pdt, meta=np.empty((0, 0), dtype=pdt))
     return dx, pg[0], pg[1]

@@ -9,8 +9,9 @@ import inspect
 
 import numpy as np
 
+from cynorm._api import _store, _to_f32
 from cynorm._kernels import channel
-from cynorm._validate import _contiguous
+from cynorm._validate import _contiguous, as_input, is_lowp
 
 try:
     from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
@@ -153,8 +154,10 @@ class StandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     kernel (in place on X with copy=False when X is a C-contiguous float array).
 
     Differences from scikit-learn: no sparse input (TypeError), no sample_weight, and
-    NaN or Inf in X is an error (scikit-learn ignores NaN in fit). float32 X stays
-    float32; other numbers become float64.
+    NaN or Inf in X is an error (scikit-learn ignores NaN in fit). float32, float16 and
+    bfloat16 (ml_dtypes.bfloat16) X keep their dtype (16-bit X is computed on an exact
+    float32 copy, the result rounded once: within 1 ulp of its dtype); other numbers
+    become float64. The statistics are float64 for every dtype.
 
     Parameters: copy (default True: transform returns a new array), with_mean (subtract
     the mean), with_std (divide by the standard deviation).
@@ -171,7 +174,7 @@ class StandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     if HAVE_SKLEARN:
         def __sklearn_tags__(self):
             tags = super().__sklearn_tags__()
-            tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+            tags.transformer_tags.preserves_dtype = ["float64", "float32", "float16"]
             return tags
 
     def _reset(self):
@@ -188,41 +191,64 @@ class StandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     def partial_fit(self, X, y=None):
         """Update the statistics with the batch X (n_samples, n_features): Chan's exact
         merge of the batch's count, mean and m2 into the running ones."""
-        self._update(self._valid(X, not hasattr(self, "n_samples_seen_")))
+        self._update(self._valid(X, not hasattr(self, "n_samples_seen_"))[0])
         return self
 
     def fit_transform(self, X, y=None):
         """fit(X).transform(X), validating X once."""
         self._reset()
-        Xv = self._valid(X, True)
+        Xv, lowp = self._valid(X, True)
         self._update(Xv)
-        return self._apply(Xv, _owned(Xv, X) or not self.copy)
+        return self._result(X, Xv, lowp, self.copy)
 
     def transform(self, X, copy=None):
         """Standardize X with the fitted statistics: (X - mean_) / scale_."""
         check_is_fitted(self, "n_samples_seen_")
         copy = self.copy if copy is None else copy
-        Xv = self._valid(X, False)
-        return self._apply(Xv, _owned(Xv, X) or not copy)
+        Xv, lowp = self._valid(X, False)
+        return self._result(X, Xv, lowp, copy)
 
     def inverse_transform(self, X, copy=None):
         """Undo transform: X * scale_ + mean_ (in X's dtype, with NumPy)."""
         check_is_fitted(self, "n_samples_seen_")
         copy = self.copy if copy is None else copy
-        Xv = self._valid(X, False)
-        Y = Xv if ((_owned(Xv, X) or not copy) and Xv.flags.writeable) else Xv.copy()
+        Xv, lowp = self._valid(X, False)
+        may_write = lowp is not None or _owned(Xv, X) or not copy
+        Y = Xv if (may_write and Xv.flags.writeable) else Xv.copy()
         if self.with_std:
             Y *= self.scale_
         if self.with_mean:
             Y += self._mean
+        if lowp is not None:  # from float32, rounded once to X's dtype
+            return _store(Y, X if (not copy and X.dtype == lowp and X.flags.writeable)
+                          else np.empty(X.shape, dtype=lowp))
         return Y
 
     def _valid(self, X, reset):
         """X checked (and n_features_in_ set when reset) as a C-contiguous, aligned
-        float32/float64 array: X itself when it already is one."""
+        float32/float64 array: X itself when it already is one. A float16 or bfloat16
+        ndarray becomes an exact float32 copy (the column kernel reads float32 and
+        float64 only; a float32 copy until it takes the 16-bit storages), and its
+        native dtype is returned too: (Xv, dtype of the result), the dtype None for
+        float32/float64."""
+        lowp = None
+        if isinstance(X, np.ndarray) and is_lowp(X.dtype):
+            X = as_input(X, "X", lowp=True)
+            lowp = X.dtype
+            X = _to_f32(X)
         Xv = validate_data(self, X, reset=reset, dtype=_FLOATS, order="C",
                            accept_sparse=False, ensure_all_finite=True)
-        return _contiguous(Xv)
+        return _contiguous(Xv), lowp
+
+    def _result(self, X, Xv, lowp, copy):
+        """transform of the validated Xv, in X's 16-bit dtype when lowp (rounded once
+        from float32; into X itself when copy is False and X is writeable)."""
+        if lowp is None:
+            return self._apply(Xv, _owned(Xv, X) or not copy)
+        Y = self._apply(Xv, True)  # Xv is a private float32 copy
+        if not copy and X.dtype == lowp and X.flags.writeable:
+            return _store(Y, X)
+        return _store(Y, np.empty(X.shape, dtype=lowp))
 
     def _update(self, X):
         # the running moments are kept relative to a fixed shift per feature (the first

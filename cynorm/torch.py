@@ -23,9 +23,11 @@ kernels:
 - **Inference** (no input or parameter requires grad, or grad mode is off, or
   `torch.inference_mode()`): the kernel is called directly, without an autograd
   Function; the bridge checks the arguments once and calls the NumPy API's checked entry
-  points (no second check), contiguous tensors are handed over without a copy
-  (`tensor.numpy()` shares memory) and the output is the kernel's array wrapped by
-  `torch.from_numpy` (no copy). The output has no grad_fn.
+  points (no second check), contiguous tensors are handed over without a copy (an array
+  on the tensor's memory) and the output is the kernel's array wrapped by
+  `torch.from_numpy` (no copy). The output has no grad_fn. The common module calls
+  (float32/float64, contiguous, no residual) run in cynorm._torch_glue, compiled;
+  anything else takes the Python route below, which checks and raises.
 - **Training**: one `torch.autograd.Function` (`_ModuleFunction`; `GroupNormFunction`
   and the other named Functions are thin wrappers of it) whose backward runs cynorm's
   backward kernels. Double backward (`create_graph=True`, e.g. a gradient penalty) is
@@ -57,6 +59,7 @@ import numpy as np
 
 import cynorm
 from cynorm import _api
+from cynorm import _torch_glue as _glue
 from cynorm._validate import ACTIVATIONS as _ACT_CODES
 
 __all__ = [
@@ -70,7 +73,6 @@ __all__ = [
 
 _F32, _F64 = torch.float32, torch.float64
 _Tensor = torch.Tensor
-_INF = float("inf")
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 _torch_from_numpy = torch.from_numpy
@@ -289,85 +291,16 @@ def _kernel_backward(p, dy, x, w, b, mean, rstd, fmt=None):
 
 
 def _checked_forward(p, x, w, b, rm, rv, r, need_stats, fmt=None):
-    """(y, h, mean, rstd) from the NumPy API's checked entries, for arguments the bridge
-    can check cheaply here (the common case: parameters of x's dtype and shape, a float
-    eps); None when the call must go through the public functions' checks (which raise
-    the errors, or cast, as they do), and for batch norm's running statistics when
-    need_stats. The checked entries take float32/float64 data in (N, C, *spatial)
-    layout: 16-bit and channels-last calls (fmt) go through the public functions."""
-    kind, groups, shape, flag, momentum, eps, act = p
-    dt = x.dtype
-    if dt.itemsize < 4 or _is_last(kind, fmt):
+    """(y, h, mean, rstd) from the NumPy API's checked entries, or None when the call
+    must go through the public functions' checks (see _torch_glue.checked_forward). The
+    checked entries take float32/float64 data in (N, C, *spatial) layout: 16-bit and
+    channels-last calls (fmt) go through the public functions."""
+    if _is_last(p[0], fmt):
         return None
-    if type(eps) is not float or not 0.0 <= eps < _INF:
-        if not (eps is None and kind == "rms"):
-            return None
-        eps = float(np.finfo(dt).eps)
-    if kind in _PER_CHANNEL:
-        xs = x.shape
-        if len(xs) < 2:
-            return None
-        pshape = (xs[1],)
-    else:
-        nd = len(shape)
-        if not nd or x.shape[x.ndim - nd:] != shape:
-            return None
-        pshape = shape
-    if w is not None and (w.dtype != dt or w.shape != pshape):
-        return None
-    if b is not None and (b.dtype != dt or b.shape != pshape):
-        return None
-    if kind == "group":
-        if type(groups) is not int or groups < 1 or xs[1] % groups:
-            return None
-        y, mean, rstd = _api._slab_forward_checked(x, groups, w, b, eps, _ACT_CODES[act])
-        return y, None, mean, rstd
-    if kind == "layer" or kind == "rms":
-        if r is not None and (r.dtype != dt or r.shape != x.shape):
-            return None
-        return _api._row_forward_checked(x, nd, w, b, eps, kind == "rms", r)
-    if kind == "instance":
-        if not flag or rm is not None or rv is not None or math.prod(xs[2:]) <= 1:
-            return None
-        y, mean, rstd = _api._slab_forward_checked(x, xs[1], w, b, eps, _ACT_CODES[act])
-        return y, None, mean, rstd
-    if flag:  # batch norm with the batch's statistics
-        if (type(momentum) is not float or not 0.0 <= momentum <= 1.0
-                or (dt != np.float32 and dt != np.float64)
-                or math.prod(xs) <= xs[1]
-                or not _running_ok(rm, pshape) or not _running_ok(rv, pshape)):
-            return None
-        y, mean, rstd = _api._channel_train_checked(x, rm, rv, w, b, eps, momentum,
-                                                    _ACT_CODES[act])
-        return y, None, mean, rstd
-    if (need_stats or rm is None or rv is None or rm.shape != pshape
-            or rv.shape != pshape):
-        return None
-    return _api._channel_eval_checked(x, rm, rv, w, b, eps, _ACT_CODES[act]), None, None, None
+    return _glue.checked_forward(p, x, w, b, rm, rv, r, need_stats)
 
 
-def _running_ok(r, pshape):
-    """Whether a running buffer's view can go to a checked entry unchecked: None, or a
-    writable float array of the parameters' shape."""
-    return r is None or (r.shape == pshape and r.dtype.kind == "f" and r.flags.writeable)
-
-
-def _checked_backward(p, dy, x, w, b, mean, rstd):
-    """(dx, dweight, dbias) from the checked entries, for a forward that went through
-    _checked_forward (so every argument but dy is known good); None when dy needs the
-    public function's checks."""
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        return None
-    kind, groups, shape, flag, momentum, eps, act = p
-    if kind == "layer" or kind == "rms":
-        return _api._row_backward_checked(dy, x, mean, rstd, len(shape), w, kind == "rms")
-    if kind == "batch":
-        return _api._channel_backward_checked(dy, x, mean, rstd, w,
-                                              None if act is None else b, _ACT_CODES[act],
-                                              1 if flag else 0)
-    G = groups if kind == "group" else x.shape[1]
-    return _api._slab_backward_checked(dy, x, mean, rstd, G, w,
-                                       None if act is None else b, _ACT_CODES[act])
+_checked_backward = _glue.checked_backward
 
 
 def _lean_checked(p, x, w, b, rm, rv, r, fmt=None):
@@ -423,24 +356,14 @@ def _lean(p, input, weight, bias, running_mean, running_var, residual=None):
 
 def _module_views(module, weight, bias, running_mean, running_var):
     """The NumPy views of a module's parameters and buffers, kept between calls on the
-    module (a Parameter's detach().numpy() costs about 1.5 us, the checks here a few
-    tenths). Reused only while the module holds the same tensor objects on the same
-    memory with the same shape and dtype (`.data =`, `.to()`, `load_state_dict` and
-    in-place updates are all seen; each view holds its tensor's memory alive); not kept
-    when a tensor is non-contiguous (its view is a copy)."""
-    c = module.__dict__.get("_cynorm_views")
-    if (c is not None and c[0] is weight and c[1] is bias and c[2] is running_mean
-            and c[3] is running_var):
-        keys = c[4]
-        if ((weight is None or keys[0] == (weight.data_ptr(), weight.shape, weight.dtype))
-                and (bias is None or keys[1] == (bias.data_ptr(), bias.shape, bias.dtype))
-                and (running_mean is None or keys[2] == (running_mean.data_ptr(),
-                                                         running_mean.shape,
-                                                         running_mean.dtype))
-                and (running_var is None or keys[3] == (running_var.data_ptr(),
-                                                        running_var.shape,
-                                                        running_var.dtype))):
-            return c[5]
+    module (a Parameter's detach().numpy() costs about 1 us). Reused only while the
+    module holds the same tensor objects on the same memory with the same shape and dtype
+    (`.data =`, `.to()`, `load_state_dict` and in-place updates are all seen; each view
+    holds its tensor's memory alive; see _torch_glue.cached_views); not kept when a
+    tensor is non-contiguous (its view is a copy)."""
+    arrays = _glue.cached_views(module, weight, bias, running_mean, running_var)
+    if arrays is not None:
+        return arrays
     tensors = (weight, bias, running_mean, running_var)
     arrays = (_param(weight, "weight"), _param(bias, "bias"),
               _running(running_mean, "running_mean"), _running(running_var, "running_var"))
@@ -454,29 +377,20 @@ def _module_views(module, weight, bias, running_mean, running_var):
 def _module_call(module, p, input, weight, bias, running_mean, running_var,
                  residual=None):
     """A module's eager call: the inference route, or _ModuleFunction when autograd must
-    record it. The parameters' and buffers' NumPy views come from the module's cache."""
+    record it. The parameters' and buffers' NumPy views come from the module's cache;
+    the common inference call runs in _torch_glue.lean_module."""
+    if residual is None:
+        y = _glue.lean_module(module, p, input, weight, bias, running_mean, running_var)
+        if y is not None:
+            return y
     if _grad_enabled() and (getattr(input, "requires_grad", False)
                             or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)
                             or getattr(residual, "requires_grad", False)):
         return _record(p, module, input, weight, bias, running_mean, running_var,
                        residual)
-    x = None
-    if (type(input) is _Tensor and not input.requires_grad and input.is_contiguous()
-            and input.is_cpu):
-        dt = input.dtype
-        if dt is _F32 or dt is _F64:
-            try:
-                x, fmt = input.numpy(), None
-            except RuntimeError:  # a negative view: _input resolves it
-                pass
-    if x is None:
-        x, fmt = _input(input, "input", p[0])
+    x, fmt = _input(input, "input", p[0])
     w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
-    if residual is None and fmt is None:
-        y = _lean_checked(p, x, w, b, rm, rv, None)
-        if y is not None:  # float32/float64 (the checked entries' dtypes)
-            return _torch_from_numpy(y)
     r = None if residual is None else _input(residual, "residual")[0]
     return _lean_output(_lean_arrays(p, x, w, b, rm, rv, r, fmt), fmt, p[0], residual)
 
@@ -586,14 +500,17 @@ class _ModuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, module, input, weight, bias, running_mean, running_var, residual):
-        x = None
-        if type(input) is _Tensor and input.is_contiguous() and input.is_cpu:
-            dt = input.dtype
-            if dt is _F32 or dt is _F64:
-                try:
-                    x, fmt = input.detach().numpy(), None
-                except RuntimeError:  # a negative view: _input resolves it
-                    pass
+        if module is not None and residual is None:  # the common case, in _torch_glue
+            res = _glue.train_forward(module, p, input, weight, bias, running_mean,
+                                      running_var)
+            if res is not None:
+                out, mean, rstd, x, w, b = res
+                # see below; the state's "checked" slot says: train_backward's route
+                ctx.save_for_backward(input, weight, bias)
+                ctx.state = (p, 2, mean, rstd, x, w, b, False, None)
+                return out
+        x = _glue.array_of(input)
+        fmt = None
         if x is None:
             x, fmt = _input(input, "input", p[0])
         if module is None:
@@ -628,6 +545,10 @@ class _ModuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh=None):
+        if ctx.state[1] == 2:  # a forward of _torch_glue.train_forward
+            grads = _glue.train_backward(ctx, dy)
+            if grads is not None:
+                return grads
         n = ctx.needs_input_grad
         x_t, weight, bias = ctx.saved_tensors
         p, checked, mean, rstd, x, w, b, residual, fmt = ctx.state
@@ -637,13 +558,9 @@ class _ModuleFunction(torch.autograd.Function):
                 x_t = _residual_sum(*ctx.inputs)
             dx, dw, db = _composite_grads(p, dy, x_t, weight, bias, mean, rstd, need)
         else:
-            dyn = None
-            if (checked and type(dy) is _Tensor and dy.dtype is x_t.dtype
-                    and dy.is_contiguous() and not dy.requires_grad):
-                try:
-                    dyn = dy.numpy()
-                except RuntimeError:  # a negative or conjugate view: _input resolves it
-                    pass
+            dyn = _glue.array_of(dy) if checked else None
+            if dyn is not None and (dyn.dtype is not x.dtype or dyn.shape != x.shape):
+                dyn = None
             if dyn is None:
                 dyn, fmt = _grad_output(dy, p[0], fmt)
             grads = _checked_backward(p, dyn, x, w, b, mean, rstd) if checked else None
@@ -677,26 +594,10 @@ def _residual_sum(input, residual, input_version, residual_version):
         return input + residual
 
 
-# torch.autograd.Function.apply is a Python wrapper (about 4 us per call) around the C
-# apply: outside functorch transforms it only unwraps dead functorch wrappers, which
-# _record does itself. These are torch internals: a torch without them takes the
-# public apply.
-try:
-    _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _ModuleFunction)
-    _functorch_active = torch._C._are_functorch_transforms_active
-    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-except (AttributeError, KeyError):
-    _c_apply = None
-
-
-def _record(p, module, input, weight, bias, running_mean, running_var, residual):
-    """_ModuleFunction.apply(p, module, input, ...) (what it does, faster)."""
-    if _c_apply is None or _functorch_active():
-        return _ModuleFunction.apply(p, module, input, weight, bias, running_mean,
-                                     running_var, residual)
-    return _c_apply(p, module, *[_unwrap_if_dead(t) if isinstance(t, _Tensor) else t
-                                 for t in (input, weight, bias, running_mean, running_var,
-                                           residual)])
+_glue.set_function(_ModuleFunction)
+# _ModuleFunction.apply(p, module, input, weight, bias, running_mean, running_var,
+# residual), without the Python wrapper of Function.apply (see _torch_glue.record)
+_record = _glue.record
 
 
 def _apply(p, input, weight, bias, running_mean, running_var, residual=None):
@@ -765,8 +666,9 @@ class RMSNormFunction(_ModuleFunction):
 
 
 # ---- custom operators for torch.compile ------------------------------------------------
-# Eager calls do not use them: a torch.library custom operator costs about 10 us more per
-# call than the route above (measured on a (1, 32, 8, 8) GroupNorm). Under torch.compile
+# Eager calls do not use them: through a torch.library custom operator a (1, 32, 8, 8)
+# GroupNorm costs about 33 us per inference call and 275 us per training step, against
+# 9 and 58 us through the routes above (one thread, CPU time). Under torch.compile
 # they make each norm one opaque node of the graph (no graph break), with a fake
 # implementation for shape propagation and an autograd formula.
 
@@ -994,6 +896,10 @@ class GroupNorm(_Activated, torch.nn.GroupNorm):
     "relu" (keyword-only) is applied in the same pass."""
 
     def forward(self, input):
+        if not _is_compiling():
+            y = _glue.group_module(self, input)
+            if y is not None:  # done (the common cases)
+                return y
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"expected input of shape (N, {self.num_channels}, *), got "
                              f"{tuple(input.shape)}")
@@ -1011,7 +917,13 @@ class _BatchNorm(_Activated):
     torch lets users change after construction (track_running_stats, momentum=None for a
     cumulative average, weight/bias set to None) behave as in torch."""
 
+    _cynorm_dims = ()  # the input dims _check_input_dim accepts (set by each subclass)
+
     def forward(self, input):
+        if not _is_compiling():
+            y = _glue.batch_module(self, input)
+            if y is not None:  # an inference call in eval mode, done
+                return y
         self._check_input_dim(input)
         training = self.training
         factor = 0.0 if self.momentum is None else self.momentum
@@ -1037,13 +949,19 @@ class _BatchNorm(_Activated):
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d computed by cynorm (activation= as in GroupNorm)."""
 
+    _cynorm_dims = (2, 3)  # what _check_input_dim accepts
+
 
 class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d computed by cynorm (activation= as in GroupNorm)."""
 
+    _cynorm_dims = (4,)
+
 
 class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d computed by cynorm (activation= as in GroupNorm)."""
+
+    _cynorm_dims = (5,)
 
 
 class _InstanceNorm(_Activated):
@@ -1091,6 +1009,10 @@ class LayerNorm(_ViewCache, torch.nn.LayerNorm):
     h = x + r, y = LayerNorm(h), the add fused into the normalization's pass."""
 
     def forward(self, input, residual=None):
+        if residual is None and not _is_compiling():
+            y = _glue.row_module(self, input, "layer")
+            if y is not None:  # done (the common cases)
+                return y
         params = self._parameters
         weight, bias = params["weight"], params["bias"]
         ns = self.normalized_shape
@@ -1105,6 +1027,10 @@ class RMSNorm(_ViewCache, torch.nn.RMSNorm):
     LayerNorm."""
 
     def forward(self, input, residual=None):
+        if residual is None and not _is_compiling():
+            y = _glue.row_module(self, input, "rms")
+            if y is not None:  # done (the common cases)
+                return y
         weight = self._parameters["weight"]
         ns = self.normalized_shape
         p = ("rms", 0, ns if type(ns) is tuple else _shape(ns), True, 0.0, self.eps, None)

@@ -204,8 +204,18 @@ def test_dask_functions_reject_bad_arguments_by_name():
     X = da.from_array(x, chunks=2)
     with pytest.raises(TypeError, match="x must be a dask.array.Array"):
         cd.batch_norm(x, training=True)
-    with pytest.raises(TypeError, match="x must be a float32 or float64"):
-        cd.group_norm(X.astype(np.int64), 2)
+    for bad in (np.int64, np.int16, np.complex64):
+        with pytest.raises(TypeError, match="x must be a float32, float64, float16 or "
+                                            "bfloat16 array, got dtype"):
+            cd.group_norm(X.astype(bad), 2)
+    with pytest.raises(TypeError, match="dy must be a float32, float64, float16 or "
+                                        "bfloat16 array"):
+        cd.batch_norm_backward(X.astype(np.int16), X, np.zeros(4), np.ones(4))
+    with pytest.raises(TypeError, match="dy must have the dtype of x"):
+        cd.batch_norm_backward(X.astype(np.float16), X, np.zeros(4), np.ones(4))
+    with pytest.raises(TypeError, match="weight must be a floating-point array"):
+        cd.batch_norm(X.astype(np.float16), weight=da.ones(4, dtype=np.int16),
+                      training=True)
     with pytest.raises(ValueError, match="unknown chunk sizes"):
         cd.instance_norm(X[X[:, 0, 0] > 0])
     with pytest.raises(ValueError, match="num_groups"):
@@ -270,3 +280,103 @@ def test_out_of_core_example_normalises_a_disk_array_on_a_local_cluster(tmp_path
     assert r["gb_per_s"] > 0 and len(r["peak_worker_memory_gb"]) == 2
     assert r["within_memory_limit"] is (True if limited else None)
     assert os.listdir(tmp_path) == []  # its files are gone
+
+
+# ---- float16 and bfloat16 ----------------------------------------------------------------
+
+import reference as ref  # noqa: E402
+from lowp_reference import LOWP, assert_within_one_ulp, wide  # noqa: E402
+
+
+def _lowp_ops(pdt):
+    """(name, dask call, in-memory call, float64 reference on the widened x, the size of
+    the terms y is a sum of) for every op, parameters of dtype pdt."""
+    w, b, lw, lb = _params(pdt)
+    W, B, LW, LB = wide(w), wide(b), wide(lw), wide(lb)
+    ch = (1, -1, 1, 1)
+
+    def terms_ch(y):
+        return np.abs(y) + 2 * np.abs(B).reshape(ch)
+
+    return [
+        ("batch_norm", lambda X: cd.batch_norm(X, weight=w, bias=b, training=True),
+         lambda x: cynorm.batch_norm(x, weight=w, bias=b, training=True),
+         lambda x: ref.batch_norm(x, None, None, W, B, training=True)[0], terms_ch),
+        ("group_norm", lambda X: cd.group_norm(X, 3, w, b),
+         lambda x: cynorm.group_norm(x, 3, w, b),
+         lambda x: ref.group_norm(x, 3, W, B)[0], terms_ch),
+        ("instance_norm", lambda X: cd.instance_norm(X, weight=w, bias=b),
+         lambda x: cynorm.instance_norm(x, weight=w, bias=b),
+         lambda x: ref.instance_norm(x, W, B)[0], terms_ch),
+        ("layer_norm", lambda X: cd.layer_norm(X, SHAPE[2:], lw, lb),
+         lambda x: cynorm.layer_norm(x, SHAPE[2:], lw, lb),
+         lambda x: ref.layer_norm(x, SHAPE[2:], LW, LB)[0],
+         lambda y: np.abs(y) + 2 * np.abs(LB)),
+        ("rms_norm", lambda X: cd.rms_norm(X, SHAPE[2:], lw, eps=1e-5),
+         lambda x: cynorm.rms_norm(x, SHAPE[2:], lw, eps=1e-5),
+         lambda x: ref.rms_norm(x, SHAPE[2:], LW, eps=1e-5)[0], None),
+    ]
+
+
+@pytest.mark.parametrize("pdt", ["same", np.float32], ids=str)
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("chunks", CHUNKINGS, ids=str)
+def test_16bit_every_op_on_any_chunking_within_one_ulp_of_the_reference(dt, pdt, chunks):
+    x = data(SHAPE, dt)
+    X = da.from_array(x, chunks=chunks)
+    for name, lazy, eager, reference, terms in _lowp_ops(dt if pdt == "same" else pdt):
+        Y = lazy(X)
+        assert isinstance(Y, da.Array) and Y.chunks == X.chunks and Y.dtype == dt, name
+        y = Y.compute(scheduler="synchronous")
+        e = reference(wide(x))
+        assert_within_one_ulp(y, e, terms=None if terms is None else terms(e), what=name)
+        if chunks in (SHAPE, (2, 6, 7, 9)) and name not in ("batch_norm",
+                                                            "group_norm"):
+            # whole sets in every chunk: bitwise the in-memory result
+            assert np.array_equal(y.view(np.uint16), eager(x).view(np.uint16)), name
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_statistics_are_float64_and_rms_eps_is_the_storage_epsilon(dt):
+    x = data(SHAPE, dt, seed=2)
+    X = da.from_array(x, chunks=(2, 6, 7, 9))
+    y, mean, rstd = dask.compute(*cd.group_norm(X, 2, return_stats=True))
+    _, m0, r0 = ref.group_norm(wide(x), 2)
+    assert mean.dtype == rstd.dtype == np.float64
+    np.testing.assert_allclose(mean, m0, rtol=1e-13)
+    np.testing.assert_allclose(rstd, r0, rtol=1e-13)
+    y, rstd = dask.compute(*cd.rms_norm(X, 9, return_stats=True))
+    eps = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}[np.dtype(dt).name]
+    _, r0 = ref.rms_norm(wide(x), 9, eps=eps)
+    np.testing.assert_allclose(rstd, r0, rtol=1e-13)
+    assert np.array_equal(y.view(np.uint16), cynorm.rms_norm(x, 9).view(np.uint16))
+
+
+@pytest.mark.parametrize("wdt", [None, "same", np.float32], ids=str)
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("chunks", [SHAPE, ((1, 4), (1, 2, 3), (7,), (2, 2, 5))], ids=str)
+def test_16bit_batch_norm_backward_within_one_ulp_of_the_reference(dt, wdt, chunks):
+    x = data(SHAPE, dt, seed=4)
+    dy = data(SHAPE, dt, seed=5)
+    w = None if wdt is None else _params(dt if wdt == "same" else wdt)[0]
+    X, DY = da.from_array(x, chunks=chunks), da.from_array(dy, chunks=chunks)
+    _, mean, rstd = cd.batch_norm(X, weight=w, training=True, return_stats=True)
+    dx, dw, db = dask.compute(*cd.batch_norm_backward(DY, X, mean, rstd, w))
+    _, m0, r0, _, _ = ref.batch_norm(wide(x), training=True)
+    wf = np.ones(SHAPE[1]) if w is None else wide(w)
+    edx, edw, edb = ref.batch_norm_backward(wide(dy), wide(x), m0, r0, wf)
+    ch = (1, -1, 1, 1)
+    xhat = (wide(x) - m0.reshape(ch)) * r0.reshape(ch)
+    g = np.abs(wide(dy)) * wf.reshape(ch)
+    gmax = g.max(axis=(0, 2, 3), keepdims=True)
+    terms = r0.reshape(ch) * (g + gmax + np.abs(xhat) * gmax)
+    assert dx.dtype == dt
+    assert_within_one_ulp(dx, edx, terms=terms, what="dx")
+    assert dw.dtype == db.dtype == (np.float32 if wdt == np.float32 else dt)
+    if dw.dtype == np.float32:
+        np.testing.assert_allclose(dw, edw, rtol=1e-6, atol=1e-6 * np.abs(edw).max())
+        np.testing.assert_allclose(db, edb, rtol=1e-6, atol=1e-6 * np.abs(edb).max())
+    else:
+        assert_within_one_ulp(dw, edw, terms=np.abs(wide(dy) * xhat).sum((0, 2, 3)),
+                              what="dw")
+        assert_within_one_ulp(db, edb, terms=np.abs(wide(dy)).sum((0, 2, 3)), what="db")

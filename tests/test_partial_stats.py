@@ -246,8 +246,18 @@ def test_building_blocks_reject_bad_arguments_by_name():
         cynorm.partial_stats(x, "batch", normalized_ndim=1)
     with pytest.raises(ValueError, match="normalized_ndim"):
         cynorm.partial_stats(x, "rms", normalized_ndim=0)
-    with pytest.raises(TypeError, match="x must be a float32 or float64"):
+    with pytest.raises(TypeError, match="x must be a float32, float64, float16 or "
+                                        "bfloat16 array, got dtype int32"):
         cynorm.partial_stats(x.astype(np.int32))
+    with pytest.raises(TypeError, match="x must be a float32, float64, float16 or "
+                                        "bfloat16 array, got dtype complex64"):
+        cynorm.apply_stats(x.astype(np.complex64), np.zeros(3), np.ones(3))
+    with pytest.raises(TypeError, match="dy must be a float32, float64, float16 or "
+                                        "bfloat16 array, got dtype int16"):
+        cynorm.batch_norm_backward_reduce(x.astype(np.int16), x, np.zeros(3))
+    with pytest.raises(TypeError, match="dy must have the dtype of x"):
+        cynorm.batch_norm_backward_apply(x.astype(np.float16), x, np.zeros(3), np.ones(3),
+                                         np.zeros(3), np.zeros(3), 8)
     with pytest.raises(ValueError, match="stats"):
         cynorm.partial_stats(x, stats="three_pass")
     with pytest.raises(ValueError, match="parts must hold at least one"):
@@ -278,3 +288,162 @@ def test_building_blocks_reject_bad_arguments_by_name():
         cynorm.batch_norm_backward_apply(x, x, mean, rstd, mean, mean, "8")
     with pytest.raises(ValueError, match="sum_dy_xmu must have shape"):
         cynorm.batch_norm_backward_apply(x, x, mean, rstd, mean, mean[:2], 8)
+
+
+# ---- float16 and bfloat16 ----------------------------------------------------------------
+
+from lowp_reference import LOWP, assert_within_one_ulp, wide  # noqa: E402
+
+
+def _broadcast_stats(x, sets, kw, mean, rstd):
+    """The per-set statistics broadcast over x (float64)."""
+    nd = kw.get("normalized_ndim")
+    if sets == "batch":
+        bc = (1, -1) + (1,) * (x.ndim - 2)
+        return mean.reshape(bc), rstd.reshape(bc)
+    if sets == "group":
+        G = kw["num_groups"]
+        shp = x.shape[:2] + (1,) * (x.ndim - 2)
+        return (np.repeat(mean, x.shape[1] // G, 1).reshape(shp),
+                np.repeat(rstd, x.shape[1] // G, 1).reshape(shp))
+    if sets == "instance":
+        shp = x.shape[:2] + (1,) * (x.ndim - 2)
+        return mean.reshape(shp), rstd.reshape(shp)
+    sshape = x.shape[:x.ndim - nd]
+    return (0.0 if sets == "rms" else mean.reshape(sshape + (1,) * nd),
+            rstd.reshape(sshape + (1,) * nd))
+
+
+@pytest.mark.parametrize("stats", ["two_pass", "welford"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,sets,kw", CASES)
+def test_16bit_partial_stats_are_the_float64_moments_of_the_widened_data(dt, shape, sets,
+                                                                       kw, stats):
+    x = data(shape, dt)
+    p = cynorm.partial_stats(x, sets, stats=stats, **kw)
+    count, mean, m2 = ref_moments(wide(x), sets, *_kw_ref(kw))
+    assert all(a.dtype == np.float64 for a in p)
+    np.testing.assert_array_equal(p.count, count)
+    np.testing.assert_allclose(p.mean, mean, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(p.m2, m2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("float64_affine", [None, True])
+@pytest.mark.parametrize("pdt", ["same", np.float32])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,sets,kw", CASES)
+def test_16bit_apply_stats_within_one_ulp(dt, pdt, shape, sets, kw, float64_affine):
+    if float64_affine and sets in ("layer", "rms"):
+        return  # elementwise parameters: float64_affine does not apply
+    x = data(shape, dt, seed=3)
+    nd = kw.get("normalized_ndim")
+    sshape = ref_sets(x, sets, *_kw_ref(kw)).shape[:-1]
+    rng = np.random.default_rng(4)
+    mean = rng.standard_normal(sshape) + 1.5
+    rstd = rng.uniform(0.2, 2.0, sshape)
+    pshape = x.shape[x.ndim - nd:] if nd else (x.shape[1],)
+    pd = dt if pdt == "same" else np.dtype(pdt)
+    w = (1 + 0.5 * rng.standard_normal(pshape)).astype(pd)
+    b = (0.5 * rng.standard_normal(pshape)).astype(pd) if sets != "rms" else None
+    y = cynorm.apply_stats(x, None if sets == "rms" else mean, rstd, w, b, sets,
+                           float64_affine=float64_affine, **kw)
+    m, r = _broadcast_stats(x, sets, kw, mean, rstd)
+    if nd:
+        wb, bb = wide(w), 0.0 if b is None else wide(b)
+    else:
+        bc = (1, -1) + (1,) * (x.ndim - 2)
+        wb, bb = wide(w).reshape(bc), wide(b).reshape(bc)
+    xhat = (wide(x) - m) * r
+    assert y.dtype == dt and y.shape == x.shape
+    # y = xhat * w + b: near 0 a few float32 ulps of the terms
+    assert_within_one_ulp(y, xhat * wb + bb, terms=np.abs(xhat * wb) + np.abs(bb))
+
+
+@pytest.mark.parametrize("wdt", [None, "same", np.float32], ids=str)
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape", [(6, 4, 5, 7), (3, 2, 5000), (8, 3)])
+def test_16bit_batch_norm_backward_blocks_split_over_parts_within_one_ulp(dt, shape, wdt):
+    x = data(shape, dt, seed=5)
+    dy = data(shape, dt, seed=6, loc=0.0, scale=1.0)
+    C = shape[1]
+    w = None if wdt is None else data(C, dt if wdt == "same" else wdt, 7, 1.0, 0.3)
+    wf = np.ones(C) if w is None else wide(w)
+    s = ref_sets(wide(x), "batch")
+    mean, rstd = s.mean(-1), 1 / np.sqrt(s.var(-1) + 1e-5)
+    parts = np.array_split(np.arange(shape[0]), 3)
+    sums = [cynorm.batch_norm_backward_reduce(dy[p], x[p], mean) for p in parts]
+    sum_dy = sum(a for a, _ in sums)
+    sum_dy_xmu = sum(b for _, b in sums)
+    g = ref_sets(wide(dy), "batch")
+    xmu = s - mean[:, None]
+    # float64 sums of exactly widened values
+    np.testing.assert_allclose(sum_dy, g.sum(-1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sum_dy_xmu, (g * xmu).sum(-1), rtol=1e-12, atol=1e-12)
+    M = s.shape[1]
+    xhat = xmu * rstd[:, None]
+    ref = (wf * rstd)[:, None] * (
+        g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    ref = np.moveaxis(ref.reshape((C, shape[0]) + shape[2:]), 0, 1)
+    # dx is a difference of terms of the size of rstd * w * max|dy| (and times |xhat|)
+    gmax = np.abs(g).max(-1, keepdims=True)
+    terms = ((wf * rstd)[:, None] * (np.abs(g) + gmax + np.abs(xhat) * gmax))
+    terms = np.moveaxis(terms.reshape((C, shape[0]) + shape[2:]), 0, 1)
+    for f64 in (None, True, False):
+        dx = np.concatenate([cynorm.batch_norm_backward_apply(
+            dy[p], x[p], mean, rstd, sum_dy, sum_dy_xmu, M, w, float64_affine=f64)
+            for p in parts])
+        assert dx.dtype == dt
+        assert_within_one_ulp(dx, ref, terms=terms, what=f"dx (float64_affine={f64})")
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,sets,kw", CASES)
+def test_16bit_building_blocks_bitwise_identical_across_thread_counts(dt, shape, sets, kw):
+    x = data(shape, dt, seed=8)
+    out = []
+    for n in (1, 2, 3):
+        with threadpool_limits(n, user_api="openmp"):
+            p = cynorm.partial_stats(x, sets, **kw)
+            m = cynorm.merge_stats([p, p])
+            y = cynorm.apply_stats(x, None if sets == "rms" else m.mean, m.rstd(), None,
+                                   None, sets, **kw)
+            res = [*p, *m, y.view(np.uint16)]
+            if sets == "batch":
+                sums = cynorm.batch_norm_backward_reduce(y, x, m.mean)
+                res += [*sums, cynorm.batch_norm_backward_apply(
+                    y, x, m.mean, m.rstd(), *sums, x.size // x.shape[1]).view(np.uint16)]
+            out.append(res)
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_whole_sets_give_the_ops_own_statistics_and_output_bitwise(dt):
+    """A part holding whole sets: the moments are those the op computes in memory, and
+    applying the op's statistics gives the op's own output."""
+    def same(a, b):
+        return np.array_equal(a.view(np.uint16), b.view(np.uint16))
+
+    x = data((3, 4, 70, 9), dt)
+    w, b = data(4, np.float32, 1, 1.0, 0.5), data(4, np.float32, 2, 0.0, 0.5)
+    p = cynorm.partial_stats(x, "batch")
+    y, mean, rstd = cynorm.batch_norm(x, weight=w, bias=b, training=True,
+                                      return_stats=True)
+    assert np.array_equal(p.mean, mean) and np.array_equal(p.rstd(), rstd)
+    assert same(cynorm.apply_stats(x, mean, rstd, w, b), y)
+    p = cynorm.partial_stats(x, "group", num_groups=2)
+    y, mean, rstd = cynorm.group_norm(x, 2, w, b, return_stats=True)
+    assert np.array_equal(p.mean, mean) and np.array_equal(p.rstd(), rstd)
+    assert same(cynorm.apply_stats(x, mean, rstd, w, b, "group", num_groups=2), y)
+    lw = data((70, 9), np.float32, 3, 1.0, 0.5)
+    p = cynorm.partial_stats(x, "layer", normalized_ndim=2)
+    y, mean, rstd = cynorm.layer_norm(x, (70, 9), lw, return_stats=True)
+    assert np.array_equal(p.mean, mean) and np.array_equal(p.rstd(), rstd)
+    assert same(cynorm.apply_stats(x, mean, rstd, lw, None, "layer", normalized_ndim=2),
+                y)
+    # short runs: batch_norm's column path, float64 affine from the op's statistics
+    xs = data((40, 6, 3), dt)
+    y, mean, rstd = cynorm.batch_norm(xs, weight=w[:1].repeat(6), training=True,
+                                      return_stats=True)
+    assert same(cynorm.apply_stats(xs, mean, rstd, w[:1].repeat(6)), y)

@@ -248,3 +248,70 @@ def test_statistics_of_far_offset_data_keep_their_digits(dtype):
     for sc in (whole, stream):
         np.testing.assert_allclose(sc.mean_, mean.astype(float), rtol=1e-15)
         np.testing.assert_allclose(sc.var_, var.astype(float), rtol=2e-14)
+
+
+# ---- float16 and bfloat16 ----------------------------------------------------------------
+
+from lowp_reference import LOWP, assert_within_one_ulp, wide  # noqa: E402
+
+
+def lowp_data(shape, dt, seed=0, loc=2.0):
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.5, 4.0, shape[1])
+    return (loc + scale * rng.standard_normal(shape)).astype(dt)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_keeps_its_dtype_within_one_ulp_with_float64_statistics(dt):
+    X = lowp_data((3000, 5), dt)
+    sc = StandardScaler()
+    Y = sc.fit_transform(X)
+    mean, var = exact_moments(wide(X))
+    assert Y.dtype == dt and sc.mean_.dtype == sc.var_.dtype == np.float64
+    np.testing.assert_allclose(sc.mean_, mean.astype(float), rtol=1e-15)
+    np.testing.assert_allclose(sc.var_, var.astype(float), rtol=1e-12)
+    exact = (wide(X) - mean.astype(float)) / np.sqrt(var.astype(float))
+    assert_within_one_ulp(Y, exact)
+    Z = lowp_data((40, 5), dt, seed=1)
+    assert_within_one_ulp(sc.transform(Z), (wide(Z) - sc.mean_) / sc.scale_)
+    # inverse: y * scale + mean, near 0 a few float32 ulps of the terms
+    back = sc.inverse_transform(Y)
+    terms = np.abs(wide(Y) * sc.scale_) + np.abs(sc.mean_)
+    assert back.dtype == dt
+    assert_within_one_ulp(back, wide(Y) * sc.scale_ + sc.mean_, terms=terms)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_partial_fit_stream_equals_one_fit(dt):
+    X = lowp_data((5000, 4), dt, seed=2)
+    stream = StandardScaler()
+    for k in range(0, 5000, 700):
+        stream.partial_fit(X[k:k + 700])
+    mean, var = exact_moments(wide(X))
+    np.testing.assert_allclose(stream.mean_, mean.astype(float), rtol=1e-15)
+    np.testing.assert_allclose(stream.var_, var.astype(float), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_copy_false_transforms_in_place_and_copy_true_does_not(dt):
+    X = lowp_data((100, 4), dt, seed=3)
+    keep = X.copy()
+    sc = StandardScaler().fit(X)
+    Y = sc.transform(X)
+    assert np.array_equal(X.view(np.uint16), keep.view(np.uint16))
+    assert Y.dtype == dt and not np.shares_memory(X, Y)
+    Z = sc.transform(X, copy=False)
+    assert Z is X and np.array_equal(Z.view(np.uint16), Y.view(np.uint16))
+    X.flags.writeable = False
+    W = sc.transform(X, copy=False)
+    assert W is not X and W.dtype == dt
+
+
+def test_16bit_nan_is_an_error_and_other_dtypes_are_not_16bit():
+    X = lowp_data((10, 2), np.float16)
+    X[3, 1] = np.nan
+    with pytest.raises(ValueError, match="(?i)nan"):
+        StandardScaler().fit(X)
+    # integers still become float64 (not a 16-bit float)
+    assert StandardScaler().fit_transform(np.arange(6, dtype=np.int16).reshape(3, 2)
+                                          ).dtype == np.float64

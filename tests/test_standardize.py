@@ -362,3 +362,90 @@ def test_random_shapes_and_axes_match_the_reference():
         np.testing.assert_allclose(y, ry, **tol(dtype), err_msg=f"{shape} {axis}")
         np.testing.assert_allclose(m, rm, rtol=1e-14, err_msg=f"{shape} {axis}")
         np.testing.assert_allclose(s, rs, rtol=1e-13, err_msg=f"{shape} {axis}")
+
+
+# ---- float16 and bfloat16 ----------------------------------------------------------------
+
+from lowp_reference import LOWP, assert_within_one_ulp, wide  # noqa: E402
+from test_determinism import across_threads  # noqa: E402
+
+
+def lowp_data(shape, dt, seed=0, loc=1.5, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return (loc + scale * rng.standard_normal(shape)).astype(dt)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,axis", [c for c in AXES_CASES if c[0] != (3000, 9)]
+                         + [((3000, 9), 0), ((2, 5, 4100), (0, 2)), ((3, 9000), 1)])
+def test_16bit_within_one_ulp_of_the_float64_reference_with_float64_statistics(
+        dt, shape, axis):
+    x = lowp_data(shape, dt)
+    y, m, s = cynorm.standardize(x, axis, eps=1e-3, ddof=1, return_stats=True)
+    ry, rm, rs = reference(wide(x), axis, eps=1e-3, ddof=1)
+    assert y.dtype == dt and m.dtype == s.dtype == np.float64
+    assert m.shape == rm.shape and s.shape == rs.shape
+    assert_within_one_ulp(y, ry)
+    if not np.isnan(rs).any():
+        np.testing.assert_allclose(m, rm, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(s, rs, rtol=1e-13)
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,axis,wshape", [
+    ((6, 8, 100), (0, 2), (8, 1)),     # per channel, fused, long runs
+    ((6, 8, 10), (0, 2), (8, 1)),      # per channel, short runs (float32 copy)
+    ((6, 8, 10), 2, (10,)),            # elementwise over the rows, fused
+    ((6, 8, 10), 1, (8, 1)),           # batched columns (float32 copy)
+    ((60, 8), 0, (8,)),                # per column (float32 copy)
+    ((6, 8, 10), 2, (6, 8, 10)),       # applied after the kernel
+    ((3, 4, 5, 6), (0, 2), (4, 1, 1)), # the transposed path
+])
+@pytest.mark.parametrize("pdt", ["same", np.float32, np.float64])
+def test_16bit_weight_and_bias_within_one_ulp(dt, shape, axis, wshape, pdt):
+    x = lowp_data(shape, dt, 3)
+    pd = dt if pdt == "same" else np.dtype(pdt)
+    w = lowp_data(wshape, pd, 4, 1.0, 0.5)
+    b = lowp_data(wshape, pd, 5, 0.0, 0.5)
+    y = cynorm.standardize(x, axis, weight=w, bias=b, eps=1e-5)
+    ry, _, _ = reference(wide(x), axis, wide(w), wide(b), eps=1e-5)
+    xhat = reference(wide(x), axis, eps=1e-5)[0]
+    # y is xhat * w + b: where it cancels to near 0, a few float32 ulps of the terms
+    assert y.dtype == dt
+    assert_within_one_ulp(y, ry, terms=np.abs(xhat * wide(w)) + np.abs(wide(b)))
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,axis", [((2, 20000), 1), ((3000, 40), 0),
+                                        ((4, 8, 4097), (0, 2)), ((3, 4, 5, 6), (0, 2))])
+def test_16bit_bitwise_identical_across_thread_counts(dt, shape, axis):
+    x = lowp_data(shape, dt, 6)
+    w = lowp_data(shape[-1], np.float32, 7, 1.0, 0.5)
+    across_threads(lambda: cynorm.standardize(x, axis, weight=w, return_stats=True))
+
+
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+@pytest.mark.parametrize("shape,axis", [((50, 30), 0), ((30, 50), 1), ((4, 6, 70), (0, 2))])
+def test_16bit_out_x_standardizes_in_place(dt, shape, axis):
+    x = lowp_data(shape, dt, 8)
+    expected = cynorm.standardize(x, axis)
+    assert cynorm.standardize(x, axis, out=x) is x
+    assert np.array_equal(x.view(np.uint16), expected.view(np.uint16))
+
+
+def test_16bit_nan_propagates_to_its_set_only():
+    x = lowp_data((5, 40), np.float16, 9)
+    x[2, 3] = np.nan
+    y = cynorm.standardize(x, 1)
+    assert np.isnan(y[2]).all() and not np.isnan(np.delete(y, 2, 0)).any()
+
+
+def test_unsupported_dtypes_name_x_and_the_dtypes_taken():
+    for bad in (np.int16, np.uint16, np.complex64, np.int64):
+        with pytest.raises(TypeError, match="x must be a float32, float64, float16 or "
+                                            "bfloat16 array"):
+            cynorm.standardize(np.zeros((3, 4), dtype=bad), 0)
+    with pytest.raises(TypeError, match="weight must be a floating-point array"):
+        cynorm.standardize(np.zeros((3, 4), np.float16), 0, weight=np.ones(4, np.int16))
+    with pytest.raises(TypeError, match="out must have dtype float16"):
+        cynorm.standardize(np.zeros((3, 4), np.float16), 0, out=np.empty((3, 4)))

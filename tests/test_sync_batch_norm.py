@@ -19,6 +19,8 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+import reference as ref  # noqa: E402
+
 C = 5
 SHAPE = (7, C, 6, 5)     # global batch: split unevenly over the ranks
 STEPS = 2                # forward/backward steps of the layer test
@@ -52,6 +54,16 @@ def _net(bn):
         torch.nn.Conv2d(6, 6, 3), bn(6), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 4),
     ).double()
+
+
+try:
+    import ml_dtypes  # noqa: F401  (bfloat16 tensors are handed over as its arrays)
+    _BF16_CASES = [("bfloat16", torch.bfloat16, torch.bfloat16),
+                   ("bfloat16_mixed", torch.bfloat16, torch.float32)]
+except ImportError:
+    _BF16_CASES = []
+# (tag, input dtype, module dtype)
+LOWP_CASES = [("float16", torch.float16, torch.float16)] + _BF16_CASES
 
 
 def _ddp_data(step):
@@ -95,6 +107,32 @@ def _worker(rank, world_size, port, out_dir):
         saved[f"{tag}_rm"] = layer.running_mean.numpy().copy()
         saved[f"{tag}_rv"] = layer.running_var.numpy().copy()
         saved[f"{tag}_nbt"] = layer.num_batches_tracked.numpy().copy()
+
+    # float16 and bfloat16 input: a module of that dtype, and a float32 module with
+    # bfloat16 input (mixed precision); results saved widened to float32 (exactly)
+    for tag, tdt, pdt in LOWP_CASES:
+        layer = ct.SyncBatchNorm(C, momentum=0.3).to(pdt)
+        w, b = _params(np.float64)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(w))
+            layer.bias.copy_(torch.from_numpy(b))
+        for step in range(STEPS):
+            x, g = (torch.from_numpy(a).to(tdt) for a in _layer_data(np.float64, step))
+            xt = x[lo:hi].clone().requires_grad_()
+            layer.zero_grad()
+            y = layer(xt)
+            # the input is handed over without a copy: the backward keeps xt itself
+            saved[f"{tag}_nocopy{step}"] = np.array(
+                y.grad_fn.saved_tensors[0].data_ptr() == xt.data_ptr())
+            (y * g[lo:hi]).sum().backward()
+            saved[f"{tag}_dtypes{step}"] = np.array(
+                [str(y.dtype), str(xt.grad.dtype), str(layer.weight.grad.dtype)])
+            saved[f"{tag}_y{step}"] = y.detach().float().numpy()
+            saved[f"{tag}_dx{step}"] = xt.grad.float().numpy()
+            saved[f"{tag}_dw{step}"] = layer.weight.grad.float().numpy()
+            saved[f"{tag}_db{step}"] = layer.bias.grad.float().numpy()
+        saved[f"{tag}_rm"] = layer.running_mean.float().numpy()
+        saved[f"{tag}_rv"] = layer.running_var.float().numpy()
 
     # DDP: equal local batches, the loss averaged over each rank's batch
     model = ct.SyncBatchNorm.convert_sync_batchnorm(_net(torch.nn.BatchNorm2d))
@@ -189,9 +227,52 @@ def test_sync_batch_norm_matches_single_process_batch_norm(ranks, tag):
         assert r[f"{tag}_nbt"] == STEPS
 
 
+@pytest.mark.parametrize("tag,tdt,pdt", LOWP_CASES, ids=[c[0] for c in LOWP_CASES])
+def test_16bit_sync_batch_norm_within_one_ulp_of_the_float64_batch(ranks, tag, tdt, pdt):
+    """float16/bfloat16 input, without a copy: y and dx within 1 ulp of float64 on the
+    widened global batch, parameter gradients and running statistics in the module's
+    dtype to its rounding."""
+    from lowp_reference import assert_within_one_ulp
+
+    world_size, res = ranks
+    np16 = np.float16 if tdt == torch.float16 else np.dtype(ml_dtypes.bfloat16)
+    w, b = (torch.from_numpy(a).to(pdt).double().numpy() for a in _params(np.float64))
+    ch = (1, -1, 1, 1)
+    rm, rv = np.zeros(C), np.ones(C)
+    peps = 2.0 ** -7 if pdt == torch.bfloat16 else (2.0 ** -10 if pdt == torch.float16
+                                                    else 2.0 ** -23)
+    for step in range(STEPS):
+        x, g = (torch.from_numpy(a).to(tdt).double().numpy()
+                for a in _layer_data(np.float64, step))
+        y, mean, rstd, rm, rv = ref.batch_norm(x, rm, rv, w, b, training=True,
+                                               momentum=0.3)
+        dx, dw, db = ref.batch_norm_backward(g, x, mean, rstd, w)
+        xhat = (x - mean.reshape(ch)) * rstd.reshape(ch)
+        gw = np.abs(g) * w.reshape(ch)
+        gmax = gw.max(axis=(0, 2, 3), keepdims=True)
+        for r in res:
+            assert r[f"{tag}_nocopy{step}"]
+            assert list(r[f"{tag}_dtypes{step}"]) == [str(tdt), str(tdt), str(pdt)]
+        got_y = np.concatenate([r[f"{tag}_y{step}"] for r in res]).astype(np16)
+        got_dx = np.concatenate([r[f"{tag}_dx{step}"] for r in res]).astype(np16)
+        assert_within_one_ulp(got_y, y, terms=np.abs(xhat * w.reshape(ch))
+                              + np.abs(b).reshape(ch), what="y")
+        assert_within_one_ulp(got_dx, dx, terms=rstd.reshape(ch) * (
+            gw + gmax + np.abs(xhat) * gmax), what="dx")
+        # each rank's share rounded to the module's dtype, summed here in float64
+        for got, e, t in ((sum(r[f"{tag}_dw{step}"].astype(np.float64) for r in res), dw,
+                           np.abs(g * xhat).sum((0, 2, 3))),
+                          (sum(r[f"{tag}_db{step}"].astype(np.float64) for r in res), db,
+                           np.abs(g).sum((0, 2, 3)))):
+            assert np.all(np.abs(got - e) <= world_size * peps * t + 1e-6 * t)
+    for r in res:
+        np.testing.assert_allclose(r[f"{tag}_rm"], rm, rtol=2 * peps, atol=2 * peps)
+        np.testing.assert_allclose(r[f"{tag}_rv"], rv, rtol=2 * peps)
+
+
 def test_sync_batch_norm_running_stats_bitwise_identical_on_every_rank(ranks):
     world_size, res = ranks
-    for tag in ("float64", "float32"):
+    for tag in ("float64", "float32") + tuple(c[0] for c in LOWP_CASES):
         for key in ("rm", "rv"):
             for r in res[1:]:
                 assert np.array_equal(r[f"{tag}_{key}"], res[0][f"{tag}_{key}"])

@@ -675,3 +675,95 @@ def test_view_cache_sees_a_parameter_reshaped_in_place():
         m.weight.data = m.weight.data[:4]
         with pytest.raises(ValueError, match="weight"):
             m(x)
+
+
+# ---- the compiled per-call glue (cynorm/_torch_glue.pyx) -----------------------------------
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_inference_of_an_input_that_requires_grad_under_no_grad_is_torchs(name):
+    """Under no_grad an input that requires grad is normalised like any other, on the
+    first call and on the next ones (the parameters' views then come from the module's
+    cache), and the output has no grad_fn."""
+    ours_cls, theirs_cls, args, kwargs, shape = MODULES[name]
+    ours, theirs = _pair(ours_cls, theirs_cls, *args, **kwargs)
+    ours.eval()
+    theirs.eval()
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    with torch.no_grad():
+        first, second, want = ours(x), ours(x), theirs(x)
+    for y in (first, second):
+        assert y.grad_fn is None and not y.requires_grad
+        _close(y, want, torch.float64)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("make, attr, value, match", [
+    (lambda: ct.GroupNorm(2, 6), "num_groups", 4, "num_groups"),
+    (lambda: ct.GroupNorm(2, 6), "activation", "bogus", "activation"),
+    (lambda: ct.GroupNorm(2, 6), "eps", -1.0, "eps"),
+    (lambda: ct.LayerNorm(6), "eps", -1.0, "eps"),
+    (lambda: ct.RMSNorm(6), "eps", float("nan"), "eps"),
+    (lambda: ct.BatchNorm1d(6).eval(), "activation", 3, "activation"),
+])
+def test_module_attributes_changed_after_construction_are_checked(make, attr, value,
+                                                                  match, grad):
+    """A module attribute set to a bad value after construction is caught on the call
+    (the compiled fast path hands such calls to the checking route), with or without
+    autograd recording the call."""
+    m = make()
+    setattr(m, attr, value)
+    x = torch.randn(4, 6, requires_grad=grad)
+    with pytest.raises(ValueError, match=match):
+        m(x)
+
+
+def test_batch_norm_in_eval_checks_the_input_dims_like_torch():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        ct.BatchNorm2d(6).eval()(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        ct.BatchNorm1d(6).eval()(torch.randn(2, 6, 3, 3))
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: ct.GroupNorm(2, 4), (2, 4, 3)),
+                                         (lambda: ct.LayerNorm(4), (3, 4)),
+                                         (lambda: ct.BatchNorm1d(4), (3, 4))])
+def test_input_changed_in_place_before_the_backward_is_an_error(make, shape):
+    """The backward runs on the input's memory, so torch's check that a saved tensor was
+    not changed in place since the forward must still run (on the first call and on the
+    next ones, which use the module's cached views)."""
+    m = make()
+    x = torch.randn(shape, requires_grad=True)
+    for _ in range(2):
+        h = x * 1.0
+        y = m(h)
+        h.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(torch.ones_like(y))
+
+
+def test_glue_wraps_a_tensors_memory_and_declines_what_it_cannot():
+    """array_of: a writable C-contiguous array on the tensor's own memory for contiguous
+    float32/float64 CPU tensors (requiring grad or not), None for everything the general
+    route must handle."""
+    from cynorm._torch_glue import array_of
+    for dtype, np_dtype in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        x = torch.randn(3, 4, dtype=dtype)
+        for t in (x, x.clone().requires_grad_()):
+            a = array_of(t)
+            assert _address(a) == t.data_ptr()
+            assert a.shape == (3, 4) and a.dtype == np_dtype
+            assert a.flags.c_contiguous and a.flags.writeable
+            np.testing.assert_array_equal(a, t.detach().numpy())
+    x = torch.randn(3, 4)
+    array_of(x)[1, 2] = 7.0
+    assert x[1, 2] == 7.0
+    for t in (x.t(), torch._neg_view(x), x.half(), x.to(torch.bfloat16), x.long(),
+              torch.nn.Parameter(x), x.numpy(), None):
+        assert array_of(t) is None
+    assert array_of(torch.empty(0, 3)).shape == (0, 3)
+    deep = torch.randn([1] * 17 + [2])
+    np.testing.assert_array_equal(array_of(deep), deep.numpy())
+    a = array_of(torch.arange(4.0, dtype=torch.float64))  # the array keeps the memory
+    import gc
+    gc.collect()
+    np.testing.assert_array_equal(a, [0.0, 1.0, 2.0, 3.0])

@@ -513,6 +513,71 @@ CN_VINLINE cn_vf cn_relu_grad16(cn_vf x) {
 
 #define CN_PSTORE(dst, v, m) memcpy((dst), &(v), (size_t)(m) * sizeof(*(dst)))
 
+/* the same for float32 lanes of any storage (_lanes.h's loaders): m (<= the lanes)
+ * elements widened into a cn_vf (CN_FW lanes) or a cn_vh (CN_DW lanes), the rest 0;
+ * and the first m lanes narrowed and stored. A full chunk (m a constant equal to the
+ * lanes) is one load or store in registers. */
+CN_VINLINE cn_vf cn_ploadf_f32(const float* p, ptrdiff_t m) {
+    cn_vf v;
+    CN_PLOAD(v, p, m);
+    return v;
+}
+
+CN_VINLINE cn_vh cn_ploadh_f32(const float* p, ptrdiff_t m) {
+    cn_vh v;
+    CN_PLOAD(v, p, m);
+    return v;
+}
+
+CN_VINLINE void cn_pstoref_f32(float* p, cn_vf v, ptrdiff_t m) { CN_PSTORE(p, v, m); }
+CN_VINLINE void cn_pstoreh_f32(float* p, cn_vh v, ptrdiff_t m) { CN_PSTORE(p, v, m); }
+
+#define CN_LOWP_PADDED(T, NAME)                                                        \
+    CN_VINLINE cn_vf cn_ploadf_##NAME(const T* p, ptrdiff_t m) {                       \
+        T b[CN_FW];                                                                    \
+        if (m == CN_FW) return cn_loadf_##NAME(p);                                     \
+        memset(b, 0, sizeof b);                                                        \
+        memcpy(b, p, (size_t)m * sizeof(T));                                           \
+        return cn_loadf_##NAME(b);                                                     \
+    }                                                                                  \
+    CN_VINLINE cn_vh cn_ploadh_##NAME(const T* p, ptrdiff_t m) {                       \
+        T b[CN_DW];                                                                    \
+        if (m < CN_DW) {                                                               \
+            memset(b, 0, sizeof b);                                                    \
+            memcpy(b, p, (size_t)m * sizeof(T));                                       \
+            p = b;                                                                     \
+        }                                                                              \
+        return cn_narrow_h(cn_load_##NAME(p)); /* exact */                             \
+    }                                                                                  \
+    CN_VINLINE void cn_pstoref_##NAME(T* p, cn_vf v, ptrdiff_t m) {                    \
+        T b[CN_FW];                                                                    \
+        if (m == CN_FW) {                                                              \
+            cn_storef_##NAME(p, v);                                                    \
+            return;                                                                    \
+        }                                                                              \
+        cn_storef_##NAME(b, v);                                                        \
+        memcpy(p, b, (size_t)m * sizeof(T));                                           \
+    }                                                                                  \
+    CN_VINLINE void cn_pstoreh_##NAME(T* p, cn_vh v, ptrdiff_t m) {                    \
+        T b[CN_FW];                                                                    \
+        cn_vf f = {0};                                                                 \
+        memcpy(&f, &v, sizeof v);                                                      \
+        cn_storef_##NAME(b, f);                                                        \
+        memcpy(p, b, (size_t)m * sizeof(T));                                           \
+    }
+
+CN_LOWP_PADDED(cn_f16, f16)
+CN_LOWP_PADDED(cn_bf16, bf16)
+
+#define CN_PADDED_(OP, p)                                                              \
+    _Generic((p), const float*: cn_##OP##_f32, float*: cn_##OP##_f32,                  \
+             const cn_f16*: cn_##OP##_f16, cn_f16*: cn_##OP##_f16,                     \
+             const cn_bf16*: cn_##OP##_bf16, cn_bf16*: cn_##OP##_bf16)
+#define CN_PLOADF(p, m) CN_PADDED_(ploadf, p)((p), (m))
+#define CN_PLOADH(p, m) CN_PADDED_(ploadh, p)((p), (m))
+#define CN_PSTOREF(p, v, m) CN_PADDED_(pstoref, p)((p), (v), (m))
+#define CN_PSTOREH(p, v, m) CN_PADDED_(pstoreh, p)((p), (v), (m))
+
 #define CN_CHUNKS(W, BODY)                                                             \
     for (; i + (W) <= e; i += (W)) {                                                   \
         const ptrdiff_t m = (W);                                                       \
@@ -532,27 +597,27 @@ CN_VINLINE cn_vf cn_relu_grad16(cn_vf x) {
  * v's own NaN: an operation on two NaNs returns the one the compiler happened to put
  * first, which differs between instruction sets (silu16 and relu16 never meet two) */
 #define CN_ACT16_BODY(F)                                                               \
-    { cn_vf v; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);                     \
-      v = F(v); CN_PSTORE(y + i, v, m); }
+    { cn_vf v = CN_PLOADF(a + i, m); if (aff) v = CN_AFFINE(v);                      \
+      v = F(v); CN_PSTOREF(y + i, v, m); }
 #define CN_SILU32_BODY(F)                                                              \
     { cn_vf v, w = CN_FSPLAT(0.0f); const ptrdiff_t m1 = m < CN_FW ? m : CN_FW, m2 = m - m1; \
-      CN_PLOAD(v, a + i, m1); if (m2 > 0) CN_PLOAD(w, a + i + CN_FW, m2);                 \
+      v = CN_PLOADF(a + i, m1); if (m2 > 0) w = CN_PLOADF(a + i + CN_FW, m2);            \
       if (aff) { v = CN_AFFINE(v); w = CN_AFFINE(w); }                                 \
-      F(&v, &w); CN_PSTORE(y + i, v, m1); if (m2 > 0) CN_PSTORE(y + i + CN_FW, w, m2); }
+      F(&v, &w); CN_PSTOREF(y + i, v, m1); if (m2 > 0) CN_PSTOREF(y + i + CN_FW, w, m2); }
 #define CN_ACT8_BODY(F)                                                                \
-    { cn_vh v; cn_vd u; CN_PLOAD(v, a + i, m); if (aff) v = CN_AFFINE(v);            \
+    { cn_vh v = CN_PLOADH(a + i, m); cn_vd u; if (aff) v = CN_AFFINE(v);             \
       u = cn_widen_h(v); u = cn_sel(u != u, u, F(u, 0));                               \
-      v = cn_narrow_h(u); CN_PSTORE(y + i, v, m); }
+      v = cn_narrow_h(u); CN_PSTOREH(y + i, v, m); }
 /* g = dy * act'(v); the others: the product in float64, rounded once */
 #define CN_GRAD16_BODY(F)                                                              \
-    { cn_vf v, w; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);                     \
+    { cn_vf v = CN_PLOADF(a + i, m), w = CN_PLOADF(dy + i, m);                        \
       if (aff) v = CN_AFFINE(v); v = cn_self(v != v, v, w * F(v));                     \
-      CN_PSTORE(g + i, v, m); }
+      CN_PSTOREF(g + i, v, m); }
 #define CN_GRAD8_BODY(F)                                                               \
-    { cn_vh v, w; cn_vd u; CN_PLOAD(v, a + i, m); CN_PLOAD(w, dy + i, m);            \
+    { cn_vh v = CN_PLOADH(a + i, m), w = CN_PLOADH(dy + i, m); cn_vd u;               \
       if (aff) v = CN_AFFINE(v);                                                       \
       u = cn_widen_h(v); u = cn_sel(u != u, u, cn_widen_h(w) * F(u, 0));               \
-      v = cn_narrow_h(u); CN_PSTORE(g + i, v, m); }
+      v = cn_narrow_h(u); CN_PSTOREH(g + i, v, m); }
 #define CN_ACT64_BODY(F)                                                               \
     { cn_vd v; CN_PLOAD(v, a + i, m); v = cn_sel(v != v, v, F(v, 1));                 \
       CN_PSTORE(y + i, v, m); }
@@ -581,24 +646,41 @@ static inline ptrdiff_t cn_aligned_head(const void* p, ptrdiff_t n, ptrdiff_t si
         }                                                                              \
     }
 
-CN_VINLINE void cn_act_f32_impl(const float* a, float* y, ptrdiff_t n, int act, int aff,
-                                float mh, float ml, float rf, float wf, float t) {
-    CN_SPANS(y, CN_SILU32_BODY, 2 * CN_FW, CN_ACT16_BODY, CN_FW, CN_ACT8_BODY, cn_silu16x2,
-             cn_gelu8, cn_gelu_tanh8, cn_relu16)
-}
+/* the loops over float32 lanes, once per storage: a and y (forward), a, dy and g
+ * (backward) of the types TA, TY / TA, TD, TG */
+#define CN_ACT_IMPL_DEF(TA, TY, NAME)                                                  \
+    CN_VINLINE void cn_act_##NAME##_impl(const TA* a, TY* y, ptrdiff_t n, int act,     \
+                                         int aff, float mh, float ml, float rf,        \
+                                         float wf, float t) {                          \
+        CN_SPANS(y, CN_SILU32_BODY, 2 * CN_FW, CN_ACT16_BODY, CN_FW, CN_ACT8_BODY,     \
+                 cn_silu16x2, cn_gelu8, cn_gelu_tanh8, cn_relu16)                      \
+    }
+#define CN_ACT_GRAD_IMPL_DEF(TA, TD, TG, NAME)                                         \
+    CN_VINLINE void cn_act_grad_##NAME##_impl(const TA* a, const TD* dy, TG* g,        \
+                                              ptrdiff_t n, int act, int aff, float mh, \
+                                              float ml, float rf, float wf, float t) { \
+        if (act == CN_ACT_NONE) {                                                      \
+            if (sizeof(TD) == sizeof(TG)) {                                            \
+                if ((const void*)g != (const void*)dy)                                 \
+                    memmove(g, dy, (size_t)n * sizeof(TG));                            \
+            } else {                                                                   \
+                for (ptrdiff_t k = 0; k < n; k++) g[k] = CN_LD1(dy[k]);                \
+            }                                                                          \
+            return;                                                                    \
+        }                                                                              \
+        {                                                                              \
+            CN_SPANS(g, CN_GRAD16_BODY, CN_FW, CN_GRAD16_BODY, CN_FW, CN_GRAD8_BODY,   \
+                     cn_silu_grad16, cn_gelu_grad8, cn_gelu_tanh_grad8, cn_relu_grad16) \
+        }                                                                              \
+    }
 
-CN_VINLINE void cn_act_grad_f32_impl(const float* a, const float* dy, float* g,
-                                     ptrdiff_t n, int act, int aff, float mh, float ml,
-                                     float rf, float wf, float t) {
-    if (act == CN_ACT_NONE) {
-        if (g != dy) memmove(g, dy, (size_t)n * sizeof(float));
-        return;
-    }
-    {
-        CN_SPANS(g, CN_GRAD16_BODY, CN_FW, CN_GRAD16_BODY, CN_FW, CN_GRAD8_BODY, cn_silu_grad16,
-                 cn_gelu_grad8, cn_gelu_tanh_grad8, cn_relu_grad16)
-    }
-}
+CN_ACT_IMPL_DEF(float, float, f32)
+CN_ACT_IMPL_DEF(cn_f16, cn_f16, f16)
+CN_ACT_IMPL_DEF(cn_bf16, cn_bf16, bf16)
+CN_ACT_GRAD_IMPL_DEF(float, float, float, f32)
+/* 16-bit x and dy, g kept in float32 (the backward's sums and dx read it) */
+CN_ACT_GRAD_IMPL_DEF(cn_f16, cn_f16, float, f16)
+CN_ACT_GRAD_IMPL_DEF(cn_bf16, cn_bf16, float, bf16)
 
 /* y = act(a) over n elements; y may be a. act = CN_ACT_NONE: nothing (y untouched). */
 static inline void cn_act_f32(const float* a, float* y, ptrdiff_t n, int act) {
@@ -643,5 +725,73 @@ static inline void cn_act_grad_f64(const double* a, const double* dy, double* g,
                  cn_gelu_grad8, cn_gelu_tanh_grad8, cn_relu_grad8)
     }
 }
+
+/* ---- 16-bit storage ------------------------------------------------------------------
+ * The same loops on float16/bfloat16 data, widened in registers (exact) and rounded
+ * once on the store: the float32 path's bits on the widened values.
+ * cn_affine_act_T:       y = act(affine(x)), as cn_affine_act_f32.
+ * cn_act_grad_sums_T:    with g = dy * act'(affine(x)) in float32 (never rounded to 16
+ *                        bits), *sdy += sum(g), *sdyx += sum(g * (x - m)): the lanes
+ *                        and order of cn_grad_sums_f32 over the whole run of g.
+ * cn_act_grad_dx_T:      dx = ((wf * g - gf) - (((x - mh) - ml) * rf) * kf) * rf with g
+ *                        recomputed likewise (dx may be x or dy).
+ * g is formed CN_ACT_STAGE values at a time into an L1 buffer, so the backward keeps
+ * no float32 copy of dy; it is computed twice (sums, then dx), which costs less than
+ * writing and reading it back. */
+
+#define CN_ACT_STAGE 512 /* a multiple of 16: the lanes continue across stages */
+
+#define CN_LOWP_ACT_DEFS(T, NAME)                                                      \
+    static inline void cn_affine_act_##NAME(const T* a, T* y, ptrdiff_t n, float mh,  \
+                                            float ml, float rf, float wf, float t,    \
+                                            int act) {                                \
+        cn_act_##NAME##_impl(a, y, n, act, 1, mh, ml, rf, wf, t);                      \
+    }                                                                                  \
+    static inline void cn_act_grad_sums_##NAME(const T* x, const T* dy, ptrdiff_t n,   \
+                                               float mh, float ml, float rf, float wf, \
+                                               float t, int act, double m, double* sdy, \
+                                               double* sdyx) {                         \
+        float gb[CN_ACT_STAGE];                                                        \
+        CN_LANES(a);                                                                   \
+        CN_LANES(b);                                                                   \
+        cn_vd g;                                                                       \
+        double at = 0, bt = 0, gt;                                                     \
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += CN_ACT_STAGE) {                           \
+            ptrdiff_t e = n - i0 < CN_ACT_STAGE ? n - i0 : CN_ACT_STAGE, i = 0;        \
+            const T* xs = x + i0;                                                      \
+            cn_act_grad_##NAME##_impl(xs, dy + i0, gb, e, act, 1, mh, ml, rf, wf, t);  \
+            for (; i + 16 <= e; i += 16) {                                             \
+                CN_EACH(j) {                                                           \
+                    g = cn_load_f32(gb + i + CN_DW * j);                               \
+                    a[j] += g;                                                         \
+                    b[j] += g * (CN_LD(xs + i + CN_DW * j) - m);                       \
+                }                                                                      \
+            }                                                                          \
+            for (; i < e; i++) { gt = gb[i]; at += gt; bt += gt * (CN_LD1(xs[i]) - m); } \
+        }                                                                              \
+        *sdy += cn_total(a) + at;                                                      \
+        *sdyx += cn_total(b) + bt;                                                     \
+    }                                                                                  \
+    static inline void cn_act_grad_dx_##NAME(const T* x, const T* dy, T* dx,           \
+                                             ptrdiff_t n, float mh, float ml, float rf, \
+                                             float wf, float t, int act, float gf,     \
+                                             float kf) {                               \
+        float gb[CN_ACT_STAGE];                                                        \
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += CN_ACT_STAGE) {                           \
+            ptrdiff_t e = n - i0 < CN_ACT_STAGE ? n - i0 : CN_ACT_STAGE, i = 0;        \
+            const T* xs = x + i0;                                                      \
+            T* ds = dx + i0;                                                           \
+            cn_act_grad_##NAME##_impl(xs, dy + i0, gb, e, act, 1, mh, ml, rf, wf, t);  \
+            for (; i + CN_FW <= e; i += CN_FW)                                         \
+                CN_STF(ds + i, ((wf * cn_loadf(gb + i) - gf) -                         \
+                                (((CN_LDF(xs + i) - mh) - ml) * rf) * kf) * rf);       \
+            for (; i < e; i++)                                                         \
+                CN_ST1(ds + i, ((wf * gb[i] - gf) -                                    \
+                                (((CN_LD1(xs[i]) - mh) - ml) * rf) * kf) * rf);        \
+        }                                                                              \
+    }
+
+CN_LOWP_ACT_DEFS(cn_f16, f16)
+CN_LOWP_ACT_DEFS(cn_bf16, bf16)
 
 #endif

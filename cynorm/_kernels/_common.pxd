@@ -205,24 +205,47 @@ cdef extern from "_lanes.h":
     void cn_col_moments_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
                             Py_ssize_t n, const double* k, double* pm,
                             double* pq) noexcept nogil
+    # 16-bit storage: the same loops, widening in registers (the storage loaders)
+    double cn_sum_f16(const cn_f16* x, Py_ssize_t n) noexcept nogil
+    double cn_sum_bf16(const cn_bf16* x, Py_ssize_t n) noexcept nogil
+    double cn_sqdev_f16(const cn_f16* x, Py_ssize_t n, double m, double* sdev,
+                        const cn_f16* pf) noexcept nogil
+    double cn_sqdev_bf16(const cn_bf16* x, Py_ssize_t n, double m, double* sdev,
+                         const cn_bf16* pf) noexcept nogil
+    double cn_sumsq_f16(const cn_f16* x, Py_ssize_t n, const cn_f16* pf) noexcept nogil
+    double cn_sumsq_bf16(const cn_bf16* x, Py_ssize_t n, const cn_bf16* pf) noexcept nogil
+    void cn_grad_sums_f16(const cn_f16* dy, const cn_f16* x, const float* w, Py_ssize_t n,
+                          double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const float* w,
+                           Py_ssize_t n, double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_affine_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, float mh, float ml,
+                       float rf, float wf, float t) noexcept nogil
+    void cn_affine_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, float mh, float ml,
+                        float rf, float wf, float t) noexcept nogil
+    void cn_grad_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, Py_ssize_t n,
+                     float mh, float ml, float rf, float wf, float gf,
+                     float kf) noexcept nogil
+    void cn_grad_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n,
+                      float mh, float ml, float rf, float wf, float gf,
+                      float kf) noexcept nogil
+    void cn_row_apply_f16(const cn_f16* x, cn_f16* y, const float* w, const float* b,
+                          Py_ssize_t n, float mh, float ml, float rf, int rms) noexcept nogil
+    void cn_row_apply_bf16(const cn_bf16* x, cn_bf16* y, const float* w, const float* b,
+                           Py_ssize_t n, float mh, float ml, float rf,
+                           int rms) noexcept nogil
 
 
 cdef inline double lane_sum(const storage* x, Py_ssize_t n) noexcept nogil:
-    """sum(x); for float32 data accurate enough for a first pass (see _lanes.h)."""
-    cdef float buf[STAGE]
-    cdef double s = 0
-    cdef Py_ssize_t i = 0, e
+    """sum(x); for float32 (and 16-bit) data accurate enough for a first pass (see
+    _lanes.h)."""
     if storage is float:
         return cn_sum_f32(x, n)
     elif storage is double:
         return cn_sum_f64(x, n)
+    elif storage is cn_f16:
+        return cn_sum_f16(x, n)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(x + i, buf, e - i)
-            s += cn_sum_f32(buf, e - i)
-            i = e
-        return s
+        return cn_sum_bf16(x, n)
 
 
 cdef inline double lane_sqdev(const storage* x, Py_ssize_t n, double m, double* sdev,
@@ -232,45 +255,31 @@ cdef inline double lane_sqdev(const storage* x, Py_ssize_t n, double m, double* 
     This second pass works on data already in L1, so it also prefetches the n elements
     at pf (the next piece, which the next first pass will read) to overlap that memory
     traffic with this arithmetic; pf = NULL prefetches x itself, a no-op."""
-    cdef float buf[STAGE]
-    cdef double q = 0
-    cdef Py_ssize_t i = 0, e
     if pf == NULL:
         pf = x
     if storage is float:
         return cn_sqdev_f32(x, n, m, sdev, pf)
     elif storage is double:
         return cn_sqdev_f64(x, n, m, sdev, pf)
+    elif storage is cn_f16:
+        return cn_sqdev_f16(x, n, m, sdev, pf)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            cn_prefetch_range(pf + i, (e - i) * sizeof(storage))
-            widen(x + i, buf, e - i)
-            q += cn_sqdev_f32(buf, e - i, m, sdev, buf)
-            i = e
-        return q
+        return cn_sqdev_bf16(x, n, m, sdev, pf)
 
 
 cdef inline double lane_sumsq(const storage* x, Py_ssize_t n,
                               const storage* pf) noexcept nogil:
     """sum(x**2): lane_sqdev with m = 0 (the same bits), prefetching pf likewise."""
-    cdef float buf[STAGE]
-    cdef double q = 0
-    cdef Py_ssize_t i = 0, e
     if pf == NULL:
         pf = x
     if storage is float:
         return cn_sumsq_f32(x, n, pf)
     elif storage is double:
         return cn_sumsq_f64(x, n, pf)
+    elif storage is cn_f16:
+        return cn_sumsq_f16(x, n, pf)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            cn_prefetch_range(pf + i, (e - i) * sizeof(storage))
-            widen(x + i, buf, e - i)
-            q += cn_sumsq_f32(buf, e - i, buf)
-            i = e
-        return q
+        return cn_sumsq_bf16(x, n, pf)
 
 
 cdef inline void welford_update(const storage* x, Py_ssize_t n, double* cnt, double* mean,
@@ -293,23 +302,14 @@ cdef inline void lane_grad_sums(const storage* dy, const storage* x, const float
                                 Py_ssize_t n, double m, double* sdy,
                                 double* sdyx) noexcept nogil:
     """With g = dy * w (w = NULL: g = dy): sdy += sum(g); sdyx += sum(g * (x - m))."""
-    cdef float bdy[STAGE]
-    cdef float bx[STAGE]
-    cdef const float* wi = NULL
-    cdef Py_ssize_t i = 0, e
     if storage is float:
         cn_grad_sums_f32(dy, x, <const float*>w, n, m, sdy, sdyx)
     elif storage is double:
         cn_grad_sums_f64(dy, x, <const double*>w, n, m, sdy, sdyx)
+    elif storage is cn_f16:
+        cn_grad_sums_f16(dy, x, <const float*>w, n, m, sdy, sdyx)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(dy + i, bdy, e - i)
-            widen(x + i, bx, e - i)
-            if w != NULL:
-                wi = <const float*>w + i
-            cn_grad_sums_f32(bdy, bx, wi, e - i, m, sdy, sdyx)
-            i = e
+        cn_grad_sums_bf16(dy, x, <const float*>w, n, m, sdy, sdyx)
 
 
 # ---- statistics of pieces and sets ---------------------------------------------------
@@ -376,8 +376,8 @@ cdef inline void tree_merge_cols(double* pm, double* pq, Py_ssize_t stride,
 
 
 # The one-pass statistics of a piece (piece_moments): with k = the mean of the piece's
-# first SHIFT_HEAD values (rounded to float32 for float32 data), the float64 lanes sum
-# e = x - k and e^2 in the same pass (cn_sqdev, the deviations pass of the two-pass
+# first SHIFT_HEAD values (rounded to float32 unless the data are float64), the float64
+# lanes sum e = x - k and e^2 in the same pass (cn_sqdev, the deviations pass of the two-pass
 # algorithm, with k for the mean); then mean = k + S / n and m2 = Q - S^2 / n. This saves
 # the two-pass algorithm's first pass, and is as exact where the shift is near the mean:
 # with S^2 / n <= SHIFT_SPREAD / (SHIFT_SPREAD + 1) Q (that is
@@ -408,22 +408,10 @@ cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t
     centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
     pf: the next piece's data, prefetched during the deviations pass (single-run
     pieces).
-    16-bit data: the piece (at most CHUNK values) is widened once into a float32 buffer
-    on the stack, whose moments (as one run) are those of the piece."""
+    16-bit data: the float32 lanes' code on the values widened in registers."""
     cdef Py_ssize_t run0, nruns, e0, elen, r, i
     cdef double s = 0, q = 0, m = 0, c = 0, d
-    cdef float buf[CHUNK]
-    cdef SetLayout B
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
-    if storage is cn_f16 or storage is cn_bf16:
-        for r in range(nruns):
-            widen(xs + (run0 + r) * L.run_stride + e0, buf + r * elen, elen)
-        if pf != NULL:
-            cn_prefetch_range(pf, nruns * elen * sizeof(storage))
-        B = make_layout(1, nruns * elen, nruns * elen)
-        piece_moments(<const float*>buf, &B, 0, welford, centered, <const float*>NULL, cnt,
-                      mean, m2)
-        return
     if welford and centered:
         for r in range(nruns):
             welford_update(xs + (run0 + r) * L.run_stride + e0, elen, &c, &m, &q)
@@ -440,7 +428,7 @@ cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t
         for i in range(r):
             m += ld(xs, run0 * L.run_stride + e0 + i)
         m = m / r
-        if storage is float:
+        if storage is float or storage is cn_f16 or storage is cn_bf16:
             m = <float>m  # x - k exact in float64
         for r in range(nruns):
             q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s,
@@ -689,8 +677,17 @@ cdef inline void _affine_span(const floating* x, floating* y, Py_ssize_t i0, Py_
             for i in range(i0, i1):
                 y[i] = <float>((x[i] - mean) * rstd) * wf + t
     else:
-        for i in range(i0, i1):
-            y[i] = ((x[i] - mean) * rstd) * weight + shift
+        _affine_span_f64(x, y, i0, i1, mean, rstd, weight, shift)
+
+
+cdef inline void _affine_span_f64(const floating* x, floating* y, Py_ssize_t i0,
+                                  Py_ssize_t i1, double mean, double rstd, double weight,
+                                  double shift) noexcept nogil:
+    """The float64 formula: y = ((x - mean) * rstd) * weight + shift in float64, rounded
+    once to y's type (float64 data; float32 data in affine_wide)."""
+    cdef Py_ssize_t i
+    for i in range(i0, i1):
+        y[i] = <floating>(((x[i] - mean) * rstd) * weight + shift)
 
 
 cdef inline void affine_const(const storage* x, storage* y, Py_ssize_t n, double mean,
@@ -703,6 +700,121 @@ cdef inline void affine_const(const storage* x, storage* y, Py_ssize_t n, double
         _affine_span(x, y, h, n, mean, rstd, weight, shift)
     else:
         affine_act(x, y, n, mean, rstd, weight, shift, 0)
+
+
+cdef inline void affine_wide(const storage* x, storage* y, Py_ssize_t n, double mean,
+                             double rstd, double weight, double shift) noexcept nogil:
+    """affine_const computed in float64 for every storage, rounded once to float32 (the
+    channel kernel's column path, BatchNorm with short runs, applies so): float32 data
+    to within half an ulp. 16-bit data are widened block by block, computed so, and
+    rounded from that float32 value to the storage (the column path takes them as float32
+    copies). y may be x."""
+    cdef float buf[STAGE]
+    cdef Py_ssize_t i = 0, e
+    if storage is float or storage is double:
+        _affine_span_f64(x, y, 0, n, mean, rstd, weight, shift)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(x + i, buf, e - i)
+            _affine_span_f64(<const float*>buf, buf, 0, e - i, mean, rstd, weight, shift)
+            narrow(buf, y + i, e - i)
+            i = e
+
+
+cdef inline void _affine_elementwise_span(const floating* x, floating* y,
+                                          const floating* w, const floating* b,
+                                          Py_ssize_t k0, Py_ssize_t k1, double mean,
+                                          double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * w + b over [k0, k1) (w, b: NULL for none); float32 data in
+    float32 with a hi/lo mean, or xhat in float64 where f32_xhat_ok says no, as
+    affine_const."""
+    cdef Py_ssize_t k
+    cdef float mh, ml, rs, v
+    if floating is float and f32_xhat_ok(rstd):
+        split_mean(mean, &mh, &ml)
+        rs = <float>rstd
+        if mean == 0 and b == NULL:
+            # RMSNorm: x - 0 is x, so the same bits without the two subtractions
+            if w != NULL:
+                for k in range(k0, k1):
+                    y[k] = x[k] * rs * w[k]
+            else:
+                for k in range(k0, k1):
+                    y[k] = x[k] * rs
+        elif w != NULL and b != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs * w[k] + b[k]
+        elif w != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs * w[k]
+        elif b != NULL:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs + b[k]
+        else:
+            for k in range(k0, k1):
+                y[k] = ((x[k] - mh) - ml) * rs
+    elif floating is float:
+        for k in range(k0, k1):
+            v = <float>((x[k] - mean) * rstd)
+            if w != NULL:
+                v = v * w[k]
+            if b != NULL:
+                v = v + b[k]
+            y[k] = v
+    else:
+        if w != NULL and b != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd * w[k] + b[k]
+        elif w != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd * w[k]
+        elif b != NULL:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd + b[k]
+        else:
+            for k in range(k0, k1):
+                y[k] = (x[k] - mean) * rstd
+
+
+cdef inline void affine_elementwise(const storage* x, storage* y, const floating* w,
+                                    const floating* b, Py_ssize_t n, double mean,
+                                    double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * w + b with elementwise w, b (n values each, NULL for
+    none): the row family's apply (LayerNorm, RMSNorm). The casts of w and b are no-ops
+    in the pairings that run. 16-bit data: on the widened block in float32, rounded once.
+    y may be x."""
+    cdef float buf[STAGE]
+    cdef const float* wi = NULL
+    cdef const float* bi = NULL
+    cdef Py_ssize_t h, i = 0, e
+    cdef float mh, ml
+    if storage is float or storage is double:
+        h = aligned_head(y, n, sizeof(storage))
+        _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, 0, h, mean,
+                                 rstd)
+        _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, h, n, mean,
+                                 rstd)
+    elif f32_xhat_ok(rstd):
+        # _affine_elementwise_span's float32 arithmetic on the values widened in registers
+        split_mean(mean, &mh, &ml)
+        if storage is cn_f16:
+            cn_row_apply_f16(x, y, <const float*>w, <const float*>b, n, mh, ml,
+                             <float>rstd, mean == 0 and b == NULL)
+        else:
+            cn_row_apply_bf16(x, y, <const float*>w, <const float*>b, n, mh, ml,
+                              <float>rstd, mean == 0 and b == NULL)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(x + i, buf, e - i)
+            if w != NULL:
+                wi = <const float*>w + i
+            if b != NULL:
+                bi = <const float*>b + i
+            _affine_elementwise_span(<const float*>buf, buf, wi, bi, 0, e - i, mean, rstd)
+            narrow(buf, y + i, e - i)
+            i = e
 
 
 cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
@@ -719,8 +831,16 @@ cdef inline void _grad_span(const floating* dy, const floating* x, floating* dx,
         for i in range(i0, i1):
             dx[i] = ((wf * dy[i] - gf) - (((x[i] - mh) - ml) * rf) * kf) * rf
     else:
-        for i in range(i0, i1):
-            dx[i] = <floating>(rstd * ((weight * dy[i] - mg) - ((x[i] - mean) * rstd) * mgx))
+        _grad_span_f64(dy, x, dx, i0, i1, weight, mg, mgx, mean, rstd)
+
+
+cdef inline void _grad_span_f64(const floating* dy, const floating* x, floating* dx,
+                                Py_ssize_t i0, Py_ssize_t i1, double weight, double mg,
+                                double mgx, double mean, double rstd) noexcept nogil:
+    """grad_const's formula in float64, rounded once to dx's type."""
+    cdef Py_ssize_t i
+    for i in range(i0, i1):
+        dx[i] = <floating>(rstd * ((weight * dy[i] - mg) - ((x[i] - mean) * rstd) * mgx))
 
 
 cdef enum:
@@ -741,10 +861,12 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
 
     pf_dy, pf_x: n elements the caller reads next (the next set), prefetched block by
     block meanwhile, so that this L2-bound pass overlaps the next pass's memory reads;
-    NULL for none. 16-bit data: dx in float32 on the widened block, rounded once."""
+    NULL for none. 16-bit data: dx in float32 on the values widened in registers,
+    rounded once."""
     cdef float bdy[STAGE]
     cdef float bx[STAGE]
     cdef Py_ssize_t i = 0, e
+    cdef float mh, ml
     if storage is float or storage is double:
         i = aligned_head(dx, n, sizeof(storage))
         _grad_span(dy, x, dx, 0, i, weight, mg, mgx, mean, rstd)
@@ -754,6 +876,20 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
                 cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
                 cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
             _grad_span(dy, x, dx, i, e, weight, mg, mgx, mean, rstd)
+            i = e
+    elif f32_xhat_ok(rstd):
+        split_mean(mean, &mh, &ml)
+        while i < n:
+            e = i + 2 * PREFETCH_BLOCK if i + 2 * PREFETCH_BLOCK < n else n
+            if pf_dy != NULL:
+                cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
+                cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
+            if storage is cn_f16:
+                cn_grad_f16(dy + i, x + i, dx + i, e - i, mh, ml, <float>rstd,
+                            <float>weight, <float>mg, <float>mgx)
+            else:
+                cn_grad_bf16(dy + i, x + i, dx + i, e - i, mh, ml, <float>rstd,
+                             <float>weight, <float>mg, <float>mgx)
             i = e
     else:
         while i < n:
@@ -765,6 +901,28 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
             widen(x + i, bx, e - i)
             _grad_span(<const float*>bdy, <const float*>bx, bdy, 0, e - i, weight, mg, mgx,
                        mean, rstd)
+            narrow(bdy, dx + i, e - i)
+            i = e
+
+
+cdef inline void grad_wide(const storage* dy, const storage* x, storage* dx, Py_ssize_t n,
+                           double weight, double mg, double mgx, double mean,
+                           double rstd) noexcept nogil:
+    """grad_const computed in float64 for every storage, rounded once to float32 (the
+    channel kernel's column path computes so), then 16-bit data from that float32 value
+    to the storage, as affine_wide. dx may be dy or x."""
+    cdef float bdy[STAGE]
+    cdef float bx[STAGE]
+    cdef Py_ssize_t i = 0, e
+    if storage is float or storage is double:
+        _grad_span_f64(dy, x, dx, 0, n, weight, mg, mgx, mean, rstd)
+    else:
+        while i < n:
+            e = i + STAGE if i + STAGE < n else n
+            widen(dy + i, bdy, e - i)
+            widen(x + i, bx, e - i)
+            _grad_span_f64(<const float*>bdy, <const float*>bx, bdy, 0, e - i, weight, mg,
+                           mgx, mean, rstd)
             narrow(bdy, dx + i, e - i)
             i = e
 
@@ -790,6 +948,22 @@ cdef extern from "_activations.h":
     void cn_affine_act_grad_f32(const float* a, const float* dy, float* g, Py_ssize_t n,
                                 float mh, float ml, float rf, float wf, float t,
                                 int act) noexcept nogil
+    void cn_affine_act_f16(const cn_f16* a, cn_f16* y, Py_ssize_t n, float mh, float ml,
+                           float rf, float wf, float t, int act) noexcept nogil
+    void cn_affine_act_bf16(const cn_bf16* a, cn_bf16* y, Py_ssize_t n, float mh,
+                            float ml, float rf, float wf, float t, int act) noexcept nogil
+    void cn_act_grad_sums_f16(const cn_f16* x, const cn_f16* dy, Py_ssize_t n, float mh,
+                              float ml, float rf, float wf, float t, int act, double m,
+                              double* sdy, double* sdyx) noexcept nogil
+    void cn_act_grad_sums_bf16(const cn_bf16* x, const cn_bf16* dy, Py_ssize_t n,
+                               float mh, float ml, float rf, float wf, float t, int act,
+                               double m, double* sdy, double* sdyx) noexcept nogil
+    void cn_act_grad_dx_f16(const cn_f16* x, const cn_f16* dy, cn_f16* dx, Py_ssize_t n,
+                            float mh, float ml, float rf, float wf, float t, int act,
+                            float gf, float kf) noexcept nogil
+    void cn_act_grad_dx_bf16(const cn_bf16* x, const cn_bf16* dy, cn_bf16* dx,
+                             Py_ssize_t n, float mh, float ml, float rf, float wf, float t,
+                             int act, float gf, float kf) noexcept nogil
 
 cdef enum:
     # elements per activation block: 2 KiB of float32, in L1 between affine and activation
@@ -807,8 +981,8 @@ cdef inline void act_run(floating* y, Py_ssize_t n, int act) noexcept nogil:
 cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double mean,
                             double rstd, double weight, double shift, int act) noexcept nogil:
     """y = act((x - mean) * rstd * weight + shift): affine_const, then the activation on
-    each block while it is in L1. y may be x. 16-bit data: both on the widened block in
-    float32, then rounded once."""
+    each block while it is in L1. y may be x. 16-bit data: both in float32 on the values
+    widened in registers, then rounded once."""
     cdef float buf[STAGE]
     cdef Py_ssize_t i = 0, e
     cdef float mh, ml
@@ -829,6 +1003,25 @@ cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double m
             act_run(y + i, e - i, act)
             i = e
     else:
+        if f32_xhat_ok(rstd):
+            # the float32 affine (and activation) on the values widened in registers,
+            # rounded once
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                if act == 0:
+                    cn_affine_f16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                  <float>shift)
+                else:
+                    cn_affine_act_f16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                      <float>shift, act)
+            else:
+                if act == 0:
+                    cn_affine_bf16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                   <float>shift)
+                else:
+                    cn_affine_act_bf16(x, y, n, mh, ml, <float>rstd, <float>weight,
+                                       <float>shift, act)
+            return
         while i < n:
             e = i + STAGE if i + STAGE < n else n
             widen(x + i, buf, e - i)
@@ -844,8 +1037,9 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
                                 double shift, int act) noexcept nogil:
     """g = dy * act'(a), a = (x - mean) * rstd * weight + shift recomputed exactly as
     affine_act computed it in the forward. g may be dy (not x). 16-bit data: g is
-    rounded to the storage type (cynorm._api widens such a backward to float32 first,
-    keeping g's digits, and does not call this with 16-bit data)."""
+    rounded to the storage type (the slab backward uses act_grad_sums and act_grad_dx
+    instead, which keep g in float32; cynorm._api widens other 16-bit backwards with an
+    activation to float32 first)."""
     cdef float a[ACT_BLOCK]
     cdef float bd[ACT_BLOCK]
     cdef double a64[ACT_BLOCK]
@@ -877,3 +1071,68 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
 cdef inline void* data(object a):
     """The data pointer of a C-contiguous ndarray, or NULL for None (an absent weight)."""
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline void act_grad_sums(const storage* dy, const storage* x, Py_ssize_t n,
+                               double mean, double rstd, double weight, double shift,
+                               int act, double* sdy, double* sdyx) noexcept nogil:
+    """16-bit data: with g = dy * act'(a) (a = affine_act's pre-activation) kept in
+    float32, sdy += sum(g) and sdyx += sum(g * (x - mean)): lane_grad_sums over the run
+    of g that the float32 path forms, g recomputed in L1-sized stages in registers
+    (cn_act_grad_sums_*), never stored."""
+    cdef float a[ACT_BLOCK]
+    cdef float bd[ACT_BLOCK]
+    cdef float mh, ml
+    cdef Py_ssize_t i = 0, e
+    if storage is cn_f16 or storage is cn_bf16:
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                cn_act_grad_sums_f16(x, dy, n, mh, ml, <float>rstd, <float>weight,
+                                     <float>shift, act, mean, sdy, sdyx)
+            else:
+                cn_act_grad_sums_bf16(x, dy, n, mh, ml, <float>rstd, <float>weight,
+                                      <float>shift, act, mean, sdy, sdyx)
+            return
+        while i < n:  # xhat in float64 (f32_xhat_ok): staged, block by block
+            e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+            widen(x + i, a, e - i)
+            _affine_span(<const float*>a, a, 0, e - i, mean, rstd, weight, shift)
+            widen(dy + i, bd, e - i)
+            cn_act_grad_f32(a, bd, bd, e - i, act)
+            widen(x + i, a, e - i)
+            cn_grad_sums_f32(bd, a, NULL, e - i, mean, sdy, sdyx)
+            i = e
+
+
+cdef inline void act_grad_dx(const storage* dy, const storage* x, storage* dx,
+                             Py_ssize_t n, double weight, double mg, double mgx,
+                             double mean, double rstd, double shift,
+                             int act) noexcept nogil:
+    """16-bit data: grad_const on g = dy * act'(a) in float32, g recomputed as in
+    act_grad_sums; dx rounded once. dx may be dy or x."""
+    cdef float a[ACT_BLOCK]
+    cdef float bd[ACT_BLOCK]
+    cdef float mh, ml
+    cdef Py_ssize_t i = 0, e
+    if storage is cn_f16 or storage is cn_bf16:
+        if f32_xhat_ok(rstd):
+            split_mean(mean, &mh, &ml)
+            if storage is cn_f16:
+                cn_act_grad_dx_f16(x, dy, dx, n, mh, ml, <float>rstd, <float>weight,
+                                   <float>shift, act, <float>mg, <float>mgx)
+            else:
+                cn_act_grad_dx_bf16(x, dy, dx, n, mh, ml, <float>rstd, <float>weight,
+                                    <float>shift, act, <float>mg, <float>mgx)
+            return
+        while i < n:
+            e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
+            widen(x + i, a, e - i)
+            _affine_span(<const float*>a, a, 0, e - i, mean, rstd, weight, shift)
+            widen(dy + i, bd, e - i)
+            cn_act_grad_f32(a, bd, bd, e - i, act)
+            widen(x + i, a, e - i)
+            _grad_span(<const float*>bd, <const float*>a, bd, 0, e - i, weight, mg, mgx, mean,
+                       rstd)
+            narrow(bd, dx + i, e - i)
+            i = e

@@ -23,6 +23,7 @@
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
+#include "_lowp.h"
 
 /* the native vector width in bytes */
 #if defined(__AVX512F__)
@@ -162,6 +163,193 @@ static inline void cn_store_f64(double* p, cn_vd v) {
     memcpy(p, &v, sizeof v);
 }
 
+/* ---- storage loaders ---------------------------------------------------------------
+ * The loops below are written once over a storage type T (float, double, cn_f16,
+ * cn_bf16: _lowp.h) and reach the data only through these steps, which widen in
+ * registers on load and narrow (round to nearest even) in registers on store:
+ *   CN_LD(p)      CN_DW values at p as float64 lanes (cn_vd)
+ *   CN_LDF(p)     CN_FW values at p as float32 lanes (cn_vf; not for double)
+ *   CN_STF(p, v)  the CN_FW float32 lanes of v stored at p
+ *   CN_LD1(e)     one element e as a number (float; double for double)
+ *   CN_ST1(p, f)  the float f stored at p
+ * chosen at compile time by the pointer's type (_Generic). Widening is exact, so a loop
+ * on 16-bit data does, operation for operation, what it does on float32 data holding the
+ * same values: the same bits, rounded once on a 16-bit store. float16 uses F16C's
+ * vcvtph2ps / vcvtps2ph where the level has them (v3, v4), the integer bit manipulation
+ * of _lowp.h elsewhere (the same bits); bfloat16 is a 16-bit shift on load and the
+ * integer rounding of _lowp.h on store. */
+
+typedef unsigned int cn_vu __attribute__((vector_size(CN_VB)));
+typedef unsigned short cn_vw __attribute__((vector_size(CN_VB / 2))); /* CN_FW 16-bit */
+
+/* CN_FW 16-bit values zero-extended to 32-bit lanes, and back (v < 2**16 per lane) */
+static inline cn_vu cn_w_load(const void* p) {
+#if defined(__AVX512F__)
+    return (cn_vu)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__AVX2__)
+    return (cn_vu)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__SSE4_1__)
+    return (cn_vu)_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)p));
+#else
+    cn_vw h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, cn_vu);
+#endif
+}
+
+/* CN_DW 16-bit values zero-extended into the low CN_DW 32-bit lanes (the others 0) */
+static inline cn_vu cn_w_load_lo(const void* p) {
+#if defined(__AVX512F__)
+    return (cn_vu)_mm512_castsi256_si512(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+    return (cn_vu)_mm256_zextsi128_si256(
+        _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#elif defined(__SSE4_1__)
+    int b;
+    memcpy(&b, p, sizeof b);
+    return (cn_vu)_mm_cvtepu16_epi32(_mm_cvtsi32_si128(b));
+#else
+    unsigned short b[CN_FW] = {0};
+    cn_vw h;
+    memcpy(b, p, CN_DW * sizeof(unsigned short));
+    memcpy(&h, b, sizeof h);
+    return __builtin_convertvector(h, cn_vu);
+#endif
+}
+
+static inline void cn_w_store(void* p, cn_vu v) {
+#if defined(__AVX512F__)
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16((__m512i)v));
+#elif defined(__AVX2__)
+    __m256i q = _mm256_packus_epi32((__m256i)v, (__m256i)v);
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(q, 0x08)));
+#elif defined(__SSE4_1__)
+    _mm_storel_epi64((__m128i*)p, _mm_packus_epi32((__m128i)v, (__m128i)v));
+#else
+    cn_vw h = __builtin_convertvector(v, cn_vw);
+    memcpy(p, &h, sizeof h);
+#endif
+}
+
+/* the bit manipulations of _lowp.h, on lanes of any width: bfloat16 -> float32 is a
+ * shift; float32 -> bfloat16 rounds to nearest even (NaN: quiet, the payload's top
+ * bits); float16 <-> float32 as F16C does it, NaN payloads included */
+#define CN_BF16_WIDEN_BITS(VF, h) ((VF)((h) << 16))
+#define CN_BF16_NARROW_BITS(VU, f, out)                                                \
+    do {                                                                               \
+        VU u_ = (VU)(f);                                                               \
+        VU nan_ = (VU)((u_ & 0x7fffffffu) > 0x7f800000u);                              \
+        VU r_ = (u_ + 0x7fffu + ((u_ >> 16) & 1u)) >> 16;                              \
+        (out) = (r_ & ~nan_) | (((u_ >> 16) | 0x40u) & nan_);                          \
+    } while (0)
+#define CN_F16_WIDEN_BITS(VU, VF, h, out)                                              \
+    do {                                                                               \
+        VU em_ = (h) & 0x7fffu, s_ = ((h) & 0x8000u) << 16;                            \
+        VU fin_ = (VU)((VF)(em_ << 13) * 0x1p112f);                                    \
+        VU special_ = (VU)(em_ >= 0x7c00u);                                            \
+        VU quiet_ = (VU)(em_ > 0x7c00u) & 0x400000u;                                   \
+        VU inf_ = 0x7f800000u | (em_ << 13) | quiet_;                                  \
+        (out) = (VF)(((fin_ & ~special_) | (inf_ & special_)) | s_);                   \
+    } while (0)
+#define CN_F16_NARROW_BITS(VU, VF, f, out)                                             \
+    do {                                                                               \
+        VU u_ = (VU)(f), s_ = u_ & 0x80000000u;                                        \
+        u_ ^= s_;                                                                      \
+        VU big_ = (VU)(u_ >= 0x47800000u);                                             \
+        VU small_ = (VU)(u_ < 0x38800000u);                                            \
+        VU nan_ = (VU)(u_ > 0x7f800000u);                                              \
+        VU a_ = (0x7c00u & ~nan_) | ((0x7e00u | ((u_ >> 13) & 0x3ffu)) & nan_);         \
+        VU b_ = (VU)((VF)u_ + 0.5f) - 0x3f000000u;                                     \
+        VU c_ = (u_ - 0x38000000u + 0xfffu + ((u_ >> 13) & 1u)) >> 13;                 \
+        (out) = ((a_ & big_) | (b_ & small_) | (c_ & ~(big_ | small_))) | (s_ >> 16);  \
+    } while (0)
+
+static inline cn_vf cn_loadf_bf16(const cn_bf16* p) {
+    return CN_BF16_WIDEN_BITS(cn_vf, cn_w_load(p));
+}
+
+static inline void cn_storef_bf16(cn_bf16* p, cn_vf v) {
+#if defined(__AVX512F__)
+    /* the same rounding with the NaN lanes found by one unordered compare into a mask
+       register (NaN exactly where (u & 0x7fffffff) > 0x7f800000) */
+    __m512i u = (__m512i)v, t = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(t, _mm512_set1_epi32(1)));
+    __mmask16 nan = _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, t, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+#else
+    cn_vu o;
+    CN_BF16_NARROW_BITS(cn_vu, v, o);
+    cn_w_store(p, o);
+#endif
+}
+
+static inline cn_vd cn_load_bf16(const cn_bf16* p) {
+    return cn_widen_lo(CN_BF16_WIDEN_BITS(cn_vf, cn_w_load_lo(p)));
+}
+
+static inline cn_vf cn_loadf_f16(const cn_f16* p) {
+#if defined(__F16C__) && defined(__AVX512F__)
+    return (cn_vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__F16C__) && defined(__AVX__)
+    return (cn_vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#else
+    cn_vf f;
+    CN_F16_WIDEN_BITS(cn_vu, cn_vf, cn_w_load(p), f);
+    return f;
+#endif
+}
+
+static inline void cn_storef_f16(cn_f16* p, cn_vf v) {
+#if defined(__F16C__) && defined(__AVX512F__)
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__) && defined(__AVX__)
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    cn_vu o;
+    CN_F16_NARROW_BITS(cn_vu, cn_vf, v, o);
+    cn_w_store(p, o);
+#endif
+}
+
+static inline cn_vd cn_load_f16(const cn_f16* p) {
+#if defined(__F16C__) && defined(__AVX512F__)
+    return (cn_vd)_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__F16C__) && defined(__AVX__)
+    return (cn_vd)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)p)));
+#else
+    cn_vf f;
+    CN_F16_WIDEN_BITS(cn_vu, cn_vf, cn_w_load_lo(p), f);
+    return cn_widen_lo(f);
+#endif
+}
+
+static inline float cn_ld1_f32(float v) { return v; }
+static inline double cn_ld1_f64(double v) { return v; }
+static inline void cn_st1_f32(float* p, float v) { *p = v; }
+static inline void cn_st1_f16(cn_f16* p, float v) { *p = cn_float_to_f16(v); }
+static inline void cn_st1_bf16(cn_bf16* p, float v) { *p = cn_float_to_bf16(v); }
+
+#define CN_LD(p)                                                                        \
+    _Generic((p), const float*: cn_load_f32, float*: cn_load_f32,                       \
+             const double*: cn_load_f64, double*: cn_load_f64,                          \
+             const cn_f16*: cn_load_f16, cn_f16*: cn_load_f16,                          \
+             const cn_bf16*: cn_load_bf16, cn_bf16*: cn_load_bf16)(p)
+#define CN_LDF(p)                                                                       \
+    _Generic((p), const float*: cn_loadf, float*: cn_loadf,                             \
+             const cn_f16*: cn_loadf_f16, cn_f16*: cn_loadf_f16,                        \
+             const cn_bf16*: cn_loadf_bf16, cn_bf16*: cn_loadf_bf16)(p)
+#define CN_STF(p, v)                                                                    \
+    _Generic((p), float*: cn_storef, cn_f16*: cn_storef_f16,                            \
+             cn_bf16*: cn_storef_bf16)((p), (v))
+#define CN_LD1(e)                                                                       \
+    _Generic((e), float: cn_ld1_f32, double: cn_ld1_f64, cn_f16: cn_f16_to_float,       \
+             cn_bf16: cn_bf16_to_float)(e)
+#define CN_ST1(p, f)                                                                    \
+    _Generic((p), float*: cn_st1_f32, cn_f16*: cn_st1_f16, cn_bf16*: cn_st1_bf16)((p), (f))
+
 #define CN_ZERO ((cn_vd){0})
 
 /* the 16 lanes l[0..CN_NV) combined, always in this order: lane k + lane k + 8, then
@@ -189,41 +377,51 @@ static inline double cn_total(const cn_vd* l) {
 
 /* ---- sum(x) ------------------------------------------------------------------------ */
 
-/* sum(x[i:n]) of float32 data, each value widened to float64 first, continuing the
- * lanes a */
-static inline double cn_sum_f32_wide(const float* x, ptrdiff_t n, ptrdiff_t i,
-                                     cn_vd* a) {
-    double tail = 0;
-    for (; i + 16 <= n; i += 16)
-        CN_EACH(j) a[j] += cn_load_f32(x + i + CN_DW * j);
-    for (; i < n; i++) tail += x[i];
+/* sum(x[i:n]) of float32 (or 16-bit) data, each value widened to float64 first,
+ * continuing the lanes a */
+#define CN_SUM_WIDE_BODY                                                                \
+    double tail = 0;                                                                    \
+    for (; i + 16 <= n; i += 16)                                                        \
+        CN_EACH(j) a[j] += CN_LD(x + i + CN_DW * j);                                    \
+    for (; i < n; i++) tail += CN_LD1(x[i]);                                            \
     return cn_total(a) + tail;
-}
 
 /* float32: the first pass of the two-pass moments only needs a mean close enough for
  * the corrected second pass, so runs of 8 steps are summed in float32 (32 float lanes,
  * error at most 8 float32 ulps of their magnitude) and those partials in float64:
  * float lanes k and k + 16 go to float64 lane k. */
-static inline double cn_sum_f32(const float* x, ptrdiff_t n) {
-    double r;
-    CN_LANES(a);
-    ptrdiff_t i = 0;
-    while (i + 256 <= n) {
-        cn_vf p[CN_NV]; /* 32 float32 lanes */
-        CN_EACH(v) p[v] = cn_loadf(x + i + CN_FW * v);
-        for (int t = 1; t < 8; t++)
-            CN_EACH(v) p[v] += cn_loadf(x + i + 32 * t + CN_FW * v);
-        CN_EACH(j) a[j] += cn_widen_half(p[j / 2], j % 2) +
-                           cn_widen_half(p[j / 2 + CN_NV / 2], j % 2);
-        i += 256;
+#define CN_SUM32_BODY(WIDE)                                                             \
+    double r;                                                                           \
+    CN_LANES(a);                                                                        \
+    ptrdiff_t i = 0;                                                                    \
+    while (i + 256 <= n) {                                                              \
+        cn_vf p[CN_NV]; /* 32 float32 lanes */                                          \
+        CN_EACH(v) p[v] = CN_LDF(x + i + CN_FW * v);                                    \
+        for (int t = 1; t < 8; t++)                                                     \
+            CN_EACH(v) p[v] += CN_LDF(x + i + 32 * t + CN_FW * v);                      \
+        CN_EACH(j) a[j] += cn_widen_half(p[j / 2], j % 2) +                             \
+                           cn_widen_half(p[j / 2 + CN_NV / 2], j % 2);                  \
+        i += 256;                                                                       \
+    }                                                                                   \
+    r = WIDE(x, n, i, a);                                                               \
+    /* a float32 partial overflows for data near the float32 limit: widen everything    \
+       then (also taken, to the same NaN or Inf, when the data hold NaN or Inf) */      \
+    if (r - r == 0) return r;                                                           \
+    CN_EACH(j) a[j] = CN_ZERO;                                                          \
+    return WIDE(x, n, 0, a);
+
+#define CN_SUM32_DEFS(T, NAME)                                                          \
+    static inline double cn_sum_##NAME##_wide(const T* x, ptrdiff_t n, ptrdiff_t i,     \
+                                              cn_vd* a) {                               \
+        CN_SUM_WIDE_BODY                                                                \
+    }                                                                                   \
+    static inline double cn_sum_##NAME(const T* x, ptrdiff_t n) {                       \
+        CN_SUM32_BODY(cn_sum_##NAME##_wide)                                             \
     }
-    r = cn_sum_f32_wide(x, n, i, a);
-    /* a float32 partial overflows for data near the float32 limit: widen everything
-       then (also taken, to the same NaN or Inf, when the data hold NaN or Inf) */
-    if (r - r == 0) return r;
-    CN_EACH(j) a[j] = CN_ZERO;
-    return cn_sum_f32_wide(x, n, 0, a);
-}
+
+CN_SUM32_DEFS(float, f32)
+CN_SUM32_DEFS(cn_f16, f16)
+CN_SUM32_DEFS(cn_bf16, bf16)
 
 static inline double cn_sum_f64(const double* x, ptrdiff_t n) {
     CN_LANES(a);
@@ -251,7 +449,7 @@ static inline double cn_sum_f64(const double* x, ptrdiff_t n) {
             d = LOAD(x + i + CN_DW * j) - m; s[j] += d; q[j] += d * d;                  \
         }                                                                               \
     }                                                                                   \
-    for (; i < n; i++) { e = x[i] - m; st += e; qt += e * e; }                          \
+    for (; i < n; i++) { e = CN_LD1(x[i]) - m; st += e; qt += e * e; }                  \
     *sdev += cn_total(s) + st;                                                          \
     return cn_total(q) + qt;
 
@@ -263,6 +461,18 @@ static inline double cn_sqdev_f32(const float* x, ptrdiff_t n, double m, double*
 static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double* sdev,
                                   const double* pf) {
     CN_SQDEV_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
+}
+
+/* 16-bit data: the float32 arithmetic on the widened values (16 values: 32 bytes, one
+ * prefetch every other step covers the next piece's lines) */
+static inline double cn_sqdev_f16(const cn_f16* x, ptrdiff_t n, double m, double* sdev,
+                                  const cn_f16* pf) {
+    CN_SQDEV_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
+}
+
+static inline double cn_sqdev_bf16(const cn_bf16* x, ptrdiff_t n, double m, double* sdev,
+                                   const cn_bf16* pf) {
+    CN_SQDEV_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
 }
 
 /* ---- sum(x^2): the second pass of RMSNorm's statistics (no mean) -------------------
@@ -278,7 +488,7 @@ static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double
         STEP_PREFETCH;                                                                  \
         CN_EACH(j) { d = LOAD(x + i + CN_DW * j); q[j] += d * d; }                      \
     }                                                                                   \
-    for (; i < n; i++) { e = x[i]; qt += e * e; }                                       \
+    for (; i < n; i++) { e = CN_LD1(x[i]); qt += e * e; }                               \
     return cn_total(q) + qt;
 
 static inline double cn_sumsq_f32(const float* x, ptrdiff_t n, const float* pf) {
@@ -287,6 +497,14 @@ static inline double cn_sumsq_f32(const float* x, ptrdiff_t n, const float* pf) 
 
 static inline double cn_sumsq_f64(const double* x, ptrdiff_t n, const double* pf) {
     CN_SUMSQ_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
+}
+
+static inline double cn_sumsq_f16(const cn_f16* x, ptrdiff_t n, const cn_f16* pf) {
+    CN_SUMSQ_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
+}
+
+static inline double cn_sumsq_bf16(const cn_bf16* x, ptrdiff_t n, const cn_bf16* pf) {
+    CN_SUMSQ_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
 }
 
 /* ---- gradient sums: g = dy * w (w may be NULL: g = dy) ----------------------------
@@ -306,7 +524,9 @@ static inline double cn_sumsq_f64(const double* x, ptrdiff_t n, const double* pf
                 b[j] += g * (LOAD(x + i + CN_DW * j) - m);                              \
             }                                                                           \
         }                                                                               \
-        for (; i < n; i++) { gt = dy[i]; at += gt; bt += gt * (x[i] - m); }             \
+        for (; i < n; i++) {                                                            \
+            gt = CN_LD1(dy[i]); at += gt; bt += gt * (CN_LD1(x[i]) - m);                \
+        }                                                                               \
     } else {                                                                            \
         for (; i + 16 <= n; i += 16) {                                                  \
             CN_EACH(j) {                                                                \
@@ -316,7 +536,7 @@ static inline double cn_sumsq_f64(const double* x, ptrdiff_t n, const double* pf
             }                                                                           \
         }                                                                               \
         for (; i < n; i++) {                                                            \
-            gt = (double)dy[i] * w[i]; at += gt; bt += gt * (x[i] - m);                 \
+            gt = (double)CN_LD1(dy[i]) * w[i]; at += gt; bt += gt * (CN_LD1(x[i]) - m); \
         }                                                                               \
     }                                                                                   \
     *sdy += cn_total(a) + at;                                                           \
@@ -332,6 +552,16 @@ static inline void cn_grad_sums_f64(const double* dy, const double* x, const dou
     CN_GRAD_BODY(cn_load_f64)
 }
 
+static inline void cn_grad_sums_f16(const cn_f16* dy, const cn_f16* x, const float* w,
+                                    ptrdiff_t n, double m, double* sdy, double* sdyx) {
+    CN_GRAD_BODY(CN_LD)
+}
+
+static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const float* w,
+                                     ptrdiff_t n, double m, double* sdy, double* sdyx) {
+    CN_GRAD_BODY(CN_LD)
+}
+
 /* ---- a tile of the row-family backward, float32 ------------------------------------
  * Rows [0, nrows) of a block (row r at offset r * K), columns [0, n):
  *   xhat = ((x - mh) - ml) * rs,  dx = (((dy * w) - mg) - xhat * mgx) * rs   (float32)
@@ -341,38 +571,173 @@ static inline void cn_grad_sums_f64(const double* dy, const double* x, const dou
  * dx so that g - mean(g) cancels before it is scaled (a constant row gets dx exact).
  * Row by row, so dy, x and dx stream; the column sums (n <= 1024: 16 KiB) stay in L1.
  * Every column is computed alone, so the vector width does not change a bit. */
-static inline void cn_row_tile_f32(const float* dy, const float* x, float* dx,
-                                   const float* w, ptrdiff_t K, ptrdiff_t nrows,
-                                   ptrdiff_t n, const float* coef, double* acc_w,
-                                   double* acc_b) {
-    static const cn_vf ones = {CN_FLANES(1)};
-    for (ptrdiff_t r = 0; r < nrows; r++) {
-        const float* c = coef + 5 * r;
-        const float* dyr = dy + r * K;
-        const float* xr = x + r * K;
-        float* dxr = dx + r * K;
-        ptrdiff_t k = 0;
-        for (; k + CN_FW <= n; k += CN_FW) {
-            cn_vf d = cn_loadf(dyr + k);
-            cn_vf h = ((cn_loadf(xr + k) - c[0]) - c[1]) * c[2];
-            cn_vf wk = w != NULL ? cn_loadf(w + k) : ones;
-            cn_vf dh = d * h;
-            cn_store_f64(acc_w + k, cn_load_f64(acc_w + k) + cn_widen_lo(dh));
-            cn_store_f64(acc_w + k + CN_DW,
-                         cn_load_f64(acc_w + k + CN_DW) + cn_widen_hi(dh));
-            cn_store_f64(acc_b + k, cn_load_f64(acc_b + k) + cn_widen_lo(d));
-            cn_store_f64(acc_b + k + CN_DW,
-                         cn_load_f64(acc_b + k + CN_DW) + cn_widen_hi(d));
-            cn_storef(dxr + k, (((d * wk) - c[3]) - h * c[4]) * c[2]);
-        }
-        for (; k < n; k++) {
-            float d = dyr[k], h = ((xr[k] - c[0]) - c[1]) * c[2];
-            acc_w[k] += d * h;
-            acc_b[k] += d;
-            dxr[k] = (((d * (w != NULL ? w[k] : 1.0f)) - c[3]) - h * c[4]) * c[2];
-        }
+#define CN_ROW_TILE_BODY                                                                \
+    static const cn_vf ones = {CN_FLANES(1)};                                           \
+    for (ptrdiff_t r = 0; r < nrows; r++) {                                             \
+        const float* c = coef + 5 * r;                                                  \
+        const T* dyr = dy + r * K;                                                      \
+        const T* xr = x + r * K;                                                        \
+        T* dxr = dx + r * K;                                                            \
+        ptrdiff_t k = 0;                                                                \
+        for (; k + CN_FW <= n; k += CN_FW) {                                            \
+            cn_vf d = CN_LDF(dyr + k);                                                  \
+            cn_vf h = ((CN_LDF(xr + k) - c[0]) - c[1]) * c[2];                          \
+            cn_vf wk = w != NULL ? cn_loadf(w + k) : ones;                              \
+            cn_vf dh = d * h;                                                           \
+            cn_store_f64(acc_w + k, cn_load_f64(acc_w + k) + cn_widen_lo(dh));          \
+            cn_store_f64(acc_w + k + CN_DW,                                             \
+                         cn_load_f64(acc_w + k + CN_DW) + cn_widen_hi(dh));             \
+            cn_store_f64(acc_b + k, cn_load_f64(acc_b + k) + cn_widen_lo(d));           \
+            cn_store_f64(acc_b + k + CN_DW,                                             \
+                         cn_load_f64(acc_b + k + CN_DW) + cn_widen_hi(d));              \
+            CN_STF(dxr + k, (((d * wk) - c[3]) - h * c[4]) * c[2]);                     \
+        }                                                                               \
+        for (; k < n; k++) {                                                            \
+            float d = CN_LD1(dyr[k]), h = ((CN_LD1(xr[k]) - c[0]) - c[1]) * c[2];       \
+            acc_w[k] += d * h;                                                          \
+            acc_b[k] += d;                                                              \
+            CN_ST1(dxr + k, (((d * (w != NULL ? w[k] : 1.0f)) - c[3]) - h * c[4]) * c[2]); \
+        }                                                                               \
     }
+
+#define CN_ROW_TILE_DEF(TT, NAME)                                                       \
+    static inline void cn_row_tile_##NAME(const TT* dy, const TT* x, TT* dx,            \
+                                          const float* w, ptrdiff_t K, ptrdiff_t nrows, \
+                                          ptrdiff_t n, const float* coef, double* acc_w, \
+                                          double* acc_b) {                              \
+        typedef TT T;                                                                   \
+        CN_ROW_TILE_BODY                                                                \
+    }
+
+CN_ROW_TILE_DEF(float, f32)
+CN_ROW_TILE_DEF(cn_f16, f16)
+CN_ROW_TILE_DEF(cn_bf16, bf16)
+
+/* ---- elementwise spans of 16-bit (or float32) data in float32 lanes ------------------
+ * The float32 applies of _common.pxd and row.pyx, operation for operation, with the
+ * storage steps above: an unaligned head (so that the vector stores do not split cache
+ * lines), the vector body, the tail; every element is computed alone, so its bits
+ * depend neither on its position nor on the vector width.
+ *   cn_add_T:      h = a + b                                       (the residual prologue)
+ *   cn_affine_T:   y = (((x - mh) - ml) * rf) * wf + t                     (slab apply)
+ *   cn_grad_T:     dx = ((wf * dy - gf) - (((x - mh) - ml) * rf) * kf) * rf
+ *   cn_row_apply_T: y = ((x - mh) - ml) * rf [* w[k]] [+ b[k]]; rms (mh = ml = 0, no b):
+ *                   x * rf [* w[k]]                                        (row apply) */
+
+/* elements before p + h is aligned to a whole vector store (CN_FW elements of size
+ * bytes: 32 bytes for 16-bit data with AVX-512), so that no store splits a cache line;
+ * fewer than CN_FW, and at most n */
+static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size) {
+    ptrdiff_t h = (ptrdiff_t)((-(size_t)p) & (size_t)(CN_FW * size - 1)) / size;
+    return h < n ? h : n;
 }
+
+/* elements [0, n) of a span in chunks of CN_FW: CHUNK(k, m) computes the chunk at k
+ * with m valid elements. The unaligned head and the tail are single partial chunks, run
+ * on zero-padded copies (PART), so that no element takes a scalar conversion. */
+#define CN_SPAN_LOOP(OUT, CHUNK)                                                        \
+    ptrdiff_t i = 0, head_ = cn_head_chunk(OUT, n, sizeof(*(OUT)));                     \
+    if (head_ > 0) { CHUNK(0, head_); i = head_; }                                      \
+    for (; i + CN_FW <= n; i += CN_FW) { CHUNK(i, CN_FW); }                             \
+    if (i < n) { CHUNK(i, n - i); }
+
+/* the m elements at p + k into a zeroed CN_FW buffer b (the whole chunk in place when
+ * m is CN_FW), and the buffer's pointer */
+#define CN_PART_IN(T, b, p, k, m)                                                       \
+    T b##_[CN_FW];                                                                      \
+    const T* b = (p) + (k);                                                             \
+    if ((m) < CN_FW) {                                                                  \
+        memset(b##_, 0, sizeof b##_);                                                   \
+        memcpy(b##_, b, (size_t)(m) * sizeof(T));                                       \
+        b = b##_;                                                                       \
+    }
+#define CN_PART_OUT(T, b, p, k, m)                                                      \
+    T b##_[CN_FW];                                                                      \
+    T* b = (m) < CN_FW ? b##_ : (p) + (k)
+#define CN_PART_DONE(T, b, p, k, m)                                                     \
+    if ((m) < CN_FW) memcpy((p) + (k), b##_, (size_t)(m) * sizeof(T))
+
+#define CN_AFFINE_CHUNK(k, m)                                                           \
+    {                                                                                   \
+        CN_PART_IN(TT, xp, x, k, m);                                                    \
+        CN_PART_OUT(TT, yp, y, k, m);                                                   \
+        CN_STF(yp, (((CN_LDF(xp) - mh) - ml) * rf) * wf + t);                           \
+        CN_PART_DONE(TT, yp, y, k, m);                                                  \
+    }
+#define CN_GRAD_CHUNK(k, m)                                                             \
+    {                                                                                   \
+        CN_PART_IN(TT, dp, dy, k, m);                                                   \
+        CN_PART_IN(TT, xp, x, k, m);                                                    \
+        CN_PART_OUT(TT, op, dx, k, m);                                                  \
+        CN_STF(op, ((wf * CN_LDF(dp) - gf) - (((CN_LDF(xp) - mh) - ml) * rf) * kf) * rf); \
+        CN_PART_DONE(TT, op, dx, k, m);                                                 \
+    }
+/* the row apply: xh = ((x - mh) - ml) * rf, or x * rf (rms), then * w, + b where given
+ * (w, b: NULL for none; the branches are hoisted out of the loop by the caller's
+ * constant arguments) */
+#define CN_ROW_CHUNK(k, m)                                                              \
+    {                                                                                   \
+        CN_PART_IN(TT, xp, x, k, m);                                                    \
+        CN_PART_OUT(TT, yp, y, k, m);                                                   \
+        cn_vf v = CN_LDF(xp);                                                           \
+        v = RMS ? v * rf : ((v - mh) - ml) * rf;                                        \
+        if (W) { CN_PART_IN(float, wp, w, k, m); v = v * cn_loadf(wp); }                \
+        if (B) { CN_PART_IN(float, bp, b, k, m); v = v + cn_loadf(bp); }                \
+        CN_STF(yp, v);                                                                  \
+        CN_PART_DONE(TT, yp, y, k, m);                                                  \
+    }
+
+#define CN_ADD_CHUNK(k, m)                                                              \
+    {                                                                                   \
+        CN_PART_IN(TT, ap, a, k, m);                                                    \
+        CN_PART_IN(TT, bp, b, k, m);                                                    \
+        CN_PART_OUT(TT, hp, h, k, m);                                                   \
+        CN_STF(hp, CN_LDF(ap) + CN_LDF(bp));                                            \
+        CN_PART_DONE(TT, hp, h, k, m);                                                  \
+    }
+
+#define CN_SPAN_DEFS(T_, NAME)                                                          \
+    static inline void cn_add_##NAME(const T_* a, const T_* b, T_* h, ptrdiff_t n) {    \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(h, CN_ADD_CHUNK)                                                   \
+    }                                                                                   \
+    static inline void cn_affine_##NAME(const T_* x, T_* y, ptrdiff_t n, float mh,      \
+                                        float ml, float rf, float wf, float t) {        \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(y, CN_AFFINE_CHUNK)                                                \
+    }                                                                                   \
+    static inline void cn_grad_##NAME(const T_* dy, const T_* x, T_* dx, ptrdiff_t n,   \
+                                      float mh, float ml, float rf, float wf, float gf, \
+                                      float kf) {                                       \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(dx, CN_GRAD_CHUNK)                                                 \
+    }                                                                                   \
+    static inline __attribute__((always_inline)) void cn_row_apply_##NAME##_(           \
+            const T_* x, T_* y, const float* w, const float* b, ptrdiff_t n, float mh,  \
+            float ml, float rf, const int RMS, const int W, const int B) {              \
+        typedef T_ TT;                                                                  \
+        CN_SPAN_LOOP(y, CN_ROW_CHUNK)                                                   \
+    }                                                                                   \
+    static inline void cn_row_apply_##NAME(const T_* x, T_* y, const float* w,          \
+                                           const float* b, ptrdiff_t n, float mh,       \
+                                           float ml, float rf, int rms) {               \
+        /* one loop per combination, the choice made once per row (rms: no b) */       \
+        if (rms && w != NULL)                                                           \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 1, 1, 0);                 \
+        else if (rms)                                                                   \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 1, 0, 0);                 \
+        else if (w != NULL && b != NULL)                                                \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 1, 1);                 \
+        else if (w != NULL)                                                             \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 1, 0);                 \
+        else if (b != NULL)                                                             \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 0, 1);                 \
+        else                                                                            \
+            cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 0, 0);                 \
+    }
+
+CN_SPAN_DEFS(cn_f16, f16)
+CN_SPAN_DEFS(cn_bf16, bf16)
 
 /* ---- per-column moments of a tile (column reductions) -----------------------------
  * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n): for each column

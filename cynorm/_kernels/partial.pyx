@@ -13,7 +13,11 @@ work item; a set's moments are the fold of its pieces in piece order. So a chunk
 whole sets gets bitwise the moments its family kernel computes, for any thread count.
 
 Moments are (count, mean, m2) per set, float64, stored as a (3, S) array; centered = 0
-(RMSNorm) gives mean 0 and m2 = the sum of squares. The callers in cynorm._stats_api
+(RMSNorm) gives mean 0 and m2 = the sum of squares.
+
+Storage dtypes (see _common.pxd): x, dy, y and dx of the fused type `storage` (float64,
+float32, float16, bfloat16; 16-bit data widened exactly block by block in the shared
+helpers, never copied whole), weight and bias float32 for every storage but float64. The callers in cynorm._stats_api
 validate everything; these functions trust their arguments.
 """
 cimport numpy as cnp
@@ -23,7 +27,8 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_moments, fold_moments, chan_merge,
-    split_grad_sums, affine_const, aligned_head, grad_const, data,
+    split_grad_sums, affine_const, affine_wide, affine_elementwise, grad_const, grad_wide,
+    data, storage, storage_kind, cn_f16, cn_bf16, KIND_F32, KIND_F16, KIND_BF16,
 )
 
 import numpy as np
@@ -48,7 +53,7 @@ cdef inline Py_ssize_t _group_of_piece(const Py_ssize_t* poff, Py_ssize_t G,
     return lo
 
 
-cdef void _moments(const floating* x, const SetLayout* Ls, const Py_ssize_t* goff,
+cdef void _moments(const storage* x, const SetLayout* Ls, const Py_ssize_t* goff,
                    const Py_ssize_t* poff, Py_ssize_t G, Py_ssize_t n_outer,
                    Py_ssize_t outer_stride, double* parts, double* out, int welford,
                    int centered, int nt) noexcept nogil:
@@ -93,9 +98,16 @@ def moments(cnp.ndarray x, cnp.ndarray out, Py_ssize_t A, Py_ssize_t K, Py_ssize
     cdef double* po = <double*>data(out)
     cdef void* px = data(x)
     cdef int nt = cynorm_threads_for(A * K * B)
+    cdef int kind = storage_kind(x)
     with nogil:
-        if cnp.PyArray_ITEMSIZE(x) == 4:
+        if kind == KIND_F32:
             _moments(<const float*>px, Ls, goff, poff, G, n_outer, K * B, parts, po,
+                     welford, centered, nt)
+        elif kind == KIND_F16:
+            _moments(<const cn_f16*>px, Ls, goff, poff, G, n_outer, K * B, parts, po,
+                     welford, centered, nt)
+        elif kind == KIND_BF16:
+            _moments(<const cn_bf16*>px, Ls, goff, poff, G, n_outer, K * B, parts, po,
                      welford, centered, nt)
         else:
             _moments(<const double*>px, Ls, goff, poff, G, n_outer, K * B, parts, po,
@@ -123,48 +135,7 @@ def merge(cnp.ndarray parts, cnp.ndarray out, Py_ssize_t P, Py_ssize_t S):
 
 # ---- apply with given statistics --------------------------------------------------------
 
-cdef inline void _affine_elementwise(const floating* x, floating* y, const floating* w,
-                                     const floating* b, Py_ssize_t n, double mean,
-                                     double rstd) noexcept nogil:
-    """y = (x - mean) * rstd * w + b elementwise (w, b: NULL for none), in the row
-    family's order of operations; float32 with a hi/lo mean, as affine_const."""
-    cdef Py_ssize_t i
-    cdef float mh, ml, rs
-    if w == NULL:
-        affine_const(x, y, n, mean, rstd, 1.0, 0.0)
-        if b != NULL:
-            for i in range(n):
-                y[i] = y[i] + b[i]
-        return
-    if floating is float:
-        mh = <float>mean
-        ml = <float>(mean - <double>mh)
-        rs = <float>rstd
-        if b != NULL:
-            for i in range(n):
-                y[i] = ((x[i] - mh) - ml) * rs * w[i] + b[i]
-        else:
-            for i in range(n):
-                y[i] = ((x[i] - mh) - ml) * rs * w[i]
-    else:
-        if b != NULL:
-            for i in range(n):
-                y[i] = (x[i] - mean) * rstd * w[i] + b[i]
-        else:
-            for i in range(n):
-                y[i] = (x[i] - mean) * rstd * w[i]
-
-
-cdef inline void _affine_wide(const floating* x, floating* y, Py_ssize_t n, double mean,
-                              double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift computed in float64 and rounded once: the channel
-    kernel's column path (BatchNorm with short runs) applies so."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = <floating>((x[i] - mean) * scale + shift)
-
-
-cdef void _apply(const floating* x, floating* y, const floating* w, const floating* b,
+cdef void _apply(const storage* x, storage* y, const floating* w, const floating* b,
                  const double* mean, const double* rstd, const Py_ssize_t* gidx,
                  Py_ssize_t A, Py_ssize_t K, Py_ssize_t B, Py_ssize_t G, int per_sample,
                  int elementwise, int wide, int nt) noexcept nogil:
@@ -178,12 +149,13 @@ cdef void _apply(const floating* x, floating* y, const floating* w, const floati
         n = B - e0 if B - e0 < CHUNK else CHUNK
         off = r * B + e0
         if elementwise:
-            _affine_elementwise(x + off, y + off, NULL if w == NULL else w + k * B + e0,
-                                NULL if b == NULL else b + k * B + e0, n, mean[s], rstd[s])
+            affine_elementwise(x + off, y + off,
+                               <const floating*>NULL if w == NULL else w + k * B + e0,
+                               <const floating*>NULL if b == NULL else b + k * B + e0, n,
+                               mean[s], rstd[s])
         elif wide:
-            _affine_wide(x + off, y + off, n, mean[s],
-                         rstd[s] if w == NULL else rstd[s] * w[k],
-                         0.0 if b == NULL else b[k])
+            affine_wide(x + off, y + off, n, mean[s], rstd[s], 1.0 if w == NULL else w[k],
+                        0.0 if b == NULL else b[k])
         else:
             affine_const(x + off, y + off, n, mean[s], rstd[s], 1.0 if w == NULL else w[k],
                          0.0 if b == NULL else b[k])
@@ -194,7 +166,8 @@ def apply(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray 
           Py_ssize_t G, int per_sample, int elementwise, int wide):
     """y = (x - mean) * rstd * weight + bias over x (A, K, B), the statistics of channel
     k's set at gidx[k] (+ a * G per sample). weight/bias: (K,) per channel, or (K * B,)
-    elementwise; None for none. wide (per channel only): float32 data in float64."""
+    elementwise; None for none. wide (per channel only): computed in float64 and
+    rounded once to float32 (then 16-bit data to their storage), see affine_wide."""
     cdef void* px = data(x)
     cdef void* py = data(y)
     cdef void* pw = data(weight)
@@ -205,10 +178,17 @@ def apply(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray 
     cdef int nt = cynorm_threads_for(A * K * B)
     if B == 0:
         return
+    cdef int kind = storage_kind(x)
     with nogil:
-        if cnp.PyArray_ITEMSIZE(x) == 4:
+        if kind == KIND_F32:
             _apply(<const float*>px, <float*>py, <const float*>pw, <const float*>pb, pm,
                    pr, pg, A, K, B, G, per_sample, elementwise, wide, nt)
+        elif kind == KIND_F16:
+            _apply(<const cn_f16*>px, <cn_f16*>py, <const float*>pw, <const float*>pb, pm,
+                   pr, pg, A, K, B, G, per_sample, elementwise, wide, nt)
+        elif kind == KIND_BF16:
+            _apply(<const cn_bf16*>px, <cn_bf16*>py, <const float*>pw, <const float*>pb,
+                   pm, pr, pg, A, K, B, G, per_sample, elementwise, wide, nt)
         else:
             _apply(<const double*>px, <double*>py, <const double*>pw, <const double*>pb,
                    pm, pr, pg, A, K, B, G, per_sample, elementwise, wide, nt)
@@ -228,26 +208,23 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray out,
     cdef void* pdy = data(dy)
     cdef void* px = data(x)
     cdef int nt = cynorm_threads_for(A * K * B)
+    cdef int kind = storage_kind(x)
     with nogil:
-        if cnp.PyArray_ITEMSIZE(x) == 4:
+        if kind == KIND_F32:
             split_grad_sums(<const float*>pdy, <const float*>px, <const float*>NULL, &L,
                             K, B, pm, parts, po, po + K, nt)
+        elif kind == KIND_F16:
+            split_grad_sums(<const cn_f16*>pdy, <const cn_f16*>px, <const float*>NULL, &L,
+                            K, B, pm, parts, po, po + K, nt)
+        elif kind == KIND_BF16:
+            split_grad_sums(<const cn_bf16*>pdy, <const cn_bf16*>px, <const float*>NULL,
+                            &L, K, B, pm, parts, po, po + K, nt)
         else:
             split_grad_sums(<const double*>pdy, <const double*>px, <const double*>NULL,
                             &L, K, B, pm, parts, po, po + K, nt)
 
 
-cdef inline void _grad_wide(const floating* dy, const floating* x, floating* dx,
-                            Py_ssize_t n, double a, double mean, double kx,
-                            double c0) noexcept nogil:
-    """dx = a * dy - kx * (x - mean) - c0 in float64, rounded once (the channel kernel's
-    column path)."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = <floating>(a * dy[i] - kx * (x[i] - mean) - c0)
-
-
-cdef void _grad_apply(const floating* dy, const floating* x, floating* dx,
+cdef void _grad_apply(const storage* dy, const storage* x, storage* dx,
                       const floating* w, const double* mean, const double* rstd,
                       const double* sdy, const double* sdyx, double count, Py_ssize_t A,
                       Py_ssize_t K, Py_ssize_t B, int wide, int nt) noexcept nogil:
@@ -262,23 +239,22 @@ cdef void _grad_apply(const floating* dy, const floating* x, floating* dx,
         off = r * B + e0
         rs = rstd[k]
         wc = 1.0 if w == NULL else w[k]
-        # the channel kernel's coefficients, with the global sums and count
+        # the channel kernel's coefficients, with the global sums and count: mean(g)
+        # and mean(g * xhat) over the whole set, g = w * dy (see grad_const)
         if wide:
-            # ordered so that no intermediate leaves the float64 range
-            _grad_wide(dy + off, x + off, dx + off, n, wc * rs, mean[k],
-                       wc * (rs * (rs * (rs * sdyx[k] / count))), wc * rs * sdy[k] / count)
-            continue
-        # mean(g) and mean(g * xhat) over the whole set, g = w * dy (see grad_const)
-        grad_const(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
-                   wc * (rs * sdyx[k] / count), mean[k], rs, NULL, NULL)
+            grad_wide(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
+                      wc * (rs * sdyx[k] / count), mean[k], rs)
+        else:
+            grad_const(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
+                       wc * (rs * sdyx[k] / count), mean[k], rs, NULL, NULL)
 
 
 def grad_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
                cnp.ndarray mean, cnp.ndarray rstd, cnp.ndarray sums, double count,
                Py_ssize_t A, Py_ssize_t K, Py_ssize_t B, int wide):
     """dx of batch normalisation over x (A, K, B) from the global per-channel sums
-    (2, K) (sum(dy), sum(dy * (x - mean))) of a set of `count` elements. wide: float32
-    data in float64."""
+    (2, K) (sum(dy), sum(dy * (x - mean))) of a set of `count` elements. wide: in
+    float64, see grad_wide."""
     cdef void* pdy = data(dy)
     cdef void* px = data(x)
     cdef void* pdx = data(dx)
@@ -289,9 +265,16 @@ def grad_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef int nt = cynorm_threads_for(A * K * B)
     if B == 0:
         return
+    cdef int kind = storage_kind(x)
     with nogil:
-        if cnp.PyArray_ITEMSIZE(x) == 4:
+        if kind == KIND_F32:
             _grad_apply(<const float*>pdy, <const float*>px, <float*>pdx,
+                        <const float*>pw, pm, pr, ps, ps + K, count, A, K, B, wide, nt)
+        elif kind == KIND_F16:
+            _grad_apply(<const cn_f16*>pdy, <const cn_f16*>px, <cn_f16*>pdx,
+                        <const float*>pw, pm, pr, ps, ps + K, count, A, K, B, wide, nt)
+        elif kind == KIND_BF16:
+            _grad_apply(<const cn_bf16*>pdy, <const cn_bf16*>px, <cn_bf16*>pdx,
                         <const float*>pw, pm, pr, ps, ps + K, count, A, K, B, wide, nt)
         else:
             _grad_apply(<const double*>pdy, <const double*>px, <double*>pdx,

@@ -23,9 +23,9 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, set_ddof,
-    set_grad_sums, split_grad_sums, aligned_head, f32_xhat_ok, split_mean, data,
+    set_grad_sums, split_grad_sums, f32_xhat_ok, split_mean, data,
     storage, storage_kind, widen, narrow, cn_f16, cn_bf16, STAGE, KIND_F64, KIND_F32,
-    KIND_F16,
+    KIND_F16, affine_elementwise,
 )
 
 import numpy as np
@@ -39,6 +39,15 @@ cdef extern from "_lanes.h":
     void cn_row_tile_f32(const float* dy, const float* x, float* dx, const float* w,
                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
                          double* acc_w, double* acc_b) noexcept nogil
+    void cn_row_tile_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, const float* w,
+                         Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
+                         double* acc_w, double* acc_b) noexcept nogil
+    void cn_row_tile_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, const float* w,
+                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
+                          double* acc_w, double* acc_b) noexcept nogil
+    void cn_add_f16(const cn_f16* a, const cn_f16* b, cn_f16* h, Py_ssize_t n) noexcept nogil
+    void cn_add_bf16(const cn_bf16* a, const cn_bf16* b, cn_bf16* h,
+                     Py_ssize_t n) noexcept nogil
 
 # Rows per backward sub-block: its dy and x (32 rows of up to 4096 float32 each, 1 MiB)
 # stay in L2 between the sums and the dx pass.
@@ -51,116 +60,30 @@ cdef enum:
     MAX_BLOCKS = 64
 
 
-cdef inline void _apply_span(const floating* x, floating* y, const floating* w,
-                             const floating* b, Py_ssize_t k0, Py_ssize_t k1, double mean,
-                             double rstd) noexcept nogil:
-    """y = (x - mean) * rstd * w + b over [k0, k1) (w, b: NULL for none); float32 data in
-    float32 with a hi/lo mean, or xhat in float64 where f32_xhat_ok says no, as
-    affine_const."""
-    cdef Py_ssize_t k
-    cdef float mh, ml, rs, v
-    if floating is float and f32_xhat_ok(rstd):
-        split_mean(mean, &mh, &ml)
-        rs = <float>rstd
-        if mean == 0 and b == NULL:
-            # RMSNorm: x - 0 is x, so the same bits without the two subtractions
-            if w != NULL:
-                for k in range(k0, k1):
-                    y[k] = x[k] * rs * w[k]
-            else:
-                for k in range(k0, k1):
-                    y[k] = x[k] * rs
-        elif w != NULL and b != NULL:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs * w[k] + b[k]
-        elif w != NULL:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs * w[k]
-        elif b != NULL:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs + b[k]
-        else:
-            for k in range(k0, k1):
-                y[k] = ((x[k] - mh) - ml) * rs
-    elif floating is float:
-        for k in range(k0, k1):
-            v = <float>((x[k] - mean) * rstd)
-            if w != NULL:
-                v = v * w[k]
-            if b != NULL:
-                v = v + b[k]
-            y[k] = v
-    else:
-        if w != NULL and b != NULL:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd * w[k] + b[k]
-        elif w != NULL:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd * w[k]
-        elif b != NULL:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd + b[k]
-        else:
-            for k in range(k0, k1):
-                y[k] = (x[k] - mean) * rstd
-
-
-cdef inline void _apply_row(const storage* x, storage* y, const floating* w,
-                            const floating* b, Py_ssize_t n, double mean,
-                            double rstd) noexcept nogil:
-    """Normalise n elements of a row (w, b: the row's slice, or NULL). The casts of w
-    and b are no-ops in the pairings that run (see _common.pxd)."""
-    cdef float buf[STAGE]
-    cdef const float* wi = NULL
-    cdef const float* bi = NULL
-    cdef Py_ssize_t h, i = 0, e
-    if storage is float or storage is double:
-        h = aligned_head(y, n, sizeof(storage))
-        _apply_span(x, y, <const storage*>w, <const storage*>b, 0, h, mean, rstd)
-        _apply_span(x, y, <const storage*>w, <const storage*>b, h, n, mean, rstd)
-    else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(x + i, buf, e - i)
-            if w != NULL:
-                wi = <const float*>w + i
-            if b != NULL:
-                bi = <const float*>b + i
-            _apply_span(<const float*>buf, buf, wi, bi, 0, e - i, mean, rstd)
-            narrow(buf, y + i, e - i)
-            i = e
-
-
 cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
                               const SetLayout* L, Py_ssize_t k) noexcept nogil:
     """Apply over piece k (of all R * n_pieces) of the split forward."""
     cdef Py_ssize_t r = k // L.n_pieces, run0, nruns, e0, elen
     piece_bounds(L, k - r * L.n_pieces, &run0, &nruns, &e0, &elen)
-    _apply_row(x + r * L.size + e0, y + r * L.size + e0,
-               <const floating*>NULL if w == NULL else w + e0,
-               <const floating*>NULL if b == NULL else b + e0, elen, mean[r], rstd[r])
+    affine_elementwise(x + r * L.size + e0, y + r * L.size + e0,
+                       <const floating*>NULL if w == NULL else w + e0,
+                       <const floating*>NULL if b == NULL else b + e0, elen, mean[r],
+                       rstd[r])
 
 
 cdef inline void _add_span(const storage* a, const storage* b, storage* h,
                            Py_ssize_t n) noexcept nogil:
-    """h = a + b elementwise; h may be a or b. 16-bit data: added in float32, rounded
-    once."""
-    cdef float ba[STAGE]
-    cdef float bb[STAGE]
-    cdef Py_ssize_t k, i = 0, e
+    """h = a + b elementwise; h may be a or b. 16-bit data: added in float32 (widened in
+    registers), rounded once."""
+    cdef Py_ssize_t k
     if storage is float or storage is double:
         for k in range(n):
             h[k] = a[k] + b[k]
+    elif storage is cn_f16:
+        cn_add_f16(a, b, h, n)
     else:
-        while i < n:
-            e = i + STAGE if i + STAGE < n else n
-            widen(a + i, ba, e - i)
-            widen(b + i, bb, e - i)
-            for k in range(e - i):
-                ba[k] = ba[k] + bb[k]
-            narrow(ba, h + i, e - i)
-            i = e
+        cn_add_bf16(a, b, h, n)
 
 
 cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
@@ -179,7 +102,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
                 _add_span(x + r * K, res + r * K, h + r * K, K)
                 set_stats(h + r * K, &L, welford, not rms, eps,
                           x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
-                _apply_row(h + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+                affine_elementwise(h + r * K, y + r * K, w, b, K, mean[r], rstd[r])
             return
         for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
             e0 = k * CHUNK
@@ -189,7 +112,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
             set_stats(x + r * K, &L, welford, not rms, eps,
                       x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
-            _apply_row(x + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+            affine_elementwise(x + r * K, y + r * K, w, b, K, mean[r], rstd[r])
         return
     split_set_stats(x, &L, R, K, parts, welford, not rms, eps, mean, rstd, NULL, nt)
     for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
@@ -297,8 +220,8 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
                 double* acc_b) noexcept nogil:
     """Rows [r0, r1) (a sub-block), columns [k0, k0 + kn): write dx, and add
     dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row. 16-bit
-    data: each row's dy and x widened to float32 (kn <= TILE_COLS values), the float32
-    path's arithmetic on them, dx rounded once."""
+    data: the float32 path's arithmetic on the values widened in registers, dx rounded
+    once."""
     cdef float coef[10 * ROWS_PER_BLOCK]
     cdef float bdy[TILE_COLS]
     cdef float bx[TILE_COLS]
@@ -307,24 +230,10 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
     cdef double mg, mgx
     if w != NULL:
         wf = <const float*>w + k0
-    if storage is cn_f16 or storage is cn_bf16:
-        for r in range(r0, r1):
-            _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
-            widen(dy + r * K + k0, bdy, kn)
-            widen(x + r * K + k0, bx, kn)
-            if f32_xhat_ok(rstd[r]):
-                split_mean(_mean_at(mean, r), &coef[0], &coef[1])
-                coef[2] = <float>rstd[r]
-                coef[3] = <float>mg
-                coef[4] = <float>mgx
-                cn_row_tile_f32(bdy, bx, bdy, wf, kn, 1, kn, coef, acc_w, acc_b)
-            else:
-                _tile_row(<const float*>bdy, <const float*>bx, bdy, wf, kn,
-                          _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
-            narrow(bdy, dx + r * K + k0, kn)
-    elif storage is float:
+    if storage is float or storage is cn_f16 or storage is cn_bf16:
         # runs of rows whose xhat float32 can form: float32 coefficients per row (the
-        # mean as hi + lo), then the vector tile; other rows in float64
+        # mean as hi + lo), then the vector tile (16-bit data widened in registers);
+        # other rows in float64
         r = r0
         while r < r1:
             ra = r
@@ -337,12 +246,27 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
                 coef[j + 4] = <float>mgx
                 r += 1
             if r > ra:
-                cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                wf, K, r - ra, kn, coef, acc_w, acc_b)
+                if storage is float:
+                    cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                elif storage is cn_f16:
+                    cn_row_tile_f16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                else:
+                    cn_row_tile_bf16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
+                                     wf, K, r - ra, kn, coef, acc_w, acc_b)
             if r < r1:
                 _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
-                _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
-                          wf, kn, _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
+                if storage is float:
+                    _tile_row(dy + r * K + k0, x + r * K + k0, dx + r * K + k0,
+                              wf, kn, _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
+                else:
+                    # 16-bit: the row widened to float32, the float64 xhat, rounded once
+                    widen(dy + r * K + k0, bdy, kn)
+                    widen(x + r * K + k0, bx, kn)
+                    _tile_row(<const float*>bdy, <const float*>bx, bdy, wf, kn,
+                              _mean_at(mean, r), rstd[r], mg, mgx, acc_w, acc_b)
+                    narrow(bdy, dx + r * K + k0, kn)
                 r += 1
     else:
         for r in range(r0, r1):

@@ -18,8 +18,8 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_act,
-    act_grad_const, lane_grad_sums, grad_const, data, storage, storage_kind, cn_f16,
-    cn_bf16, KIND_F64, KIND_F32, KIND_F16,
+    act_grad_const, act_grad_sums, act_grad_dx, lane_grad_sums, grad_const, data, storage,
+    storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
 
 import numpy as np
@@ -120,11 +120,18 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
 
 cdef inline void _run_sums(const storage* dy, const storage* x, const double* mean,
                            double* sdy, double* sdyx, Py_ssize_t r, Py_ssize_t C,
-                           Py_ssize_t HW, Py_ssize_t G) noexcept nogil:
-    """sum(dy) and sum(dy * (x - mean)) over run r = n * C + c."""
-    cdef Py_ssize_t s = (r // C) * G + (r % C) // (C // G)
+                           Py_ssize_t HW, Py_ssize_t G, const floating* w,
+                           const floating* b, const double* rstd, int act) noexcept nogil:
+    """sum(dy) and sum(dy * (x - mean)) over run r = n * C + c. act != 0 (16-bit data
+    only): of g = dy * act'(a) instead, formed in float32 on the way."""
+    cdef Py_ssize_t c = r % C, s = (r // C) * G + c // (C // G)
     sdy[r] = 0
     sdyx[r] = 0
+    if act:
+        act_grad_sums(dy + r * HW, x + r * HW, HW, mean[s], rstd[s],
+                      1.0 if w == NULL else w[c], 0.0 if b == NULL else b[c], act,
+                      &sdy[r], &sdyx[r])
+        return
     lane_grad_sums(dy + r * HW, x + r * HW, <const float*>NULL, HW, mean[s], &sdy[r],
                    &sdyx[r])
 
@@ -133,10 +140,11 @@ cdef inline void _run_grad(const storage* dy, const storage* x, storage* dx,
                            const floating* w, const double* mean, const double* rstd,
                            const double* sdy, const double* sdyx, Py_ssize_t r,
                            Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
-                           Py_ssize_t pf) noexcept nogil:
+                           Py_ssize_t pf, const floating* b, int act) noexcept nogil:
     """dx over run r = n * C + c, from its slab's folded sums:
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w_c * dy.
-    pf > 0: prefetch dy and x pf elements further on (the next slab) meanwhile."""
+    pf > 0: prefetch dy and x pf elements further on (the next slab) meanwhile.
+    act != 0 (16-bit data only): dy * act'(a) in dy's place, formed in float32."""
     cdef Py_ssize_t cpg = C // G, n = r // C, c = r % C, g = c // cpg
     cdef Py_ssize_t s = n * G + g, j, q
     cdef double A = 0, B = 0, wj, rs = rstd[s], M = <double>(cpg * HW)
@@ -146,6 +154,10 @@ cdef inline void _run_grad(const storage* dy, const storage* x, storage* dx,
         A += wj * sdy[q]
         B += wj * sdyx[q]
     # mean(g) = A / M, mean(g * xhat) = rs * B / M
+    if act:
+        act_grad_dx(dy + r * HW, x + r * HW, dx + r * HW, HW, 1.0 if w == NULL else w[c],
+                    A / M, rs * B / M, mean[s], rs, 0.0 if b == NULL else b[c], act)
+        return
     grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW, 1.0 if w == NULL else w[c],
                A / M, rs * B / M, mean[s], rs,
                dy + r * HW + pf if pf > 0 else NULL, x + r * HW + pf)
@@ -169,29 +181,34 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     """Samples [0, N) (a chunk of the batch): dx, and the dweight/dbias sums continued
     in acc[c], acc[C + c] (float64), written to dw/db when last. act != 0: the gradient
     reaching the affine's output, g = dy * act'(a), is formed run by run into g (dx's
-    buffer or a scratch one) and takes dy's place."""
+    buffer or a scratch one) and takes dy's place; 16-bit data keep it in float32
+    instead, recomputed where the sums and dx read it (g unused)."""
     cdef Py_ssize_t cpg = C // G, s, r, j, n, c
     cdef double acc_w, acc_b
-    cdef const storage* gd = <const storage*>g if act else dy
+    cdef int lp_act = 0  # 16-bit: the activation's gradient inside the sums and dx
+    if storage is cn_f16 or storage is cn_bf16:
+        lp_act = act
+    cdef int st_act = act - lp_act  # other dtypes: g formed into a buffer first
+    cdef const storage* gd = <const storage*>g if st_act else dy
     if N * G >= 4 * nt:
         # fused: a slab's sums, then its dx while the slab is still in cache (and the
         # next slab, this thread's next under the static schedule, is prefetched)
         for s in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             r = (s // G) * C + (s % G) * cpg
             for j in range(cpg):
-                if act:
+                if st_act:
                     _run_act_grad(dy, x, g, w, b, mean, rstd, r + j, C, HW, G, act)
-                _run_sums(gd, x, mean, sdy, sdyx, r + j, C, HW, G)
+                _run_sums(gd, x, mean, sdy, sdyx, r + j, C, HW, G, w, b, rstd, lp_act)
             for j in range(cpg):
                 _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G,
-                          cpg * HW if s + 1 < N * G else 0)
+                          cpg * HW if s + 1 < N * G else 0, b, lp_act)
     else:
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            if act:
+            if st_act:
                 _run_act_grad(dy, x, g, w, b, mean, rstd, r, C, HW, G, act)
-            _run_sums(gd, x, mean, sdy, sdyx, r, C, HW, G)
+            _run_sums(gd, x, mean, sdy, sdyx, r, C, HW, G, w, b, rstd, lp_act)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0)
+            _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, 0, b, lp_act)
     # dweight and dbias: reduce the per-(n, c) sums over n in order (continuing the
     # previous chunks' sums: the same additions as over the whole batch at once)
     for c in prange(C, nogil=True, num_threads=nt, schedule="static"):

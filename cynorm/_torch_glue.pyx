@@ -1,0 +1,382 @@
+"""The per-call glue of cynorm.torch's eager routes: from tensors to the NumPy API's
+checked entry points and back. It runs on every call of a cynorm.torch module, so it is
+compiled and kept to attribute reads and comparisons; everything uncommon (16-bit and
+channels-last data, residuals, casts, arguments that need the public functions' checks
+and error messages) is answered with None, and cynorm.torch then takes its general
+route.
+
+Imported only by cynorm.torch (it imports torch).
+
+An op call is described by cynorm.torch's tuple p = (kind, num_groups, normalized_shape,
+flag, momentum, eps, activation).
+"""
+cimport numpy as cnp
+import numpy as np
+import torch
+
+from cynorm import _api
+from cynorm._validate import ACTIVATIONS
+
+cnp.import_array()
+
+_Tensor = torch.Tensor
+_F32 = torch.float32
+_F64 = torch.float64
+_from_numpy = torch.from_numpy
+_grad_enabled = torch.is_grad_enabled
+_INF = float("inf")
+_NP_F32 = np.dtype("float32")
+_NP_F64 = np.dtype("float64")
+
+cdef enum:
+    _MAX_DIMS = 16  # the most dimensions array_of wraps itself (more: Tensor.numpy())
+
+
+def array_of(t):
+    """t's memory as a writable, C-contiguous NumPy array (no copy) when t is a
+    contiguous float32/float64 CPU tensor (requiring grad or not; a plain torch.Tensor,
+    not a subclass), else None.
+
+    The array is made from t's data pointer through NumPy's C API, with t as its base
+    (what Tensor.numpy() does, at about half the cost, and without the detach() a tensor
+    that requires grad needs first)."""
+    if type(t) is not _Tensor:
+        return None
+    dt = t.dtype
+    cdef int typenum
+    if dt is _F32:
+        typenum = cnp.NPY_FLOAT32
+    elif dt is _F64:
+        typenum = cnp.NPY_FLOAT64
+    else:
+        return None
+    if not t.is_contiguous() or not t.is_cpu or t.is_neg():
+        return None
+    shape = t.shape
+    cdef Py_ssize_t nd = len(shape), i
+    cdef cnp.npy_intp dims[_MAX_DIMS]
+    cdef size_t address
+    try:
+        address = t.data_ptr()
+    except RuntimeError:  # no storage (a functorch wrapper): the general route decides
+        return None
+    if address == 0 or nd > _MAX_DIMS:  # empty (NumPy would allocate for NULL data)
+        return t.detach().numpy()
+    for i in range(nd):
+        dims[i] = shape[i]
+    arr = cnp.PyArray_SimpleNewFromData(<int>nd, dims, typenum, <void*>address)
+    cnp.set_array_base(arr, t)
+    return arr
+
+
+# ---- recording an autograd call --------------------------------------------------------
+# torch.autograd.Function.apply is a Python wrapper (about 4 us per call) around the C
+# apply: outside functorch transforms it only unwraps dead functorch wrappers, which
+# record does itself. These are torch internals: a torch without them takes the public
+# apply.
+_function = None
+_c_apply = None
+_functorch_active = None
+_unwrap_if_dead = None
+
+
+def set_function(cls):
+    """Make record apply the autograd Function cls (cynorm.torch's _ModuleFunction)."""
+    global _function, _c_apply, _functorch_active, _unwrap_if_dead
+    _function = cls
+    try:
+        _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+        _functorch_active = torch._C._are_functorch_transforms_active
+        _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+    except (AttributeError, KeyError):
+        _c_apply = None
+
+
+cdef inline object _live(t):
+    return t if t is None else (_unwrap_if_dead(t) if isinstance(t, _Tensor) else t)
+
+
+def record(p, module, input, weight, bias, running_mean, running_var, residual):
+    """cls.apply(p, module, input, weight, bias, running_mean, running_var, residual) for
+    set_function's cls (what it does, faster)."""
+    if _c_apply is None or _functorch_active():
+        return _function.apply(p, module, input, weight, bias, running_mean, running_var,
+                               residual)
+    return _c_apply(p, module, _live(input), _live(weight), _live(bias),
+                    _live(running_mean), _live(running_var), _live(residual))
+
+
+def cached_views(module, weight, bias, running_mean, running_var):
+    """The NumPy views of a module's parameters and buffers that cynorm.torch keeps in
+    the module's __dict__ (see cynorm.torch._module_views), or None when there are none
+    or they are out of date: the module holds other tensor objects, or one of them now
+    has other memory, shape or dtype (`.data =`, `.to()`)."""
+    c = module.__dict__.get("_cynorm_views")
+    if (c is None or c[0] is not weight or c[1] is not bias or c[2] is not running_mean
+            or c[3] is not running_var):
+        return None
+    keys = c[4]
+    if not (_same(weight, keys[0]) and _same(bias, keys[1]) and _same(running_mean, keys[2])
+            and _same(running_var, keys[3])):
+        return None
+    return c[5]
+
+
+cdef bint _same(t, k) except -1:
+    """Whether tensor t (or None) still has the (address, shape, dtype) key k."""
+    return t is None or (t.data_ptr() == k[0] and t.dtype is k[2] and t.shape == k[1])
+
+
+def _running_ok(r, pshape):
+    """Whether a running buffer's view can go to a checked entry unchecked: None, or a
+    writable float array of the parameters' shape."""
+    return r is None or (r.shape == pshape and r.dtype.kind == "f" and r.flags.writeable)
+
+
+def checked_forward(p, x, w, b, rm, rv, r, need_stats):
+    """(y, h, mean, rstd) from the NumPy API's checked entries, for arguments checked
+    cheaply here (the common case: float32/float64 x in (N, C, *spatial) layout,
+    parameters of x's dtype and shape, a float eps); None when the call must go through
+    the public functions' checks (which raise the errors, or cast, as they do), and for
+    batch norm's running statistics when need_stats. h is None without a residual."""
+    kind, groups, shape, flag, momentum, eps, act = p
+    dt = x.dtype
+    if dt is not _NP_F32 and dt is not _NP_F64:
+        return None
+    if type(eps) is not float or not 0.0 <= eps < _INF:
+        if not (eps is None and kind == "rms"):
+            return None
+        eps = float(np.finfo(dt).eps)
+    per_row = kind == "layer" or kind == "rms"
+    xs = x.shape
+    if per_row:
+        nd = len(shape)
+        if not nd or xs[len(xs) - nd:] != shape:
+            return None
+        pshape = shape
+    else:
+        if len(xs) < 2:
+            return None
+        pshape = (xs[1],)
+    if w is not None and (w.dtype is not dt or w.shape != pshape):
+        return None
+    if b is not None and (b.dtype is not dt or b.shape != pshape):
+        return None
+    if per_row:
+        if r is not None and (r.dtype is not dt or r.shape != xs):
+            return None
+        return _api._row_forward_checked(x, nd, w, b, eps, kind == "rms", r)
+    code = ACTIVATIONS[act]
+    if kind == "group":
+        if type(groups) is not int or groups < 1 or xs[1] % groups:
+            return None
+        y, mean, rstd = _api._slab_forward_checked(x, groups, w, b, eps, code)
+        return y, None, mean, rstd
+    if kind == "instance":
+        if not flag or rm is not None or rv is not None or x.size <= xs[0] * xs[1]:
+            return None
+        y, mean, rstd = _api._slab_forward_checked(x, xs[1], w, b, eps, code)
+        return y, None, mean, rstd
+    if flag:  # batch norm with the batch's statistics
+        if (type(momentum) is not float or not 0.0 <= momentum <= 1.0
+                or x.size <= xs[1]
+                or not _running_ok(rm, pshape) or not _running_ok(rv, pshape)):
+            return None
+        y, mean, rstd = _api._channel_train_checked(x, rm, rv, w, b, eps, momentum, code)
+        return y, None, mean, rstd
+    if (need_stats or rm is None or rv is None or rm.shape != pshape
+            or rv.shape != pshape):
+        return None
+    return _api._channel_eval_checked(x, rm, rv, w, b, eps, code), None, None, None
+
+
+def checked_backward(p, dy, x, w, b, mean, rstd):
+    """(dx, dweight, dbias) from the checked entries, for a forward that went through
+    checked_forward (so every argument but dy is known good); None when dy needs the
+    public function's checks."""
+    if dy.dtype is not x.dtype or dy.shape != x.shape:
+        return None
+    kind, groups, shape, flag, momentum, eps, act = p
+    if kind == "layer" or kind == "rms":
+        return _api._row_backward_checked(dy, x, mean, rstd, len(shape), w, kind == "rms")
+    code = ACTIVATIONS[act]
+    if kind == "batch":
+        return _api._channel_backward_checked(dy, x, mean, rstd, w,
+                                              None if act is None else b, code,
+                                              1 if flag else 0)
+    G = groups if kind == "group" else x.shape[1]
+    return _api._slab_backward_checked(dy, x, mean, rstd, G, w, None if act is None else b,
+                                       code)
+
+
+def lean_module(module, p, input, weight, bias, running_mean, running_var):
+    """A module's inference output (no autograd record) in the common case, or None:
+    autograd must record the call, or the arguments need cynorm.torch's general route
+    (which gives the same result, or the error)."""
+    if type(input) is not _Tensor or _needs_record(input, weight, bias):
+        return None
+    x = array_of(input)
+    if x is None:
+        return None
+    views = cached_views(module, weight, bias, running_mean, running_var)
+    if views is None:
+        return None
+    res = checked_forward(p, x, views[0], views[1], views[2], views[3], None, False)
+    if res is None:
+        return None
+    return _from_numpy(res[0])
+
+
+def train_forward(module, p, input, weight, bias, running_mean, running_var):
+    """_ModuleFunction.forward's common case (no residual): (y tensor, mean, rstd, x, w,
+    b), the arrays the backward needs, or None for the general route."""
+    x = array_of(input)
+    if x is None:
+        return None
+    views = cached_views(module, weight, bias, running_mean, running_var)
+    if views is None:
+        return None
+    w, b = views[0], views[1]
+    res = checked_forward(p, x, w, b, views[2], views[3], None, True)
+    if res is None:
+        return None
+    return _from_numpy(res[0]), res[2], res[3], x, w, b
+
+
+def train_backward(ctx, dy):
+    """_ModuleFunction.backward's common case, for a forward that took train_forward
+    (ctx.state = (p, 2, mean, rstd, x, w, b, ...)) and a backward autograd need not
+    differentiate: its return value, or None when dy needs the general route."""
+    if _grad_enabled():
+        return None
+    dyn = array_of(dy)
+    if dyn is None:
+        return None
+    state = ctx.state
+    p, x, w, b = state[0], state[4], state[5], state[6]
+    grads = checked_backward(p, dyn, x, w, b, state[2], state[3])
+    if grads is None:
+        return None
+    ctx.saved_tensors  # torch's check that no saved tensor was changed in place
+    n = ctx.needs_input_grad
+    dx, dw, db = grads
+    return (None, None, _from_numpy(dx) if n[2] else None,
+            _from_numpy(dw) if n[3] and w is not None else None,
+            _from_numpy(db) if n[4] and db is not None and b is not None else None,
+            None, None, None)
+
+
+# ---- module forwards: the common inference call of each module, or None ------------------
+# Each reads the module's attributes as its forward in cynorm.torch does and returns None
+# for anything that forward must check or handle itself (it then runs in full).
+
+cdef object _act(module):
+    """The module's activation when valid (None included), else False."""
+    act = module.activation
+    if act is None or (type(act) is str and act in ACTIVATIONS):
+        return act
+    return False
+
+
+def group_module(module, input):
+    """GroupNorm.forward's call: an inference call run here, a call autograd must record
+    handed to record (the checks of checked_forward for this kind,
+    made here directly: the smallest calls are the ones this is for)."""
+    if type(input) is not _Tensor:
+        return None
+    shape = input.shape
+    if len(shape) < 2:
+        return None
+    C = shape[1]
+    if C != module.num_channels:
+        return None
+    act = _act(module)
+    G = module.num_groups
+    eps = module.eps
+    if (act is False or type(G) is not int or G < 1 or C % G or type(eps) is not float
+            or not 0.0 <= eps < _INF):
+        return None
+    params = module._parameters
+    weight, bias = params["weight"], params["bias"]
+    if _needs_record(input, weight, bias):
+        return record(("group", G, None, True, 0.0, eps, act), module, input, weight, bias,
+                      None, None, None)
+    x = array_of(input)
+    if x is None:
+        return None
+    views = cached_views(module, weight, bias, None, None)
+    if views is None:
+        return None
+    w, b = views[0], views[1]
+    dt = x.dtype
+    if not (_param_ok(w, dt, C) and _param_ok(b, dt, C)):
+        return None
+    return _from_numpy(_api._slab_forward_checked(x, G, w, b, eps, ACTIVATIONS[act])[0])
+
+
+cdef bint _needs_record(input, weight, bias) except -1:
+    """Whether autograd must record a call (cynorm.torch's _needs_grad)."""
+    return _grad_enabled() and ((weight is not None and weight.requires_grad)
+                                or (bias is not None and bias.requires_grad)
+                                or input.requires_grad)
+
+
+cdef bint _param_ok(a, dt, Py_ssize_t C) except -1:
+    """Whether a per-channel parameter's view (or None) fits x's dtype and C channels."""
+    return a is None or (a.dtype is dt and a.ndim == 1 and a.shape[0] == C)
+
+
+def batch_module(module, input):
+    """_BatchNorm.forward's inference call in eval mode with running statistics."""
+    if type(input) is not _Tensor or module.training or input.dim() not in module._cynorm_dims:
+        return None
+    act = _act(module)
+    if act is False:
+        return None
+    buffers = module._buffers
+    rm, rv = buffers["running_mean"], buffers["running_var"]
+    if rm is None or rv is None:
+        return None
+    momentum = module.momentum
+    params = module._parameters
+    p = ("batch", 0, None, False, 0.0 if momentum is None else momentum, module.eps, act)
+    return lean_module(module, p, input, params["weight"], params["bias"], rm, rv)
+
+
+def row_module(module, input, kind):
+    """LayerNorm.forward's (kind "layer") or RMSNorm.forward's ("rms") call without a
+    residual, as group_module (the checks of checked_forward for these kinds, made here
+    directly)."""
+    if type(input) is not _Tensor:
+        return None
+    ns = module.normalized_shape
+    eps = module.eps
+    rms = kind == "rms"
+    if type(ns) is not tuple or not ns:
+        return None
+    shape = input.shape
+    nd = len(ns)
+    if shape[len(shape) - nd:] != ns:
+        return None
+    params = module._parameters
+    weight = params["weight"]
+    bias = None if rms else params["bias"]
+    if _needs_record(input, weight, bias):
+        return record((kind, 0, ns, True, 0.0, eps, None), module, input, weight, bias, None,
+                      None, None)
+    x = array_of(input)
+    if x is None:
+        return None
+    dt = x.dtype
+    if type(eps) is not float or not 0.0 <= eps < _INF:
+        if not (eps is None and rms):
+            return None
+        eps = float(np.finfo(dt).eps)
+    views = cached_views(module, weight, bias, None, None)
+    if views is None:
+        return None
+    w, b = views[0], views[1]
+    if ((w is not None and (w.dtype is not dt or w.shape != ns))
+            or (b is not None and (b.dtype is not dt or b.shape != ns))):
+        return None
+    return _from_numpy(_api._row_forward_checked(x, nd, w, b, eps, rms, None)[0])
