@@ -377,10 +377,10 @@ cdef inline void tree_merge_cols(double* pm, double* pq, Py_ssize_t stride,
 
 # The one-pass statistics of a piece (piece_moments): with k = the mean of the piece's
 # first SHIFT_HEAD values (rounded to float32 unless the data are float64), the float64
-# lanes sum e = x - k and e^2 in the same pass (cn_sqdev, the deviations pass of the two-pass
-# algorithm, with k for the mean); then mean = k + S / n and m2 = Q - S^2 / n. This saves
-# the two-pass algorithm's first pass, and is as exact where the shift is near the mean:
-# with S^2 / n <= SHIFT_SPREAD / (SHIFT_SPREAD + 1) Q (that is
+# lanes sum e = x - k and e^2 in the same pass (cn_sqdev, the deviations pass of the
+# two-pass algorithm, with k for the mean); then mean = k + S / n and m2 = Q - S^2 / n.
+# This saves the two-pass algorithm's first pass, and is as exact where the shift is
+# near the mean: with S^2 / n <= SHIFT_SPREAD / (SHIFT_SPREAD + 1) Q (that is
 # (mean - k)^2 <= SHIFT_SPREAD var, k within 8 standard deviations of the mean), with
 # e, e^2 and each float64 lane's n / 16 additions rounding (e = x - k is exact for
 # float32 data but for exponents 29 apart), g = (n / 16 + 8) 2^-53 bounds the relative
