@@ -27,6 +27,7 @@
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.float cimport DBL_MAX
 from libc.math cimport NAN, sqrt
 
 # Elements per piece: 4096 float64 = 32 KiB, so a piece's second pass hits L1.
@@ -393,17 +394,42 @@ cdef inline void tree_merge_cols(double* pm, double* pq, Py_ssize_t stride,
     cn_tree_merge_cols(pm, pq, stride, n_blocks, block_rows, n_rows, n)
 
 
+# The one-pass statistics of a piece (piece_moments): with k = the mean of the piece's
+# first SHIFT_HEAD values (rounded to float32 unless the data are float64), the float64
+# lanes sum e = x - k and e^2 in the same pass (cn_sqdev, the deviations pass of the
+# two-pass algorithm, with k for the mean); then mean = k + S / n and m2 = Q - S^2 / n.
+# This saves the two-pass algorithm's first pass, and is as exact where the shift is
+# near the mean: with S^2 / n <= SHIFT_SPREAD / (SHIFT_SPREAD + 1) Q (that is
+# (mean - k)^2 <= SHIFT_SPREAD var, k within 8 standard deviations of the mean), with
+# e, e^2 and each float64 lane's n / 16 additions rounding (e = x - k is exact for
+# float32 data but for exponents 29 apart), g = (n / 16 + 8) 2^-53 bounds the relative
+# error of Q and g sqrt(n Q) the error of S, so |m2 error| <= g (2 sqrt(64 * 65) + 65) m2
+# < 200 g m2 (6e-12 relative for a full piece) and |mean error| <= g sqrt(Q / n)
+# < 9 g sqrt(m2 / n). A mean of 16 values, not one value, keeps outliers among them
+# inside the limit: the mean of any 16 of n values lies within sqrt(n / 16 - 1) spreads
+# of the mean (Samuelson's inequality: 16 for n = 4096, within the limit for n <= 1040),
+# so only a cluster of first values far from the rest of a long piece, or k rounded to
+# float32 on near-constant data, goes past it. Those, constant data (Q = 0), squares
+# that overflow or may have lost digits below the normal range (Q < n 2^-1000, float64
+# data), NaN and Inf take the two-pass algorithm.
+cdef enum:
+    SHIFT_SPREAD = 64
+    SHIFT_HEAD = 16
+
+
 cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t p,
                                int welford, int centered, const storage* pf,
                                double* cnt, double* mean, double* m2) noexcept nogil:
     """Moments of piece p of the set starting at xs.
 
-    Two-pass (a mean, then the deviations from it while the piece is in L1, corrected)
-    or Welford. centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
-    pf: the next piece's data, prefetched during the second pass (single-run pieces).
+    One pass of shifted sums where it is as exact (see SHIFT_SPREAD), else two-pass (a
+    mean, then the deviations from it while the piece is in L1, corrected); or Welford.
+    centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
+    pf: the next piece's data, prefetched during the deviations pass (single-run
+    pieces).
     16-bit data: the float32 lanes' code on the values widened in registers."""
-    cdef Py_ssize_t run0, nruns, e0, elen, r
-    cdef double s = 0, q = 0, m = 0, c = 0
+    cdef Py_ssize_t run0, nruns, e0, elen, r, i
+    cdef double s = 0, q = 0, m = 0, c = 0, d
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
     if welford and centered:
         for r in range(nruns):
@@ -414,6 +440,27 @@ cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t
         return
     c = <double>(nruns * elen)
     if centered:
+        # one pass: the shifted sums of x - k (k: the mean of the piece's first
+        # SHIFT_HEAD values), kept where they give the moments to float64 accuracy (see
+        # SHIFT_SPREAD); else the two passes below
+        r = elen if elen < SHIFT_HEAD else SHIFT_HEAD
+        for i in range(r):
+            m += ld(xs, run0 * L.run_stride + e0 + i)
+        m = m / r
+        if storage is float or storage is cn_f16 or storage is cn_bf16:
+            m = <float>m  # x - k exact in float64
+        for r in range(nruns):
+            q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s,
+                            pf if nruns == 1 else NULL)
+        d = s * s / c
+        if (q <= DBL_MAX and q >= c * 9.332636185032189e-302
+                and (SHIFT_SPREAD + 1) * d <= SHIFT_SPREAD * q):
+            cnt[0] = c
+            mean[0] = m + s / c
+            m2[0] = q - d
+            return
+        q = 0
+        s = 0
         for r in range(nruns):
             s += lane_sum(xs + (run0 + r) * L.run_stride + e0, elen)
         m = s / c
