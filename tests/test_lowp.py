@@ -663,7 +663,7 @@ def round_once(a32, dt):
     return a32.astype(np.float64).astype(dt) if dt == F16 else a32.astype(dt)
 
 
-def _same_bits(a, e, what):
+def _equal_bits(a, e, what):
     assert a.dtype == e.dtype and a.shape == e.shape, what
     assert np.array_equal(np.ascontiguousarray(a).view(np.uint16),
                           np.ascontiguousarray(e).view(np.uint16)), (
@@ -718,11 +718,11 @@ def test_16bit_channels_last_and_short_runs_are_the_float32_result_rounded_once(
     w, b = data(C, np.float32, 33, 1.0), data(C, np.float32, 34)
     got = _run_op(op, x, dy, w, b, act, axis)
     ref32 = _run_op(op, x.astype(np.float32), dy.astype(np.float32), w, b, act, axis)
-    _same_bits(got[0], round_once(ref32[0], dt), "y")
+    _equal_bits(got[0], round_once(ref32[0], dt), "y")
     for k, name in ((1, "mean"), (2, "rstd")):
         assert np.array_equal(got[k], ref32[k]), name
     if act is None:  # with an activation dx comes from float32 copies (g keeps digits)
-        _same_bits(got[3], round_once(ref32[3], dt), "dx")
+        _equal_bits(got[3], round_once(ref32[3], dt), "dx")
     # float32 parameters: dweight and dbias are the float32 data's
     assert np.array_equal(got[4], ref32[4]) and np.array_equal(got[5], ref32[5])
 
@@ -776,8 +776,8 @@ def test_16bit_channels_last_is_bitwise_the_nchw_result_when_sums_are_exact(dt, 
     last = _run_op(op, x, dy, w, b, None, -1)
     nchw = _run_op(op, np.ascontiguousarray(np.moveaxis(x, -1, 1)),
                    np.ascontiguousarray(np.moveaxis(dy, -1, 1)), w, b, None, 1)
-    _same_bits(last[0], np.ascontiguousarray(np.moveaxis(nchw[0], 1, -1)), "y")
-    _same_bits(last[3], np.ascontiguousarray(np.moveaxis(nchw[3], 1, -1)), "dx")
+    _equal_bits(last[0], np.ascontiguousarray(np.moveaxis(nchw[0], 1, -1)), "y")
+    _equal_bits(last[3], np.ascontiguousarray(np.moveaxis(nchw[3], 1, -1)), "dx")
     for k in (1, 2, 4, 5):
         assert np.array_equal(last[k], nchw[k]), k
 
