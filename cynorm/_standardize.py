@@ -30,8 +30,6 @@ from cynorm._validate import (
 )
 
 _TWO_PASS = 0
-# channel.pyx's SHORT_RUN: runs shorter than this take its column path
-_SHORT_RUN = 64
 
 
 def _axes(axis, ndim):
@@ -173,13 +171,10 @@ def _run(x, y, reduced, kept, w, w_axes, b, b_axes, mean, rstd, eps, ddof):
     # the axes along which each family applies weight and bias itself
     along = set(kept) if pattern in ("RK", "RKR") else set(reduced)
     fuse = set(w_axes) <= along and set(b_axes) <= along
-    if is_lowp(x.dtype) and (not fuse or pattern in ("RK", "KRK")
-                             or (pattern == "RKR" and sizes[2] < _SHORT_RUN)):
-        # 16-bit data where a kernel path reads float32/float64 only (the column
-        # reductions: channel.pyx's column path, columns.pyx) or where weight and bias
-        # are applied after the kernel: normalised as an exact float32 copy, the result
-        # rounded once to x's dtype. (A float32 copy until the column reductions take
-        # the 16-bit storages themselves.)
+    if is_lowp(x.dtype) and (not fuse or pattern == "KRK"):
+        # 16-bit data where the kernel reads float32/float64 only (columns.pyx's
+        # batched columns) or where weight and bias are applied after the kernel:
+        # normalised as an exact float32 copy, the result rounded once to x's dtype
         y32 = _to_f32(x)
         _run(y32, y32, reduced, kept, w, w_axes, b, b_axes, mean, rstd, eps, ddof)
         _store(y32, y)
