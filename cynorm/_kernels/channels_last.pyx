@@ -39,7 +39,8 @@ from cython.parallel cimport prange, threadid
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    COL_ROWS, col_tile_moments, col_grad_sums, fold_param_grads, tree_merge, chan_merge,
+    COL_ROWS, col_tile_moments, col_grad_sums, fold_param_grads, tree_merge_cols,
+    MERGE_COLS, chan_merge,
     inv_std, f32_xhat_ok, split_mean, act_run, data, storage, storage_kind, widen, narrow,
     ld, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
@@ -180,11 +181,15 @@ cdef inline void _block_moments(const storage* xs, const double* shift, double* 
 
 
 cdef inline void _channel_merge(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t nb,
-                                Py_ssize_t HW, double shift) noexcept nogil:
-    """A channel's nb block moments (stride apart) merged pairwise into pm[0], pq[0];
-    the mean made absolute."""
-    tree_merge(pm, pq, stride, nb, COL_ROWS, HW, pm, pq)
-    pm[0] += shift
+                                Py_ssize_t HW, const double* shift,
+                                Py_ssize_t n) noexcept nogil:
+    """n adjacent channels' nb block moments (block q at pm[q * stride + j]) merged
+    pairwise into pm[j], pq[j] (tree_merge_cols: the same bits as tree_merge per channel,
+    a vector of channels at a time); the means made absolute."""
+    cdef Py_ssize_t j
+    tree_merge_cols(pm, pq, stride, nb, COL_ROWS, HW, n)
+    for j in range(n):
+        pm[j] += shift[j]
 
 
 cdef inline void _group_stats(const double* cm, const double* cq, Py_ssize_t cpg,
@@ -217,8 +222,7 @@ cdef void _fused_item(const storage* x, storage* y, const floating* w,
     for blk in range(nb):
         _block_moments(xs, sh - c0, pm + blk * wmax - c0, pq + blk * wmax - c0, HW, C,
                        blk, c0, c1, welford)
-    for j in range(c1 - c0):
-        _channel_merge(pm + j, pq + j, wmax, nb, HW, sh[j])
+    _channel_merge(pm, pq, wmax, nb, HW, sh, c1 - c0)
     for g in range(g0, g1):
         _group_stats(pm + (g - g0) * cpg, pq + (g - g0) * cpg, cpg, HW, eps,
                      &mean[n * G + g], &rstd[n * G + g])
@@ -235,7 +239,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     buf (1 + 2 * nb) * N * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
-    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc
+    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc, nmc
     cdef Py_ssize_t t, n, g0, blk, j0, i, r0
     cdef double* sh = buf
     cdef double* pm = buf + N * C
@@ -257,9 +261,12 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         _block_moments(x + n * HW * C, sh + n * C, pm + (n * nb + blk) * C,
                        pq + (n * nb + blk) * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
                        welford)
-    for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-        _channel_merge(pm + (i // C) * nb * C + i % C, pq + (i // C) * nb * C + i % C, C,
-                       nb, HW, sh[i])
+    nmc = (C + MERGE_COLS - 1) // MERGE_COLS
+    for t in prange(N * nmc, nogil=True, num_threads=nt, schedule="static"):
+        n = t // nmc
+        j0 = (t % nmc) * MERGE_COLS
+        _channel_merge(pm + n * nb * C + j0, pq + n * nb * C + j0, C, nb, HW,
+                       sh + n * C + j0, min(MERGE_COLS, C - j0))
     for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
         _group_stats(pm + (i // G) * nb * C + (i % G) * cpg,
                      pq + (i // G) * nb * C + (i % G) * cpg, cpg, HW, eps, &mean[i],
