@@ -7,8 +7,10 @@ loops run along the rows, vectorised across the contiguous channels; no transpos
 
 Statistics: per-channel moments of blocks of COL_ROWS rows (col_tile_moments: channels
 in vector lanes, of x minus the channel's first value), merged per channel pairwise
-(tree_merge), then the group's channels merged in channel order (Chan's formula, exact
-up to rounding). Backward: per-channel sums of dy and dy * (x - mean) over each block,
+(tree_merge_cols: a vector of channels per operation, the bits of tree_merge per
+channel; a channel at a time, reading its blocks a stride apart, took a quarter of the
+statistics' time), then the group's channels merged in channel order (Chan's formula,
+exact up to rounding). Backward: per-channel sums of dy and dy * (x - mean) over each block,
 the blocks added in order, folded per group as the slab family does. The apply and dx
 run row by row with per-channel coefficients and the slab family's arithmetic per
 element (the same constants give the same bits); only the order of the sums differs
@@ -18,7 +20,13 @@ Work items are (sample, tile of whole groups, up to CL_WIDTH channels): the stat
 then the apply while the tile's rows are still in L2 or L3 (fused). Tiles are whole rows
 where possible: narrow tiles read strided row pieces, which the caches and prefetchers
 serve worse than whole rows (measured: tiles of 40 channels of a 256-channel row, sized
-so that their rows stay in L2, were slower than whole rows). With several threads and
+so that their rows stay in L2, were slower than whole rows; measured again with the
+register-tile column sums and the vectorised merge, tiles of one to four cache lines a
+row sized to 128-512 KiB made the statistics 1.2-1.4x and the row-by-row apply 3-4x
+slower than whole rows, the per-block and per-row call overheads outweighing the L2
+hits). So a sample's rows are read from memory by the statistics and again (from L3
+when the sample fits there) by the apply: about 1.6x the NCHW forward's time, one
+thread (benchmarks/results/channels_last*.txt). With several threads and
 fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
 blocks, the row blocks are shared out among the threads instead and the apply is a pass
 of its own. Each column's arithmetic is the same in both
@@ -26,8 +34,10 @@ schedules and for every tile width: the bits depend only on the shape.
 
 Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
 float16, bfloat16), parameters float32 for all but float64 data. 16-bit data are read
-in place: the column sums widen staged row blocks (_lanes.h), the apply and dx widened
-row pieces, with the float32 data's arithmetic, rounded once on store; so a 16-bit
+in place: the column sums widen staged row blocks (_lanes.h), the apply widens and
+narrows in registers (cn_cl_affine in _lanes.h; staged float32 row pieces with an
+activation, or where a set needs the float64 xhat), dx widened row pieces, with the
+float32 data's arithmetic, rounded once on store; so a 16-bit
 result is bitwise the float32 result on the widened data, rounded once.
 
 The callers in cynorm._api validate everything; these functions trust their arguments:
@@ -44,6 +54,7 @@ from cynorm._kernels._common cimport (
     inv_std, f32_xhat_ok, split_mean, act_run, data, storage, storage_kind, widen, narrow,
     ld, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
+from cynorm._kernels._common cimport cn_cl_affine_f16, cn_cl_affine_bf16
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
 
 import numpy as np
@@ -143,6 +154,12 @@ cdef inline void _affine_act_row(const storage* x, storage* y, Py_ssize_t n,
         _affine_row(x, y, n, k)
         if act:
             act_run(y, n, act)
+    elif k.all_ok and not act:
+        # widened and narrowed in registers: the same operations, no staged copy
+        if storage is cn_f16:
+            cn_cl_affine_f16(x, y, n, k.mh, k.ml, k.rf, k.wf, k.bf)
+        else:
+            cn_cl_affine_bf16(x, y, n, k.mh, k.ml, k.rf, k.wf, k.bf)
     else:
         widen(x, buf, n)
         _affine_row(<const float*>buf, buf, n, k)
