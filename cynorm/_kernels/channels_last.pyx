@@ -21,11 +21,11 @@ then the apply while the tile's rows are still in L2 or L3 (fused). Tiles are wh
 where possible: narrow tiles read strided row pieces, which the caches and prefetchers
 serve worse than whole rows (measured: tiles of 40 channels of a 256-channel row, sized
 so that their rows stay in L2, were slower than whole rows; measured again with the
-register-tile column sums and the vectorised merge, tiles of one to four cache lines a
-row sized to 128-512 KiB made the statistics 1.2-1.4x and the row-by-row apply 3-4x
-slower than whole rows, the per-block and per-row call overheads outweighing the L2
-hits). So a sample's rows are read from memory by the statistics and again (from L3
-when the sample fits there) by the apply: about 1.6x the NCHW forward's time, one
+register-tile column sums, tiles of one to four cache lines a row sized to 128-512 KiB
+made the statistics 1.1-1.6x and the row-by-row apply 1.6-4x slower than whole rows on
+the benchmark's shapes: the per-block and per-row call overheads outweigh the L2 hits;
+narrow tiles need loops that keep a tile's constants in registers across its rows). So a sample's rows are read from memory by the statistics and again (from L3
+when the sample fits there) by the apply: 1.3-1.7x the NCHW forward's time, one
 thread (benchmarks/results/channels_last*.txt). With several threads and
 fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
 blocks, the row blocks are shared out among the threads instead and the apply is a pass
