@@ -241,6 +241,12 @@ cdef extern from "_lanes.h":
                        float rf, float wf, float t) noexcept nogil
     void cn_affine_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, float mh, float ml,
                         float rf, float wf, float t) noexcept nogil
+    void cn_cl_affine_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, const float* mh,
+                          const float* ml, const float* rf, const float* wf,
+                          const float* bf) noexcept nogil
+    void cn_cl_affine_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, const float* mh,
+                           const float* ml, const float* rf, const float* wf,
+                           const float* bf) noexcept nogil
     void cn_grad_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, Py_ssize_t n,
                      float mh, float ml, float rf, float wf, float gf,
                      float kf) noexcept nogil

@@ -741,6 +741,36 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
 CN_SPAN_DEFS(cn_f16, f16)
 CN_SPAN_DEFS(cn_bf16, bf16)
 
+/* the channels-last apply of one row piece (channels_last.pyx's _affine_row, float32
+ * form): y[k] = (((x[k] - mh[k]) - ml[k]) * rf[k]) * wf[k] + bf[k], per-channel
+ * constants; 16-bit data widened and narrowed in registers (no staged float32 copy) */
+#define CN_CL_AFFINE_CHUNK(k, m)                                                        \
+    {                                                                                   \
+        CN_PART_IN(TT, xp, x, k, m);                                                    \
+        CN_PART_IN(float, mhp, mh, k, m);                                               \
+        CN_PART_IN(float, mlp, ml, k, m);                                               \
+        CN_PART_IN(float, rfp, rf, k, m);                                               \
+        CN_PART_IN(float, wfp, wf, k, m);                                               \
+        CN_PART_IN(float, bfp, bf, k, m);                                               \
+        CN_PART_OUT(TT, yp, y, k, m);                                                   \
+        CN_STF(yp, (((CN_LDF(xp) - cn_loadf(mhp)) - cn_loadf(mlp)) * cn_loadf(rfp))     \
+                       * cn_loadf(wfp) + cn_loadf(bfp));                                \
+        CN_PART_DONE(TT, yp, y, k, m);                                                  \
+    }
+#define CN_CL_AFFINE_DEF(T_, NAME)                                                      \
+    static inline void cn_cl_affine_##NAME(const T_* x, T_* y, ptrdiff_t n,            \
+                                           const float* mh, const float* ml,            \
+                                           const float* rf, const float* wf,            \
+                                           const float* bf) {                           \
+        typedef T_ TT;                                                                  \
+        ptrdiff_t i;                                                                    \
+        /* no aligned head: a row piece's head would copy six arrays' partial chunks */ \
+        for (i = 0; i + CN_FW <= n; i += CN_FW) { CN_CL_AFFINE_CHUNK(i, CN_FW); }       \
+        if (i < n) { CN_CL_AFFINE_CHUNK(i, n - i); }                                    \
+    }
+CN_CL_AFFINE_DEF(cn_f16, f16)
+CN_CL_AFFINE_DEF(cn_bf16, bf16)
+
 /* ---- column reductions: per-column sums down the rows of a tile --------------------
  * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n). Each column is
  * summed alone, row by row in order, in float64; so a column's bits are those of the

@@ -7,8 +7,10 @@ loops run along the rows, vectorised across the contiguous channels; no transpos
 
 Statistics: per-channel moments of blocks of COL_ROWS rows (col_tile_moments: channels
 in vector lanes, of x minus the channel's first value), merged per channel pairwise
-(tree_merge), then the group's channels merged in channel order (Chan's formula, exact
-up to rounding). Backward: per-channel sums of dy and dy * (x - mean) over each block,
+(tree_merge_cols: a vector of channels per operation, the bits of tree_merge per
+channel; a channel at a time, reading its blocks a stride apart, took a quarter of the
+statistics' time), then the group's channels merged in channel order (Chan's formula,
+exact up to rounding). Backward: per-channel sums of dy and dy * (x - mean) over each block,
 the blocks added in order, folded per group as the slab family does. The apply and dx
 run row by row with per-channel coefficients and the slab family's arithmetic per
 element (the same constants give the same bits); only the order of the sums differs
@@ -18,7 +20,13 @@ Work items are (sample, tile of whole groups, up to CL_WIDTH channels): the stat
 then the apply while the tile's rows are still in L2 or L3 (fused). Tiles are whole rows
 where possible: narrow tiles read strided row pieces, which the caches and prefetchers
 serve worse than whole rows (measured: tiles of 40 channels of a 256-channel row, sized
-so that their rows stay in L2, were slower than whole rows). With several threads and
+so that their rows stay in L2, were slower than whole rows; measured again with the
+register-tile column sums, tiles of one to four cache lines a row sized to 128-512 KiB
+made the statistics 1.1-1.6x and the row-by-row apply 1.6-4x slower than whole rows on
+the benchmark's shapes: the per-block and per-row call overheads outweigh the L2 hits;
+narrow tiles need loops that keep a tile's constants in registers across its rows). So a sample's rows are read from memory by the statistics and again (from L3
+when the sample fits there) by the apply: 1.3-1.7x the NCHW forward's time, one
+thread (benchmarks/results/channels_last*.txt). With several threads and
 fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
 blocks, the row blocks are shared out among the threads instead and the apply is a pass
 of its own. Each column's arithmetic is the same in both
@@ -26,8 +34,10 @@ schedules and for every tile width: the bits depend only on the shape.
 
 Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
 float16, bfloat16), parameters float32 for all but float64 data. 16-bit data are read
-in place: the column sums widen staged row blocks (_lanes.h), the apply and dx widened
-row pieces, with the float32 data's arithmetic, rounded once on store; so a 16-bit
+in place: the column sums widen staged row blocks (_lanes.h), the apply widens and
+narrows in registers (cn_cl_affine in _lanes.h; staged float32 row pieces with an
+activation, or where a set needs the float64 xhat), dx widened row pieces, with the
+float32 data's arithmetic, rounded once on store; so a 16-bit
 result is bitwise the float32 result on the widened data, rounded once.
 
 The callers in cynorm._api validate everything; these functions trust their arguments:
@@ -39,10 +49,12 @@ from cython.parallel cimport prange, threadid
 
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
-    COL_ROWS, col_tile_moments, col_grad_sums, fold_param_grads, tree_merge, chan_merge,
+    COL_ROWS, col_tile_moments, col_grad_sums, fold_param_grads, tree_merge_cols,
+    MERGE_COLS, chan_merge,
     inv_std, f32_xhat_ok, split_mean, act_run, data, storage, storage_kind, widen, narrow,
     ld, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
+from cynorm._kernels._common cimport cn_cl_affine_f16, cn_cl_affine_bf16
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
 
 import numpy as np
@@ -142,6 +154,12 @@ cdef inline void _affine_act_row(const storage* x, storage* y, Py_ssize_t n,
         _affine_row(x, y, n, k)
         if act:
             act_run(y, n, act)
+    elif k.all_ok and not act:
+        # widened and narrowed in registers: the same operations, no staged copy
+        if storage is cn_f16:
+            cn_cl_affine_f16(x, y, n, k.mh, k.ml, k.rf, k.wf, k.bf)
+        else:
+            cn_cl_affine_bf16(x, y, n, k.mh, k.ml, k.rf, k.wf, k.bf)
     else:
         widen(x, buf, n)
         _affine_row(<const float*>buf, buf, n, k)
@@ -180,11 +198,15 @@ cdef inline void _block_moments(const storage* xs, const double* shift, double* 
 
 
 cdef inline void _channel_merge(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t nb,
-                                Py_ssize_t HW, double shift) noexcept nogil:
-    """A channel's nb block moments (stride apart) merged pairwise into pm[0], pq[0];
-    the mean made absolute."""
-    tree_merge(pm, pq, stride, nb, COL_ROWS, HW, pm, pq)
-    pm[0] += shift
+                                Py_ssize_t HW, const double* shift,
+                                Py_ssize_t n) noexcept nogil:
+    """n adjacent channels' nb block moments (block q at pm[q * stride + j]) merged
+    pairwise into pm[j], pq[j] (tree_merge_cols: the same bits as tree_merge per channel,
+    a vector of channels at a time); the means made absolute."""
+    cdef Py_ssize_t j
+    tree_merge_cols(pm, pq, stride, nb, COL_ROWS, HW, n)
+    for j in range(n):
+        pm[j] += shift[j]
 
 
 cdef inline void _group_stats(const double* cm, const double* cq, Py_ssize_t cpg,
@@ -217,8 +239,7 @@ cdef void _fused_item(const storage* x, storage* y, const floating* w,
     for blk in range(nb):
         _block_moments(xs, sh - c0, pm + blk * wmax - c0, pq + blk * wmax - c0, HW, C,
                        blk, c0, c1, welford)
-    for j in range(c1 - c0):
-        _channel_merge(pm + j, pq + j, wmax, nb, HW, sh[j])
+    _channel_merge(pm, pq, wmax, nb, HW, sh, c1 - c0)
     for g in range(g0, g1):
         _group_stats(pm + (g - g0) * cpg, pq + (g - g0) * cpg, cpg, HW, eps,
                      &mean[n * G + g], &rstd[n * G + g])
@@ -235,7 +256,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     buf (1 + 2 * nb) * N * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
-    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc
+    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc, nmc
     cdef Py_ssize_t t, n, g0, blk, j0, i, r0
     cdef double* sh = buf
     cdef double* pm = buf + N * C
@@ -257,9 +278,12 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         _block_moments(x + n * HW * C, sh + n * C, pm + (n * nb + blk) * C,
                        pq + (n * nb + blk) * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
                        welford)
-    for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-        _channel_merge(pm + (i // C) * nb * C + i % C, pq + (i // C) * nb * C + i % C, C,
-                       nb, HW, sh[i])
+    nmc = (C + MERGE_COLS - 1) // MERGE_COLS
+    for t in prange(N * nmc, nogil=True, num_threads=nt, schedule="static"):
+        n = t // nmc
+        j0 = (t % nmc) * MERGE_COLS
+        _channel_merge(pm + n * nb * C + j0, pq + n * nb * C + j0, C, nb, HW,
+                       sh + n * C + j0, min(MERGE_COLS, C - j0))
     for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
         _group_stats(pm + (i // G) * nb * C + (i % G) * cpg,
                      pq + (i // G) * nb * C + (i % G) * cpg, cpg, HW, eps, &mean[i],
