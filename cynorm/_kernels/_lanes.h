@@ -575,7 +575,9 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
  * to the next, loaded and stored once per group (not per row), so the column sums
  * (n <= 1024: 16 KiB, in L1) cost a quarter of the loads and stores and the dx stores
  * no longer queue behind them; each column still adds its rows one by one in row order,
- * so the group size does not change a bit.
+ * so the group size does not change a bit. The group's dx is stored after all its loads:
+ * with rows of 4 KiB (K = 1024 float32) a store to row q at k would otherwise share its
+ * address modulo 4 KiB with the loads of row q + 1 at k, which then wait on it.
  * Every column is computed alone, so the vector width does not change a bit. */
 #define CN_TILE_ROWS 4
 
@@ -585,7 +587,7 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
         for (; k + CN_FW <= n; k += CN_FW) {                                            \
             cn_vd aw0 = cn_load_f64(acc_w + k), aw1 = cn_load_f64(acc_w + k + CN_DW);   \
             cn_vd ab0 = cn_load_f64(acc_b + k), ab1 = cn_load_f64(acc_b + k + CN_DW);   \
-            cn_vf wk = w != NULL ? cn_loadf(w + k) : ones;                              \
+            cn_vf wk = w != NULL ? cn_loadf(w + k) : ones, o[P];                        \
             for (int q = 0; q < (P); q++) {                                             \
                 const float* c = coef + 5 * (r + q);                                    \
                 cn_vf d = CN_LDF(dy + (r + q) * K + k);                                 \
@@ -595,8 +597,9 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
                 aw1 = aw1 + cn_widen_hi(dh);                                            \
                 ab0 = ab0 + cn_widen_lo(d);                                             \
                 ab1 = ab1 + cn_widen_hi(d);                                             \
-                CN_STF(dx + (r + q) * K + k, (((d * wk) - c[3]) - h * c[4]) * c[2]);    \
+                o[q] = (((d * wk) - c[3]) - h * c[4]) * c[2];                           \
             }                                                                           \
+            for (int q = 0; q < (P); q++) CN_STF(dx + (r + q) * K + k, o[q]);           \
             cn_store_f64(acc_w + k, aw0);                                               \
             cn_store_f64(acc_w + k + CN_DW, aw1);                                       \
             cn_store_f64(acc_b + k, ab0);                                               \
