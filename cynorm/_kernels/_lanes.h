@@ -571,36 +571,57 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
  * with the row coefficients coef[5 r ...] = mh, ml, rs, mg, mgx: the mean as hi + lo,
  * mg = mean(dy * w), mgx = mean(dy * w * xhat) (w may be NULL). rstd is factored out of
  * dx so that g - mean(g) cancels before it is scaled (a constant row gets dx exact).
- * Row by row, so dy, x and dx stream; the column sums (n <= 1024: 16 KiB) stay in L1.
+ * Rows in groups of CN_TILE_ROWS: a group's column sums stay in registers from one row
+ * to the next, loaded and stored once per group (not per row), so the column sums
+ * (n <= 1024: 16 KiB, in L1) cost a quarter of the loads and stores and the dx stores
+ * no longer queue behind them; each column still adds its rows one by one in row order,
+ * so the group size does not change a bit. The group's dx is stored after all its loads:
+ * with rows of 4 KiB (K = 1024 float32) a store to row q at k would otherwise share its
+ * address modulo 4 KiB with the loads of row q + 1 at k, which then wait on it.
  * Every column is computed alone, so the vector width does not change a bit. */
-#define CN_ROW_TILE_BODY                                                                \
-    static const cn_vf ones = {CN_FLANES(1)};                                           \
-    for (ptrdiff_t r = 0; r < nrows; r++) {                                             \
-        const float* c = coef + 5 * r;                                                  \
-        const T* dyr = dy + r * K;                                                      \
-        const T* xr = x + r * K;                                                        \
-        T* dxr = dx + r * K;                                                            \
+#define CN_TILE_ROWS 4
+
+#define CN_ROW_TILE_GROUP(P)                                                            \
+    {                                                                                   \
         ptrdiff_t k = 0;                                                                \
         for (; k + CN_FW <= n; k += CN_FW) {                                            \
-            cn_vf d = CN_LDF(dyr + k);                                                  \
-            cn_vf h = ((CN_LDF(xr + k) - c[0]) - c[1]) * c[2];                          \
-            cn_vf wk = w != NULL ? cn_loadf(w + k) : ones;                              \
-            cn_vf dh = d * h;                                                           \
-            cn_store_f64(acc_w + k, cn_load_f64(acc_w + k) + cn_widen_lo(dh));          \
-            cn_store_f64(acc_w + k + CN_DW,                                             \
-                         cn_load_f64(acc_w + k + CN_DW) + cn_widen_hi(dh));             \
-            cn_store_f64(acc_b + k, cn_load_f64(acc_b + k) + cn_widen_lo(d));           \
-            cn_store_f64(acc_b + k + CN_DW,                                             \
-                         cn_load_f64(acc_b + k + CN_DW) + cn_widen_hi(d));              \
-            CN_STF(dxr + k, (((d * wk) - c[3]) - h * c[4]) * c[2]);                     \
+            cn_vd aw0 = cn_load_f64(acc_w + k), aw1 = cn_load_f64(acc_w + k + CN_DW);   \
+            cn_vd ab0 = cn_load_f64(acc_b + k), ab1 = cn_load_f64(acc_b + k + CN_DW);   \
+            cn_vf wk = w != NULL ? cn_loadf(w + k) : ones, o[P];                        \
+            for (int q = 0; q < (P); q++) {                                             \
+                const float* c = coef + 5 * (r + q);                                    \
+                cn_vf d = CN_LDF(dy + (r + q) * K + k);                                 \
+                cn_vf h = ((CN_LDF(x + (r + q) * K + k) - c[0]) - c[1]) * c[2];         \
+                cn_vf dh = d * h;                                                       \
+                aw0 = aw0 + cn_widen_lo(dh);                                            \
+                aw1 = aw1 + cn_widen_hi(dh);                                            \
+                ab0 = ab0 + cn_widen_lo(d);                                             \
+                ab1 = ab1 + cn_widen_hi(d);                                             \
+                o[q] = (((d * wk) - c[3]) - h * c[4]) * c[2];                           \
+            }                                                                           \
+            for (int q = 0; q < (P); q++) CN_STF(dx + (r + q) * K + k, o[q]);           \
+            cn_store_f64(acc_w + k, aw0);                                               \
+            cn_store_f64(acc_w + k + CN_DW, aw1);                                       \
+            cn_store_f64(acc_b + k, ab0);                                               \
+            cn_store_f64(acc_b + k + CN_DW, ab1);                                       \
         }                                                                               \
-        for (; k < n; k++) {                                                            \
-            float d = CN_LD1(dyr[k]), h = ((CN_LD1(xr[k]) - c[0]) - c[1]) * c[2];       \
-            acc_w[k] += d * h;                                                          \
-            acc_b[k] += d;                                                              \
-            CN_ST1(dxr + k, (((d * (w != NULL ? w[k] : 1.0f)) - c[3]) - h * c[4]) * c[2]); \
-        }                                                                               \
+        for (; k < n; k++)                                                              \
+            for (int q = 0; q < (P); q++) {                                             \
+                const float* c = coef + 5 * (r + q);                                    \
+                float d = CN_LD1(dy[(r + q) * K + k]);                                  \
+                float h = ((CN_LD1(x[(r + q) * K + k]) - c[0]) - c[1]) * c[2];          \
+                acc_w[k] += d * h;                                                      \
+                acc_b[k] += d;                                                          \
+                CN_ST1(dx + (r + q) * K + k,                                            \
+                       (((d * (w != NULL ? w[k] : 1.0f)) - c[3]) - h * c[4]) * c[2]);   \
+            }                                                                           \
     }
+
+#define CN_ROW_TILE_BODY                                                                \
+    static const cn_vf ones = {CN_FLANES(1)};                                           \
+    ptrdiff_t r = 0;                                                                    \
+    for (; r + CN_TILE_ROWS <= nrows; r += CN_TILE_ROWS) CN_ROW_TILE_GROUP(CN_TILE_ROWS)\
+    for (; r < nrows; r++) CN_ROW_TILE_GROUP(1)
 
 #define CN_ROW_TILE_DEF(TT, NAME)                                                       \
     static inline void cn_row_tile_##NAME(const TT* dy, const TT* x, TT* dx,            \

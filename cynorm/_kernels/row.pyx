@@ -207,6 +207,15 @@ cdef inline Py_ssize_t acc_subs(Py_ssize_t R) noexcept nogil:
     return (sub + MAX_BLOCKS - 1) // MAX_BLOCKS
 
 
+cdef inline Py_ssize_t b_offset(Py_ssize_t n_blocks, Py_ssize_t K) noexcept nogil:
+    """Where dbias's block partials start in part (dweight's at 0): after dweight's
+    n_blocks * K, padded so that the two lie 2 KiB apart modulo 4 KiB. Equal offsets
+    modulo 4 KiB (n_blocks * K a multiple of 512, the common case) make every load of
+    acc_b[k] wait on the store to acc_w[k] just before it (4K aliasing)."""
+    cdef Py_ssize_t n = n_blocks * K
+    return n + (256 - n % 512 + 512) % 512
+
+
 cdef inline Py_ssize_t acc_blocks(Py_ssize_t R) noexcept nogil:
     cdef Py_ssize_t sub = R // ROWS_PER_BLOCK if R >= ROWS_PER_BLOCK else 1
     cdef Py_ssize_t per = acc_subs(R)
@@ -288,8 +297,8 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
     (one block: R < 2 * ROWS_PER_BLOCK, a single sub-block). Fused (sums = 1): the
     sub-block's row sums live on the stack; else sdy, sdyx hold every row's."""
     cdef SetLayout L = make_layout(1, K, K)
-    cdef double stack_w[TILE_COLS]
-    cdef double stack_b[TILE_COLS]
+    # dweight's and dbias's column sums of one block, 2 KiB apart modulo 4 KiB (b_offset)
+    cdef double stack_wb[2 * TILE_COLS + 256]
     cdef double ssdy[2 * ROWS_PER_BLOCK]
     cdef double ssdyx[2 * ROWS_PER_BLOCK]
     cdef Py_ssize_t per = acc_subs(R) * ROWS_PER_BLOCK, n_blocks = acc_blocks(R)
@@ -299,10 +308,11 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
     cdef double* ab
     cdef double* psdy = sdy
     cdef double* psdyx = sdyx
+    cdef Py_ssize_t boff = b_offset(n_blocks, K)
     if n_blocks > 1:
         for k in range(j0 * TILE_COLS, min(j1 * TILE_COLS, K)):
             part[blk * K + k] = 0
-            part[(n_blocks + blk) * K + k] = 0
+            part[boff + blk * K + k] = 0
     s0 = ra
     while s0 < rb:
         # the last sub-block takes the rest of the rows
@@ -317,10 +327,10 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
             kn = min(TILE_COLS, K - k0)
             if n_blocks > 1:
                 aw = part + blk * K + k0
-                ab = part + (n_blocks + blk) * K + k0
+                ab = part + boff + blk * K + k0
             else:
-                aw = stack_w
-                ab = stack_b
+                aw = stack_wb
+                ab = stack_wb + TILE_COLS + 256
                 if s0 == ra:
                     for k in range(kn):
                         aw[k] = 0
@@ -334,6 +344,27 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
         s0 = s1
 
 
+cdef void _fold_blocks(const double* pw, const double* pb, floating* dw, floating* db,
+                       Py_ssize_t n_blocks, Py_ssize_t K, Py_ssize_t k0,
+                       Py_ssize_t kn) noexcept nogil:
+    """dw[k] = sum over q of pw[q * K + k] (db likewise from pb; db NULL: none) for
+    k in [k0, k0 + kn), q in order."""
+    cdef double aw[TILE_COLS]
+    cdef double ab[TILE_COLS]
+    cdef Py_ssize_t q, k
+    for k in range(kn):
+        aw[k] = 0
+        ab[k] = 0
+    for q in range(n_blocks):
+        for k in range(kn):
+            aw[k] = aw[k] + pw[q * K + k0 + k]
+            ab[k] = ab[k] + pb[q * K + k0 + k]
+    for k in range(kn):
+        dw[k0 + k] = <floating>aw[k]
+        if db != NULL:
+            db[k0 + k] = <floating>ab[k]
+
+
 cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     const floating* w, floating* dw, floating* db, const double* mean,
                     const double* rstd, double* sdy, double* sdyx, double* parts,
@@ -342,8 +373,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     cdef SetLayout L = make_layout(1, K, K)
     cdef Py_ssize_t n_blocks = acc_blocks(R)
     cdef Py_ssize_t n_cols = (K + TILE_COLS - 1) // TILE_COLS
-    cdef Py_ssize_t blk, t, k, q
-    cdef double acc_w, acc_b
+    cdef Py_ssize_t blk, t
     if parts == NULL:
         # fused: each sub-block's row sums, then its tiles while the rows are in L2
         for blk in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
@@ -355,15 +385,12 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
             _block_tiles(dy, x, dx, w, dw, db, mean, rstd, sdy, sdyx, part, R, K,
                          t // n_cols, t % n_cols, t % n_cols + 1, 0, rms)
     if n_blocks > 1:
-        for k in prange(K, nogil=True, num_threads=nt, schedule="static"):
-            acc_w = 0
-            acc_b = 0
-            for q in range(n_blocks):
-                acc_w = acc_w + part[q * K + k]
-                acc_b = acc_b + part[(n_blocks + q) * K + k]
-            dw[k] = <floating>acc_w
-            if db != NULL:
-                db[k] = <floating>acc_b
+        # the blocks' partials added in block order, column by column (each column's
+        # sum in the order of a loop over q), TILE_COLS columns at a time so that the
+        # partial rows are read contiguously and the sums vectorise
+        for t in prange(n_cols, nogil=True, num_threads=nt, schedule="static"):
+            _fold_blocks(part, part + b_offset(n_blocks, K), dw, db, n_blocks, K,
+                         t * TILE_COLS, min(TILE_COLS, K - t * TILE_COLS))
 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
@@ -391,7 +418,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
         sdy = <double*>data(sums)
         sdyx = sdy + R
     if n_blocks > 1:
-        colsums = np.empty(2 * n_blocks * K, dtype=np.float64)
+        colsums = np.empty(b_offset(n_blocks, K) + n_blocks * K, dtype=np.float64)
         part = <double*>data(colsums)
     cdef void* pdy = data(dy)
     cdef void* px = data(x)
