@@ -4,7 +4,6 @@ torch (and ONNX Runtime's own op where onnxruntime and onnx import) in interleav
 
     python benchmarks/bench_ab.py OLD_TREE NEW_TREE [threads] [rounds]
 """
-import importlib
 import os
 import sys
 import time
@@ -13,20 +12,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from _ab_trees import load
+
 old_tree, new_tree = sys.argv[1], sys.argv[2]
 threads = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 15
 torch.set_num_threads(threads)
 clock = time.process_time if threads == 1 else time.perf_counter
-
-
-def load(tree):
-    for k in [k for k in sys.modules if k == "cynorm" or k.startswith("cynorm.")]:
-        del sys.modules[k]
-    sys.path.insert(0, tree)
-    mod = importlib.import_module("cynorm")
-    sys.path.remove(tree)
-    return mod
 
 
 A = load(old_tree)

@@ -5,7 +5,7 @@ also checks that both trees give bitwise the same dx, dweight, dbias.
 
     python benchmarks/bench_ab_backward.py OLD_TREE NEW_TREE [rounds]
 """
-import importlib
+
 import os
 import sys
 import time
@@ -14,18 +14,11 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from _ab_trees import load
+
 old_tree, new_tree = sys.argv[1], sys.argv[2]
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 15
 torch.set_num_threads(1)
-
-
-def load(tree):
-    for k in [k for k in sys.modules if k == "cynorm" or k.startswith("cynorm.")]:
-        del sys.modules[k]
-    sys.path.insert(0, tree)
-    mod = importlib.import_module("cynorm")
-    sys.path.remove(tree)
-    return mod
 
 
 A = load(old_tree)
