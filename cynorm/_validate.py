@@ -4,10 +4,13 @@ layouts and `out=`. Each failure is a TypeError or ValueError that names the arg
 Kept lean: the common case (a C-contiguous float32/float64 ndarray) costs a few
 attribute reads, so that a tiny call stays in the microseconds.
 """
+import math
 import numbers
 import operator
 
 import numpy as np
+
+from cynorm import _pool
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -252,11 +255,11 @@ def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
     """The output array: newly allocated, or `out` checked for shape, dtype, layout,
     writability and overlap. `out` may be exactly one of `may_alias` (in place), never
     a partial overlap with any input."""
-    if out is None:
+    if out is None:  # large outputs from the output cache (cynorm/_pool.pyx)
         x = inputs[0]
         if x.shape == shape and x.dtype == dtype:
-            return np.empty_like(x)  # the common case, and the quicker call
-        return np.empty(shape, dtype=dtype)
+            return _pool.empty_like(x)  # the common case, and the quicker call
+        return _pool.empty(shape, dtype, math.prod(shape) * np.dtype(dtype).itemsize)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:
