@@ -70,7 +70,7 @@ unzip -q "$WHEEL" -d "$W/unpacked"
 registers() {  # the vector registers a module's code uses, e.g. "xmm ymm"
     objdump -d --no-show-raw-insn "$1" | grep -oE '%[xyz]mm[0-9]+' | cut -c2-4 | sort -u | tr '\n' ' '
 }
-for so in "$W"/unpacked/cynorm/_kernels/_*/*.so "$W"/unpacked/cynorm/_api*.so "$W"/unpacked/cynorm/_validate*.so; do
+for so in "$W"/unpacked/cynorm/_kernels/_*/*.so "$W"/unpacked/cynorm/_*.so; do
     regs="$(registers "$so")"
     ! readelf -S "$so" | grep -qE '\.(symtab|debug_info)' || die "$so is not stripped"
     case "$so" in
