@@ -29,7 +29,7 @@ def _layout(x, channel_axis, name="x"):
     """x with its channel axis: (x, N, C, HW, last), last True for channels-last x of
     shape (N, *spatial, C) (HW the product of the spatial dims), False for (N, C,
     *spatial)."""
-    x = as_input(x, name, min_ndim=2, lowp=True)
+    x = as_input(x, name, min_ndim=2)
     last = check_channel_axis(channel_axis, x.ndim) == -1
     shape = x.shape
     hw = 1
@@ -47,7 +47,7 @@ def _stats_pair(shape):
 
 def _like(a, name, x):
     """An array that must match x in shape and dtype (dy)."""
-    a = as_input(a, name, lowp=True)
+    a = as_input(a, name)
     same_shape(a, name, x.shape)
     if a.dtype != x.dtype:
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
@@ -460,7 +460,7 @@ def _rows(x, normalized_shape):
                             f"{type(normalized_shape).__name__}") from None
     if not ns:
         raise ValueError("normalized_shape must name at least one dimension")
-    x = as_input(x, "x", min_ndim=len(ns), lowp=True)
+    x = as_input(x, "x", min_ndim=len(ns))
     if x.shape[x.ndim - len(ns):] != ns:
         raise ValueError(f"normalized_shape {ns} must match the trailing dimensions of x, "
                          f"got x of shape {x.shape}")
