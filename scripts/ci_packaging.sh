@@ -43,7 +43,7 @@ say "building the sdist"
 "$PY" -m build --sdist -o "$W/dist" "$REPO" >"$W/sdist.log" 2>&1 || { tail -n 30 "$W/sdist.log"; die "sdist build"; }
 SDIST="$(ls "$W"/dist/cynorm-*.tar.gz)"
 tar tzf "$SDIST" >"$W/sdist.txt"
-for f in cynorm/_kernels/slab.pyx cynorm/_kernels/_common.pxd cynorm/_kernels/_lanes.h \
+for f in cynorm/_kernels/slab.pyx cynorm/_kernels/_common.pxd cynorm/_kernels/_lanes.h cynorm/_pool.h \
          cynorm/_kernels/_levels.py cynorm/_openmp.pxd tests/conftest.py tests/reference.py \
          LICENSE CITATION.cff; do
     grep -q "/$f\$" "$W/sdist.txt" || die "the sdist lacks $f"
