@@ -199,7 +199,6 @@ cdef extern from "_lanes.h":
     void cn_tree_merge_cols(double* pm, double* pq, Py_ssize_t stride, Py_ssize_t n_blocks,
                             Py_ssize_t block_rows, Py_ssize_t n_rows,
                             Py_ssize_t n) noexcept nogil
-    void cn_prefetch_range(const void* p, Py_ssize_t nbytes) noexcept nogil
     void cn_col_moments_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
                             const double* k, double* pm, double* pq,
                             Py_ssize_t pf_rows) noexcept nogil
@@ -919,26 +918,19 @@ cdef inline void _grad_span_f64(const floating* dy, const floating* x, floating*
         dx[i] = <floating>(rstd * ((weight * dy[i] - mg) - ((x[i] - mean) * rstd) * mgx))
 
 
-cdef enum:
-    # elements per block of an apply that prefetches: 16 cache lines of float32 per
-    # array, a burst the core's fill buffers absorb
-    PREFETCH_BLOCK = 256
-
-
 cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
                             Py_ssize_t n, double weight, double mg, double mgx,
-                            double mean, double rstd, const storage* pf_dy,
-                            const storage* pf_x) noexcept nogil:
+                            double mean, double rstd) noexcept nogil:
     """dx = rstd * ((weight * dy - mg) - xhat * mgx) with xhat = (x - mean) * rstd, where
     mg = mean(g) and mgx = mean(g * xhat) over the set, g = weight * dy; dx may be dy or
     x. rstd is factored out, so g - mean(g) cancels before it is scaled: a constant set
     (xhat = 0) gets dx = rstd * (g - mean(g)) with no error of rstd's size (a set of one
     element: exactly 0), and nothing leaves the float range for data near its limits.
 
-    pf_dy, pf_x: n elements the caller reads next (the next set), prefetched block by
-    block meanwhile, so that this L2-bound pass overlaps the next pass's memory reads;
-    NULL for none. 16-bit data: dx in float32 on the values widened in registers,
-    rounded once."""
+    No software prefetch of the data the caller reads next: the slab backward, which
+    prefetched its next slab into L1 (or L2) during this pass, measured 1.2-1.4x slower
+    out of cache with it than leaving that slab to the hardware prefetchers.
+    16-bit data: dx in float32 on the values widened in registers, rounded once."""
     cdef float bdy[STAGE]
     cdef float bx[STAGE]
     cdef Py_ssize_t i = 0, e
@@ -946,33 +938,18 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
     if storage is float or storage is double:
         i = aligned_head(dx, n, sizeof(storage))
         _grad_span(dy, x, dx, 0, i, weight, mg, mgx, mean, rstd)
-        while i < n:
-            e = i + PREFETCH_BLOCK if i + PREFETCH_BLOCK < n else n
-            if pf_dy != NULL:
-                cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
-                cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
-            _grad_span(dy, x, dx, i, e, weight, mg, mgx, mean, rstd)
-            i = e
+        _grad_span(dy, x, dx, i, n, weight, mg, mgx, mean, rstd)
     elif f32_xhat_ok(rstd):
         split_mean(mean, &mh, &ml)
-        while i < n:
-            e = i + 2 * PREFETCH_BLOCK if i + 2 * PREFETCH_BLOCK < n else n
-            if pf_dy != NULL:
-                cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
-                cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
-            if storage is cn_f16:
-                cn_grad_f16(dy + i, x + i, dx + i, e - i, mh, ml, <float>rstd,
-                            <float>weight, <float>mg, <float>mgx)
-            else:
-                cn_grad_bf16(dy + i, x + i, dx + i, e - i, mh, ml, <float>rstd,
-                             <float>weight, <float>mg, <float>mgx)
-            i = e
+        if storage is cn_f16:
+            cn_grad_f16(dy, x, dx, n, mh, ml, <float>rstd, <float>weight, <float>mg,
+                        <float>mgx)
+        else:
+            cn_grad_bf16(dy, x, dx, n, mh, ml, <float>rstd, <float>weight, <float>mg,
+                         <float>mgx)
     else:
         while i < n:
             e = i + STAGE if i + STAGE < n else n
-            if pf_dy != NULL:
-                cn_prefetch_range(pf_dy + i, (e - i) * sizeof(storage))
-                cn_prefetch_range(pf_x + i, (e - i) * sizeof(storage))
             widen(dy + i, bdy, e - i)
             widen(x + i, bx, e - i)
             _grad_span(<const float*>bdy, <const float*>bx, bdy, 0, e - i, weight, mg, mgx,

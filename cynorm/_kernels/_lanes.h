@@ -149,12 +149,6 @@ static inline void cn_storef(float* p, cn_vf v) {
     memcpy(p, &v, sizeof v);
 }
 
-/* prefetch [p, p + nbytes) into L1, one request per cache line */
-static inline void cn_prefetch_range(const void* p, ptrdiff_t nbytes) {
-    const char* c = (const char*)p;
-    for (ptrdiff_t i = 0; i < nbytes; i += 64) CN_PREFETCH(c + i);
-}
-
 static inline cn_vd cn_load_f64(const double* p) {
     cn_vd v;
     memcpy(&v, p, sizeof v);

@@ -514,7 +514,7 @@ cdef inline void _grad_channel(const storage* dy, const storage* x, storage* dx,
         mgx = wc * (rs * sdyx[c] / M)
     for n in range(n0, n1):
         grad_const(dy + (n * C + c) * HW, x + (n * C + c) * HW, dx + (n * C + c) * HW,
-                   HW, wc, mg, mgx, mean[c], rs, NULL, NULL)
+                   HW, wc, mg, mgx, mean[c], rs)
 
 
 cdef inline void _act_grad_channel(const storage* dy, const storage* x, storage* g,

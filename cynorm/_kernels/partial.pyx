@@ -246,7 +246,7 @@ cdef void _grad_apply(const storage* dy, const storage* x, storage* dx,
                       wc * (rs * sdyx[k] / count), mean[k], rs)
         else:
             grad_const(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
-                       wc * (rs * sdyx[k] / count), mean[k], rs, NULL, NULL)
+                       wc * (rs * sdyx[k] / count), mean[k], rs)
 
 
 def grad_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
