@@ -1,6 +1,7 @@
-"""The per-call glue of cynorm.torch's eager routes: from tensors to the NumPy API's
-checked entry points and back. It runs on every call of a cynorm.torch module, so it is
-compiled and kept to attribute reads and comparisons; everything uncommon (16-bit and
+"""The per-call glue of cynorm.torch's eager routes: from tensors to the kernels (called
+as the NumPy API's checked entry points call them) and back. It runs on every call of a
+cynorm.torch module, so it is compiled and kept to attribute reads, comparisons and
+NumPy C-API allocations; everything uncommon (16-bit and
 channels-last data, residuals, casts, arguments that need the public functions' checks
 and error messages) is answered with None, and cynorm.torch then takes its general
 route.
@@ -392,6 +393,10 @@ def lean_module(module, p, input, weight, bias, running_mean, running_var):
     """A module's inference output (no autograd record) in the common case, or None:
     autograd must record the call, or the arguments need cynorm.torch's general route
     (which gives the same result, or the error)."""
+    return _lean(module, p, input, weight, bias, running_mean, running_var)
+
+
+cdef object _lean(module, tuple p, input, weight, bias, running_mean, running_var):
     if type(input) is not _Tensor or _needs_record(input, weight, bias):
         return None
     x = _array(input)
@@ -506,8 +511,11 @@ cdef bint _param_ok(a, dt, Py_ssize_t C) except -1:
 
 
 def batch_module(module, input):
-    """_BatchNorm.forward's inference call in eval mode with running statistics."""
-    if type(input) is not _Tensor or module.training or input.dim() not in module._cynorm_dims:
+    """_BatchNorm.forward's call in eval mode with running statistics, and in training
+    mode with tracked statistics and a float momentum (num_batches_tracked counted as
+    torch counts it): an inference call run here, a call autograd must record handed to
+    record; None for everything else."""
+    if type(input) is not _Tensor or input.dim() not in module._cynorm_dims:
         return None
     act = _act(module)
     if act is False:
@@ -518,8 +526,23 @@ def batch_module(module, input):
         return None
     momentum = module.momentum
     params = module._parameters
-    p = ("batch", 0, None, False, 0.0 if momentum is None else momentum, module.eps, act)
-    return lean_module(module, p, input, params["weight"], params["bias"], rm, rv)
+    weight, bias = params["weight"], params["bias"]
+    if not module.training:
+        p = ("batch", 0, None, False, 0.0 if momentum is None else momentum, module.eps,
+             act)
+        return _lean(module, p, input, weight, bias, rm, rv)
+    count = buffers.get("num_batches_tracked")
+    if (type(momentum) is not float or not module.track_running_stats or count is None
+            or type(count) is not _Tensor):
+        return None
+    p = ("batch", 0, None, True, momentum, module.eps, act)
+    if _needs_record(input, weight, bias):
+        count.add_(1)
+        return record(p, module, input, weight, bias, rm, rv, None)
+    y = _lean(module, p, input, weight, bias, rm, rv)
+    if y is not None:  # else the module's forward counts the batch and runs the call
+        count.add_(1)
+    return y
 
 
 def row_module(module, input, kind):

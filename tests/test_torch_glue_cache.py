@@ -154,7 +154,8 @@ def _reference_running(buffer, momentum, batch, unbiased):
 def test_training_batch_norm_running_statistics(dtype, momentum, grad):
     """Each training step updates running_mean and running_var in place to
     (1 - m) * r + m * (batch mean, unbiased batch variance) (m: momentum, or 1 / steps
-    for momentum=None), the values NumPy's cynorm.batch_norm gives, bit for bit."""
+    for momentum=None), the values NumPy's cynorm.batch_norm gives, bit for bit, and
+    counts the batch once in num_batches_tracked."""
     torch.manual_seed(1)
     m = ct.BatchNorm2d(5, momentum=momentum).to(dtype).train()
     rm_ptr, rv_ptr = m.running_mean.data_ptr(), m.running_var.data_ptr()
@@ -175,6 +176,7 @@ def test_training_batch_norm_running_statistics(dtype, momentum, grad):
                 m(x)
         cynorm.batch_norm(x.numpy(), api_rm, api_rv, None, None, True, factor, 1e-5)
         assert m.running_mean.data_ptr() == rm_ptr and m.running_var.data_ptr() == rv_ptr
+        assert int(m.num_batches_tracked) == step  # counted once per batch
         assert m.running_mean.numpy().dtype == np_dtype
         np.testing.assert_array_equal(m.running_mean.numpy(), api_rm)
         np.testing.assert_array_equal(m.running_var.numpy(), api_rv)
