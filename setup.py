@@ -239,6 +239,11 @@ ext_modules = [
               include_dirs=[np.get_include()],
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
               depends=[CONFIG_STAMP]),
+    # the output cache: a NumPy memory handler for large outputs (cynorm/_pool.h)
+    Extension("cynorm._pool", ["cynorm/_pool.pyx"],
+              include_dirs=[np.get_include(), "cynorm"],
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+              depends=["cynorm/_pool.h", CONFIG_STAMP]),
 ]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": CythonizingBuildExt})

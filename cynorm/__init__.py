@@ -17,6 +17,7 @@ from cynorm._api import (
     rms_norm_backward,
 )
 from cynorm._kernels.runtime import get_num_threads
+from cynorm._pool import output_cache_info, set_output_cache
 from cynorm._standardize import standardize
 from cynorm._stats_api import (
     PartialStats,
@@ -46,9 +47,11 @@ __all__ = [
     "layer_norm",
     "layer_norm_backward",
     "merge_stats",
+    "output_cache_info",
     "partial_stats",
     "rms_norm",
     "rms_norm_backward",
+    "set_output_cache",
     "show_config",
     "standardize",
 ]

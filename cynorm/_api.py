@@ -13,6 +13,7 @@ import operator
 
 import numpy as np
 
+from cynorm import _pool
 from cynorm._kernels import channel, channels_last, row, slab
 from cynorm._validate import (
     as_input, as_param, as_running, as_stats, check_activation, check_channel_axis,
@@ -28,7 +29,7 @@ def _layout(x, channel_axis, name="x"):
     """x with its channel axis: (x, N, C, HW, last), last True for channels-last x of
     shape (N, *spatial, C) (HW the product of the spatial dims), False for (N, C,
     *spatial)."""
-    x = as_input(x, name, min_ndim=2, lowp=True)
+    x = as_input(x, name, min_ndim=2)
     last = check_channel_axis(channel_axis, x.ndim) == -1
     shape = x.shape
     hw = 1
@@ -46,7 +47,7 @@ def _stats_pair(shape):
 
 def _like(a, name, x):
     """An array that must match x in shape and dtype (dy)."""
-    a = as_input(a, name, lowp=True)
+    a = as_input(a, name)
     same_shape(a, name, x.shape)
     if a.dtype != x.dtype:
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
@@ -61,7 +62,7 @@ def _params(weight, bias, shape, x):
 
 def _to_f32(a):
     """A float32 copy of 16-bit data (exact), by the kernels' own conversion."""
-    wide = np.empty(a.shape, dtype=np.float32)
+    wide = _pool.empty(a.shape, np.float32, a.size * 4)
     row.convert(a, wide)
     return wide
 
@@ -110,7 +111,7 @@ def _grad_buffer(act, dx, x):
     is x (whose values the kernel still reads), then a scratch array."""
     if not act:
         return None
-    return np.empty_like(x) if dx is x else dx
+    return _pool.empty_like(x) if dx is x else dx
 
 
 # two float64 statistics per (sample, group): more than this many pairs cannot even be
@@ -170,7 +171,7 @@ def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None
         # forms it in float32 itself, the channels-last kernel on float32 copies
         dx32 = _to_f32(x)
         kernel(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, *dims, G, act, b,
-               np.empty_like(dx32) if act else None)
+               _pool.empty_like(dx32) if act else None)
         _store(dx32, dx)
     else:
         kernel(dy, x, dx, w, dw, db, mean, rstd, *dims, G, act, b,
@@ -418,7 +419,7 @@ def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
         # the activation's gradient dy * act'(a) keeps float32 digits: float32 copies
         dx32 = _to_f32(x)
         channel.backward(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, N, C, HW,
-                         int(training), act, b, np.empty_like(dx32) if act else None)
+                         int(training), act, b, _pool.empty_like(dx32) if act else None)
         _store(dx32, dx)
     else:
         channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training), act,
@@ -459,7 +460,7 @@ def _rows(x, normalized_shape):
                             f"{type(normalized_shape).__name__}") from None
     if not ns:
         raise ValueError("normalized_shape must name at least one dimension")
-    x = as_input(x, "x", min_ndim=len(ns), lowp=True)
+    x = as_input(x, "x", min_ndim=len(ns))
     if x.shape[x.ndim - len(ns):] != ns:
         raise ValueError(f"normalized_shape {ns} must match the trailing dimensions of x, "
                          f"got x of shape {x.shape}")
@@ -605,7 +606,7 @@ def _slab_forward_checked(x, G, w, b, eps, act):
     """(y, mean, rstd) of group_norm (G groups; G = C: instance_norm with input
     statistics)."""
     N, C, HW = _nchw_shape(x.shape)
-    y = np.empty_like(x)
+    y = _pool.empty_like(x)
     mean, rstd = _stats_pair((N, G))
     slab.forward(x, y, w, b, mean, rstd, N, C, HW, G, eps, 0, act)
     return y, mean, rstd
@@ -614,7 +615,7 @@ def _slab_forward_checked(x, G, w, b, eps, act):
 def _slab_backward_checked(dy, x, mean, rstd, G, w, b, act):
     """(dx, dweight, dbias) of _slab_forward_checked."""
     N, C, HW = _nchw_shape(x.shape)
-    dx = np.empty_like(x)
+    dx = _pool.empty_like(x)
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
     slab.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, G, act, b,
@@ -625,7 +626,7 @@ def _slab_backward_checked(dy, x, mean, rstd, G, w, b, act):
 def _channel_eval_checked(x, rm, rv, w, b, eps, act):
     """y of batch_norm with training=False (running statistics of any float dtype)."""
     N, C, HW = _nchw_shape(x.shape)
-    y = np.empty_like(x)
+    y = _pool.empty_like(x)
     if N * HW:
         channel.forward(x, y, w, b, np.ascontiguousarray(rm, dtype=np.float64), None,
                         np.ascontiguousarray(rv, dtype=np.float64), N, C, HW, eps, 0, 0,
@@ -639,7 +640,7 @@ def _channel_train_checked(x, rm, rv, w, b, eps, momentum, act):
     batch_norm updates them (momentum a float in [0, 1])."""
     N, C, HW = _nchw_shape(x.shape)
     count = N * HW
-    y = np.empty_like(x)
+    y = _pool.empty_like(x)
     mean, rstd = _stats_pair((C,))
     var = None if rv is None else np.empty(C)
     channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, 0, 1, act=act)
@@ -654,7 +655,7 @@ def _channel_backward_checked(dy, x, mean, rstd, w, b, act, training):
     """(dx, dweight, dbias) of batch_norm (float32/float64 x; training as in the
     forward)."""
     N, C, HW = _nchw_shape(x.shape)
-    dx = np.empty_like(x)
+    dx = _pool.empty_like(x)
     dw = np.empty(C, dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
     channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, training, act, b,
@@ -678,8 +679,8 @@ def _row_forward_checked(x, n_dims, w, b, eps, rms, res):
     n_dims dims; h (x + res) is None without a residual res."""
     shape = x.shape
     cut, R, K = _row_shape(shape, n_dims)
-    y = np.empty_like(x)
-    h = None if res is None else np.empty_like(x)
+    y = _pool.empty_like(x)
+    h = None if res is None else _pool.empty_like(x)
     mean, rstd = _stats_pair(shape[:cut])
     row.forward(x, y, w, b, mean, rstd, R, K, eps, 0, rms, residual=res, h=h)
     return y, h, mean, rstd
@@ -691,7 +692,7 @@ def _row_backward_checked(dy, x, mean, rstd, n_dims, w, rms):
     shape = x.shape
     cut, R, K = _row_shape(shape, n_dims)
     ns = shape[cut:]
-    dx = np.empty_like(x)
+    dx = _pool.empty_like(x)
     dw = np.empty(ns, dtype=x.dtype)
     db = None if rms else np.empty(ns, dtype=x.dtype)
     row.backward(dy, x, dx, w, dw, db, None if rms else mean, rstd, R, K, rms)

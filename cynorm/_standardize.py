@@ -137,7 +137,7 @@ def standardize(x, axis=None, *, weight=None, bias=None, eps=0.0, ddof=0, out=No
 
     Returns y, or (y, mean, std).
     """
-    x = as_input(x, "x", min_ndim=0, lowp=True)
+    x = as_input(x, "x", min_ndim=0)
     reduced = _axes(axis, x.ndim)
     eps = check_eps(eps)
     ddof = check_real(ddof, "ddof")

@@ -64,14 +64,14 @@ def _layout(x, sets, num_groups, normalized_ndim, stats_name="x"):
             raise TypeError(f"sets={sets!r} needs normalized_ndim (the number of "
                             "trailing dimensions a row spans)")
         nd = check_int(normalized_ndim, "normalized_ndim", 1)
-        x = as_input(x, stats_name, min_ndim=nd, lowp=True)
+        x = as_input(x, stats_name, min_ndim=nd)
         lead, tail = x.shape[:x.ndim - nd], x.shape[x.ndim - nd:]
         A = int(np.prod(lead, dtype=np.int64))
         B = int(np.prod(tail, dtype=np.int64))
         return x, A, 1, B, np.array([0, 1], dtype=np.intp), 1, lead, tail, True
     if normalized_ndim is not None:
         raise TypeError(f"normalized_ndim applies to sets='layer' or 'rms', not {sets!r}")
-    x = as_input(x, stats_name, min_ndim=2, lowp=True)
+    x = as_input(x, stats_name, min_ndim=2)
     N, C = x.shape[0], x.shape[1]
     B = int(np.prod(x.shape[2:], dtype=np.int64))
     if kind == "group":
@@ -195,7 +195,7 @@ def batch_norm_backward_reduce(dy, x, mean):
     global mean (as torch.batch_norm_backward_reduce). Sums of disjoint parts add; this
     part's dbias is sum_dy and its dweight sum_dy_xmu * rstd."""
     x, A, K, B, *_ = _layout(x, "batch", None, None)
-    dy = as_input(dy, "dy", lowp=True)
+    dy = as_input(dy, "dy")
     same_shape(dy, "dy", x.shape)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
@@ -216,7 +216,7 @@ def batch_norm_backward_apply(dy, x, mean, rstd, sum_dy, sum_dy_xmu, count, weig
     apply_stats (None: float32 data in float64 exactly when the runs are shorter than
     64 elements, as batch_norm_backward). Returns dx."""
     x, A, K, B, *_ = _layout(x, "batch", None, None)
-    dy = as_input(dy, "dy", lowp=True)
+    dy = as_input(dy, "dy")
     same_shape(dy, "dy", x.shape)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")

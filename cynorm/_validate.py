@@ -4,10 +4,13 @@ layouts and `out=`. Each failure is a TypeError or ValueError that names the arg
 Kept lean: the common case (a C-contiguous float32/float64 ndarray) costs a few
 attribute reads, so that a tiny call stays in the microseconds.
 """
+import math
 import numbers
 import operator
 
 import numpy as np
+
+from cynorm import _pool
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -35,18 +38,14 @@ def param_dtype(dt):
     return _F64 if dt == _F64 else _F32
 
 
-def _dtype_error(name, dtype, lowp):
-    if lowp:
-        return TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array, "
-                         f"got dtype {dtype}")
-    if is_lowp(dtype):
-        return TypeError(f"{name}: {dtype} is not supported here; convert to float32")
-    return TypeError(f"{name} must be a float32 or float64 array, got dtype {dtype}")
+def dtype_error(name, dtype):
+    return TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array, "
+                     f"got dtype {dtype}")
 
 
-def as_input(a, name, min_ndim=1, lowp=False):
-    """a as a C-contiguous float32/float64 ndarray (copied only when needed); lowp:
-    float16 and bfloat16 too."""
+def as_input(a, name, min_ndim=1):
+    """a as a C-contiguous, native-order float32/float64/float16/bfloat16 ndarray (copied
+    only when needed)."""
     if type(a) is not np.ndarray:
         if not isinstance(a, np.ndarray):
             a = _asarray(a, name)
@@ -54,13 +53,11 @@ def as_input(a, name, min_ndim=1, lowp=False):
             a = np.asarray(a)  # subclasses (np.matrix, masked arrays) as plain arrays
     dt = a.dtype
     if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
-        if dt.kind == "f" and dt.itemsize in (4, 8):
-            a = a.astype(dt.newbyteorder("="))  # non-native byte order
-        elif lowp and dt.kind == "f" and dt.itemsize == 2:
+        if dt.kind == "f" and dt.itemsize in (2, 4, 8):
             if not dt.isnative:
                 a = a.astype(dt.newbyteorder("="))
-        elif not (lowp and is_bfloat16(dt)):
-            raise _dtype_error(name, dt, lowp)
+        elif not is_bfloat16(dt):
+            raise dtype_error(name, dt)
     if a.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {a.shape}")
     return _contiguous(a)
@@ -252,11 +249,11 @@ def prepare_out(out, name, shape, dtype, inputs, may_alias=()):
     """The output array: newly allocated, or `out` checked for shape, dtype, layout,
     writability and overlap. `out` may be exactly one of `may_alias` (in place), never
     a partial overlap with any input."""
-    if out is None:
+    if out is None:  # large outputs from the output cache (cynorm/_pool.pyx)
         x = inputs[0]
         if x.shape == shape and x.dtype == dtype:
-            return np.empty_like(x)  # the common case, and the quicker call
-        return np.empty(shape, dtype=dtype)
+            return _pool.empty_like(x)  # the common case, and the quicker call
+        return _pool.empty(shape, dtype, math.prod(shape) * np.dtype(dtype).itemsize)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape:

@@ -40,8 +40,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import cynorm
 from cynorm._api import _LOWP_EPS, _store
 from cynorm._stats_api import SHORT_RUN
-from cynorm._validate import (_dtype_error, as_param, check_eps, check_flag, check_int,
-                              check_real, check_stats, is_bfloat16, is_lowp, param_dtype)
+from cynorm._validate import (as_param, check_eps, check_flag, check_int, check_real,
+                              check_stats, dtype_error, is_bfloat16, is_lowp, param_dtype)
 
 __all__ = ["SPLIT_EVERY", "batch_norm", "batch_norm_backward", "group_norm",
            "instance_norm", "layer_norm", "rms_norm"]
@@ -60,7 +60,7 @@ def _dask_input(x, name, min_ndim):
                         "(for NumPy arrays use cynorm's own functions)")
     dt = x.dtype
     if not (dt in (np.float32, np.float64) or is_lowp(dt)):
-        raise _dtype_error(name, dt, lowp=True)
+        raise dtype_error(name, dt)
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape "
                          f"{x.shape}")

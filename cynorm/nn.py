@@ -186,7 +186,7 @@ class _Norm:
         return ", bias=False" if self.weight is not None and self.bias is None else ""
 
     def _check_channels(self, x, num_channels):
-        x = as_input(x, "x", lowp=True)
+        x = as_input(x, "x")
         last = self.channel_axis == -1
         if x.ndim < 2:
             raise ValueError(f"{type(self).__name__}: x must be "
@@ -438,7 +438,7 @@ class _RowNorm(_Norm):
         return dx + dh
 
     def _check_trailing(self, x):
-        x = as_input(x, "x", lowp=True)
+        x = as_input(x, "x")
         k = len(self.normalized_shape)
         if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
             raise ValueError(f"{type(self).__name__}: x's trailing dimensions must be "

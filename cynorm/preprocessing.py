@@ -233,7 +233,7 @@ class StandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         float32/float64."""
         lowp = None
         if isinstance(X, np.ndarray) and is_lowp(X.dtype):
-            X = as_input(X, "X", lowp=True)
+            X = as_input(X, "X")
             lowp = X.dtype
             X = _to_f32(X)
         Xv = validate_data(self, X, reset=reset, dtype=_FLOATS, order="C",

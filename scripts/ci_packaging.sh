@@ -43,7 +43,7 @@ say "building the sdist"
 "$PY" -m build --sdist -o "$W/dist" "$REPO" >"$W/sdist.log" 2>&1 || { tail -n 30 "$W/sdist.log"; die "sdist build"; }
 SDIST="$(ls "$W"/dist/cynorm-*.tar.gz)"
 tar tzf "$SDIST" >"$W/sdist.txt"
-for f in cynorm/_kernels/slab.pyx cynorm/_kernels/_common.pxd cynorm/_kernels/_lanes.h \
+for f in cynorm/_kernels/slab.pyx cynorm/_kernels/_common.pxd cynorm/_kernels/_lanes.h cynorm/_pool.h \
          cynorm/_kernels/_levels.py cynorm/_openmp.pxd tests/conftest.py tests/reference.py \
          LICENSE CITATION.cff; do
     grep -q "/$f\$" "$W/sdist.txt" || die "the sdist lacks $f"
@@ -70,7 +70,7 @@ unzip -q "$WHEEL" -d "$W/unpacked"
 registers() {  # the vector registers a module's code uses, e.g. "xmm ymm"
     objdump -d --no-show-raw-insn "$1" | grep -oE '%[xyz]mm[0-9]+' | cut -c2-4 | sort -u | tr '\n' ' '
 }
-for so in "$W"/unpacked/cynorm/_kernels/_*/*.so "$W"/unpacked/cynorm/_api*.so "$W"/unpacked/cynorm/_validate*.so; do
+for so in "$W"/unpacked/cynorm/_kernels/_*/*.so "$W"/unpacked/cynorm/_*.so; do
     regs="$(registers "$so")"
     ! readelf -S "$so" | grep -qE '\.(symtab|debug_info)' || die "$so is not stripped"
     case "$so" in

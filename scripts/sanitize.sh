@@ -91,6 +91,9 @@ export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1${UBSAN
 export PYTHONMALLOC=malloc
 export PYTHONPATH="$DEST${PYTHONPATH:+:$PYTHONPATH}"
 export CYNORM_SANITIZED=1
+# large outputs from malloc, not the output cache's own mappings, so that ASan guards
+# their ends too (tests/test_output_cache.py turns the cache on for itself)
+export CYNORM_OUTPUT_CACHE_MB=0
 export CYNORM_FUZZ_EXAMPLES="${CYNORM_FUZZ_EXAMPLES:-40}"
 echo "sanitize.sh: running pytest $* (LD_PRELOAD=$LD_PRELOAD)" >&2
 "$PY" -c "import cynorm; assert cynorm.__file__.startswith('$DEST'), cynorm.__file__"

@@ -11,13 +11,13 @@ different summation order moves the float64 mean by an ulp, which moves y by
 ulp(mean) * rstd * weight). Also: bitwise identity across thread counts, in-place and
 non-contiguous inputs, empty dims, no x-sized temporaries, argument errors, the layers.
 """
-import tracemalloc
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 import cynorm
+from peak_memory import extra_memory
 from cynorm import nn
 import reference as ref
 from reference import assert_close
@@ -423,18 +423,6 @@ def test_bitwise_identical_across_thread_counts(shape, G, dtype):
 
 # ---- memory -------------------------------------------------------------------------------
 
-def _extra(call):
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        result = call()
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
-    return peak - sum(a.nbytes for a in result), result
-
-
 @pytest.mark.parametrize("shape,G", [((4, 32, 32, 64), 8), ((1, 256, 256, 8), 2),
                                      ((64, 3, 5, 32), 4)], ids=str)
 def test_no_transpose_copy_peak_is_outputs_plus_small_workspace(shape, G):
@@ -445,14 +433,14 @@ def test_no_transpose_copy_peak_is_outputs_plus_small_workspace(shape, G):
     dy = data(shape, np.float32, 3)
     w = np.ones(shape[-1], np.float32)
     limit = x.nbytes // 8 + 64 * 1024
-    extra, (y, m, r) = _extra(lambda: cynorm.group_norm(x, G, w, w, return_stats=True,
-                                                        channel_axis=-1))
+    extra, (y, m, r) = extra_memory(lambda: cynorm.group_norm(x, G, w, w, return_stats=True,
+                                                              channel_axis=-1))
     assert extra <= limit, ("forward", extra, x.nbytes)
-    extra, _ = _extra(lambda: cynorm.group_norm_backward(dy, x, m, r, G, w,
-                                                         channel_axis=-1))
+    extra, _ = extra_memory(lambda: cynorm.group_norm_backward(dy, x, m, r, G, w,
+                                                               channel_axis=-1))
     assert extra <= limit, ("backward", extra, x.nbytes)
-    extra, _ = _extra(lambda: cynorm.batch_norm(x, None, None, w, w, True,
-                                                return_stats=True, channel_axis=-1))
+    extra, _ = extra_memory(lambda: cynorm.batch_norm(x, None, None, w, w, True,
+                                                      return_stats=True, channel_axis=-1))
     assert extra <= limit, ("batch_norm", extra, x.nbytes)
 
 

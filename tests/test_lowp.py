@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import cynorm
+from peak_memory import extra_memory
 import reference as ref
 from lowp_reference import (
     BF16, F16, assert_within_one_ulp, bits_position, grid_position, wide,
@@ -576,18 +577,22 @@ def test_channels_last_storage_forward_and_backward_within_one_ulp(dt, op, act):
                           what="dx")
 
 
-def _rounded(a, dt):
-    """A float32 result rounded once to the 16-bit dtype (NumPy / ml_dtypes casts,
-    nearest even), as its bit pattern."""
-    return np.asarray(a, np.float32).astype(dt).view(np.uint16)
+def round_once(a32, dt):
+    """float32 results rounded to nearest even to dt (float32 -> float64 is exact, so
+    NumPy's float64 -> float16 cast is one rounding of the float32 value)."""
+    a32 = np.asarray(a32, dtype=np.float32)
+    return a32.astype(np.float64).astype(dt) if dt == F16 else a32.astype(dt)
 
 
-def _same_bits(y16, y32, dt, what):
-    got, want = y16.view(np.uint16), _rounded(y32, dt)
-    nan = np.isnan(wide(y16))
-    assert np.array_equal(nan, np.isnan(y32)), f"{what}: NaN positions differ"
-    bad = (got != want) & ~nan
-    assert not bad.any(), f"{what}: {bad.sum()} of {bad.size} values differ"
+def _equal_bits(a, e, what):
+    """a and e (16-bit) hold the same bits, NaN in the same places (any payload)."""
+    assert a.dtype == e.dtype and a.shape == e.shape, what
+    nan = np.isnan(wide(a))
+    assert np.array_equal(nan, np.isnan(wide(e))), f"{what}: NaN positions differ"
+    bad = (np.ascontiguousarray(a).view(np.uint16)
+           != np.ascontiguousarray(e).view(np.uint16)) & ~nan
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} values differ from the "
+                           "float32 result rounded once")
 
 
 # shapes with sets shorter than, equal to and longer than a piece, odd tails
@@ -606,13 +611,13 @@ def test_group_norm_16bit_is_the_float32_computation_rounded_once(dt, shape, G, 
     y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, activation=act)
     y32, m32, r32 = cynorm.group_norm(x32, G, w, b, return_stats=True, activation=act)
     assert np.array_equal(m, m32) and np.array_equal(r, r32)
-    _same_bits(y, y32, dt, "y")
+    _equal_bits(y, round_once(y32, dt), "y")
     dy = data(shape, dt, 24)
     dx, dw, db = cynorm.group_norm_backward(dy, x, m, r, G, w, bias=b, activation=act)
     dx32, dw32, db32 = cynorm.group_norm_backward(dy.astype(np.float32), x32, m, r, G, w,
                                                   bias=b, activation=act)
     # with an activation too: dy * act'(a) stays in float32, as on float32 data
-    _same_bits(dx, dx32, dt, "dx")
+    _equal_bits(dx, round_once(dx32, dt), "dx")
     assert np.array_equal(dw, dw32) and np.array_equal(db, db32)
     for target in ("dy", "x"):  # in place: the same bits
         d2, x2 = dy.copy(), x.copy()
@@ -644,8 +649,8 @@ def test_row_ops_16bit_are_the_float32_computation_rounded_once(dt, shape, op):
         dx, dw = cynorm.rms_norm_backward(dy, x, r, K, w)
         dx32, dw32 = cynorm.rms_norm_backward(dy32, x32, r, K, w)
     assert np.array_equal(r, r32)
-    _same_bits(y, y32, dt, "y")
-    _same_bits(dx, dx32, dt, "dx")
+    _equal_bits(y, round_once(y32, dt), "y")
+    _equal_bits(dx, round_once(dx32, dt), "dx")
     assert np.array_equal(dw, dw32)
 
 
@@ -655,21 +660,6 @@ def test_row_ops_16bit_are_the_float32_computation_rounded_once(dt, shape, op):
 # widened row pieces in the float32 data's arithmetic, rounded once on store. So a 16-bit
 # result is bitwise the float32 result on the widened data, rounded once (the promise
 # the 1-ulp bound rests on), with no x-sized float32 copy.
-
-def round_once(a32, dt):
-    """float32 results rounded to nearest even to dt (float32 -> float64 is exact, so
-    NumPy's float64 -> float16 cast is one rounding of the float32 value)."""
-    a32 = np.asarray(a32, dtype=np.float32)
-    return a32.astype(np.float64).astype(dt) if dt == F16 else a32.astype(dt)
-
-
-def _equal_bits(a, e, what):
-    assert a.dtype == e.dtype and a.shape == e.shape, what
-    assert np.array_equal(np.ascontiguousarray(a).view(np.uint16),
-                          np.ascontiguousarray(e).view(np.uint16)), (
-        f"{what}: {np.count_nonzero(a.view(np.uint16) != e.view(np.uint16))} values "
-        "differ from the float32 result rounded once")
-
 
 def _groups_of(C):
     """The test's GroupNorm groups for C channels: 4 channels each, or 2 groups."""
@@ -803,36 +793,24 @@ def test_16bit_channels_last_and_short_runs_bitwise_identical_across_thread_coun
 def test_16bit_channels_last_and_short_runs_make_no_float32_copy(dt, op, shape, axis):
     """Beyond the outputs, at most 1/8 of the input's bytes of workspace: no float32
     copy of x or dy (each would be twice the input)."""
-    import tracemalloc
     x, dy = data(shape, dt, 47), data(shape, dt, 48)
     C = shape[axis]
     w = np.ones(C, np.float32)
     limit = x.nbytes // 8 + 64 * 1024
 
-    def extra(call):
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            before = tracemalloc.get_traced_memory()[0]
-            result = call()
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
-        return peak - sum(a.nbytes for a in result), result
-
     if op == "group_norm":
-        e, (y, m, r) = extra(lambda: cynorm.group_norm(x, 8, w, w, return_stats=True,
-                                                       channel_axis=axis))
+        e, (y, m, r) = extra_memory(lambda: cynorm.group_norm(x, 8, w, w, return_stats=True,
+                                                              channel_axis=axis))
         assert e <= limit, ("forward", e, x.nbytes)
-        e, _ = extra(lambda: cynorm.group_norm_backward(dy, x, m, r, 8, w,
-                                                        channel_axis=axis))
+        e, _ = extra_memory(lambda: cynorm.group_norm_backward(dy, x, m, r, 8, w,
+                                                               channel_axis=axis))
     else:
-        e, (y, m, r) = extra(lambda: cynorm.batch_norm(x, None, None, w, w, True,
-                                                       return_stats=True,
-                                                       channel_axis=axis))
+        e, (y, m, r) = extra_memory(lambda: cynorm.batch_norm(x, None, None, w, w, True,
+                                                              return_stats=True,
+                                                              channel_axis=axis))
         assert e <= limit, ("forward", e, x.nbytes)
-        e, _ = extra(lambda: cynorm.batch_norm_backward(dy, x, m, r, w,
-                                                        channel_axis=axis))
+        e, _ = extra_memory(lambda: cynorm.batch_norm_backward(dy, x, m, r, w,
+                                                               channel_axis=axis))
     assert e <= limit, ("backward", e, x.nbytes)
 
 

@@ -1,12 +1,12 @@
 """No temporary as large as the input: a call's peak extra memory is its outputs plus
 small workspaces (per-set statistics, per-block partial sums of at most 1/8 of a float32
 input). tracemalloc sees NumPy's allocations."""
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import cynorm
+from peak_memory import extra_memory
 
 SHAPES = {
     "group_norm": (4, 64, 32, 32),
@@ -47,12 +47,6 @@ def _calls(name, x, dy):
             lambda: cynorm.rms_norm_backward(dy, x, r, K, w)]
 
 
-def _nbytes(result):
-    if isinstance(result, tuple):
-        return sum(a.nbytes for a in result)
-    return result.nbytes
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_peak_extra_memory_is_outputs_plus_small_workspace(name, dtype):
@@ -60,32 +54,11 @@ def test_peak_extra_memory_is_outputs_plus_small_workspace(name, dtype):
     x = rng.standard_normal(SHAPES[name]).astype(dtype)
     dy = rng.standard_normal(SHAPES[name]).astype(dtype)
     for call in _calls(name, x, dy):
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            before = tracemalloc.get_traced_memory()[0]
-            result = call()
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
-        extra = peak - _nbytes(result)
+        extra, _ = extra_memory(call)
         assert extra <= x.nbytes // 8 + 64 * 1024, (name, extra, x.nbytes)
 
 
 # ---- BatchNorm's column path (short runs) and empty batches ------------------------------
-
-def _extra(call):
-    """Peak NumPy memory of call() beyond what it returns, and the result."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        result = call()
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
-    return peak - _nbytes(result), result
-
 
 @pytest.mark.parametrize("shape", [(2, 4 * 10**7), (2, 10**6, 3), (65, 10**5),
                                    (130, 3000, 5), (200, 7, 63)], ids=str)
@@ -97,17 +70,17 @@ def test_batch_norm_column_path_scratch_is_within_an_eighth_of_the_input(shape):
     x[1::2] = 2
     C = shape[1]
     limit = x.nbytes // 8 + 64 * 1024
-    extra, (y, m, r) = _extra(lambda: cynorm.batch_norm(x, training=True,
-                                                        return_stats=True))
+    extra, (y, m, r) = extra_memory(lambda: cynorm.batch_norm(x, training=True,
+                                                              return_stats=True))
     assert extra <= limit, ("training forward", extra, x.nbytes)
     del y
     rm, rv = np.zeros(C), np.ones(C)
-    extra, y = _extra(lambda: cynorm.batch_norm(x, rm, rv))
+    extra, y = extra_memory(lambda: cynorm.batch_norm(x, rm, rv))
     assert extra <= limit, ("eval forward", extra, x.nbytes)
     del y
     for training in (True, False):
-        extra, g = _extra(lambda: cynorm.batch_norm_backward(x, x, m, r,
-                                                             training=training))
+        extra, g = extra_memory(lambda: cynorm.batch_norm_backward(x, x, m, r,
+                                                                   training=training))
         assert extra <= limit, ("backward", training, extra, x.nbytes)
         del g
 
@@ -124,8 +97,8 @@ def test_standardize_on_the_column_path_scratch_is_within_an_eighth_of_the_input
     axis = (0,) + tuple(range(2, x.ndim))
     limit = x.nbytes // 8 + 64 * 1024
     for ddof in (0, 1):
-        extra, (y, m, s) = _extra(lambda: cynorm.standardize(x, axis, ddof=ddof,
-                                                             return_stats=True))
+        extra, (y, m, s) = extra_memory(lambda: cynorm.standardize(x, axis, ddof=ddof,
+                                                                   return_stats=True))
         assert extra <= limit, (ddof, extra, x.nbytes)
         np.testing.assert_allclose(y[0], -np.sqrt(1 - ddof / (x.size // m.size)),
                                    rtol=1e-6)
@@ -141,11 +114,11 @@ def test_batch_norm_of_an_empty_batch_allocates_nothing(shape):
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     x = np.empty(shape, np.float32)
     for training in (False, True):
-        extra, y = _extra(lambda: cynorm.batch_norm(x, rm, rv, training=training))
+        extra, y = extra_memory(lambda: cynorm.batch_norm(x, rm, rv, training=training))
         assert y.shape == shape and extra <= 64 * 1024, (training, extra)
     assert not rm.any() and (rv == 1).all()
     m, r = np.zeros(C), np.ones(C)
-    extra, g = _extra(lambda: cynorm.batch_norm_backward(x, x, m, r))
+    extra, g = extra_memory(lambda: cynorm.batch_norm_backward(x, x, m, r))
     assert g[0].shape == shape and extra <= 64 * 1024, extra
 
 
@@ -163,7 +136,7 @@ def test_layer_norm_backward_scratch_is_within_an_eighth_of_the_input(shape):
             call = lambda: cynorm.rms_norm_backward(x, x, r, K, np.ones(K, np.float32))  # noqa: E731
         else:
             call = lambda: cynorm.layer_norm_backward(x, x, m, r, K)  # noqa: E731
-        extra, _ = _extra(call)
+        extra, _ = extra_memory(call)
         assert extra <= x.nbytes // 8 + 64 * 1024, (rms, extra, x.nbytes)
 
 
@@ -177,5 +150,5 @@ def test_group_norm_backward_with_short_runs_is_within_an_eighth_of_the_input(sh
     C = shape[1]
     for G in (2, C):
         _, m, r = cynorm.group_norm(x, G, return_stats=True)
-        extra, _ = _extra(lambda: cynorm.group_norm_backward(x, x, m, r, G))
+        extra, _ = extra_memory(lambda: cynorm.group_norm_backward(x, x, m, r, G))
         assert extra <= x.nbytes // 8 + 64 * 1024, (G, extra, x.nbytes)

@@ -9,9 +9,8 @@ timeouts. Each rank's stderr goes to a log (with faulthandler's stacks on a fata
 signal), shown when a group fails. A group in which a rank is killed by a signal is
 started again, at most twice, with a warning that carries the logs: gloo's TCP transport
 can abort a process on a connection that closes under it (an overloaded 2-core machine
-made one such abort). A Python error in a rank, a wrong result or a hang is never
-retried, and a memory error in cynorm's kernels is the sanitizer stage's to find
-(AddressSanitizer exits with a status, not a signal)."""
+made one such abort). A Python error in a rank, a wrong result, a hang, or an abort with
+a sanitizer's report in the rank's log is never retried."""
 import datetime
 import faulthandler
 import os
@@ -179,6 +178,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# what AddressSanitizer, LeakSanitizer and UBSan write before they abort a process
+_SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
+
+
 def _logs(out_dir, world_size):
     parts = []
     for r in range(world_size):
@@ -208,10 +211,12 @@ def _run_group(world_size, out_dir, worker=_worker, attempts=3):
         try:
             _start_group(world_size, run_dir, worker)
         except mp.ProcessExitedException as e:
-            if e.signal_name is None or attempt == attempts:
-                pytest.fail(f"{e}\n{_logs(run_dir, world_size)}")
+            logs = _logs(run_dir, world_size)
+            if e.signal_name is None or attempt == attempts or any(
+                    report in logs for report in _SANITIZER_REPORTS):
+                pytest.fail(f"{e}\n{logs}")
             warnings.warn(f"{world_size} SyncBatchNorm processes, attempt {attempt}: {e}; "
-                          f"started again\n{_logs(run_dir, world_size)}")
+                          f"started again\n{logs}")
             continue
         except mp.ProcessRaisedException as e:
             pytest.fail(f"{e}\n{_logs(run_dir, world_size)}")
@@ -395,6 +400,15 @@ def _aborts_once(rank, world_size, port, out_dir):
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), rank=np.array(rank))
 
 
+def _sanitizer_abort(rank, world_size, port, out_dir):
+    """A rank 0 that aborts after writing what a sanitizer writes, in every attempt."""
+    _log_stderr(rank, out_dir)
+    if rank == 0:
+        os.write(2, b"==1==ERROR: AddressSanitizer: heap-buffer-overflow\n")
+        os.abort()
+    np.savez(os.path.join(out_dir, f"rank{rank}.npz"), rank=np.array(rank))
+
+
 def _raises(rank, world_size, port, out_dir):
     _log_stderr(rank, out_dir)
     print(f"rank {rank} was here", file=sys.stderr, flush=True)
@@ -417,4 +431,10 @@ def test_python_error_in_a_rank_is_not_retried(tmp_path):
     with pytest.raises(pytest.fail.Exception, match=r"(?s)ValueError: rank \d failed.*"
                                                     r"rank \d was here"):
         _run_group(2, tmp_path, worker=_raises)
+    assert not (tmp_path / "attempt2").exists()
+
+
+def test_abort_with_a_sanitizer_report_is_not_retried(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)SIGABRT.*AddressSanitizer"):
+        _run_group(2, tmp_path, worker=_sanitizer_abort)
     assert not (tmp_path / "attempt2").exists()
