@@ -15,7 +15,7 @@ cimport numpy as cnp
 import numpy as np
 import torch
 
-from cynorm import _api
+from cynorm import _api, _pool
 from cynorm._kernels import channel as _channel, row as _row, slab as _slab
 from cynorm._validate import ACTIVATIONS
 
@@ -29,6 +29,10 @@ _grad_enabled = torch.is_grad_enabled
 _INF = float("inf")
 _NP_F32 = np.dtype("float32")
 _NP_F64 = np.dtype("float64")
+# outputs of this many bytes and more come from the output cache (cynorm._pool), as the
+# checked entries' outputs do
+cdef Py_ssize_t _POOL_MIN = _pool.MIN_BYTES
+_pool_empty_like = _pool.empty_like
 # the kernels' entry points (the level chosen at import), called positionally
 _row_forward, _row_backward = _row.forward, _row.backward
 _slab_forward, _slab_backward = _slab.forward, _slab.backward
@@ -151,10 +155,15 @@ def _running_ok(r, pshape):
 
 # ---- the checked entries, on arrays ----------------------------------------------------
 # What cynorm._api's _*_checked functions do (the same kernels with the same arguments, so
-# the same results), with the outputs allocated through NumPy's C API and the kernels
-# called positionally: on a tiny call that halves the cost around the kernel.
+# the same results; large outputs from the same output cache), with the small outputs
+# allocated through NumPy's C API and the kernels called positionally: on a tiny call
+# that halves the cost around the kernel.
 
 cdef inline cnp.ndarray _empty_like(cnp.ndarray x):
+    """An output of x's shape and dtype (x C-contiguous): a large one from the output
+    cache."""
+    if cnp.PyArray_NBYTES(x) >= _POOL_MIN:
+        return _pool_empty_like(x)
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x),
                              0)
 

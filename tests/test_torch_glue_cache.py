@@ -217,3 +217,40 @@ def test_the_view_cache_stays_out_of_pickles_and_copies(name):
             theirs_copy.weight.mul_(2.0)
         _same_result(clone, theirs_copy, x, False)
     _same_result(ours, theirs, x, False)  # the original untouched
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_large_outputs_of_the_glue_come_from_the_output_cache(grad):
+    """The compiled route allocates as the NumPy API's checked entries do: an output
+    (and an input gradient) of 16 MiB and more from the output cache, a small one not;
+    values are torch's."""
+    from cynorm import _pool
+
+    def taken():
+        info = cynorm.output_cache_info()
+        return info["hits"] + info["maps"]
+
+    previous = cynorm.set_output_cache(1 << 30)
+    try:
+        big, small = (2, 8, 512, 520), (2, 8, 4, 4)
+        assert np.prod(big) * 4 >= _pool.MIN_BYTES > np.prod(small) * 4
+        ours, theirs = ct.GroupNorm(4, 8), torch.nn.GroupNorm(4, 8)
+        for shape in (small, small, big, big):
+            x = torch.randn(shape)
+            before = taken()
+            if grad:
+                xg = x.clone().requires_grad_()
+                y = ours(xg)
+                y.backward(torch.ones_like(y))
+                xt = x.clone().requires_grad_()
+                theirs(xt).backward(torch.ones_like(y))
+                torch.testing.assert_close(xg.grad, xt.grad, rtol=1e-4, atol=1e-4)
+            else:
+                with torch.no_grad():
+                    y = ours(x)
+            # y (and dx) from the cache for the large shape only
+            assert taken() - before == (0 if shape == small else 2 if grad else 1)
+            with torch.no_grad():
+                torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+    finally:
+        cynorm.set_output_cache(previous)
