@@ -1,6 +1,7 @@
-"""The per-call glue of cynorm.torch's eager routes: from tensors to the NumPy API's
-checked entry points and back. It runs on every call of a cynorm.torch module, so it is
-compiled and kept to attribute reads and comparisons; everything uncommon (16-bit and
+"""The per-call glue of cynorm.torch's eager routes: from tensors to the kernels (called
+as the NumPy API's checked entry points call them) and back. It runs on every call of a
+cynorm.torch module, so it is compiled and kept to attribute reads, comparisons and
+NumPy C-API allocations; everything uncommon (16-bit and
 channels-last data, residuals, casts, arguments that need the public functions' checks
 and error messages) is answered with None, and cynorm.torch then takes its general
 route.
@@ -14,7 +15,8 @@ cimport numpy as cnp
 import numpy as np
 import torch
 
-from cynorm import _api
+from cynorm import _api, _pool
+from cynorm._kernels import channel as _channel, row as _row, slab as _slab
 from cynorm._validate import ACTIVATIONS
 
 cnp.import_array()
@@ -27,12 +29,26 @@ _grad_enabled = torch.is_grad_enabled
 _INF = float("inf")
 _NP_F32 = np.dtype("float32")
 _NP_F64 = np.dtype("float64")
+# outputs of this many bytes and more come from the output cache (cynorm._pool), as the
+# checked entries' outputs do
+cdef Py_ssize_t _POOL_MIN = _pool.MIN_BYTES
+_pool_empty_like = _pool.empty_like
+# the kernels' entry points (the level chosen at import), called positionally
+_row_forward, _row_backward = _row.forward, _row.backward
+_slab_forward, _slab_backward = _slab.forward, _slab.backward
+_channel_forward, _channel_backward = _channel.forward, _channel.backward
 
 cdef enum:
     _MAX_DIMS = 16  # the most dimensions array_of wraps itself (more: Tensor.numpy())
 
 
 def array_of(t):
+    """t's memory as a writable, C-contiguous NumPy array (no copy), or None (see
+    _array)."""
+    return _array(t)
+
+
+cdef object _array(t):
     """t's memory as a writable, C-contiguous NumPy array (no copy) when t is a
     contiguous float32/float64 CPU tensor (requiring grad or not; a plain torch.Tensor,
     not a subclass), else None.
@@ -111,6 +127,10 @@ def cached_views(module, weight, bias, running_mean, running_var):
     the module's __dict__ (see cynorm.torch._module_views), or None when there are none
     or they are out of date: the module holds other tensor objects, or one of them now
     has other memory, shape or dtype (`.data =`, `.to()`)."""
+    return _views(module, weight, bias, running_mean, running_var)
+
+
+cdef object _views(module, weight, bias, running_mean, running_var):
     c = module.__dict__.get("_cynorm_views")
     if (c is None or c[0] is not weight or c[1] is not bias or c[2] is not running_mean
             or c[3] is not running_var):
@@ -133,13 +153,176 @@ def _running_ok(r, pshape):
     return r is None or (r.shape == pshape and r.dtype.kind == "f" and r.flags.writeable)
 
 
+# ---- the checked entries, on arrays ----------------------------------------------------
+# What cynorm._api's _*_checked functions do (the same kernels with the same arguments, so
+# the same results; large outputs from the same output cache), with the small outputs
+# allocated through NumPy's C API and the kernels called positionally: on a tiny call
+# that halves the cost around the kernel.
+
+cdef inline cnp.ndarray _empty_like(cnp.ndarray x):
+    """An output of x's shape and dtype (x C-contiguous): a large one from the output
+    cache."""
+    if cnp.PyArray_NBYTES(x) >= _POOL_MIN:
+        return _pool_empty_like(x)
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x),
+                             0)
+
+
+cdef inline cnp.ndarray _empty(int nd, cnp.npy_intp* dims, int typenum):
+    return cnp.PyArray_EMPTY(nd, dims, typenum, 0)
+
+
+cdef inline Py_ssize_t _prod(cnp.npy_intp* dims, int lo, int hi) noexcept:
+    cdef Py_ssize_t n = 1
+    cdef int i
+    for i in range(lo, hi):
+        n *= dims[i]
+    return n
+
+
+cdef tuple _row_fwd(cnp.ndarray x, int nd, w, b, double eps, bint rms, r):
+    """_api._row_forward_checked: (y, h, mean, rstd)."""
+    cdef int ndim = cnp.PyArray_NDIM(x)
+    cdef int cut = ndim - nd
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    cdef Py_ssize_t R = _prod(dims, 0, cut), K = _prod(dims, cut, ndim)
+    y = _empty_like(x)
+    mean = _empty(cut, dims, cnp.NPY_FLOAT64)
+    rstd = _empty(cut, dims, cnp.NPY_FLOAT64)
+    if r is None:
+        _row_forward(x, y, w, b, mean, rstd, R, K, eps, 0, rms)
+        return y, None, mean, rstd
+    h = _empty_like(x)
+    _row_forward(x, y, w, b, mean, rstd, R, K, eps, 0, rms, 0.0, r, h)
+    return y, h, mean, rstd
+
+
+cdef tuple _slab_fwd(cnp.ndarray x, Py_ssize_t G, w, b, double eps, int act):
+    """_api._slab_forward_checked: (y, mean, rstd)."""
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    cdef cnp.npy_intp sdims[2]
+    sdims[0] = dims[0]
+    sdims[1] = G
+    y = _empty_like(x)
+    mean = _empty(2, sdims, cnp.NPY_FLOAT64)
+    rstd = _empty(2, sdims, cnp.NPY_FLOAT64)
+    _slab_forward(x, y, w, b, mean, rstd, dims[0], dims[1],
+                  _prod(dims, 2, cnp.PyArray_NDIM(x)), G, eps, 0, act)
+    return y, mean, rstd
+
+
+cdef cnp.ndarray _channel_eval(cnp.ndarray x, rm, rv, w, b, double eps, int act):
+    """_api._channel_eval_checked: y."""
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    cdef Py_ssize_t HW = _prod(dims, 2, cnp.PyArray_NDIM(x))
+    y = _empty_like(x)
+    if dims[0] * HW:
+        _channel_forward(x, y, w, b,
+                         cnp.PyArray_FROM_OTF(rm, cnp.NPY_FLOAT64, cnp.NPY_ARRAY_IN_ARRAY),
+                         None,
+                         cnp.PyArray_FROM_OTF(rv, cnp.NPY_FLOAT64, cnp.NPY_ARRAY_IN_ARRAY),
+                         dims[0], dims[1], HW, eps, 0, 0, 0.0, None, act)
+    return y
+
+
+cdef tuple _channel_train(cnp.ndarray x, rm, rv, w, b, double eps, double momentum,
+                          int act):
+    """_api._channel_train_checked: (y, mean, rstd), the running statistics updated."""
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    cdef Py_ssize_t N = dims[0], C = dims[1], HW = _prod(dims, 2, cnp.PyArray_NDIM(x))
+    cdef Py_ssize_t count = N * HW
+    cdef cnp.npy_intp c = C
+    y = _empty_like(x)
+    mean = _empty(1, &c, cnp.NPY_FLOAT64)
+    rstd = _empty(1, &c, cnp.NPY_FLOAT64)
+    var = None if rv is None else _empty(1, &c, cnp.NPY_FLOAT64)
+    _channel_forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, 0, 1, 0.0, None, act)
+    if rm is not None:
+        _update(rm, momentum, mean, 1.0)
+    if rv is not None:
+        _update(rv, momentum, var, count / <double>(count - 1))
+    return y, mean, rstd
+
+
+cdef int _update(r, double momentum, cnp.ndarray stat, double scale) except -1:
+    """_api._update_running(r, momentum, stat * scale) (stat: C-contiguous float64),
+    computed here for a contiguous float32/float64 buffer with NumPy's arithmetic: a
+    float32 r gets float32((float32(1 - momentum) * r) + momentum * stat * scale), the
+    product's float32 rounding included, as NumPy forms it."""
+    cdef cnp.ndarray a
+    if (type(r) is not np.ndarray or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>r)
+            or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>r)
+            or cnp.PyArray_SIZE(<cnp.ndarray>r) != cnp.PyArray_SIZE(stat)):
+        _api._update_running(r, momentum, stat if scale == 1.0 else stat * scale)
+        return 0
+    a = <cnp.ndarray>r
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(a)
+    cdef double* s = <double*>cnp.PyArray_DATA(stat)
+    cdef float* f
+    cdef double* d
+    cdef float keep32 = <float>(1.0 - momentum)
+    cdef int typenum = cnp.PyArray_TYPE(a)
+    if typenum == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(a)
+        for i in range(n):
+            f[i] = <float>(<double>(keep32 * f[i]) + momentum * (s[i] * scale))
+    elif typenum == cnp.NPY_FLOAT64:
+        d = <double*>cnp.PyArray_DATA(a)
+        for i in range(n):
+            d[i] = (1.0 - momentum) * d[i] + momentum * (s[i] * scale)
+    else:
+        _api._update_running(r, momentum, stat if scale == 1.0 else stat * scale)
+    return 0
+
+
+cdef tuple _row_bwd(cnp.ndarray dy, cnp.ndarray x, mean, rstd, int nd, w, bint rms):
+    """_api._row_backward_checked: (dx, dweight, dbias)."""
+    cdef int ndim = cnp.PyArray_NDIM(x)
+    cdef int cut = ndim - nd
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    dx = _empty_like(x)
+    dw = _empty(nd, dims + cut, typenum)
+    db = None if rms else _empty(nd, dims + cut, typenum)
+    _row_backward(dy, x, dx, w, dw, db, None if rms else mean, rstd, _prod(dims, 0, cut),
+                  _prod(dims, cut, ndim), rms)
+    return dx, dw, db
+
+
+cdef tuple _per_channel_bwd(str kind, cnp.ndarray dy, cnp.ndarray x, mean, rstd,
+                            Py_ssize_t G, w, b, int act, int training):
+    """_api._slab_backward_checked (kind "slab") or _channel_backward_checked:
+    (dx, dweight, dbias)."""
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    cdef cnp.npy_intp c = dims[1]
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef Py_ssize_t HW = _prod(dims, 2, cnp.PyArray_NDIM(x))
+    dx = _empty_like(x)
+    dw = _empty(1, &c, typenum)
+    db = _empty(1, &c, typenum)
+    gbuf = dx if act else None  # dx is a new array, never x
+    if kind == "slab":
+        _slab_backward(dy, x, dx, w, dw, db, mean, rstd, dims[0], dims[1], HW, G, act, b,
+                       gbuf)
+    else:
+        _channel_backward(dy, x, dx, w, dw, db, mean, rstd, dims[0], dims[1], HW,
+                          training, act, b, gbuf)
+    return dx, dw, db
+
+
 def checked_forward(p, x, w, b, rm, rv, r, need_stats):
     """(y, h, mean, rstd) from the NumPy API's checked entries, for arguments checked
     cheaply here (the common case: float32/float64 x in (N, C, *spatial) layout,
     parameters of x's dtype and shape, a float eps); None when the call must go through
     the public functions' checks (which raise the errors, or cast, as they do), and for
     batch norm's running statistics when need_stats. h is None without a residual."""
+    return _checked_forward(p, x, w, b, rm, rv, r, need_stats)
+
+
+cdef object _checked_forward(tuple p, x, w, b, rm, rv, r, bint need_stats):
     kind, groups, shape, flag, momentum, eps, act = p
+    if type(x) is not np.ndarray:
+        return None
     dt = x.dtype
     if dt is not _NP_F32 and dt is not _NP_F64:
         return None
@@ -158,70 +341,80 @@ def checked_forward(p, x, w, b, rm, rv, r, need_stats):
         if len(xs) < 2:
             return None
         pshape = (xs[1],)
-    if w is not None and (w.dtype is not dt or w.shape != pshape):
+    if w is not None and (type(w) is not np.ndarray or w.dtype is not dt
+                          or w.shape != pshape):
         return None
-    if b is not None and (b.dtype is not dt or b.shape != pshape):
+    if b is not None and (type(b) is not np.ndarray or b.dtype is not dt
+                          or b.shape != pshape):
         return None
     if per_row:
-        if r is not None and (r.dtype is not dt or r.shape != xs):
+        if r is not None and (type(r) is not np.ndarray or r.dtype is not dt
+                              or r.shape != xs):
             return None
-        return _api._row_forward_checked(x, nd, w, b, eps, kind == "rms", r)
+        return _row_fwd(x, nd, w, b, eps, kind == "rms", r)
     code = ACTIVATIONS[act]
     if kind == "group":
         if type(groups) is not int or groups < 1 or xs[1] % groups:
             return None
-        y, mean, rstd = _api._slab_forward_checked(x, groups, w, b, eps, code)
+        y, mean, rstd = _slab_fwd(x, groups, w, b, eps, code)
         return y, None, mean, rstd
     if kind == "instance":
         if not flag or rm is not None or rv is not None or x.size <= xs[0] * xs[1]:
             return None
-        y, mean, rstd = _api._slab_forward_checked(x, xs[1], w, b, eps, code)
+        y, mean, rstd = _slab_fwd(x, xs[1], w, b, eps, code)
         return y, None, mean, rstd
     if flag:  # batch norm with the batch's statistics
         if (type(momentum) is not float or not 0.0 <= momentum <= 1.0
                 or x.size <= xs[1]
                 or not _running_ok(rm, pshape) or not _running_ok(rv, pshape)):
             return None
-        y, mean, rstd = _api._channel_train_checked(x, rm, rv, w, b, eps, momentum, code)
+        y, mean, rstd = _channel_train(x, rm, rv, w, b, eps, momentum, code)
         return y, None, mean, rstd
     if (need_stats or rm is None or rv is None or rm.shape != pshape
             or rv.shape != pshape):
         return None
-    return _api._channel_eval_checked(x, rm, rv, w, b, eps, code), None, None, None
+    return _channel_eval(x, rm, rv, w, b, eps, code), None, None, None
 
 
 def checked_backward(p, dy, x, w, b, mean, rstd):
     """(dx, dweight, dbias) from the checked entries, for a forward that went through
     checked_forward (so every argument but dy is known good); None when dy needs the
     public function's checks."""
-    if dy.dtype is not x.dtype or dy.shape != x.shape:
+    return _checked_backward(p, dy, x, w, b, mean, rstd)
+
+
+cdef object _checked_backward(tuple p, dy, x, w, b, mean, rstd):
+    if type(dy) is not np.ndarray or dy.dtype is not x.dtype or dy.shape != x.shape:
         return None
     kind, groups, shape, flag, momentum, eps, act = p
     if kind == "layer" or kind == "rms":
-        return _api._row_backward_checked(dy, x, mean, rstd, len(shape), w, kind == "rms")
+        return _row_bwd(dy, x, mean, rstd, len(shape), w, kind == "rms")
     code = ACTIVATIONS[act]
     if kind == "batch":
-        return _api._channel_backward_checked(dy, x, mean, rstd, w,
-                                              None if act is None else b, code,
-                                              1 if flag else 0)
+        return _per_channel_bwd("channel", dy, x, mean, rstd, 0, w,
+                                None if act is None else b, code, 1 if flag else 0)
     G = groups if kind == "group" else x.shape[1]
-    return _api._slab_backward_checked(dy, x, mean, rstd, G, w, None if act is None else b,
-                                       code)
+    return _per_channel_bwd("slab", dy, x, mean, rstd, G, w, None if act is None else b,
+                            code, 0)
 
 
 def lean_module(module, p, input, weight, bias, running_mean, running_var):
     """A module's inference output (no autograd record) in the common case, or None:
     autograd must record the call, or the arguments need cynorm.torch's general route
     (which gives the same result, or the error)."""
+    return _lean(module, p, input, weight, bias, running_mean, running_var)
+
+
+cdef object _lean(module, tuple p, input, weight, bias, running_mean, running_var):
     if type(input) is not _Tensor or _needs_record(input, weight, bias):
         return None
-    x = array_of(input)
+    x = _array(input)
     if x is None:
         return None
-    views = cached_views(module, weight, bias, running_mean, running_var)
+    views = _views(module, weight, bias, running_mean, running_var)
     if views is None:
         return None
-    res = checked_forward(p, x, views[0], views[1], views[2], views[3], None, False)
+    res = _checked_forward(p, x, views[0], views[1], views[2], views[3], None, False)
     if res is None:
         return None
     return _from_numpy(res[0])
@@ -230,14 +423,14 @@ def lean_module(module, p, input, weight, bias, running_mean, running_var):
 def train_forward(module, p, input, weight, bias, running_mean, running_var):
     """_ModuleFunction.forward's common case (no residual): (y tensor, mean, rstd, x, w,
     b), the arrays the backward needs, or None for the general route."""
-    x = array_of(input)
+    x = _array(input)
     if x is None:
         return None
-    views = cached_views(module, weight, bias, running_mean, running_var)
+    views = _views(module, weight, bias, running_mean, running_var)
     if views is None:
         return None
     w, b = views[0], views[1]
-    res = checked_forward(p, x, w, b, views[2], views[3], None, True)
+    res = _checked_forward(p, x, w, b, views[2], views[3], None, True)
     if res is None:
         return None
     return _from_numpy(res[0]), res[2], res[3], x, w, b
@@ -249,12 +442,12 @@ def train_backward(ctx, dy):
     differentiate: its return value, or None when dy needs the general route."""
     if _grad_enabled():
         return None
-    dyn = array_of(dy)
+    dyn = _array(dy)
     if dyn is None:
         return None
     state = ctx.state
     p, x, w, b = state[0], state[4], state[5], state[6]
-    grads = checked_backward(p, dyn, x, w, b, state[2], state[3])
+    grads = _checked_backward(p, dyn, x, w, b, state[2], state[3])
     if grads is None:
         return None
     ctx.saved_tensors  # torch's check that no saved tensor was changed in place
@@ -301,17 +494,17 @@ def group_module(module, input):
     if _needs_record(input, weight, bias):
         return record(("group", G, None, True, 0.0, eps, act), module, input, weight, bias,
                       None, None, None)
-    x = array_of(input)
+    x = _array(input)
     if x is None:
         return None
-    views = cached_views(module, weight, bias, None, None)
+    views = _views(module, weight, bias, None, None)
     if views is None:
         return None
     w, b = views[0], views[1]
     dt = x.dtype
     if not (_param_ok(w, dt, C) and _param_ok(b, dt, C)):
         return None
-    return _from_numpy(_api._slab_forward_checked(x, G, w, b, eps, ACTIVATIONS[act])[0])
+    return _from_numpy(_slab_fwd(x, G, w, b, eps, ACTIVATIONS[act])[0])
 
 
 cdef bint _needs_record(input, weight, bias) except -1:
@@ -327,8 +520,11 @@ cdef bint _param_ok(a, dt, Py_ssize_t C) except -1:
 
 
 def batch_module(module, input):
-    """_BatchNorm.forward's inference call in eval mode with running statistics."""
-    if type(input) is not _Tensor or module.training or input.dim() not in module._cynorm_dims:
+    """_BatchNorm.forward's call in eval mode with running statistics, and in training
+    mode with tracked statistics and a float momentum (num_batches_tracked counted as
+    torch counts it): an inference call run here, a call autograd must record handed to
+    record; None for everything else."""
+    if type(input) is not _Tensor or input.dim() not in module._cynorm_dims:
         return None
     act = _act(module)
     if act is False:
@@ -339,8 +535,23 @@ def batch_module(module, input):
         return None
     momentum = module.momentum
     params = module._parameters
-    p = ("batch", 0, None, False, 0.0 if momentum is None else momentum, module.eps, act)
-    return lean_module(module, p, input, params["weight"], params["bias"], rm, rv)
+    weight, bias = params["weight"], params["bias"]
+    if not module.training:
+        p = ("batch", 0, None, False, 0.0 if momentum is None else momentum, module.eps,
+             act)
+        return _lean(module, p, input, weight, bias, rm, rv)
+    count = buffers.get("num_batches_tracked")
+    if (type(momentum) is not float or not module.track_running_stats or count is None
+            or type(count) is not _Tensor):
+        return None
+    p = ("batch", 0, None, True, momentum, module.eps, act)
+    if _needs_record(input, weight, bias):
+        count.add_(1)
+        return record(p, module, input, weight, bias, rm, rv, None)
+    y = _lean(module, p, input, weight, bias, rm, rv)
+    if y is not None:  # else the module's forward counts the batch and runs the call
+        count.add_(1)
+    return y
 
 
 def row_module(module, input, kind):
@@ -364,7 +575,7 @@ def row_module(module, input, kind):
     if _needs_record(input, weight, bias):
         return record((kind, 0, ns, True, 0.0, eps, None), module, input, weight, bias, None,
                       None, None)
-    x = array_of(input)
+    x = _array(input)
     if x is None:
         return None
     dt = x.dtype
@@ -372,11 +583,11 @@ def row_module(module, input, kind):
         if not (eps is None and rms):
             return None
         eps = float(np.finfo(dt).eps)
-    views = cached_views(module, weight, bias, None, None)
+    views = _views(module, weight, bias, None, None)
     if views is None:
         return None
     w, b = views[0], views[1]
     if ((w is not None and (w.dtype is not dt or w.shape != ns))
             or (b is not None and (b.dtype is not dt or b.shape != ns))):
         return None
-    return _from_numpy(_api._row_forward_checked(x, nd, w, b, eps, rms, None)[0])
+    return _from_numpy(_row_fwd(x, nd, w, b, eps, rms, None)[0])

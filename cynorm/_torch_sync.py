@@ -135,6 +135,11 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                          device=device, dtype=dtype, bias=bias)
         self.process_group = process_group
 
+    def __getstate__(self):  # cynorm.torch's view cache stays out of pickles and copies
+        state = super().__getstate__().copy()
+        state.pop("_cynorm_views", None)
+        return state
+
     def _check_input_dim(self, input):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
@@ -158,10 +163,15 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 and dist.is_initialized()):
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
-        if world_size <= 1:
-            from cynorm.torch import batch_norm
-            return batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                              bn_training, factor, self.eps)
+        if world_size <= 1:  # cynorm.torch.BatchNorm's route (module cache included)
+            bridge = _bridge()
+            if torch.compiler.is_compiling():
+                return bridge.batch_norm(input, running_mean, running_var, self.weight,
+                                         self.bias, bn_training, factor, self.eps)
+            return bridge._module_call(self, ("batch", 0, None, bool(bn_training), factor,
+                                              self.eps, None),
+                                       input, self.weight, self.bias, running_mean,
+                                       running_var)
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if buf is not None and not buf.is_contiguous():
                 raise ValueError(f"{name} must be contiguous (it is updated in place)")
