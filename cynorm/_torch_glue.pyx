@@ -154,10 +154,14 @@ def _running_ok(r, pshape):
 
 
 # ---- the checked entries, on arrays ----------------------------------------------------
-# What cynorm._api's _*_checked functions do (the same kernels with the same arguments, so
-# the same results; large outputs from the same output cache), with the small outputs
-# allocated through NumPy's C API and the kernels called positionally: on a tiny call
-# that halves the cost around the kernel.
+# For a caller that has already made every check the public functions make: x (and dy)
+# C-contiguous, aligned float32/float64 arrays; weight, bias (and residual) None or
+# C-contiguous arrays of x's dtype and shape; num_groups >= 1 dividing C; eps a finite
+# float >= 0; act a kernel code (_validate.ACTIVATIONS); running statistics (C,) arrays;
+# mean and rstd those the matching forward returned. Each entry allocates the outputs
+# (small ones through NumPy's C API, large ones from the output cache) and calls one
+# kernel with the public functions' arguments, so the results are theirs; on a tiny
+# call that halves the cost around the kernel.
 
 cdef inline cnp.ndarray _empty_like(cnp.ndarray x):
     """An output of x's shape and dtype (x C-contiguous): a large one from the output
@@ -181,7 +185,8 @@ cdef inline Py_ssize_t _prod(cnp.npy_intp* dims, int lo, int hi) noexcept:
 
 
 cdef tuple _row_fwd(cnp.ndarray x, int nd, w, b, double eps, bint rms, r):
-    """_api._row_forward_checked: (y, h, mean, rstd)."""
+    """layer_norm / rms_norm forward over the trailing nd dims (residual r or None):
+    (y, h, mean, rstd), h = x + r (None without r), mean None for rms."""
     cdef int ndim = cnp.PyArray_NDIM(x)
     cdef int cut = ndim - nd
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
@@ -198,7 +203,8 @@ cdef tuple _row_fwd(cnp.ndarray x, int nd, w, b, double eps, bint rms, r):
 
 
 cdef tuple _slab_fwd(cnp.ndarray x, Py_ssize_t G, w, b, double eps, int act):
-    """_api._slab_forward_checked: (y, mean, rstd)."""
+    """group_norm forward with G groups (G = C: instance_norm with input statistics):
+    (y, mean, rstd)."""
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
     cdef cnp.npy_intp sdims[2]
     sdims[0] = dims[0]
@@ -212,7 +218,7 @@ cdef tuple _slab_fwd(cnp.ndarray x, Py_ssize_t G, w, b, double eps, int act):
 
 
 cdef cnp.ndarray _channel_eval(cnp.ndarray x, rm, rv, w, b, double eps, int act):
-    """_api._channel_eval_checked: y."""
+    """batch_norm forward with the running statistics rm, rv (any float dtype): y."""
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
     cdef Py_ssize_t HW = _prod(dims, 2, cnp.PyArray_NDIM(x))
     y = _empty_like(x)
@@ -227,7 +233,8 @@ cdef cnp.ndarray _channel_eval(cnp.ndarray x, rm, rv, w, b, double eps, int act)
 
 cdef tuple _channel_train(cnp.ndarray x, rm, rv, w, b, double eps, double momentum,
                           int act):
-    """_api._channel_train_checked: (y, mean, rstd), the running statistics updated."""
+    """batch_norm forward in training: (y, mean, rstd), the running statistics rm, rv
+    (None or both) updated as batch_norm updates them."""
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
     cdef Py_ssize_t N = dims[0], C = dims[1], HW = _prod(dims, 2, cnp.PyArray_NDIM(x))
     cdef Py_ssize_t count = N * HW
@@ -276,7 +283,7 @@ cdef int _update(r, double momentum, cnp.ndarray stat, double scale) except -1:
 
 
 cdef tuple _row_bwd(cnp.ndarray dy, cnp.ndarray x, mean, rstd, int nd, w, bint rms):
-    """_api._row_backward_checked: (dx, dweight, dbias)."""
+    """layer_norm / rms_norm backward: (dx, dweight, dbias), dbias None for rms."""
     cdef int ndim = cnp.PyArray_NDIM(x)
     cdef int cut = ndim - nd
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
@@ -291,8 +298,7 @@ cdef tuple _row_bwd(cnp.ndarray dy, cnp.ndarray x, mean, rstd, int nd, w, bint r
 
 cdef tuple _per_channel_bwd(str kind, cnp.ndarray dy, cnp.ndarray x, mean, rstd,
                             Py_ssize_t G, w, b, int act, int training):
-    """_api._slab_backward_checked (kind "slab") or _channel_backward_checked:
-    (dx, dweight, dbias)."""
+    """group_norm (kind "slab") or batch_norm backward: (dx, dweight, dbias)."""
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
     cdef cnp.npy_intp c = dims[1]
     cdef int typenum = cnp.PyArray_TYPE(x)
