@@ -493,17 +493,18 @@ cdef inline void set_moments(const storage* xs, const SetLayout* L, int welford,
                              int centered, const storage* next_set, double* mean,
                              double* m2) noexcept nogil:
     """Moments of the whole set: the fold of its pieces' moments, in piece order.
-    next_set: the set this thread handles next (prefetched during the last piece), or
-    NULL."""
+    Each single-run piece prefetches the next piece's start meanwhile: the next chunk
+    of the same run, or the next run, which may lie far away (BatchNorm's runs are C * HW
+    apart, where the hardware prefetchers cannot follow); the last piece prefetches
+    next_set, the set this thread handles next, or nothing (NULL)."""
     cdef double c = 0, m = 0, q = 0, pc, pm, pq
-    cdef Py_ssize_t p
+    cdef Py_ssize_t p, run0, nruns, e0, elen
     cdef const storage* pf
     for p in range(L.n_pieces):
         pf = next_set
-        if L.n_runs == 1 and p + 1 < L.n_pieces:
-            pf = xs + (p + 1) * CHUNK
-        elif L.n_runs > 1:
-            pf = NULL
+        if p + 1 < L.n_pieces:
+            piece_bounds(L, p + 1, &run0, &nruns, &e0, &elen)
+            pf = xs + run0 * L.run_stride + e0
         piece_moments(xs, L, p, welford, centered, pf, &pc, &pm, &pq)
         if centered:
             chan_merge(&c, &m, &q, pc, pm, pq)
