@@ -16,10 +16,10 @@ per-channel moments of each block (col_tile_moments: channels in vector lanes, o
 minus the channel's first value), merged per channel pairwise (tree_merge_cols), as does
 stats="welford" with Welford's blocks. The group's channels are then merged in channel
 order (Chan's formula, exact up to rounding). One pass reads the data once at the float64
-arithmetic's speed; the two passes took 2x its time (the first pass's reads from memory,
-then the second's arithmetic on the block in L2). Backward: per-channel sums of dy and
-dy * (x - mean) over each block,
-the blocks added in order, folded per group as the slab family does. The apply and dx
+arithmetic's speed; the two passes took about 1.5x its time (one thread, float32: the
+first pass's reads from memory, then the second's arithmetic on the block in L2).
+Backward: per-channel sums of dy and dy * (x - mean) over each block, the blocks added
+in order, folded per group as the slab family does. The apply and dx
 run row by row with per-channel coefficients and the slab family's arithmetic per
 element (the same constants give the same bits); only the order of the sums differs
 from NCHW.
