@@ -387,6 +387,33 @@ cdef void _one_pass_item(const storage* xs, double* buf, Py_ssize_t HW, Py_ssize
                      &rstd[g])
 
 
+cdef void _split_group(const storage* xs, double* sh, double* pm, double* pq, double* cm,
+                       double* cq, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t g,
+                       Py_ssize_t cpg, double eps, double* mean,
+                       double* rstd) noexcept nogil:
+    """The split schedule's statistics of group g of one sample xs from its blocks'
+    one-pass sums (block q of channel c at pm[q * C + c], pq[...]; sh[c] the shifts):
+    each channel's sums added in block order, the one pass's test, the two-pass
+    algorithm where a channel fails it (the group's block slots are free by then: its
+    channels' alone), the group's mean and rstd; cm[c], cq[c]: the channels' moments."""
+    cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS, c0 = g * cpg, c, q
+    cdef double s, sq
+    cdef bint ok = True
+    for c in range(c0, c0 + cpg):
+        s = 0
+        sq = 0
+        for q in range(nb):
+            s = s + pm[q * C + c]
+            sq = sq + pq[q * C + c]
+        _one_pass_moments(sh[c], s, sq, HW, &cm[c], &cq[c])
+        if cq[c] < 0:
+            ok = False
+    if not ok:
+        _two_pass_channels(xs, sh + c0, pm + c0, pq + c0, C, HW, C, c0, c0 + cpg, cm + c0,
+                           cq + c0)
+    _group_stats(cm + c0, cq + c0, cpg, HW, eps, mean, rstd)
+
+
 cdef void _fused_item(const storage* x, storage* y, const floating* w,
                       const floating* b, double* mean, double* rstd, double* buf,
                       Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
@@ -428,14 +455,12 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
     cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc, nmc
-    cdef Py_ssize_t t, n, g0, blk, j0, i, r0, q, c
+    cdef Py_ssize_t t, n, g0, blk, j0, i, r0
     cdef double* sh = buf
     cdef double* pm = buf + N * C
     cdef double* pq = pm + N * nb * C
     cdef double* cm = pq + N * nb * C
     cdef double* cq = cm + N * C
-    cdef double s, sq
-    cdef bint ok
     if fused:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
             g0 = (t % n_tiles) * gpt
@@ -444,10 +469,10 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
                         t // n_tiles, g0, min(g0 + gpt, G), nb, wmax, eps, welford, act)
         return
     if not welford:
-        # split, one pass: each block's shifted sums (from 0), folded per channel in
-        # block order as a fused item folds them; a group whose channels fail the one
-        # pass's test takes the two-pass algorithm (the blocks' slots of its channels
-        # are free by then): the fused items' bits
+        # split, one pass: each block's shifted sums (from 0), then per group
+        # (_split_group) folded per channel in block order as a fused item folds them,
+        # and the two-pass algorithm where the one pass's test fails: the fused items'
+        # bits. Four parallel regions: each ends in a barrier
         for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             sh[i] = _shift(x + (i // C) * HW * C, HW, C, i % C)
         for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
@@ -457,26 +482,10 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
             _shift_sums(x + n * HW * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
                         sh + n * C + j0, pm + (n * nb + blk) * C + j0,
                         pq + (n * nb + blk) * C + j0)
-        for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            s = 0
-            sq = 0
-            for q in range(nb):
-                s = s + pm[((i // C) * nb + q) * C + i % C]
-                sq = sq + pq[((i // C) * nb + q) * C + i % C]
-            _one_pass_moments(sh[i], s, sq, HW, &cm[i], &cq[i])
         for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
-            n = i // G
-            c = (i % G) * cpg
-            ok = True
-            for q in range(cpg):
-                if cq[n * C + c + q] < 0:
-                    ok = False
-            if not ok:
-                _two_pass_channels(x + n * HW * C, sh + n * C + c, pm + n * nb * C + c,
-                                   pq + n * nb * C + c, C, HW, C, c, c + cpg,
-                                   cm + n * C + c, cq + n * C + c)
-            _group_stats(cm + n * C + c, cq + n * C + c, cpg, HW, eps, &mean[i],
-                         &rstd[i])
+            _split_group(x + (i // G) * HW * C, sh + (i // G) * C, pm + (i // G) * nb * C,
+                         pq + (i // G) * nb * C, cm + (i // G) * C, cq + (i // G) * C, HW,
+                         C, i % G, C // G, eps, &mean[i], &rstd[i])
     else:
         _split_two_pass(x, sh, pm, pq, N, HW, C, G, eps, mean, rstd, nt)
     if y == NULL:
