@@ -421,6 +421,99 @@ def test_bitwise_identical_across_thread_counts(shape, G, dtype):
             assert np.array_equal(a, e)
 
 
+# ---- the statistics: one pass where it is exact, two passes where not ---------------------
+
+# (shape, G, threads): fused items (one thread; several samples), the split schedule (one
+# sample, few groups, many row blocks, two and three threads), a last partial block, and
+# fewer rows than the shift's head
+ONE_PASS_CASES = [((3, 40, 40, 32), 8), ((1, 96, 96, 24), 3), ((1, 130, 33, 12), 4),
+                  ((2, 5, 3, 40), 4)]
+
+
+def _hard_statistics_input(shape, dtype):
+    """x (N, *spatial, C) whose groups take each path of the statistics: channel 0's first
+    16 positions lie far from its other values (the one-pass shift, their mean, is then
+    far from the channel's mean: its group takes the two-pass algorithm); the last
+    channel is constant (also two-pass); channel C // 2 sits at a large offset with a
+    small spread (one pass, shifted by a nearby value); the other channels are
+    unremarkable (one pass)."""
+    N, C = shape[0], shape[-1]
+    x = data(shape, np.float64, 11).reshape(N, -1, C)
+    x[:, :16, 0] += 1e3
+    x[:, :, -1] = 2.5
+    x[:, :, C // 2] = 1e4 + 1e-2 * x[:, :, C // 2]
+    return x.reshape(shape).astype(dtype)
+
+
+def _extended_stats(x, G, eps=1e-5):
+    """(mean, rstd) of each (sample, group), summed in extended precision (long double):
+    numpy's float64 mean of data mixing an offset of 1e4 with values near 0 errs by more
+    than the kernels' float64 statistics do."""
+    x = np.asarray(x, np.longdouble)
+    N, C = x.shape[0], x.shape[-1]
+    xs = x.reshape(N, -1, G, C // G)
+    mean = xs.mean(axis=(1, 3))
+    var = ((xs - mean[:, None, :, None]) ** 2).mean(axis=(1, 3))
+    return mean.astype(np.float64), (1 / np.sqrt(var + eps)).astype(np.float64)
+
+
+@pytest.mark.parametrize("shape,G", ONE_PASS_CASES, ids=str)
+def test_statistics_paths_match_float64_reference_bitwise_across_thread_counts(
+        shape, G, dtype):
+    x = _hard_statistics_input(shape, dtype)
+    C = shape[-1]
+    w, b = data(C, dtype, 1, 1.0, 0.5), data(C, dtype, 2, 0.1)
+    y0, _, _ = ref_group_norm_last(x, G, w, b)
+    m0, r0 = _extended_stats(x, G)
+    results = []
+    for n in (1, 2, 3):
+        with threadpool_limits(n, user_api="openmp"):
+            y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, channel_axis=-1)
+        assert_close(y, y0, dtype)
+        np.testing.assert_allclose(m, m0, rtol=4 * EPS64, atol=4 * EPS64 * np.abs(x).max())
+        np.testing.assert_allclose(r, r0, rtol=16 * EPS64)
+        results.append((y, m, r))
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert np.array_equal(a, e)
+
+
+@pytest.mark.parametrize("shape,G", ONE_PASS_CASES, ids=str)
+def test_statistics_paths_match_nchw_within_one_float32_ulp(shape, G):
+    x = _hard_statistics_input(shape, np.float32)
+    C = shape[-1]
+    w, b = data(C, np.float32, 1, 1.0, 0.5), data(C, np.float32, 2, 0.1)
+    y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, channel_axis=-1)
+    yt, mt, rt = cynorm.group_norm(first(x), G, w, b, return_stats=True)
+    m0, r0 = _extended_stats(x, G)
+    for mm, rr in ((m, r), (mt, rt)):
+        np.testing.assert_allclose(mm, m0, rtol=4 * EPS64, atol=4 * EPS64 * np.abs(x).max())
+        np.testing.assert_allclose(rr, r0, rtol=16 * EPS64)
+    assert _ulps32(first(y), yt).max() <= 1
+
+
+def test_non_finite_values_propagate_to_their_group_only(dtype):
+    """NaN and Inf fail the one pass's test: their group takes the two-pass algorithm,
+    whose statistics are NaN; the other groups keep their values."""
+    shape, G = (2, 9, 9, 8), 4
+    x = data(shape, dtype).reshape(2, -1, 8)
+    x[0, 5, 1] = np.nan
+    x[1, 7, 6] = np.inf
+    x = x.reshape(shape)
+    w, b = np.ones(8, dtype), np.zeros(8, dtype)
+    y, m, r = cynorm.group_norm(x, G, w, b, return_stats=True, channel_axis=-1)
+    bad = np.zeros((2, G), bool)
+    bad[0, 0] = bad[1, 3] = True
+    assert np.isnan(m[1, 3]) or np.isinf(m[1, 3])
+    assert np.isnan(m[0, 0]) and np.isnan(r[0, 0])
+    y0, m0, r0 = ref_group_norm_last(np.where(np.isfinite(x), x, 0), G, w, b)
+    np.testing.assert_allclose(m[~bad], m0[~bad], rtol=4 * EPS64, atol=4 * EPS64 * 4)
+    np.testing.assert_allclose(r[~bad], r0[~bad], rtol=16 * EPS64)
+    yg = y.reshape(2, -1, G, 2)
+    assert np.isnan(yg[0, :, 0]).all() and np.isfinite(yg[0, :, 1:]).all()
+    assert np.isnan(yg[1, :, 3]).all() and np.isfinite(yg[1, :, :3]).all()
+
+
 # ---- memory -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape,G", [((4, 32, 32, 64), 8), ((1, 256, 256, 8), 2),

@@ -5,13 +5,21 @@ is HW row pieces of the group's C / G contiguous channels, C apart. These are co
 reductions (as BatchNorm's column path and the batched columns of standardize), so the
 loops run along the rows, vectorised across the contiguous channels; no transpose.
 
-Statistics: per-channel moments of blocks of COL_ROWS rows (col_tile_moments: channels
-in vector lanes, of x minus the channel's first value), merged per channel pairwise
-(tree_merge_cols: a vector of channels per operation, the bits of tree_merge per
-channel; a channel at a time, reading its blocks a stride apart, took a quarter of the
-statistics' time), then the group's channels merged in channel order (Chan's formula,
-exact up to rounding). Backward: per-channel sums of dy and dy * (x - mean) over each block,
-the blocks added in order, folded per group as the slab family does. The apply and dx
+Statistics: one pass, as the slab family's piece_moments: per channel, the float64
+sums of e = x - k and e * e (k: the mean of the channel's first SHIFT_HEAD values),
+each block of COL_ROWS rows summed from 0 (cn_cl_shift_sums in _cl_tiles.h: channels in
+register-tiled vector lanes) and the blocks' sums added in block order; then mean =
+k + S / HW, m2 = Q - S^2 / HW per channel, kept where that is as exact as the two-pass
+algorithm (k within 8 standard deviations of the mean; no overflow, NaN or Inf, not
+constant). A group with a channel that fails the test takes the two-pass algorithm:
+per-channel moments of each block (col_tile_moments: channels in vector lanes, of x
+minus the channel's first value), merged per channel pairwise (tree_merge_cols), as does
+stats="welford" with Welford's blocks. The group's channels are then merged in channel
+order (Chan's formula, exact up to rounding). One pass reads the data once at the float64
+arithmetic's speed; the two passes took about 1.5x its time (one thread, float32: the
+first pass's reads from memory, then the second's arithmetic on the block in L2).
+Backward: per-channel sums of dy and dy * (x - mean) over each block, the blocks added
+in order, folded per group as the slab family does. The apply and dx
 run row by row with per-channel coefficients and the slab family's arithmetic per
 element (the same constants give the same bits); only the order of the sums differs
 from NCHW.
@@ -19,14 +27,15 @@ from NCHW.
 Work items are (sample, tile of whole groups, up to CL_WIDTH channels): the statistics,
 then the apply while the tile's rows are still in L2 or L3 (fused). Tiles are whole rows
 where possible: narrow tiles read strided row pieces, which the caches and prefetchers
-serve worse than whole rows (measured: tiles of 40 channels of a 256-channel row, sized
-so that their rows stay in L2, were slower than whole rows; measured again with the
-register-tile column sums, tiles of one to four cache lines a row sized to 128-512 KiB
-made the statistics 1.1-1.6x and the row-by-row apply 1.6-4x slower than whole rows on
-the benchmark's shapes: the per-block and per-row call overheads outweigh the L2 hits;
-narrow tiles need loops that keep a tile's constants in registers across its rows). So a sample's rows are read from memory by the statistics and again (from L3
-when the sample fits there) by the apply: 1.3-1.7x the NCHW forward's time, one
-thread (benchmarks/results/channels_last*.txt). With several threads and
+serve worse than whole rows. Measured (one thread, float32): tiles of 40 channels of a
+256-channel row sized to stay in L2 were slower than whole rows; with C loops that keep
+the apply's constants in registers across a band's rows (_cl_tiles.h), bands of 16 to
+128 channels over all rows of (8, 3136, 256) took 1.3-1.6x whole rows' time, the apply
+most (a power-of-two row stride puts a band's rows in a fraction of L2's sets, so the
+band does not stay there), and the two 256-channel halves of (1, 16384, 512), which fit
+in L3 where its whole rows do not, 2.1x. So a sample's rows are read from memory by
+the statistics and again (from L3 when the sample fits there) by the apply
+(benchmarks/results/channels_last*.txt). With several threads and
 fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
 blocks, the row blocks are shared out among the threads instead and the apply is a pass
 of its own. Each column's arithmetic is the same in both
@@ -34,9 +43,9 @@ schedules and for every tile width: the bits depend only on the shape.
 
 Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
 float16, bfloat16), parameters float32 for all but float64 data. 16-bit data are read
-in place: the column sums widen staged row blocks (_lanes.h), the apply widens and
-narrows in registers (cn_cl_affine in _lanes.h; staged float32 row pieces with an
-activation, or where a set needs the float64 xhat), dx widened row pieces, with the
+in place: the one-pass sums and the apply widen (and narrow) in registers (_cl_tiles.h;
+staged float32 row pieces with an activation, or where a set needs the float64 xhat),
+the two-pass column moments staged row blocks (_lanes.h), dx widened row pieces, with the
 float32 data's arithmetic, rounded once on store; so a 16-bit
 result is bitwise the float32 result on the widened data, rounded once.
 
@@ -56,6 +65,31 @@ from cynorm._kernels._common cimport (
 )
 from cynorm._kernels._common cimport cn_cl_affine_f16, cn_cl_affine_bf16
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
+from cynorm._kernels._common cimport SHIFT_SPREAD, SHIFT_HEAD
+from libc.float cimport DBL_MAX
+
+cdef extern from "_cl_tiles.h":
+    void cn_cl_shift_sums_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
+                              const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
+                              Py_ssize_t n, const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_f16(const cn_f16* x, Py_ssize_t D, Py_ssize_t nrows,
+                              Py_ssize_t n, const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_bf16(const cn_bf16* x, Py_ssize_t D, Py_ssize_t nrows,
+                               Py_ssize_t n, const double* c, double* d, double* q,
+                               Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_apply_f32(const float* x, float* y, Py_ssize_t D, Py_ssize_t nrows,
+                         Py_ssize_t n, const float* mh, const float* ml, const float* rf,
+                         const float* wf, const float* bf) noexcept nogil
+    void cn_cl_apply_f16(const cn_f16* x, cn_f16* y, Py_ssize_t D, Py_ssize_t nrows,
+                         Py_ssize_t n, const float* mh, const float* ml, const float* rf,
+                         const float* wf, const float* bf) noexcept nogil
+    void cn_cl_apply_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t D, Py_ssize_t nrows,
+                          Py_ssize_t n, const float* mh, const float* ml, const float* rf,
+                          const float* wf, const float* bf) noexcept nogil
 
 import numpy as np
 
@@ -168,6 +202,17 @@ cdef inline void _affine_act_row(const storage* x, storage* y, Py_ssize_t n,
         narrow(buf, y, n)
 
 
+cdef inline void _apply_rows(const storage* x, storage* y, Py_ssize_t C, Py_ssize_t nrows,
+                             Py_ssize_t n, const AffineCoefs* k) noexcept nogil:
+    """_affine_row's float32 form (every channel ok) over nrows rows of n channels."""
+    if storage is float:
+        cn_cl_apply_f32(x, y, C, nrows, n, k.mh, k.ml, k.rf, k.wf, k.bf)
+    elif storage is cn_f16:
+        cn_cl_apply_f16(x, y, C, nrows, n, k.mh, k.ml, k.rf, k.wf, k.bf)
+    elif storage is cn_bf16:
+        cn_cl_apply_bf16(x, y, C, nrows, n, k.mh, k.ml, k.rf, k.wf, k.bf)
+
+
 cdef void _apply(const storage* x, storage* y, const floating* w, const floating* b,
                  const double* mean, const double* rstd, Py_ssize_t HW, Py_ssize_t C,
                  Py_ssize_t cpg, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
@@ -176,12 +221,20 @@ cdef void _apply(const storage* x, storage* y, const floating* w, const floating
     its groups'): the affine, then the activation act on each row's piece."""
     cdef AffineCoefs k
     cdef Py_ssize_t s0, s1, r
+    cdef bint tiled
     s0 = c0
     while s0 < c1:
         s1 = min(s0 + CL_WIDTH, c1)
         _affine_coefs(&k, mean, rstd, w, b, s0, s1, cpg)
-        for r in range(r0, r1):
-            _affine_act_row(x + r * C + s0, y + r * C + s0, s1 - s0, &k, act)
+        tiled = k.all_ok and not act
+        if storage is double:
+            tiled = False
+        if tiled:
+            # the float32 form with the constants in registers across rows (_cl_tiles.h)
+            _apply_rows(x + r0 * C + s0, y + r0 * C + s0, C, r1 - r0, s1 - s0, &k)
+        else:
+            for r in range(r0, r1):
+                _affine_act_row(x + r * C + s0, y + r * C + s0, s1 - s0, &k, act)
         s0 = s1
 
 
@@ -222,6 +275,145 @@ cdef inline void _group_stats(const double* cm, const double* cq, Py_ssize_t cpg
     rstd[0] = inv_std(q, <double>(cpg * HW), eps)
 
 
+cdef inline double _shift(const storage* xs, Py_ssize_t HW, Py_ssize_t C,
+                          Py_ssize_t c) noexcept nogil:
+    """The one-pass shift of column c of one sample: the mean of its first SHIFT_HEAD
+    values (all when fewer), rounded to float32 unless the data are float64 (then x - k
+    is exact in float64), as the slab family's piece_moments takes it."""
+    cdef Py_ssize_t h = HW if HW < SHIFT_HEAD else SHIFT_HEAD, r
+    cdef double m = 0
+    for r in range(h):
+        m += ld(xs, r * C + c)
+    m = m / h
+    if storage is not double:
+        m = <float>m
+    return m
+
+
+cdef inline void _shift_sums(const storage* xs, Py_ssize_t HW, Py_ssize_t C,
+                             Py_ssize_t blk, Py_ssize_t c0, Py_ssize_t c1, const double* k,
+                             double* d, double* q) noexcept nogil:
+    """Block blk's one-pass sums of channels [c0, c1) of one sample xs: d[j] = sum(e),
+    q[j] = sum(e * e), e = x - k[j] (j = c - c0), each column from 0, row by row."""
+    cdef Py_ssize_t r0 = blk * COL_ROWS, r1 = min(r0 + COL_ROWS, HW), j, n = c1 - c0
+    cdef Py_ssize_t pf = min(COL_ROWS, HW - r1)
+    for j in range(n):
+        d[j] = 0
+        q[j] = 0
+    if storage is float:
+        cn_cl_shift_sums_f32(xs + r0 * C + c0, C, r1 - r0, n, k, d, q, pf)
+    elif storage is double:
+        cn_cl_shift_sums_f64(xs + r0 * C + c0, C, r1 - r0, n, k, d, q, pf)
+    elif storage is cn_f16:
+        cn_cl_shift_sums_f16(xs + r0 * C + c0, C, r1 - r0, n, k, d, q, pf)
+    else:
+        cn_cl_shift_sums_bf16(xs + r0 * C + c0, C, r1 - r0, n, k, d, q, pf)
+
+
+cdef inline void _one_pass_moments(double k, double s, double q, Py_ssize_t HW,
+                                   double* cm, double* cq) noexcept nogil:
+    """A channel's mean cm and m2 cq from its shifted sums s, q (all HW values), where
+    the one pass is as exact as the two-pass algorithm (the slab family's test,
+    piece_moments: k within 8 standard deviations of the mean, no overflow, no squares
+    lost below the normal range, not constant); else cq = -1, for the two-pass
+    algorithm (m2 is never negative otherwise)."""
+    cdef double c = <double>HW, dd = s * s / c
+    if q <= DBL_MAX and q >= c * 9.332636185032189e-302 and (
+            (SHIFT_SPREAD + 1) * dd <= SHIFT_SPREAD * q):
+        cm[0] = k + s / c
+        cq[0] = q - dd
+    else:
+        cm[0] = 0
+        cq[0] = -1
+
+
+cdef void _two_pass_channels(const storage* xs, double* sh, double* pm, double* pq,
+                             Py_ssize_t stride, Py_ssize_t HW, Py_ssize_t C,
+                             Py_ssize_t c0, Py_ssize_t c1, double* cm,
+                             double* cq) noexcept nogil:
+    """The two-pass moments of channels [c0, c1) of one sample (per-block corrected
+    two-pass, merged pairwise: col_tile_moments, tree_merge_cols) into cm[j], cq[j];
+    sh[j], pm[q * stride + j], pq[...]: workspace for j < c1 - c0 and nb blocks q."""
+    cdef Py_ssize_t j, blk, nb = (HW + COL_ROWS - 1) // COL_ROWS
+    for j in range(c1 - c0):
+        sh[j] = ld(xs, c0 + j)
+    for blk in range(nb):
+        _block_moments(xs, sh - c0, pm + blk * stride - c0, pq + blk * stride - c0, HW, C,
+                       blk, c0, c1, 0)
+    _channel_merge(pm, pq, stride, nb, HW, sh, c1 - c0)
+    for j in range(c1 - c0):
+        cm[j] = pm[j]
+        cq[j] = pq[j]
+
+
+cdef void _one_pass_item(const storage* xs, double* buf, Py_ssize_t HW, Py_ssize_t C,
+                         Py_ssize_t G, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t wmax,
+                         double eps, double* mean, double* rstd) noexcept nogil:
+    """Groups [g0, g1) of one sample xs (mean, rstd: the sample's): the one-pass
+    statistics per channel, the two-pass algorithm for a group where one of its
+    channels fails the one pass's test. buf: (3 + 2 * max(nb, 2)) * wmax doubles."""
+    cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, n = c1 - c0, j, blk, g
+    cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS
+    cdef double* cm = buf
+    cdef double* cq = buf + wmax
+    cdef double* ws = buf + 2 * wmax
+    cdef double* k = ws
+    cdef double* S = ws + wmax
+    cdef double* Q = ws + 2 * wmax
+    cdef double* ps = ws + 3 * wmax
+    cdef double* pq = ws + 4 * wmax
+    cdef bint ok
+    for j in range(n):
+        k[j] = _shift(xs, HW, C, c0 + j)
+        S[j] = 0
+        Q[j] = 0
+    for blk in range(nb):
+        _shift_sums(xs, HW, C, blk, c0, c1, k, ps, pq)
+        for j in range(n):
+            S[j] = S[j] + ps[j]
+            Q[j] = Q[j] + pq[j]
+    for j in range(n):
+        _one_pass_moments(k[j], S[j], Q[j], HW, &cm[j], &cq[j])
+    for g in range(g0, g1):
+        ok = True
+        for j in range((g - g0) * cpg, (g - g0 + 1) * cpg):
+            if cq[j] < 0:
+                ok = False
+        if not ok:
+            _two_pass_channels(xs, ws, ws + wmax, ws + wmax + nb * wmax, wmax, HW, C,
+                               g * cpg, (g + 1) * cpg, cm + (g - g0) * cpg,
+                               cq + (g - g0) * cpg)
+        _group_stats(cm + (g - g0) * cpg, cq + (g - g0) * cpg, cpg, HW, eps, &mean[g],
+                     &rstd[g])
+
+
+cdef void _split_group(const storage* xs, double* sh, double* pm, double* pq, double* cm,
+                       double* cq, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t g,
+                       Py_ssize_t cpg, double eps, double* mean,
+                       double* rstd) noexcept nogil:
+    """The split schedule's statistics of group g of one sample xs from its blocks'
+    one-pass sums (block q of channel c at pm[q * C + c], pq[...]; sh[c] the shifts):
+    each channel's sums added in block order, the one pass's test, the two-pass
+    algorithm where a channel fails it (the group's block slots are free by then: its
+    channels' alone), the group's mean and rstd; cm[c], cq[c]: the channels' moments."""
+    cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS, c0 = g * cpg, c, q
+    cdef double s, sq
+    cdef bint ok = True
+    for c in range(c0, c0 + cpg):
+        s = 0
+        sq = 0
+        for q in range(nb):
+            s = s + pm[q * C + c]
+            sq = sq + pq[q * C + c]
+        _one_pass_moments(sh[c], s, sq, HW, &cm[c], &cq[c])
+        if cq[c] < 0:
+            ok = False
+    if not ok:
+        _two_pass_channels(xs, sh + c0, pm + c0, pq + c0, C, HW, C, c0, c0 + cpg, cm + c0,
+                           cq + c0)
+    _group_stats(cm + c0, cq + c0, cpg, HW, eps, mean, rstd)
+
+
 cdef void _fused_item(const storage* x, storage* y, const floating* w,
                       const floating* b, double* mean, double* rstd, double* buf,
                       Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
@@ -234,6 +426,12 @@ cdef void _fused_item(const storage* x, storage* y, const floating* w,
     cdef double* sh = buf
     cdef double* pm = buf + wmax
     cdef double* pq = pm + nb * wmax
+    if not welford:
+        _one_pass_item(xs, buf, HW, C, G, g0, g1, wmax, eps, mean + n * G, rstd + n * G)
+        if y != NULL:
+            _apply(xs, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C, cpg, 0,
+                   HW, c0, c1, act)
+        return
     for j in range(c1 - c0):
         sh[j] = ld(xs, c0 + j)
     for blk in range(nb):
@@ -252,8 +450,8 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
                    double* mean, double* rstd, double* buf, Py_ssize_t N, Py_ssize_t HW,
                    Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt, bint fused, double eps,
                    int welford, int act, int nt) noexcept nogil:
-    """fused: work items (sample, gpt groups), buf per thread; else the split schedule,
-    buf (1 + 2 * nb) * N * C doubles."""
+    """fused: work items (sample, gpt groups), buf per thread (_work_size); else the
+    split schedule, buf (3 + 2 * nb) * N * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
     cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc, nmc
@@ -261,14 +459,53 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     cdef double* sh = buf
     cdef double* pm = buf + N * C
     cdef double* pq = pm + N * nb * C
+    cdef double* cm = pq + N * nb * C
+    cdef double* cq = cm + N * C
     if fused:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
             g0 = (t % n_tiles) * gpt
-            _fused_item(x, y, w, b, mean, rstd, buf + threadid() * (1 + 2 * nb) * wmax,
-                        HW, C, G, t // n_tiles, g0, min(g0 + gpt, G), nb, wmax, eps,
-                        welford, act)
+            _fused_item(x, y, w, b, mean, rstd,
+                        buf + threadid() * (3 + 2 * max(nb, 2)) * wmax, HW, C, G,
+                        t // n_tiles, g0, min(g0 + gpt, G), nb, wmax, eps, welford, act)
         return
-    # split: row blocks of every sample shared out, block-major within a sample
+    if not welford:
+        # split, one pass: each block's shifted sums (from 0), then per group
+        # (_split_group) folded per channel in block order as a fused item folds them,
+        # and the two-pass algorithm where the one pass's test fails: the fused items'
+        # bits. Four parallel regions: each ends in a barrier
+        for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+            sh[i] = _shift(x + (i // C) * HW * C, HW, C, i % C)
+        for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
+            n = t // (nb * nct)
+            blk = (t // nct) % nb
+            j0 = (t % nct) * CL_WIDTH
+            _shift_sums(x + n * HW * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
+                        sh + n * C + j0, pm + (n * nb + blk) * C + j0,
+                        pq + (n * nb + blk) * C + j0)
+        for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
+            _split_group(x + (i // G) * HW * C, sh + (i // G) * C, pm + (i // G) * nb * C,
+                         pq + (i // G) * nb * C, cm + (i // G) * C, cq + (i // G) * C, HW,
+                         C, i % G, C // G, eps, &mean[i], &rstd[i])
+    else:
+        _split_two_pass(x, sh, pm, pq, N, HW, C, G, eps, mean, rstd, nt)
+    if y == NULL:
+        return
+    nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
+    for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
+        n = t // (nrc * nct)
+        r0 = ((t // nct) % nrc) * APPLY_ROWS
+        j0 = (t % nct) * CL_WIDTH
+        _apply(x + n * HW * C, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C,
+               cpg, r0, min(r0 + APPLY_ROWS, HW), j0, min(j0 + CL_WIDTH, C), act)
+
+
+cdef void _split_two_pass(const storage* x, double* sh, double* pm, double* pq,
+                          Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
+                          double eps, double* mean, double* rstd, int nt) noexcept nogil:
+    """The split schedule's Welford statistics: row blocks of every sample shared out,
+    block-major within a sample, merged pairwise per channel, then per group."""
+    cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
+    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nmc, t, n, blk, j0, i
     for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
         sh[i] = ld(x, (i // C) * HW * C + i % C)
     for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
@@ -276,8 +513,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         blk = (t // nct) % nb
         j0 = (t % nct) * CL_WIDTH
         _block_moments(x + n * HW * C, sh + n * C, pm + (n * nb + blk) * C,
-                       pq + (n * nb + blk) * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
-                       welford)
+                       pq + (n * nb + blk) * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C), 1)
     nmc = (C + MERGE_COLS - 1) // MERGE_COLS
     for t in prange(N * nmc, nogil=True, num_threads=nt, schedule="static"):
         n = t // nmc
@@ -288,15 +524,6 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         _group_stats(pm + (i // G) * nb * C + (i % G) * cpg,
                      pq + (i // G) * nb * C + (i % G) * cpg, cpg, HW, eps, &mean[i],
                      &rstd[i])
-    if y == NULL:
-        return
-    nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
-    for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
-        n = t // (nrc * nct)
-        r0 = ((t // nct) % nrc) * APPLY_ROWS
-        j0 = (t % nct) * CL_WIDTH
-        _apply(x + n * HW * C, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C,
-               cpg, r0, min(r0 + APPLY_ROWS, HW), j0, min(j0 + CL_WIDTH, C), act)
 
 
 cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
@@ -343,8 +570,8 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t gpt = _groups_per_tile(N, C, G, nt)
     cdef bint fused = _fuse(N, HW, C, G, gpt, nt)
-    cdef Py_ssize_t size = nt * (1 + 2 * nb) * gpt * (C // G) if fused else (
-        (1 + 2 * nb) * N * C)
+    cdef Py_ssize_t size = nt * (3 + 2 * max(nb, 2)) * gpt * (C // G) if fused else (
+        (3 + 2 * nb) * N * C)
     cdef cnp.ndarray work = np.empty(size, dtype=np.float64)
     cdef double* buf = <double*>data(work)
     cdef void* px = data(x)
