@@ -8,6 +8,7 @@ import numpy as np
 
 import cynorm
 import cynorm._kernels as kernels
+from cynorm import _pool
 
 
 def _config() -> Dict[str, Any]:
@@ -29,6 +30,7 @@ def _config() -> Dict[str, Any]:
         "CYNORM_ISA": os.environ.get("CYNORM_ISA") or None,
         "openmp": bool(kernels.runtime.openmp_enabled()),
         "threads": int(kernels.runtime.get_num_threads()),
+        "output cache": _pool.output_cache_info(),
     }
 
 
@@ -41,7 +43,8 @@ def show_config(mode: Literal["dicts"]) -> Dict[str, Any]: ...
 def show_config(mode: str = "stdout") -> Optional[Dict[str, Any]]:
     """Print (mode="stdout") or return (mode="dicts") how this cynorm was built and which
     kernels run: the instruction-set level chosen at import and why (the best level the
-    CPU supports, or CYNORM_ISA), the levels built, OpenMP and the thread count."""
+    CPU supports, or CYNORM_ISA), the levels built, OpenMP and the thread count, and the
+    output cache's state."""
     if mode not in ("stdout", "dicts"):
         raise ValueError(f"mode must be 'stdout' or 'dicts', got {mode!r}")
     cfg = _config()
@@ -59,4 +62,11 @@ def show_config(mode: str = "stdout") -> Optional[Dict[str, Any]]:
     print(f"CYNORM_ISA: {cfg['CYNORM_ISA'] or 'not set (automatic choice)'}")
     print(f"OpenMP: {'yes' if cfg['openmp'] else 'no (single-threaded build)'}; "
           f"threads: {cfg['threads']}")
+    c = cfg["output cache"]
+    if c["limit"]:
+        print(f"output cache: outputs of {_pool.MIN_BYTES >> 20} MiB and more reuse freed "
+              f"memory, at most {c['limit'] / 2**20:g} MiB idle; holding "
+              f"{c['cached'] / 2**20:g} MiB in {c['blocks']} blocks")
+    else:
+        print("output cache: off (CYNORM_OUTPUT_CACHE_MB=0 or set_output_cache(0))")
     return None

@@ -187,3 +187,16 @@ def test_a_bad_environment_value_is_a_clear_error(value):
     r = _import_with(value)
     assert r.returncode != 0
     assert "CYNORM_OUTPUT_CACHE_MB" in r.stderr and "ValueError" in r.stderr
+
+
+def test_show_config_reports_the_cache(cache, capsys):
+    ys = [cynorm.group_norm(_data(BIG, 9), 4)]
+    del ys
+    cfg = cynorm.show_config("dicts")
+    assert cfg["output cache"] == cynorm.output_cache_info()
+    assert cfg["output cache"]["blocks"] == 1
+    cynorm.show_config()
+    assert "at most 1024 MiB idle" in capsys.readouterr().out
+    cynorm.set_output_cache(0)
+    cynorm.show_config()
+    assert "output cache: off" in capsys.readouterr().out
