@@ -843,7 +843,7 @@ CN_CL_AFFINE_DEF(cn_bf16, bf16)
 #define CN_COL_SUM_SCALAR(T)                                                            \
     {                                                                                   \
         double a = s[j];                                                                \
-        for (r = r0; r < r1; r++) a += x[r * D + j] - k[j];                             \
+        for (r = r0; r < r1; r++) a += CN_LD1(x[r * D + j]) - k[j];                     \
         s[j] = a;                                                                       \
     }
 
@@ -871,7 +871,7 @@ CN_CL_AFFINE_DEF(cn_bf16, bf16)
     {                                                                                   \
         double dj = d[j], qj = q[j], e;                                                 \
         for (r = r0; r < r1; r++) {                                                     \
-            e = x[r * D + j] - c[j];                                                    \
+            e = CN_LD1(x[r * D + j]) - c[j];                                            \
             dj += e;                                                                    \
             qj += e * e;                                                                \
         }                                                                               \
@@ -910,9 +910,9 @@ CN_CL_AFFINE_DEF(cn_bf16, bf16)
     {                                                                                   \
         double aj = sg[j], bj = sgx[j], g;                                              \
         for (r = r0; r < r1; r++) {                                                     \
-            g = dy[r * D + j];                                                          \
+            g = CN_LD1(dy[r * D + j]);                                                  \
             aj += g;                                                                    \
-            bj += g * (x[r * D + j] - m[j]);                                            \
+            bj += g * (CN_LD1(x[r * D + j]) - m[j]);                                    \
         }                                                                               \
         sg[j] = aj;                                                                     \
         sgx[j] = bj;                                                                    \
@@ -930,9 +930,9 @@ CN_CL_AFFINE_DEF(cn_bf16, bf16)
                                       g * (LOAD(xr + j) - cn_load_f64(m + j)));         \
         }                                                                               \
         for (; j < n; j++) {                                                            \
-            double g = dyr[j];                                                          \
+            double g = CN_LD1(dyr[j]);                                                  \
             sg[j] += g;                                                                 \
-            sgx[j] += g * (xr[j] - m[j]);                                               \
+            sgx[j] += g * (CN_LD1(xr[j]) - m[j]);                                       \
         }                                                                               \
     }
 
@@ -973,7 +973,7 @@ CN_COL_FUNCS(double, f64, cn_load_f64)
 
 #define CN_COL_CHUNK 256
 
-#define CN_COL_SUM8_TILE(W)                                                             \
+#define CN_COL_SUM8_TILE(W, LOADF)                                                      \
     {                                                                                   \
         cn_vf p[W], kv[W];                                                              \
         for (v = 0; v < W; v++) {                                                       \
@@ -981,7 +981,7 @@ CN_COL_FUNCS(double, f64, cn_load_f64)
             kv[v] = cn_loadf(kf + j + CN_FW * v);                                       \
         }                                                                               \
         for (r = r0; r < r1; r++)                                                       \
-            for (v = 0; v < W; v++) p[v] += cn_loadf(x + r * D + j + CN_FW * v) - kv[v];\
+            for (v = 0; v < W; v++) p[v] += LOADF(x + r * D + j + CN_FW * v) - kv[v];   \
         for (v = 0; v < W; v++) {                                                       \
             double* sv = s + j + CN_FW * v;                                             \
             cn_store_f64(sv, cn_load_f64(sv) + cn_widen_lo(p[v]));                      \
@@ -989,23 +989,27 @@ CN_COL_FUNCS(double, f64, cn_load_f64)
         }                                                                               \
     }
 
-static inline void cn_col_sum8_f32(const float* x, ptrdiff_t D, ptrdiff_t nrows,
-                                   ptrdiff_t n, const double* k, double* s) {
-    float kf[CN_COL_CHUNK];
-    ptrdiff_t r0, r1, r, j, v;
-    const ptrdiff_t nvec = n - n % CN_FW;
-    for (j = 0; j < n; j++) kf[j] = (float)k[j];
-    for (r0 = 0; r0 < nrows; r0 = r1) {
-        r1 = r0 + CN_CR < nrows ? r0 + CN_CR : nrows;
-        for (j = 0; j + CN_CT * CN_FW <= nvec; j += CN_CT * CN_FW) CN_COL_SUM8_TILE(CN_CT)
-        for (; j < nvec; j += CN_FW) CN_COL_SUM8_TILE(1)
-        for (; j < n; j++) {
-            float p = 0;
-            for (r = r0; r < r1; r++) p += x[r * D + j] - kf[j];
-            s[j] += (double)p;
-        }
+#define CN_COL_SUM8_FUNC(T, SFX, LOADF)                                                 \
+    static inline void cn_col_sum8_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,      \
+                                         ptrdiff_t n, const double* k, double* s) {     \
+        float kf[CN_COL_CHUNK];                                                         \
+        ptrdiff_t r0, r1, r, j, v;                                                      \
+        const ptrdiff_t nvec = n - n % CN_FW;                                           \
+        for (j = 0; j < n; j++) kf[j] = (float)k[j];                                    \
+        for (r0 = 0; r0 < nrows; r0 = r1) {                                             \
+            r1 = r0 + CN_CR < nrows ? r0 + CN_CR : nrows;                               \
+            for (j = 0; j + CN_CT * CN_FW <= nvec; j += CN_CT * CN_FW)                  \
+                CN_COL_SUM8_TILE(CN_CT, LOADF)                                          \
+            for (; j < nvec; j += CN_FW) CN_COL_SUM8_TILE(1, LOADF)                     \
+            for (; j < n; j++) {                                                        \
+                float p = 0;                                                            \
+                for (r = r0; r < r1; r++) p += CN_LD1(x[r * D + j]) - kf[j];            \
+                s[j] += (double)p;                                                      \
+            }                                                                           \
+        }                                                                               \
     }
-}
+
+CN_COL_SUM8_FUNC(float, f32, cn_loadf)
 
 /* ---- per-column moments of a tile ---------------------------------------------------
  * For each column j, the corrected two-pass mean pm[j] and m2 pq[j] of its nrows values
@@ -1085,12 +1089,16 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
     CN_COL_MOMENTS_BODY(f64, cn_col_sum_f64, )
 }
 
-/* ---- 16-bit storage: the float32 functions on staged blocks ---------------------------
- * CN_COL_STAGE rows of a chunk are widened (_lowp.h, exact) into a float32 buffer on the
- * stack, which the float32 functions read; each column is still summed row by row in
- * order, so the results are bitwise those of float32 data holding the widened values. */
-
-#include "_lowp.h"
+/* ---- 16-bit storage ------------------------------------------------------------------
+ * The column sums and gradient sums: the same bodies instantiated with the 16-bit loads
+ * (cn_load_f16/bf16, CN_LD1: exact widening in registers, no staged float32 copy); each
+ * column is summed row by row in the same order, so the results are bitwise those of
+ * float32 data holding the widened values.
+ *
+ * The moments: CN_COL_STAGE rows of a chunk are widened (_lowp.h, exact) into a float32
+ * buffer on the stack, which the float32 functions read (same bits likewise). The
+ * moments read in place (CN_COL_DEV_BODY with cn_load_f16/bf16, CN_COL_SUM8_TILE with
+ * cn_loadf_f16/bf16) give the same bits too, but were not measured clearly faster. */
 
 #define CN_COL_STAGE 16 /* a multiple of CN_CR: the float32 groups of the first pass
                            are those of float32 data */
@@ -1103,6 +1111,7 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
     for (ptrdiff_t rr = 0; rr < nr; rr++) WIDEN(src + (r0 + rr) * D + j0, buf + rr * nn, nn)
 
 #define CN_COL_LP_FUNCS(T, SFX, WIDEN)                                                  \
+    CN_COL_FUNCS(T, SFX, cn_load_##SFX)                                                 \
     static inline void cn_col_moments_##SFX(const T* x, ptrdiff_t D, ptrdiff_t nrows,   \
                                             ptrdiff_t n, const double* k, double* pm,   \
                                             double* pq, ptrdiff_t pf_rows) {            \
@@ -1127,23 +1136,6 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
                 cn_col_dev_f32(buf, nn, nr, nn, cm, dd, pq + j0);                       \
             }                                                                           \
             CN_COL_FINISH                                                               \
-        }                                                                               \
-    }                                                                                   \
-    static inline void cn_col_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t D,     \
-                                              ptrdiff_t nrows, ptrdiff_t n,             \
-                                              const double* m, double* sg,              \
-                                              double* sgx, int rows) {                  \
-        float bdy[CN_COL_STAGE * CN_COL_CHUNK], bx[CN_COL_STAGE * CN_COL_CHUNK];        \
-        ptrdiff_t j0, nn, r0, nr;                                                       \
-        for (j0 = 0; j0 < n; j0 += CN_COL_CHUNK) {                                      \
-            nn = n - j0 < CN_COL_CHUNK ? n - j0 : CN_COL_CHUNK;                         \
-            for (r0 = 0; r0 < nrows; r0 += nr) {                                        \
-                nr = nrows - r0 < CN_COL_STAGE ? nrows - r0 : CN_COL_STAGE;             \
-                CN_COL_WIDEN_ROWS(WIDEN, dy, bdy);                                      \
-                CN_COL_WIDEN_ROWS(WIDEN, x, bx);                                        \
-                cn_col_grad_sums_f32(bdy, bx, nn, nr, nn, m + j0, sg + j0, sgx + j0,    \
-                                     rows);                                             \
-            }                                                                           \
         }                                                                               \
     }
 

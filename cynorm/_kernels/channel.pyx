@@ -22,8 +22,8 @@ at all.
 
 Storage dtypes (see _common.pxd): both paths take every storage, parameters float32
 for all but float64 data. 16-bit data are computed in float32 lanes (the long-run path)
-or with the float32 data's arithmetic (the column path: its sums read staged, widened
-row blocks, and its apply and dx run on widened row pieces), rounded once on store: a
+or with the float32 data's arithmetic (the column path: its moments read staged, widened
+row blocks, its gradient sums widen in registers, and its apply and dx run on widened row pieces), rounded once on store: a
 16-bit result is the float32 result on the widened data, rounded to the storage.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
