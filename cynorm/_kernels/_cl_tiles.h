@@ -22,28 +22,16 @@
 
 /* ---- one-pass shifted sums of a row block -------------------------------------------
  * Rows [0, nrows) of columns [0, n) (row stride D): d[j] += sum(e), q[j] += sum(e * e),
- * e = x - c[j] in float64, each column row by row in order (CN_COL_DEV_BODY of
- * _lanes.h). During each group of CN_CR rows the same rows of the following pf_rows
+ * e = x - c[j] in float64, each column row by row in order (CN_COL_DEV_BODY and
+ * CN_COL_DEV_SCALAR of _lanes.h). During each group of CN_CR rows the same rows of the following pf_rows
  * rows (the caller's next block) are prefetched into L2, so that the next block does
  * not wait for memory: the data are read from memory once, by this pass. */
-#define CN_CL_DEV_SCALAR(T)                                                             \
-    {                                                                                   \
-        double dj = d[j], qj = q[j], e;                                                 \
-        for (r = r0; r < r1; r++) {                                                     \
-            e = (double)CN_LD1(x[r * D + j]) - c[j];                                    \
-            dj += e;                                                                    \
-            qj += e * e;                                                                \
-        }                                                                               \
-        d[j] = dj;                                                                      \
-        q[j] = qj;                                                                      \
-    }
-
 #define CN_CL_SHIFT_SUMS_DEF(T_, NAME)                                                  \
     static inline void cn_cl_dev_rows_##NAME(const T_* x, ptrdiff_t D, ptrdiff_t nrows, \
                                              ptrdiff_t n, const double* c, double* d,   \
                                              double* q) {                               \
         typedef T_ T;                                                                   \
-        CN_COL_TILES(CN_COL_DEV_BODY(T, CN_LD), CN_CL_DEV_SCALAR(T))                    \
+        CN_COL_TILES(CN_COL_DEV_BODY(T, CN_LD), CN_COL_DEV_SCALAR(T))                    \
     }                                                                                   \
     static inline void cn_cl_shift_sums_##NAME(const T_* x, ptrdiff_t D,               \
                                                ptrdiff_t nrows, ptrdiff_t n,            \
