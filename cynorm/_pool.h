@@ -10,7 +10,9 @@
  *
  * Each block is one anonymous mapping, its length a multiple of 2 MiB (transparent huge
  * pages where the system allows them); a 64-byte head in front of the data records the
- * length, so free needs nothing from NumPy but the pointer. Idle blocks are kept in
+ * length and the size of the output it last held, so free needs nothing from NumPy but
+ * the pointer. The limit counts the idle blocks' output sizes (an output of exactly the
+ * limit is kept), not their rounded mappings: at most 2 MiB more per block. Idle blocks are kept in
  * first-freed order and the oldest is unmapped first when the limit is reached. One
  * mutex guards the list (NumPy may free an array on any thread); a forked child starts
  * with the lock free and the parent's idle blocks (its own copies). */
@@ -30,12 +32,13 @@
 
 typedef struct {
     size_t len;      /* the whole mapping, head included */
+    size_t size;     /* bytes of the output it holds or last held: what the limit counts */
 } cn_pool_head;
 
 static pthread_mutex_t cn_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static char* cn_pool_idle[CN_POOL_SLOTS];   /* idle blocks, oldest first */
 static int cn_pool_nidle = 0;
-static size_t cn_pool_cached = 0;           /* bytes of the idle blocks */
+static size_t cn_pool_cached = 0;           /* output bytes of the idle blocks */
 static size_t cn_pool_limit = 0;            /* most bytes kept idle */
 static size_t cn_pool_hits = 0, cn_pool_maps = 0;
 
@@ -44,6 +47,7 @@ static void cn_pool_atfork_child(void) {
 }
 
 static size_t cn_pool_len_of(char* base) { return ((cn_pool_head*)base)->len; }
+static size_t cn_pool_size_of(char* base) { return ((cn_pool_head*)base)->size; }
 
 /* a mapping for size bytes of data, or NULL (size too large, or no memory) */
 static char* cn_pool_map(size_t size) {
@@ -55,13 +59,14 @@ static char* cn_pool_map(size_t size) {
     madvise(p, len, MADV_HUGEPAGE);
 #endif
     ((cn_pool_head*)p)->len = len;
+    ((cn_pool_head*)p)->size = size;
     return (char*)p;
 }
 
 /* drop idle block i from the list (the caller holds the lock); returns its base */
 static char* cn_pool_take(int i) {
     char* base = cn_pool_idle[i];
-    cn_pool_cached -= cn_pool_len_of(base);
+    cn_pool_cached -= cn_pool_size_of(base);
     memmove(cn_pool_idle + i, cn_pool_idle + i + 1,
             (size_t)(cn_pool_nidle - i - 1) * sizeof(char*));
     cn_pool_nidle--;
@@ -85,6 +90,7 @@ static char* cn_pool_get(size_t size, int* hit) {
     }
     if (best >= 0) {
         base = cn_pool_take(best);
+        ((cn_pool_head*)base)->size = size;
         cn_pool_hits++;
     }
     pthread_mutex_unlock(&cn_pool_lock);
@@ -120,21 +126,21 @@ static void* cn_pool_calloc(void* ctx, size_t nelem, size_t elsize) {
 
 static void cn_pool_free(void* ctx, void* p, size_t size) {
     char* base;
-    size_t len;
+    size_t held;
     char* drop[CN_POOL_SLOTS + 1];
     int ndrop = 0;
     (void)ctx;
     (void)size;
     if (p == NULL) return;
     base = (char*)p - CN_POOL_HEAD;
-    len = cn_pool_len_of(base);
+    held = cn_pool_size_of(base);
     pthread_mutex_lock(&cn_pool_lock);
-    if (len <= cn_pool_limit) {
+    if (held <= cn_pool_limit) {
         while (cn_pool_nidle > 0 &&
-               (cn_pool_cached + len > cn_pool_limit || cn_pool_nidle == CN_POOL_SLOTS))
+               (cn_pool_cached + held > cn_pool_limit || cn_pool_nidle == CN_POOL_SLOTS))
             drop[ndrop++] = cn_pool_take(0);
         cn_pool_idle[cn_pool_nidle++] = base;
-        cn_pool_cached += len;
+        cn_pool_cached += held;
     } else {
         drop[ndrop++] = base;
     }
@@ -144,14 +150,17 @@ static void cn_pool_free(void* ctx, void* p, size_t size) {
 
 static void* cn_pool_realloc(void* ctx, void* p, size_t new_size) {
     void* q;
-    size_t have;
+    cn_pool_head* head;
     if (p == NULL) return cn_pool_malloc(ctx, new_size);
-    have = cn_pool_len_of((char*)p - CN_POOL_HEAD) - CN_POOL_HEAD;
-    if (new_size <= have) return p;
+    head = (cn_pool_head*)((char*)p - CN_POOL_HEAD);
+    if (new_size <= head->len - CN_POOL_HEAD) {   /* fits in place */
+        head->size = new_size;
+        return p;
+    }
     q = cn_pool_malloc(ctx, new_size);
     if (q == NULL) return NULL;
-    memcpy(q, p, have);
-    cn_pool_free(ctx, p, have);
+    memcpy(q, p, head->size);   /* the old contents; new_size is larger */
+    cn_pool_free(ctx, p, head->size);
     return q;
 }
 

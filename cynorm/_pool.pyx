@@ -2,8 +2,9 @@
 """cynorm's output cache: outputs of MIN_BYTES and more are allocated through a NumPy
 memory handler (_pool.h) that keeps freed blocks for the next output of their size,
 instead of mapping fresh memory (and taking its page faults) on every call. The cache
-holds at most `limit` idle bytes: CYNORM_OUTPUT_CACHE_MB at import (default 1024; 0
-turns it off), or set_output_cache()."""
+holds at most `limit` bytes of idle outputs (their sizes; each block's mapping is rounded
+up to 2 MiB), set by CYNORM_OUTPUT_CACHE_MB at import (default 1024; 0 turns it off) or
+set_output_cache()."""
 import os
 
 import numpy as np
@@ -45,8 +46,9 @@ def _limit_from_env():
 
 
 def set_output_cache(max_bytes):
-    """Keep at most max_bytes of freed output memory for reuse (0: keep none, and release
-    what is kept now). Returns the previous limit."""
+    """Keep freed outputs of at most max_bytes in all for reuse (counted by their sizes;
+    an output of exactly max_bytes is kept; 0: keep none, and release what is kept now).
+    Returns the previous limit."""
     global _on
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)):
         raise TypeError("max_bytes must be an int, got "

@@ -109,6 +109,18 @@ def test_the_cache_keeps_at_most_its_limit(cache):
     assert info["blocks"] == 0 and info["cached"] == 0
 
 
+def test_the_limit_counts_output_sizes_so_an_output_of_the_limit_is_kept(cache):
+    n = int(np.prod(BIG) * 4)        # its mapping is rounded up to 18 MiB
+    for limit, kept in ((n, 1), (n - 1, 0)):
+        cynorm.set_output_cache(0)
+        cynorm.set_output_cache(limit)
+        del_me = cynorm.group_norm(_data(BIG, 3), 4)
+        assert get_handler_name(del_me) == "cynorm_output_cache"
+        del del_me
+        info = cynorm.output_cache_info()
+        assert (info["blocks"], info["cached"]) == (kept, n * kept)
+
+
 def test_resizing_an_output_keeps_its_values(cache):
     y = cynorm.group_norm(_data(BIG, 6), 4)
     want = y.copy()
