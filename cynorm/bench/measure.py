@@ -52,14 +52,17 @@ def anchor_fields(t, anchor_keys, graphs=None):
 
 
 def bench_case(case, dtype, thread_counts, repeats, cn, torch, copy_bw, rng,
-               progress=None, anchors=(), notes=None):
+               progress=None, anchors=(), notes=None, with_numpy=True):
     """One row per (thread count, pass) for one case and dtype. NumPy is single-threaded
     and is timed once, at the first thread count, and reported on every row.
     anchors: the keys of the optional anchors to time beside (cynorm.bench.anchors),
     each checked against the float64 reference first; notes: a list that receives why
-    an anchor has no cell."""
+    an anchor has no cell; with_numpy=False leaves NumPy out."""
     x, dy, w, b = make_arrays(case, dtype, rng)
     impls = _impls(case, cn, torch, x, dy, w, b)
+    if not with_numpy:
+        for fns in impls.values():
+            fns.pop("numpy", None)
     extra = CaseAnchors(case, x, dy, w, b, anchors) if anchors else None
     rows, numpy_s = [], {}
     for i, n in enumerate(thread_counts):
