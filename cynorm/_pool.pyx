@@ -62,7 +62,7 @@ def set_output_cache(max_bytes):
 
 
 def output_cache_info():
-    """The cache's state: limit (bytes), cached (idle bytes held), blocks (idle blocks),
+    """The cache's state: limit (bytes), cached (bytes of the idle outputs held), blocks (idle blocks),
     hits (outputs given an idle block), maps (blocks mapped afresh)."""
     cdef size_t limit, cached, blocks, hits, maps
     cn_pool_info(&limit, &cached, &blocks, &hits, &maps)
@@ -83,13 +83,7 @@ def empty(shape, dtype, nbytes):
 
 def empty_like(x):
     """np.empty_like(x) for a C-contiguous x, from the cache when x is large."""
-    if x.nbytes < MIN_BYTES or not _on:
-        return np.empty_like(x)
-    old = PyDataMem_SetHandler(_HANDLER)
-    try:
-        return np.empty_like(x)
-    finally:
-        PyDataMem_SetHandler(old)
+    return empty(x.shape, x.dtype, x.nbytes)
 
 
 set_output_cache(_limit_from_env())
