@@ -207,6 +207,10 @@ def function_backward(ctx, dy, dh=None):
     backward_general."""
     state = ctx.state
     if state[1] == 2:
+        # nothing was saved, but reading saved_tensors is torch's own check that the
+        # graph was not freed by an earlier backward ("backward through the graph a
+        # second time")
+        ctx.saved_tensors
         _unchanged(state)
         if not _grad_enabled():
             dyn = _array(dy)

@@ -396,3 +396,27 @@ def test_compiled_training_route_is_differentiable_twice(name):
             assert a is None or torch.all(a == 0)
         else:
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["group", "layer", "batch"])
+def test_compiled_training_route_keeps_torchs_backward_twice_error(name):
+    """Nothing goes through save_for_backward on the compiled route, yet a second
+    backward through a freed graph is torch's RuntimeError, as for torch's module; with
+    retain_graph=True the second backward adds the same gradients again."""
+    shape = TRAIN_CASES[name][2]
+    for m in _train_twins(name, torch.float64)[:2]:
+        m(torch.randn(shape, dtype=torch.float64))  # fills the view cache
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        y = m(x)
+        if isinstance(m, (ct.GroupNorm, ct.LayerNorm, ct.BatchNorm1d)):
+            assert _compiled_route(y)
+        dy = torch.randn(shape, dtype=torch.float64)
+        y.backward(dy)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            y.backward(dy)
+        x.grad = None
+        y = m(x)
+        y.backward(dy, retain_graph=True)
+        once = x.grad.clone()
+        y.backward(dy)
+        torch.testing.assert_close(x.grad, 2 * once, rtol=1e-12, atol=1e-12)
