@@ -32,7 +32,11 @@ kernels:
   route below, which checks and raises.
 - **Training**: one `torch.autograd.Function` (`_ModuleFunction`; `GroupNormFunction`
   and the other named Functions are thin wrappers of it) whose backward runs cynorm's
-  backward kernels. Double backward (`create_graph=True`, e.g. a gradient penalty) is
+  backward kernels. Its forward and backward are compiled (cynorm._torch_glue's
+  function_forward / function_backward): a module's common call runs there, keeping the
+  input and parameters as attributes with their versions (checked before the backward,
+  as save_for_backward would), and hands everything else to _forward_general /
+  _backward_general. Double backward (`create_graph=True`, e.g. a gradient penalty) is
   supported: when a graph of the backward is requested, the backward is computed with
   torch operations from the same formulas (activation and residual included), which
   autograd can differentiate again.
