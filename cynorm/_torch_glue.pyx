@@ -94,18 +94,35 @@ _function = None
 _c_apply = None
 _functorch_active = None
 _unwrap_if_dead = None
+_forward_general = None
+_backward_general = None
 
 
-def set_function(cls):
-    """Make record apply the autograd Function cls (cynorm.torch's _ModuleFunction)."""
+def set_function(cls, forward_general, backward_general):
+    """Make record apply the autograd Function cls (cynorm.torch's _ModuleFunction, whose
+    forward and backward are function_forward and function_backward); forward_general
+    and backward_general: the Function's own forward and backward (Python), for every
+    call those leave to them.
+
+    The autograd engine runs a node's backward through the `apply` method of torch's
+    BackwardCFunction, a Python method that looks the backward up and calls it:
+    cls's backward node class gets backward_apply in its place (it calls
+    function_backward directly)."""
     global _function, _c_apply, _functorch_active, _unwrap_if_dead
+    global _forward_general, _backward_general
     _function = cls
+    _forward_general, _backward_general = forward_general, backward_general
     try:
         _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
         _functorch_active = torch._C._are_functorch_transforms_active
         _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
     except (AttributeError, KeyError):
         _c_apply = None
+    node = getattr(cls, "_backward_cls", None)
+    base = getattr(torch.autograd.function, "BackwardCFunction", None)
+    if (node is not None and base is not None and "apply" in base.__dict__
+            and node.apply is base.__dict__["apply"]):
+        node.apply = backward_apply
 
 
 cdef inline object _live(t):
@@ -120,6 +137,101 @@ def record(p, module, input, weight, bias, running_mean, running_var, residual):
                                residual)
     return _c_apply(p, module, _live(input), _live(weight), _live(bias),
                     _live(running_mean), _live(running_var), _live(residual))
+
+
+cdef object _record_module(tuple p, module, input, weight, bias, rm, rv):
+    """record(p, module, input, weight, bias, rm, rv, None) for a module's call without
+    a residual: in the common case (input and the module's cached views on real
+    memory), the input's array and the views go to function_forward as its `prep`
+    argument. Tensors with memory are no functorch wrappers (those have none, and
+    the views' tensors are the module's own objects), so nothing needs unwrapping."""
+    if _c_apply is not None and not _functorch_active():
+        x = _array(input)
+        if x is not None:
+            views = _views(module, weight, bias, rm, rv)
+            if views is not None:
+                return _c_apply(p, module, input, weight, bias, rm, rv, None, (x, views))
+    return record(p, module, input, weight, bias, rm, rv, None)
+
+
+cdef inline object _version(t):
+    return None if t is None else t._version
+
+
+def function_forward(ctx, p, module, input, weight, bias, running_mean, running_var,
+                     residual, prep=None):
+    """_ModuleFunction.forward: a module's common call (prep = (input's array, the
+    module's views), from _record_module) runs here; everything else in
+    forward_general.
+
+    Its state for function_backward: ctx.state = (p, 2, mean, rstd, x, w, b, False,
+    None, input, weight, bias, and their versions). The tensors are kept as
+    attributes, not through save_for_backward (which costs more than the rest of the
+    state together): function_backward makes torch's check that none of them was
+    changed in place since (the backward reads their memory), and a double backward
+    differentiates through them as they are."""
+    cdef tuple views
+    if prep is not None:
+        x, views = prep
+        w, b = views[0], views[1]
+        res = _checked_forward(p, x, w, b, views[2], views[3], None, True)
+        if res is not None:
+            # (the bias is read by the backward only through an activation)
+            ctx.state = (p, 2, res[2], res[3], x, w, b, False, None, input, weight,
+                         bias, _version(input), _version(weight),
+                         None if p[6] is None else _version(bias))
+            return _from_numpy(res[0])
+    return _forward_general(ctx, p, module, input, weight, bias, running_mean,
+                            running_var, residual)
+
+
+cdef int _unchanged(tuple state) except -1:
+    """torch's RuntimeError when a tensor of function_forward's state that the backward
+    reads (input, weight, and bias with an activation: those with a version) was
+    changed in place since the forward."""
+    cdef int i
+    for i in range(9, 12):
+        t = state[i]
+        if state[i + 3] is not None and t._version != state[i + 3]:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified "
+                f"by an inplace operation: [{t.type()} {list(t.shape)}] is at version "
+                f"{t._version}; expected version {state[i + 3]} instead (cynorm.torch's "
+                "backward reads the forward's input and parameters)")
+    return 0
+
+
+def function_backward(ctx, dy, dh=None):
+    """_ModuleFunction.backward: the backward of a function_forward call that autograd
+    need not differentiate (no create_graph) runs here; everything else in
+    backward_general."""
+    state = ctx.state
+    if state[1] == 2:
+        # nothing was saved, but reading saved_tensors is torch's own check that the
+        # graph was not freed by an earlier backward ("backward through the graph a
+        # second time")
+        ctx.saved_tensors
+        _unchanged(state)
+        if not _grad_enabled():
+            dyn = _array(dy)
+            if dyn is not None:
+                w, b = state[5], state[6]
+                grads = _checked_backward(state[0], dyn, state[4], w, b, state[2],
+                                          state[3])
+                if grads is not None:
+                    n = ctx.needs_input_grad
+                    dx, dw, db = grads
+                    return (None, None, _from_numpy(dx) if n[2] else None,
+                            _from_numpy(dw) if n[3] and w is not None else None,
+                            _from_numpy(db) if n[4] and db is not None and b is not None
+                            else None,
+                            None, None, None, None)
+    return _backward_general(ctx, dy, dh)
+
+
+def backward_apply(self, *grads):
+    """The `apply` of _ModuleFunction's backward node (see set_function)."""
+    return function_backward(self, *grads)
 
 
 def cached_views(module, weight, bias, running_mean, running_var):
@@ -426,45 +538,6 @@ cdef object _lean(module, tuple p, input, weight, bias, running_mean, running_va
     return _from_numpy(res[0])
 
 
-def train_forward(module, p, input, weight, bias, running_mean, running_var):
-    """_ModuleFunction.forward's common case (no residual): (y tensor, mean, rstd, x, w,
-    b), the arrays the backward needs, or None for the general route."""
-    x = _array(input)
-    if x is None:
-        return None
-    views = _views(module, weight, bias, running_mean, running_var)
-    if views is None:
-        return None
-    w, b = views[0], views[1]
-    res = _checked_forward(p, x, w, b, views[2], views[3], None, True)
-    if res is None:
-        return None
-    return _from_numpy(res[0]), res[2], res[3], x, w, b
-
-
-def train_backward(ctx, dy):
-    """_ModuleFunction.backward's common case, for a forward that took train_forward
-    (ctx.state = (p, 2, mean, rstd, x, w, b, ...)) and a backward autograd need not
-    differentiate: its return value, or None when dy needs the general route."""
-    if _grad_enabled():
-        return None
-    dyn = _array(dy)
-    if dyn is None:
-        return None
-    state = ctx.state
-    p, x, w, b = state[0], state[4], state[5], state[6]
-    grads = _checked_backward(p, dyn, x, w, b, state[2], state[3])
-    if grads is None:
-        return None
-    ctx.saved_tensors  # torch's check that no saved tensor was changed in place
-    n = ctx.needs_input_grad
-    dx, dw, db = grads
-    return (None, None, _from_numpy(dx) if n[2] else None,
-            _from_numpy(dw) if n[3] and w is not None else None,
-            _from_numpy(db) if n[4] and db is not None and b is not None else None,
-            None, None, None)
-
-
 # ---- module forwards: the common inference call of each module, or None ------------------
 # Each reads the module's attributes as its forward in cynorm.torch does and returns None
 # for anything that forward must check or handle itself (it then runs in full).
@@ -498,8 +571,8 @@ def group_module(module, input):
     params = module._parameters
     weight, bias = params["weight"], params["bias"]
     if _needs_record(input, weight, bias):
-        return record(("group", G, None, True, 0.0, eps, act), module, input, weight, bias,
-                      None, None, None)
+        return _record_module(("group", G, None, True, 0.0, eps, act), module, input,
+                              weight, bias, None, None)
     x = _array(input)
     if x is None:
         return None
@@ -553,7 +626,7 @@ def batch_module(module, input):
     p = ("batch", 0, None, True, momentum, module.eps, act)
     if _needs_record(input, weight, bias):
         count.add_(1)
-        return record(p, module, input, weight, bias, rm, rv, None)
+        return _record_module(p, module, input, weight, bias, rm, rv)
     y = _lean(module, p, input, weight, bias, rm, rv)
     if y is not None:  # else the module's forward counts the batch and runs the call
         count.add_(1)
@@ -579,8 +652,8 @@ def row_module(module, input, kind):
     weight = params["weight"]
     bias = None if rms else params["bias"]
     if _needs_record(input, weight, bias):
-        return record((kind, 0, ns, True, 0.0, eps, None), module, input, weight, bias, None,
-                      None, None)
+        return _record_module((kind, 0, ns, True, 0.0, eps, None), module, input, weight,
+                              bias, None, None)
     x = _array(input)
     if x is None:
         return None

@@ -32,7 +32,11 @@ kernels:
   route below, which checks and raises.
 - **Training**: one `torch.autograd.Function` (`_ModuleFunction`; `GroupNormFunction`
   and the other named Functions are thin wrappers of it) whose backward runs cynorm's
-  backward kernels. Double backward (`create_graph=True`, e.g. a gradient penalty) is
+  backward kernels. Its forward and backward are compiled (cynorm._torch_glue's
+  function_forward / function_backward): a module's common call runs there, keeping the
+  input and parameters as attributes with their versions (checked before the backward,
+  as save_for_backward would), and hands everything else to _forward_general /
+  _backward_general. Double backward (`create_graph=True`, e.g. a gradient penalty) is
   supported: when a graph of the backward is requested, the backward is computed with
   torch operations from the same formulas (activation and residual included), which
   autograd can differentiate again.
@@ -495,95 +499,101 @@ def _grad_output(dy, kind, fmt):
     return _input(dy, "grad_output")[0], None
 
 
+def _forward_general(ctx, p, module, input, weight, bias, running_mean, running_var,
+                     residual):
+    """_ModuleFunction's forward for every call _torch_glue.function_forward leaves to
+    it (functions, residuals, 16-bit or channels-last data, a module's first call)."""
+    x = _glue.array_of(input)
+    fmt = None
+    if x is None:
+        x, fmt = _input(input, "input", p[0])
+    if module is None:
+        w, b = _param(weight, "weight"), _param(bias, "bias")
+        rm = _running(running_mean, "running_mean")
+        rv = _running(running_var, "running_var")
+    else:
+        w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
+    r = None if residual is None else _input(residual, "residual")[0]
+    res = _checked_forward(p, x, w, b, rm, rv, r, True, fmt)
+    y, h, mean, rstd = (_kernel_forward(p, x, w, b, rm, rv, r, fmt) if res is None
+                        else res)
+    out = _output(y, fmt, p[0])
+    if h is None:
+        # the tensors themselves are saved (torch then detects an in-place change
+        # before the backward, and a double backward differentiates through them); x
+        # and w are the kernel's views of the same memory. Everything else the
+        # backward needs goes in one attribute.
+        ctx.save_for_backward(input, weight, bias)
+        ctx.state = (p, res is not None, mean, rstd, x, w, b, False, fmt)
+        return out
+    # a residual call: the backward needs h (an output, saved as such), not input
+    # or residual
+    ht = _from_numpy(h)
+    ctx.save_for_backward(ht, weight, bias)
+    ctx.state = (p, res is not None, mean, rstd, h, w, b, True, fmt)
+    # a double backward rebuilds h = input + residual in torch operations (autograd
+    # cannot differentiate through the saved h, an output of this very node); the
+    # versions tell whether they were changed in place since
+    ctx.inputs = (input, residual, input._version, residual._version)
+    return out, ht
+
+
+def _backward_general(ctx, dy, dh=None):
+    """_ModuleFunction's backward for every call _torch_glue.function_backward leaves
+    to it (a backward autograd must differentiate, create_graph=True, included).
+    Returns one gradient per forward argument, the last (function_forward's prep)
+    always None."""
+    n = ctx.needs_input_grad
+    state = ctx.state
+    if state[1] == 2:  # function_forward's state: the tensors kept (and checked) there
+        x_t, weight, bias = state[9:12]
+    else:
+        x_t, weight, bias = ctx.saved_tensors
+    p, checked, mean, rstd, x, w, b, residual, fmt = state[:9]
+    need = (n[2] or (residual and n[7]), n[3], n[4])
+    if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        if residual:
+            x_t = _residual_sum(*ctx.inputs)
+        dx, dw, db = _composite_grads(p, dy, x_t, weight, bias, mean, rstd, need)
+    else:
+        dyn = _glue.array_of(dy) if checked else None
+        if dyn is not None and (dyn.dtype is not x.dtype or dyn.shape != x.shape):
+            dyn = None
+        if dyn is None:
+            dyn, fmt = _grad_output(dy, p[0], fmt)
+        grads = _checked_backward(p, dyn, x, w, b, mean, rstd) if checked else None
+        if grads is not None:  # every gradient has its tensor's dtype already
+            dx, dw, db = grads
+            dx = _from_numpy(dx) if need[0] else None
+            dw = _from_numpy(dw) if need[1] and weight is not None else None
+            db = _from_numpy(db) if need[2] and db is not None else None
+        else:
+            dx, dw, db = _kernel_backward(p, dyn, x, w, b, mean, rstd, fmt)
+            dx = _grad(dx, x_t, need[0], fmt, p[0])
+            dw = _grad(dw, weight, need[1])
+            db = _grad(db, bias, need[2])
+    if not residual:
+        return None, None, dx, dw, db, None, None, None, None
+    # the gradient of h (through y, plus what reached h directly) is that of input
+    # and of residual alike
+    if dx is not None and dh is not None:
+        dx = dx + dh
+    gr = (dx.clone() if n[2] else dx) if n[7] else None
+    return None, None, dx if n[2] else None, dw, db, None, None, gr, None
+
+
 class _ModuleFunction(torch.autograd.Function):
     """The autograd route of every function and module: apply(p, module, input, weight,
     bias, running_mean, running_var, residual); module: the module whose cached NumPy
-    views to use, or None. Returns y, or (y, h) with a residual."""
+    views to use, or None. Returns y, or (y, h) with a residual.
 
-    @staticmethod
-    def forward(ctx, p, module, input, weight, bias, running_mean, running_var, residual):
-        if module is not None and residual is None:  # the common case, in _torch_glue
-            res = _glue.train_forward(module, p, input, weight, bias, running_mean,
-                                      running_var)
-            if res is not None:
-                out, mean, rstd, x, w, b = res
-                # see below; the state's "checked" slot says: train_backward's route
-                ctx.save_for_backward(input, weight, bias)
-                ctx.state = (p, 2, mean, rstd, x, w, b, False, None)
-                return out
-        x = _glue.array_of(input)
-        fmt = None
-        if x is None:
-            x, fmt = _input(input, "input", p[0])
-        if module is None:
-            w, b = _param(weight, "weight"), _param(bias, "bias")
-            rm = _running(running_mean, "running_mean")
-            rv = _running(running_var, "running_var")
-        else:
-            w, b, rm, rv = _module_views(module, weight, bias, running_mean, running_var)
-        r = None if residual is None else _input(residual, "residual")[0]
-        res = _checked_forward(p, x, w, b, rm, rv, r, True, fmt)
-        y, h, mean, rstd = (_kernel_forward(p, x, w, b, rm, rv, r, fmt) if res is None
-                            else res)
-        out = _output(y, fmt, p[0])
-        if h is None:
-            # the tensors themselves are saved (torch then detects an in-place change
-            # before the backward, and a double backward differentiates through them); x
-            # and w are the kernel's views of the same memory. Everything else the
-            # backward needs goes in one attribute.
-            ctx.save_for_backward(input, weight, bias)
-            ctx.state = (p, res is not None, mean, rstd, x, w, b, False, fmt)
-            return out
-        # a residual call: the backward needs h (an output, saved as such), not input
-        # or residual
-        ht = _from_numpy(h)
-        ctx.save_for_backward(ht, weight, bias)
-        ctx.state = (p, res is not None, mean, rstd, h, w, b, True, fmt)
-        # a double backward rebuilds h = input + residual in torch operations (autograd
-        # cannot differentiate through the saved h, an output of this very node); the
-        # versions tell whether they were changed in place since
-        ctx.inputs = (input, residual, input._version, residual._version)
-        return out, ht
+    forward and backward are compiled (_torch_glue.function_forward / _backward): a
+    module's common training call runs there, with no Python frame of its own (on a
+    tiny call, each Python-level call costs more inside a training step than it does
+    timed alone); they hand everything else to _forward_general / _backward_general."""
 
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        if ctx.state[1] == 2:  # a forward of _torch_glue.train_forward
-            grads = _glue.train_backward(ctx, dy)
-            if grads is not None:
-                return grads
-        n = ctx.needs_input_grad
-        x_t, weight, bias = ctx.saved_tensors
-        p, checked, mean, rstd, x, w, b, residual, fmt = ctx.state
-        need = (n[2] or (residual and n[7]), n[3], n[4])
-        if _grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            if residual:
-                x_t = _residual_sum(*ctx.inputs)
-            dx, dw, db = _composite_grads(p, dy, x_t, weight, bias, mean, rstd, need)
-        else:
-            dyn = _glue.array_of(dy) if checked else None
-            if dyn is not None and (dyn.dtype is not x.dtype or dyn.shape != x.shape):
-                dyn = None
-            if dyn is None:
-                dyn, fmt = _grad_output(dy, p[0], fmt)
-            grads = _checked_backward(p, dyn, x, w, b, mean, rstd) if checked else None
-            if grads is not None:  # every gradient has its tensor's dtype already
-                dx, dw, db = grads
-                dx = _from_numpy(dx) if need[0] else None
-                dw = _from_numpy(dw) if need[1] and weight is not None else None
-                db = _from_numpy(db) if need[2] and db is not None else None
-            else:
-                dx, dw, db = _kernel_backward(p, dyn, x, w, b, mean, rstd, fmt)
-                dx = _grad(dx, x_t, need[0], fmt, p[0])
-                dw = _grad(dw, weight, need[1])
-                db = _grad(db, bias, need[2])
-        if not residual:
-            return None, None, dx, dw, db, None, None, None
-        # the gradient of h (through y, plus what reached h directly) is that of input
-        # and of residual alike
-        if dx is not None and dh is not None:
-            dx = dx + dh
-        gr = (dx.clone() if n[2] else dx) if n[7] else None
-        return None, None, dx if n[2] else None, dw, db, None, None, gr
+    forward = staticmethod(_glue.function_forward)
+    backward = staticmethod(_glue.function_backward)
 
 
 def _residual_sum(input, residual, input_version, residual_version):
@@ -596,7 +606,7 @@ def _residual_sum(input, residual, input_version, residual_version):
         return input + residual
 
 
-_glue.set_function(_ModuleFunction)
+_glue.set_function(_ModuleFunction, _forward_general, _backward_general)
 # _ModuleFunction.apply(p, module, input, weight, bias, running_mean, running_var,
 # residual), without the Python wrapper of Function.apply (see _torch_glue.record)
 _record = _glue.record

@@ -254,3 +254,169 @@ def test_large_outputs_of_the_glue_come_from_the_output_cache(grad):
                 torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
     finally:
         cynorm.set_output_cache(previous)
+
+
+# ---- the compiled training route ---------------------------------------------------------
+# A module's training call whose views are cached runs in _torch_glue.function_forward /
+# function_backward (the autograd Function's forward and backward), keeping the input and
+# parameters as attributes with their versions instead of save_for_backward.
+
+TRAIN_CASES = {  # (cynorm.torch module, torch.nn twin, input shape), train mode
+    "group": (lambda: ct.GroupNorm(2, 6), lambda: torch.nn.GroupNorm(2, 6), (3, 6, 4)),
+    "group_tiny": (lambda: ct.GroupNorm(32, 32), lambda: torch.nn.GroupNorm(32, 32),
+                   (1, 32, 8, 8)),
+    "layer": (lambda: ct.LayerNorm(6), lambda: torch.nn.LayerNorm(6), (3, 6)),
+    "layer_2d": (lambda: ct.LayerNorm((3, 4)), lambda: torch.nn.LayerNorm((3, 4)),
+                 (2, 5, 3, 4)),
+    "rms": (lambda: ct.RMSNorm(6), lambda: torch.nn.RMSNorm(6), (3, 6)),
+    "batch": (lambda: ct.BatchNorm1d(6), lambda: torch.nn.BatchNorm1d(6), (4, 6)),
+    "batch_2d": (lambda: ct.BatchNorm2d(3), lambda: torch.nn.BatchNorm2d(3), (2, 3, 2, 3)),
+}
+
+
+def _train_twins(name, dtype):
+    make_ours, make_theirs, shape = TRAIN_CASES[name]
+    theirs = make_theirs().to(dtype).train()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+    ours = make_ours().to(dtype).train()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs, shape
+
+
+def _compiled_route(y):
+    """Whether the autograd node of y was recorded by the compiled training route."""
+    return y.grad_fn.state[1] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name, wanted", [
+    (name, wanted) for name in sorted(TRAIN_CASES)
+    for wanted in ("input", "weight", "bias", "all", "params")
+    if not (name == "rms" and wanted == "bias")])  # RMSNorm has no bias
+def test_compiled_training_route_gives_torchs_gradients(name, wanted, dtype):
+    """Whatever subset of input, weight and bias requires grad, the compiled route (a
+    module's calls after the first) gives torch's output and torch's gradients for
+    exactly that subset (None for the rest), and the same running statistics."""
+    ours, theirs, shape = _train_twins(name, dtype)
+    names = {"all": ("input", "weight", "bias"), "params": ("weight", "bias")}.get(
+        wanted, (wanted,))
+    for m in (ours, theirs):
+        for pname, p in m.named_parameters():
+            p.requires_grad_(pname in names)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):  # the first call fills the view cache; the next ones use it
+        x = torch.randn(shape, dtype=dtype, generator=gen) * 2 + 0.5
+        dy = torch.randn(shape, dtype=dtype, generator=gen)
+        results = []
+        for m in (ours, theirs):
+            m.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_("input" in names)
+            y = m(xi)
+            y.backward(dy)
+            results.append((y, xi.grad, m.weight.grad, getattr(m, "bias", None)))
+        (ya, ga, wa, ba), (yb, gb, wb, bb) = results
+        if step:
+            assert _compiled_route(ya)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9,
+                                                                            atol=1e-9)
+        torch.testing.assert_close(ya, yb, **tol)
+        for a, b in ((ga, gb), (wa, wb)):
+            assert (a is None) == (b is None)
+            if b is not None:
+                torch.testing.assert_close(a, b, **tol)
+        if ba is not None:
+            assert (ba.grad is None) == (bb.grad is None)
+            if bb.grad is not None:
+                torch.testing.assert_close(ba.grad, bb.grad, **tol)
+        if hasattr(theirs, "running_mean"):
+            torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
+            torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+            assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+@pytest.mark.parametrize("changed", ["input", "weight"])
+@pytest.mark.parametrize("name", ["group", "layer", "batch"])
+def test_compiled_training_route_refuses_a_backward_after_an_in_place_change(name, changed):
+    """The backward reads the forward's input and weight: one of them changed in place
+    between the forward and the backward (an optimizer step too early) is torch's
+    RuntimeError, as it is for torch's own module, not a gradient of the new values."""
+    shape = TRAIN_CASES[name][2]
+    for m in _train_twins(name, torch.float32)[:2]:
+        m(torch.randn(shape))  # fills the view cache
+        x = torch.randn(shape, requires_grad=True)
+        h = x * 1.0
+        y = m(h)
+        if isinstance(m, (ct.GroupNorm, ct.LayerNorm, ct.BatchNorm1d)):
+            assert _compiled_route(y)
+        with torch.no_grad():
+            {"input": h, "weight": m.weight}[changed].add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(torch.ones_like(y))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: ct.GroupNorm(2, 6, activation="silu"), (3, 6, 4)),
+    (lambda: ct.BatchNorm1d(6, activation="gelu"), (4, 6)),
+])
+def test_compiled_training_route_with_an_activation_refuses_a_changed_bias(make, shape):
+    """With a fused activation the backward reads the bias too (the activation's
+    input): a bias changed in place before the backward is the same RuntimeError."""
+    m = make().train()
+    m(torch.randn(shape))
+    y = m(torch.randn(shape, requires_grad=True))
+    assert _compiled_route(y)
+    with torch.no_grad():
+        m.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(torch.ones_like(y))
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_CASES))
+def test_compiled_training_route_is_differentiable_twice(name):
+    """create_graph=True through the compiled route (a gradient penalty on a module's
+    later calls): the second-order gradients are torch's."""
+    ours, theirs, shape = _train_twins(name, torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(shape, dtype=torch.float64, generator=gen) * 2 + 1
+    v = torch.randn(shape, dtype=torch.float64, generator=gen)
+    grads = []
+    for m in (ours, theirs):
+        m(x0.clone().requires_grad_())  # fills the view cache
+        x = x0.clone().requires_grad_()
+        y = m(x)
+        if m is ours:
+            assert _compiled_route(y)
+        (g,) = torch.autograd.grad((y * v).sum(), x, create_graph=True)
+        penalty = (g.square().sum() - 1.0) ** 2
+        grads.append(torch.autograd.grad(penalty, [x, *m.parameters()], allow_unused=True))
+    for a, b in zip(*grads):
+        if b is None:
+            assert a is None or torch.all(a == 0)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["group", "layer", "batch"])
+def test_compiled_training_route_keeps_torchs_backward_twice_error(name):
+    """Nothing goes through save_for_backward on the compiled route, yet a second
+    backward through a freed graph is torch's RuntimeError, as for torch's module; with
+    retain_graph=True the second backward adds the same gradients again."""
+    shape = TRAIN_CASES[name][2]
+    for m in _train_twins(name, torch.float64)[:2]:
+        m(torch.randn(shape, dtype=torch.float64))  # fills the view cache
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        y = m(x)
+        if isinstance(m, (ct.GroupNorm, ct.LayerNorm, ct.BatchNorm1d)):
+            assert _compiled_route(y)
+        dy = torch.randn(shape, dtype=torch.float64)
+        y.backward(dy)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            y.backward(dy)
+        x.grad = None
+        y = m(x)
+        y.backward(dy, retain_graph=True)
+        once = x.grad.clone()
+        y.backward(dy)
+        torch.testing.assert_close(x.grad, 2 * once, rtol=1e-12, atol=1e-12)

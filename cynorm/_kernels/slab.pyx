@@ -227,8 +227,11 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x), nc = N, n0, n1
     if HW * isz < 128:
         nc = max(1, (N * HW * isz) // 256)
-    cdef cnp.ndarray work = np.empty(2 * nc * C, dtype=np.float64)
-    cdef cnp.ndarray accs = np.zeros(2 * C, dtype=np.float64)
+    # scratch through NumPy's C API: on a tiny call, np.empty / np.zeros (a Python-level
+    # call each) cost as much as the arithmetic
+    cdef cnp.npy_intp n_work = 2 * nc * C, n_accs = 2 * C
+    cdef cnp.ndarray work = cnp.PyArray_EMPTY(1, &n_work, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray accs = cnp.PyArray_ZEROS(1, &n_accs, cnp.NPY_FLOAT64, 0)
     cdef double* sdy = <double*>data(work)
     cdef double* sdyx = sdy + nc * C
     cdef double* acc = <double*>data(accs)
