@@ -686,11 +686,13 @@ def _run_op(op, x, dy, w, b, act, axis):
 
 
 # channels-last: fused work items, the split schedule (one sample, few wide groups, many
-# row blocks), rows wider than a coefficient tile (512 channels), odd channel counts;
+# row blocks), rows wider than a coefficient tile (512 channels), odd channel counts
+# (rows of whole vectors and a scalar tail on every instruction set: 37, 21);
 # NCHW BatchNorm with runs shorter than 64: one row block, several (N >= 128), HW = 1
 _INPLACE_CASES = [
     ("group_norm", (2, 5, 7, 8), -1), ("group_norm", (1, 48, 40, 16), -1),
     ("group_norm", (2, 9, 3, 1032), -1), ("instance_norm", (3, 11, 13, 7), -1),
+    ("group_norm", (2, 5, 3, 37), -1), ("instance_norm", (2, 3, 5, 21), -1),
     ("batch_norm", (2, 9, 10, 12), -1), ("batch_norm", (64, 3), 1),
     ("batch_norm", (5, 4, 7), 1), ("batch_norm", (300, 5, 6), 1),
     ("batch_norm", (200, 37), 1),

@@ -786,6 +786,35 @@ CN_SPAN_DEFS(cn_bf16, bf16)
 CN_CL_AFFINE_DEF(cn_f16, f16)
 CN_CL_AFFINE_DEF(cn_bf16, bf16)
 
+/* the channels-last dx of one row piece (channels_last.pyx's _grad_row, float32 form):
+ * dx[k] = ((wf[k] * dy[k] - gf[k]) - (((x[k] - mh[k]) - ml[k]) * rf[k]) * kf[k]) * rf[k],
+ * per-channel constants, the slab family's grad_const (cn_grad_T) operation for
+ * operation; written once for every storage below float64: 16-bit dy and x widened and
+ * dx narrowed in registers (no staged float32 copy). The last n % CN_FW channels are
+ * scalar (CN_LD1, CN_ST1: the same operations, so the same bits as a vector lane).
+ * dx may be dy or x: each element is read before it is written. */
+#define CN_CL_GRAD_EXPR(LD, LDK, dyp, xp, j)                                            \
+    ((LDK(wf + (j)) * LD(dyp) - LDK(gf + (j)))                                          \
+     - (((LD(xp) - LDK(mh + (j))) - LDK(ml + (j))) * LDK(rf + (j))) * LDK(kf + (j)))    \
+        * LDK(rf + (j))
+#define CN_CL_DEREF1(p) CN_LD1(*(p))
+#define CN_CL_DEREF(p) (*(p))
+#define CN_CL_GRAD_DEF(T_, NAME)                                                        \
+    static inline void cn_cl_grad_##NAME(const T_* dy, const T_* x, T_* dx, ptrdiff_t n, \
+                                         const float* mh, const float* ml,              \
+                                         const float* rf, const float* wf,              \
+                                         const float* gf, const float* kf) {            \
+        ptrdiff_t i;                                                                    \
+        /* no aligned head, as cn_cl_affine: a row piece is at most CL_WIDTH channels */ \
+        for (i = 0; i + CN_FW <= n; i += CN_FW)                                         \
+            CN_STF(dx + i, CN_CL_GRAD_EXPR(CN_LDF, cn_loadf, dy + i, x + i, i));         \
+        for (; i < n; i++)                                                              \
+            CN_ST1(dx + i, CN_CL_GRAD_EXPR(CN_CL_DEREF1, CN_CL_DEREF, dy + i, x + i, i)); \
+    }
+CN_CL_GRAD_DEF(float, f32)
+CN_CL_GRAD_DEF(cn_f16, f16)
+CN_CL_GRAD_DEF(cn_bf16, bf16)
+
 /* ---- column reductions: per-column sums down the rows of a tile --------------------
  * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n). Each column is
  * summed alone, row by row in order, in float64; so a column's bits are those of the

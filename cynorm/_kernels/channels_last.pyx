@@ -91,6 +91,15 @@ cdef extern from "_cl_tiles.h":
     void cn_cl_apply_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t D, Py_ssize_t nrows,
                           Py_ssize_t n, const float* mh, const float* ml, const float* rf,
                           const float* wf, const float* bf) noexcept nogil
+    void cn_cl_grad_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
+                        const float* mh, const float* ml, const float* rf, const float* wf,
+                        const float* gf, const float* kf) noexcept nogil
+    void cn_cl_grad_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, Py_ssize_t n,
+                        const float* mh, const float* ml, const float* rf, const float* wf,
+                        const float* gf, const float* kf) noexcept nogil
+    void cn_cl_grad_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n,
+                         const float* mh, const float* ml, const float* rf,
+                         const float* wf, const float* gf, const float* kf) noexcept nogil
 
 import numpy as np
 
@@ -651,7 +660,9 @@ cdef inline void _grad_coefs(GradCoefs* k, const double* mean, const double* rst
 
 cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
                            Py_ssize_t n, const GradCoefs* k) noexcept nogil:
-    """dx over n channels of one row, element by element as grad_const (_common.pxd)."""
+    """dx over n channels of one row, element by element as grad_const (_common.pxd):
+    float32, the float32 form where a channel is ok, else the float64 one (a piece whose
+    channels are all ok takes cn_cl_grad_T instead: _grad_row_s)."""
     cdef Py_ssize_t j
     cdef const float* mh = k.mh
     cdef const float* ml = k.ml
@@ -664,10 +675,7 @@ cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
     cdef const double* wd = k.w
     cdef const double* g = k.g
     cdef const double* kd = k.k
-    if floating is float and k.all_ok:
-        for j in range(n):
-            dx[j] = ((wf[j] * dy[j] - gf[j]) - (((x[j] - mh[j]) - ml[j]) * rf[j]) * kf[j]) * rf[j]
-    elif floating is float:
+    if floating is float:
         for j in range(n):
             if k.ok[j]:
                 dx[j] = (((wf[j] * dy[j] - gf[j]) - (((x[j] - mh[j]) - ml[j]) * rf[j]) * kf[j])
@@ -681,11 +689,22 @@ cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
 
 cdef inline void _grad_row_s(const storage* dy, const storage* x, storage* dx,
                              Py_ssize_t n, const GradCoefs* k) noexcept nogil:
-    """_grad_row over n (at most CL_WIDTH) channels; 16-bit data: in float32 on the
+    """_grad_row over n (at most CL_WIDTH) channels. Every channel ok (float32 and
+    16-bit data): the float32 form, 16-bit data widened and narrowed in registers
+    (cn_cl_grad_T, one loop for every storage); else 16-bit data in float32 on the
     widened row pieces, rounded once on store (as the slab family's grad_const)."""
     cdef float bdy[CL_WIDTH]
     cdef float bx[CL_WIDTH]
-    if storage is float or storage is double:
+    if storage is double:
+        _grad_row(dy, x, dx, n, k)
+    elif k.all_ok:
+        if storage is float:
+            cn_cl_grad_f32(dy, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+        elif storage is cn_f16:
+            cn_cl_grad_f16(dy, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+        else:
+            cn_cl_grad_bf16(dy, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+    elif storage is float:
         _grad_row(dy, x, dx, n, k)
     else:
         widen(dy, bdy, n)
