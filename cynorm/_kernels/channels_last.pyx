@@ -45,8 +45,9 @@ Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
 float16, bfloat16), parameters float32 for all but float64 data. 16-bit data are read
 in place: the one-pass sums and the apply widen (and narrow) in registers (_cl_tiles.h;
 staged float32 row pieces with an activation, or where a set needs the float64 xhat),
-the two-pass column moments staged row blocks, the backward's column sums in registers
-(_lanes.h), dx widened row pieces, with the
+the two-pass column moments staged row blocks, the backward's column sums and dx in
+registers (_lanes.h: cn_cl_grad_T, the one dx loop of float32 and 16-bit data; staged
+row pieces where a set needs the float64 xhat), with the
 float32 data's arithmetic, rounded once on store; so a 16-bit
 result is bitwise the float32 result on the widened data, rounded once.
 
