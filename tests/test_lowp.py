@@ -660,7 +660,8 @@ def test_row_ops_16bit_are_the_float32_computation_rounded_once(dt, shape, op):
 # apply and dx widen in registers (or run on widened row pieces), in the float32 data's
 # arithmetic, rounded once on store. So a 16-bit result is bitwise the float32 result on
 # the widened data, rounded once (the promise the 1-ulp bound rests on), with no x-sized
-# float32 copy (a backward with an activation still makes float32 copies: cynorm._api).
+# float32 copy (with an activation, the channels-last backward keeps g = dy * act'(a) in
+# one float32 buffer; BatchNorm's makes float32 copies of x and dy: cynorm._api).
 
 def _groups_of(C):
     """The test's GroupNorm groups for C channels: 4 channels each, or 2 groups."""
@@ -815,6 +816,24 @@ def test_16bit_channels_last_and_short_runs_make_no_float32_copy(dt, op, shape, 
         e, _ = extra_memory(lambda: cynorm.batch_norm_backward(dy, x, m, r, w,
                                                                channel_axis=axis))
     assert e <= limit, ("backward", e, x.nbytes)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_channels_last_backward_with_activation_makes_no_float32_copy_of_x_or_dy(
+        dt, act):
+    """With an activation, g = dy * act'(a) keeps its float32 digits in one float32
+    buffer of x's shape (twice the input's bytes); dy, x and dx are read and written in
+    place: no float32 copy of them (each another twice the input)."""
+    shape = (4, 32, 32, 64)
+    x, dy = data(shape, dt, 49), data(shape, dt, 50)
+    w = np.ones(shape[-1], np.float32)
+    _, m, r = cynorm.group_norm(x, 8, w, w, return_stats=True, activation=act,
+                                channel_axis=-1)
+    e, _ = extra_memory(lambda: cynorm.group_norm_backward(dy, x, m, r, 8, w, bias=w,
+                                                           activation=act,
+                                                           channel_axis=-1))
+    assert e <= 2 * x.nbytes + x.nbytes // 8 + 64 * 1024, (e, x.nbytes)
 
 
 @pytest.mark.parametrize("dt", LOWP, ids=str)
