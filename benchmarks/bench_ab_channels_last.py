@@ -1,10 +1,11 @@
-"""A/B of the channels-last GroupNorm/InstanceNorm forward: two cynorm trees (e.g. main
-and a branch) loaded in one process, each tree's channels-last forward and its NCHW
-forward on the same data (into a preallocated out=), timed in interleaved rounds (min over rounds; with 1 thread
+"""A/B of the channels-last GroupNorm/InstanceNorm forward (or, with --backward, the
+backward alone, from the forward's statistics): two cynorm trees (e.g. main and a branch)
+loaded in one process, each tree's channels-last call and its NCHW call on the same data
+(into a preallocated out=), timed in interleaved rounds (min over rounds; with 1 thread
 the clock is CPU time), so that a loaded machine moves both trees alike.
 
     python benchmarks/bench_ab_channels_last.py OLD_TREE NEW_TREE [threads] [rounds]
-        [--dtype float32|bfloat16]
+        [--dtype=float32|bfloat16|float16] [--backward]
 """
 import sys
 import time
@@ -22,6 +23,9 @@ dtype = np.float32
 if "--dtype=bfloat16" in sys.argv:
     import ml_dtypes
     dtype = ml_dtypes.bfloat16
+elif "--dtype=float16" in sys.argv:
+    dtype = np.float16
+backward = "--backward" in sys.argv
 clock = time.process_time if threads == 1 else time.perf_counter
 
 A = load(old_tree)
@@ -30,28 +34,37 @@ CASES = [("group_norm", (8, 256, 56, 56), 32), ("group_norm", (1, 512, 128, 128)
          ("group_norm", (2, 320, 64, 64), 32), ("instance_norm", (8, 64, 128, 128), None)]
 
 
-def call(mod, op, x, G, w, b, axis):
+def call(mod, op, x, G, w, b, axis, dy):
     # into a preallocated output: a fresh one of over 32 MiB is mapped anew by every
     # call (glibc's largest mmap threshold), whose page faults would dominate the time
     out = np.empty_like(x)
+    if backward:
+        if op != "group_norm":
+            G = x.shape[axis]  # instance norm: a group per channel
+        _, m, r = mod.group_norm(x, G, w, b, return_stats=True, channel_axis=axis)
+        return lambda: mod.group_norm_backward(dy, x, m, r, G, w, channel_axis=axis,
+                                               out=out)
     if op == "group_norm":
         return lambda: mod.group_norm(x, G, w, b, out=out, channel_axis=axis)
     return lambda: mod.instance_norm(x, weight=w, bias=b, out=out, channel_axis=axis)
 
 
 rng = np.random.default_rng(0)
-print(f"threads {threads}, {np.dtype(dtype).name}, min over {rounds} rounds, ms")
+print(f"{'backward' if backward else 'forward'}, threads {threads}, "
+      f"{np.dtype(dtype).name}, min over {rounds} rounds, ms")
 print(f"{'case':34} {'old NCHW':>9} {'old last':>9} {'new NCHW':>9} {'new last':>9} "
       f"{'old l/N':>8} {'new l/N':>8} {'new/old last':>12}")
 with threadpool_limits(threads):
     for op, shape, G in CASES:
         x = (0.3 + rng.standard_normal(shape)).astype(dtype)
         xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        dy = rng.standard_normal(shape).astype(dtype)
+        dyl = np.ascontiguousarray(np.moveaxis(dy, 1, -1))
         C = shape[1]
         w = rng.standard_normal(C).astype(np.float32)
         b = rng.standard_normal(C).astype(np.float32)
-        fs = [call(A, op, x, G, w, b, 1), call(A, op, xl, G, w, b, -1),
-              call(B, op, x, G, w, b, 1), call(B, op, xl, G, w, b, -1)]
+        fs = [call(A, op, x, G, w, b, 1, dy), call(A, op, xl, G, w, b, -1, dyl),
+              call(B, op, x, G, w, b, 1, dy), call(B, op, xl, G, w, b, -1, dyl)]
         reps = max(1, int(1e7 // x.size))
         best = [np.inf] * 4
         for _ in range(rounds):

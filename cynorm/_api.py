@@ -168,11 +168,10 @@ def _slab_backward(dy, x, mean, rstd, G, weight, out, bias=None, activation=None
     dims = (N, HW, C) if last else (N, C, HW)
     if is_lowp(x.dtype) and last and act:
         # the activation's gradient dy * act'(a) keeps float32 digits: the slab kernel
-        # forms it in float32 itself, the channels-last kernel on float32 copies
-        dx32 = _to_f32(x)
-        kernel(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, *dims, G, act, b,
-               _pool.empty_like(dx32) if act else None)
-        _store(dx32, dx)
+        # forms it in float32 a block at a time, the channels-last kernel in a float32
+        # buffer of x's shape (dy, x and dx are read and written in place)
+        kernel(dy, x, dx, w, dw, db, mean, rstd, *dims, G, act, b,
+               _pool.empty(x.shape, np.float32, x.size * 4))
     else:
         kernel(dy, x, dx, w, dw, db, mean, rstd, *dims, G, act, b,
                None if is_lowp(x.dtype) else _grad_buffer(act, dx, x))

@@ -656,10 +656,12 @@ def test_row_ops_16bit_are_the_float32_computation_rounded_once(dt, shape, op):
 
 # ---- channels-last and BatchNorm's short runs read 16-bit data in place -------------------
 # The channels-last kernel and BatchNorm's column path (runs shorter than 64) take 16-bit
-# data directly: their sums read staged, widened row blocks, the apply and dx run on
-# widened row pieces in the float32 data's arithmetic, rounded once on store. So a 16-bit
-# result is bitwise the float32 result on the widened data, rounded once (the promise
-# the 1-ulp bound rests on), with no x-sized float32 copy.
+# data directly: their moments read staged, widened row blocks; the gradient sums, the
+# apply and dx widen in registers (or run on widened row pieces), in the float32 data's
+# arithmetic, rounded once on store. So a 16-bit result is bitwise the float32 result on
+# the widened data, rounded once (the promise the 1-ulp bound rests on), with no x-sized
+# float32 copy (with an activation, the channels-last backward keeps g = dy * act'(a) in
+# one float32 buffer; BatchNorm's makes float32 copies of x and dy: cynorm._api).
 
 def _groups_of(C):
     """The test's GroupNorm groups for C channels: 4 channels each, or 2 groups."""
@@ -686,11 +688,13 @@ def _run_op(op, x, dy, w, b, act, axis):
 
 
 # channels-last: fused work items, the split schedule (one sample, few wide groups, many
-# row blocks), rows wider than a coefficient tile (512 channels), odd channel counts;
+# row blocks), rows wider than a coefficient tile (512 channels), odd channel counts
+# (rows of whole vectors and a scalar tail on every instruction set: 37, 21);
 # NCHW BatchNorm with runs shorter than 64: one row block, several (N >= 128), HW = 1
 _INPLACE_CASES = [
     ("group_norm", (2, 5, 7, 8), -1), ("group_norm", (1, 48, 40, 16), -1),
     ("group_norm", (2, 9, 3, 1032), -1), ("instance_norm", (3, 11, 13, 7), -1),
+    ("group_norm", (2, 5, 3, 37), -1), ("instance_norm", (2, 3, 5, 21), -1),
     ("batch_norm", (2, 9, 10, 12), -1), ("batch_norm", (64, 3), 1),
     ("batch_norm", (5, 4, 7), 1), ("batch_norm", (300, 5, 6), 1),
     ("batch_norm", (200, 37), 1),
@@ -711,8 +715,8 @@ def test_16bit_channels_last_and_short_runs_are_the_float32_result_rounded_once(
     _equal_bits(got[0], round_once(ref32[0], dt), "y")
     for k, name in ((1, "mean"), (2, "rstd")):
         assert np.array_equal(got[k], ref32[k]), name
-    if act is None:  # with an activation dx comes from float32 copies (g keeps digits)
-        _equal_bits(got[3], round_once(ref32[3], dt), "dx")
+    # with an activation too: g = dy * act'(a) keeps its float32 digits
+    _equal_bits(got[3], round_once(ref32[3], dt), "dx")
     # float32 parameters: dweight and dbias are the float32 data's
     assert np.array_equal(got[4], ref32[4]) and np.array_equal(got[5], ref32[5])
 
@@ -812,6 +816,24 @@ def test_16bit_channels_last_and_short_runs_make_no_float32_copy(dt, op, shape, 
         e, _ = extra_memory(lambda: cynorm.batch_norm_backward(dy, x, m, r, w,
                                                                channel_axis=axis))
     assert e <= limit, ("backward", e, x.nbytes)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_channels_last_backward_with_activation_makes_no_float32_copy_of_x_or_dy(
+        dt, act):
+    """With an activation, g = dy * act'(a) keeps its float32 digits in one float32
+    buffer of x's shape (twice the input's bytes); dy, x and dx are read and written in
+    place: no float32 copy of them (each another twice the input)."""
+    shape = (4, 32, 32, 64)
+    x, dy = data(shape, dt, 49), data(shape, dt, 50)
+    w = np.ones(shape[-1], np.float32)
+    _, m, r = cynorm.group_norm(x, 8, w, w, return_stats=True, activation=act,
+                                channel_axis=-1)
+    e, _ = extra_memory(lambda: cynorm.group_norm_backward(dy, x, m, r, 8, w, bias=w,
+                                                           activation=act,
+                                                           channel_axis=-1))
+    assert e <= 2 * x.nbytes + x.nbytes // 8 + 64 * 1024, (e, x.nbytes)
 
 
 @pytest.mark.parametrize("dt", LOWP, ids=str)

@@ -786,6 +786,39 @@ CN_SPAN_DEFS(cn_bf16, bf16)
 CN_CL_AFFINE_DEF(cn_f16, f16)
 CN_CL_AFFINE_DEF(cn_bf16, bf16)
 
+/* the channels-last dx of one row piece (channels_last.pyx's _grad_row, float32 form):
+ * dx[k] = ((wf[k] * dy[k] - gf[k]) - (((x[k] - mh[k]) - ml[k]) * rf[k]) * kf[k]) * rf[k],
+ * per-channel constants, the slab family's grad_const (cn_grad_T) operation for
+ * operation; written once for every storage below float64: 16-bit dy and x widened and
+ * dx narrowed in registers (no staged float32 copy). The last n % CN_FW channels are
+ * scalar (CN_LD1, CN_ST1: the same operations, so the same bits as a vector lane).
+ * dy may be float32 with 16-bit x and dx (cn_cl_grad_g32_T: the float32 g of a backward
+ * with an activation). dx may be dy or x: each element is read before it is written. */
+#define CN_CL_GRAD_EXPR(LD, LDK, dyp, xp, j)                                            \
+    ((LDK(wf + (j)) * LD(dyp) - LDK(gf + (j)))                                          \
+     - (((LD(xp) - LDK(mh + (j))) - LDK(ml + (j))) * LDK(rf + (j))) * LDK(kf + (j)))    \
+        * LDK(rf + (j))
+#define CN_CL_DEREF1(p) CN_LD1(*(p))
+#define CN_CL_DEREF(p) (*(p))
+#define CN_CL_GRAD_DEF(TD_, T_, NAME)                                                   \
+    static inline void cn_cl_grad_##NAME(const TD_* dy, const T_* x, T_* dx, ptrdiff_t n, \
+                                         const float* mh, const float* ml,              \
+                                         const float* rf, const float* wf,              \
+                                         const float* gf, const float* kf) {            \
+        ptrdiff_t i;                                                                    \
+        /* no aligned head, as cn_cl_affine: a row piece is at most CL_WIDTH channels */ \
+        for (i = 0; i + CN_FW <= n; i += CN_FW)                                         \
+            CN_STF(dx + i, CN_CL_GRAD_EXPR(CN_LDF, cn_loadf, dy + i, x + i, i));         \
+        for (; i < n; i++)                                                              \
+            CN_ST1(dx + i, CN_CL_GRAD_EXPR(CN_CL_DEREF1, CN_CL_DEREF, dy + i, x + i, i)); \
+    }
+CN_CL_GRAD_DEF(float, float, f32)
+CN_CL_GRAD_DEF(cn_f16, cn_f16, f16)
+CN_CL_GRAD_DEF(cn_bf16, cn_bf16, bf16)
+/* dy: float32 g = dy * act'(a) of a backward with an activation (kept in float32) */
+CN_CL_GRAD_DEF(float, cn_f16, g32_f16)
+CN_CL_GRAD_DEF(float, cn_bf16, g32_bf16)
+
 /* ---- column reductions: per-column sums down the rows of a tile --------------------
  * Rows [0, nrows) of a row-major tile (row stride D), columns [0, n). Each column is
  * summed alone, row by row in order, in float64; so a column's bits are those of the
@@ -918,16 +951,17 @@ CN_CL_AFFINE_DEF(cn_bf16, bf16)
         sgx[j] = bj;                                                                    \
     }
 
-#define CN_COL_GRAD_ROWS(T, LOAD)                                                       \
+/* (dy and x may be of different storage types: each loaded by its own CN_LD) */
+#define CN_COL_GRAD_ROWS                                                                \
     ptrdiff_t r, j;                                                                     \
     for (r = 0; r < nrows; r++) {                                                       \
-        const T* dyr = dy + r * D;                                                      \
-        const T* xr = x + r * D;                                                        \
+        const __typeof__(*dy)* dyr = dy + r * D;                                        \
+        const __typeof__(*x)* xr = x + r * D;                                           \
         for (j = 0; j + CN_DW <= n; j += CN_DW) {                                       \
-            cn_vd g = LOAD(dyr + j);                                                    \
+            cn_vd g = CN_LD(dyr + j);                                                   \
             cn_store_f64(sg + j, cn_load_f64(sg + j) + g);                              \
             cn_store_f64(sgx + j, cn_load_f64(sgx + j) +                                \
-                                      g * (LOAD(xr + j) - cn_load_f64(m + j)));         \
+                                      g * (CN_LD(xr + j) - cn_load_f64(m + j)));        \
         }                                                                               \
         for (; j < n; j++) {                                                            \
             double g = CN_LD1(dyr[j]);                                                  \
@@ -951,7 +985,7 @@ CN_CL_AFFINE_DEF(cn_bf16, bf16)
                                               const double* m, double* sg,              \
                                               double* sgx, int rows) {                  \
         if (rows) {                                                                     \
-            CN_COL_GRAD_ROWS(T, LOAD)                                                   \
+            CN_COL_GRAD_ROWS                                                            \
         } else {                                                                        \
             CN_COL_TILES(CN_COL_GRAD_BODY(T, LOAD), CN_COL_GRAD_SCALAR(T))              \
         }                                                                               \
@@ -1141,6 +1175,18 @@ static inline void cn_col_moments_f64(const double* x, ptrdiff_t D, ptrdiff_t nr
 
 CN_COL_LP_FUNCS(cn_f16, f16, cn_f16_widen)
 CN_COL_LP_FUNCS(cn_bf16, bf16, cn_bf16_widen)
+
+/* the row-walking gradient sums of float32 g (the backward's dy * act'(a), kept in
+ * float32) with 16-bit x: the same sums as float32 data holding the widened x */
+#define CN_COL_GRAD_ROWS_G32_DEF(T, SFX)                                                \
+    static inline void cn_col_grad_rows_g32_##SFX(const float* dy, const T* x,          \
+                                                  ptrdiff_t D, ptrdiff_t nrows,         \
+                                                  ptrdiff_t n, const double* m,         \
+                                                  double* sg, double* sgx) {            \
+        CN_COL_GRAD_ROWS                                                                \
+    }
+CN_COL_GRAD_ROWS_G32_DEF(cn_f16, f16)
+CN_COL_GRAD_ROWS_G32_DEF(cn_bf16, bf16)
 
 /* ---- pairwise block merge of n adjacent columns --------------------------------------
  * tree_merge (_common.pxd) for the n adjacent columns pm[j], pq[j] (block q of column j

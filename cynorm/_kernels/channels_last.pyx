@@ -45,8 +45,10 @@ Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
 float16, bfloat16), parameters float32 for all but float64 data. 16-bit data are read
 in place: the one-pass sums and the apply widen (and narrow) in registers (_cl_tiles.h;
 staged float32 row pieces with an activation, or where a set needs the float64 xhat),
-the two-pass column moments staged row blocks, the backward's column sums in registers
-(_lanes.h), dx widened row pieces, with the
+the two-pass column moments staged row blocks, the backward's column sums and dx in
+registers (_lanes.h: cn_cl_grad_T, the one dx loop of float32 and 16-bit data; staged
+row pieces where a set needs the float64 xhat; with an activation, g = dy * act'(a) is
+kept in a float32 buffer, formed on widened row pieces), with the
 float32 data's arithmetic, rounded once on store; so a 16-bit
 result is bitwise the float32 result on the widened data, rounded once.
 
@@ -91,6 +93,28 @@ cdef extern from "_cl_tiles.h":
     void cn_cl_apply_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t D, Py_ssize_t nrows,
                           Py_ssize_t n, const float* mh, const float* ml, const float* rf,
                           const float* wf, const float* bf) noexcept nogil
+    void cn_cl_grad_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
+                        const float* mh, const float* ml, const float* rf, const float* wf,
+                        const float* gf, const float* kf) noexcept nogil
+    void cn_cl_grad_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, Py_ssize_t n,
+                        const float* mh, const float* ml, const float* rf, const float* wf,
+                        const float* gf, const float* kf) noexcept nogil
+    void cn_cl_grad_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n,
+                         const float* mh, const float* ml, const float* rf,
+                         const float* wf, const float* gf, const float* kf) noexcept nogil
+    void cn_cl_grad_g32_f16(const float* g, const cn_f16* x, cn_f16* dx, Py_ssize_t n,
+                            const float* mh, const float* ml, const float* rf,
+                            const float* wf, const float* gf, const float* kf) noexcept nogil
+    void cn_cl_grad_g32_bf16(const float* g, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n,
+                             const float* mh, const float* ml, const float* rf,
+                             const float* wf, const float* gf,
+                             const float* kf) noexcept nogil
+    void cn_col_grad_rows_g32_f16(const float* g, const cn_f16* x, Py_ssize_t D,
+                                  Py_ssize_t nrows, Py_ssize_t n, const double* m,
+                                  double* sg, double* sgx) noexcept nogil
+    void cn_col_grad_rows_g32_bf16(const float* g, const cn_bf16* x, Py_ssize_t D,
+                                   Py_ssize_t nrows, Py_ssize_t n, const double* m,
+                                   double* sg, double* sgx) noexcept nogil
 
 import numpy as np
 
@@ -651,7 +675,9 @@ cdef inline void _grad_coefs(GradCoefs* k, const double* mean, const double* rst
 
 cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
                            Py_ssize_t n, const GradCoefs* k) noexcept nogil:
-    """dx over n channels of one row, element by element as grad_const (_common.pxd)."""
+    """dx over n channels of one row, element by element as grad_const (_common.pxd):
+    float32, the float32 form where a channel is ok, else the float64 one (a piece whose
+    channels are all ok takes cn_cl_grad_T instead: _grad_row_s)."""
     cdef Py_ssize_t j
     cdef const float* mh = k.mh
     cdef const float* ml = k.ml
@@ -664,10 +690,7 @@ cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
     cdef const double* wd = k.w
     cdef const double* g = k.g
     cdef const double* kd = k.k
-    if floating is float and k.all_ok:
-        for j in range(n):
-            dx[j] = ((wf[j] * dy[j] - gf[j]) - (((x[j] - mh[j]) - ml[j]) * rf[j]) * kf[j]) * rf[j]
-    elif floating is float:
+    if floating is float:
         for j in range(n):
             if k.ok[j]:
                 dx[j] = (((wf[j] * dy[j] - gf[j]) - (((x[j] - mh[j]) - ml[j]) * rf[j]) * kf[j])
@@ -679,13 +702,40 @@ cdef inline void _grad_row(const floating* dy, const floating* x, floating* dx,
             dx[j] = r[j] * ((wd[j] * dy[j] - g[j]) - ((x[j] - m[j]) * r[j]) * kd[j])
 
 
-cdef inline void _grad_row_s(const storage* dy, const storage* x, storage* dx,
-                             Py_ssize_t n, const GradCoefs* k) noexcept nogil:
-    """_grad_row over n (at most CL_WIDTH) channels; 16-bit data: in float32 on the
-    widened row pieces, rounded once on store (as the slab family's grad_const)."""
+cdef inline void _grad_row_s(const storage* dy, const float* g32, const storage* x,
+                             storage* dx, Py_ssize_t n, const GradCoefs* k) noexcept nogil:
+    """_grad_row over n (at most CL_WIDTH) channels. Every channel ok (float32 and
+    16-bit data): the float32 form, 16-bit data widened and narrowed in registers
+    (cn_cl_grad_T, one loop for every storage); else 16-bit data in float32 on the
+    widened row pieces, rounded once on store (as the slab family's grad_const).
+    g32 (16-bit data, not NULL): the float32 g of a backward with an activation, read
+    in dy's place."""
     cdef float bdy[CL_WIDTH]
     cdef float bx[CL_WIDTH]
-    if storage is float or storage is double:
+    if storage is double:
+        _grad_row(dy, x, dx, n, k)
+    elif storage is cn_f16 and g32 != NULL:
+        if k.all_ok:
+            cn_cl_grad_g32_f16(g32, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+        else:
+            widen(x, bx, n)
+            _grad_row(g32, <const float*>bx, bdy, n, k)
+            narrow(bdy, dx, n)
+    elif storage is cn_bf16 and g32 != NULL:
+        if k.all_ok:
+            cn_cl_grad_g32_bf16(g32, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+        else:
+            widen(x, bx, n)
+            _grad_row(g32, <const float*>bx, bdy, n, k)
+            narrow(bdy, dx, n)
+    elif k.all_ok:
+        if storage is float:
+            cn_cl_grad_f32(dy, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+        elif storage is cn_f16:
+            cn_cl_grad_f16(dy, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+        else:
+            cn_cl_grad_bf16(dy, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+    elif storage is float:
         _grad_row(dy, x, dx, n, k)
     else:
         widen(dy, bdy, n)
@@ -694,29 +744,28 @@ cdef inline void _grad_row_s(const storage* dy, const storage* x, storage* dx,
         narrow(bdy, dx, n)
 
 
-cdef inline void _act_grad_row(const storage* dy, const storage* x, storage* g,
+cdef inline void _act_grad_row(const storage* dy, const storage* x, void* g,
                                Py_ssize_t n, const AffineCoefs* kk) noexcept nogil:
     """g = dy * act'(a) over n (at most CL_WIDTH) channels of one row, a the forward's
-    pre-activation recomputed with its arithmetic (_affine_act_row). 16-bit data: in
-    float32, g rounded to the storage (cynorm._api runs a 16-bit backward with an
-    activation on float32 copies, keeping g's digits, so this is not reached)."""
+    pre-activation recomputed with its arithmetic (_affine_act_row). g: double for
+    float64 data, else float (16-bit data: computed in float32 on the widened row
+    pieces and kept in float32, as on float32 data)."""
     cdef floating_a_buf a
     cdef float bd[CL_WIDTH]
     if storage is float:
         _affine_row(x, a.f, n, kk)
-        cn_act_grad_f32(a.f, dy, g, n, kk.act)
+        cn_act_grad_f32(a.f, dy, <float*>g, n, kk.act)
     elif storage is double:
         _affine_row(x, a.d, n, kk)
-        cn_act_grad_f64(a.d, dy, g, n, kk.act)
+        cn_act_grad_f64(a.d, dy, <double*>g, n, kk.act)
     else:
         widen(x, a.f, n)
         _affine_row(<const float*>a.f, a.f, n, kk)
         widen(dy, bd, n)
-        cn_act_grad_f32(a.f, bd, bd, n, kk.act)
-        narrow(bd, g, n)
+        cn_act_grad_f32(a.f, bd, <float*>g, n, kk.act)
 
 
-cdef void _block_grad_sums(const storage* dy, const storage* x, storage* g,
+cdef void _block_grad_sums(const storage* dy, const storage* x, void* g,
                            const floating* w, const floating* b, const double* mean,
                            const double* rstd, Py_ssize_t HW, Py_ssize_t C,
                            Py_ssize_t cpg, Py_ssize_t blk, Py_ssize_t c0, Py_ssize_t c1,
@@ -724,21 +773,35 @@ cdef void _block_grad_sums(const storage* dy, const storage* x, storage* g,
     """Rows [blk * COL_ROWS, ...) of channels [c0, c1) (at most CL_WIDTH) of one sample:
     ps[j] = sum(dy), psx[j] = sum(dy * (x - mean)) of channel c0 + j, each column row by
     row in order (col_grad_sums). act != 0: first g = dy * act'(a) row by row (a the
-    forward's pre-activation, recomputed with its arithmetic), which takes dy's place."""
+    forward's pre-activation, recomputed with its arithmetic), which takes dy's place
+    (g: double for float64 data, else float, as _act_grad_row)."""
     cdef double mc[CL_WIDTH]
     cdef AffineCoefs kk
     cdef Py_ssize_t j, r, n = c1 - c0, r0 = blk * COL_ROWS, r1 = min(r0 + COL_ROWS, HW)
     cdef const storage* src = dy
+    cdef Py_ssize_t gsz = sizeof(double) if storage is double else sizeof(float)
     if act:
         _affine_coefs(&kk, mean, rstd, w, b, c0, c1, cpg)
         kk.act = act
         for r in range(r0, r1):
-            _act_grad_row(dy + r * C + c0, x + r * C + c0, g + r * C + c0, n, &kk)
-        src = g
+            _act_grad_row(dy + r * C + c0, x + r * C + c0,
+                          <char*>g + (r * C + c0) * gsz, n, &kk)
+        if storage is float or storage is double:
+            src = <const storage*>g
     for j in range(n):
         mc[j] = mean[(c0 + j) // cpg]
         ps[j] = 0
         psx[j] = 0
+    if storage is cn_f16:
+        if act:
+            cn_col_grad_rows_g32_f16(<const float*>g + r0 * C + c0, x + r0 * C + c0, C,
+                                     r1 - r0, n, mc, ps, psx)
+            return
+    elif storage is cn_bf16:
+        if act:
+            cn_col_grad_rows_g32_bf16(<const float*>g + r0 * C + c0, x + r0 * C + c0, C,
+                                      r1 - r0, n, mc, ps, psx)
+            return
     col_grad_sums(src + r0 * C + c0, x + r0 * C + c0, C, r1 - r0, n, mc, ps, psx, 1)
 
 
@@ -757,23 +820,47 @@ cdef inline void _group_grad(const double* sdy, const double* sdyx, const floati
     gc[2 * g + 1] = rs * B / M
 
 
-cdef void _grad_rows(const storage* dy, const storage* x, storage* dx,
+cdef void _grad_rows(const storage* dy, const float* g32, const storage* x, storage* dx,
                      const floating* w, const double* mean, const double* rstd,
                      const double* gc, Py_ssize_t C, Py_ssize_t cpg, Py_ssize_t r0,
                      Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """dx over rows [r0, r1), channels [c0, c1) of one sample."""
+    """dx over rows [r0, r1), channels [c0, c1) of one sample (g32: as _grad_row_s)."""
     cdef GradCoefs k
     cdef Py_ssize_t s0 = c0, s1, r
     while s0 < c1:
         s1 = min(s0 + CL_WIDTH, c1)
         _grad_coefs(&k, mean, rstd, gc, w, s0, s1, cpg)
         for r in range(r0, r1):
-            _grad_row_s(dy + r * C + s0, x + r * C + s0, dx + r * C + s0, s1 - s0, &k)
+            _grad_row_s(dy + r * C + s0, g32 + r * C + s0 if g32 != NULL else NULL,
+                        x + r * C + s0, dx + r * C + s0, s1 - s0, &k)
         s0 = s1
 
 
+cdef inline Py_ssize_t _g_size(const storage* x) noexcept nogil:
+    """The size of an element of the backward's g = dy * act'(a): float64 for float64
+    data, float32 for all others (16-bit data keep g's float32 digits)."""
+    return sizeof(double) if storage is double else sizeof(float)
+
+
+cdef inline const storage* _dx_dy(const storage* dy, void* g, Py_ssize_t o,
+                                  int act) noexcept nogil:
+    """What dx reads in dy's place from element o on: g with an activation (float32
+    and float64 data), else dy (16-bit data with an activation: _dx_g32)."""
+    if act and (storage is float or storage is double):
+        return <const storage*>g + o
+    return dy + o
+
+
+cdef inline const float* _dx_g32(const storage* x, void* g, Py_ssize_t o,
+                                 int act) noexcept nogil:
+    """16-bit data with an activation: the float32 g from element o on; else NULL."""
+    if act and (storage is cn_f16 or storage is cn_bf16):
+        return <const float*>g + o
+    return NULL
+
+
 cdef void _bwd_fused_item(const storage* dy, const storage* x, storage* dx,
-                          const floating* w, const floating* b, storage* g,
+                          const floating* w, const floating* b, void* g,
                           const double* mean, const double* rstd, double* sdy,
                           double* sdyx, double* gc, Py_ssize_t HW, Py_ssize_t C,
                           Py_ssize_t G, Py_ssize_t n, Py_ssize_t g0, Py_ssize_t g1,
@@ -783,7 +870,6 @@ cdef void _bwd_fused_item(const storage* dy, const storage* x, storage* dx,
     cdef double psx[CL_WIDTH]
     cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, s0, s1, blk, j, gg
     cdef Py_ssize_t o = n * HW * C
-    cdef const storage* gd = <const storage*>g + o if act else dy + o
     s0 = c0
     while s0 < c1:
         s1 = min(s0 + CL_WIDTH, c1)
@@ -791,7 +877,8 @@ cdef void _bwd_fused_item(const storage* dy, const storage* x, storage* dx,
             sdy[n * C + j] = 0
             sdyx[n * C + j] = 0
         for blk in range(nb):
-            _block_grad_sums(dy + o, x + o, g + o if act else NULL, w, b, mean + n * G,
+            _block_grad_sums(dy + o, x + o, <char*>g + o * _g_size(x) if act else NULL,
+                             w, b, mean + n * G,
                              rstd + n * G, HW, C, cpg, blk, s0, s1, act, ps, psx)
             for j in range(s0, s1):
                 sdy[n * C + j] = sdy[n * C + j] + ps[j - s0]
@@ -799,12 +886,12 @@ cdef void _bwd_fused_item(const storage* dy, const storage* x, storage* dx,
         s0 = s1
     for gg in range(g0, g1):
         _group_grad(sdy + n * C, sdyx + n * C, w, rstd + n * G, gg, cpg, HW, gc + 2 * n * G)
-    _grad_rows(gd, x + o, dx + o, w, mean + n * G, rstd + n * G, gc + 2 * n * G, C, cpg,
-               0, HW, c0, c1)
+    _grad_rows(_dx_dy(dy, g, o, act), _dx_g32(x, g, o, act), x + o, dx + o, w, mean + n * G,
+               rstd + n * G, gc + 2 * n * G, C, cpg, 0, HW, c0, c1)
 
 
 cdef void _backward(const storage* dy, const storage* x, storage* dx,
-                    const floating* w, const floating* b, storage* g, floating* dw,
+                    const floating* w, const floating* b, void* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
                     double* sdyx, double* gc, double* part, double* acc, Py_ssize_t N,
                     Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt,
@@ -818,7 +905,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     cdef double* ps = part
     cdef double* psx = part + N * nb * C if part != NULL else NULL
     cdef double s, sx
-    cdef const storage* gd = <const storage*>g if act else dy
+    cdef Py_ssize_t gsz = _g_size(x)
     if part == NULL:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
             g0 = (t % n_tiles) * gpt
@@ -830,7 +917,8 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
             blk = (t // nct) % nb
             j0 = (t % nct) * CL_WIDTH
             _block_grad_sums(dy + n * HW * C, x + n * HW * C,
-                             g + n * HW * C if act else NULL, w, b, mean + n * G,
+                             <char*>g + n * HW * C * gsz if act else NULL, w, b,
+                             mean + n * G,
                              rstd + n * G, HW, C, cpg, blk, j0, min(j0 + CL_WIDTH, C), act,
                              ps + (n * nb + blk) * C + j0, psx + (n * nb + blk) * C + j0)
         for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
@@ -849,7 +937,8 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
             n = t // (nrc * nct)
             r0 = ((t // nct) % nrc) * APPLY_ROWS
             j0 = (t % nct) * CL_WIDTH
-            _grad_rows(gd + n * HW * C, x + n * HW * C, dx + n * HW * C, w, mean + n * G,
+            _grad_rows(_dx_dy(dy, g, n * HW * C, act), _dx_g32(x, g, n * HW * C, act),
+                       x + n * HW * C, dx + n * HW * C, w, mean + n * G,
                        rstd + n * G, gc + 2 * n * G, C, cpg, r0, min(r0 + APPLY_ROWS, HW),
                        j0, min(j0 + CL_WIDTH, C))
     # dweight and dbias: the per-(n, c) sums over n in order, continuing the previous
@@ -862,7 +951,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, int act=0,
              object bias=None, object gbuf=None):
     """dx, dweight, dbias of the channels-last group normalisation (see DESIGN.md,
-    "Backward"); act, bias, gbuf as in slab.backward.
+    "Backward"); act, bias, gbuf as in slab.backward, except that for 16-bit data gbuf
+    is float32 (g = dy * act'(a) keeps its float32 digits; dy, x, dx stay 16-bit).
 
     Up to four float64 sums per (n, c): when a sample is under 512 bytes, the batch is
     done in chunks of samples whose sums take at most 1/16 of the input; the split
@@ -897,6 +987,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
     cdef Py_ssize_t step = HW * C * isz
+    # g: float64 for float64 data, float32 for all others (16-bit data included)
+    cdef Py_ssize_t gstep = HW * C * (cnp.PyArray_ITEMSIZE(<cnp.ndarray>gbuf) if act else 0)
     cdef int kind = storage_kind(x)
     with nogil:
         n0 = 0
@@ -905,25 +997,25 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
             if kind == KIND_F32:
                 _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
                           <float*>(pdx + n0 * step), <float*>pw, <float*>pb,
-                          <float*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <void*>(pg + n0 * gstep if act else NULL), <float*>pdw,
                           <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
                           n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
             elif kind == KIND_F64:
                 _backward(<double*>(pdy + n0 * step), <double*>(px + n0 * step),
                           <double*>(pdx + n0 * step), <double*>pw, <double*>pb,
-                          <double*>(pg + n0 * step if act else NULL), <double*>pdw,
+                          <void*>(pg + n0 * gstep if act else NULL), <double*>pdw,
                           <double*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
                           n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
             elif kind == KIND_F16:
                 _backward(<cn_f16*>(pdy + n0 * step), <cn_f16*>(px + n0 * step),
                           <cn_f16*>(pdx + n0 * step), <float*>pw, <float*>pb,
-                          <cn_f16*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <void*>(pg + n0 * gstep if act else NULL), <float*>pdw,
                           <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
                           n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
             else:
                 _backward(<cn_bf16*>(pdy + n0 * step), <cn_bf16*>(px + n0 * step),
                           <cn_bf16*>(pdx + n0 * step), <float*>pw, <float*>pb,
-                          <cn_bf16*>(pg + n0 * step if act else NULL), <float*>pdw,
+                          <void*>(pg + n0 * gstep if act else NULL), <float*>pdw,
                           <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, gc, part, acc,
                           n1 - n0, HW, C, G, gpt, n1 == N, act, nt)
             n0 = n1
