@@ -38,13 +38,13 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef extern from "_lanes.h":
     void cn_row_tile_f32(const float* dy, const float* x, float* dx, const float* w,
                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
-                         double* acc_w, double* acc_b) noexcept nogil
+                         double* acc_w, double* acc_b, int stream) noexcept nogil
     void cn_row_tile_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, const float* w,
                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
-                         double* acc_w, double* acc_b) noexcept nogil
+                         double* acc_w, double* acc_b, int stream) noexcept nogil
     void cn_row_tile_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, const float* w,
                           Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
-                          double* acc_w, double* acc_b) noexcept nogil
+                          double* acc_w, double* acc_b, int stream) noexcept nogil
     void cn_grad_sums_ab_f32(const float* dy, const float* x, const double* w, Py_ssize_t n,
                              double m, double* sdy, double* sdyx,
                              double* acc_b, Py_ssize_t ahead) noexcept nogil
@@ -70,9 +70,13 @@ cdef enum:
     # accumulation blocks of dweight/dbias: enough work items for 16 threads, and
     # (MAX_BLOCKS, K) float64 partials far smaller than the input
     MAX_BLOCKS = 64
-    # rows ahead that the backward's row sums pass prefetches into L2 (out of cache:
-    # 4 rows of 4 KiB gave more than 1 or 2)
-    PREFETCH_ROWS = 4
+    # how far ahead the backward's row sums pass prefetches into L2, in bytes of a
+    # row, rounded up to whole rows (out of cache, rows of 4 KiB: 4 rows ahead gave
+    # more than 1 or 2)
+    PREFETCH_BYTES = 16384
+    # dx of at least this many bytes is stored past the caches: out of cache it would
+    # be evicted before it is read again anyway (32 MiB, a common last-level cache)
+    STREAM_BYTES = 32 << 20
 
 
 cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
@@ -243,11 +247,12 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
                 const double* mean, const double* rstd, const double* sdy,
                 const double* sdyx, Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1,
                 Py_ssize_t k0, Py_ssize_t kn, int rms, double* acc_w,
-                double* acc_b) noexcept nogil:
+                double* acc_b, int stream) noexcept nogil:
     """Rows [r0, r1) (a sub-block), columns [k0, k0 + kn): write dx, and add
     dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn] (acc_b NULL: not dy),
     row by row. 16-bit data: the float32 path's arithmetic on the values widened in
-    registers, dx rounded once."""
+    registers, dx rounded once. stream: dx stored past the caches where the tile can
+    (cn_row_tile_T in _lanes.h)."""
     cdef float coef[10 * ROWS_PER_BLOCK]
     cdef float bdy[TILE_COLS]
     cdef float bx[TILE_COLS]
@@ -274,13 +279,13 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
             if r > ra:
                 if storage is float:
                     cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b, stream)
                 elif storage is cn_f16:
                     cn_row_tile_f16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b, stream)
                 else:
                     cn_row_tile_bf16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                     wf, K, r - ra, kn, coef, acc_w, acc_b)
+                                     wf, K, r - ra, kn, coef, acc_w, acc_b, stream)
             if r < r1:
                 _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
                 if storage is float:
@@ -346,7 +351,8 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
                        const floating* w, const double* wd, floating* dw, floating* db,
                        const double* mean, const double* rstd, double* sdy, double* sdyx,
                        double* part, Py_ssize_t R, Py_ssize_t K, Py_ssize_t blk,
-                       Py_ssize_t j0, Py_ssize_t j1, int sums, int rms) noexcept nogil:
+                       Py_ssize_t j0, Py_ssize_t j1, int sums, int rms,
+                       int stream) noexcept nogil:
     """Accumulation block blk, column tiles [j0, j1), sub-block by sub-block (sums = 1:
     first each sub-block's row sums, so that its rows are still in L2 for the tiles).
     Column sums go to part[blk] (several blocks) or, via
@@ -354,9 +360,10 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
     sub-block); db NULL (RMSNorm): no dy column sums. Fused (sums = 1): the sub-block's
     row sums live on the stack; else sdy, sdyx hold every row's. Fused with several
     blocks, the row sums pass also adds each row's dy to the block's dy column sums
-    (where dy is already widened to float64), in row order as the tiles would. The row
-    sums pass prefetches the row PREFETCH_ROWS on into L2. wd: w widened to float64
-    (NULL: no w), for the row sums."""
+    (where dy is already widened to float64), in row order as the tiles would, when
+    K <= TILE_COLS. The row sums pass prefetches the rows PREFETCH_BYTES on into L2.
+    wd: w widened to float64 (NULL: no w), for the row sums. stream: dx stored past the
+    caches (_tile)."""
     cdef SetLayout L = make_layout(1, K, K)
     # dweight's and dbias's column sums of one block, 2 KiB apart modulo 4 KiB (b_offset)
     cdef double stack_wb[2 * TILE_COLS + 256]
@@ -372,12 +379,16 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
     cdef double* sab = NULL  # the dy column sums the row sums pass adds to
     cdef Py_ssize_t boff = b_offset(n_blocks, K)
     cdef int tile_b = db != NULL  # the tiles add dy to the dy column sums
+    # rows ahead that the row sums pass prefetches
+    cdef Py_ssize_t row_bytes = K * sizeof(storage)
+    cdef Py_ssize_t ahead = (PREFETCH_BYTES + row_bytes - 1) // row_bytes if K > 0 else 0
     if n_blocks > 1:
         for k in range(j0 * TILE_COLS, min(j1 * TILE_COLS, K)):
             part[blk * K + k] = 0
             if db != NULL:
                 part[boff + blk * K + k] = 0
-        if sums and db != NULL:
+        if sums and db != NULL and K <= TILE_COLS:
+            # (a longer row's dy column sums would not stay in L1 next to the rows)
             sab = part + boff + blk * K
             tile_b = 0
     s0 = ra
@@ -389,8 +400,7 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
             psdyx = ssdyx - s0
             for r in range(s0, s1):
                 _row_grad_sums(dy + r * K, x + r * K, wd, &L, _mean_at(mean, r),
-                               &psdy[r], &psdyx[r], sab,
-                               PREFETCH_ROWS * K if r + PREFETCH_ROWS < R else 0)
+                               &psdy[r], &psdyx[r], sab, ahead * K if r + ahead < R else 0)
         for j in range(j0, j1):
             k0 = j * TILE_COLS
             kn = min(TILE_COLS, K - k0)
@@ -405,7 +415,7 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
                         aw[k] = 0
                         ab[k] = 0
             _tile(dy, x, dx, w, mean, rstd, psdy, psdyx, K, s0, s1, k0, kn, rms, aw,
-                  ab if tile_b else NULL)
+                  ab if tile_b else NULL, stream)
             if n_blocks == 1 and s1 == rb:
                 for k in range(kn):
                     dw[k0 + k] = <floating>aw[k]
@@ -445,6 +455,8 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     """wd: K float64 for w widened (exactly) once here, NULL for float64 parameters
     (w itself) or no w."""
     cdef SetLayout L = make_layout(1, K, K)
+    # a dx far larger than the caches is stored past them (no write-allocate)
+    cdef int stream = R * K * <Py_ssize_t>sizeof(storage) >= STREAM_BYTES
     cdef Py_ssize_t n_blocks = acc_blocks(R)
     cdef Py_ssize_t n_cols = (K + TILE_COLS - 1) // TILE_COLS
     cdef Py_ssize_t blk, t
@@ -457,12 +469,12 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
         # fused: each sub-block's row sums, then its tiles while the rows are in L2
         for blk in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
             _block_tiles(dy, x, dx, w, wd, dw, db, mean, rstd, sdy, sdyx, part, R, K,
-                         blk, 0, n_cols, 1, rms)
+                         blk, 0, n_cols, 1, rms, stream)
     else:
         split_grad_sums(dy, x, w, &L, R, K, mean, parts, sdy, sdyx, nt)
         for t in prange(n_blocks * n_cols, nogil=True, num_threads=nt, schedule="static"):
             _block_tiles(dy, x, dx, w, wd, dw, db, mean, rstd, sdy, sdyx, part, R, K,
-                         t // n_cols, t % n_cols, t % n_cols + 1, 0, rms)
+                         t // n_cols, t % n_cols, t % n_cols + 1, 0, rms, stream)
     if n_blocks > 1:
         # the blocks' partials added in block order, column by column (each column's
         # sum in the order of a loop over q), TILE_COLS columns at a time so that the
