@@ -452,8 +452,8 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     const double* mean, const double* rstd, double* sdy, double* sdyx,
                     double* parts, double* part, Py_ssize_t R, Py_ssize_t K, int rms,
                     int nt) noexcept nogil:
-    """wd: K float64 for w widened (exactly) once here, NULL for float64 parameters
-    (w itself) or no w."""
+    """wd: K float64 for w widened (exactly) once here for the fused row sums (parts
+    NULL), else NULL; float64 parameters: w itself."""
     cdef SetLayout L = make_layout(1, K, K)
     # a dx far larger than the caches is stored past them (no write-allocate)
     cdef int stream = R * K * <Py_ssize_t>sizeof(storage) >= STREAM_BYTES
@@ -462,7 +462,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     cdef Py_ssize_t blk, t
     if floating is double:
         wd = <double*>w
-    elif w != NULL:
+    elif wd != NULL:
         for t in range(K):
             wd[t] = w[t]
     if parts == NULL:
@@ -504,9 +504,6 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* sdyx = NULL
     cdef cnp.ndarray wide = None
     cdef double* wd = NULL
-    if weight is not None and kind != KIND_F64:
-        wide = np.empty(K, dtype=np.float64)
-        wd = <double*>data(wide)
     if n_blocks < 4 * nt and L.n_pieces > 1:
         # rows cut into pieces (K > CHUNK): per-row sums, far smaller than the rows
         work = np.empty(2 * R * L.n_pieces, dtype=np.float64)
@@ -514,6 +511,11 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
         sums = np.empty(2 * R, dtype=np.float64)
         sdy = <double*>data(sums)
         sdyx = sdy + R
+    elif weight is not None and kind != KIND_F64:
+        # fused: the row sums take w widened (K float64: at most 32 KiB, K <= CHUNK,
+        # or 1/32 of x, n_blocks >= 4)
+        wide = np.empty(K, dtype=np.float64)
+        wd = <double*>data(wide)
     if n_blocks > 1:
         colsums = np.empty(b_offset(n_blocks, K) + n_blocks * K, dtype=np.float64)
         part = <double*>data(colsums)
