@@ -3,7 +3,11 @@
 native_layer_norm_backward in interleaved rounds (min over rounds), 1 thread, CPU time;
 also checks that both trees give bitwise the same dx, dweight, dbias.
 
-    python benchmarks/bench_ab_backward.py OLD_TREE NEW_TREE [rounds]
+    python benchmarks/bench_ab_backward.py OLD_TREE NEW_TREE [rounds] [shapes]
+
+shapes: comma-separated RxK float32 shapes, e.g. 4096x768,16384x1024 (default
+4096x768,2048x1024,512x4096,64x1024); 16384x1024 is 64 MiB per array, far larger than
+the cache.
 """
 
 import os
@@ -18,6 +22,9 @@ from _ab_trees import load
 
 old_tree, new_tree = sys.argv[1], sys.argv[2]
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 15
+shapes = [tuple(int(n) for n in s.split("x")) for s in
+          (sys.argv[4] if len(sys.argv) > 4 else "4096x768,2048x1024,512x4096,64x1024")
+          .split(",")]
 torch.set_num_threads(1)
 
 
@@ -37,7 +44,7 @@ print(f"rounds={rounds} 1 thread, CPU time; load={os.getloadavg()[0]:.2f}")
 print(f"{'case':20s} {'old ms':>8s} {'new ms':>8s} old/new {'torch':>8s} torch/old torch/new"
       "  bitwise")
 with threadpool_limits(1):
-    for shape in [(4096, 768), (2048, 1024), (512, 4096), (64, 1024)]:
+    for shape in shapes:
         K = shape[1]
         x = rng.standard_normal(shape).astype(np.float32)
         dy = rng.standard_normal(shape).astype(np.float32)

@@ -220,3 +220,33 @@ def test_rms_norm_matches_torch_forward_and_backward(rng, dtype, shape, ns, eps)
     for a, t in [(dx, tx.grad), (dw, tw.grad)]:
         t = t.numpy()
         np.testing.assert_allclose(a, t, rtol=tol, atol=tol * max(1, np.abs(t).max()))
+
+
+def at_offset(a, offset):
+    """A copy of a whose data start offset bytes past a 64-byte boundary."""
+    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+# the row backward's vector body starts where dx's rows are aligned (offsets 4 and 16:
+# a head taken column by column), and a float32 dx of 32 MiB or more is stored past the
+# caches
+@pytest.mark.parametrize("shape,dtype", [((300, 768), np.float32), ((140, 2048), np.float32),
+                                         ((8192, 1024), np.float32)],
+                         ids=["in-cache", "two-column-tiles", "32MiB"])
+@pytest.mark.parametrize("offset", [0, 4, 16])
+def test_rms_norm_backward_matches_reference_at_any_alignment(rng, shape, dtype, offset):
+    K = shape[1]
+    x = at_offset(rng.standard_normal(shape).astype(dtype), offset)
+    dy = at_offset(rng.standard_normal(shape).astype(dtype), offset)
+    w = rng.uniform(0.5, 1.5, K).astype(dtype)
+    out = at_offset(np.zeros(shape, dtype), offset)
+    _, rstd = ref.rms_norm(x, K, w)
+    dx, dw = cynorm.rms_norm_backward(dy, x, rstd, K, w, out=out)
+    assert dx is out
+    dx_ref, dw_ref = ref.rms_norm_backward(dy, x, rstd, K, w)
+    assert_close(dx, dx_ref, dtype, "backward", ref.dx_scale(dy, rstd, w))
+    assert_close(dw, dw_ref, dtype, "backward")

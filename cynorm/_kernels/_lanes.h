@@ -558,6 +558,98 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
     CN_GRAD_BODY(CN_LD)
 }
 
+/* the row backward's sums pass: CN_GRAD_BODY (the same lanes, the same bits) with
+ *  - w given as float64 (the float32 weight widened once per call, exactly: the same
+ *    products, one conversion of three fewer per element; w may be NULL);
+ *  - acc_b not NULL: the dy column sums acc_b[i] += dy[i] of the row, in float64 from
+ *    the dy already widened here (what the tile would add, in the same row order: the
+ *    same bits; a conversion and an extract per CN_DW elements fewer in the tile);
+ *  - ahead > 0: the elements ahead further on (a later row) prefetched into L2, line by
+ *    line as the row is read. A row's reads from memory otherwise restart the hardware
+ *    prefetcher at every 4 KiB page, and the loads in flight are what the out-of-order
+ *    window holds. */
+#define CN_GRAD_AB_LOOP(LOAD, AB)                                                       \
+    for (; i + 16 <= n; i += 16) {                                                      \
+        if (ahead > 0 && (sizeof(*dy) > 2 || !(i & 16))) {                              \
+            CN_PREFETCH_L2(dy + i + ahead);                                             \
+            CN_PREFETCH_L2(x + i + ahead);                                              \
+            if (sizeof(*dy) == 8) {                                                     \
+                CN_PREFETCH_L2(dy + i + 8 + ahead);                                     \
+                CN_PREFETCH_L2(x + i + 8 + ahead);                                      \
+            }                                                                           \
+        }                                                                               \
+        CN_EACH(j) {                                                                    \
+            e = LOAD(dy + i + CN_DW * j);                                               \
+            if (AB)                                                                     \
+                cn_store_f64(acc_b + i + CN_DW * j,                                     \
+                             cn_load_f64(acc_b + i + CN_DW * j) + e);                   \
+            g = w == NULL ? e : e * cn_load_f64(w + i + CN_DW * j);                     \
+            a[j] += g;                                                                  \
+            b[j] += g * (LOAD(x + i + CN_DW * j) - m);                                  \
+        }                                                                               \
+    }
+
+#define CN_GRAD_AB_BODY(LOAD)                                                           \
+    CN_LANES(a);                                                                        \
+    CN_LANES(b);                                                                        \
+    cn_vd g, e;                                                                         \
+    double at = 0, bt = 0, gt;                                                          \
+    ptrdiff_t i = 0;                                                                    \
+    if (acc_b != NULL) {                                                                \
+        CN_GRAD_AB_LOOP(LOAD, 1)                                                        \
+    } else {                                                                            \
+        CN_GRAD_AB_LOOP(LOAD, 0)                                                        \
+    }                                                                                   \
+    for (; i < n; i++) {                                                                \
+        gt = CN_LD1(dy[i]);                                                             \
+        if (acc_b != NULL) acc_b[i] += gt;                                              \
+        if (w != NULL) gt *= w[i];                                                      \
+        at += gt;                                                                       \
+        bt += gt * (CN_LD1(x[i]) - m);                                                  \
+    }                                                                                   \
+    *sdy += cn_total(a) + at;                                                           \
+    *sdyx += cn_total(b) + bt;
+
+#define CN_GRAD_AB_DEF(TT, NAME, LOAD)                                                  \
+    static inline void cn_grad_sums_ab_##NAME(const TT* dy, const TT* x, const double* w, \
+                                              ptrdiff_t n, double m, double* sdy,       \
+                                              double* sdyx, double* acc_b,              \
+                                              ptrdiff_t ahead) {                        \
+        CN_GRAD_AB_BODY(LOAD)                                                           \
+    }
+
+CN_GRAD_AB_DEF(float, f32, cn_load_f32)
+CN_GRAD_AB_DEF(double, f64, cn_load_f64)
+CN_GRAD_AB_DEF(cn_f16, f16, CN_LD)
+CN_GRAD_AB_DEF(cn_bf16, bf16, CN_LD)
+
+/* non-temporal stores of a whole float32 vector to an address aligned to it
+ * (CN_STREAMF; CN_CAN_STREAM(p): whether p's type has them, float32 only), and the
+ * fence that orders them before whatever follows */
+static inline void cn_streamf(float* p, cn_vf v) {
+#if defined(__AVX512F__)
+    _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+    _mm256_stream_ps(p, (__m256)v);
+#elif defined(__SSE2__)
+    _mm_stream_ps(p, (__m128)v);
+#else
+    memcpy(p, &v, sizeof v);
+#endif
+}
+static inline void cn_streamf_none(void* p, cn_vf v) {
+    (void)p;
+    (void)v;
+}
+static inline void cn_stream_fence(void) {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+#define CN_CAN_STREAM(p) _Generic((p), float*: 1, default: 0)
+#define CN_STREAMF(p, v)                                                                \
+    _Generic((p), float*: cn_streamf, default: cn_streamf_none)((p), (v))
+
 /* ---- a tile of the row-family backward, float32 ------------------------------------
  * Rows [0, nrows) of a block (row r at offset r * K), columns [0, n):
  *   xhat = ((x - mh) - ml) * rs,  dx = (((dy * w) - mg) - xhat * mgx) * rs   (float32)
@@ -565,6 +657,8 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
  * with the row coefficients coef[5 r ...] = mh, ml, rs, mg, mgx: the mean as hi + lo,
  * mg = mean(dy * w), mgx = mean(dy * w * xhat) (w may be NULL). rstd is factored out of
  * dx so that g - mean(g) cancels before it is scaled (a constant row gets dx exact).
+ * acc_b NULL: no dy column sums (RMSNorm has no bias; the fused LayerNorm backward adds
+ * them in its row sums pass, cn_grad_sums_ab_T, where dy is already widened).
  * Rows in groups of CN_TILE_ROWS: a group's column sums stay in registers from one row
  * to the next, loaded and stored once per group (not per row), so the column sums
  * (n <= 1024: 16 KiB, in L1) cost a quarter of the loads and stores and the dx stores
@@ -575,12 +669,29 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
  * Every column is computed alone, so the vector width does not change a bit. */
 #define CN_TILE_ROWS 4
 
-#define CN_ROW_TILE_GROUP(P)                                                            \
+/* column k of the group's rows, one element at a time (the head and the tail) */
+#define CN_ROW_TILE_COL(P, AB, k)                                                       \
+    for (int q = 0; q < (P); q++) {                                                     \
+        const float* c = coef + 5 * (r + q);                                            \
+        float d = CN_LD1(dy[(r + q) * K + (k)]);                                        \
+        float h = ((CN_LD1(x[(r + q) * K + (k)]) - c[0]) - c[1]) * c[2];                \
+        acc_w[k] += d * h;                                                              \
+        if (AB) acc_b[k] += d;                                                          \
+        CN_ST1(dx + (r + q) * K + (k),                                                  \
+               (((d * (w != NULL ? w[k] : 1.0f)) - c[3]) - h * c[4]) * c[2]);           \
+    }
+
+#define CN_ROW_TILE_GROUP(P, AB, NT)                                                    \
     {                                                                                   \
         ptrdiff_t k = 0;                                                                \
+        for (; k < head; k++) CN_ROW_TILE_COL(P, AB, k)                                 \
         for (; k + CN_FW <= n; k += CN_FW) {                                            \
             cn_vd aw0 = cn_load_f64(acc_w + k), aw1 = cn_load_f64(acc_w + k + CN_DW);   \
-            cn_vd ab0 = cn_load_f64(acc_b + k), ab1 = cn_load_f64(acc_b + k + CN_DW);   \
+            cn_vd ab0 = CN_ZERO, ab1 = CN_ZERO;                                         \
+            if (AB) {                                                                   \
+                ab0 = cn_load_f64(acc_b + k);                                           \
+                ab1 = cn_load_f64(acc_b + k + CN_DW);                                   \
+            }                                                                           \
             cn_vf wk = w != NULL ? cn_loadf(w + k) : ones, o[P];                        \
             for (int q = 0; q < (P); q++) {                                             \
                 const float* c = coef + 5 * (r + q);                                    \
@@ -589,40 +700,69 @@ static inline void cn_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, const 
                 cn_vf dh = d * h;                                                       \
                 aw0 = aw0 + cn_widen_lo(dh);                                            \
                 aw1 = aw1 + cn_widen_hi(dh);                                            \
-                ab0 = ab0 + cn_widen_lo(d);                                             \
-                ab1 = ab1 + cn_widen_hi(d);                                             \
+                if (AB) {                                                               \
+                    ab0 = ab0 + cn_widen_lo(d);                                         \
+                    ab1 = ab1 + cn_widen_hi(d);                                         \
+                }                                                                       \
                 o[q] = (((d * wk) - c[3]) - h * c[4]) * c[2];                           \
             }                                                                           \
-            for (int q = 0; q < (P); q++) CN_STF(dx + (r + q) * K + k, o[q]);           \
+            if (NT)                                                                     \
+                for (int q = 0; q < (P); q++) CN_STREAMF(dx + (r + q) * K + k, o[q]);   \
+            else                                                                        \
+                for (int q = 0; q < (P); q++) CN_STF(dx + (r + q) * K + k, o[q]);       \
             cn_store_f64(acc_w + k, aw0);                                               \
             cn_store_f64(acc_w + k + CN_DW, aw1);                                       \
-            cn_store_f64(acc_b + k, ab0);                                               \
-            cn_store_f64(acc_b + k + CN_DW, ab1);                                       \
-        }                                                                               \
-        for (; k < n; k++)                                                              \
-            for (int q = 0; q < (P); q++) {                                             \
-                const float* c = coef + 5 * (r + q);                                    \
-                float d = CN_LD1(dy[(r + q) * K + k]);                                  \
-                float h = ((CN_LD1(x[(r + q) * K + k]) - c[0]) - c[1]) * c[2];          \
-                acc_w[k] += d * h;                                                      \
-                acc_b[k] += d;                                                          \
-                CN_ST1(dx + (r + q) * K + k,                                            \
-                       (((d * (w != NULL ? w[k] : 1.0f)) - c[3]) - h * c[4]) * c[2]);   \
+            if (AB) {                                                                   \
+                cn_store_f64(acc_b + k, ab0);                                           \
+                cn_store_f64(acc_b + k + CN_DW, ab1);                                   \
             }                                                                           \
+        }                                                                               \
+        for (; k < n; k++) CN_ROW_TILE_COL(P, AB, k)                                    \
     }
 
+/* the groups, with or without the dy column sums, with or without streaming stores (a
+ * constant AB and NT per copy of the loop) */
+#define CN_ROW_TILE_ROWS(AB, NT)                                                        \
+    for (; r + CN_TILE_ROWS <= nrows; r += CN_TILE_ROWS)                                \
+        CN_ROW_TILE_GROUP(CN_TILE_ROWS, AB, NT)                                         \
+    for (; r < nrows; r++) CN_ROW_TILE_GROUP(1, AB, NT)
+
+/* head: the columns before the vector stores to dx reach whole vectors' alignment (64
+ * bytes for float32 with AVX-512), taken one by one, when every row has the same
+ * alignment (row length a multiple of a vector's bytes; else none). NumPy's large
+ * arrays start 16 bytes into a page, so that otherwise every vector load and store of
+ * the rows crosses a cache line; out of cache that cost 18 % of the time. */
 #define CN_ROW_TILE_BODY                                                                \
     static const cn_vf ones = {CN_FLANES(1)};                                           \
-    ptrdiff_t r = 0;                                                                    \
-    for (; r + CN_TILE_ROWS <= nrows; r += CN_TILE_ROWS) CN_ROW_TILE_GROUP(CN_TILE_ROWS)\
-    for (; r < nrows; r++) CN_ROW_TILE_GROUP(1)
+    ptrdiff_t r = 0, head = 0;                                                          \
+    int aligned = (K * (ptrdiff_t)sizeof(*dx)) % (CN_FW * (ptrdiff_t)sizeof(*dx)) == 0; \
+    if (aligned) {                                                                      \
+        head = (ptrdiff_t)((-(size_t)dx) & (size_t)(CN_FW * sizeof(*dx) - 1))           \
+               / (ptrdiff_t)sizeof(*dx);                                                \
+        if (head > n) head = n;                                                         \
+    }                                                                                   \
+    if (stream && aligned && CN_CAN_STREAM(dx)) {                                       \
+        if (acc_b != NULL) {                                                            \
+            CN_ROW_TILE_ROWS(1, 1)                                                      \
+        } else {                                                                        \
+            CN_ROW_TILE_ROWS(0, 1)                                                      \
+        }                                                                               \
+        cn_stream_fence();                                                              \
+    } else if (acc_b != NULL) {                                                         \
+        CN_ROW_TILE_ROWS(1, 0)                                                          \
+    } else {                                                                            \
+        CN_ROW_TILE_ROWS(0, 0)                                                          \
+    }
 
+/* stream: dx's vector stores bypass the caches (non-temporal) where they can (float32
+ * rows whose vector body is aligned), for a dx far larger than the caches: it is then
+ * written without first being read (no write-allocate), a quarter of the backward's
+ * memory traffic fewer. The values stored are the same. */
 #define CN_ROW_TILE_DEF(TT, NAME)                                                       \
     static inline void cn_row_tile_##NAME(const TT* dy, const TT* x, TT* dx,            \
                                           const float* w, ptrdiff_t K, ptrdiff_t nrows, \
                                           ptrdiff_t n, const float* coef, double* acc_w, \
-                                          double* acc_b) {                              \
-        typedef TT T;                                                                   \
+                                          double* acc_b, int stream) {                  \
         CN_ROW_TILE_BODY                                                                \
     }
 

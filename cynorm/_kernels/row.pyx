@@ -23,7 +23,7 @@ from cython.parallel cimport prange
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, set_ddof,
-    set_grad_sums, split_grad_sums, f32_xhat_ok, split_mean, data,
+    split_grad_sums, f32_xhat_ok, split_mean, data,
     storage, storage_kind, widen, narrow, cn_f16, cn_bf16, STAGE, KIND_F64, KIND_F32,
     KIND_F16, affine_elementwise,
 )
@@ -38,13 +38,25 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef extern from "_lanes.h":
     void cn_row_tile_f32(const float* dy, const float* x, float* dx, const float* w,
                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
-                         double* acc_w, double* acc_b) noexcept nogil
+                         double* acc_w, double* acc_b, int stream) noexcept nogil
     void cn_row_tile_f16(const cn_f16* dy, const cn_f16* x, cn_f16* dx, const float* w,
                          Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
-                         double* acc_w, double* acc_b) noexcept nogil
+                         double* acc_w, double* acc_b, int stream) noexcept nogil
     void cn_row_tile_bf16(const cn_bf16* dy, const cn_bf16* x, cn_bf16* dx, const float* w,
                           Py_ssize_t K, Py_ssize_t nrows, Py_ssize_t n, const float* coef,
-                          double* acc_w, double* acc_b) noexcept nogil
+                          double* acc_w, double* acc_b, int stream) noexcept nogil
+    void cn_grad_sums_ab_f32(const float* dy, const float* x, const double* w, Py_ssize_t n,
+                             double m, double* sdy, double* sdyx,
+                             double* acc_b, Py_ssize_t ahead) noexcept nogil
+    void cn_grad_sums_ab_f64(const double* dy, const double* x, const double* w,
+                             Py_ssize_t n, double m, double* sdy, double* sdyx,
+                             double* acc_b, Py_ssize_t ahead) noexcept nogil
+    void cn_grad_sums_ab_f16(const cn_f16* dy, const cn_f16* x, const double* w,
+                             Py_ssize_t n, double m, double* sdy, double* sdyx,
+                             double* acc_b, Py_ssize_t ahead) noexcept nogil
+    void cn_grad_sums_ab_bf16(const cn_bf16* dy, const cn_bf16* x, const double* w,
+                              Py_ssize_t n, double m, double* sdy, double* sdyx,
+                              double* acc_b, Py_ssize_t ahead) noexcept nogil
     void cn_add_f16(const cn_f16* a, const cn_f16* b, cn_f16* h, Py_ssize_t n) noexcept nogil
     void cn_add_bf16(const cn_bf16* a, const cn_bf16* b, cn_bf16* h,
                      Py_ssize_t n) noexcept nogil
@@ -58,6 +70,13 @@ cdef enum:
     # accumulation blocks of dweight/dbias: enough work items for 16 threads, and
     # (MAX_BLOCKS, K) float64 partials far smaller than the input
     MAX_BLOCKS = 64
+    # how far ahead the backward's row sums pass prefetches into L2, in bytes of a
+    # row, rounded up to whole rows (out of cache, rows of 4 KiB: 4 rows ahead gave
+    # more than 1 or 2)
+    PREFETCH_BYTES = 16384
+    # dx of at least this many bytes is stored past the caches: out of cache it would
+    # be evicted before it is read again anyway (32 MiB, a common last-level cache)
+    STREAM_BYTES = 32 << 20
 
 
 cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
@@ -174,21 +193,23 @@ cdef inline void _tile_row(const floating* dy, const floating* x, floating* dx,
                            double mg, double mgx, double* acc_w,
                            double* acc_b) noexcept nogil:
     """One row of a tile in float64: dx = rstd * ((w * dy - mg) - xhat * mgx), and per
-    column acc_w += dy * xhat, acc_b += dy. float32 data take cn_row_tile_f32 (_lanes.h)
-    instead, except rows whose xhat float32 cannot form (f32_xhat_ok)."""
+    column acc_w += dy * xhat, acc_b += dy (acc_b NULL: not this). float32 data take
+    cn_row_tile_f32 (_lanes.h) instead, except rows whose xhat float32 cannot form
+    (f32_xhat_ok)."""
     cdef Py_ssize_t k
     cdef double xd
+    if acc_b != NULL:
+        for k in range(n):
+            acc_b[k] += dy[k]
     if w == NULL:
         for k in range(n):
             xd = (x[k] - mean) * rstd
             acc_w[k] += dy[k] * xd
-            acc_b[k] += dy[k]
             dx[k] = <floating>(rstd * ((dy[k] - mg) - xd * mgx))
     else:
         for k in range(n):
             xd = (x[k] - mean) * rstd
             acc_w[k] += dy[k] * xd
-            acc_b[k] += dy[k]
             dx[k] = <floating>(rstd * ((<double>dy[k] * w[k] - mg) - xd * mgx))
 
 
@@ -226,11 +247,12 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
                 const double* mean, const double* rstd, const double* sdy,
                 const double* sdyx, Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1,
                 Py_ssize_t k0, Py_ssize_t kn, int rms, double* acc_w,
-                double* acc_b) noexcept nogil:
+                double* acc_b, int stream) noexcept nogil:
     """Rows [r0, r1) (a sub-block), columns [k0, k0 + kn): write dx, and add
-    dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn], row by row. 16-bit
-    data: the float32 path's arithmetic on the values widened in registers, dx rounded
-    once."""
+    dy * xhat and dy to the column sums acc_w[0:kn], acc_b[0:kn] (acc_b NULL: not dy),
+    row by row. 16-bit data: the float32 path's arithmetic on the values widened in
+    registers, dx rounded once. stream: dx stored past the caches where the tile can
+    (cn_row_tile_T in _lanes.h)."""
     cdef float coef[10 * ROWS_PER_BLOCK]
     cdef float bdy[TILE_COLS]
     cdef float bx[TILE_COLS]
@@ -257,13 +279,13 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
             if r > ra:
                 if storage is float:
                     cn_row_tile_f32(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b, stream)
                 elif storage is cn_f16:
                     cn_row_tile_f16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                    wf, K, r - ra, kn, coef, acc_w, acc_b)
+                                    wf, K, r - ra, kn, coef, acc_w, acc_b, stream)
                 else:
                     cn_row_tile_bf16(dy + ra * K + k0, x + ra * K + k0, dx + ra * K + k0,
-                                     wf, K, r - ra, kn, coef, acc_w, acc_b)
+                                     wf, K, r - ra, kn, coef, acc_w, acc_b, stream)
             if r < r1:
                 _row_coeffs(sdy, sdyx, rstd, r, K, rms, &mg, &mgx)
                 if storage is float:
@@ -286,16 +308,62 @@ cdef void _tile(const storage* dy, const storage* x, storage* dx, const floating
                       rstd[r], mg, mgx, acc_w, acc_b)
 
 
+cdef inline void _grad_sums_ab(const storage* dy, const storage* x, const double* w,
+                               Py_ssize_t n, double m, double* sdy, double* sdyx,
+                               double* acc_b, Py_ssize_t ahead) noexcept nogil:
+    if storage is float:
+        cn_grad_sums_ab_f32(dy, x, w, n, m, sdy, sdyx, acc_b, ahead)
+    elif storage is double:
+        cn_grad_sums_ab_f64(dy, x, w, n, m, sdy, sdyx, acc_b, ahead)
+    elif storage is cn_f16:
+        cn_grad_sums_ab_f16(dy, x, w, n, m, sdy, sdyx, acc_b, ahead)
+    else:
+        cn_grad_sums_ab_bf16(dy, x, w, n, m, sdy, sdyx, acc_b, ahead)
+
+
+cdef inline void _row_grad_sums(const storage* dy, const storage* x, const double* wd,
+                                const SetLayout* L, double mean, double* sdy,
+                                double* sdyx, double* acc_b,
+                                Py_ssize_t ahead) noexcept nogil:
+    """set_grad_sums (_common.pxd) of one row, the same pieces and lanes folded in the
+    same order (the same bits), with the weight given widened to float64 (wd; NULL:
+    none) and, acc_b not NULL, the row's dy added to the column sums acc_b[0:K];
+    ahead > 0: the row ahead elements further on prefetched into L2 as this one is
+    read."""
+    cdef double a, b
+    cdef Py_ssize_t p, q, run0, nruns, e0, elen, off
+    sdy[0] = 0
+    sdyx[0] = 0
+    for p in range(L.n_pieces):
+        piece_bounds(L, p, &run0, &nruns, &e0, &elen)
+        a = 0
+        b = 0
+        for q in range(nruns):
+            off = (run0 + q) * L.run_stride + e0
+            _grad_sums_ab(dy + off, x + off, <const double*>NULL if wd == NULL else wd + off,
+                          elen, mean, &a, &b, <double*>NULL if acc_b == NULL else acc_b + off,
+                          ahead)
+        sdy[0] += a
+        sdyx[0] += b
+
+
 cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
-                       const floating* w, floating* dw, floating* db, const double* mean,
-                       const double* rstd, double* sdy, double* sdyx, double* part,
-                       Py_ssize_t R, Py_ssize_t K, Py_ssize_t blk, Py_ssize_t j0,
-                       Py_ssize_t j1, int sums, int rms) noexcept nogil:
+                       const floating* w, const double* wd, floating* dw, floating* db,
+                       const double* mean, const double* rstd, double* sdy, double* sdyx,
+                       double* part, Py_ssize_t R, Py_ssize_t K, Py_ssize_t blk,
+                       Py_ssize_t j0, Py_ssize_t j1, int sums, int rms,
+                       int stream) noexcept nogil:
     """Accumulation block blk, column tiles [j0, j1), sub-block by sub-block (sums = 1:
     first each sub-block's row sums, so that its rows are still in L2 for the tiles).
-    Column sums go to part[blk] (several blocks) or, via the stack, straight to dw/db
-    (one block: R < 2 * ROWS_PER_BLOCK, a single sub-block). Fused (sums = 1): the
-    sub-block's row sums live on the stack; else sdy, sdyx hold every row's."""
+    Column sums go to part[blk] (several blocks) or, via
+    the stack, straight to dw/db (one block: R < 2 * ROWS_PER_BLOCK, a single
+    sub-block); db NULL (RMSNorm): no dy column sums. Fused (sums = 1): the sub-block's
+    row sums live on the stack; else sdy, sdyx hold every row's. Fused with several
+    blocks, the row sums pass also adds each row's dy to the block's dy column sums
+    (where dy is already widened to float64), in row order as the tiles would, when
+    K <= TILE_COLS. The row sums pass prefetches the rows PREFETCH_BYTES on into L2.
+    wd: w widened to float64 (NULL: no w), for the row sums. stream: dx stored past the
+    caches (_tile)."""
     cdef SetLayout L = make_layout(1, K, K)
     # dweight's and dbias's column sums of one block, 2 KiB apart modulo 4 KiB (b_offset)
     cdef double stack_wb[2 * TILE_COLS + 256]
@@ -308,11 +376,21 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
     cdef double* ab
     cdef double* psdy = sdy
     cdef double* psdyx = sdyx
+    cdef double* sab = NULL  # the dy column sums the row sums pass adds to
     cdef Py_ssize_t boff = b_offset(n_blocks, K)
+    cdef int tile_b = db != NULL  # the tiles add dy to the dy column sums
+    # rows ahead that the row sums pass prefetches
+    cdef Py_ssize_t row_bytes = K * sizeof(storage)
+    cdef Py_ssize_t ahead = (PREFETCH_BYTES + row_bytes - 1) // row_bytes if K > 0 else 0
     if n_blocks > 1:
         for k in range(j0 * TILE_COLS, min(j1 * TILE_COLS, K)):
             part[blk * K + k] = 0
-            part[boff + blk * K + k] = 0
+            if db != NULL:
+                part[boff + blk * K + k] = 0
+        if sums and db != NULL and K <= TILE_COLS:
+            # (a longer row's dy column sums would not stay in L1 next to the rows)
+            sab = part + boff + blk * K
+            tile_b = 0
     s0 = ra
     while s0 < rb:
         # the last sub-block takes the rest of the rows
@@ -321,7 +399,8 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
             psdy = ssdy - s0  # indexed by row
             psdyx = ssdyx - s0
             for r in range(s0, s1):
-                set_grad_sums(dy + r * K, x + r * K, w, &L, _mean_at(mean, r), &psdy[r], &psdyx[r])
+                _row_grad_sums(dy + r * K, x + r * K, wd, &L, _mean_at(mean, r),
+                               &psdy[r], &psdyx[r], sab, ahead * K if r + ahead < R else 0)
         for j in range(j0, j1):
             k0 = j * TILE_COLS
             kn = min(TILE_COLS, K - k0)
@@ -335,7 +414,8 @@ cdef void _block_tiles(const storage* dy, const storage* x, storage* dx,
                     for k in range(kn):
                         aw[k] = 0
                         ab[k] = 0
-            _tile(dy, x, dx, w, mean, rstd, psdy, psdyx, K, s0, s1, k0, kn, rms, aw, ab)
+            _tile(dy, x, dx, w, mean, rstd, psdy, psdyx, K, s0, s1, k0, kn, rms, aw,
+                  ab if tile_b else NULL, stream)
             if n_blocks == 1 and s1 == rb:
                 for k in range(kn):
                     dw[k0 + k] = <floating>aw[k]
@@ -358,7 +438,9 @@ cdef void _fold_blocks(const double* pw, const double* pb, floating* dw, floatin
     for q in range(n_blocks):
         for k in range(kn):
             aw[k] = aw[k] + pw[q * K + k0 + k]
-            ab[k] = ab[k] + pb[q * K + k0 + k]
+        if db != NULL:
+            for k in range(kn):
+                ab[k] = ab[k] + pb[q * K + k0 + k]
     for k in range(kn):
         dw[k0 + k] = <floating>aw[k]
         if db != NULL:
@@ -366,24 +448,33 @@ cdef void _fold_blocks(const double* pw, const double* pb, floating* dw, floatin
 
 
 cdef void _backward(const storage* dy, const storage* x, storage* dx,
-                    const floating* w, floating* dw, floating* db, const double* mean,
-                    const double* rstd, double* sdy, double* sdyx, double* parts,
-                    double* part, Py_ssize_t R, Py_ssize_t K, int rms,
+                    const floating* w, double* wd, floating* dw, floating* db,
+                    const double* mean, const double* rstd, double* sdy, double* sdyx,
+                    double* parts, double* part, Py_ssize_t R, Py_ssize_t K, int rms,
                     int nt) noexcept nogil:
+    """wd: K float64 for w widened (exactly) once here for the fused row sums (parts
+    NULL), else NULL; float64 parameters: w itself."""
     cdef SetLayout L = make_layout(1, K, K)
+    # a dx far larger than the caches is stored past them (no write-allocate)
+    cdef int stream = R * K * <Py_ssize_t>sizeof(storage) >= STREAM_BYTES
     cdef Py_ssize_t n_blocks = acc_blocks(R)
     cdef Py_ssize_t n_cols = (K + TILE_COLS - 1) // TILE_COLS
     cdef Py_ssize_t blk, t
+    if floating is double:
+        wd = <double*>w
+    elif wd != NULL:
+        for t in range(K):
+            wd[t] = w[t]
     if parts == NULL:
         # fused: each sub-block's row sums, then its tiles while the rows are in L2
         for blk in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
-            _block_tiles(dy, x, dx, w, dw, db, mean, rstd, sdy, sdyx, part, R, K, blk,
-                         0, n_cols, 1, rms)
+            _block_tiles(dy, x, dx, w, wd, dw, db, mean, rstd, sdy, sdyx, part, R, K,
+                         blk, 0, n_cols, 1, rms, stream)
     else:
         split_grad_sums(dy, x, w, &L, R, K, mean, parts, sdy, sdyx, nt)
         for t in prange(n_blocks * n_cols, nogil=True, num_threads=nt, schedule="static"):
-            _block_tiles(dy, x, dx, w, dw, db, mean, rstd, sdy, sdyx, part, R, K,
-                         t // n_cols, t % n_cols, t % n_cols + 1, 0, rms)
+            _block_tiles(dy, x, dx, w, wd, dw, db, mean, rstd, sdy, sdyx, part, R, K,
+                         t // n_cols, t % n_cols, t % n_cols + 1, 0, rms, stream)
     if n_blocks > 1:
         # the blocks' partials added in block order, column by column (each column's
         # sum in the order of a loop over q), TILE_COLS columns at a time so that the
@@ -405,11 +496,14 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef int nt = cynorm_threads_for(R * K)
     cdef SetLayout L = make_layout(1, K, K)
     cdef Py_ssize_t n_blocks = acc_blocks(R)
+    cdef int kind = storage_kind(x)
     cdef cnp.ndarray sums = None, work = None, colsums = None
     cdef double* parts = NULL
     cdef double* part = NULL
     cdef double* sdy = NULL
     cdef double* sdyx = NULL
+    cdef cnp.ndarray wide = None
+    cdef double* wd = NULL
     if n_blocks < 4 * nt and L.n_pieces > 1:
         # rows cut into pieces (K > CHUNK): per-row sums, far smaller than the rows
         work = np.empty(2 * R * L.n_pieces, dtype=np.float64)
@@ -417,6 +511,11 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
         sums = np.empty(2 * R, dtype=np.float64)
         sdy = <double*>data(sums)
         sdyx = sdy + R
+    elif weight is not None and kind != KIND_F64:
+        # fused: the row sums take w widened (K float64: at most 32 KiB, K <= CHUNK,
+        # or 1/32 of x, n_blocks >= 4)
+        wide = np.empty(K, dtype=np.float64)
+        wd = <double*>data(wide)
     if n_blocks > 1:
         colsums = np.empty(b_offset(n_blocks, K) + n_blocks * K, dtype=np.float64)
         part = <double*>data(colsums)
@@ -428,20 +527,19 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef void* pdb = data(dbias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
-    cdef int kind = storage_kind(x)
     with nogil:
         if kind == KIND_F32:
-            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, <float*>pdw,
+            _backward(<float*>pdy, <float*>px, <float*>pdx, <float*>pw, wd, <float*>pdw,
                       <float*>pdb, pm, pr, sdy, sdyx, parts, part, R, K, rms, nt)
         elif kind == KIND_F16:
-            _backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, <float*>pdw,
+            _backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, wd, <float*>pdw,
                       <float*>pdb, pm, pr, sdy, sdyx, parts, part, R, K, rms, nt)
         elif kind != KIND_F64:
-            _backward(<cn_bf16*>pdy, <cn_bf16*>px, <cn_bf16*>pdx, <float*>pw,
+            _backward(<cn_bf16*>pdy, <cn_bf16*>px, <cn_bf16*>pdx, <float*>pw, wd,
                       <float*>pdw, <float*>pdb, pm, pr, sdy, sdyx, parts, part, R, K,
                       rms, nt)
         else:
-            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw,
+            _backward(<double*>pdy, <double*>px, <double*>pdx, <double*>pw, NULL,
                       <double*>pdw, <double*>pdb, pm, pr, sdy, sdyx, parts, part, R, K,
                       rms, nt)
 
