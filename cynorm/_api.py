@@ -415,11 +415,12 @@ def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
     dw = np.empty(C, dtype=param_dtype(x.dtype))
     db = np.empty(C, dtype=param_dtype(x.dtype))
     if is_lowp(x.dtype) and act:
-        # the activation's gradient dy * act'(a) keeps float32 digits: float32 copies
-        dx32 = _to_f32(x)
-        channel.backward(_to_f32(dy), dx32, dx32, w, dw, db, mean, rstd, N, C, HW,
-                         int(training), act, b, _pool.empty_like(dx32) if act else None)
-        _store(dx32, dx)
+        # the activation's gradient dy * act'(a) keeps float32 digits: the long-run path
+        # recomputes it in float32 where it is needed, the column path (short runs) keeps
+        # it in a float32 buffer of x's shape (dy, x and dx are read and written in place)
+        channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training), act, b,
+                         _pool.empty(x.shape, np.float32, x.size * 4)
+                         if HW < channel.SHORT_RUN else None)
     else:
         channel.backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, int(training), act,
                          b, _grad_buffer(act, dx, x))

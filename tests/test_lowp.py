@@ -660,8 +660,8 @@ def test_row_ops_16bit_are_the_float32_computation_rounded_once(dt, shape, op):
 # apply and dx widen in registers (or run on widened row pieces), in the float32 data's
 # arithmetic, rounded once on store. So a 16-bit result is bitwise the float32 result on
 # the widened data, rounded once (the promise the 1-ulp bound rests on), with no x-sized
-# float32 copy (with an activation, the channels-last backward keeps g = dy * act'(a) in
-# one float32 buffer; BatchNorm's makes float32 copies of x and dy: cynorm._api).
+# float32 copy (with an activation, the channels-last backward and BatchNorm's column
+# path keep g = dy * act'(a) in one float32 buffer; BatchNorm's long runs recompute it).
 
 def _groups_of(C):
     """The test's GroupNorm groups for C channels: 4 channels each, or 2 groups."""
@@ -834,6 +834,29 @@ def test_16bit_channels_last_backward_with_activation_makes_no_float32_copy_of_x
                                                            activation=act,
                                                            channel_axis=-1))
     assert e <= 2 * x.nbytes + x.nbytes // 8 + 64 * 1024, (e, x.nbytes)
+
+
+@pytest.mark.parametrize("shape, axis, g_bytes", [((4, 16, 32, 32), 1, 0),
+                                                   ((4096, 64), 1, 2),
+                                                   ((4096, 12, 5), 1, 2),
+                                                   ((4, 32, 32, 64), -1, 2)], ids=str)
+@pytest.mark.parametrize("act", ["silu", "relu"])
+@pytest.mark.parametrize("dt", LOWP, ids=str)
+def test_16bit_batch_norm_backward_with_activation_makes_no_float32_copy_of_x_or_dy(
+        dt, act, shape, axis, g_bytes):
+    """With an activation, g = dy * act'(a) keeps its float32 digits: long runs
+    recompute it in float32 where it is needed (no buffer), short runs and channels-last
+    data keep it in one float32 buffer of x's shape (twice the input's bytes); dy, x and
+    dx are read and written in place: no float32 copy of them (each another twice the
+    input)."""
+    x, dy = data(shape, dt, 51), data(shape, dt, 52)
+    w = np.ones(shape[axis], np.float32)
+    _, m, r = cynorm.batch_norm(x, None, None, w, w, True, return_stats=True,
+                                activation=act, channel_axis=axis)
+    e, _ = extra_memory(lambda: cynorm.batch_norm_backward(dy, x, m, r, w, bias=w,
+                                                           activation=act,
+                                                           channel_axis=axis))
+    assert e <= g_bytes * x.nbytes + x.nbytes // 8 + 64 * 1024, (e, x.nbytes)
 
 
 @pytest.mark.parametrize("dt", LOWP, ids=str)

@@ -39,9 +39,17 @@ from cynorm._kernels._common cimport (
     affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
     MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
-    col_grad_sums, widen, narrow, ld,
+    col_grad_sums, widen, narrow, ld, piece_bounds, act_grad_sums, act_grad_dx,
 )
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
+
+cdef extern from "_lanes.h":
+    void cn_col_grad_rows_g32_f16(const float* g, const cn_f16* x, Py_ssize_t D,
+                                  Py_ssize_t nrows, Py_ssize_t n, const double* m,
+                                  double* sg, double* sgx) noexcept nogil
+    void cn_col_grad_rows_g32_bf16(const float* g, const cn_bf16* x, Py_ssize_t D,
+                                   Py_ssize_t nrows, Py_ssize_t n, const double* m,
+                                   double* sg, double* sgx) noexcept nogil
 
 import numpy as np
 
@@ -160,31 +168,30 @@ cdef inline void _col_affine_row(const storage* xr, storage* yr, Py_ssize_t c0,
                 yr[h] = <storage>(((xr[h] - m) * rc) * wc + bc)
 
 
-cdef void _col_act_grad(const storage* dy, const storage* x, storage* g, Py_ssize_t D,
+cdef void _col_act_grad(const storage* dy, const storage* x, void* g, Py_ssize_t D,
                         Py_ssize_t r, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
                         const double* mean, const double* rstd, const floating* w,
                         const floating* b, int act) noexcept nogil:
     """Row r, channels [c0, c1) (at most COL_WIDTH columns): g = dy * act'(a), a the
-    forward's pre-activation, recomputed as _col_apply computes it. g may be dy.
-    16-bit data: in float32, g rounded to the storage (cynorm._api runs a 16-bit
-    backward with an activation on float32 copies, so this is not reached)."""
+    forward's pre-activation, recomputed as _col_apply computes it. g (of x's shape):
+    storage for float32 and float64 data, where it may be dy; float32 for 16-bit data,
+    computed in float32 on the widened row pieces and kept in float32."""
     cdef float af[COL_WIDTH]
     cdef double ad[COL_WIDTH]
     cdef float bd[COL_WIDTH]
     cdef Py_ssize_t o = r * D + c0 * HW, n = (c1 - c0) * HW
     if storage is float:
         _col_affine_row(x + r * D, af - c0 * HW, c0, c1, HW, mean, rstd, w, b)
-        cn_act_grad_f32(af, dy + o, g + o, n, act)
+        cn_act_grad_f32(af, dy + o, <float*>g + o, n, act)
     elif storage is double:
         _col_affine_row(x + r * D, ad - c0 * HW, c0, c1, HW, mean, rstd, w, b)
-        cn_act_grad_f64(ad, dy + o, g + o, n, act)
+        cn_act_grad_f64(ad, dy + o, <double*>g + o, n, act)
     else:
         widen(x + o, af, n)
         _col_affine_row(<const float*>af - c0 * HW, af - c0 * HW, c0, c1, HW, mean, rstd,
                         w, b)
         widen(dy + o, bd, n)
-        cn_act_grad_f32(af, bd, bd, n, act)
-        narrow(bd, g + o, n)
+        cn_act_grad_f32(af, bd, <float*>g + o, n, act)
 
 
 cdef void _col_forward(const storage* x, storage* y, const floating* w,
@@ -239,13 +246,15 @@ cdef void _col_forward(const storage* x, storage* y, const floating* w,
                    rstd, var, eps, w, b, act)
 
 
-cdef void _col_tile_grad_sums(const storage* dy, const storage* x, const double* mean,
-                              Py_ssize_t D, Py_ssize_t HW, Py_ssize_t r0, Py_ssize_t r1,
-                              Py_ssize_t c0, Py_ssize_t c1, double* ps,
-                              double* psx) noexcept nogil:
+cdef void _col_tile_grad_sums(const storage* dy, const float* g32, const storage* x,
+                              const double* mean, Py_ssize_t D, Py_ssize_t HW,
+                              Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                              double* ps, double* psx) noexcept nogil:
     """Per-channel sum(dy) and sum(dy * (x - mean)) over rows [r0, r1) of channels
     [c0, c1) into ps[c], psx[c]: per column (col_grad_sums), then each channel's
-    columns in order."""
+    columns in order. g32 (16-bit data, not NULL): the float32 g of a backward with an
+    activation, read in dy's place (cn_col_grad_rows_g32_T: each column row by row in
+    order, the same sums as float32 data holding the widened x)."""
     cdef double cs[COL_WIDTH]
     cdef double csx[COL_WIDTH]
     cdef double mc[COL_WIDTH]
@@ -255,7 +264,14 @@ cdef void _col_tile_grad_sums(const storage* dy, const storage* x, const double*
         cs[j] = 0
         csx[j] = 0
         mc[j] = mean[c0 + j // HW]
-    col_grad_sums(dy + r0 * D + j0, x + r0 * D + j0, D, r1 - r0, n, mc, cs, csx, 0)
+    if storage is cn_f16 and g32 != NULL:
+        cn_col_grad_rows_g32_f16(g32 + r0 * D + j0, x + r0 * D + j0, D, r1 - r0, n, mc, cs,
+                                 csx)
+    elif storage is cn_bf16 and g32 != NULL:
+        cn_col_grad_rows_g32_bf16(g32 + r0 * D + j0, x + r0 * D + j0, D, r1 - r0, n, mc, cs,
+                                  csx)
+    else:
+        col_grad_sums(dy + r0 * D + j0, x + r0 * D + j0, D, r1 - r0, n, mc, cs, csx, 0)
     for c in range(c0, c1):
         a = 0
         bb = 0
@@ -298,17 +314,23 @@ cdef void _col_grad(const storage* dy, const storage* x, storage* dx, Py_ssize_t
                 dx[h] = <storage>(rs * ((wc * dy[h] - g0) - ((x[h] - m) * rs) * k))
 
 
-cdef inline void _col_grad_s(const storage* dy, const storage* x, storage* dx,
-                             Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+cdef inline void _col_grad_s(const storage* dy, const float* g32, const storage* x,
+                             storage* dx, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
                              const double* mean, const double* rstd, const floating* w,
                              const double* mg, const double* mgx) noexcept nogil:
     """_col_grad over channels [c0, c1) (at most COL_WIDTH columns) of one row; 16-bit
-    data: the float32 data's arithmetic on the widened row pieces, rounded once."""
+    data: the float32 data's arithmetic on the widened row pieces, rounded once (g32,
+    not NULL: the row's float32 g of a backward with an activation, read in dy's
+    place)."""
     cdef float bdy[COL_WIDTH]
     cdef float bx[COL_WIDTH]
     cdef Py_ssize_t o = c0 * HW, n = (c1 - c0) * HW
     if storage is float or storage is double:
         _col_grad(dy, x, dx, c0, c1, HW, mean, rstd, w, mg, mgx)
+    elif g32 != NULL:
+        widen(x + o, bx, n)
+        _col_grad(g32, <const float*>bx - o, bdy - o, c0, c1, HW, mean, rstd, w, mg, mgx)
+        narrow(bdy, dx + o, n)
     else:
         widen(dy + o, bdy, n)
         widen(x + o, bx, n)
@@ -317,18 +339,20 @@ cdef inline void _col_grad_s(const storage* dy, const storage* x, storage* dx,
         narrow(bdy, dx + o, n)
 
 
-cdef void _col_tile_backward(const storage* dy, const storage* x, storage* dx,
+cdef void _col_tile_backward(const storage* dy, const float* g32, const storage* x,
+                             storage* dx,
                              const floating* w, floating* dw, floating* db,
                              const double* mean, const double* rstd, Py_ssize_t N,
                              Py_ssize_t C, Py_ssize_t HW, Py_ssize_t c0, Py_ssize_t c1,
                              int training) noexcept nogil:
     """One row block (all N rows) of channels [c0, c1): the sums, dweight and dbias,
-    then dx while the tile is in cache. Coefficients on the stack, offset by c0."""
+    then dx while the tile is in cache. Coefficients on the stack, offset by c0. g32:
+    as _col_grad_s."""
     cdef double ps[COL_WIDTH]
     cdef double psx[COL_WIDTH]
     cdef Py_ssize_t D = C * HW, c, r
     cdef double M = <double>(N * HW), sdy, sdyx
-    _col_tile_grad_sums(dy, x, mean, D, HW, 0, N, c0, c1, ps - c0, psx - c0)
+    _col_tile_grad_sums(dy, g32, x, mean, D, HW, 0, N, c0, c1, ps - c0, psx - c0)
     for c in range(c0, c1):
         sdy = ps[c - c0]
         sdyx = psx[c - c0]
@@ -337,17 +361,19 @@ cdef void _col_tile_backward(const storage* dy, const storage* x, storage* dx,
         _col_coeffs(sdy, sdyx, rstd[c], 1.0 if w == NULL else w[c], M, training,
                     &ps[c - c0], &psx[c - c0])
     for r in range(N):
-        _col_grad_s(dy + r * D, x + r * D, dx + r * D, c0, c1, HW, mean, rstd, w, ps - c0,
-                    psx - c0)
+        _col_grad_s(dy + r * D, g32 + r * D if g32 != NULL else NULL, x + r * D, dx + r * D,
+                    c0, c1, HW, mean, rstd, w, ps - c0, psx - c0)
 
 
 cdef void _col_backward(const storage* dy, const storage* x, storage* dx,
-                        const floating* w, const floating* b, storage* g, floating* dw,
+                        const floating* w, const floating* b, void* g, floating* dw,
                         floating* db, const double* mean, const double* rstd,
                         double* part, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                         int training, int act, int nt) noexcept nogil:
     """Backward on the column path; part: 2 * n_blocks * C doubles when n_blocks > 1.
-    act != 0: first g = dy * act'(a) row by row, which then takes dy's place."""
+    act != 0: first g = dy * act'(a) row by row, which then takes dy's place (16-bit
+    data: g in float32, read beside the 16-bit x as g32)."""
+    cdef const float* g32 = NULL
     cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
     cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, q, c0, r0, blk
     cdef double* ps = part
@@ -358,18 +384,22 @@ cdef void _col_backward(const storage* dy, const storage* x, storage* dx,
             c0 = (t % n_tiles) * cpt
             _col_act_grad(dy, x, g, D, t // n_tiles, c0, min(c0 + cpt, C), HW, mean, rstd,
                           w, b, act)
-        dy = g
+        if storage is float or storage is double:
+            dy = <const storage*>g
+        else:
+            g32 = <const float*>g
     if nb == 1:
         for t in prange(n_tiles, nogil=True, num_threads=nt, schedule="static"):
             c0 = t * cpt
-            _col_tile_backward(dy, x, dx, w, dw, db, mean, rstd, N, C, HW, c0,
+            _col_tile_backward(dy, g32, x, dx, w, dw, db, mean, rstd, N, C, HW, c0,
                                min(c0 + cpt, C), training)
         return
     for t in prange(nb * n_tiles, nogil=True, num_threads=nt, schedule="static"):
         blk = t // n_tiles
         c0 = (t % n_tiles) * cpt
         r0 = blk * COL_ROWS
-        _col_tile_grad_sums(dy, x, mean, D, HW, r0, N if blk == nb - 1 else r0 + COL_ROWS,
+        _col_tile_grad_sums(dy, g32, x, mean, D, HW, r0,
+                            N if blk == nb - 1 else r0 + COL_ROWS,
                             c0, min(c0 + cpt, C), ps + blk * C, psx + blk * C)
     # per channel: the blocks' sums in order, then its coefficients in block 0's slots
     for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
@@ -384,7 +414,8 @@ cdef void _col_backward(const storage* dy, const storage* x, storage* dx,
                     &psx[c])
     for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
         c0 = (t % n_tiles) * cpt
-        _col_grad_s(dy + (t // n_tiles) * D, x + (t // n_tiles) * D,
+        _col_grad_s(dy + (t // n_tiles) * D,
+                    g32 + (t // n_tiles) * D if g32 != NULL else NULL, x + (t // n_tiles) * D,
                     dx + (t // n_tiles) * D, c0, min(c0 + cpt, C), HW, mean, rstd, w, ps,
                     psx)
 
@@ -500,21 +531,62 @@ def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mea
 # ---- backward -------------------------------------------------------------------------
 
 cdef inline void _grad_channel(const storage* dy, const storage* x, storage* dx,
-                               const floating* w, const double* mean, const double* rstd,
-                               const double* sdy, const double* sdyx, Py_ssize_t n0,
-                               Py_ssize_t n1, Py_ssize_t c, Py_ssize_t N, Py_ssize_t C,
-                               Py_ssize_t HW, int training) noexcept nogil:
+                               const floating* w, const floating* b, const double* mean,
+                               const double* rstd, const double* sdy, const double* sdyx,
+                               Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t c, Py_ssize_t N,
+                               Py_ssize_t C, Py_ssize_t HW, int training,
+                               int act) noexcept nogil:
     """dx over runs [n0, n1) of channel c. Training: dx = rstd * (g - mean(g) - xhat *
-    mean(g * xhat)), g = w_c * dy; eval (constant statistics): dx = w_c * rstd * dy."""
+    mean(g * xhat)), g = w_c * dy; eval (constant statistics): dx = w_c * rstd * dy.
+    act != 0 (16-bit data only: the others pass g as dy): dy * act'(a) in dy's place,
+    recomputed in float32 and kept there (act_grad_dx)."""
     cdef double rs = rstd[c], wc = 1.0 if w == NULL else w[c]
+    cdef double shift = 0.0 if b == NULL else b[c]
     cdef double M = <double>(N * HW), mg = 0, mgx = 0
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n, o
     if training:
         mg = wc * sdy[c] / M
         mgx = wc * (rs * sdyx[c] / M)
     for n in range(n0, n1):
-        grad_const(dy + (n * C + c) * HW, x + (n * C + c) * HW, dx + (n * C + c) * HW,
-                   HW, wc, mg, mgx, mean[c], rs)
+        o = (n * C + c) * HW
+        if (storage is cn_f16 or storage is cn_bf16) and act:
+            act_grad_dx(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs, shift, act)
+        else:
+            grad_const(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs)
+
+
+cdef inline void _act_piece_grad_sums(const storage* dy, const storage* x,
+                                      const floating* w, const floating* b,
+                                      const double* mean, const double* rstd,
+                                      const SetLayout* L, Py_ssize_t c, Py_ssize_t p,
+                                      int act, double* sdy, double* sdyx) noexcept nogil:
+    """16-bit data with an activation: piece_grad_sums over piece p of channel c's set
+    (at dy, x) with g = dy * act'(a) in dy's place, recomputed in float32 and never
+    stored (act_grad_sums: the same sums as float32 data holding g and the widened x)."""
+    cdef double wc = 1.0 if w == NULL else w[c]
+    cdef double shift = 0.0 if b == NULL else b[c]
+    cdef Py_ssize_t run0, nruns, e0, elen, r, off
+    piece_bounds(L, p, &run0, &nruns, &e0, &elen)
+    sdy[0] = 0
+    sdyx[0] = 0
+    for r in range(nruns):
+        off = (run0 + r) * L.run_stride + e0
+        act_grad_sums(dy + off, x + off, elen, mean[c], rstd[c], wc, shift, act, sdy, sdyx)
+
+
+cdef inline void _act_set_grad_sums(const storage* dy, const storage* x, const floating* w,
+                                    const floating* b, const double* mean,
+                                    const double* rstd, const SetLayout* L, Py_ssize_t c,
+                                    int act, double* sdy, double* sdyx) noexcept nogil:
+    """set_grad_sums's fold, in piece order, of _act_piece_grad_sums over channel c."""
+    cdef double a, bb
+    cdef Py_ssize_t p
+    sdy[0] = 0
+    sdyx[0] = 0
+    for p in range(L.n_pieces):
+        _act_piece_grad_sums(dy, x, w, b, mean, rstd, L, c, p, act, &a, &bb)
+        sdy[0] += a
+        sdyx[0] += bb
 
 
 cdef inline void _act_grad_channel(const storage* dy, const storage* x, storage* g,
@@ -537,28 +609,48 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     double* sdyx, double* parts, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
                     int training, int act, int nt) noexcept nogil:
     """act != 0: g = dy * act'(a) is formed into g (per channel, or in a pass of its
-    own when channels are split) and takes dy's place."""
+    own when channels are split) and takes dy's place. 16-bit data: g is not stored (g
+    NULL) but recomputed in float32 by the sums and by dx (act_grad_sums, act_grad_dx),
+    the same bits as float32 data holding the widened dy and x, dx rounded once."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
-    cdef Py_ssize_t c, r
-    cdef const storage* gd = <const storage*>g if act else dy
+    cdef Py_ssize_t c, r, p, k, P = L.n_pieces
+    cdef bint lowp_act = (storage is cn_f16 or storage is cn_bf16) and act != 0
+    cdef const storage* gd = <const storage*>g if act and not lowp_act else dy
     if parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
-            if act:
-                _act_grad_channel(dy, x, g, w, b, mean, rstd, 0, N, c, C, HW, act)
-            set_grad_sums(gd + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
-                          &sdy[c], &sdyx[c])
-            _grad_channel(gd, x, dx, w, mean, rstd, sdy, sdyx, 0, N, c, N, C, HW,
-                          training)
+            if lowp_act:
+                _act_set_grad_sums(dy + c * HW, x + c * HW, w, b, mean, rstd, &L, c, act,
+                                   &sdy[c], &sdyx[c])
+            else:
+                if act:
+                    _act_grad_channel(dy, x, g, w, b, mean, rstd, 0, N, c, C, HW, act)
+                set_grad_sums(gd + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
+                              &sdy[c], &sdyx[c])
+            _grad_channel(gd, x, dx, w, b, mean, rstd, sdy, sdyx, 0, N, c, N, C, HW,
+                          training, act if lowp_act else 0)
     else:
-        if act:
-            for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-                _act_grad_channel(dy, x, g, w, b, mean, rstd, r // C, r // C + 1, r % C, C,
-                                  HW, act)
-        split_grad_sums(gd, x, <const floating*>NULL, &L, C, HW, mean, parts, sdy, sdyx,
-                        nt)
+        if lowp_act:
+            # split_grad_sums's pieces and fold
+            for k in prange(C * P, nogil=True, num_threads=nt, schedule="static"):
+                _act_piece_grad_sums(dy + (k // P) * HW, x + (k // P) * HW, w, b, mean,
+                                     rstd, &L, k // P, k % P, act, &parts[2 * k],
+                                     &parts[2 * k + 1])
+            for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
+                sdy[c] = 0
+                sdyx[c] = 0
+                for p in range(P):
+                    sdy[c] = sdy[c] + parts[2 * (c * P + p)]
+                    sdyx[c] = sdyx[c] + parts[2 * (c * P + p) + 1]
+        else:
+            if act:
+                for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+                    _act_grad_channel(dy, x, g, w, b, mean, rstd, r // C, r // C + 1, r % C,
+                                      C, HW, act)
+            split_grad_sums(gd, x, <const floating*>NULL, &L, C, HW, mean, parts, sdy,
+                            sdyx, nt)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _grad_channel(gd, x, dx, w, mean, rstd, sdy, sdyx, r // C, r // C + 1, r % C,
-                          N, C, HW, training)
+            _grad_channel(gd, x, dx, w, b, mean, rstd, sdy, sdyx, r // C, r // C + 1,
+                          r % C, N, C, HW, training, act if lowp_act else 0)
     for c in range(C):
         dw[c] = <floating>(sdyx[c] * rstd[c])
         db[c] = <floating>sdy[c]
@@ -570,7 +662,9 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
              object bias=None, object gbuf=None):
     """dx, dweight, dbias of batch normalisation with the given per-channel statistics.
     act != 0: of act(normalisation), with the forward's bias; gbuf: an array of x's shape
-    for dy * act'(a), dx itself unless dx is x."""
+    for dy * act'(a), dx itself unless dx is x. 16-bit data: gbuf is float32 on the
+    column path (HW < SHORT_RUN; g keeps its float32 digits) and unused (None) on the
+    long-run path, which recomputes g in float32 where it is needed."""
     if N * HW == 0:  # no elements: parameter gradients are empty sums
         dweight.fill(0)
         dbias.fill(0)
@@ -610,11 +704,11 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     with nogil:
         if columns and kind == KIND_F16:
             _col_backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, <float*>pb,
-                          <cn_f16*>pg, <float*>pdw, <float*>pdb, pm, pr, parts, N, C, HW,
+                          pg, <float*>pdw, <float*>pdb, pm, pr, parts, N, C, HW,
                           training, act, nt)
         elif columns and kind != KIND_F32 and kind != KIND_F64:
             _col_backward(<cn_bf16*>pdy, <cn_bf16*>px, <cn_bf16*>pdx, <float*>pw,
-                          <float*>pb, <cn_bf16*>pg, <float*>pdw, <float*>pdb, pm, pr, parts,
+                          <float*>pb, pg, <float*>pdw, <float*>pdb, pm, pr, parts,
                           N, C, HW, training, act, nt)
         elif kind == KIND_F16:
             _backward(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pdx, <float*>pw, <float*>pb,
