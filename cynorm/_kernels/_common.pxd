@@ -1090,10 +1090,10 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
                                 Py_ssize_t n, double mean, double rstd, double weight,
                                 double shift, int act) noexcept nogil:
     """g = dy * act'(a), a = (x - mean) * rstd * weight + shift recomputed exactly as
-    affine_act computed it in the forward. g may be dy (not x). 16-bit data: g is
-    rounded to the storage type (the slab backward uses act_grad_sums and act_grad_dx
-    instead, which keep g in float32; cynorm._api widens other 16-bit backwards with an
-    activation to float32 first)."""
+    affine_act computed it in the forward. g may be dy (not x). 16-bit data: g would be
+    rounded to the storage type, so the 16-bit backwards keep g in float32 instead
+    (act_grad_sums and act_grad_dx over long runs, a float32 g buffer read beside the
+    16-bit x on the column and channels-last paths)."""
     cdef float a[ACT_BLOCK]
     cdef float bd[ACT_BLOCK]
     cdef double a64[ACT_BLOCK]
