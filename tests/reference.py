@@ -335,3 +335,15 @@ def activation_grad(name, x):
         if name == "relu":
             return np.where(x > 0, 1.0, 0.0)
         raise ValueError(name)
+
+
+# ---- test data layout ------------------------------------------------------------------
+
+def at_offset(a, offset):
+    """A copy of a whose data start offset bytes past a 64-byte boundary (for the kernels'
+    aligned and unaligned paths)."""
+    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out

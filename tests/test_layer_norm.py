@@ -239,15 +239,6 @@ def test_layer_norm_constant_rows_give_bias(dtype, stats):
     np.testing.assert_allclose(rstd, 1 / np.sqrt(1e-5), rtol=1e-6)
 
 
-def at_offset(a, offset):
-    """A copy of a whose data start offset bytes past a 64-byte boundary."""
-    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
-    start = (-buf.ctypes.data) % 64 + offset
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
 # the row backward's vector body starts where dx's rows are aligned (offsets 4 and 16:
 # a head taken column by column; NumPy's large arrays start 16 bytes into a page), and
 # a float32 dx of 32 MiB or more is stored past the caches
@@ -259,8 +250,8 @@ def test_layer_norm_backward_matches_reference_at_any_alignment(rng, shape, dtyp
     K = shape[1]
     x, w, b = make(rng, shape, K, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    x, dy = at_offset(x, offset), at_offset(dy, offset)
-    out = at_offset(np.zeros(shape, dtype), offset)
+    x, dy = ref.at_offset(x, offset), ref.at_offset(dy, offset)
+    out = ref.at_offset(np.zeros(shape, dtype), offset)
     _, mean, rstd = ref.layer_norm(x, K, w, b)
     dx, dw, db = cynorm.layer_norm_backward(dy, x, mean, rstd, K, w, out=out)
     assert dx is out

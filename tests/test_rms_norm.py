@@ -222,15 +222,6 @@ def test_rms_norm_matches_torch_forward_and_backward(rng, dtype, shape, ns, eps)
         np.testing.assert_allclose(a, t, rtol=tol, atol=tol * max(1, np.abs(t).max()))
 
 
-def at_offset(a, offset):
-    """A copy of a whose data start offset bytes past a 64-byte boundary."""
-    buf = np.empty(a.nbytes + 128, dtype=np.uint8)
-    start = (-buf.ctypes.data) % 64 + offset
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
 # the row backward's vector body starts where dx's rows are aligned (offsets 4 and 16:
 # a head taken column by column), and a float32 dx of 32 MiB or more is stored past the
 # caches
@@ -240,10 +231,10 @@ def at_offset(a, offset):
 @pytest.mark.parametrize("offset", [0, 4, 16])
 def test_rms_norm_backward_matches_reference_at_any_alignment(rng, shape, dtype, offset):
     K = shape[1]
-    x = at_offset(rng.standard_normal(shape).astype(dtype), offset)
-    dy = at_offset(rng.standard_normal(shape).astype(dtype), offset)
+    x = ref.at_offset(rng.standard_normal(shape).astype(dtype), offset)
+    dy = ref.at_offset(rng.standard_normal(shape).astype(dtype), offset)
     w = rng.uniform(0.5, 1.5, K).astype(dtype)
-    out = at_offset(np.zeros(shape, dtype), offset)
+    out = ref.at_offset(np.zeros(shape, dtype), offset)
     _, rstd = ref.rms_norm(x, K, w)
     dx, dw = cynorm.rms_norm_backward(dy, x, rstd, K, w, out=out)
     assert dx is out

@@ -223,6 +223,13 @@ cdef extern from "_lanes.h":
     void cn_col_grad_sums_bf16(const cn_bf16* dy, const cn_bf16* x, Py_ssize_t D,
                                Py_ssize_t nrows, Py_ssize_t n, const double* m,
                                double* sg, double* sgx, int rows) noexcept nogil
+    # the column gradient sums of 16-bit x with a float32 g (dy * act'(a)) in dy's place
+    void cn_col_grad_rows_g32_f16(const float* g, const cn_f16* x, Py_ssize_t D,
+                                  Py_ssize_t nrows, Py_ssize_t n, const double* m,
+                                  double* sg, double* sgx) noexcept nogil
+    void cn_col_grad_rows_g32_bf16(const float* g, const cn_bf16* x, Py_ssize_t D,
+                                   Py_ssize_t nrows, Py_ssize_t n, const double* m,
+                                   double* sg, double* sgx) noexcept nogil
     # 16-bit storage: the same loops, widening in registers (the storage loaders)
     double cn_sum_f16(const cn_f16* x, Py_ssize_t n) noexcept nogil
     double cn_sum_bf16(const cn_bf16* x, Py_ssize_t n) noexcept nogil

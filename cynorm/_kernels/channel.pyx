@@ -42,14 +42,7 @@ from cynorm._kernels._common cimport (
     col_grad_sums, widen, narrow, ld, piece_bounds, act_grad_sums, act_grad_dx,
 )
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
-
-cdef extern from "_lanes.h":
-    void cn_col_grad_rows_g32_f16(const float* g, const cn_f16* x, Py_ssize_t D,
-                                  Py_ssize_t nrows, Py_ssize_t n, const double* m,
-                                  double* sg, double* sgx) noexcept nogil
-    void cn_col_grad_rows_g32_bf16(const float* g, const cn_bf16* x, Py_ssize_t D,
-                                   Py_ssize_t nrows, Py_ssize_t n, const double* m,
-                                   double* sg, double* sgx) noexcept nogil
+from cynorm._kernels._common cimport cn_col_grad_rows_g32_f16, cn_col_grad_rows_g32_bf16
 
 import numpy as np
 

@@ -68,6 +68,7 @@ from cynorm._kernels._common cimport (
 )
 from cynorm._kernels._common cimport cn_cl_affine_f16, cn_cl_affine_bf16
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
+from cynorm._kernels._common cimport cn_col_grad_rows_g32_f16, cn_col_grad_rows_g32_bf16
 from cynorm._kernels._common cimport SHIFT_SPREAD, SHIFT_HEAD
 from libc.float cimport DBL_MAX
 
@@ -109,12 +110,6 @@ cdef extern from "_cl_tiles.h":
                              const float* mh, const float* ml, const float* rf,
                              const float* wf, const float* gf,
                              const float* kf) noexcept nogil
-    void cn_col_grad_rows_g32_f16(const float* g, const cn_f16* x, Py_ssize_t D,
-                                  Py_ssize_t nrows, Py_ssize_t n, const double* m,
-                                  double* sg, double* sgx) noexcept nogil
-    void cn_col_grad_rows_g32_bf16(const float* g, const cn_bf16* x, Py_ssize_t D,
-                                   Py_ssize_t nrows, Py_ssize_t n, const double* m,
-                                   double* sg, double* sgx) noexcept nogil
 
 import numpy as np
 
