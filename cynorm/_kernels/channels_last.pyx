@@ -121,8 +121,8 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef enum:
     # channels per coefficient sub-tile (the per-channel constants live on the stack)
     CL_WIDTH = 512
-    # rows per work item of the split schedule's apply
-    APPLY_ROWS = 16
+    # channels per work item of the split schedule's fold of the block sums
+    FOLD_COLS = 64
 
 
 # ---- per-channel coefficients and the row loops ------------------------------------
@@ -417,15 +417,18 @@ cdef void _split_group(const storage* xs, double* sh, double* pm, double* pq, do
     algorithm where a channel fails it (the group's block slots are free by then: its
     channels' alone), the group's mean and rstd; cm[c], cq[c]: the channels' moments."""
     cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS, c0 = g * cpg, c, q
-    cdef double s, sq
     cdef bint ok = True
+    # block by block, the group's channels side by side (contiguous; a channel's blocks
+    # are C apart), each channel's sums still added in block order
     for c in range(c0, c0 + cpg):
-        s = 0
-        sq = 0
-        for q in range(nb):
-            s = s + pm[q * C + c]
-            sq = sq + pq[q * C + c]
-        _one_pass_moments(sh[c], s, sq, HW, &cm[c], &cq[c])
+        cm[c] = 0
+        cq[c] = 0
+    for q in range(nb):
+        for c in range(c0, c0 + cpg):
+            cm[c] = cm[c] + pm[q * C + c]
+            cq[c] = cq[c] + pq[q * C + c]
+    for c in range(c0, c0 + cpg):
+        _one_pass_moments(sh[c], cm[c], cq[c], HW, &cm[c], &cq[c])
         if cq[c] < 0:
             ok = False
     if not ok:
@@ -475,7 +478,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
     cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc, nmc
-    cdef Py_ssize_t t, n, g0, blk, j0, i, r0
+    cdef Py_ssize_t t, n, g0, blk, j0, i, r0, r1
     cdef double* sh = buf
     cdef double* pm = buf + N * C
     cdef double* pq = pm + N * nb * C
@@ -510,13 +513,17 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         _split_two_pass(x, sh, pm, pq, N, HW, C, G, eps, mean, rstd, nt)
     if y == NULL:
         return
-    nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
-    for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
-        n = t // (nrc * nct)
-        r0 = ((t // nct) % nrc) * APPLY_ROWS
-        j0 = (t % nct) * CL_WIDTH
-        _apply(x + n * HW * C, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C,
-               cpg, r0, min(r0 + APPLY_ROWS, HW), j0, min(j0 + CL_WIDTH, C), act)
+    # the apply: the batch's N * HW rows in nt equal spans, one per thread, each span's
+    # constants computed once per sample it meets (not once per few rows)
+    for t in prange(nt, nogil=True, num_threads=nt, schedule="static"):
+        r0 = t * (N * HW) // nt
+        r1 = (t + 1) * (N * HW) // nt
+        while r0 < r1:
+            n = r0 // HW
+            j0 = min(r1, (n + 1) * HW)
+            _apply(x + n * HW * C, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW,
+                   C, cpg, r0 - n * HW, j0 - n * HW, 0, C, act)
+            r0 = j0
 
 
 cdef void _split_two_pass(const storage* x, double* sh, double* pm, double* pq,
@@ -885,6 +892,21 @@ cdef void _bwd_fused_item(const storage* dy, const storage* x, storage* dx,
                rstd + n * G, gc + 2 * n * G, C, cpg, 0, HW, c0, c1)
 
 
+cdef inline void _fold_blocks(const double* ps, const double* psx, Py_ssize_t C,
+                             Py_ssize_t nb, Py_ssize_t c0, Py_ssize_t c1, double* s,
+                             double* sx) noexcept nogil:
+    """s[c] = the sum of ps[q * C + c] over the nb blocks q in order (sx of psx), for
+    channels [c0, c1): block by block, the channels side by side."""
+    cdef Py_ssize_t q, c
+    for c in range(c0, c1):
+        s[c] = 0
+        sx[c] = 0
+    for q in range(nb):
+        for c in range(c0, c1):
+            s[c] = s[c] + ps[q * C + c]
+            sx[c] = sx[c] + psx[q * C + c]
+
+
 cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     const floating* w, const floating* b, void* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
@@ -896,7 +918,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     groups; else the split schedule, part 2 * N * nb * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, nct = (C + CL_WIDTH - 1) // CL_WIDTH
-    cdef Py_ssize_t t, n, g0, blk, j0, i, q, r0, c, nrc
+    cdef Py_ssize_t t, n, g0, blk, j0, i, q, r0, r1, c, nrc, nfc
     cdef double* ps = part
     cdef double* psx = part + N * nb * C if part != NULL else NULL
     cdef double s, sx
@@ -916,26 +938,28 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
                              mean + n * G,
                              rstd + n * G, HW, C, cpg, blk, j0, min(j0 + CL_WIDTH, C), act,
                              ps + (n * nb + blk) * C + j0, psx + (n * nb + blk) * C + j0)
-        for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            s = 0
-            sx = 0
-            for q in range(nb):
-                s = s + ps[((i // C) * nb + q) * C + i % C]
-                sx = sx + psx[((i // C) * nb + q) * C + i % C]
-            sdy[i] = s
-            sdyx[i] = sx
+        # each channel's block sums added in block order, block by block over pieces of
+        # FOLD_COLS contiguous channels (a channel's blocks are C apart)
+        nfc = (C + FOLD_COLS - 1) // FOLD_COLS
+        for t in prange(N * nfc, nogil=True, num_threads=nt, schedule="static"):
+            _fold_blocks(ps + (t // nfc) * nb * C, psx + (t // nfc) * nb * C, C, nb,
+                         (t % nfc) * FOLD_COLS, min((t % nfc + 1) * FOLD_COLS, C),
+                         sdy + (t // nfc) * C, sdyx + (t // nfc) * C)
         for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             _group_grad(sdy + (i // G) * C, sdyx + (i // G) * C, w, rstd + (i // G) * G,
                         i % G, cpg, HW, gc + 2 * (i // G) * G)
-        nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
-        for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
-            n = t // (nrc * nct)
-            r0 = ((t // nct) % nrc) * APPLY_ROWS
-            j0 = (t % nct) * CL_WIDTH
-            _grad_rows(_dx_dy(dy, g, n * HW * C, act), _dx_g32(x, g, n * HW * C, act),
-                       x + n * HW * C, dx + n * HW * C, w, mean + n * G,
-                       rstd + n * G, gc + 2 * n * G, C, cpg, r0, min(r0 + APPLY_ROWS, HW),
-                       j0, min(j0 + CL_WIDTH, C))
+        # dx: the N * HW rows in nt equal spans, one per thread (as the forward's apply)
+        for t in prange(nt, nogil=True, num_threads=nt, schedule="static"):
+            r0 = t * (N * HW) // nt
+            r1 = (t + 1) * (N * HW) // nt
+            while r0 < r1:
+                n = r0 // HW
+                j0 = min(r1, (n + 1) * HW)
+                _grad_rows(_dx_dy(dy, g, n * HW * C, act), _dx_g32(x, g, n * HW * C, act),
+                           x + n * HW * C, dx + n * HW * C, w, mean + n * G,
+                           rstd + n * G, gc + 2 * n * G, C, cpg, r0 - n * HW, j0 - n * HW,
+                           0, C)
+                r0 = j0
     # dweight and dbias: the per-(n, c) sums over n in order, continuing the previous
     # chunks' (the slab family's fold)
     fold_param_grads(sdy, sdyx, rstd, acc, dw, db, N, C, G, last, nt)
