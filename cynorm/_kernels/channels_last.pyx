@@ -282,17 +282,25 @@ cdef inline void _channel_merge(double* pm, double* pq, Py_ssize_t stride, Py_ss
         pm[j] += shift[j]
 
 
+cdef inline double* _at(double* p, Py_ssize_t i) noexcept nogil:
+    """p + i, or NULL for an absent output p."""
+    return NULL if p == NULL else p + i
+
+
 cdef inline void _group_stats(const double* cm, const double* cq, Py_ssize_t cpg,
-                              Py_ssize_t HW, double eps, double* mean,
-                              double* rstd) noexcept nogil:
-    """One group's mean and rstd from its channels' moments cm[j], cq[j] (HW values
-    each), merged in channel order."""
+                              Py_ssize_t HW, double eps, double* mean, double* rstd,
+                              double* var) noexcept nogil:
+    """One group's mean and rstd (and, var not NULL, its biased variance m2 / count)
+    from its channels' moments cm[j], cq[j] (HW values each), merged in channel
+    order."""
     cdef double cnt = 0, m = 0, q = 0
     cdef Py_ssize_t j
     for j in range(cpg):
         chan_merge(&cnt, &m, &q, <double>HW, cm[j], cq[j])
     mean[0] = m
     rstd[0] = inv_std(q, <double>(cpg * HW), eps)
+    if var != NULL:
+        var[0] = q / <double>(cpg * HW)
 
 
 cdef inline double _shift(const storage* xs, Py_ssize_t HW, Py_ssize_t C,
@@ -368,8 +376,9 @@ cdef void _two_pass_channels(const storage* xs, double* sh, double* pm, double* 
 
 cdef void _one_pass_item(const storage* xs, double* buf, Py_ssize_t HW, Py_ssize_t C,
                          Py_ssize_t G, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t wmax,
-                         double eps, double* mean, double* rstd) noexcept nogil:
-    """Groups [g0, g1) of one sample xs (mean, rstd: the sample's): the one-pass
+                         double eps, double* mean, double* rstd,
+                         double* var) noexcept nogil:
+    """Groups [g0, g1) of one sample xs (mean, rstd, var: the sample's): the one-pass
     statistics per channel, the two-pass algorithm for a group where one of its
     channels fails the one pass's test. buf: (3 + 2 * max(nb, 2)) * wmax doubles."""
     cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, n = c1 - c0, j, blk, g
@@ -404,13 +413,13 @@ cdef void _one_pass_item(const storage* xs, double* buf, Py_ssize_t HW, Py_ssize
                                g * cpg, (g + 1) * cpg, cm + (g - g0) * cpg,
                                cq + (g - g0) * cpg)
         _group_stats(cm + (g - g0) * cpg, cq + (g - g0) * cpg, cpg, HW, eps, &mean[g],
-                     &rstd[g])
+                     &rstd[g], _at(var, g))
 
 
 cdef void _split_group(const storage* xs, double* sh, double* pm, double* pq, double* cm,
                        double* cq, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t g,
-                       Py_ssize_t cpg, double eps, double* mean,
-                       double* rstd) noexcept nogil:
+                       Py_ssize_t cpg, double eps, double* mean, double* rstd,
+                       double* var) noexcept nogil:
     """The split schedule's statistics of group g of one sample xs from its blocks'
     one-pass sums (block q of channel c at pm[q * C + c], pq[...]; sh[c] the shifts):
     each channel's sums added in block order, the one pass's test, the two-pass
@@ -434,12 +443,12 @@ cdef void _split_group(const storage* xs, double* sh, double* pm, double* pq, do
     if not ok:
         _two_pass_channels(xs, sh + c0, pm + c0, pq + c0, C, HW, C, c0, c0 + cpg, cm + c0,
                            cq + c0)
-    _group_stats(cm + c0, cq + c0, cpg, HW, eps, mean, rstd)
+    _group_stats(cm + c0, cq + c0, cpg, HW, eps, mean, rstd, var)
 
 
 cdef void _fused_item(const storage* x, storage* y, const floating* w,
-                      const floating* b, double* mean, double* rstd, double* buf,
-                      Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
+                      const floating* b, double* mean, double* rstd, double* var,
+                      double* buf, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
                       Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t nb, Py_ssize_t wmax,
                       double eps, int welford, int act) noexcept nogil:
     """Sample n, groups [g0, g1): statistics, then the apply while the rows are in L2.
@@ -450,7 +459,8 @@ cdef void _fused_item(const storage* x, storage* y, const floating* w,
     cdef double* pm = buf + wmax
     cdef double* pq = pm + nb * wmax
     if not welford:
-        _one_pass_item(xs, buf, HW, C, G, g0, g1, wmax, eps, mean + n * G, rstd + n * G)
+        _one_pass_item(xs, buf, HW, C, G, g0, g1, wmax, eps, mean + n * G, rstd + n * G,
+                       _at(var, n * G))
         if y != NULL:
             _apply(xs, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C, cpg, 0,
                    HW, c0, c1, act)
@@ -463,14 +473,15 @@ cdef void _fused_item(const storage* x, storage* y, const floating* w,
     _channel_merge(pm, pq, wmax, nb, HW, sh, c1 - c0)
     for g in range(g0, g1):
         _group_stats(pm + (g - g0) * cpg, pq + (g - g0) * cpg, cpg, HW, eps,
-                     &mean[n * G + g], &rstd[n * G + g])
+                     &mean[n * G + g], &rstd[n * G + g], _at(var, n * G + g))
     if y != NULL:
         _apply(xs, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C, cpg, 0, HW,
                c0, c1, act)
 
 
 cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
-                   double* mean, double* rstd, double* buf, Py_ssize_t N, Py_ssize_t HW,
+                   double* mean, double* rstd, double* var, double* buf, Py_ssize_t N,
+                   Py_ssize_t HW,
                    Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt, bint fused, double eps,
                    int welford, int act, int nt) noexcept nogil:
     """fused: work items (sample, gpt groups), buf per thread (_work_size); else the
@@ -487,7 +498,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     if fused:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
             g0 = (t % n_tiles) * gpt
-            _fused_item(x, y, w, b, mean, rstd,
+            _fused_item(x, y, w, b, mean, rstd, var,
                         buf + threadid() * (3 + 2 * max(nb, 2)) * wmax, HW, C, G,
                         t // n_tiles, g0, min(g0 + gpt, G), nb, wmax, eps, welford, act)
         return
@@ -508,9 +519,9 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             _split_group(x + (i // G) * HW * C, sh + (i // G) * C, pm + (i // G) * nb * C,
                          pq + (i // G) * nb * C, cm + (i // G) * C, cq + (i // G) * C, HW,
-                         C, i % G, C // G, eps, &mean[i], &rstd[i])
+                         C, i % G, C // G, eps, &mean[i], &rstd[i], _at(var, i))
     else:
-        _split_two_pass(x, sh, pm, pq, N, HW, C, G, eps, mean, rstd, nt)
+        _split_two_pass(x, sh, pm, pq, N, HW, C, G, eps, mean, rstd, var, nt)
     if y == NULL:
         return
     # the apply: the batch's N * HW rows in nt equal spans, one per thread, each span's
@@ -528,7 +539,8 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
 
 cdef void _split_two_pass(const storage* x, double* sh, double* pm, double* pq,
                           Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
-                          double eps, double* mean, double* rstd, int nt) noexcept nogil:
+                          double eps, double* mean, double* rstd, double* var,
+                          int nt) noexcept nogil:
     """The split schedule's Welford statistics: row blocks of every sample shared out,
     block-major within a sample, merged pairwise per channel, then per group."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
@@ -550,7 +562,7 @@ cdef void _split_two_pass(const storage* x, double* sh, double* pm, double* pq,
     for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
         _group_stats(pm + (i // G) * nb * C + (i % G) * cpg,
                      pq + (i // G) * nb * C + (i % G) * cpg, cpg, HW, eps, &mean[i],
-                     &rstd[i])
+                     &rstd[i], _at(var, i))
 
 
 cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
@@ -583,15 +595,18 @@ cdef inline bint _fuse(Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
-            double eps, int welford, int act=0):
-    """Normalise x (N, HW, C) over G groups of channels into y; write mean and rstd
-    (N * G float64). act: the activation applied to the affine's output (codes as in
-    slab.forward)."""
+            double eps, int welford, int act=0, object var=None):
+    """Normalise x (N, HW, C) over G groups of channels into y (None: the statistics
+    alone); write mean and rstd (N * G float64), and var (N * G float64, the biased
+    variance; BatchNorm's running statistics) when given. act: the activation applied
+    to the affine's output (codes as in slab.forward)."""
     if N * G == 0:
         return
     if HW * C == 0:  # empty sets: the statistics of no values, as the slab family's
         mean.fill(0.0)
         rstd.fill(np.nan)
+        if var is not None:
+            var.fill(np.nan)
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS
@@ -607,20 +622,21 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef void* pb = data(bias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
+    cdef double* pv = <double*>data(var)
     cdef int kind = storage_kind(x)
     with nogil:
         if kind == KIND_F32:
-            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, buf, N, HW,
-                     C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, buf, N,
+                     HW, C, G, gpt, fused, eps, welford, act, nt)
         elif kind == KIND_F64:
-            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, buf, N,
-                     HW, C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv, buf,
+                     N, HW, C, G, gpt, fused, eps, welford, act, nt)
         elif kind == KIND_F16:
-            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, buf, N,
-                     HW, C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, pv, buf,
+                     N, HW, C, G, gpt, fused, eps, welford, act, nt)
         else:
-            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, buf, N,
-                     HW, C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, pv, buf,
+                     N, HW, C, G, gpt, fused, eps, welford, act, nt)
 
 
 # ---- backward --------------------------------------------------------------------------
