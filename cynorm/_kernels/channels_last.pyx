@@ -420,22 +420,14 @@ cdef void _split_group(const storage* xs, double* sh, double* pm, double* pq, do
                        double* cq, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t g,
                        Py_ssize_t cpg, double eps, double* mean, double* rstd,
                        double* var) noexcept nogil:
-    """The split schedule's statistics of group g of one sample xs from its blocks'
-    one-pass sums (block q of channel c at pm[q * C + c], pq[...]; sh[c] the shifts):
-    each channel's sums added in block order, the one pass's test, the two-pass
-    algorithm where a channel fails it (the group's block slots are free by then: its
-    channels' alone), the group's mean and rstd; cm[c], cq[c]: the channels' moments."""
-    cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS, c0 = g * cpg, c, q
+    """The split schedule's statistics of group g of one sample xs from its channels'
+    one-pass sums cm[c], cq[c] (the blocks' sums added in block order, _fold_blocks;
+    sh[c] the shifts): the one pass's test, the two-pass algorithm where a channel
+    fails it (in the group's block slots, block q of channel c at pm[q * C + c],
+    pq[...], free by then), the group's mean and rstd; cm[c], cq[c] become the
+    channels' moments."""
+    cdef Py_ssize_t c0 = g * cpg, c
     cdef bint ok = True
-    # block by block, the group's channels side by side (contiguous; a channel's blocks
-    # are C apart), each channel's sums still added in block order
-    for c in range(c0, c0 + cpg):
-        cm[c] = 0
-        cq[c] = 0
-    for q in range(nb):
-        for c in range(c0, c0 + cpg):
-            cm[c] = cm[c] + pm[q * C + c]
-            cq[c] = cq[c] + pq[q * C + c]
     for c in range(c0, c0 + cpg):
         _one_pass_moments(sh[c], cm[c], cq[c], HW, &cm[c], &cq[c])
         if cq[c] < 0:
@@ -488,7 +480,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     split schedule, buf (3 + 2 * nb) * N * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
-    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc, nmc
+    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nfc
     cdef Py_ssize_t t, n, g0, blk, j0, i, r0, r1
     cdef double* sh = buf
     cdef double* pm = buf + N * C
@@ -503,10 +495,11 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
                         t // n_tiles, g0, min(g0 + gpt, G), nb, wmax, eps, welford, act)
         return
     if not welford:
-        # split, one pass: each block's shifted sums (from 0), then per group
-        # (_split_group) folded per channel in block order as a fused item folds them,
-        # and the two-pass algorithm where the one pass's test fails: the fused items'
-        # bits. Four parallel regions: each ends in a barrier
+        # split, one pass: each block's shifted sums (from 0), folded per channel in
+        # block order as a fused item folds them (_fold_blocks: pieces of FOLD_COLS
+        # channels), then per group (_split_group) the two-pass algorithm where the one
+        # pass's test fails: the fused items' bits. Each parallel region ends in a
+        # barrier
         for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             sh[i] = _shift(x + (i // C) * HW * C, HW, C, i % C)
         for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
@@ -516,6 +509,11 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
             _shift_sums(x + n * HW * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
                         sh + n * C + j0, pm + (n * nb + blk) * C + j0,
                         pq + (n * nb + blk) * C + j0)
+        nfc = (C + FOLD_COLS - 1) // FOLD_COLS
+        for t in prange(N * nfc, nogil=True, num_threads=nt, schedule="static"):
+            _fold_blocks(pm + (t // nfc) * nb * C, pq + (t // nfc) * nb * C, C, nb,
+                         (t % nfc) * FOLD_COLS, min((t % nfc + 1) * FOLD_COLS, C),
+                         cm + (t // nfc) * C, cq + (t // nfc) * C)
         for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             _split_group(x + (i // G) * HW * C, sh + (i // G) * C, pm + (i // G) * nb * C,
                          pq + (i // G) * nb * C, cm + (i // G) * C, cq + (i // G) * C, HW,
@@ -934,10 +932,9 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     groups; else the split schedule, part 2 * N * nb * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, nct = (C + CL_WIDTH - 1) // CL_WIDTH
-    cdef Py_ssize_t t, n, g0, blk, j0, i, q, r0, r1, c, nrc, nfc
+    cdef Py_ssize_t t, n, g0, blk, j0, i, r0, r1, nfc
     cdef double* ps = part
     cdef double* psx = part + N * nb * C if part != NULL else NULL
-    cdef double s, sx
     cdef Py_ssize_t gsz = _g_size(x)
     if part == NULL:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
