@@ -1,4 +1,6 @@
-"""Channels-last family: GroupNorm and InstanceNorm (G = C) of x of shape (N, *spatial, C).
+"""Channels-last family: GroupNorm and InstanceNorm (G = C) of x of shape (N, *spatial, C),
+and BatchNorm in training (one sample of N * spatial rows, G = C; forward's var: the
+biased variance for the running statistics).
 
 x is viewed as (N, HW, C): sample n is an (HW, C) row-major matrix, and the (n, g) set
 is HW row pieces of the group's C / G contiguous channels, C apart. These are column
@@ -38,7 +40,10 @@ the statistics and again (from L3 when the sample fits there) by the apply
 (benchmarks/results/channels_last*.txt). With several threads and
 fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
 blocks, the row blocks are shared out among the threads instead and the apply is a pass
-of its own. Each column's arithmetic is the same in both
+of its own: the blocks' sums (each thread a contiguous run of blocks), their fold per
+channel (pieces of FOLD_COLS contiguous channels, block by block), the groups, then the
+apply over nt equal spans of the N * HW rows (the constants formed once per span and
+sample). Each column's arithmetic is the same in both
 schedules and for every tile width: the bits depend only on the shape.
 
 Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
