@@ -492,10 +492,12 @@ def test_statistics_paths_match_nchw_within_one_float32_ulp(shape, G):
     assert _ulps32(first(y), yt).max() <= 1
 
 
-# BatchNorm channels-last in training mode: one sample of N * spatial rows, a channel per
-# group, so that a single row block (fused), a few, and many row blocks shared out among
-# the threads (the split schedule) are all taken
-BN_LAST_CASES = [(4, 5, 6, 12), (3, 20, 20, 24), (8, 33, 31, 40)]
+# BatchNorm channels-last in training: from 32 to 512 channels one sample of N * spatial
+# rows, a channel per group (a single row block, fused; many row blocks shared out
+# among the threads, split); fewer channels the column path forward, the channels-last
+# kernel backward; more, the column path both ways
+BN_LAST_CASES = [(4, 5, 6, 12), (3, 20, 20, 24), (2, 4, 4, 40), (8, 33, 31, 40),
+                 (2, 20, 21, 520)]
 
 
 @pytest.mark.parametrize("shape", BN_LAST_CASES, ids=str)

@@ -3,6 +3,9 @@
 import numpy as np
 from numpy.typing import NDArray
 
+BN_FORWARD_MIN_C: int
+BN_MAX_C: int
+
 def forward(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None,
             bias: np.ndarray | None, mean: NDArray[np.float64], rstd: NDArray[np.float64],
             N: int, HW: int, C: int, G: int, eps: float, welford: int,

@@ -1,6 +1,6 @@
 """Channels-last family: GroupNorm and InstanceNorm (G = C) of x of shape (N, *spatial, C),
-and BatchNorm in training (one sample of N * spatial rows, G = C; forward's var: the
-biased variance for the running statistics).
+and BatchNorm in training for the widths BN_FORWARD_MIN_C..BN_MAX_C (one sample of
+N * spatial rows, G = C; forward's var: the biased variance for the running statistics).
 
 x is viewed as (N, HW, C): sample n is an (HW, C) row-major matrix, and the (n, g) set
 is HW row pieces of the group's C / G contiguous channels, C apart. These are column
@@ -126,8 +126,19 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef enum:
     # channels per coefficient sub-tile (the per-channel constants live on the stack)
     CL_WIDTH = 512
-    # channels per work item of the split schedule's fold of the block sums
-    FOLD_COLS = 64
+    # channels per work item of the split schedule's fold of the block sums (two cache
+    # lines of float64 per block; 64 channels still make 4 items)
+    FOLD_COLS = 16
+
+# BatchNorm channels-last in training (cynorm._api) runs this family's kernels, one
+# sample of N * spatial rows with G = C, where they beat the channel family's column
+# path: C up to CL_WIDTH (whole rows in one tile), the forward from 32 channels on.
+# Measured (one thread, about 4M values, float32 and bfloat16): forward 0.4-0.8x the
+# column path's time for C = 32-512, but 1.4-2.6x for C = 4-20 (a row-at-a-time apply
+# and one-pass sums over rows a vector wide or less); backward 0.45-0.75x for C = 4-512;
+# C = 640 (tiles of part of a row) 1.4-1.6x forward and backward.
+BN_FORWARD_MIN_C = 32
+BN_MAX_C = CL_WIDTH
 
 
 # ---- per-channel coefficients and the row loops ------------------------------------
