@@ -399,10 +399,11 @@ def test_channels_last_backward_matches_finite_differences():
 
 # ---- determinism -------------------------------------------------------------------------
 
-# fused items, the split schedule (one sample, few groups, many row blocks), and groups
-# wider than a coefficient tile
+# fused items, the split schedule (one sample, few groups, many row blocks), groups
+# wider than a coefficient tile, and two samples: fused whole samples with 1 and 2
+# threads, split with 3
 DET_CASES = [((8, 16, 16, 64), 8), ((1, 96, 96, 16), 4), ((1, 200, 200, 8), 1),
-             ((1, 120, 130, 1030), 2)]
+             ((1, 120, 130, 1030), 2), ((2, 64, 64, 32), 8)]
 
 
 @pytest.mark.parametrize("shape,G", DET_CASES, ids=str)

@@ -37,9 +37,9 @@ most (a power-of-two row stride puts a band's rows in a fraction of L2's sets, s
 band does not stay there), and the two 256-channel halves of (1, 16384, 512), which fit
 in L3 where its whole rows do not, 2.1x. So a sample's rows are read from memory by
 the statistics and again (from L3 when the sample fits there) by the apply
-(benchmarks/results/channels_last*.txt). With several threads and
-fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
-blocks, the row blocks are shared out among the threads instead and the apply is a pass
+(benchmarks/results/channels_last*.txt). With several threads, a batch that the
+threads do not divide evenly, fewer than 4 items per thread (or pieces under 256
+channels), and at least 4 row blocks, the row blocks are shared out among the threads instead and the apply is a pass
 of its own: the blocks' sums (each thread a contiguous run of blocks), their fold per
 channel (pieces of FOLD_COLS contiguous channels, block by block), the groups, then the
 apply over nt equal spans of the N * HW rows (the constants formed once per span and
@@ -582,7 +582,8 @@ cdef void _split_two_pass(const storage* x, double* sh, double* pm, double* pq,
 cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
                                  int nt) noexcept nogil:
     """Groups per fused work item: whole rows of up to CL_WIDTH channels (at least one
-    group), fewer when that gives several threads 4 items each."""
+    group), fewer when that gives several threads 4 items each, unless the samples
+    divide evenly among the threads (then every thread has the same work already)."""
     cdef Py_ssize_t cpg = C // G, need, gpt
     gpt = CL_WIDTH // cpg
     if gpt > G:
@@ -590,21 +591,23 @@ cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
     if gpt < 1:
         gpt = 1
     need = (4 * nt + N - 1) // N  # tiles per sample for 4 items per thread
-    if nt > 1 and (G + gpt - 1) // gpt < need:
+    if nt > 1 and N % nt != 0 and (G + gpt - 1) // gpt < need:
         gpt = G // need
     return gpt if gpt > 1 else 1
 
 
 cdef inline bint _fuse(Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
                        Py_ssize_t gpt, int nt) noexcept nogil:
-    """Whether the fused items are the schedule: one thread, or 4 items per thread, each
-    reading row pieces of at least 256 channels (or whole rows); else the split
-    schedule, when there are at least 4 row blocks to share out (its per-block moments
-    then stay within 1/16 of a float32 input)."""
+    """Whether the fused items are the schedule: one thread, or the samples divide
+    evenly among the threads (each thread whole samples, the same work, one parallel
+    region), or 4 items per thread, each reading row pieces of at least 256 channels (or
+    whole rows); else the split schedule, when there are at least 4 row blocks to share
+    out (its per-block moments then stay within 1/16 of a float32 input)."""
     cdef Py_ssize_t width = gpt * (C // G)
     if (HW + COL_ROWS - 1) // COL_ROWS < 4:
         return True
-    return nt == 1 or (N * ((G + gpt - 1) // gpt) >= 4 * nt and width >= min(C, 256))
+    return nt == 1 or N % nt == 0 or (N * ((G + gpt - 1) // gpt) >= 4 * nt and
+                                      width >= min(C, 256))
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
