@@ -389,7 +389,13 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     mean = np.empty(C)
     rstd = np.empty(C)
     var = np.empty(C) if rv is not None else None  # only the update needs it
-    channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act=act)
+    if last and channels_last.BN_FORWARD_MIN_C <= C <= channels_last.BN_MAX_C:
+        # channels-last: the channels-last family's kernel, one sample of N * spatial
+        # rows with one channel per group (its schedules read each row whole, all C
+        # channels at once); other widths the column path (see channels_last.pyx)
+        channels_last.forward(x, y, w, b, mean, rstd, 1, N, C, C, eps, welford, act, var)
+    else:
+        channel.forward(x, y, w, b, mean, rstd, var, N, C, HW, eps, welford, 1, act=act)
     if count > 1:
         if rm is not None:
             _update_running(rm, momentum, mean)
@@ -414,7 +420,14 @@ def _channel_backward(dy, x, mean, rstd, weight, training, out, bias=None,
                      may_alias=(dy, x))
     dw = np.empty(C, dtype=param_dtype(x.dtype))
     db = np.empty(C, dtype=param_dtype(x.dtype))
-    if is_lowp(x.dtype) and act:
+    if last and training and C <= channels_last.BN_MAX_C:
+        # as the forward: the channels-last family's kernel, one sample, G = C (with an
+        # activation, 16-bit data keep g = dy * act'(a) in a float32 buffer of x's shape)
+        channels_last.backward(
+            dy, x, dx, w, dw, db, mean, rstd, 1, N, C, C, act, b,
+            _pool.empty(x.shape, np.float32, x.size * 4) if is_lowp(x.dtype) and act
+            else None if is_lowp(x.dtype) else _grad_buffer(act, dx, x))
+    elif is_lowp(x.dtype) and act:
         # the activation's gradient dy * act'(a) keeps float32 digits: the long-run path
         # recomputes it in float32 where it is needed, the column path (short runs) keeps
         # it in a float32 buffer of x's shape (dy, x and dx are read and written in place)

@@ -399,10 +399,11 @@ def test_channels_last_backward_matches_finite_differences():
 
 # ---- determinism -------------------------------------------------------------------------
 
-# fused items, the split schedule (one sample, few groups, many row blocks), and groups
-# wider than a coefficient tile
+# fused items, the split schedule (one sample, few groups, many row blocks), groups
+# wider than a coefficient tile, and two samples: fused whole samples with 1 and 2
+# threads, split with 3
 DET_CASES = [((8, 16, 16, 64), 8), ((1, 96, 96, 16), 4), ((1, 200, 200, 8), 1),
-             ((1, 120, 130, 1030), 2)]
+             ((1, 120, 130, 1030), 2), ((2, 64, 64, 32), 8)]
 
 
 @pytest.mark.parametrize("shape,G", DET_CASES, ids=str)
@@ -490,6 +491,60 @@ def test_statistics_paths_match_nchw_within_one_float32_ulp(shape, G):
         np.testing.assert_allclose(mm, m0, rtol=4 * EPS64, atol=4 * EPS64 * np.abs(x).max())
         np.testing.assert_allclose(rr, r0, rtol=16 * EPS64)
     assert _ulps32(first(y), yt).max() <= 1
+
+
+# BatchNorm channels-last in training: from 32 to 512 channels one sample of N * spatial
+# rows, a channel per group (a single row block, fused; many row blocks shared out
+# among the threads, split); fewer channels the column path forward, the channels-last
+# kernel backward; more, the column path both ways
+BN_LAST_CASES = [(4, 5, 6, 12), (3, 20, 20, 24), (2, 4, 4, 40), (8, 33, 31, 40),
+                 (2, 20, 21, 520)]
+
+
+@pytest.mark.parametrize("shape", BN_LAST_CASES, ids=str)
+def test_batch_norm_channels_last_statistics_running_var_and_grads_bitwise_across_threads(
+        shape, dtype):
+    """Every statistics path (one pass; the two-pass algorithm for a channel whose first
+    rows lie far from its mean and for a constant channel), the running variance (the
+    unbiased batch variance) and the backward: close to float64 references, and the
+    same bits with 1, 2 and 3 threads."""
+    x = _hard_statistics_input(shape, dtype)
+    C = shape[-1]
+    w, b = data(C, dtype, 1, 1.0, 0.5), data(C, dtype, 2, 0.1)
+    dy = data(shape, dtype, 3)
+    m0, r0 = _extended_stats(x.reshape(1, -1, C), C)
+    xc = x.astype(np.longdouble).reshape(-1, C)
+    y0 = ((xc - m0[0]) * r0[0] * w.astype(np.longdouble) + b).astype(np.float64).reshape(
+        shape)
+    v0 = ((xc - xc.mean(axis=0)) ** 2).sum(axis=0) / (xc.shape[0] - 1)
+    dxe, dwe, dbe = ref.batch_norm_backward(first(dy).astype(np.float64),
+                                            first(x).astype(np.float64), m0[0], r0[0], w,
+                                            True)
+    results = []
+    for n in (1, 2, 3):
+        rm, rv = np.zeros(C), np.ones(C)
+        with threadpool_limits(n, user_api="openmp"):
+            y, m, r = cynorm.batch_norm(x, rm, rv, w, b, True, 1.0, return_stats=True,
+                                        channel_axis=-1)
+            dx, dw, db = cynorm.batch_norm_backward(dy, x, m, r, w, True, channel_axis=-1)
+        assert_close(y, y0, dtype)
+        np.testing.assert_allclose(m, m0[0], rtol=4 * EPS64,
+                                   atol=4 * EPS64 * np.abs(x).max())
+        # sets of up to 8184 values; channel 0 (its first rows 1e3 away) takes the
+        # two-pass algorithm, whose blocks' moments, relative to a value 1e3 from the
+        # mean, merge pairwise with differences of means rounded to ulps of 1e3:
+        # measured 125 float64 ulps (NCHW's long-run path: 21)
+        np.testing.assert_allclose(r, r0[0], rtol=256 * EPS64)
+        np.testing.assert_allclose(rv, v0.astype(np.float64), rtol=256 * EPS64,
+                                   atol=EPS64 * np.abs(x).max() ** 2)
+        np.testing.assert_array_equal(rm, m)
+        assert_close(dx, last(dxe), dtype, "backward", float(np.abs(dxe).max()))
+        assert_close(dw, dwe, dtype, "backward", float(np.abs(dwe).max()))
+        assert_close(db, dbe, dtype, "backward", float(np.abs(dbe).max()))
+        results.append((y, m, r, rv, dx, dw, db))
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert np.array_equal(a, e)
 
 
 def test_non_finite_values_propagate_to_their_group_only(dtype):

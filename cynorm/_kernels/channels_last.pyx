@@ -1,4 +1,6 @@
-"""Channels-last family: GroupNorm and InstanceNorm (G = C) of x of shape (N, *spatial, C).
+"""Channels-last family: GroupNorm and InstanceNorm (G = C) of x of shape (N, *spatial, C),
+and BatchNorm in training for the widths BN_FORWARD_MIN_C..BN_MAX_C (one sample of
+N * spatial rows, G = C; forward's var: the biased variance for the running statistics).
 
 x is viewed as (N, HW, C): sample n is an (HW, C) row-major matrix, and the (n, g) set
 is HW row pieces of the group's C / G contiguous channels, C apart. These are column
@@ -35,10 +37,13 @@ most (a power-of-two row stride puts a band's rows in a fraction of L2's sets, s
 band does not stay there), and the two 256-channel halves of (1, 16384, 512), which fit
 in L3 where its whole rows do not, 2.1x. So a sample's rows are read from memory by
 the statistics and again (from L3 when the sample fits there) by the apply
-(benchmarks/results/channels_last*.txt). With several threads and
-fewer than 4 items per thread (or pieces under 256 channels), and at least 4 row
-blocks, the row blocks are shared out among the threads instead and the apply is a pass
-of its own. Each column's arithmetic is the same in both
+(benchmarks/results/channels_last*.txt). With several threads, a batch that the
+threads do not divide evenly, fewer than 4 items per thread (or pieces under 256
+channels), and at least 4 row blocks, the row blocks are shared out among the threads instead and the apply is a pass
+of its own: the blocks' sums (each thread a contiguous run of blocks), their fold per
+channel (pieces of FOLD_COLS contiguous channels, block by block), the groups, then the
+apply over nt equal spans of the N * HW rows (the constants formed once per span and
+sample). Each column's arithmetic is the same in both
 schedules and for every tile width: the bits depend only on the shape.
 
 Storage dtypes (see _common.pxd): x, y, dy, dx of any storage (float64, float32,
@@ -121,8 +126,19 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef enum:
     # channels per coefficient sub-tile (the per-channel constants live on the stack)
     CL_WIDTH = 512
-    # rows per work item of the split schedule's apply
-    APPLY_ROWS = 16
+    # channels per work item of the split schedule's fold of the block sums (two cache
+    # lines of float64 per block; 64 channels still make 4 items)
+    FOLD_COLS = 16
+
+# BatchNorm channels-last in training (cynorm._api) runs this family's kernels, one
+# sample of N * spatial rows with G = C, where they beat the channel family's column
+# path: C up to CL_WIDTH (whole rows in one tile), the forward from 32 channels on.
+# Measured (one thread, about 4M values, float32 and bfloat16): forward 0.4-0.8x the
+# column path's time for C = 32-512, but 1.4-2.6x for C = 4-20 (a row-at-a-time apply
+# and one-pass sums over rows a vector wide or less); backward 0.45-0.75x for C = 4-512;
+# C = 640 (tiles of part of a row) 1.4-1.6x forward and backward.
+BN_FORWARD_MIN_C = 32
+BN_MAX_C = CL_WIDTH
 
 
 # ---- per-channel coefficients and the row loops ------------------------------------
@@ -282,17 +298,25 @@ cdef inline void _channel_merge(double* pm, double* pq, Py_ssize_t stride, Py_ss
         pm[j] += shift[j]
 
 
+cdef inline double* _at(double* p, Py_ssize_t i) noexcept nogil:
+    """p + i, or NULL for an absent output p."""
+    return NULL if p == NULL else p + i
+
+
 cdef inline void _group_stats(const double* cm, const double* cq, Py_ssize_t cpg,
-                              Py_ssize_t HW, double eps, double* mean,
-                              double* rstd) noexcept nogil:
-    """One group's mean and rstd from its channels' moments cm[j], cq[j] (HW values
-    each), merged in channel order."""
+                              Py_ssize_t HW, double eps, double* mean, double* rstd,
+                              double* var) noexcept nogil:
+    """One group's mean and rstd (and, var not NULL, its biased variance m2 / count)
+    from its channels' moments cm[j], cq[j] (HW values each), merged in channel
+    order."""
     cdef double cnt = 0, m = 0, q = 0
     cdef Py_ssize_t j
     for j in range(cpg):
         chan_merge(&cnt, &m, &q, <double>HW, cm[j], cq[j])
     mean[0] = m
     rstd[0] = inv_std(q, <double>(cpg * HW), eps)
+    if var != NULL:
+        var[0] = q / <double>(cpg * HW)
 
 
 cdef inline double _shift(const storage* xs, Py_ssize_t HW, Py_ssize_t C,
@@ -368,8 +392,9 @@ cdef void _two_pass_channels(const storage* xs, double* sh, double* pm, double* 
 
 cdef void _one_pass_item(const storage* xs, double* buf, Py_ssize_t HW, Py_ssize_t C,
                          Py_ssize_t G, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t wmax,
-                         double eps, double* mean, double* rstd) noexcept nogil:
-    """Groups [g0, g1) of one sample xs (mean, rstd: the sample's): the one-pass
+                         double eps, double* mean, double* rstd,
+                         double* var) noexcept nogil:
+    """Groups [g0, g1) of one sample xs (mean, rstd, var: the sample's): the one-pass
     statistics per channel, the two-pass algorithm for a group where one of its
     channels fails the one pass's test. buf: (3 + 2 * max(nb, 2)) * wmax doubles."""
     cdef Py_ssize_t cpg = C // G, c0 = g0 * cpg, c1 = g1 * cpg, n = c1 - c0, j, blk, g
@@ -404,39 +429,34 @@ cdef void _one_pass_item(const storage* xs, double* buf, Py_ssize_t HW, Py_ssize
                                g * cpg, (g + 1) * cpg, cm + (g - g0) * cpg,
                                cq + (g - g0) * cpg)
         _group_stats(cm + (g - g0) * cpg, cq + (g - g0) * cpg, cpg, HW, eps, &mean[g],
-                     &rstd[g])
+                     &rstd[g], _at(var, g))
 
 
 cdef void _split_group(const storage* xs, double* sh, double* pm, double* pq, double* cm,
                        double* cq, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t g,
-                       Py_ssize_t cpg, double eps, double* mean,
-                       double* rstd) noexcept nogil:
-    """The split schedule's statistics of group g of one sample xs from its blocks'
-    one-pass sums (block q of channel c at pm[q * C + c], pq[...]; sh[c] the shifts):
-    each channel's sums added in block order, the one pass's test, the two-pass
-    algorithm where a channel fails it (the group's block slots are free by then: its
-    channels' alone), the group's mean and rstd; cm[c], cq[c]: the channels' moments."""
-    cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS, c0 = g * cpg, c, q
-    cdef double s, sq
+                       Py_ssize_t cpg, double eps, double* mean, double* rstd,
+                       double* var) noexcept nogil:
+    """The split schedule's statistics of group g of one sample xs from its channels'
+    one-pass sums cm[c], cq[c] (the blocks' sums added in block order, _fold_blocks;
+    sh[c] the shifts): the one pass's test, the two-pass algorithm where a channel
+    fails it (in the group's block slots, block q of channel c at pm[q * C + c],
+    pq[...], free by then), the group's mean and rstd; cm[c], cq[c] become the
+    channels' moments."""
+    cdef Py_ssize_t c0 = g * cpg, c
     cdef bint ok = True
     for c in range(c0, c0 + cpg):
-        s = 0
-        sq = 0
-        for q in range(nb):
-            s = s + pm[q * C + c]
-            sq = sq + pq[q * C + c]
-        _one_pass_moments(sh[c], s, sq, HW, &cm[c], &cq[c])
+        _one_pass_moments(sh[c], cm[c], cq[c], HW, &cm[c], &cq[c])
         if cq[c] < 0:
             ok = False
     if not ok:
         _two_pass_channels(xs, sh + c0, pm + c0, pq + c0, C, HW, C, c0, c0 + cpg, cm + c0,
                            cq + c0)
-    _group_stats(cm + c0, cq + c0, cpg, HW, eps, mean, rstd)
+    _group_stats(cm + c0, cq + c0, cpg, HW, eps, mean, rstd, var)
 
 
 cdef void _fused_item(const storage* x, storage* y, const floating* w,
-                      const floating* b, double* mean, double* rstd, double* buf,
-                      Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
+                      const floating* b, double* mean, double* rstd, double* var,
+                      double* buf, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G, Py_ssize_t n,
                       Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t nb, Py_ssize_t wmax,
                       double eps, int welford, int act) noexcept nogil:
     """Sample n, groups [g0, g1): statistics, then the apply while the rows are in L2.
@@ -447,7 +467,8 @@ cdef void _fused_item(const storage* x, storage* y, const floating* w,
     cdef double* pm = buf + wmax
     cdef double* pq = pm + nb * wmax
     if not welford:
-        _one_pass_item(xs, buf, HW, C, G, g0, g1, wmax, eps, mean + n * G, rstd + n * G)
+        _one_pass_item(xs, buf, HW, C, G, g0, g1, wmax, eps, mean + n * G, rstd + n * G,
+                       _at(var, n * G))
         if y != NULL:
             _apply(xs, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C, cpg, 0,
                    HW, c0, c1, act)
@@ -460,22 +481,23 @@ cdef void _fused_item(const storage* x, storage* y, const floating* w,
     _channel_merge(pm, pq, wmax, nb, HW, sh, c1 - c0)
     for g in range(g0, g1):
         _group_stats(pm + (g - g0) * cpg, pq + (g - g0) * cpg, cpg, HW, eps,
-                     &mean[n * G + g], &rstd[n * G + g])
+                     &mean[n * G + g], &rstd[n * G + g], _at(var, n * G + g))
     if y != NULL:
         _apply(xs, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C, cpg, 0, HW,
                c0, c1, act)
 
 
 cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
-                   double* mean, double* rstd, double* buf, Py_ssize_t N, Py_ssize_t HW,
+                   double* mean, double* rstd, double* var, double* buf, Py_ssize_t N,
+                   Py_ssize_t HW,
                    Py_ssize_t C, Py_ssize_t G, Py_ssize_t gpt, bint fused, double eps,
                    int welford, int act, int nt) noexcept nogil:
     """fused: work items (sample, gpt groups), buf per thread (_work_size); else the
     split schedule, buf (3 + 2 * nb) * N * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, wmax = gpt * cpg
-    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nrc, nmc
-    cdef Py_ssize_t t, n, g0, blk, j0, i, r0
+    cdef Py_ssize_t nct = (C + CL_WIDTH - 1) // CL_WIDTH, nfc
+    cdef Py_ssize_t t, n, g0, blk, j0, i, r0, r1
     cdef double* sh = buf
     cdef double* pm = buf + N * C
     cdef double* pq = pm + N * nb * C
@@ -484,15 +506,16 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     if fused:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
             g0 = (t % n_tiles) * gpt
-            _fused_item(x, y, w, b, mean, rstd,
+            _fused_item(x, y, w, b, mean, rstd, var,
                         buf + threadid() * (3 + 2 * max(nb, 2)) * wmax, HW, C, G,
                         t // n_tiles, g0, min(g0 + gpt, G), nb, wmax, eps, welford, act)
         return
     if not welford:
-        # split, one pass: each block's shifted sums (from 0), then per group
-        # (_split_group) folded per channel in block order as a fused item folds them,
-        # and the two-pass algorithm where the one pass's test fails: the fused items'
-        # bits. Four parallel regions: each ends in a barrier
+        # split, one pass: each block's shifted sums (from 0), folded per channel in
+        # block order as a fused item folds them (_fold_blocks: pieces of FOLD_COLS
+        # channels), then per group (_split_group) the two-pass algorithm where the one
+        # pass's test fails: the fused items' bits. Each parallel region ends in a
+        # barrier
         for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             sh[i] = _shift(x + (i // C) * HW * C, HW, C, i % C)
         for t in prange(N * nb * nct, nogil=True, num_threads=nt, schedule="static"):
@@ -502,26 +525,36 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
             _shift_sums(x + n * HW * C, HW, C, blk, j0, min(j0 + CL_WIDTH, C),
                         sh + n * C + j0, pm + (n * nb + blk) * C + j0,
                         pq + (n * nb + blk) * C + j0)
+        nfc = (C + FOLD_COLS - 1) // FOLD_COLS
+        for t in prange(N * nfc, nogil=True, num_threads=nt, schedule="static"):
+            _fold_blocks(pm + (t // nfc) * nb * C, pq + (t // nfc) * nb * C, C, nb,
+                         (t % nfc) * FOLD_COLS, min((t % nfc + 1) * FOLD_COLS, C),
+                         cm + (t // nfc) * C, cq + (t // nfc) * C)
         for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             _split_group(x + (i // G) * HW * C, sh + (i // G) * C, pm + (i // G) * nb * C,
                          pq + (i // G) * nb * C, cm + (i // G) * C, cq + (i // G) * C, HW,
-                         C, i % G, C // G, eps, &mean[i], &rstd[i])
+                         C, i % G, C // G, eps, &mean[i], &rstd[i], _at(var, i))
     else:
-        _split_two_pass(x, sh, pm, pq, N, HW, C, G, eps, mean, rstd, nt)
+        _split_two_pass(x, sh, pm, pq, N, HW, C, G, eps, mean, rstd, var, nt)
     if y == NULL:
         return
-    nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
-    for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
-        n = t // (nrc * nct)
-        r0 = ((t // nct) % nrc) * APPLY_ROWS
-        j0 = (t % nct) * CL_WIDTH
-        _apply(x + n * HW * C, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW, C,
-               cpg, r0, min(r0 + APPLY_ROWS, HW), j0, min(j0 + CL_WIDTH, C), act)
+    # the apply: the batch's N * HW rows in nt equal spans, one per thread, each span's
+    # constants computed once per sample it meets (not once per few rows)
+    for t in prange(nt, nogil=True, num_threads=nt, schedule="static"):
+        r0 = t * (N * HW) // nt
+        r1 = (t + 1) * (N * HW) // nt
+        while r0 < r1:
+            n = r0 // HW
+            j0 = min(r1, (n + 1) * HW)
+            _apply(x + n * HW * C, y + n * HW * C, w, b, mean + n * G, rstd + n * G, HW,
+                   C, cpg, r0 - n * HW, j0 - n * HW, 0, C, act)
+            r0 = j0
 
 
 cdef void _split_two_pass(const storage* x, double* sh, double* pm, double* pq,
                           Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
-                          double eps, double* mean, double* rstd, int nt) noexcept nogil:
+                          double eps, double* mean, double* rstd, double* var,
+                          int nt) noexcept nogil:
     """The split schedule's Welford statistics: row blocks of every sample shared out,
     block-major within a sample, merged pairwise per channel, then per group."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
@@ -543,13 +576,14 @@ cdef void _split_two_pass(const storage* x, double* sh, double* pm, double* pq,
     for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
         _group_stats(pm + (i // G) * nb * C + (i % G) * cpg,
                      pq + (i // G) * nb * C + (i % G) * cpg, cpg, HW, eps, &mean[i],
-                     &rstd[i])
+                     &rstd[i], _at(var, i))
 
 
 cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
                                  int nt) noexcept nogil:
     """Groups per fused work item: whole rows of up to CL_WIDTH channels (at least one
-    group), fewer when that gives several threads 4 items each."""
+    group), fewer when that gives several threads 4 items each, unless the samples
+    divide evenly among the threads (then every thread has the same work already)."""
     cdef Py_ssize_t cpg = C // G, need, gpt
     gpt = CL_WIDTH // cpg
     if gpt > G:
@@ -557,34 +591,39 @@ cdef Py_ssize_t _groups_per_tile(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
     if gpt < 1:
         gpt = 1
     need = (4 * nt + N - 1) // N  # tiles per sample for 4 items per thread
-    if nt > 1 and (G + gpt - 1) // gpt < need:
+    if nt > 1 and N % nt != 0 and (G + gpt - 1) // gpt < need:
         gpt = G // need
     return gpt if gpt > 1 else 1
 
 
 cdef inline bint _fuse(Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
                        Py_ssize_t gpt, int nt) noexcept nogil:
-    """Whether the fused items are the schedule: one thread, or 4 items per thread, each
-    reading row pieces of at least 256 channels (or whole rows); else the split
-    schedule, when there are at least 4 row blocks to share out (its per-block moments
-    then stay within 1/16 of a float32 input)."""
+    """Whether the fused items are the schedule: one thread, or the samples divide
+    evenly among the threads (each thread whole samples, the same work, one parallel
+    region), or 4 items per thread, each reading row pieces of at least 256 channels (or
+    whole rows); else the split schedule, when there are at least 4 row blocks to share
+    out (its per-block moments then stay within 1/16 of a float32 input)."""
     cdef Py_ssize_t width = gpt * (C // G)
     if (HW + COL_ROWS - 1) // COL_ROWS < 4:
         return True
-    return nt == 1 or (N * ((G + gpt - 1) // gpt) >= 4 * nt and width >= min(C, 256))
+    return nt == 1 or N % nt == 0 or (N * ((G + gpt - 1) // gpt) >= 4 * nt and
+                                      width >= min(C, 256))
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
             cnp.ndarray rstd, Py_ssize_t N, Py_ssize_t HW, Py_ssize_t C, Py_ssize_t G,
-            double eps, int welford, int act=0):
-    """Normalise x (N, HW, C) over G groups of channels into y; write mean and rstd
-    (N * G float64). act: the activation applied to the affine's output (codes as in
-    slab.forward)."""
+            double eps, int welford, int act=0, object var=None):
+    """Normalise x (N, HW, C) over G groups of channels into y (None: the statistics
+    alone); write mean and rstd (N * G float64), and var (N * G float64, the biased
+    variance; BatchNorm's running statistics) when given. act: the activation applied
+    to the affine's output (codes as in slab.forward)."""
     if N * G == 0:
         return
     if HW * C == 0:  # empty sets: the statistics of no values, as the slab family's
         mean.fill(0.0)
         rstd.fill(np.nan)
+        if var is not None:
+            var.fill(np.nan)
         return
     cdef int nt = cynorm_threads_for(N * C * HW)
     cdef Py_ssize_t nb = (HW + COL_ROWS - 1) // COL_ROWS
@@ -600,20 +639,21 @@ def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarra
     cdef void* pb = data(bias)
     cdef double* pm = <double*>data(mean)
     cdef double* pr = <double*>data(rstd)
+    cdef double* pv = <double*>data(var)
     cdef int kind = storage_kind(x)
     with nogil:
         if kind == KIND_F32:
-            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, buf, N, HW,
-                     C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<float*>px, <float*>py, <float*>pw, <float*>pb, pm, pr, pv, buf, N,
+                     HW, C, G, gpt, fused, eps, welford, act, nt)
         elif kind == KIND_F64:
-            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, buf, N,
-                     HW, C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<double*>px, <double*>py, <double*>pw, <double*>pb, pm, pr, pv, buf,
+                     N, HW, C, G, gpt, fused, eps, welford, act, nt)
         elif kind == KIND_F16:
-            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, buf, N,
-                     HW, C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<cn_f16*>px, <cn_f16*>py, <float*>pw, <float*>pb, pm, pr, pv, buf,
+                     N, HW, C, G, gpt, fused, eps, welford, act, nt)
         else:
-            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, buf, N,
-                     HW, C, G, gpt, fused, eps, welford, act, nt)
+            _forward(<cn_bf16*>px, <cn_bf16*>py, <float*>pw, <float*>pb, pm, pr, pv, buf,
+                     N, HW, C, G, gpt, fused, eps, welford, act, nt)
 
 
 # ---- backward --------------------------------------------------------------------------
@@ -881,6 +921,21 @@ cdef void _bwd_fused_item(const storage* dy, const storage* x, storage* dx,
                rstd + n * G, gc + 2 * n * G, C, cpg, 0, HW, c0, c1)
 
 
+cdef inline void _fold_blocks(const double* ps, const double* psx, Py_ssize_t C,
+                             Py_ssize_t nb, Py_ssize_t c0, Py_ssize_t c1, double* s,
+                             double* sx) noexcept nogil:
+    """s[c] = the sum of ps[q * C + c] over the nb blocks q in order (sx of psx), for
+    channels [c0, c1): block by block, the channels side by side."""
+    cdef Py_ssize_t q, c
+    for c in range(c0, c1):
+        s[c] = 0
+        sx[c] = 0
+    for q in range(nb):
+        for c in range(c0, c1):
+            s[c] = s[c] + ps[q * C + c]
+            sx[c] = sx[c] + psx[q * C + c]
+
+
 cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     const floating* w, const floating* b, void* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
@@ -892,10 +947,9 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     groups; else the split schedule, part 2 * N * nb * C doubles."""
     cdef Py_ssize_t cpg = C // G, nb = (HW + COL_ROWS - 1) // COL_ROWS
     cdef Py_ssize_t n_tiles = (G + gpt - 1) // gpt, nct = (C + CL_WIDTH - 1) // CL_WIDTH
-    cdef Py_ssize_t t, n, g0, blk, j0, i, q, r0, c, nrc
+    cdef Py_ssize_t t, n, g0, blk, j0, i, r0, r1, nfc
     cdef double* ps = part
     cdef double* psx = part + N * nb * C if part != NULL else NULL
-    cdef double s, sx
     cdef Py_ssize_t gsz = _g_size(x)
     if part == NULL:
         for t in prange(N * n_tiles, nogil=True, num_threads=nt, schedule="static"):
@@ -912,26 +966,28 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
                              mean + n * G,
                              rstd + n * G, HW, C, cpg, blk, j0, min(j0 + CL_WIDTH, C), act,
                              ps + (n * nb + blk) * C + j0, psx + (n * nb + blk) * C + j0)
-        for i in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            s = 0
-            sx = 0
-            for q in range(nb):
-                s = s + ps[((i // C) * nb + q) * C + i % C]
-                sx = sx + psx[((i // C) * nb + q) * C + i % C]
-            sdy[i] = s
-            sdyx[i] = sx
+        # each channel's block sums added in block order, block by block over pieces of
+        # FOLD_COLS contiguous channels (a channel's blocks are C apart)
+        nfc = (C + FOLD_COLS - 1) // FOLD_COLS
+        for t in prange(N * nfc, nogil=True, num_threads=nt, schedule="static"):
+            _fold_blocks(ps + (t // nfc) * nb * C, psx + (t // nfc) * nb * C, C, nb,
+                         (t % nfc) * FOLD_COLS, min((t % nfc + 1) * FOLD_COLS, C),
+                         sdy + (t // nfc) * C, sdyx + (t // nfc) * C)
         for i in prange(N * G, nogil=True, num_threads=nt, schedule="static"):
             _group_grad(sdy + (i // G) * C, sdyx + (i // G) * C, w, rstd + (i // G) * G,
                         i % G, cpg, HW, gc + 2 * (i // G) * G)
-        nrc = (HW + APPLY_ROWS - 1) // APPLY_ROWS
-        for t in prange(N * nrc * nct, nogil=True, num_threads=nt, schedule="static"):
-            n = t // (nrc * nct)
-            r0 = ((t // nct) % nrc) * APPLY_ROWS
-            j0 = (t % nct) * CL_WIDTH
-            _grad_rows(_dx_dy(dy, g, n * HW * C, act), _dx_g32(x, g, n * HW * C, act),
-                       x + n * HW * C, dx + n * HW * C, w, mean + n * G,
-                       rstd + n * G, gc + 2 * n * G, C, cpg, r0, min(r0 + APPLY_ROWS, HW),
-                       j0, min(j0 + CL_WIDTH, C))
+        # dx: the N * HW rows in nt equal spans, one per thread (as the forward's apply)
+        for t in prange(nt, nogil=True, num_threads=nt, schedule="static"):
+            r0 = t * (N * HW) // nt
+            r1 = (t + 1) * (N * HW) // nt
+            while r0 < r1:
+                n = r0 // HW
+                j0 = min(r1, (n + 1) * HW)
+                _grad_rows(_dx_dy(dy, g, n * HW * C, act), _dx_g32(x, g, n * HW * C, act),
+                           x + n * HW * C, dx + n * HW * C, w, mean + n * G,
+                           rstd + n * G, gc + 2 * n * G, C, cpg, r0 - n * HW, j0 - n * HW,
+                           0, C)
+                r0 = j0
     # dweight and dbias: the per-(n, c) sums over n in order, continuing the previous
     # chunks' (the slab family's fold)
     fold_param_grads(sdy, sdyx, rstd, acc, dw, db, N, C, G, last, nt)
