@@ -122,9 +122,10 @@ def standardize(x, axis=None, *, weight=None, bias=None, eps=0.0, ddof=0, out=No
     x.reshape(N, G, -1), and ConvNeXt's LayerNorm2d over C of NCHW is axis=1.
 
     x: float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16) array, any shape
-    (statistics in float64 either way, two-pass and corrected; the output has x's dtype
-    and shape; 16-bit x is computed in float32 on the exactly widened values and
-    rounded once, within 1 ulp of x's dtype). NaN in a set gives NaN for that
+    (statistics in float64 either way, two-pass and corrected, for 16-bit x from float32
+    deviations, within 2e-5 of the float64 values; the output has x's dtype and shape;
+    16-bit x is computed in float32 on the exactly widened values and rounded once,
+    within 1 ulp of x's dtype). NaN in a set gives NaN for that
     set (scipy's default, nan_policy='propagate'). n - ddof <= 0: NaN, as scipy.
     weight, bias: optional arrays broadcastable to x's shape, e.g. per channel as
     BatchNorm's ((C, 1, 1) for NCHW with axis=(0, 2, 3)), or elementwise over the

@@ -94,7 +94,10 @@ def partial_stats(x, sets="batch", *, num_groups=None, normalized_ndim=None,
                   stats="two_pass"):
     """Moments (count, mean, m2) of every normalisation set of x, as a PartialStats of
     float64 arrays. x: float32, float64, float16 or bfloat16 array (16-bit values are
-    widened exactly; the moments are accumulated in float64 as for float32); sets:
+    widened exactly; the moments are accumulated in float64 as for float32, from float32
+    deviations summed a few at a time in float32 for 16-bit data with "two_pass": within
+    2e-5 of the float64 moments, see the README's "16-bit storage"; "welford" keeps
+    float64 deviations); sets:
 
     - "batch": x (N, C, *spatial), one set per channel, shape (C,) (batch_norm);
     - "group": x (N, C, *spatial), sets (N, num_groups) (group_norm);

@@ -317,15 +317,23 @@ def _broadcast_stats(x, sets, kw, mean, rstd):
 @pytest.mark.parametrize("stats", ["two_pass", "welford"])
 @pytest.mark.parametrize("dt", LOWP, ids=str)
 @pytest.mark.parametrize("shape,sets,kw", CASES)
-def test_16bit_partial_stats_are_the_float64_moments_of_the_widened_data(dt, shape, sets,
+def test_16bit_partial_stats_within_their_bound_of_the_float64_moments(dt, shape, sets,
                                                                        kw, stats):
+    """Welford: to float64 accuracy. Two-pass (float32 deviations over runs of 256 or
+    more values, README "16-bit storage"): the mean within 1e-5 standard deviations,
+    m2 within 4e-5 (relative)."""
     x = data(shape, dt)
     p = cynorm.partial_stats(x, sets, stats=stats, **kw)
     count, mean, m2 = ref_moments(wide(x), sets, *_kw_ref(kw))
     assert all(a.dtype == np.float64 for a in p)
     np.testing.assert_array_equal(p.count, count)
-    np.testing.assert_allclose(p.mean, mean, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(p.m2, m2, rtol=1e-12)
+    if stats == "welford":
+        np.testing.assert_allclose(p.mean, mean, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(p.m2, m2, rtol=1e-12)
+    else:
+        sd = np.sqrt(m2 / count)
+        assert np.all(np.abs(p.mean - mean) <= 1e-5 * sd + 1e-13 * np.abs(mean)), "mean"
+        np.testing.assert_allclose(p.m2, m2, rtol=4e-5)
 
 
 @pytest.mark.parametrize("float64_affine", [None, True])

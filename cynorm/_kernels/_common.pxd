@@ -13,16 +13,18 @@
 # Storage dtypes: the data (x, y, dy, dx, residual) are of the fused type `storage`
 # (float64, float32, float16, bfloat16); the parameters (weight, bias and their
 # gradients) of the fused type `floating`: float64 for float64 data, float32 for every
-# other storage (the callers convert them). 16-bit data are computed in float32 lanes,
-# exactly as float32 data: each helper below widens a block (STAGE values; a whole
-# piece, at most CHUNK, for the moments) into a float32 buffer on the stack (_lowp.h,
-# exact), runs the float32 code on it and narrows its results back (round to nearest
-# even, once). So a 16-bit result is the float32 result on the widened data, rounded
-# once; and the bits depend on nothing but the shape, as for the other dtypes. (The
-# 16-bit branches of lane_sum, lane_sqdev and welford_update are fallbacks that
-# piece_moments, which stages whole pieces, does not reach.) Only float32 parameters are ever paired with
-# 16-bit or float32 data, float64 ones with float64 data; the other pairings are
-# compiled (fused types are a product) but never called.
+# other storage (the callers convert them). 16-bit data are computed in float32 lanes:
+# the loops widen them in registers (_lanes.h's storage loaders; a few helpers widen a
+# block of STAGE values into a float32 buffer on the stack, _lowp.h, exact), run the
+# float32 arithmetic and narrow the results (round to nearest even, once). So a 16-bit
+# apply or backward is the float32 one on the widened data, rounded once. The moments
+# of 16-bit data form the deviations and their squares in float32 and sum a few in
+# float32 before the float64 lanes (cn_sq16 in _lanes.h; piece_moments bounds the
+# error), so they are within a few float32 ulps of the float32 data's, not bitwise
+# those. The bits depend on nothing but the shape, as for the other dtypes. Only
+# float32 parameters are ever paired with 16-bit or float32 data, float64 ones with
+# float64 data; the other pairings are compiled (fused types are a product) but never
+# called.
 
 cimport numpy as cnp
 from cython cimport floating
@@ -424,8 +426,18 @@ cdef inline void tree_merge_cols(double* pm, double* pq, Py_ssize_t stride,
 # float32 on near-constant data, goes past it. Those, constant data (Q = 0), squares
 # that overflow or may have lost digits below the normal range (Q < n 2^-1000, float64
 # data), NaN and Inf take the two-pass algorithm.
+# 16-bit data: e and e^2 are float32 (cn_sq16), so Q is within g = 10 2^-24 of the
+# exact sum (relative) and S within 8 2^-24 sqrt(n Q); the limit is SHIFT_SPREAD_16
+# (k within 4 standard deviations): |m2 error| <= g (2 sqrt(16 * 17) + 17) m2 < 51 g m2
+# (3e-5, rstd to 1.5e-5; about 6e-7 and 3e-7 where k is near the mean, the usual case)
+# and |mean error| <= 8 2^-24 sqrt(Q / n) <= 2e-6 sqrt(m2 / n): far below the storage's
+# rounding of the output (2^-8 bfloat16, 2^-11 float16 relative), so the output stays
+# within 1 ulp. A constant piece (Q = 0: cn_sq16 redoes Q < n 2^-100 in float64, where
+# Q = 0 means every e = 0) is exact. Past the limit the shifted pass's mean k + S / n
+# (within 2e-6 sqrt(Q / n) of the mean) is the first pass: one more corrected pass.
 cdef enum:
     SHIFT_SPREAD = 64
+    SHIFT_SPREAD_16 = 16
     SHIFT_HEAD = 16
 
 
@@ -439,7 +451,7 @@ cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t
     centered = 0 gives mean 0 and m2 = sum of squares (RMSNorm).
     pf: the next piece's data, prefetched during the deviations pass (single-run
     pieces).
-    16-bit data: the float32 lanes' code on the values widened in registers."""
+    16-bit data: float32 deviations summed a few at a time in float32 (cn_sq16)."""
     cdef Py_ssize_t run0, nruns, e0, elen, r, i
     cdef double s = 0, q = 0, m = 0, c = 0, d
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
@@ -465,17 +477,36 @@ cdef inline void piece_moments(const storage* xs, const SetLayout* L, Py_ssize_t
             q += lane_sqdev(xs + (run0 + r) * L.run_stride + e0, elen, m, &s,
                             pf if nruns == 1 else NULL)
         d = s * s / c
-        if (q <= DBL_MAX and q >= c * 9.332636185032189e-302
+        if storage is cn_f16 or storage is cn_bf16:
+            # float32 deviations (cn_sq16): the tighter spread SHIFT_SPREAD_16
+            if q <= DBL_MAX and (q == 0 or (q >= c * 9.332636185032189e-302
+                                            and (SHIFT_SPREAD_16 + 1) * d
+                                            <= SHIFT_SPREAD_16 * q)):
+                # q == 0: every x equals k (the float64 lanes' redo found no nonzero
+                # deviation), the two-pass result too
+                cnt[0] = c
+                mean[0] = m + s / c
+                m2[0] = q - d
+                return
+        elif (q <= DBL_MAX and q >= c * 9.332636185032189e-302
                 and (SHIFT_SPREAD + 1) * d <= SHIFT_SPREAD * q):
             cnt[0] = c
             mean[0] = m + s / c
             m2[0] = q - d
             return
+        if (storage is cn_f16 or storage is cn_bf16) and q <= DBL_MAX and s - s == 0:
+            # the shifted pass's mean (k + S / n, within sqrt(Q / n) 2^-20 of the mean)
+            # is the first pass: one more pass, not two
+            m = m + s / c
+        else:
+            q = 0
+            s = 0
+            for r in range(nruns):
+                s += lane_sum(xs + (run0 + r) * L.run_stride + e0, elen)
+            m = s / c
         q = 0
-        s = 0
-        for r in range(nruns):
-            s += lane_sum(xs + (run0 + r) * L.run_stride + e0, elen)
-        m = s / c
+        if storage is cn_f16 or storage is cn_bf16:
+            m = <float>m  # cn_sq16's float32 lanes take a float32 mean
     s = 0
     for r in range(nruns):
         if centered:

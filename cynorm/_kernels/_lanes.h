@@ -173,7 +173,8 @@ static inline void cn_store_f64(double* p, cn_vd v) {
  * same values: the same bits, rounded once on a 16-bit store. float16 uses F16C's
  * vcvtph2ps / vcvtps2ph where the level has them (v3, v4), the integer bit manipulation
  * of _lowp.h elsewhere (the same bits); bfloat16 is a 16-bit shift on load and the
- * integer rounding of _lowp.h on store. */
+ * integer rounding of _lowp.h on store (vcvtneps2bf16 in the forward applies where the
+ * CPU has AVX-512 BF16: cn_storef_bf16_hw, the same bits). */
 
 typedef unsigned int cn_vu __attribute__((vector_size(CN_VB)));
 typedef unsigned short cn_vw __attribute__((vector_size(CN_VB / 2))); /* CN_FW 16-bit */
@@ -262,7 +263,17 @@ static inline void cn_w_store(void* p, cn_vu v) {
     } while (0)
 
 static inline cn_vf cn_loadf_bf16(const cn_bf16* p) {
+#if defined(__AVX512BW__)
+    /* each value into the high half of its 32-bit lane, the low half zeroed: one
+       vpermw (a vpmovzxwd and a shift otherwise) */
+    const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0,
+                                         8, 0, 7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0,
+                                         0, 0);
+    return (cn_vf)_mm512_maskz_permutexvar_epi16(
+        0xAAAAAAAAu, idx, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p)));
+#else
     return CN_BF16_WIDEN_BITS(cn_vf, cn_w_load(p));
+#endif
 }
 
 static inline void cn_storef_bf16(cn_bf16* p, cn_vf v) {
@@ -459,17 +470,6 @@ static inline double cn_sqdev_f64(const double* x, ptrdiff_t n, double m, double
     CN_SQDEV_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
 }
 
-/* 16-bit data: the float32 arithmetic on the widened values (16 values: 32 bytes, one
- * prefetch every other step covers the next piece's lines) */
-static inline double cn_sqdev_f16(const cn_f16* x, ptrdiff_t n, double m, double* sdev,
-                                  const cn_f16* pf) {
-    CN_SQDEV_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
-}
-
-static inline double cn_sqdev_bf16(const cn_bf16* x, ptrdiff_t n, double m, double* sdev,
-                                   const cn_bf16* pf) {
-    CN_SQDEV_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
-}
 
 /* ---- sum(x^2): the second pass of RMSNorm's statistics (no mean) -------------------
  * The same lanes and order as cn_sqdev with m = 0 (x - 0 is x), so the same bits,
@@ -495,13 +495,103 @@ static inline double cn_sumsq_f64(const double* x, ptrdiff_t n, const double* pf
     CN_SUMSQ_BODY(cn_load_f64, CN_PREFETCH(pf + i); CN_PREFETCH(pf + i + 8))
 }
 
-static inline double cn_sumsq_f16(const cn_f16* x, ptrdiff_t n, const cn_f16* pf) {
-    CN_SUMSQ_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
-}
+/* ---- sum((x - m)^2) and sum(x - m) of 16-bit data: float32 partials --------------
+ * e = x - m and e^2 are formed in float32 lanes and summed in float32 over 8 steps of
+ * 32 values (32 float32 lanes, each summing 8 terms), those partials in the float64
+ * lanes (float lanes k and k + 16 to float64 lane k, as CN_SUM32_BODY): the per-element
+ * cost of the float32 data's first pass, not a float64 widening per element. The lane
+ * of an element and the order of every addition depend only on its index, so the bits
+ * are the same on every instruction set. m must be a float32 value (piece_moments'
+ * shift is; another m takes the float64 lanes throughout).
+ * Error: x is 16-bit and m float32, so e = x - m rounds at most once (relative 2^-24;
+ * it is exact when x and m are within a factor 2 (Sterbenz), the usual case for a shift
+ * near the data), e^2 once more, and each float32 lane's 7 additions of nonnegative
+ * terms add at most 7 2^-24 of their sum: the sum of squares Q is within 10 2^-24
+ * (6e-7) of the exact sum of the squares of the exact deviations, relative, and the sum
+ * of deviations S within 8 2^-24 sum|e| <= 8 2^-24 sqrt(n Q) (Cauchy-Schwarz): a few
+ * float32 ulps of the variance, against 2^-8 (bfloat16) and 2^-11 (float16) for the
+ * storage's rounding of the result (piece_moments bounds what the shift adds). Where
+ * float32 cannot hold the squares -- a partial overflows (bfloat16 data beyond about
+ * 1e19), or Q < n 2^-100 so that squares below the normal range (|e| < 2^-63) could
+ * have lost digits -- and for NaN and Inf, the whole run is redone in the float64
+ * lanes (the previous arithmetic: e and e^2 in float64). CENTRED = 0: S is not formed
+ * and e = x (RMSNorm's sum of squares). A prefetch of pf every 32 values (64 bytes)
+ * covers the next piece's lines. */
+#define CN_SQ16_DEFS(T, NAME)                                                           \
+    static inline double cn_sq16_##NAME##_wide(const T* x, ptrdiff_t n, ptrdiff_t i,    \
+                                               double m, cn_vd* q, cn_vd* s,            \
+                                               double* sdev, const T* pf,               \
+                                               const int CENTRED) {                     \
+        cn_vd d;                                                                        \
+        double qt = 0, st = 0, e;                                                       \
+        for (; i + 16 <= n; i += 16) {                                                  \
+            if (!(i & 16)) CN_PREFETCH(pf + i);                                         \
+            CN_EACH(j) {                                                                \
+                d = CN_LD(x + i + CN_DW * j);                                           \
+                if (CENTRED) { d = d - m; s[j] += d; }                                  \
+                q[j] += d * d;                                                          \
+            }                                                                           \
+        }                                                                               \
+        for (; i < n; i++) {                                                            \
+            e = CN_LD1(x[i]);                                                           \
+            if (CENTRED) { e = e - m; st += e; }                                        \
+            qt += e * e;                                                                \
+        }                                                                               \
+        if (CENTRED) *sdev = cn_total(s) + st;                                          \
+        return cn_total(q) + qt;                                                        \
+    }                                                                                   \
+    static inline __attribute__((always_inline)) double cn_sq16_##NAME(                \
+            const T* x, ptrdiff_t n, double m, double* sdev, const T* pf,               \
+            const int CENTRED) {                                                        \
+        CN_LANES(q);                                                                    \
+        CN_LANES(s);                                                                    \
+        const float k = (float)m;                                                       \
+        double r, sd = 0;                                                               \
+        ptrdiff_t i = 0;                                                                \
+        if ((double)k == m) {                                                           \
+            for (; i + 256 <= n; i += 256) {                                            \
+                cn_vf pq[CN_NV], ps[CN_NV], d;                                          \
+                CN_PREFETCH(pf + i);                                                    \
+                CN_EACH(v) {                                                            \
+                    d = CN_LDF(x + i + CN_FW * v);                                      \
+                    if (CENTRED) { d = d - k; ps[v] = d; }                              \
+                    pq[v] = d * d;                                                      \
+                }                                                                       \
+                for (int t = 1; t < 8; t++) {                                           \
+                    CN_PREFETCH(pf + i + 32 * t);                                       \
+                    CN_EACH(v) {                                                        \
+                        d = CN_LDF(x + i + 32 * t + CN_FW * v);                         \
+                        if (CENTRED) { d = d - k; ps[v] += d; }                         \
+                        pq[v] += d * d;                                                 \
+                    }                                                                   \
+                }                                                                       \
+                CN_EACH(j) {                                                            \
+                    q[j] += cn_widen_half(pq[j / 2], j % 2) +                           \
+                            cn_widen_half(pq[j / 2 + CN_NV / 2], j % 2);                \
+                    if (CENTRED)                                                        \
+                        s[j] += cn_widen_half(ps[j / 2], j % 2) +                       \
+                                cn_widen_half(ps[j / 2 + CN_NV / 2], j % 2);            \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        r = cn_sq16_##NAME##_wide(x, n, i, m, q, s, &sd, pf, CENTRED);                  \
+        if (i > 0 && !(r - r == 0 && r >= (double)n * 0x1p-100)) {                      \
+            CN_EACH(j) { q[j] = CN_ZERO; s[j] = CN_ZERO; }                              \
+            r = cn_sq16_##NAME##_wide(x, n, 0, m, q, s, &sd, x, CENTRED);               \
+        }                                                                               \
+        if (CENTRED) *sdev += sd;                                                       \
+        return r;                                                                       \
+    }                                                                                   \
+    static inline double cn_sqdev_##NAME(const T* x, ptrdiff_t n, double m,             \
+                                         double* sdev, const T* pf) {                   \
+        return cn_sq16_##NAME(x, n, m, sdev, pf, 1);                                    \
+    }                                                                                   \
+    static inline double cn_sumsq_##NAME(const T* x, ptrdiff_t n, const T* pf) {        \
+        return cn_sq16_##NAME(x, n, 0.0, NULL, pf, 0);                                  \
+    }
 
-static inline double cn_sumsq_bf16(const cn_bf16* x, ptrdiff_t n, const cn_bf16* pf) {
-    CN_SUMSQ_BODY(CN_LD, if (!(i & 16)) CN_PREFETCH(pf + i))
-}
+CN_SQ16_DEFS(cn_f16, f16)
+CN_SQ16_DEFS(cn_bf16, bf16)
 
 /* ---- gradient sums: g = dy * w (w may be NULL: g = dy) ----------------------------
  * *sdy += sum(g), *sdyx += sum(g * (x - m)) */
@@ -798,29 +888,63 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
     for (; i + CN_FW <= n; i += CN_FW) { CHUNK(i, CN_FW); }                             \
     if (i < n) { CHUNK(i, n - i); }
 
+/* m < CN_FW elements of size bytes from src into a CN_FW-element buffer dst, the rest
+ * zeroed (cn_part_in), and the first m of such a buffer to dst (cn_part_out): one
+ * masked load or store with AVX-512 (which never touches the masked-off bytes), in
+ * place of a variable-length copy */
+static inline void cn_part_in(void* dst, const void* src, ptrdiff_t m, size_t size) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (size == 2) {
+        _mm256_storeu_si256((__m256i*)dst,
+                            _mm256_maskz_loadu_epi16((__mmask16)((1u << m) - 1u), src));
+        return;
+    }
+    if (size == 4) {
+        _mm512_storeu_si512(dst, _mm512_maskz_loadu_epi32((__mmask16)((1u << m) - 1u), src));
+        return;
+    }
+#endif
+    memset(dst, 0, CN_FW * size);
+    memcpy(dst, src, (size_t)m * size);
+}
+static inline void cn_part_out(void* dst, const void* src, ptrdiff_t m, size_t size) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (size == 2) {
+        _mm256_mask_storeu_epi16(dst, (__mmask16)((1u << m) - 1u),
+                                 _mm256_loadu_si256((const __m256i*)src));
+        return;
+    }
+    if (size == 4) {
+        _mm512_mask_storeu_epi32(dst, (__mmask16)((1u << m) - 1u), _mm512_loadu_si512(src));
+        return;
+    }
+#endif
+    memcpy(dst, src, (size_t)m * size);
+}
+
 /* the m elements at p + k into a zeroed CN_FW buffer b (the whole chunk in place when
  * m is CN_FW), and the buffer's pointer */
 #define CN_PART_IN(T, b, p, k, m)                                                       \
     T b##_[CN_FW];                                                                      \
     const T* b = (p) + (k);                                                             \
     if ((m) < CN_FW) {                                                                  \
-        memset(b##_, 0, sizeof b##_);                                                   \
-        memcpy(b##_, b, (size_t)(m) * sizeof(T));                                       \
+        cn_part_in(b##_, b, (m), sizeof(T));                                            \
         b = b##_;                                                                       \
     }
 #define CN_PART_OUT(T, b, p, k, m)                                                      \
     T b##_[CN_FW];                                                                      \
     T* b = (m) < CN_FW ? b##_ : (p) + (k)
 #define CN_PART_DONE(T, b, p, k, m)                                                     \
-    if ((m) < CN_FW) memcpy((p) + (k), b##_, (size_t)(m) * sizeof(T))
+    if ((m) < CN_FW) cn_part_out((p) + (k), b##_, (m), sizeof(T))
 
-#define CN_AFFINE_CHUNK(k, m)                                                           \
+#define CN_AFFINE_CHUNK_ST(k, m, STF)                                                   \
     {                                                                                   \
         CN_PART_IN(TT, xp, x, k, m);                                                    \
         CN_PART_OUT(TT, yp, y, k, m);                                                   \
-        CN_STF(yp, (((CN_LDF(xp) - mh) - ml) * rf) * wf + t);                           \
+        STF(yp, (((CN_LDF(xp) - mh) - ml) * rf) * wf + t);                              \
         CN_PART_DONE(TT, yp, y, k, m);                                                  \
     }
+#define CN_AFFINE_CHUNK(k, m) CN_AFFINE_CHUNK_ST(k, m, CN_STF)
 #define CN_GRAD_CHUNK(k, m)                                                             \
     {                                                                                   \
         CN_PART_IN(TT, dp, dy, k, m);                                                   \
@@ -832,7 +956,7 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
 /* the row apply: xh = ((x - mh) - ml) * rf, or x * rf (rms), then * w, + b where given
  * (w, b: NULL for none; the branches are hoisted out of the loop by the caller's
  * constant arguments) */
-#define CN_ROW_CHUNK(k, m)                                                              \
+#define CN_ROW_CHUNK_ST(k, m, STF)                                                      \
     {                                                                                   \
         CN_PART_IN(TT, xp, x, k, m);                                                    \
         CN_PART_OUT(TT, yp, y, k, m);                                                   \
@@ -840,9 +964,10 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
         v = RMS ? v * rf : ((v - mh) - ml) * rf;                                        \
         if (W) { CN_PART_IN(float, wp, w, k, m); v = v * cn_loadf(wp); }                \
         if (B) { CN_PART_IN(float, bp, b, k, m); v = v + cn_loadf(bp); }                \
-        CN_STF(yp, v);                                                                  \
+        STF(yp, v);                                                                     \
         CN_PART_DONE(TT, yp, y, k, m);                                                  \
     }
+#define CN_ROW_CHUNK(k, m) CN_ROW_CHUNK_ST(k, m, CN_STF)
 
 #define CN_ADD_CHUNK(k, m)                                                              \
     {                                                                                   \
@@ -853,7 +978,7 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
         CN_PART_DONE(TT, hp, h, k, m);                                                  \
     }
 
-#define CN_SPAN_DEFS(T_, NAME)                                                          \
+#define CN_SPAN_DEFS(T_, NAME, AFFINE_HW, ROW_HW)                                        \
     static inline void cn_add_##NAME(const T_* a, const T_* b, T_* h, ptrdiff_t n) {    \
         typedef T_ TT;                                                                  \
         CN_SPAN_LOOP(h, CN_ADD_CHUNK)                                                   \
@@ -861,6 +986,7 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
     static inline void cn_affine_##NAME(const T_* x, T_* y, ptrdiff_t n, float mh,      \
                                         float ml, float rf, float wf, float t) {        \
         typedef T_ TT;                                                                  \
+        AFFINE_HW                                                                       \
         CN_SPAN_LOOP(y, CN_AFFINE_CHUNK)                                                \
     }                                                                                   \
     static inline void cn_grad_##NAME(const T_* dy, const T_* x, T_* dx, ptrdiff_t n,   \
@@ -879,6 +1005,7 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
                                            const float* b, ptrdiff_t n, float mh,       \
                                            float ml, float rf, int rms) {               \
         /* one loop per combination, the choice made once per row (rms: no b) */       \
+        ROW_HW                                                                          \
         if (rms && w != NULL)                                                           \
             cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 1, 1, 0);                 \
         else if (rms)                                                                   \
@@ -893,8 +1020,113 @@ static inline ptrdiff_t cn_head_chunk(const void* p, ptrdiff_t n, ptrdiff_t size
             cn_row_apply_##NAME##_(x, y, w, b, n, mh, ml, rf, 0, 0, 0);                 \
     }
 
-CN_SPAN_DEFS(cn_f16, f16)
-CN_SPAN_DEFS(cn_bf16, bf16)
+/* The forward applies of bfloat16 data (cn_affine_bf16, cn_row_apply_bf16) store with
+ * AVX-512 BF16's vcvtne2ps2bf16 / vcvtneps2bf16 where the CPU has it (checked at run
+ * time: the extension is not part of x86-64-v4; GCC/Clang only): one instruction for
+ * two vectors, in place of the integer rounding's five per vector and the narrowing
+ * shuffle. It rounds to nearest even and quiets NaN exactly as the integer rounding
+ * does, but treats subnormal inputs as zero: vectors holding one (vfpclassps) take the
+ * integer rounding instead, so the bits are those of every other path (checked over all
+ * 2^32 float32 inputs). */
+#if defined(__AVX512BW__) && defined(__GNUC__) && !defined(__INTEL_COMPILER) &&        \
+    ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) ||                    \
+     (defined(__clang__) && __clang_major__ >= 9))
+#define CN_BF16_HW 1
+#define CN_BF16_TARGET __attribute__((target("avx512bf16")))
+CN_BF16_TARGET static inline void cn_storef_bf16_hw(cn_bf16* p, cn_vf v) {
+    if (_mm512_fpclass_ps_mask((__m512)v, 0x20)) { /* 0x20: subnormal */
+        cn_storef_bf16(p, v);
+        return;
+    }
+    _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh((__m512)v));
+}
+static inline int cn_has_bf16_hw(void) {
+    return __builtin_cpu_supports("avx512bf16"); /* a load of libgcc's cpuid record */
+}
+/* two vectors at p (32 values, one 64-byte store of vcvtne2ps2bf16), a holding the
+ * first 16 */
+CN_BF16_TARGET static inline void cn_storef2_bf16_hw(cn_bf16* p, cn_vf a, cn_vf b) {
+    if (_mm512_fpclass_ps_mask((__m512)a, 0x20) | _mm512_fpclass_ps_mask((__m512)b, 0x20)) {
+        cn_storef_bf16(p, a);
+        cn_storef_bf16(p + CN_FW, b);
+        return;
+    }
+    _mm512_storeu_si512((void*)p, (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a));
+}
+/* elements [0, n) of a bfloat16 span: single chunks (CHUNK(k, m), as CN_SPAN_LOOP's) up
+ * to the first 64-byte boundary of OUT and after the last whole pair, pairs of whole
+ * vectors (PAIR(k): 32 values at k, one aligned 64-byte store) between */
+#define CN_SPAN_LOOP_PAIRS(OUT, CHUNK, PAIR)                                            \
+    ptrdiff_t i = 0, m_, head_ = (ptrdiff_t)((-(size_t)(OUT)) & 63) / 2;                \
+    if (head_ > n) head_ = n;                                                           \
+    while (i < head_) {                                                                 \
+        m_ = head_ - i < CN_FW ? head_ - i : CN_FW;                                     \
+        CHUNK(i, m_);                                                                   \
+        i += m_;                                                                        \
+    }                                                                                   \
+    for (; i + 2 * CN_FW <= n; i += 2 * CN_FW) { PAIR(i); }                             \
+    while (i < n) {                                                                     \
+        m_ = n - i < CN_FW ? n - i : CN_FW;                                             \
+        CHUNK(i, m_);                                                                   \
+        i += m_;                                                                        \
+    }
+/* the row apply's arithmetic on one vector at column k (CN_ROW_CHUNK's) */
+static inline __attribute__((always_inline)) cn_vf cn_row_v_(
+        cn_vf v, const float* w, const float* b, ptrdiff_t k, float mh, float ml, float rf,
+        const int RMS, const int W, const int B) {
+    v = RMS ? v * rf : ((v - mh) - ml) * rf;
+    if (W) v = v * cn_loadf(w + k);
+    if (B) v = v + cn_loadf(b + k);
+    return v;
+}
+#define CN_AFFINE_CHUNK_HW(k, m) CN_AFFINE_CHUNK_ST(k, m, cn_storef_bf16_hw)
+#define CN_ROW_CHUNK_HW(k, m) CN_ROW_CHUNK_ST(k, m, cn_storef_bf16_hw)
+#define CN_AFFINE_V_(v) (((((v) - mh) - ml) * rf) * wf + t)
+#define CN_AFFINE_PAIR_HW(k)                                                            \
+    cn_storef2_bf16_hw(y + (k), CN_AFFINE_V_(CN_LDF(x + (k))),                          \
+                       CN_AFFINE_V_(CN_LDF(x + (k) + CN_FW)))
+#define CN_ROW_PAIR_HW(k)                                                               \
+    cn_storef2_bf16_hw(                                                                 \
+        y + (k), cn_row_v_(CN_LDF(x + (k)), w, b, (k), mh, ml, rf, RMS, W, B),          \
+        cn_row_v_(CN_LDF(x + (k) + CN_FW), w, b, (k) + CN_FW, mh, ml, rf, RMS, W, B))
+CN_BF16_TARGET static inline void cn_affine_bf16_hw(const cn_bf16* x, cn_bf16* y,
+                                                   ptrdiff_t n, float mh, float ml,
+                                                   float rf, float wf, float t) {
+    typedef cn_bf16 TT;
+    CN_SPAN_LOOP_PAIRS(y, CN_AFFINE_CHUNK_HW, CN_AFFINE_PAIR_HW)
+}
+CN_BF16_TARGET static inline __attribute__((always_inline)) void cn_row_apply_bf16_hw_(
+        const cn_bf16* x, cn_bf16* y, const float* w, const float* b, ptrdiff_t n,
+        float mh, float ml, float rf, const int RMS, const int W, const int B) {
+    typedef cn_bf16 TT;
+    CN_SPAN_LOOP_PAIRS(y, CN_ROW_CHUNK_HW, CN_ROW_PAIR_HW)
+}
+CN_BF16_TARGET static inline void cn_row_apply_bf16_hw(const cn_bf16* x, cn_bf16* y,
+                                                      const float* w, const float* b,
+                                                      ptrdiff_t n, float mh, float ml,
+                                                      float rf, int rms) {
+    if (rms && w != NULL)
+        cn_row_apply_bf16_hw_(x, y, w, b, n, mh, ml, rf, 1, 1, 0);
+    else if (rms)
+        cn_row_apply_bf16_hw_(x, y, w, b, n, mh, ml, rf, 1, 0, 0);
+    else if (w != NULL && b != NULL)
+        cn_row_apply_bf16_hw_(x, y, w, b, n, mh, ml, rf, 0, 1, 1);
+    else if (w != NULL)
+        cn_row_apply_bf16_hw_(x, y, w, b, n, mh, ml, rf, 0, 1, 0);
+    else if (b != NULL)
+        cn_row_apply_bf16_hw_(x, y, w, b, n, mh, ml, rf, 0, 0, 1);
+    else
+        cn_row_apply_bf16_hw_(x, y, w, b, n, mh, ml, rf, 0, 0, 0);
+}
+#define CN_BF16_HW_OR(call) if (cn_has_bf16_hw()) { call; return; }
+#else
+#define CN_BF16_HW_OR(call)
+#endif
+
+CN_SPAN_DEFS(cn_f16, f16, , )
+CN_SPAN_DEFS(cn_bf16, bf16,
+             CN_BF16_HW_OR(cn_affine_bf16_hw(x, y, n, mh, ml, rf, wf, t)),
+             CN_BF16_HW_OR(cn_row_apply_bf16_hw(x, y, w, b, n, mh, ml, rf, rms)))
 
 /* the channels-last apply of one row piece (channels_last.pyx's _affine_row, float32
  * form): y[k] = (((x[k] - mh[k]) - ml[k]) * rf[k]) * wf[k] + bf[k], per-channel

@@ -6,8 +6,9 @@
  * Every path gives the same bits: float16 uses F16C's vcvtph2ps / vcvtps2ph where the
  * instruction set has them (x86-64-v3 and v4), and exact integer bit manipulation
  * otherwise (the baseline), written to match F16C bit for bit, NaN payloads included;
- * bfloat16 always uses integer bit manipulation (AVX-512 BF16 is not part of
- * x86-64-v4). Scalar tails use the same rules as the vector bodies.
+ * bfloat16 uses integer bit manipulation (AVX-512 BF16 is not part of x86-64-v4; the
+ * forward applies of _lanes.h use its vcvtneps2bf16 where the CPU has it, with the
+ * same bits). Scalar tails use the same rules as the vector bodies.
  *
  *   float16 -> float32: exact; NaN stays NaN with its payload, a signalling NaN quieted.
  *   float32 -> float16: round to nearest even; beyond the largest finite float16 (65504,
