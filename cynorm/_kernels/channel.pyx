@@ -40,7 +40,10 @@ from cynorm._kernels._common cimport (
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
     MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
     col_grad_sums, widen, narrow, ld, piece_bounds, act_grad_sums, act_grad_dx,
+    f32_xhat_ok, split_mean,
 )
+from cynorm._kernels._common cimport cn_cl_apply_f32, cn_cl_apply_f16, cn_cl_apply_bf16
+from cynorm._kernels._common cimport cn_ch_apply_f32, cn_ch_apply_f16, cn_ch_apply_bf16
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
 from cynorm._kernels._common cimport cn_col_grad_rows_g32_f16, cn_col_grad_rows_g32_bf16
 
@@ -56,7 +59,7 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 # most COL_WIDTH columns (64 x 1024 float32 = 256 KiB stays in L2), from _common.pxd.
 cdef enum:
     SHORT_RUN_ = 64   # runs shorter than this take the column path
-    APPLY_ROWS = 16   # rows per work item of the apply (eval: its rstd formed once)
+    APPLY_ROWS = 16   # least rows per work item of the apply (its constants formed once)
 
 # the column path's threshold, for cynorm._api and cynorm._stats_api (one definition)
 SHORT_RUN = SHORT_RUN_
@@ -80,7 +83,7 @@ cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
     cdef double cm[COL_WIDTH]
     cdef double cq[COL_WIDTH]
     cdef double ks[COL_WIDTH]
-    cdef double cnt = <double>(r1 - r0), n_, m_, q_
+    cdef double cnt = <double>(r1 - r0), s, m_, q_, d2, d
     cdef Py_ssize_t j, c, h, n = (c1 - c0) * HW
     for j in range(n):
         c = c0 + j // HW
@@ -88,13 +91,90 @@ cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
     col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq,
                      min(COL_ROWS, N - r1))
     for c in range(c0, c1):
-        n_ = 0
-        m_ = 0
-        q_ = 0
+        # HW columns of cnt values each: mean = mean of the column means, m2 = their
+        # m2s + cnt * sum((column mean - mean)**2) (the equal-count merge, exact; one
+        # division per channel, not HW of chan_merge's), both sums in column order
+        j = (c - c0) * HW
+        s = 0
         for h in range(HW):
-            chan_merge(&n_, &m_, &q_, cnt, cm[(c - c0) * HW + h], cq[(c - c0) * HW + h])
+            s = s + cm[j + h]
+        m_ = s / HW
+        q_ = 0
+        d2 = 0
+        for h in range(HW):
+            q_ = q_ + cq[j + h]
+            d = cm[j + h] - m_
+            d2 = d2 + d * d
         pm[c] = m_
-        pq[c] = q_
+        pq[c] = q_ + cnt * d2
+
+
+# Runs of at least CH_RUN columns take the apply's constants per channel (cn_ch_apply),
+# shorter ones per column (cn_cl_apply): the same operations on the same constants, so
+# the choice never changes a bit.
+cdef enum:
+    CH_RUN = 16
+
+ctypedef struct ColCoefs:
+    # the float32 apply's constants of one tile (the slab family's float32 form,
+    # affine_const): the split mean mh + ml, rf = <float>rstd, wf, bf; per channel
+    # (HW >= CH_RUN) or per column (channel c's HW columns hold c's); ok[c - c0]:
+    # channel c's rstd passes f32_xhat_ok (else its constants are unused)
+    float mh[COL_WIDTH]
+    float ml[COL_WIDTH]
+    float rf[COL_WIDTH]
+    float wf[COL_WIDTH]
+    float bf[COL_WIDTH]
+    unsigned char ok[COL_WIDTH]
+
+
+cdef inline void _col_coefs(ColCoefs* k, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+                            const double* mean, const double* rs, const floating* w,
+                            const floating* b) noexcept nogil:
+    """k's constants of channels [c0, c1)."""
+    cdef Py_ssize_t c, h, j, rep = 1 if HW >= CH_RUN else HW
+    cdef float mh, ml, rf, wf, bf
+    for c in range(c0, c1):
+        k.ok[c - c0] = f32_xhat_ok(rs[c])
+        split_mean(mean[c], &mh, &ml)
+        rf = <float>rs[c]
+        wf = <float>(1.0 if w == NULL else w[c])
+        bf = <float>(0.0 if b == NULL else b[c])
+        j = (c - c0) * rep
+        for h in range(rep):
+            k.mh[j + h] = mh
+            k.ml[j + h] = ml
+            k.rf[j + h] = rf
+            k.wf[j + h] = wf
+            k.bf[j + h] = bf
+
+
+cdef inline void _col_apply_f32(const storage* x, storage* y, Py_ssize_t D,
+                                Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t HW,
+                                const ColCoefs* k, Py_ssize_t j) noexcept nogil:
+    """The float32 apply of nrows rows (row stride D) of nch channels with k's
+    constants from channel j of the tile on (float32 and 16-bit storage)."""
+    if HW >= CH_RUN:
+        if storage is float:
+            cn_ch_apply_f32(x, y, D, nrows, nch, HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_f16:
+            cn_ch_apply_f16(x, y, D, nrows, nch, HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_bf16:
+            cn_ch_apply_bf16(x, y, D, nrows, nch, HW, k.mh + j, k.ml + j, k.rf + j,
+                             k.wf + j, k.bf + j)
+    else:
+        j = j * HW
+        if storage is float:
+            cn_cl_apply_f32(x, y, D, nrows, nch * HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_f16:
+            cn_cl_apply_f16(x, y, D, nrows, nch * HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_bf16:
+            cn_cl_apply_bf16(x, y, D, nrows, nch * HW, k.mh + j, k.ml + j, k.rf + j,
+                             k.wf + j, k.bf + j)
 
 
 cdef void _col_apply(const storage* x, storage* y, Py_ssize_t D, Py_ssize_t r0,
@@ -102,18 +182,55 @@ cdef void _col_apply(const storage* x, storage* y, Py_ssize_t D, Py_ssize_t r0,
                      const double* mean, const double* rstd, const double* var,
                      double eps, const floating* w, const floating* b,
                      int act) noexcept nogil:
-    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, in float64,
-    then the activation act on each row's segment. rstd NULL (eval mode, no (C,) array
-    for it): 1 / sqrt(var + eps), formed once per channel here."""
+    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, then the
+    activation act on each row's segment. float32 and 16-bit data: the slab family's
+    float32 form (affine_const: the split mean, xhat before the weight) in SIMD lanes
+    (_col_apply_f32; 16-bit data widened and narrowed in registers, or, with an
+    activation, on the widened row piece, rounded once); float64 data, and channels
+    beyond f32_xhat_ok, in float64 (_col_affine_row). rstd NULL (eval mode, no (C,)
+    array for it): 1 / sqrt(var + eps), formed once per channel here."""
     cdef double rsl[COL_WIDTH]
+    cdef float buf[COL_WIDTH]
+    cdef ColCoefs k
     cdef const double* rs = rstd
-    cdef Py_ssize_t c, r
+    cdef Py_ssize_t c, e, r, o, n
     if rstd == NULL:
         for c in range(c0, c1):
             rsl[c - c0] = 1.0 / sqrt(var[c] + eps)
         rs = rsl - c0
-    for r in range(r0, r1):
-        _col_affine_act_row(x + r * D, y + r * D, c0, c1, HW, mean, rs, w, b, act)
+    if storage is double:
+        for r in range(r0, r1):
+            _col_affine_act_row(x + r * D, y + r * D, c0, c1, HW, mean, rs, w, b, act)
+    else:
+        _col_coefs(&k, c0, c1, HW, mean, rs, w, b)
+        # runs of channels [c, e) alike in k.ok, each in its own arithmetic
+        c = c0
+        while c < c1:
+            e = c + 1
+            while e < c1 and k.ok[e - c0] == k.ok[c - c0]:
+                e = e + 1
+            o = c * HW
+            n = (e - c) * HW
+            if not k.ok[c - c0]:
+                for r in range(r0, r1):
+                    _col_affine_act_row(x + r * D, y + r * D, c, e, HW, mean, rs, w, b,
+                                        act)
+            elif not act:
+                _col_apply_f32(x + r0 * D + o, y + r0 * D + o, D, r1 - r0, e - c, HW, &k,
+                               c - c0)
+            else:
+                for r in range(r0, r1):
+                    if storage is float:
+                        _col_apply_f32(x + r * D + o, y + r * D + o, D, 1, e - c, HW, &k,
+                                       c - c0)
+                        act_run(y + r * D + o, n, act)
+                    else:
+                        widen(x + r * D + o, buf, n)
+                        _col_apply_f32(<const float*>buf, buf, n, 1, e - c, HW, &k,
+                                       c - c0)
+                        cn_act_f32(buf, buf, n, act)
+                        narrow(buf, y + r * D + o, n)
+            c = e
 
 
 cdef inline void _col_affine_act_row(const storage* xr, storage* yr, Py_ssize_t c0,
@@ -199,7 +316,7 @@ cdef void _col_forward(const storage* x, storage* y, const floating* w,
     relative to it; NULL: shifted by each channel's first value, which mean adds back.
     The variance is m2 / (N * HW - ddof), NaN when that is <= 0."""
     cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
-    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, c0, r0, blk
+    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, c0, r0, blk, ar
     cdef double* pm = mean if nb == 1 else part
     cdef double* pq = (var if var != NULL else rstd) if nb == 1 else part + nb * C
     cdef double div = var_divisor(N * HW, ddof), m, m2
@@ -230,12 +347,16 @@ cdef void _col_forward(const storage* x, storage* y, const floating* w,
             rstd[c] = inv_std(m2, div, eps)
     if y == NULL:
         return
-    # the apply: work items of APPLY_ROWS rows by one tile
-    for t in prange(((N + APPLY_ROWS - 1) // APPLY_ROWS) * n_tiles, nogil=True,
+    # the apply: work items of ar rows by one tile; at least APPLY_ROWS rows, more
+    # (about 8 items per thread) where N is large, so that forming a tile's per-column
+    # constants stays a small part of an item (each element's arithmetic is the same
+    # whatever the items: the same bits for every thread count)
+    ar = max(<Py_ssize_t>APPLY_ROWS, N // (8 * nt))
+    for t in prange(((N + ar - 1) // ar) * n_tiles, nogil=True,
                     num_threads=nt, schedule="static"):
         c0 = (t % n_tiles) * cpt
-        r0 = (t // n_tiles) * APPLY_ROWS
-        _col_apply(x, y, D, r0, min(r0 + APPLY_ROWS, N), c0, min(c0 + cpt, C), HW, mean,
+        r0 = (t // n_tiles) * ar
+        _col_apply(x, y, D, r0, min(r0 + ar, N), c0, min(c0 + cpt, C), HW, mean,
                    rstd, var, eps, w, b, act)
 
 
