@@ -266,10 +266,23 @@ cdef extern from "_lanes.h":
                            int rms) noexcept nogil
 
 
-# the float32 apply of row blocks with per-column constants (the channels-last family,
+# the column loops of _cl_tiles.h: the one-pass shifted sums of a row block and the
+# float32 apply of row blocks with per-column constants (the channels-last family,
 # BatchNorm's column path) or per-channel constants over runs of HW columns (BatchNorm's
 # column path)
 cdef extern from "_cl_tiles.h":
+    void cn_cl_shift_sums_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
+                              const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
+                              Py_ssize_t n, const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_f16(const cn_f16* x, Py_ssize_t D, Py_ssize_t nrows,
+                              Py_ssize_t n, const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_bf16(const cn_bf16* x, Py_ssize_t D, Py_ssize_t nrows,
+                               Py_ssize_t n, const double* c, double* d, double* q,
+                               Py_ssize_t pf_rows) noexcept nogil
     void cn_cl_apply_f32(const float* x, float* y, Py_ssize_t D, Py_ssize_t nrows,
                          Py_ssize_t n, const float* mh, const float* ml, const float* rf,
                          const float* wf, const float* bf) noexcept nogil
