@@ -9,22 +9,29 @@ grouped, long runs cut) whose partial results merge in a fixed order: the same b
 Short runs (HW < SHORT_RUN, e.g. BatchNorm over (N, C) features) would make a channel a
 strided gather. Then x is read as an (N, D = C * HW) matrix instead, in tiles of whole
 channels (at most COL_WIDTH columns) by blocks of rows (COL_ROWS to 2 * COL_ROWS - 1
-rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column moments
-(col_tile_moments, shared with the batched columns of standardize; of x minus the
-channel's first value, or a given shift, so that block means keep the spread's digits on
-offset data) or gradient sums with contiguous, vectorised loops and merges them per
-channel in column order; the per-block moments merge per channel pairwise (tree_merge_cols),
-the gradient sums in block order; the apply runs row by row with per-channel
-coefficients. Scratch: two float64 per channel and row block beyond the first, at most
+rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column sums with
+contiguous, vectorised loops and adds them per channel in column order: the one-pass
+sums of x minus the channel's first value and their squares (cn_cl_shift_sums, as the
+channels-last family), kept where they are as exact as two passes, else (and for
+Welford or a given shift) per-column moments (col_tile_moments, shared with the batched
+columns of standardize; of x minus the channel's first value, or the shift, so that
+block means keep the spread's digits on offset data) merged per channel; or the
+gradient sums. The per-block moments merge per channel pairwise (tree_merge_cols), the
+gradient sums in block order; the apply runs row by row in float32 SIMD with
+per-channel constants (cn_ch_apply, runs of 16 or more) or per-column ones (cn_cl_apply),
+the slab family's float32 form (float64 data, and channels beyond f32_xhat_ok, in
+float64). Scratch: two float64 per channel and row block beyond the first, at most
 1/16 of a float32 input; with a single row block the moments go straight into the
 outputs and the backward handles each tile's dx while it is in cache, with no scratch
 at all.
 
 Storage dtypes (see _common.pxd): both paths take every storage, parameters float32
 for all but float64 data. 16-bit data are computed in float32 lanes (the long-run path)
-or with the float32 data's arithmetic (the column path: its moments read staged, widened
-row blocks, its gradient sums widen in registers, and its apply and dx run on widened row pieces), rounded once on store: a
-16-bit result is the float32 result on the widened data, rounded to the storage.
+or with the float32 data's arithmetic (the column path: its one-pass sums, gradient sums
+and apply widen in registers, its two-pass moments read staged, widened row blocks, and
+its dx, and the apply with an activation, run on widened row pieces), rounded once on
+store: a 16-bit result is the float32 result on the widened data, rounded to the
+storage.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
@@ -138,7 +145,7 @@ cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
     cdef double cm[COL_WIDTH]
     cdef double cq[COL_WIDTH]
     cdef double ks[COL_WIDTH]
-    cdef double cnt = <double>(r1 - r0), M = cnt * HW, S, Q, dd
+    cdef double cnt = <double>(r1 - r0), M = cnt * HW, iM = 1.0 / M, S, Q, dd
     cdef Py_ssize_t j, c, h, n = (c1 - c0) * HW, pf = min(COL_ROWS, N - r1)
     for j in range(n):
         c = c0 + j // HW
@@ -156,10 +163,13 @@ cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
         for h in range(HW):
             S = S + cm[j + h]
             Q = Q + cq[j + h]
-        dd = S * S / M
+        # times 1 / M, not divided by M (one division a tile, not two a channel: with
+        # one value per column, 256 features of 64-row blocks, the divisions took a
+        # fifth of the pass); each product rounds once more, far below the test's margin
+        dd = S * S * iM
         if (Q <= DBL_MAX and Q >= M * 9.332636185032189e-302
                 and (SHIFT_SPREAD + 1) * dd <= SHIFT_SPREAD * Q):
-            pm[c] = S / M
+            pm[c] = S * iM
             pq[c] = Q - dd
         else:
             col_tile_moments(x + c0 * HW, D, r0, r1, j, j + HW, 0, ks, cm, cq, 0)
@@ -188,22 +198,40 @@ ctypedef struct ColCoefs:
 cdef inline void _col_coefs(ColCoefs* k, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
                             const double* mean, const double* rs, const floating* w,
                             const floating* b) noexcept nogil:
-    """k's constants of channels [c0, c1)."""
-    cdef Py_ssize_t c, h, j, rep = 1 if HW >= CH_RUN else HW
-    cdef float mh, ml, rf, wf, bf
-    for c in range(c0, c1):
-        k.ok[c - c0] = f32_xhat_ok(rs[c])
-        split_mean(mean[c], &mh, &ml)
-        rf = <float>rs[c]
-        wf = <float>(1.0 if w == NULL else w[c])
-        bf = <float>(0.0 if b == NULL else b[c])
-        j = (c - c0) * rep
-        for h in range(rep):
-            k.mh[j + h] = mh
-            k.ml[j + h] = ml
-            k.rf[j + h] = rf
-            k.wf[j + h] = wf
-            k.bf[j + h] = bf
+    """k's constants of channels [c0, c1): per channel in plain loops (which vectorise:
+    a tile of 1024 features takes them per work item), then, for runs shorter than
+    CH_RUN, spread over each channel's columns (from the last channel back, in place)."""
+    cdef Py_ssize_t c, h, n = c1 - c0, rep = 1 if HW >= CH_RUN else HW
+    cdef const double* m = mean + c0
+    cdef const double* r = rs + c0
+    for c in range(n):
+        k.ok[c] = f32_xhat_ok(r[c])
+        k.mh[c] = <float>m[c]
+        k.rf[c] = <float>r[c]
+    for c in range(n):
+        k.ml[c] = <float>(m[c] - <double>k.mh[c])
+    if w == NULL:
+        for c in range(n):
+            k.wf[c] = 1
+    else:
+        for c in range(n):
+            k.wf[c] = <float>w[c0 + c]
+    if b == NULL:
+        for c in range(n):
+            k.bf[c] = 0
+    else:
+        for c in range(n):
+            k.bf[c] = <float>b[c0 + c]
+    if rep > 1:
+        c = n - 1
+        while c >= 0:
+            for h in range(rep - 1, -1, -1):
+                k.mh[c * rep + h] = k.mh[c]
+                k.ml[c * rep + h] = k.ml[c]
+                k.rf[c * rep + h] = k.rf[c]
+                k.wf[c * rep + h] = k.wf[c]
+                k.bf[c * rep + h] = k.bf[c]
+            c = c - 1
 
 
 cdef inline void _col_apply_f32(const storage* x, storage* y, Py_ssize_t D,
@@ -340,7 +368,8 @@ cdef void _col_act_grad(const storage* dy, const storage* x, void* g, Py_ssize_t
                         const double* mean, const double* rstd, const floating* w,
                         const floating* b, int act) noexcept nogil:
     """Row r, channels [c0, c1) (at most COL_WIDTH columns): g = dy * act'(a), a the
-    forward's pre-activation, recomputed as _col_apply computes it. g (of x's shape):
+    forward's pre-activation, recomputed in float64 (_col_affine_row: within a few float32
+    ulps of the forward's float32 form, as the derivative needs). g (of x's shape):
     storage for float32 and float64 data, where it may be dy; float32 for 16-bit data,
     computed in float32 on the widened row pieces and kept in float32."""
     cdef float af[COL_WIDTH]
