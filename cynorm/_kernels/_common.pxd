@@ -694,15 +694,40 @@ cdef inline void split_set_stats(const storage* x, const SetLayout* L, Py_ssize_
         rstd[s] = inv_std(rstd[s], L.var_div, eps)
 
 
+ctypedef struct ActSums:
+    # The gradient sums of a backward with an activation on 16-bit data, where
+    # g = dy * act'(a) is not stored: the sums are of g, recomputed per run in float32
+    # (act_grad_sums), a = (x - mean) * rstd * weight + shift the pre-activation of the
+    # forward (affine_act). Indexed by set; a NULL context: the sums of dy
+    # (lane_grad_sums).
+    int act                # activation code (nonzero)
+    const double* rstd     # per set
+    const void* weight     # per set, of the kernel's parameter type (floating); NULL: 1
+    const void* shift      # per set, likewise; NULL: 0
+
+
 cdef inline void piece_grad_sums(const storage* dy, const storage* x, const floating* w,
                                  const SetLayout* L, Py_ssize_t p, double mean,
-                                 double* sdy, double* sdyx) noexcept nogil:
+                                 const ActSums* actx, Py_ssize_t s, double* sdy,
+                                 double* sdyx) noexcept nogil:
     """lane_grad_sums over piece p of the set at dy, x. An elementwise w (row family)
-    is indexed like the set's single run."""
+    is indexed like the set's single run. actx not NULL (16-bit data): act_grad_sums
+    with set s's activation context instead (w unused), chosen per run."""
     cdef Py_ssize_t run0, nruns, e0, elen, r, off
+    cdef double wc = 1.0, bc = 0.0
     piece_bounds(L, p, &run0, &nruns, &e0, &elen)
     sdy[0] = 0
     sdyx[0] = 0
+    if (storage is cn_f16 or storage is cn_bf16) and actx != NULL:
+        if actx.weight != NULL:
+            wc = (<const floating*>actx.weight)[s]
+        if actx.shift != NULL:
+            bc = (<const floating*>actx.shift)[s]
+        for r in range(nruns):
+            off = (run0 + r) * L.run_stride + e0
+            act_grad_sums(dy + off, x + off, elen, mean, actx.rstd[s], wc, bc, actx.act,
+                          sdy, sdyx)
+        return
     for r in range(nruns):
         off = (run0 + r) * L.run_stride + e0
         lane_grad_sums(dy + off, x + off, <const floating*>NULL if w == NULL else w + off,
@@ -711,30 +736,32 @@ cdef inline void piece_grad_sums(const storage* dy, const storage* x, const floa
 
 
 cdef inline void set_grad_sums(const storage* dy, const storage* x, const floating* w,
-                               const SetLayout* L, double mean, double* sdy,
-                               double* sdyx) noexcept nogil:
-    """The fold, in piece order, of piece_grad_sums over one set."""
+                               const SetLayout* L, double mean, const ActSums* actx,
+                               Py_ssize_t s, double* sdy, double* sdyx) noexcept nogil:
+    """The fold, in piece order, of piece_grad_sums over one set (actx, s: as there)."""
     cdef double a, b
     cdef Py_ssize_t p
     sdy[0] = 0
     sdyx[0] = 0
     for p in range(L.n_pieces):
-        piece_grad_sums(dy, x, w, L, p, mean, &a, &b)
+        piece_grad_sums(dy, x, w, L, p, mean, actx, s, &a, &b)
         sdy[0] += a
         sdyx[0] += b
 
 
 cdef inline void split_grad_sums(const storage* dy, const storage* x, const floating* w,
                                  const SetLayout* L, Py_ssize_t n_sets,
-                                 Py_ssize_t set_stride, const double* mean, double* parts,
-                                 double* sdy, double* sdyx, int nt) noexcept nogil:
+                                 Py_ssize_t set_stride, const double* mean,
+                                 const ActSums* actx, double* parts, double* sdy,
+                                 double* sdyx, int nt) noexcept nogil:
     """set_grad_sums for every set, pieces shared out among the threads (2 doubles of
-    parts per piece; mean NULL: every mean 0). Same bits as set_grad_sums."""
+    parts per piece; mean NULL: every mean 0; actx: as in piece_grad_sums, indexed by
+    set). Same bits as set_grad_sums."""
     cdef Py_ssize_t P = L.n_pieces, k, s, p
     for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
         s = k // P
         piece_grad_sums(dy + s * set_stride, x + s * set_stride, w, L, k - s * P,
-                        0.0 if mean == NULL else mean[s],
+                        0.0 if mean == NULL else mean[s], actx, s,
                         &parts[2 * k], &parts[2 * k + 1])
     for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
         sdy[s] = 0

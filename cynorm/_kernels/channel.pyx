@@ -46,8 +46,7 @@ from cynorm._kernels._common cimport (
     affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
     MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
-    col_grad_sums, widen, narrow, ld, piece_bounds, act_grad_sums, act_grad_dx,
-    f32_xhat_ok, split_mean,
+    col_grad_sums, widen, narrow, ld, act_grad_dx, ActSums, f32_xhat_ok, split_mean,
 )
 from cynorm._kernels._common cimport cn_cl_apply_f32, cn_cl_apply_f16, cn_cl_apply_bf16
 from cynorm._kernels._common cimport cn_ch_apply_f32, cn_ch_apply_f16, cn_ch_apply_bf16
@@ -755,40 +754,6 @@ cdef inline void _grad_channel(const storage* dy, const storage* x, storage* dx,
             grad_const(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs)
 
 
-cdef inline void _act_piece_grad_sums(const storage* dy, const storage* x,
-                                      const floating* w, const floating* b,
-                                      const double* mean, const double* rstd,
-                                      const SetLayout* L, Py_ssize_t c, Py_ssize_t p,
-                                      int act, double* sdy, double* sdyx) noexcept nogil:
-    """16-bit data with an activation: piece_grad_sums over piece p of channel c's set
-    (at dy, x) with g = dy * act'(a) in dy's place, recomputed in float32 and never
-    stored (act_grad_sums: the same sums as float32 data holding g and the widened x)."""
-    cdef double wc = 1.0 if w == NULL else w[c]
-    cdef double shift = 0.0 if b == NULL else b[c]
-    cdef Py_ssize_t run0, nruns, e0, elen, r, off
-    piece_bounds(L, p, &run0, &nruns, &e0, &elen)
-    sdy[0] = 0
-    sdyx[0] = 0
-    for r in range(nruns):
-        off = (run0 + r) * L.run_stride + e0
-        act_grad_sums(dy + off, x + off, elen, mean[c], rstd[c], wc, shift, act, sdy, sdyx)
-
-
-cdef inline void _act_set_grad_sums(const storage* dy, const storage* x, const floating* w,
-                                    const floating* b, const double* mean,
-                                    const double* rstd, const SetLayout* L, Py_ssize_t c,
-                                    int act, double* sdy, double* sdyx) noexcept nogil:
-    """set_grad_sums's fold, in piece order, of _act_piece_grad_sums over channel c."""
-    cdef double a, bb
-    cdef Py_ssize_t p
-    sdy[0] = 0
-    sdyx[0] = 0
-    for p in range(L.n_pieces):
-        _act_piece_grad_sums(dy, x, w, b, mean, rstd, L, c, p, act, &a, &bb)
-        sdy[0] += a
-        sdyx[0] += bb
-
-
 cdef inline void _act_grad_channel(const storage* dy, const storage* x, storage* g,
                                    const floating* w, const floating* b,
                                    const double* mean, const double* rstd, Py_ssize_t n0,
@@ -813,41 +778,32 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
     NULL) but recomputed in float32 by the sums and by dx (act_grad_sums, act_grad_dx),
     the same bits as float32 data holding the widened dy and x, dx rounded once."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
-    cdef Py_ssize_t c, r, p, k, P = L.n_pieces
+    cdef Py_ssize_t c, r
     cdef bint lowp_act = (storage is cn_f16 or storage is cn_bf16) and act != 0
     cdef const storage* gd = <const storage*>g if act and not lowp_act else dy
+    cdef ActSums actx
+    cdef const ActSums* pact = NULL
+    if lowp_act:  # the sums recompute g per run in float32 (act_grad_sums)
+        actx.act = act
+        actx.rstd = rstd
+        actx.weight = w
+        actx.shift = b
+        pact = &actx
     if parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
-            if lowp_act:
-                _act_set_grad_sums(dy + c * HW, x + c * HW, w, b, mean, rstd, &L, c, act,
-                                   &sdy[c], &sdyx[c])
-            else:
-                if act:
-                    _act_grad_channel(dy, x, g, w, b, mean, rstd, 0, N, c, C, HW, act)
-                set_grad_sums(gd + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
-                              &sdy[c], &sdyx[c])
+            if act and not lowp_act:
+                _act_grad_channel(dy, x, g, w, b, mean, rstd, 0, N, c, C, HW, act)
+            set_grad_sums(gd + c * HW, x + c * HW, <const floating*>NULL, &L, mean[c],
+                          pact, c, &sdy[c], &sdyx[c])
             _grad_channel(gd, x, dx, w, b, mean, rstd, sdy, sdyx, 0, N, c, N, C, HW,
                           training, act if lowp_act else 0)
     else:
-        if lowp_act:
-            # split_grad_sums's pieces and fold
-            for k in prange(C * P, nogil=True, num_threads=nt, schedule="static"):
-                _act_piece_grad_sums(dy + (k // P) * HW, x + (k // P) * HW, w, b, mean,
-                                     rstd, &L, k // P, k % P, act, &parts[2 * k],
-                                     &parts[2 * k + 1])
-            for c in prange(C, nogil=True, num_threads=nt, schedule="static"):
-                sdy[c] = 0
-                sdyx[c] = 0
-                for p in range(P):
-                    sdy[c] = sdy[c] + parts[2 * (c * P + p)]
-                    sdyx[c] = sdyx[c] + parts[2 * (c * P + p) + 1]
-        else:
-            if act:
-                for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-                    _act_grad_channel(dy, x, g, w, b, mean, rstd, r // C, r // C + 1, r % C,
-                                      C, HW, act)
-            split_grad_sums(gd, x, <const floating*>NULL, &L, C, HW, mean, parts, sdy,
-                            sdyx, nt)
+        if act and not lowp_act:
+            for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
+                _act_grad_channel(dy, x, g, w, b, mean, rstd, r // C, r // C + 1, r % C,
+                                  C, HW, act)
+        split_grad_sums(gd, x, <const floating*>NULL, &L, C, HW, mean, pact, parts, sdy,
+                        sdyx, nt)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             _grad_channel(gd, x, dx, w, b, mean, rstd, sdy, sdyx, r // C, r // C + 1,
                           r % C, N, C, HW, training, act if lowp_act else 0)

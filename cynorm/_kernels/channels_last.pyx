@@ -692,16 +692,12 @@ cdef inline void _grad_row_s(const storage* dy, const float* g32, const storage*
     cdef float bx[CL_WIDTH]
     if storage is double:
         _grad_row(dy, x, dx, n, k)
-    elif storage is cn_f16 and g32 != NULL:
+    elif (storage is cn_f16 or storage is cn_bf16) and g32 != NULL:
         if k.all_ok:
-            cn_cl_grad_g32_f16(g32, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
-        else:
-            widen(x, bx, n)
-            _grad_row(g32, <const float*>bx, bdy, n, k)
-            narrow(bdy, dx, n)
-    elif storage is cn_bf16 and g32 != NULL:
-        if k.all_ok:
-            cn_cl_grad_g32_bf16(g32, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+            if storage is cn_f16:
+                cn_cl_grad_g32_f16(g32, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
+            else:
+                cn_cl_grad_g32_bf16(g32, x, dx, n, k.mh, k.ml, k.rf, k.wf, k.gf, k.kf)
         else:
             widen(x, bx, n)
             _grad_row(g32, <const float*>bx, bdy, n, k)

@@ -212,16 +212,16 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray out,
     with nogil:
         if kind == KIND_F32:
             split_grad_sums(<const float*>pdy, <const float*>px, <const float*>NULL, &L,
-                            K, B, pm, parts, po, po + K, nt)
+                            K, B, pm, NULL, parts, po, po + K, nt)
         elif kind == KIND_F16:
             split_grad_sums(<const cn_f16*>pdy, <const cn_f16*>px, <const float*>NULL, &L,
-                            K, B, pm, parts, po, po + K, nt)
+                            K, B, pm, NULL, parts, po, po + K, nt)
         elif kind == KIND_BF16:
             split_grad_sums(<const cn_bf16*>pdy, <const cn_bf16*>px, <const float*>NULL,
-                            &L, K, B, pm, parts, po, po + K, nt)
+                            &L, K, B, pm, NULL, parts, po, po + K, nt)
         else:
             split_grad_sums(<const double*>pdy, <const double*>px, <const double*>NULL,
-                            &L, K, B, pm, parts, po, po + K, nt)
+                            &L, K, B, pm, NULL, parts, po, po + K, nt)
 
 
 cdef void _grad_apply(const storage* dy, const storage* x, storage* dx,

@@ -471,7 +471,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
             _block_tiles(dy, x, dx, w, wd, dw, db, mean, rstd, sdy, sdyx, part, R, K,
                          blk, 0, n_cols, 1, rms, stream)
     else:
-        split_grad_sums(dy, x, w, &L, R, K, mean, parts, sdy, sdyx, nt)
+        split_grad_sums(dy, x, w, &L, R, K, mean, NULL, parts, sdy, sdyx, nt)
         for t in prange(n_blocks * n_cols, nogil=True, num_threads=nt, schedule="static"):
             _block_tiles(dy, x, dx, w, wd, dw, db, mean, rstd, sdy, sdyx, part, R, K,
                          t // n_cols, t % n_cols, t % n_cols + 1, 0, rms, stream)
