@@ -6,17 +6,23 @@ the 1-thread CPU time of cynorm (time.process_time), which the machine's load do
 inflate as much as wall time.
 
     PYTHONPATH=$PWD python benchmarks/bench_bn_anchors.py [--rounds 30] [--threads 1 2]
+        [--old TREE]
 
 ONNX Runtime (BatchNormalization-15, training_mode=1 for training) and torch are each
-used only when importable.
+used only when importable. --old TREE: another built cynorm tree (e.g. main) timed in the
+same rounds (benchmarks/_ab_trees.py), its time and old/new beside the anchors.
 """
 import argparse
 import time
 
+import os
+import sys
+
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-import cynorm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _ab_trees  # noqa: E402
 
 SHAPES = [(64, 128, 7, 7), (32, 64, 56, 56), (8, 256, 28, 28), (256, 512), (4096, 256)]
 
@@ -74,7 +80,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--old", default=None)
     a = ap.parse_args()
+    old = _ab_trees.load(a.old).batch_norm if a.old else None
+    new = _ab_trees.load(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(f"cynorm from {os.path.dirname(new.__file__)}"
+          + (f"; old from {a.old}" if a.old else ""))
+    new = new.batch_norm
     try:
         import torch
     except ImportError:
@@ -93,13 +105,14 @@ def main():
                 rm = np.zeros(C, np.float32)
                 rv = np.ones(C, np.float32)
 
-                def cy():
-                    cynorm.batch_norm(x, rm, rv, w, b, training=training)
-                fns = {"cynorm": cy, "ort": _ort(x, w, b, training, nt),
+                def cy(f=new):
+                    f(x, rm, rv, w, b, training=training)
+                fns = {"cynorm": cy, "old": (lambda: cy(old)) if old else None,
+                       "ort": _ort(x, w, b, training, nt),
                        "torch": _torch(x, w, b, training)}
                 fns = {k: f for k, f in fns.items() if f is not None}
                 best = {k: np.inf for k in fns}
-                cpu = np.inf
+                cpu = {k: np.inf for k in fns}
                 reps = max(1, int(2e7 // x.size))
                 with threadpool_limits(nt, user_api="openmp"):
                     for f in fns.values():
@@ -110,13 +123,18 @@ def main():
                             for _ in range(reps):
                                 f()
                             t = (time.perf_counter() - t0) / reps
-                            if k == "cynorm" and nt == 1:
-                                cpu = min(cpu, (time.process_time() - c0) / reps)
+                            if nt == 1:
+                                cpu[k] = min(cpu[k], (time.process_time() - c0) / reps)
                             best[k] = min(best[k], t)
                 line = (f"{nt}t {'train' if training else 'eval '} {str(shape):18s} "
                         f"cynorm {best['cynorm'] * 1e3:7.3f} ms")
                 if nt == 1:
-                    line += f" (cpu {cpu * 1e3:7.3f})"
+                    line += f" (cpu {cpu['cynorm'] * 1e3:7.3f})"
+                if "old" in best:
+                    line += f" | old {best['old'] * 1e3:7.3f} ms"
+                    if nt == 1:
+                        line += f" (cpu {cpu['old'] * 1e3:7.3f})"
+                    line += f" old/new {best['old'] / best['cynorm']:5.2f}"
                 for k in ("ort", "torch"):
                     if k in best:
                         line += (f" | {k} {best[k] * 1e3:7.3f} ms "

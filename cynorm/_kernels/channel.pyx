@@ -43,7 +43,7 @@ from libc.math cimport sqrt
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
-    affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
+    affine_act, act_grad_const, act_run, grad_const, inv_std, data,
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
     MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
     col_grad_sums, widen, narrow, ld, act_grad_dx, ActSums, f32_xhat_ok, split_mean,
