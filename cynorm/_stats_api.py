@@ -165,9 +165,8 @@ def apply_stats(x, mean, rstd, weight=None, bias=None, sets="batch", *, num_grou
     float32 on the widened values and rounded once to x's dtype.
     float64_affine (sets "batch", "group", "instance"): compute the affine of float32
     data in float64, rounded once, rather than in float32 (within a few ulps; 16-bit
-    data: rounded to float32, then to x's dtype, as batch_norm's short runs); None: as
-    batch_norm does, in float64 exactly when a channel's runs are shorter than 64
-    elements. Returns y.
+    data: rounded to float32, then to x's dtype); None or False: in float32, as every
+    op's forward does (batch_norm's short runs included). Returns y.
     """
     x, A, K, B, bounds, per_sample, shape, pshape, elementwise = _layout(
         x, sets, num_groups, normalized_ndim)
@@ -185,8 +184,6 @@ def apply_stats(x, mean, rstd, weight=None, bias=None, sets="batch", *, num_grou
     y = prepare_out(out, "out", x.shape, x.dtype, (x, w, b, mean, rstd), may_alias=(x,))
     G = len(bounds) - 1
     gidx = np.repeat(np.arange(G, dtype=np.intp), np.diff(bounds))
-    if float64_affine is None:
-        float64_affine = sets == "batch" and B < SHORT_RUN
     partial.apply(x, y, w, b, mean, rstd, A, K, B, gidx, G, per_sample, int(elementwise),
                   int(bool(float64_affine)))
     return y

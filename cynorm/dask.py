@@ -145,8 +145,9 @@ def _apply_block(xb, stats, w, b, sets, **kw):
 
 
 def _float64_affine(x):
-    """batch_norm's choice in memory, from the whole array's run length (not a
-    chunk's): float32 and 16-bit data are applied in float64 for short runs."""
+    """batch_norm_backward's choice in memory, from the whole array's run length (not a
+    chunk's): dx of float32 and 16-bit data is computed in float64 for short runs (the
+    forward's apply is float32 for every run length)."""
     return x.dtype != np.float64 and int(np.prod(x.shape[2:])) < SHORT_RUN
 
 
@@ -212,8 +213,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         rm = _param(running_mean, "running_mean", (C,), np.float64, cchunks)
         rv = _param(running_var, "running_var", (C,), np.float64, cchunks)
         st = da.stack([rm, 1.0 / da.sqrt(rv + eps)]).rechunk(((2,),) + cchunks)
-    y = _apply(x, st, "b", w, b, "b", "batch", reread and training,
-               float64_affine=_float64_affine(x))
+    y = _apply(x, st, "b", w, b, "b", "batch", reread and training)
     return _result(y, st, return_stats)
 
 

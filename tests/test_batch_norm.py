@@ -377,3 +377,27 @@ def test_batch_norm_matches_torch_forward_and_backward(rng, dtype, shape, traini
     for a, t in [(dx, tx.grad), (dw, tw.grad), (db, tb.grad)]:
         t = t.numpy()
         np.testing.assert_allclose(a, t, rtol=tol, atol=tol * max(1, np.abs(t).max()))
+
+
+@pytest.mark.parametrize("shape", [(64, 6, 7, 7), (200, 5, 3, 3), (300, 7)],
+                         ids=["7x7", "3x3_blocks", "features"])
+def test_short_run_statistics_are_float64_accurate_on_offset_data(rng, dtype, shape):
+    """Short runs (the column path's one-pass sums about each channel's first value,
+    with the two-pass algorithm where that would not be as exact): offset data, a
+    channel whose first value is an outlier, a near-constant channel, a constant one;
+    the statistics to float64 accuracy, y close to the float64 reference."""
+    x = (1e4 + rng.standard_normal(shape)).astype(dtype)
+    x.reshape(shape[0], shape[1], -1)[0, 0, 0] = 1e4 + 3e3   # an outlier first value
+    x[:, 1] = (1e4 + 1e-2 * rng.standard_normal(x[:, 1].shape)).astype(dtype)
+    x[:, 2] = -7.25                                          # constant
+    x[:, 3] += 300                                           # another offset
+    y, mean, rstd = cynorm.batch_norm(x, training=True, return_stats=True, eps=1e-5)
+    xs = np.moveaxis(x.astype(np.float64), 1, 0).reshape(shape[1], -1)
+    mean_ref = xs.mean(axis=1)
+    var_ref = ((xs - mean_ref[:, None]) ** 2).mean(axis=1)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-13)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(var_ref + 1e-5), rtol=1e-10)
+    yd = (x.astype(np.float64) - mean_ref.reshape((1, -1) + (1,) * (x.ndim - 2))) \
+        / np.sqrt(var_ref + 1e-5).reshape((1, -1) + (1,) * (x.ndim - 2))
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, yd, rtol=tol, atol=tol * np.abs(yd).max())

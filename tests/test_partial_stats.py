@@ -450,7 +450,7 @@ def test_16bit_whole_sets_give_the_ops_own_statistics_and_output_bitwise(dt):
     assert np.array_equal(p.mean, mean) and np.array_equal(p.rstd(), rstd)
     assert same(cynorm.apply_stats(x, mean, rstd, lw, None, "layer", normalized_ndim=2),
                 y)
-    # short runs: batch_norm's column path, float64 affine from the op's statistics
+    # short runs: batch_norm's column path, its float32 affine from the op's statistics
     xs = data((40, 6, 3), dt)
     y, mean, rstd = cynorm.batch_norm(xs, weight=w[:1].repeat(6), training=True,
                                       return_stats=True)

@@ -5,6 +5,8 @@
  *                       of e = x - k[j] and e * e in float64, row by row in order
  *   cn_cl_apply_T       the float32 apply y = (((x - mh) - ml) * rf) * wf + bf with
  *                       per-column constants (the slab family's float32 form)
+ *   cn_ch_apply_T       the same with per-channel constants over runs of HW columns
+ *                       (BatchNorm's column path)
  *
  * The sums keep register tiles of CN_CT vectors of columns over groups of CN_CR rows
  * (CN_COL_TILES of _lanes.h: the tile's sums in registers across the group's rows, the
@@ -119,5 +121,41 @@ CN_CL_SHIFT_SUMS_DEF(cn_bf16, bf16)
 CN_CL_APPLY_DEF(float, f32)
 CN_CL_APPLY_DEF(cn_f16, f16)
 CN_CL_APPLY_DEF(cn_bf16, bf16)
+
+/* ---- the same apply with per-channel constants (BatchNorm's column path) ----------
+ * Rows [0, nrows) (row stride D) of nch channels of HW >= CN_FW contiguous columns
+ * each, channel c's constants mh[c], ml[c], rf[c], wf[c], bf[c] broadcast across its columns: operation
+ * for operation cn_cl_apply's (the same constants give the same bits), without reloading
+ * five constant vectors for every data vector, which made runs of 16 or more columns
+ * (7 x 7 maps) bound by the loads. HW >= CN_FW: a run's last HW % CN_FW columns are
+ * computed as part of its last CN_FW columns, a vector loaded before any of the run is
+ * stored (so y may be x) and stored after it, over the values the loop stored there:
+ * the same values, as every lane's arithmetic is the same (a zero-padded chunk per run,
+ * CN_PART_IN, cost more than the run's vectors). */
+#define CN_CH_APPLY_DEF(T_, NAME)                                                       \
+    static inline void cn_ch_apply_##NAME(const T_* x, T_* y, ptrdiff_t D,             \
+                                          ptrdiff_t nrows, ptrdiff_t nch, ptrdiff_t HW, \
+                                          const float* mh, const float* ml,             \
+                                          const float* rf, const float* wf,             \
+                                          const float* bf) {                            \
+        ptrdiff_t r, c, i;                                                              \
+        const ptrdiff_t last = HW - CN_FW;                                              \
+        for (r = 0; r < nrows; r++)                                                     \
+            for (c = 0; c < nch; c++) {                                                 \
+                const T_* xr = x + r * D + c * HW;                                      \
+                T_* yr = y + r * D + c * HW;                                            \
+                const cn_vf kh = {CN_FLANES(mh[c])}, kl = {CN_FLANES(ml[c])};           \
+                const cn_vf kr = {CN_FLANES(rf[c])}, kw = {CN_FLANES(wf[c])};           \
+                const cn_vf kb = {CN_FLANES(bf[c])};                                    \
+                const cn_vf t = (((CN_LDF(xr + last) - kh) - kl) * kr) * kw + kb;       \
+                for (i = 0; i + CN_FW <= HW; i += CN_FW)                                \
+                    CN_STF(yr + i, (((CN_LDF(xr + i) - kh) - kl) * kr) * kw + kb);      \
+                if (i < HW) CN_STF(yr + last, t);                                       \
+            }                                                                           \
+    }
+
+CN_CH_APPLY_DEF(float, f32)
+CN_CH_APPLY_DEF(cn_f16, f16)
+CN_CH_APPLY_DEF(cn_bf16, bf16)
 
 #endif

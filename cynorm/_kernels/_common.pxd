@@ -268,6 +268,43 @@ cdef extern from "_lanes.h":
                            int rms) noexcept nogil
 
 
+# the column loops of _cl_tiles.h: the one-pass shifted sums of a row block and the
+# float32 apply of row blocks with per-column constants (the channels-last family,
+# BatchNorm's column path) or per-channel constants over runs of HW columns (BatchNorm's
+# column path)
+cdef extern from "_cl_tiles.h":
+    void cn_cl_shift_sums_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
+                              const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
+                              Py_ssize_t n, const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_f16(const cn_f16* x, Py_ssize_t D, Py_ssize_t nrows,
+                              Py_ssize_t n, const double* c, double* d, double* q,
+                              Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_shift_sums_bf16(const cn_bf16* x, Py_ssize_t D, Py_ssize_t nrows,
+                               Py_ssize_t n, const double* c, double* d, double* q,
+                               Py_ssize_t pf_rows) noexcept nogil
+    void cn_cl_apply_f32(const float* x, float* y, Py_ssize_t D, Py_ssize_t nrows,
+                         Py_ssize_t n, const float* mh, const float* ml, const float* rf,
+                         const float* wf, const float* bf) noexcept nogil
+    void cn_cl_apply_f16(const cn_f16* x, cn_f16* y, Py_ssize_t D, Py_ssize_t nrows,
+                         Py_ssize_t n, const float* mh, const float* ml, const float* rf,
+                         const float* wf, const float* bf) noexcept nogil
+    void cn_cl_apply_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t D, Py_ssize_t nrows,
+                          Py_ssize_t n, const float* mh, const float* ml, const float* rf,
+                          const float* wf, const float* bf) noexcept nogil
+    void cn_ch_apply_f32(const float* x, float* y, Py_ssize_t D, Py_ssize_t nrows,
+                         Py_ssize_t nch, Py_ssize_t HW, const float* mh, const float* ml,
+                         const float* rf, const float* wf, const float* bf) noexcept nogil
+    void cn_ch_apply_f16(const cn_f16* x, cn_f16* y, Py_ssize_t D, Py_ssize_t nrows,
+                         Py_ssize_t nch, Py_ssize_t HW, const float* mh, const float* ml,
+                         const float* rf, const float* wf, const float* bf) noexcept nogil
+    void cn_ch_apply_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t D, Py_ssize_t nrows,
+                          Py_ssize_t nch, Py_ssize_t HW, const float* mh, const float* ml,
+                          const float* rf, const float* wf, const float* bf) noexcept nogil
+
+
 cdef inline double lane_sum(const storage* x, Py_ssize_t n) noexcept nogil:
     """sum(x); for float32 (and 16-bit) data accurate enough for a first pass (see
     _lanes.h)."""

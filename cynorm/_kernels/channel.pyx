@@ -9,22 +9,29 @@ grouped, long runs cut) whose partial results merge in a fixed order: the same b
 Short runs (HW < SHORT_RUN, e.g. BatchNorm over (N, C) features) would make a channel a
 strided gather. Then x is read as an (N, D = C * HW) matrix instead, in tiles of whole
 channels (at most COL_WIDTH columns) by blocks of rows (COL_ROWS to 2 * COL_ROWS - 1
-rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column moments
-(col_tile_moments, shared with the batched columns of standardize; of x minus the
-channel's first value, or a given shift, so that block means keep the spread's digits on
-offset data) or gradient sums with contiguous, vectorised loops and merges them per
-channel in column order; the per-block moments merge per channel pairwise (tree_merge_cols),
-the gradient sums in block order; the apply runs row by row with per-channel
-coefficients. Scratch: two float64 per channel and row block beyond the first, at most
+rows; all N rows when N < 2 * COL_ROWS): each tile computes per-column sums with
+contiguous, vectorised loops and adds them per channel in column order: the one-pass
+sums of x minus the channel's first value and their squares (cn_cl_shift_sums, as the
+channels-last family), kept where they are as exact as two passes, else (and for
+Welford or a given shift) per-column moments (col_tile_moments, shared with the batched
+columns of standardize; of x minus the channel's first value, or the shift, so that
+block means keep the spread's digits on offset data) merged per channel; or the
+gradient sums. The per-block moments merge per channel pairwise (tree_merge_cols), the
+gradient sums in block order; the apply runs row by row in float32 SIMD with
+per-channel constants (cn_ch_apply, runs of 16 or more) or per-column ones (cn_cl_apply),
+the slab family's float32 form (float64 data, and channels beyond f32_xhat_ok, in
+float64). Scratch: two float64 per channel and row block beyond the first, at most
 1/16 of a float32 input; with a single row block the moments go straight into the
 outputs and the backward handles each tile's dx while it is in cache, with no scratch
 at all.
 
 Storage dtypes (see _common.pxd): both paths take every storage, parameters float32
 for all but float64 data. 16-bit data are computed in float32 lanes (the long-run path)
-or with the float32 data's arithmetic (the column path: its moments read staged, widened
-row blocks, its gradient sums widen in registers, and its apply and dx run on widened row pieces), rounded once on store: a
-16-bit result is the float32 result on the widened data, rounded to the storage.
+or with the float32 data's arithmetic (the column path: its one-pass sums, gradient sums
+and apply widen in registers, its two-pass moments read staged, widened row blocks, and
+its dx, and the apply with an activation, run on widened row pieces), rounded once on
+store: a 16-bit result is the float32 result on the widened data, rounded to the
+storage.
 
 The callers in cynorm._api validate everything; these functions trust their arguments.
 """
@@ -36,11 +43,18 @@ from libc.math cimport sqrt
 from cynorm._openmp cimport cynorm_init_fork_guard, cynorm_threads_for
 from cynorm._kernels._common cimport (
     SetLayout, make_layout, set_stats, split_set_stats, set_grad_sums, split_grad_sums,
-    affine_act, act_grad_const, act_run, grad_const, chan_merge, inv_std, data,
+    affine_act, act_grad_const, act_run, grad_const, inv_std, data,
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
     MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
-    col_grad_sums, widen, narrow, ld, act_grad_dx, ActSums,
+    col_grad_sums, widen, narrow, ld, act_grad_dx, ActSums, f32_xhat_ok, split_mean,
 )
+from cynorm._kernels._common cimport cn_cl_apply_f32, cn_cl_apply_f16, cn_cl_apply_bf16
+from cynorm._kernels._common cimport cn_ch_apply_f32, cn_ch_apply_f16, cn_ch_apply_bf16
+from cynorm._kernels._common cimport (
+    cn_cl_shift_sums_f32, cn_cl_shift_sums_f64, cn_cl_shift_sums_f16, cn_cl_shift_sums_bf16,
+    SHIFT_SPREAD,
+)
+from libc.float cimport DBL_MAX
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
 from cynorm._kernels._common cimport cn_col_grad_rows_g32_f16, cn_col_grad_rows_g32_bf16
 
@@ -56,7 +70,7 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 # most COL_WIDTH columns (64 x 1024 float32 = 256 KiB stays in L2), from _common.pxd.
 cdef enum:
     SHORT_RUN_ = 64   # runs shorter than this take the column path
-    APPLY_ROWS = 16   # rows per work item of the apply (eval: its rstd formed once)
+    APPLY_ROWS = 16   # least rows per work item of the apply (its constants formed once)
 
 # the column path's threshold, for cynorm._api and cynorm._stats_api (one definition)
 SHORT_RUN = SHORT_RUN_
@@ -68,33 +82,183 @@ cdef inline Py_ssize_t _col_blocks(Py_ssize_t N) noexcept nogil:
     return N // COL_ROWS if N >= COL_ROWS else 1
 
 
+cdef inline void _merge_columns(const double* cm, const double* cq, Py_ssize_t HW,
+                                double cnt, double* m, double* q) noexcept nogil:
+    """One channel's mean m and m2 q from the moments cm[h], cq[h] of its HW columns of
+    cnt values each: m = the mean of the column means, q = their m2s + cnt * sum((column
+    mean - m)**2) (the equal-count merge, exact up to rounding: one division per
+    channel, not HW of chan_merge's), both sums in column order."""
+    cdef double s = 0, q_ = 0, d2 = 0, d, m_
+    cdef Py_ssize_t h
+    for h in range(HW):
+        s = s + cm[h]
+    m_ = s / HW
+    for h in range(HW):
+        q_ = q_ + cq[h]
+        d = cm[h] - m_
+        d2 = d2 + d * d
+    m[0] = m_
+    q[0] = q_ + cnt * d2
+
+
+cdef inline void _col_shift_sums(const storage* x, Py_ssize_t D, Py_ssize_t nrows,
+                                 Py_ssize_t n, const double* k, double* d, double* q,
+                                 Py_ssize_t pf_rows) noexcept nogil:
+    """d[j] = sum(e), q[j] = sum(e * e), e = x - k[j], over nrows rows of the n columns
+    at x (cn_cl_shift_sums: each column row by row in order, in float64)."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        d[j] = 0
+        q[j] = 0
+    if storage is float:
+        cn_cl_shift_sums_f32(x, D, nrows, n, k, d, q, pf_rows)
+    elif storage is double:
+        cn_cl_shift_sums_f64(x, D, nrows, n, k, d, q, pf_rows)
+    elif storage is cn_f16:
+        cn_cl_shift_sums_f16(x, D, nrows, n, k, d, q, pf_rows)
+    else:
+        cn_cl_shift_sums_bf16(x, D, nrows, n, k, d, q, pf_rows)
+
+
 cdef void _col_tile_moments(const storage* x, Py_ssize_t D, Py_ssize_t HW,
                             Py_ssize_t N, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
                             Py_ssize_t c1, int welford, const double* shift, double* pm,
                             double* pq) noexcept nogil:
     """Per-channel mean and m2 of rows [r0, r1) of channels [c0, c1) of x - k[c] into
     pm[c], pq[c], k[c] = shift[c] (shift not NULL) or the channel's first value x[c * HW]
-    (pm is relative to k): per column (col_tile_moments, results on the stack; the
-    same columns of the rows that follow, up to N, prefetched meanwhile), then the HW
-    columns of each channel merged in order."""
+    (pm is relative to k); the same columns of the rows that follow, up to N, prefetched
+    meanwhile.
+
+    One pass where it is as exact as two (shift NULL, not Welford): the float64 sums of
+    e = x - k and e * e per column (_col_shift_sums; e exact for float32 and 16-bit data,
+    k being one of their values), added per channel in column order, mean = S / M and
+    m2 = Q - S^2 / M (M = (r1 - r0) * HW), kept under the slab family's test
+    (piece_moments: k within 8 standard deviations of the mean, no overflow, no squares
+    lost below the normal range, not constant; NaN and Inf fail it). A channel that
+    fails it, and every channel otherwise, takes the corrected two-pass algorithm (or
+    Welford's) per column (col_tile_moments), its HW columns then merged
+    (_merge_columns). The one pass reads the tile once at the float64 arithmetic's
+    speed; the two passes took about 1.5x its time (64 rows of 7 x 7 maps, float32, in
+    cache). Each channel's arithmetic depends only on its own values: the same bits
+    whatever the tile, and a NaN leaves the other channels' bits alone."""
     cdef double cm[COL_WIDTH]
     cdef double cq[COL_WIDTH]
     cdef double ks[COL_WIDTH]
-    cdef double cnt = <double>(r1 - r0), n_, m_, q_
-    cdef Py_ssize_t j, c, h, n = (c1 - c0) * HW
+    cdef double cnt = <double>(r1 - r0), M = cnt * HW, iM = 1.0 / M, S, Q, dd
+    cdef Py_ssize_t j, c, h, n = (c1 - c0) * HW, pf = min(COL_ROWS, N - r1)
     for j in range(n):
         c = c0 + j // HW
         ks[j] = ld(x, c * HW) if shift == NULL else shift[c]
-    col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq,
-                     min(COL_ROWS, N - r1))
+    if welford or shift != NULL:
+        col_tile_moments(x + c0 * HW, D, r0, r1, 0, n, welford, ks, cm, cq, pf)
+        for c in range(c0, c1):
+            _merge_columns(cm + (c - c0) * HW, cq + (c - c0) * HW, HW, cnt, &pm[c], &pq[c])
+        return
+    _col_shift_sums(x + r0 * D + c0 * HW, D, r1 - r0, n, ks, cm, cq, pf)
     for c in range(c0, c1):
-        n_ = 0
-        m_ = 0
-        q_ = 0
+        j = (c - c0) * HW
+        S = 0
+        Q = 0
         for h in range(HW):
-            chan_merge(&n_, &m_, &q_, cnt, cm[(c - c0) * HW + h], cq[(c - c0) * HW + h])
-        pm[c] = m_
-        pq[c] = q_
+            S = S + cm[j + h]
+            Q = Q + cq[j + h]
+        # times 1 / M, not divided by M (one division a tile, not two a channel: with
+        # one value per column, 256 features of 64-row blocks, the divisions took a
+        # fifth of the pass); each product rounds once more, far below the test's margin
+        dd = S * S * iM
+        if (Q <= DBL_MAX and Q >= M * 9.332636185032189e-302
+                and (SHIFT_SPREAD + 1) * dd <= SHIFT_SPREAD * Q):
+            pm[c] = S * iM
+            pq[c] = Q - dd
+        else:
+            col_tile_moments(x + c0 * HW, D, r0, r1, j, j + HW, 0, ks, cm, cq, 0)
+            _merge_columns(cm + j, cq + j, HW, cnt, &pm[c], &pq[c])
+
+
+# Runs of at least CH_RUN columns take the apply's constants per channel (cn_ch_apply),
+# shorter ones per column (cn_cl_apply): the same operations on the same constants, so
+# the choice never changes a bit.
+cdef enum:
+    CH_RUN = 16
+
+ctypedef struct ColCoefs:
+    # the float32 apply's constants of one tile (the slab family's float32 form,
+    # affine_const): the split mean mh + ml, rf = <float>rstd, wf, bf; per channel
+    # (HW >= CH_RUN) or per column (channel c's HW columns hold c's); ok[c - c0]:
+    # channel c's rstd passes f32_xhat_ok (else its constants are unused)
+    float mh[COL_WIDTH]
+    float ml[COL_WIDTH]
+    float rf[COL_WIDTH]
+    float wf[COL_WIDTH]
+    float bf[COL_WIDTH]
+    unsigned char ok[COL_WIDTH]
+
+
+cdef inline void _col_coefs(ColCoefs* k, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t HW,
+                            const double* mean, const double* rs, const floating* w,
+                            const floating* b) noexcept nogil:
+    """k's constants of channels [c0, c1): per channel in plain loops (which vectorise:
+    a tile of 1024 features takes them per work item), then, for runs shorter than
+    CH_RUN, spread over each channel's columns (from the last channel back, in place)."""
+    cdef Py_ssize_t c, h, n = c1 - c0, rep = 1 if HW >= CH_RUN else HW
+    cdef const double* m = mean + c0
+    cdef const double* r = rs + c0
+    for c in range(n):
+        k.ok[c] = f32_xhat_ok(r[c])
+        k.mh[c] = <float>m[c]
+        k.rf[c] = <float>r[c]
+    for c in range(n):
+        k.ml[c] = <float>(m[c] - <double>k.mh[c])
+    if w == NULL:
+        for c in range(n):
+            k.wf[c] = 1
+    else:
+        for c in range(n):
+            k.wf[c] = <float>w[c0 + c]
+    if b == NULL:
+        for c in range(n):
+            k.bf[c] = 0
+    else:
+        for c in range(n):
+            k.bf[c] = <float>b[c0 + c]
+    if rep > 1:
+        c = n - 1
+        while c >= 0:
+            for h in range(rep - 1, -1, -1):
+                k.mh[c * rep + h] = k.mh[c]
+                k.ml[c * rep + h] = k.ml[c]
+                k.rf[c * rep + h] = k.rf[c]
+                k.wf[c * rep + h] = k.wf[c]
+                k.bf[c * rep + h] = k.bf[c]
+            c = c - 1
+
+
+cdef inline void _col_apply_f32(const storage* x, storage* y, Py_ssize_t D,
+                                Py_ssize_t nrows, Py_ssize_t nch, Py_ssize_t HW,
+                                const ColCoefs* k, Py_ssize_t j) noexcept nogil:
+    """The float32 apply of nrows rows (row stride D) of nch channels with k's
+    constants from channel j of the tile on (float32 and 16-bit storage)."""
+    if HW >= CH_RUN:
+        if storage is float:
+            cn_ch_apply_f32(x, y, D, nrows, nch, HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_f16:
+            cn_ch_apply_f16(x, y, D, nrows, nch, HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_bf16:
+            cn_ch_apply_bf16(x, y, D, nrows, nch, HW, k.mh + j, k.ml + j, k.rf + j,
+                             k.wf + j, k.bf + j)
+    else:
+        j = j * HW
+        if storage is float:
+            cn_cl_apply_f32(x, y, D, nrows, nch * HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_f16:
+            cn_cl_apply_f16(x, y, D, nrows, nch * HW, k.mh + j, k.ml + j, k.rf + j,
+                            k.wf + j, k.bf + j)
+        elif storage is cn_bf16:
+            cn_cl_apply_bf16(x, y, D, nrows, nch * HW, k.mh + j, k.ml + j, k.rf + j,
+                             k.wf + j, k.bf + j)
 
 
 cdef void _col_apply(const storage* x, storage* y, Py_ssize_t D, Py_ssize_t r0,
@@ -102,18 +266,55 @@ cdef void _col_apply(const storage* x, storage* y, Py_ssize_t D, Py_ssize_t r0,
                      const double* mean, const double* rstd, const double* var,
                      double eps, const floating* w, const floating* b,
                      int act) noexcept nogil:
-    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, in float64,
-    then the activation act on each row's segment. rstd NULL (eval mode, no (C,) array
-    for it): 1 / sqrt(var + eps), formed once per channel here."""
+    """Rows [r0, r1), channels [c0, c1): y = ((x - mean) * rstd) * w + b, then the
+    activation act on each row's segment. float32 and 16-bit data: the slab family's
+    float32 form (affine_const: the split mean, xhat before the weight) in SIMD lanes
+    (_col_apply_f32; 16-bit data widened and narrowed in registers, or, with an
+    activation, on the widened row piece, rounded once); float64 data, and channels
+    beyond f32_xhat_ok, in float64 (_col_affine_row). rstd NULL (eval mode, no (C,)
+    array for it): 1 / sqrt(var + eps), formed once per channel here."""
     cdef double rsl[COL_WIDTH]
+    cdef float buf[COL_WIDTH]
+    cdef ColCoefs k
     cdef const double* rs = rstd
-    cdef Py_ssize_t c, r
+    cdef Py_ssize_t c, e, r, o, n
     if rstd == NULL:
         for c in range(c0, c1):
             rsl[c - c0] = 1.0 / sqrt(var[c] + eps)
         rs = rsl - c0
-    for r in range(r0, r1):
-        _col_affine_act_row(x + r * D, y + r * D, c0, c1, HW, mean, rs, w, b, act)
+    if storage is double:
+        for r in range(r0, r1):
+            _col_affine_act_row(x + r * D, y + r * D, c0, c1, HW, mean, rs, w, b, act)
+    else:
+        _col_coefs(&k, c0, c1, HW, mean, rs, w, b)
+        # runs of channels [c, e) alike in k.ok, each in its own arithmetic
+        c = c0
+        while c < c1:
+            e = c + 1
+            while e < c1 and k.ok[e - c0] == k.ok[c - c0]:
+                e = e + 1
+            o = c * HW
+            n = (e - c) * HW
+            if not k.ok[c - c0]:
+                for r in range(r0, r1):
+                    _col_affine_act_row(x + r * D, y + r * D, c, e, HW, mean, rs, w, b,
+                                        act)
+            elif not act:
+                _col_apply_f32(x + r0 * D + o, y + r0 * D + o, D, r1 - r0, e - c, HW, &k,
+                               c - c0)
+            else:
+                for r in range(r0, r1):
+                    if storage is float:
+                        _col_apply_f32(x + r * D + o, y + r * D + o, D, 1, e - c, HW, &k,
+                                       c - c0)
+                        act_run(y + r * D + o, n, act)
+                    else:
+                        widen(x + r * D + o, buf, n)
+                        _col_apply_f32(<const float*>buf, buf, n, 1, e - c, HW, &k,
+                                       c - c0)
+                        cn_act_f32(buf, buf, n, act)
+                        narrow(buf, y + r * D + o, n)
+            c = e
 
 
 cdef inline void _col_affine_act_row(const storage* xr, storage* yr, Py_ssize_t c0,
@@ -166,7 +367,8 @@ cdef void _col_act_grad(const storage* dy, const storage* x, void* g, Py_ssize_t
                         const double* mean, const double* rstd, const floating* w,
                         const floating* b, int act) noexcept nogil:
     """Row r, channels [c0, c1) (at most COL_WIDTH columns): g = dy * act'(a), a the
-    forward's pre-activation, recomputed as _col_apply computes it. g (of x's shape):
+    forward's pre-activation, recomputed in float64 (_col_affine_row: within a few float32
+    ulps of the forward's float32 form, as the derivative needs). g (of x's shape):
     storage for float32 and float64 data, where it may be dy; float32 for 16-bit data,
     computed in float32 on the widened row pieces and kept in float32."""
     cdef float af[COL_WIDTH]
@@ -199,7 +401,7 @@ cdef void _col_forward(const storage* x, storage* y, const floating* w,
     relative to it; NULL: shifted by each channel's first value, which mean adds back.
     The variance is m2 / (N * HW - ddof), NaN when that is <= 0."""
     cdef Py_ssize_t D = C * HW, nb = _col_blocks(N), cpt = COL_WIDTH // HW
-    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, c0, r0, blk
+    cdef Py_ssize_t n_tiles = (C + cpt - 1) // cpt, t, c, c0, r0, blk, ar
     cdef double* pm = mean if nb == 1 else part
     cdef double* pq = (var if var != NULL else rstd) if nb == 1 else part + nb * C
     cdef double div = var_divisor(N * HW, ddof), m, m2
@@ -230,12 +432,16 @@ cdef void _col_forward(const storage* x, storage* y, const floating* w,
             rstd[c] = inv_std(m2, div, eps)
     if y == NULL:
         return
-    # the apply: work items of APPLY_ROWS rows by one tile
-    for t in prange(((N + APPLY_ROWS - 1) // APPLY_ROWS) * n_tiles, nogil=True,
+    # the apply: work items of ar rows by one tile; at least APPLY_ROWS rows, more
+    # (about 8 items per thread) where N is large, so that forming a tile's per-column
+    # constants stays a small part of an item (each element's arithmetic is the same
+    # whatever the items: the same bits for every thread count)
+    ar = max(<Py_ssize_t>APPLY_ROWS, N // (8 * nt))
+    for t in prange(((N + ar - 1) // ar) * n_tiles, nogil=True,
                     num_threads=nt, schedule="static"):
         c0 = (t % n_tiles) * cpt
-        r0 = (t // n_tiles) * APPLY_ROWS
-        _col_apply(x, y, D, r0, min(r0 + APPLY_ROWS, N), c0, min(c0 + cpt, C), HW, mean,
+        r0 = (t // n_tiles) * ar
+        _col_apply(x, y, D, r0, min(r0 + ar, N), c0, min(c0 + cpt, C), HW, mean,
                    rstd, var, eps, w, b, act)
 
 

@@ -72,33 +72,16 @@ from cynorm._kernels._common cimport (
     ld, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
 )
 from cynorm._kernels._common cimport cn_cl_affine_f16, cn_cl_affine_bf16
+from cynorm._kernels._common cimport cn_cl_apply_f32, cn_cl_apply_f16, cn_cl_apply_bf16
+from cynorm._kernels._common cimport (
+    cn_cl_shift_sums_f32, cn_cl_shift_sums_f64, cn_cl_shift_sums_f16, cn_cl_shift_sums_bf16,
+)
 from cynorm._kernels._common cimport cn_act_f32, cn_act_grad_f32, cn_act_grad_f64
 from cynorm._kernels._common cimport cn_col_grad_rows_g32_f16, cn_col_grad_rows_g32_bf16
 from cynorm._kernels._common cimport SHIFT_SPREAD, SHIFT_HEAD
 from libc.float cimport DBL_MAX
 
 cdef extern from "_cl_tiles.h":
-    void cn_cl_shift_sums_f32(const float* x, Py_ssize_t D, Py_ssize_t nrows, Py_ssize_t n,
-                              const double* c, double* d, double* q,
-                              Py_ssize_t pf_rows) noexcept nogil
-    void cn_cl_shift_sums_f64(const double* x, Py_ssize_t D, Py_ssize_t nrows,
-                              Py_ssize_t n, const double* c, double* d, double* q,
-                              Py_ssize_t pf_rows) noexcept nogil
-    void cn_cl_shift_sums_f16(const cn_f16* x, Py_ssize_t D, Py_ssize_t nrows,
-                              Py_ssize_t n, const double* c, double* d, double* q,
-                              Py_ssize_t pf_rows) noexcept nogil
-    void cn_cl_shift_sums_bf16(const cn_bf16* x, Py_ssize_t D, Py_ssize_t nrows,
-                               Py_ssize_t n, const double* c, double* d, double* q,
-                               Py_ssize_t pf_rows) noexcept nogil
-    void cn_cl_apply_f32(const float* x, float* y, Py_ssize_t D, Py_ssize_t nrows,
-                         Py_ssize_t n, const float* mh, const float* ml, const float* rf,
-                         const float* wf, const float* bf) noexcept nogil
-    void cn_cl_apply_f16(const cn_f16* x, cn_f16* y, Py_ssize_t D, Py_ssize_t nrows,
-                         Py_ssize_t n, const float* mh, const float* ml, const float* rf,
-                         const float* wf, const float* bf) noexcept nogil
-    void cn_cl_apply_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t D, Py_ssize_t nrows,
-                          Py_ssize_t n, const float* mh, const float* ml, const float* rf,
-                          const float* wf, const float* bf) noexcept nogil
     void cn_cl_grad_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
                         const float* mh, const float* ml, const float* rf, const float* wf,
                         const float* gf, const float* kf) noexcept nogil
