@@ -700,13 +700,6 @@ static inline ptrdiff_t cn_row_apply_nt_f32(const float* x, float* y, const floa
     CN_STREAM_SPAN(y, n, ((cn_loadf(x + i) - mh) - ml) * rs)
 }
 
-/* y[0, n) = s[0, n) with non-temporal stores, y aligned to a whole vector; returns the
- * elements done (whole vectors), as CN_STREAM_SPAN: for outputs computed into an L1
- * block first (the activation epilogue) */
-static inline ptrdiff_t cn_stream_copy_f32(const float* s, float* y, ptrdiff_t n) {
-    CN_STREAM_SPAN(y, n, cn_loadf(s + i))
-}
-
 /* ---- a tile of the row-family backward, float32 ------------------------------------
  * Rows [0, nrows) of a block (row r at offset r * K), columns [0, n):
  *   xhat = ((x - mh) - ml) * rs,  dx = (((dy * w) - mg) - xhat * mgx) * rs   (float32)
