@@ -40,6 +40,12 @@ cdef enum:
     # stays in L2
     COL_ROWS = 64
     COL_WIDTH = 1024
+    # an elementwise float32 output of at least this many bytes (the whole call's) is
+    # stored past the caches (non-temporal stores: no read of each destination line
+    # before it is written); out of cache it would be evicted before it is read again
+    # anyway (32 MiB, a common last-level cache)
+    STREAM_BYTES = 32 << 20
+    STREAM_RUN_BYTES = 2048
 
 ctypedef struct SetLayout:
     Py_ssize_t n_runs          # contiguous runs in one set
@@ -186,6 +192,15 @@ cdef inline double ld(const storage* x, Py_ssize_t i) noexcept nogil:
 # ---- reductions over one contiguous run (_lanes.h: explicit float64 lanes) -----------
 
 cdef extern from "_lanes.h":
+    Py_ssize_t cn_affine_nt_f32(const float* x, float* y, Py_ssize_t n, float mh, float ml,
+                                float rf, float wf, float t) noexcept nogil
+    Py_ssize_t cn_grad_nt_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
+                              float mh, float ml, float rf, float wf, float gf,
+                              float kf) noexcept nogil
+    Py_ssize_t cn_row_apply_nt_f32(const float* x, float* y, const float* w, const float* b,
+                                   Py_ssize_t n, float mh, float ml, float rs,
+                                   int rms) noexcept nogil
+    void cn_stream_fence() noexcept nogil
     double cn_sum_f32(const float* x, Py_ssize_t n) noexcept nogil
     double cn_sum_f64(const double* x, Py_ssize_t n) noexcept nogil
     double cn_sqdev_f32(const float* x, Py_ssize_t n, double m, double* sdev,
@@ -868,16 +883,33 @@ cdef inline void _affine_span_f64(const floating* x, floating* y, Py_ssize_t i0,
         y[i] = <floating>(((x[i] - mean) * rstd) * weight + shift)
 
 
+cdef inline bint stream_out(Py_ssize_t n, Py_ssize_t run, Py_ssize_t itemsize) noexcept nogil:
+    """Whether a call's elementwise output of n items, written in contiguous runs of run
+    items each, is stored past the caches: n * itemsize >= STREAM_BYTES, and runs of at
+    least STREAM_RUN_BYTES (short runs would leave partial lines to the non-temporal
+    stores and pay a fence each). float32 paths only use it."""
+    return n * itemsize >= STREAM_BYTES and run * itemsize >= STREAM_RUN_BYTES
+
+
 cdef inline void affine_const(const storage* x, storage* y, Py_ssize_t n, double mean,
-                              double rstd, double weight, double shift) noexcept nogil:
-    """y = (x - mean) * rstd * weight + shift. y may be x."""
+                              double rstd, double weight, double shift,
+                              bint stream) noexcept nogil:
+    """y = (x - mean) * rstd * weight + shift. y may be x. stream (stream_out): float32
+    y's whole aligned vectors stored past the caches, the same values."""
     cdef Py_ssize_t h
+    cdef float mh, ml
     if storage is float or storage is double:
         h = aligned_head(y, n, sizeof(storage))
         _affine_span(x, y, 0, h, mean, rstd, weight, shift)
+        if storage is float:
+            if stream and f32_xhat_ok(rstd):
+                split_mean(mean, &mh, &ml)
+                h += cn_affine_nt_f32(x + h, y + h, n - h, mh, ml, <float>rstd,
+                                      <float>weight, <float>shift)
+                cn_stream_fence()
         _affine_span(x, y, h, n, mean, rstd, weight, shift)
     else:
-        affine_act(x, y, n, mean, rstd, weight, shift, 0)
+        affine_act(x, y, n, mean, rstd, weight, shift, 0, 0)
 
 
 cdef inline void affine_wide(const storage* x, storage* y, Py_ssize_t n, double mean,
@@ -957,11 +989,11 @@ cdef inline void _affine_elementwise_span(const floating* x, floating* y,
 
 cdef inline void affine_elementwise(const storage* x, storage* y, const floating* w,
                                     const floating* b, Py_ssize_t n, double mean,
-                                    double rstd) noexcept nogil:
+                                    double rstd, bint stream) noexcept nogil:
     """y = (x - mean) * rstd * w + b with elementwise w, b (n values each, NULL for
     none): the row family's apply (LayerNorm, RMSNorm). The casts of w and b are no-ops
     in the pairings that run. 16-bit data: on the widened block in float32, rounded once.
-    y may be x."""
+    y may be x. stream: as affine_const's."""
     cdef float buf[STAGE]
     cdef const float* wi = NULL
     cdef const float* bi = NULL
@@ -971,6 +1003,14 @@ cdef inline void affine_elementwise(const storage* x, storage* y, const floating
         h = aligned_head(y, n, sizeof(storage))
         _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, 0, h, mean,
                                  rstd)
+        if storage is float:
+            if stream and f32_xhat_ok(rstd):
+                split_mean(mean, &mh, &ml)
+                h += cn_row_apply_nt_f32(x + h, y + h, <const float*>w + h if w != NULL
+                                         else NULL, <const float*>b + h if b != NULL
+                                         else NULL, n - h, mh, ml, <float>rstd,
+                                         mean == 0 and b == NULL)
+                cn_stream_fence()
         _affine_elementwise_span(x, y, <const storage*>w, <const storage*>b, h, n, mean,
                                  rstd)
     elif f32_xhat_ok(rstd):
@@ -1023,7 +1063,7 @@ cdef inline void _grad_span_f64(const floating* dy, const floating* x, floating*
 
 cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
                             Py_ssize_t n, double weight, double mg, double mgx,
-                            double mean, double rstd) noexcept nogil:
+                            double mean, double rstd, bint stream) noexcept nogil:
     """dx = rstd * ((weight * dy - mg) - xhat * mgx) with xhat = (x - mean) * rstd, where
     mg = mean(g) and mgx = mean(g * xhat) over the set, g = weight * dy; dx may be dy or
     x. rstd is factored out, so g - mean(g) cancels before it is scaled: a constant set
@@ -1033,7 +1073,8 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
     No software prefetch of the data the caller reads next: the slab backward, which
     prefetched its next slab into L1 (or L2) during this pass, measured 1.2-1.4x slower
     out of cache with it than leaving that slab to the hardware prefetchers.
-    16-bit data: dx in float32 on the values widened in registers, rounded once."""
+    16-bit data: dx in float32 on the values widened in registers, rounded once.
+    stream: as affine_const's."""
     cdef float bdy[STAGE]
     cdef float bx[STAGE]
     cdef Py_ssize_t i = 0, e
@@ -1041,6 +1082,12 @@ cdef inline void grad_const(const storage* dy, const storage* x, storage* dx,
     if storage is float or storage is double:
         i = aligned_head(dx, n, sizeof(storage))
         _grad_span(dy, x, dx, 0, i, weight, mg, mgx, mean, rstd)
+        if storage is float:
+            if stream and f32_xhat_ok(rstd):
+                split_mean(mean, &mh, &ml)
+                i += cn_grad_nt_f32(dy + i, x + i, dx + i, n - i, mh, ml, <float>rstd,
+                                    <float>weight, <float>mg, <float>mgx)
+                cn_stream_fence()
         _grad_span(dy, x, dx, i, n, weight, mg, mgx, mean, rstd)
     elif f32_xhat_ok(rstd):
         split_mean(mean, &mh, &ml)
@@ -1135,16 +1182,20 @@ cdef inline void act_run(floating* y, Py_ssize_t n, int act) noexcept nogil:
 
 
 cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double mean,
-                            double rstd, double weight, double shift, int act) noexcept nogil:
+                            double rstd, double weight, double shift, int act,
+                            bint stream) noexcept nogil:
     """y = act((x - mean) * rstd * weight + shift): affine_const, then the activation on
     each block while it is in L1. y may be x. 16-bit data: both in float32 on the values
-    widened in registers, then rounded once."""
+    widened in registers, then rounded once. stream: as affine_const's, without an
+    activation only (with one, float32: computing each block into L1 and streaming it
+    to y measured 0.89x at 1 thread out of cache, the activation's arithmetic
+    dominating)."""
     cdef float buf[STAGE]
     cdef Py_ssize_t i = 0, e
     cdef float mh, ml
     if storage is float or storage is double:
         if act == 0:
-            affine_const(x, y, n, mean, rstd, weight, shift)
+            affine_const(x, y, n, mean, rstd, weight, shift, stream)
             return
         if storage is float:
             if f32_xhat_ok(rstd):
@@ -1155,7 +1206,7 @@ cdef inline void affine_act(const storage* x, storage* y, Py_ssize_t n, double m
                 return
         while i < n:
             e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
-            affine_const(x + i, y + i, e - i, mean, rstd, weight, shift)
+            affine_const(x + i, y + i, e - i, mean, rstd, weight, shift, 0)
             act_run(y + i, e - i, act)
             i = e
     else:
@@ -1210,10 +1261,10 @@ cdef inline void act_grad_const(const storage* dy, const storage* x, storage* g,
     while i < n:
         e = i + ACT_BLOCK if i + ACT_BLOCK < n else n
         if storage is float:
-            affine_const(x + i, a, e - i, mean, rstd, weight, shift)
+            affine_const(x + i, a, e - i, mean, rstd, weight, shift, 0)
             cn_act_grad_f32(a, dy + i, g + i, e - i, act)
         elif storage is double:
-            affine_const(x + i, a64, e - i, mean, rstd, weight, shift)
+            affine_const(x + i, a64, e - i, mean, rstd, weight, shift, 0)
             cn_act_grad_f64(a64, dy + i, g + i, e - i, act)
         else:
             widen(x + i, a, e - i)

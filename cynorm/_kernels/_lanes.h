@@ -740,6 +740,56 @@ static inline void cn_stream_fence(void) {
 #define CN_STREAMF(p, v)                                                                \
     _Generic((p), float*: cn_streamf, default: cn_streamf_none)((p), (v))
 
+/* ---- elementwise float32 outputs stored past the caches ----------------------------
+ * The vector body of an elementwise loop over y[0, n) with y aligned to a whole vector
+ * (_common.pxd's aligned_head runs the head before it): each whole vector V (a cn_vf
+ * expression of the element index i) stored with a non-temporal store; returns the
+ * elements done (n rounded down to whole vectors), the caller runs the tail with its
+ * scalar loop and ends with cn_stream_fence. V is the caller's scalar formula operation
+ * for operation (every lane computed alone, -ffp-contract=off), so the bits are those
+ * of the ordinary loop; only the store differs. */
+#define CN_STREAM_SPAN(y, n, V)                                                         \
+    {                                                                                   \
+        ptrdiff_t i = 0;                                                                \
+        for (; i + CN_FW <= (n); i += CN_FW) cn_streamf((y) + i, (V));                  \
+        return i;                                                                       \
+    }
+
+/* y = (((x - mh) - ml) * rf) * wf + t: _common.pxd's _affine_span, float32 path */
+static inline ptrdiff_t cn_affine_nt_f32(const float* x, float* y, ptrdiff_t n, float mh,
+                                         float ml, float rf, float wf, float t) {
+    CN_STREAM_SPAN(y, n, (((cn_loadf(x + i) - mh) - ml) * rf) * wf + t)
+}
+
+/* dx = ((wf * dy - gf) - (((x - mh) - ml) * rf) * kf) * rf: _grad_span, float32 path */
+static inline ptrdiff_t cn_grad_nt_f32(const float* dy, const float* x, float* dx,
+                                       ptrdiff_t n, float mh, float ml, float rf, float wf,
+                                       float gf, float kf) {
+    CN_STREAM_SPAN(dx, n,
+                   ((wf * cn_loadf(dy + i) - gf)
+                    - (((cn_loadf(x + i) - mh) - ml) * rf) * kf) * rf)
+}
+
+/* y = ((x - mh) - ml) * rs * w + b with elementwise w, b (NULL: none); rms (mean 0, no
+ * b): x * rs * w. _affine_elementwise_span's float32 path, variant for variant */
+static inline ptrdiff_t cn_row_apply_nt_f32(const float* x, float* y, const float* w,
+                                            const float* b, ptrdiff_t n, float mh,
+                                            float ml, float rs, int rms) {
+    if (rms) {
+        if (w != NULL) CN_STREAM_SPAN(y, n, (cn_loadf(x + i) * rs) * cn_loadf(w + i))
+        CN_STREAM_SPAN(y, n, cn_loadf(x + i) * rs)
+    }
+    if (w != NULL && b != NULL)
+        CN_STREAM_SPAN(y, n,
+                       (((cn_loadf(x + i) - mh) - ml) * rs) * cn_loadf(w + i)
+                           + cn_loadf(b + i))
+    if (w != NULL)
+        CN_STREAM_SPAN(y, n, (((cn_loadf(x + i) - mh) - ml) * rs) * cn_loadf(w + i))
+    if (b != NULL)
+        CN_STREAM_SPAN(y, n, (((cn_loadf(x + i) - mh) - ml) * rs) + cn_loadf(b + i))
+    CN_STREAM_SPAN(y, n, ((cn_loadf(x + i) - mh) - ml) * rs)
+}
+
 /* ---- a tile of the row-family backward, float32 ------------------------------------
  * Rows [0, nrows) of a block (row r at offset r * K), columns [0, n):
  *   xhat = ((x - mh) - ml) * rs,  dx = (((dy * w) - mg) - xhat * mgx) * rs   (float32)

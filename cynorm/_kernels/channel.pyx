@@ -47,6 +47,7 @@ from cynorm._kernels._common cimport (
     set_ddof, var_divisor, COL_ROWS, COL_WIDTH, col_tile_moments, tree_merge_cols,
     MERGE_COLS, storage, storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16,
     col_grad_sums, widen, narrow, ld, act_grad_dx, ActSums, f32_xhat_ok, split_mean,
+    stream_out,
 )
 from cynorm._kernels._common cimport cn_cl_apply_f32, cn_cl_apply_f16, cn_cl_apply_bf16
 from cynorm._kernels._common cimport cn_ch_apply_f32, cn_ch_apply_f16, cn_ch_apply_bf16
@@ -623,14 +624,15 @@ cdef inline void _apply_channel(const storage* x, storage* y, const floating* w,
                                 const floating* b, const double* mean,
                                 const double* rstd, Py_ssize_t n0, Py_ssize_t n1,
                                 Py_ssize_t c, Py_ssize_t C, Py_ssize_t HW,
-                                int act) noexcept nogil:
-    """Normalise runs x[n, c, :] for n in [n0, n1), then the activation act."""
+                                int act, bint stream) noexcept nogil:
+    """Normalise runs x[n, c, :] for n in [n0, n1), then the activation act. stream:
+    y stored past the caches (stream_out)."""
     cdef double wc = 1.0 if w == NULL else w[c]
     cdef double shift = 0.0 if b == NULL else b[c]
     cdef Py_ssize_t n
     for n in range(n0, n1):
         affine_act(x + (n * C + c) * HW, y + (n * C + c) * HW, HW, mean[c], rstd[c], wc,
-                   shift, act)
+                   shift, act, stream)
 
 
 cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
@@ -640,13 +642,14 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     """y = NULL: the statistics only."""
     cdef SetLayout L = make_layout(N, HW, C * HW)
     cdef Py_ssize_t c, r
+    cdef bint stream = stream_out(N * C * HW, HW, sizeof(storage))
     set_ddof(&L, ddof)
     if training and parts == NULL:
         for c in prange(C, nogil=True, num_threads=nt, schedule="dynamic"):
             set_stats(x + c * HW, &L, welford, 1, eps, NULL, &mean[c], &rstd[c],
                       NULL if var == NULL else &var[c])
             if y != NULL:
-                _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW, act)
+                _apply_channel(x, y, w, b, mean, rstd, 0, N, c, C, HW, act, stream)
         return
     if training:
         split_set_stats(x, &L, C, HW, parts, welford, 1, eps, mean, rstd, var, nt)
@@ -654,7 +657,8 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         return
     # statistics known: every (n, c) run is independent
     for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-        _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW, act)
+        _apply_channel(x, y, w, b, mean, rstd, r // C, r // C + 1, r % C, C, HW, act,
+                       stream)
 
 
 def forward(cnp.ndarray x, object y, object weight, object bias, cnp.ndarray mean,
@@ -751,7 +755,7 @@ cdef inline void _grad_channel(const storage* dy, const storage* x, storage* dx,
         if (storage is cn_f16 or storage is cn_bf16) and act:
             act_grad_dx(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs, shift, act)
         else:
-            grad_const(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs)
+            grad_const(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs, 0)
 
 
 cdef inline void _act_grad_channel(const storage* dy, const storage* x, storage* g,

@@ -152,13 +152,13 @@ cdef void _apply(const storage* x, storage* y, const floating* w, const floating
             affine_elementwise(x + off, y + off,
                                <const floating*>NULL if w == NULL else w + k * B + e0,
                                <const floating*>NULL if b == NULL else b + k * B + e0, n,
-                               mean[s], rstd[s])
+                               mean[s], rstd[s], 0)
         elif wide:
             affine_wide(x + off, y + off, n, mean[s], rstd[s], 1.0 if w == NULL else w[k],
                         0.0 if b == NULL else b[k])
         else:
             affine_const(x + off, y + off, n, mean[s], rstd[s], 1.0 if w == NULL else w[k],
-                         0.0 if b == NULL else b[k])
+                         0.0 if b == NULL else b[k], 0)
 
 
 def apply(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
@@ -246,7 +246,7 @@ cdef void _grad_apply(const storage* dy, const storage* x, storage* dx,
                       wc * (rs * sdyx[k] / count), mean[k], rs)
         else:
             grad_const(dy + off, x + off, dx + off, n, wc, wc * (sdy[k] / count),
-                       wc * (rs * sdyx[k] / count), mean[k], rs)
+                       wc * (rs * sdyx[k] / count), mean[k], rs, 0)
 
 
 def grad_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,

@@ -25,7 +25,7 @@ from cynorm._kernels._common cimport (
     CHUNK, SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, set_ddof,
     split_grad_sums, f32_xhat_ok, split_mean, data,
     storage, storage_kind, widen, narrow, cn_f16, cn_bf16, STAGE, KIND_F64, KIND_F32,
-    KIND_F16, affine_elementwise,
+    KIND_F16, affine_elementwise, stream_out, STREAM_BYTES,
 )
 
 import numpy as np
@@ -74,21 +74,18 @@ cdef enum:
     # row, rounded up to whole rows (out of cache, rows of 4 KiB: 4 rows ahead gave
     # more than 1 or 2)
     PREFETCH_BYTES = 16384
-    # dx of at least this many bytes is stored past the caches: out of cache it would
-    # be evicted before it is read again anyway (32 MiB, a common last-level cache)
-    STREAM_BYTES = 32 << 20
 
 
 cdef inline void _apply_piece(const storage* x, storage* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
-                              const SetLayout* L, Py_ssize_t k) noexcept nogil:
+                              const SetLayout* L, Py_ssize_t k, bint stream) noexcept nogil:
     """Apply over piece k (of all R * n_pieces) of the split forward."""
     cdef Py_ssize_t r = k // L.n_pieces, run0, nruns, e0, elen
     piece_bounds(L, k - r * L.n_pieces, &run0, &nruns, &e0, &elen)
     affine_elementwise(x + r * L.size + e0, y + r * L.size + e0,
                        <const floating*>NULL if w == NULL else w + e0,
                        <const floating*>NULL if b == NULL else b + e0, elen, mean[r],
-                       rstd[r])
+                       rstd[r], stream)
 
 
 cdef inline void _add_span(const storage* a, const storage* b, storage* h,
@@ -114,6 +111,8 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     is read from cache."""
     cdef SetLayout L = make_layout(1, K, K)
     cdef Py_ssize_t r, k, e0
+    # a y far larger than the caches is stored past them (no read before the write)
+    cdef bint stream = stream_out(R * K, K, sizeof(storage))
     set_ddof(&L, ddof)
     if res != NULL:
         if parts == NULL:
@@ -121,7 +120,7 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
                 _add_span(x + r * K, res + r * K, h + r * K, K)
                 set_stats(h + r * K, &L, welford, not rms, eps,
                           x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
-                affine_elementwise(h + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+                affine_elementwise(h + r * K, y + r * K, w, b, K, mean[r], rstd[r], stream)
             return
         for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
             e0 = k * CHUNK
@@ -131,11 +130,11 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
         for r in prange(R, nogil=True, num_threads=nt, schedule="static"):
             set_stats(x + r * K, &L, welford, not rms, eps,
                       x + (r + 1) * K if r + 1 < R else NULL, &mean[r], &rstd[r], NULL)
-            affine_elementwise(x + r * K, y + r * K, w, b, K, mean[r], rstd[r])
+            affine_elementwise(x + r * K, y + r * K, w, b, K, mean[r], rstd[r], stream)
         return
     split_set_stats(x, &L, R, K, parts, welford, not rms, eps, mean, rstd, NULL, nt)
     for k in prange(R * L.n_pieces, nogil=True, num_threads=nt, schedule="static"):
-        _apply_piece(x, y, w, b, mean, rstd, &L, k)
+        _apply_piece(x, y, w, b, mean, rstd, &L, k, stream)
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,

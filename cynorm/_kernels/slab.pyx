@@ -20,6 +20,7 @@ from cynorm._kernels._common cimport (
     SetLayout, make_layout, piece_bounds, set_stats, split_set_stats, affine_act,
     act_grad_const, act_grad_sums, act_grad_dx, lane_grad_sums, grad_const, data, storage,
     storage_kind, cn_f16, cn_bf16, KIND_F64, KIND_F32, KIND_F16, fold_param_grads,
+    stream_out,
 )
 
 import numpy as np
@@ -33,9 +34,10 @@ cynorm_init_fork_guard(INHERITED_OPENMP_POOL)
 cdef inline void _apply_range(const storage* xs, storage* ys, Py_ssize_t start,
                               Py_ssize_t end, Py_ssize_t HW, Py_ssize_t c_first,
                               double mean, double rstd, const floating* w,
-                              const floating* b, int act) noexcept nogil:
+                              const floating* b, int act, bint stream) noexcept nogil:
     """Normalise elements [start, end) of one slab; channel c_first + i // HW owns i.
-    act: the activation epilogue (0: none)."""
+    act: the activation epilogue (0: none). stream: y stored past the caches
+    (stream_out)."""
     cdef Py_ssize_t i = start, j, stop
     cdef double wc, shift
     while i < end:
@@ -45,19 +47,20 @@ cdef inline void _apply_range(const storage* xs, storage* ys, Py_ssize_t start,
             stop = end
         wc = 1.0 if w == NULL else w[c_first + j]
         shift = 0.0 if b == NULL else b[c_first + j]
-        affine_act(xs + i, ys + i, stop - i, mean, rstd, wc, shift, act)
+        affine_act(xs + i, ys + i, stop - i, mean, rstd, wc, shift, act, stream)
         i = stop
 
 
 cdef inline void _split_apply(const storage* x, storage* y, const floating* w,
                               const floating* b, const double* mean, const double* rstd,
                               const SetLayout* L, Py_ssize_t k, Py_ssize_t C,
-                              Py_ssize_t HW, Py_ssize_t G, int act) noexcept nogil:
+                              Py_ssize_t HW, Py_ssize_t G, int act,
+                              bint stream) noexcept nogil:
     """Apply over piece k (of all N * G * n_pieces) of the split forward."""
     cdef Py_ssize_t cpg = C // G, s = k // L.n_pieces, run0, nruns, e0, elen
     piece_bounds(L, k - s * L.n_pieces, &run0, &nruns, &e0, &elen)
     _apply_range(x + s * L.size, y + s * L.size, e0, e0 + elen, HW, (s % G) * cpg,
-                 mean[s], rstd[s], w, b, act)
+                 mean[s], rstd[s], w, b, act, stream)
 
 
 cdef void _forward(const storage* x, storage* y, const floating* w, const floating* b,
@@ -67,16 +70,18 @@ cdef void _forward(const storage* x, storage* y, const floating* w, const floati
     cdef Py_ssize_t cpg = C // G, M = cpg * HW, n_sets = N * G
     cdef SetLayout L = make_layout(1, M, M)
     cdef Py_ssize_t P = L.n_pieces, s, k
+    # a y far larger than the caches is stored past them (no read before the write)
+    cdef bint stream = stream_out(N * C * HW, HW, sizeof(storage))
     if parts == NULL:
         for s in prange(n_sets, nogil=True, num_threads=nt, schedule="static"):
             set_stats(x + s * M, &L, welford, 1, eps,
                       x + (s + 1) * M if s + 1 < n_sets else NULL, &mean[s], &rstd[s], NULL)
             _apply_range(x + s * M, y + s * M, 0, M, HW, (s % G) * cpg, mean[s],
-                         rstd[s], w, b, act)
+                         rstd[s], w, b, act, stream)
         return
     split_set_stats(x, &L, n_sets, M, parts, welford, 1, eps, mean, rstd, NULL, nt)
     for k in prange(n_sets * P, nogil=True, num_threads=nt, schedule="static"):
-        _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G, act)
+        _split_apply(x, y, w, b, mean, rstd, &L, k, C, HW, G, act, stream)
 
 
 def forward(cnp.ndarray x, cnp.ndarray y, object weight, object bias, cnp.ndarray mean,
@@ -140,8 +145,9 @@ cdef inline void _run_grad(const storage* dy, const storage* x, storage* dx,
                            const floating* w, const double* mean, const double* rstd,
                            const double* sdy, const double* sdyx, Py_ssize_t r,
                            Py_ssize_t C, Py_ssize_t HW, Py_ssize_t G,
-                           const floating* b, int act) noexcept nogil:
-    """dx over run r = n * C + c, from its slab's folded sums:
+                           const floating* b, int act, bint stream) noexcept nogil:
+    """dx over run r = n * C + c, from its slab's folded sums (stream: dx stored past
+    the caches, stream_out):
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w_c * dy.
     act != 0 (16-bit data only): dy * act'(a) in dy's place, formed in float32."""
     cdef Py_ssize_t cpg = C // G, n = r // C, c = r % C, g = c // cpg
@@ -158,7 +164,7 @@ cdef inline void _run_grad(const storage* dy, const storage* x, storage* dx,
                     A / M, rs * B / M, mean[s], rs, 0.0 if b == NULL else b[c], act)
         return
     grad_const(dy + r * HW, x + r * HW, dx + r * HW, HW, 1.0 if w == NULL else w[c],
-               A / M, rs * B / M, mean[s], rs)
+               A / M, rs * B / M, mean[s], rs, stream)
 
 
 cdef inline void _run_act_grad(const storage* dy, const storage* x, storage* g,
@@ -175,7 +181,7 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     const floating* w, const floating* b, storage* g, floating* dw,
                     floating* db, const double* mean, const double* rstd, double* sdy,
                     double* sdyx, double* acc, Py_ssize_t N, Py_ssize_t C, Py_ssize_t HW,
-                    Py_ssize_t G, int last, int act, int nt) noexcept nogil:
+                    Py_ssize_t G, int last, int act, bint stream, int nt) noexcept nogil:
     """Samples [0, N) (a chunk of the batch): dx, and the dweight/dbias sums continued
     in acc[c], acc[C + c] (float64), written to dw/db when last. act != 0: the gradient
     reaching the affine's output, g = dy * act'(a), is formed run by run into g (dx's
@@ -198,14 +204,15 @@ cdef void _backward(const storage* dy, const storage* x, storage* dx,
                     _run_act_grad(dy, x, g, w, b, mean, rstd, r + j, C, HW, G, act)
                 _run_sums(gd, x, mean, sdy, sdyx, r + j, C, HW, G, w, b, rstd, lp_act)
             for j in range(cpg):
-                _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G, b, lp_act)
+                _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r + j, C, HW, G, b, lp_act,
+                          stream)
     else:
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
             if st_act:
                 _run_act_grad(dy, x, g, w, b, mean, rstd, r, C, HW, G, act)
             _run_sums(gd, x, mean, sdy, sdyx, r, C, HW, G, w, b, rstd, lp_act)
         for r in prange(N * C, nogil=True, num_threads=nt, schedule="static"):
-            _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, b, lp_act)
+            _run_grad(gd, x, dx, w, mean, rstd, sdy, sdyx, r, C, HW, G, b, lp_act, stream)
     fold_param_grads(sdy, sdyx, rstd, acc, dw, db, N, C, G, last, nt)
 
 
@@ -247,6 +254,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
     cdef double* pr = <double*>data(rstd)
     cdef Py_ssize_t step = C * HW * isz
     cdef int kind = storage_kind(x)
+    # a dx far larger than the caches is stored past them (the call's whole dx)
+    cdef bint stream = stream_out(N * C * HW, HW, isz)
     with nogil:
         n0 = 0
         while n0 < N:
@@ -256,23 +265,23 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, object weight,
                           <cn_f16*>(pdx + n0 * step), <float*>pw, <float*>pb,
                           <cn_f16*>(pg + n0 * step if act else NULL), <float*>pdw,
                           <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
-                          C, HW, G, n1 == N, act, nt)
+                          C, HW, G, n1 == N, act, stream, nt)
             elif kind != KIND_F64 and kind != KIND_F32:
                 _backward(<cn_bf16*>(pdy + n0 * step), <cn_bf16*>(px + n0 * step),
                           <cn_bf16*>(pdx + n0 * step), <float*>pw, <float*>pb,
                           <cn_bf16*>(pg + n0 * step if act else NULL), <float*>pdw,
                           <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
-                          C, HW, G, n1 == N, act, nt)
+                          C, HW, G, n1 == N, act, stream, nt)
             elif isz == 4:
                 _backward(<float*>(pdy + n0 * step), <float*>(px + n0 * step),
                           <float*>(pdx + n0 * step), <float*>pw, <float*>pb,
                           <float*>(pg + n0 * step if act else NULL), <float*>pdw,
                           <float*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
-                          C, HW, G, n1 == N, act, nt)
+                          C, HW, G, n1 == N, act, stream, nt)
             else:
                 _backward(<double*>(pdy + n0 * step), <double*>(px + n0 * step),
                           <double*>(pdx + n0 * step), <double*>pw, <double*>pb,
                           <double*>(pg + n0 * step if act else NULL), <double*>pdw,
                           <double*>pdb, pm + n0 * G, pr + n0 * G, sdy, sdyx, acc, n1 - n0,
-                          C, HW, G, n1 == N, act, nt)
+                          C, HW, G, n1 == N, act, stream, nt)
             n0 = n1
