@@ -747,6 +747,8 @@ cdef inline void _grad_channel(const storage* dy, const storage* x, storage* dx,
     cdef double shift = 0.0 if b == NULL else b[c]
     cdef double M = <double>(N * HW), mg = 0, mgx = 0
     cdef Py_ssize_t n, o
+    # a dx far larger than the caches is stored past them (no read before the write)
+    cdef bint stream = stream_out(N * C * HW, HW, sizeof(storage))
     if training:
         mg = wc * sdy[c] / M
         mgx = wc * (rs * sdyx[c] / M)
@@ -755,7 +757,7 @@ cdef inline void _grad_channel(const storage* dy, const storage* x, storage* dx,
         if (storage is cn_f16 or storage is cn_bf16) and act:
             act_grad_dx(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs, shift, act)
         else:
-            grad_const(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs, 0)
+            grad_const(dy + o, x + o, dx + o, HW, wc, mg, mgx, mean[c], rs, stream)
 
 
 cdef inline void _act_grad_channel(const storage* dy, const storage* x, storage* g,
